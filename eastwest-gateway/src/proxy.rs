@@ -1,0 +1,273 @@
+//! One connection's life: read the ClientHello, find the route, connect to an
+//! endpoint (trying others on failure), replay the hello and splice.
+//!
+//! Anything that is not a ClientHello for a name this gateway serves is closed at
+//! once and counted under a reason label; the gateway never answers in TLS
+//! because it holds no certificate of the workloads.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sidecar::client_hello::{self, ClientHello};
+use sidecar::drain;
+use sidecar::outlier::Verdict;
+use sidecar::splice::{self, Observer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::metrics::{Metrics, TcpCounters};
+use crate::routes::{Route, RouteTable};
+use crate::settings::Settings;
+
+/// State every connection reads; the routes table is swapped whole on reload.
+pub struct Shared {
+    /// The checked settings.
+    pub settings: Settings,
+    /// The current routes.
+    pub routes: ArcSwap<RouteTable>,
+    /// All metrics.
+    pub metrics: Metrics,
+    /// Tells accept loops to stop, and counts open connections for the drain.
+    pub drain: drain::Watch,
+    /// Connections open now, for `--max-connections`.
+    open: AtomicUsize,
+}
+
+impl Shared {
+    /// Shared state with an initial routes table.
+    pub fn new(settings: Settings, routes: RouteTable, metrics: Metrics, drain: drain::Watch) -> Self {
+        Self {
+            settings,
+            routes: ArcSwap::from_pointee(routes),
+            metrics,
+            drain,
+            open: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Accepts connections until the drain starts.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shared.drain.signaled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let Some(slot) = Slot::take(&shared) else {
+                    shared.metrics.reject("max_connections");
+                    continue; // dropping the stream closes it
+                };
+                tokio::spawn(handle(stream, shared.clone(), slot));
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: back off a little rather than
+                // spin on an accept that keeps failing.
+                tracing::warn!(error = %e, "accept failed");
+                shared.metrics.reject("accept_error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// One of `--max-connections` places, and the drain's count of this connection.
+struct Slot {
+    shared: Arc<Shared>,
+    _tracked: drain::Tracked,
+}
+
+impl Slot {
+    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+        let before = shared.open.fetch_add(1, Ordering::AcqRel);
+        if before >= shared.settings.max_connections {
+            shared.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        shared.metrics.open_connections.inc();
+        Some(Slot {
+            shared: shared.clone(),
+            _tracked: shared.drain.track(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.shared.open.fetch_sub(1, Ordering::AcqRel);
+        self.shared.metrics.open_connections.dec();
+    }
+}
+
+async fn handle(down: TcpStream, shared: Arc<Shared>, _slot: Slot) {
+    if let Err(reason) = proxy(down, &shared).await {
+        shared.metrics.reject(reason);
+    }
+}
+
+/// Carries one connection; `Err` is the reason it was closed before reaching an endpoint.
+async fn proxy(down: TcpStream, shared: &Shared) -> Result<(), &'static str> {
+    let settings = &shared.settings;
+    let _ = down.set_nodelay(true);
+    let mut buf = Vec::with_capacity(4096.min(settings.max_hello_bytes));
+    let hello = tokio::time::timeout(
+        settings.handshake_timeout,
+        read_hello(&down, &mut buf, settings.max_hello_bytes),
+    )
+    .await
+    .map_err(|_| "handshake_timeout")??;
+    let sni = hello.server_name.as_deref().ok_or("no_sni")?;
+    let route = shared.routes.load().get(sni).cloned().ok_or_else(|| {
+        tracing::debug!(sni, "unknown SNI");
+        "unknown_sni"
+    })?;
+    if !settings.alpn.admits(&hello.alpn) {
+        return Err("alpn_not_allowed");
+    }
+
+    route.active.inc();
+    let _active = scopeguard(|| route.active.dec());
+    let (up, i) = connect(&route, shared).await?;
+    let endpoint = &route.endpoints[i];
+    let _counted = route.balancer.open(i);
+    let counters = &endpoint.counters;
+    counters.opened.inc();
+
+    // The hello and anything the client sent after it go first, as they came.
+    let result = match write_all(&up, &buf).await {
+        Ok(()) => {
+            counters.received.inc_by(buf.len() as u64);
+            drop(buf);
+            splice::bidirectional(
+                &down,
+                &up,
+                settings.copy_mode,
+                settings.idle_timeout,
+                &Counting(counters),
+            )
+            .await
+            .map(|_| ())
+        }
+        Err(e) => Err(splice::SpliceError::Upstream(e)),
+    };
+    match result {
+        Ok(()) => counters.closed.inc(),
+        Err(e) => {
+            tracing::debug!(sni, endpoint = %endpoint.addr, error = %e, "connection ended");
+            let flags = match &e {
+                splice::SpliceError::Idle(_) => "SI",
+                splice::SpliceError::Downstream(_) => "DC",
+                splice::SpliceError::Upstream(_) => "UC",
+                splice::SpliceError::Pipe(_) => "UO",
+            };
+            counters.closed_with_flags(&shared.metrics, flags).inc();
+        }
+    }
+    Ok(())
+}
+
+/// Reads until the bytes hold a whole ClientHello, or must be refused.
+async fn read_hello(s: &TcpStream, buf: &mut Vec<u8>, max: usize) -> Result<ClientHello, &'static str> {
+    loop {
+        s.readable().await.map_err(|_| "downstream_error")?;
+        if buf.len() == buf.capacity() {
+            // The parser refuses a hello longer than `max` before it is all here,
+            // so the buffer only grows while a valid one may still fit.
+            let more = buf.capacity().min(max.saturating_sub(buf.capacity())).max(1);
+            buf.reserve_exact(more);
+        }
+        match s.try_read_buf(buf) {
+            Ok(0) => return Err("client_closed"),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err("downstream_error"),
+        }
+        match client_hello::parse(buf, max) {
+            Ok(Some(hello)) => return Ok(hello),
+            Ok(None) if buf.len() >= max => return Err("oversize_hello"),
+            Ok(None) => {}
+            Err(e) => return Err(e.reason()),
+        }
+    }
+}
+
+/// Writes all of `bytes` to a socket shared by reference with the splice.
+async fn write_all(s: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        s.writable().await?;
+        match s.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Connects to an endpoint of `route`, trying up to `--connect-attempts` different
+/// healthy ones, and feeds each outcome to outlier detection.
+async fn connect(route: &Route, shared: &Shared) -> Result<(TcpStream, usize), &'static str> {
+    let attempts = shared.settings.connect_attempts as usize;
+    let mut tried: Vec<usize> = Vec::new();
+    while tried.len() < attempts {
+        let Some(i) = route
+            .balancer
+            .pick(|i| route.outlier.is_available(i) && !tried.contains(&i))
+        else {
+            break;
+        };
+        tried.push(i);
+        let endpoint = &route.endpoints[i];
+        let reason = match tokio::time::timeout(route.connect_timeout, TcpStream::connect(endpoint.addr)).await {
+            Ok(Ok(up)) => {
+                let _ = up.set_nodelay(true);
+                route.outlier.record_success(i);
+                return Ok((up, i));
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        let addr = endpoint.addr.to_string();
+        tracing::debug!(sni = route.sni, endpoint = addr, reason, "connect failed");
+        shared.metrics.connect_failure(&route.service, &addr, reason);
+        if let Verdict::Ejected(time) = route.outlier.record_failure(i) {
+            tracing::warn!(service = route.service, endpoint = addr, ?time, "endpoint ejected");
+            shared.metrics.ejection(&route.service, &addr);
+        }
+    }
+    Err(if tried.is_empty() {
+        "no_healthy_upstream"
+    } else {
+        "upstream_connect_failed"
+    })
+}
+
+/// Keeps the Istio byte counters current while bytes flow.
+struct Counting<'a>(&'a TcpCounters);
+
+impl Observer for Counting<'_> {
+    fn to_upstream(&self, n: u64) {
+        self.0.received.inc_by(n);
+    }
+    fn to_downstream(&self, n: u64) {
+        self.0.sent.inc_by(n);
+    }
+}
+
+/// Runs `f` when dropped, whichever way the scope is left.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,15 @@
+//! The vocabulary every Isthmus part speaks, and nothing else.
+//!
+//! Names on the wire (Istio's cross-network SNI, SPIFFE IDs) and the keys that
+//! identify services, clusters and networks. This crate depends on no other part
+//! of Isthmus, so every part may depend on it.
+
+pub mod hostname;
+pub mod names;
+pub mod sni;
+pub mod spiffe;
+
+pub use hostname::{Hostname, HostnameError};
+pub use names::{ClusterId, NetworkId};
+pub use sni::{IstioSni, SniError};
+pub use spiffe::{SpiffeId, SpiffeIdError};

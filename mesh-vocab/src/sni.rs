@@ -1,0 +1,188 @@
+//! Istio's cross-network SNI: `outbound_.<port>_.<subset>_.<fqdn>`.
+//!
+//! A sidecar calling a service on another network opens mTLS to that network's
+//! east-west gateway with this name as SNI; the gateway routes on it without
+//! terminating TLS. No subset is an empty field:
+//! `outbound_.9080_._.reviews.default.svc.cluster.local`.
+
+use std::fmt;
+
+use crate::hostname::{Hostname, HostnameError};
+
+/// A parsed cross-network SNI.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IstioSni {
+    port: u16,
+    subset: Option<String>,
+    host: Hostname,
+}
+
+/// Why a server name is not an Istio cross-network SNI.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SniError {
+    #[error("SNI does not start with \"outbound_.\"")]
+    NotOutbound,
+    #[error("SNI has fewer than four \"_.\"-separated fields")]
+    MissingField,
+    #[error("SNI port {0:?} is not a number from 1 to 65535")]
+    BadPort(String),
+    #[error("SNI subset {0:?} is not a DNS label")]
+    BadSubset(String),
+    #[error("SNI host: {0}")]
+    BadHost(#[from] HostnameError),
+}
+
+impl IstioSni {
+    /// Builds the SNI for a service port and optional subset.
+    pub fn new(host: Hostname, port: u16, subset: Option<&str>) -> Result<Self, SniError> {
+        if port == 0 {
+            return Err(SniError::BadPort("0".into()));
+        }
+        let subset = match subset {
+            None | Some("") => None,
+            Some(s) => Some(parse_subset(s)?),
+        };
+        Ok(Self { port, subset, host })
+    }
+
+    /// Parses `outbound_.<port>_.<subset>_.<fqdn>`, case-insensitively (SNI is
+    /// ASCII case-insensitive), normalising to lower case.
+    pub fn parse(sni: &str) -> Result<Self, SniError> {
+        let rest = strip_prefix_ignore_case(sni, "outbound_.").ok_or(SniError::NotOutbound)?;
+        let mut fields = rest.splitn(3, "_.");
+        let port = fields.next().ok_or(SniError::MissingField)?;
+        let subset = fields.next().ok_or(SniError::MissingField)?;
+        let host = fields.next().ok_or(SniError::MissingField)?;
+        let port = parse_port(port)?;
+        let subset = if subset.is_empty() {
+            None
+        } else {
+            Some(parse_subset(subset)?)
+        };
+        Ok(Self {
+            port,
+            subset,
+            host: Hostname::parse(host)?,
+        })
+    }
+
+    /// The service port the caller asked for.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The DestinationRule subset, if any.
+    pub fn subset(&self) -> Option<&str> {
+        self.subset.as_deref()
+    }
+
+    /// The service host.
+    pub fn host(&self) -> &Hostname {
+        &self.host
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+}
+
+fn parse_port(s: &str) -> Result<u16, SniError> {
+    // u16::from_str accepts a leading '+'; a port in a name must be plain digits.
+    let digits_only = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    match s.parse::<u16>() {
+        Ok(p) if digits_only && p != 0 => Ok(p),
+        _ => Err(SniError::BadPort(s.to_owned())),
+    }
+}
+
+/// Istio requires subset names to be DNS-1123 labels.
+fn parse_subset(s: &str) -> Result<String, SniError> {
+    let b = s.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(SniError::BadSubset(s.to_owned()))
+    }
+}
+
+impl fmt::Display for IstioSni {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "outbound_.{}_.{}_.{}",
+            self.port,
+            self.subset.as_deref().unwrap_or(""),
+            self.host
+        )
+    }
+}
+
+impl std::str::FromStr for IstioSni {
+    type Err = SniError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_istio_forms() {
+        let s = IstioSni::parse("outbound_.9080_._.reviews.default.svc.cluster.local").unwrap();
+        assert_eq!(s.port(), 9080);
+        assert_eq!(s.subset(), None);
+        assert_eq!(s.host().as_str(), "reviews.default.svc.cluster.local");
+
+        let s = IstioSni::parse("OUTBOUND_.443_.V2_.Reviews.default.svc.cluster.local").unwrap();
+        assert_eq!((s.port(), s.subset()), (443, Some("v2")));
+        assert_eq!(s.to_string(), "outbound_.443_.v2_.reviews.default.svc.cluster.local");
+    }
+
+    #[test]
+    fn refuses_what_istio_would_not_send() {
+        use SniError::*;
+        let bad = [
+            ("reviews.default.svc.cluster.local", NotOutbound),
+            ("inbound_.9080_._.reviews", NotOutbound),
+            ("outbound_.9080_._", MissingField),
+            ("outbound_.0_._.a", BadPort("0".into())),
+            ("outbound_.+80_._.a", BadPort("+80".into())),
+            ("outbound_.65536_._.a", BadPort("65536".into())),
+            ("outbound_._._.a", BadPort("".into())),
+            ("outbound_.80_.v_1_.a", BadSubset("v_1".into())),
+            ("outbound_.80_.-v_.a", BadSubset("-v".into())),
+        ];
+        for (name, err) in bad {
+            assert_eq!(IstioSni::parse(name), Err(err), "{name}");
+        }
+        assert!(matches!(IstioSni::parse("outbound_.80_._."), Err(BadHost(_))));
+        assert!(matches!(IstioSni::parse("outbound_.80_._.a_.b"), Err(BadHost(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn display_then_parse_round_trips(
+            port in 1u16..,
+            subset in proptest::option::of("[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"),
+            labels in proptest::collection::vec("[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", 1..6),
+        ) {
+            let host = Hostname::parse(&labels.join(".")).unwrap();
+            let sni = IstioSni::new(host, port, subset.as_deref()).unwrap();
+            prop_assert_eq!(IstioSni::parse(&sni.to_string()).unwrap(), sni);
+        }
+
+        #[test]
+        fn never_panics(s in "\\PC{0,80}") {
+            let _ = IstioSni::parse(&s);
+        }
+    }
+}
