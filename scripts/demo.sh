@@ -25,7 +25,10 @@ cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || 
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+# Waits for a listening socket without connecting to it (a probe connection would
+# show up in the gateway's counters as a client that closed early).
+listening() { if command -v ss >/dev/null; then [ -n "$(ss -ltnH "sport = :$1")" ]; else (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; fi; }
+wait_port() { for _ in $(seq 200); do listening "$1" && return 0; sleep 0.05; done; return 1; }
 
 HOST=reviews.default.svc.cluster.local
 SNI="outbound_.9080_._.$HOST"

@@ -24,9 +24,7 @@ fn routes_file(dir: &std::path::Path, endpoints: &[std::net::SocketAddr], extra:
 
 #[tokio::test]
 async fn tls_passes_through_and_the_backend_sees_the_client_identity() {
-    let pki = Pki::new();
-    let backend = Backend::start(&pki, "b1").await;
-    let gw = GatewayProcess::start(pki.dir.path(), &["--route", &format!("{SNI}={}", backend.addr)]);
+    let Setup { pki, gw, .. } = Setup::new(&[]).await;
     let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio-peer-exchange", "istio"]);
 
     let mut call = Call::open(gw.listen, &client, SNI).await.unwrap();
@@ -36,14 +34,11 @@ async fn tls_passes_through_and_the_backend_sees_the_client_identity() {
     assert_eq!(call.tls.get_ref().1.alpn_protocol(), Some(&b"istio"[..]));
     drop(call);
 
-    eventually(Duration::from_secs(5), "close counted", || async {
-        gw.metric(
-            "istio_tcp_connections_closed_total",
-            &[("destination_service", SERVICE)],
-        )
-        .await
-            == Some(1.0)
-    })
+    gw.wait_metric(
+        "istio_tcp_connections_closed_total",
+        &[("destination_service", SERVICE)],
+        1.0,
+    )
     .await;
     let labels = [
         ("destination_service", SERVICE),
@@ -61,11 +56,7 @@ async fn tls_passes_through_and_the_backend_sees_the_client_identity() {
 
 #[tokio::test]
 async fn unknown_sni_no_sni_and_not_tls_are_closed_at_once_and_counted() {
-    let pki = Pki::new();
-    let backend = Backend::start(&pki, "b1").await;
-    let gw = GatewayProcess::start(pki.dir.path(), &["--route", &format!("{SNI}={}", backend.addr)]);
-    let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
-
+    let Setup { gw, client, .. } = Setup::new(&[]).await;
     let unknown = "outbound_.9080_._.ratings.default.svc.cluster.local";
     assert!(Call::open(gw.listen, &client, unknown).await.is_err());
     // An IP address as server name makes rustls send no SNI at all.
@@ -95,12 +86,8 @@ async fn unknown_sni_no_sni_and_not_tls_are_closed_at_once_and_counted() {
 
 #[tokio::test]
 async fn half_close_reaches_the_backend_and_its_answer_comes_back() {
-    let pki = Pki::new();
-    let backend = Backend::start(&pki, "b1").await;
-    let gw = GatewayProcess::start(pki.dir.path(), &["--route", &format!("{SNI}={}", backend.addr)]);
-    let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
-
-    let mut call = Call::open(gw.listen, &client, SNI).await.unwrap();
+    let setup = Setup::new(&[]).await;
+    let mut call = setup.call().await.unwrap();
     assert_eq!(call.echo("one").await.unwrap(), "one");
     // close_notify plus FIN on our write side; the read side stays open.
     call.tls.shutdown().await.unwrap();
@@ -253,17 +240,7 @@ async fn sighup_reloads_at_once() {
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_hello_is_closed_at_the_deadline() {
-    let pki = Pki::new();
-    let backend = Backend::start(&pki, "b1").await;
-    let gw = GatewayProcess::start(
-        pki.dir.path(),
-        &[
-            "--route",
-            &format!("{SNI}={}", backend.addr),
-            "--handshake-timeout",
-            "300ms",
-        ],
-    );
+    let Setup { gw, .. } = Setup::new(&["--handshake-timeout", "300ms"]).await;
     let mut slow = TcpStream::connect(gw.listen).await.unwrap();
     // A TLS record header announcing a ClientHello that never comes.
     slow.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
@@ -279,67 +256,43 @@ async fn a_client_that_never_finishes_its_hello_is_closed_at_the_deadline() {
         waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
         "{waited:?}"
     );
-    eventually(Duration::from_secs(5), "handshake_timeout counted", || async {
-        gw.metric(
-            "isthmus_gateway_rejected_connections_total",
-            &[("reason", "handshake_timeout")],
-        )
-        .await
-            == Some(1.0)
-    })
-    .await;
+    gw.wait_rejected("handshake_timeout", 1.0).await;
 }
 
 #[tokio::test]
 async fn max_connections_bounds_what_is_open() {
-    let pki = Pki::new();
-    let backend = Backend::start(&pki, "b1").await;
-    let gw = GatewayProcess::start(
-        pki.dir.path(),
-        &["--route", &format!("{SNI}={}", backend.addr), "--max-connections", "1"],
-    );
-    let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
-    let mut first = Call::open(gw.listen, &client, SNI).await.unwrap();
-    assert!(Call::open(gw.listen, &client, SNI).await.is_err());
-    assert_eq!(
-        gw.metric(
-            "isthmus_gateway_rejected_connections_total",
-            &[("reason", "max_connections")]
-        )
-        .await,
-        Some(1.0)
-    );
+    let setup = Setup::new(&["--max-connections", "1"]).await;
+    let mut first = setup.call().await.unwrap();
+    assert!(setup.call().await.is_err());
+    setup.gw.wait_rejected("max_connections", 1.0).await;
     assert_eq!(first.echo("fine").await.unwrap(), "fine");
     drop(first);
     eventually(Duration::from_secs(5), "slot freed", || async {
-        Call::open(gw.listen, &client, SNI).await.is_ok()
+        setup.call().await.is_ok()
     })
     .await;
 }
 
 #[tokio::test]
 async fn sigterm_drains_open_connections_and_refuses_new_ones() {
-    let pki = Pki::new();
-    let backend = Backend::start(&pki, "b1").await;
-    let mut gw = GatewayProcess::start(
-        pki.dir.path(),
-        &["--route", &format!("{SNI}={}", backend.addr), "--drain-timeout", "30s"],
-    );
-    let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
-    let mut open = Call::open(gw.listen, &client, SNI).await.unwrap();
-    gw.signal("TERM");
+    let mut setup = Setup::new(&["--drain-timeout", "30s"]).await;
+    let mut open = setup.call().await.unwrap();
+    setup.gw.signal("TERM");
     eventually(Duration::from_secs(5), "readiness reports the drain", || async {
-        http_get(gw.health, "/healthz/ready").await.is_ok_and(|(s, _)| s == 503)
+        http_get(setup.gw.health, "/healthz/ready")
+            .await
+            .is_ok_and(|(s, _)| s == 503)
     })
     .await;
     eventually(Duration::from_secs(5), "new connections refused", || async {
-        Call::open(gw.listen, &client, SNI).await.is_err()
+        setup.call().await.is_err()
     })
     .await;
     assert_eq!(open.echo("during drain").await.unwrap(), "during drain");
     open.tls.shutdown().await.unwrap();
     assert_eq!(read_line(&mut open.tls).await.unwrap(), "bye 13");
     drop(open);
+    let gw = &mut setup.gw;
     let status = tokio::time::timeout(Duration::from_secs(10), async {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
@@ -379,12 +332,7 @@ async fn openssl_s_client_goes_through_with_istio_alpn() {
         openssl.as_ref().is_ok_and(|o| o.status.success()),
         "this test needs the openssl command (scripts/test.sh installs it)"
     );
-    let pki = Pki::new();
-    let backend = Backend::start(&pki, "b1").await;
-    let gw = GatewayProcess::start(
-        pki.dir.path(),
-        &["--route", &format!("{SNI}={}", backend.addr), "--alpn", "istio"],
-    );
+    let Setup { pki, gw, .. } = Setup::new(&["--alpn", "istio"]).await;
     let svid = pki.svid("openssl-client", CLIENT_ID, &[]);
     let gw_addr = gw.listen.to_string();
     let (ca, cert, key) = (pki.ca_pem(), svid.cert_pem.clone(), svid.key_pem.clone());

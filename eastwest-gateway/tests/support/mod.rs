@@ -287,6 +287,40 @@ pub async fn read_line<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::R
     }
 }
 
+/// The common arrangement: a backend, a gateway with `--route SNI=backend` plus
+/// `args`, and a client holding the productpage SVID that offers ALPN `istio`.
+pub struct Setup {
+    pub pki: Pki,
+    pub backend: Backend,
+    pub gw: GatewayProcess,
+    pub client: TlsConnector,
+}
+
+impl Setup {
+    pub async fn new(args: &[&str]) -> Setup {
+        let pki = Pki::new();
+        let backend = Backend::start(&pki, "b1").await;
+        let route = format!("{SNI}={}", backend.addr);
+        let all: Vec<&str> = ["--route", route.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let gw = GatewayProcess::start(pki.dir.path(), &all);
+        let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
+        Setup {
+            pki,
+            backend,
+            gw,
+            client,
+        }
+    }
+
+    /// Opens a call through the gateway with the route's SNI.
+    pub async fn call(&self) -> std::io::Result<Call> {
+        Call::open(self.gw.listen, &self.client, SNI).await
+    }
+}
+
 /// The gateway binary, run for real; killed on drop.
 pub struct GatewayProcess {
     pub child: Child,
@@ -361,6 +395,22 @@ impl GatewayProcess {
             .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
             .collect();
         (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    /// Waits until `metric` (summed over matching samples) equals `value`.
+    pub async fn wait_metric(&self, metric: &str, labels: &[(&str, &str)], value: f64) {
+        eventually(
+            Duration::from_secs(5),
+            &format!("{metric}{labels:?} == {value}"),
+            || async { self.metric(metric, labels).await == Some(value) },
+        )
+        .await;
+    }
+
+    /// Waits until connections closed for `reason` were counted `n` times.
+    pub async fn wait_rejected(&self, reason: &str, n: f64) {
+        self.wait_metric("isthmus_gateway_rejected_connections_total", &[("reason", reason)], n)
+            .await;
     }
 
     pub fn signal(&self, sig: &str) {
