@@ -15,6 +15,7 @@ use sidecar::client_hello::{self, ClientHello};
 use sidecar::drain;
 use sidecar::outlier::Verdict;
 use sidecar::splice::{self, Observer};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics::{Metrics, TcpCounters};
@@ -110,7 +111,7 @@ async fn handle(down: TcpStream, shared: Arc<Shared>, _slot: Slot) {
 }
 
 /// Carries one connection; `Err` is the reason it was closed before reaching an endpoint.
-async fn proxy(down: TcpStream, shared: &Shared) -> Result<(), &'static str> {
+async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str> {
     let settings = &shared.settings;
     let _ = down.set_nodelay(true);
     let mut buf = Vec::with_capacity(4096.min(settings.max_hello_bytes));
@@ -131,20 +132,20 @@ async fn proxy(down: TcpStream, shared: &Shared) -> Result<(), &'static str> {
 
     route.active.inc();
     let _active = scopeguard(|| route.active.dec());
-    let (up, i) = connect(&route, shared).await?;
+    let (mut up, i) = connect(&route, shared).await?;
     let endpoint = &route.endpoints[i];
     let _counted = route.balancer.open(i);
     let counters = &endpoint.counters;
     counters.opened.inc();
 
     // The hello and anything the client sent after it go first, as they came.
-    let result = match write_all(&up, &buf).await {
+    let result = match up.write_all(&buf).await {
         Ok(()) => {
             counters.received.inc_by(buf.len() as u64);
             drop(buf);
             splice::bidirectional(
-                &down,
-                &up,
+                &mut down,
+                &mut up,
                 settings.copy_mode,
                 settings.idle_timeout,
                 &Counting(counters),
@@ -193,19 +194,6 @@ async fn read_hello(s: &TcpStream, buf: &mut Vec<u8>, max: usize) -> Result<Clie
             Err(e) => return Err(e.reason()),
         }
     }
-}
-
-/// Writes all of `bytes` to a socket shared by reference with the splice.
-async fn write_all(s: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        s.writable().await?;
-        match s.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Connects to an endpoint of `route`, trying up to `--connect-attempts` different

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 /// How bytes are moved.
@@ -88,24 +89,26 @@ impl Observer for () {
 
 /// Splices `downstream` and `upstream` until both directions have ended.
 pub async fn bidirectional(
-    downstream: &TcpStream,
-    upstream: &TcpStream,
+    downstream: &mut TcpStream,
+    upstream: &mut TcpStream,
     mode: Mode,
     idle_timeout: Duration,
     observer: &impl Observer,
 ) -> Result<Transferred, SpliceError> {
     let clock = Activity::new();
+    let (down_r, down_w) = downstream.split();
+    let (up_r, up_w) = upstream.split();
     let up = pump(
-        downstream,
-        upstream,
+        down_r,
+        up_w,
         mode,
         &clock,
         |n| observer.to_upstream(n),
         Side::Downstream,
     );
     let down = pump(
-        upstream,
-        downstream,
+        up_r,
+        down_w,
         mode,
         &clock,
         |n| observer.to_downstream(n),
@@ -177,20 +180,20 @@ impl Activity {
 
 /// Moves one direction until EOF (then half-closes `dst`) or an error.
 async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: ReadHalf<'_>,
+    mut dst: WriteHalf<'_>,
     mode: Mode,
     clock: &Activity,
     count: impl Fn(u64),
     side: Side,
 ) -> Result<u64, SpliceError> {
     let total = match mode {
-        Mode::Splice => pump_splice(src, dst, clock, &count, side).await?,
-        Mode::Copy => pump_copy(src, dst, clock, &count, side).await?,
+        Mode::Splice => pump_splice(src.as_ref(), dst.as_ref(), clock, &count, side).await?,
+        Mode::Copy => pump_copy(src, &mut dst, clock, &count, side).await?,
     };
     // Half-close: the peer learns this direction is done, the other goes on.
     // ENOTCONN means the peer already closed both ways; nothing is lost then.
-    match shutdown_write(dst) {
+    match shutdown_write(dst.as_ref()) {
         Ok(()) => Ok(total),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
         Err(e) => Err(side.write_error(e)),
@@ -266,21 +269,22 @@ async fn pump_splice(
 }
 
 async fn pump_copy(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
     clock: &Activity,
     count: &impl Fn(u64),
     side: Side,
 ) -> Result<u64, SpliceError> {
+    let (src, dst) = (src.as_ref(), dst.as_ref());
     let mut total = 0u64;
     loop {
         src.readable().await.map_err(|e| side.read_error(e))?;
-        // The buffer lives only while bytes keep coming, so an idle connection
+        // The buffer is held only while bytes keep coming, so an idle connection
         // holds no user-space memory; it is never zeroed, only read into.
-        let mut buf = Vec::with_capacity(COPY_BYTES);
+        let mut buf = Buffer::take();
         loop {
             buf.clear();
-            let n = match src.try_read_buf(&mut buf) {
+            let n = match src.try_read_buf(&mut *buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(side.read_error(e)),
@@ -335,8 +339,55 @@ struct Pipe {
 /// `pipe2` and two `close`s, which shows up in connections per second.
 const POOL_MAX: usize = 128;
 
+/// Empty copy buffers kept per thread: 1 MiB at most.
+const BUFFER_POOL_MAX: usize = 16;
+
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A copy buffer borrowed from this thread's pool for one burst of bytes.
+///
+/// Allocating and freeing 64 KiB per burst makes the allocator hand memory back
+/// to the kernel and fault it in again; a small pool of empty buffers keeps the
+/// memory of busy connections warm, while idle connections hold none.
+struct Buffer(Vec<u8>);
+
+impl Buffer {
+    fn take() -> Buffer {
+        let buf = BUFFERS
+            .with(|b| b.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(COPY_BYTES));
+        Buffer(buf)
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.0);
+        buf.clear();
+        // try_with: a connection dropped while the thread is exiting just frees it.
+        let _ = BUFFERS.try_with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < BUFFER_POOL_MAX {
+                b.push(buf);
+            }
+        });
+    }
 }
 
 impl Pipe {
@@ -356,7 +407,7 @@ impl Pipe {
     }
 
     fn give_back(self) {
-        POOL.with(|pool| {
+        let _ = POOL.try_with(|pool| {
             let mut pool = pool.borrow_mut();
             if pool.len() < POOL_MAX {
                 pool.push(self);
@@ -380,10 +431,10 @@ mod tests {
     }
 
     async fn run(mode: Mode) {
-        let (mut client, down) = pair().await;
-        let (up, mut server) = pair().await;
+        let (mut client, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
         let task = tokio::spawn(async move {
-            bidirectional(&down, &up, mode, Duration::from_secs(30), &())
+            bidirectional(&mut down, &mut up, mode, Duration::from_secs(30), &())
                 .await
                 .map_err(|e| e.to_string())
         });
@@ -421,9 +472,9 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connection_is_closed() {
-        let (_client, down) = pair().await;
-        let (up, _server) = pair().await;
-        let r = bidirectional(&down, &up, Mode::Splice, Duration::from_millis(100), &()).await;
+        let (_client, mut down) = pair().await;
+        let (mut up, _server) = pair().await;
+        let r = bidirectional(&mut down, &mut up, Mode::Copy, Duration::from_millis(100), &()).await;
         assert!(matches!(r, Err(SpliceError::Idle(_))), "{r:?}");
     }
 }
