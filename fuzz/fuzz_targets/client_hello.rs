@@ -1,24 +1,36 @@
-//! The ClientHello reader and the Istio SNI grammar on arbitrary bytes: never a
-//! panic, and a prefix of the bytes never reads as something else.
+//! The ClientHello reader on arbitrary bytes: never a panic, never an answer
+//! outside what the limit allows, and the answer for any prefix of the bytes
+//! (an earlier read) is either "read more" or the answer for all of them, so
+//! no later read can turn a refusal into a route or one route into another.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use sidecar::client_hello::parse;
 
 fuzz_target!(|data: &[u8]| {
-    for max in [256, 4096, 1 << 16] {
-        let full = parse(data, max);
-        if let Ok(Some(hello)) = &full {
-            assert!(hello.wire_len <= data.len() && hello.wire_len <= max);
-            // Cut before the end of the hello: the reader must ask for more, not
-            // guess; cut after it: the same answer.
-            for cut in [0, hello.wire_len / 2, hello.wire_len.saturating_sub(1)] {
-                assert_eq!(parse(&data[..cut], max), Ok(None), "prefix {cut}");
+    // Below a record header, around the seeds' sizes, and roomy.
+    for max in [8, 300, 1024, 1 << 16] {
+        let whole = parse(data, max);
+        match &whole {
+            Ok(Some(hello)) => {
+                assert!(hello.wire_len <= data.len() && hello.wire_len <= max);
+                assert_eq!(parse(&data[..hello.wire_len], max), whole);
+                if let Some(name) = &hello.server_name {
+                    assert!(!name.is_empty());
+                    assert!(name.bytes().all(|b| b.is_ascii_graphic() && !b.is_ascii_uppercase()));
+                }
+                assert!(hello.alpn.iter().all(|p| (1..=255).contains(&p.len())));
             }
-            assert_eq!(parse(&data[..hello.wire_len], max), full);
-            if let Some(name) = &hello.server_name {
-                let _ = mesh_vocab::IstioSni::parse(name);
-            }
+            // A buffer as big as the limit always gets a verdict.
+            Ok(None) => assert!(data.is_empty() || data.len() < max),
+            Err(_) => {}
+        }
+        for cut in 0..data.len() {
+            let part = parse(&data[..cut], max);
+            assert!(
+                part == Ok(None) || part == whole,
+                "prefix {cut} at max {max}: {part:?} vs {whole:?}"
+            );
         }
     }
 });

@@ -88,8 +88,10 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 fn parse_port(s: &str) -> Result<u16, SniError> {
-    // u16::from_str accepts a leading '+'; a port in a name must be plain digits.
-    let digits_only = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    // u16::from_str accepts a leading '+' and zeros; a port in a name has one
+    // spelling, because routes are looked up by the exact name.
+    let digits_only =
+        !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()) && !(s.len() > 1 && s.starts_with('0'));
     match s.parse::<u16>() {
         Ok(p) if digits_only && p != 0 => Ok(p),
         _ => Err(SniError::BadPort(s.to_owned())),
@@ -157,6 +159,7 @@ mod tests {
             ("outbound_.0_._.a", BadPort("0".into())),
             ("outbound_.+80_._.a", BadPort("+80".into())),
             ("outbound_.65536_._.a", BadPort("65536".into())),
+            ("outbound_.05_._.a", BadPort("05".into())),
             ("outbound_._._.a", BadPort("".into())),
             ("outbound_.80_.v_1_.a", BadSubset("v_1".into())),
             ("outbound_.80_.-v_.a", BadSubset("-v".into())),

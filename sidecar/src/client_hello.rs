@@ -69,15 +69,12 @@ const EXT_ALPN: u16 = 16;
 /// `buf` of `max_len` bytes or more always gets a verdict, so a read buffer of
 /// `max_len` bytes suffices. Bytes after the ClientHello are ignored.
 pub fn parse(buf: &[u8], max_len: usize) -> Result<Option<ClientHello>, HelloError> {
-    // Refuse what is not TLS on the first bytes, so plaintext is closed at once
-    // rather than after a read timeout. Only the first record says "not TLS";
-    // a bad later record is a broken hello.
-    match buf {
-        [] => return Ok(None),
-        [t, ..] if *t != CONTENT_HANDSHAKE => return Err(HelloError::NotTls),
-        [_, major, ..] if *major != 3 => return Err(HelloError::NotTls),
-        [_, _, minor, ..] if *minor > 4 => return Err(HelloError::NotTls),
-        _ => {}
+    // Refuse what is not TLS on its first byte, so plaintext is closed at once
+    // rather than after a read timeout.
+    match buf.first() {
+        None => return Ok(None),
+        Some(&t) if t != CONTENT_HANDSHAKE => return Err(HelloError::NotTls),
+        Some(_) => {}
     }
 
     let mut off: usize = 0; // where the current record starts
@@ -92,16 +89,28 @@ pub fn parse(buf: &[u8], max_len: usize) -> Result<Option<ClientHello>, HelloErr
         if off.saturating_add(RECORD_HEADER).saturating_add(need) > max_len {
             return Err(HelloError::TooLarge);
         }
-        let Some(rec) = buf.get(off..off + RECORD_HEADER) else {
+        // Judge the record header byte by byte as it arrives. Only the first
+        // record can be "not TLS"; a bad later one makes a broken hello.
+        let rec = buf.get(off..).unwrap_or_default();
+        let rec = &rec[..rec.len().min(RECORD_HEADER)];
+        let refuse = |what| {
+            if off == 0 {
+                HelloError::NotTls
+            } else {
+                HelloError::Malformed(what)
+            }
+        };
+        if rec.first().is_some_and(|&t| t != CONTENT_HANDSHAKE) {
+            return Err(refuse("a non-handshake record inside the ClientHello"));
+        }
+        // Legacy record versions 0x0300 (SSL 3.0) to 0x0304.
+        if rec.get(1).is_some_and(|&major| major != 3) || rec.get(2).is_some_and(|&minor| minor > 4) {
+            return Err(refuse("record version is not TLS"));
+        }
+        let &[_, _, _, len_hi, len_lo] = rec else {
             return Ok(None);
         };
-        if rec[0] != CONTENT_HANDSHAKE {
-            return Err(HelloError::Malformed("a non-handshake record inside the ClientHello"));
-        }
-        if rec[1] != 3 || rec[2] > 4 {
-            return Err(HelloError::Malformed("record version is not TLS"));
-        }
-        let len = usize::from(u16::from_be_bytes([rec[3], rec[4]]));
+        let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
         if len == 0 {
             return Err(HelloError::Malformed("empty handshake record"));
         }
@@ -510,8 +519,22 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_tls_at_the_first_byte() {
-        for wire in [
-            &b"G"[..],
+        for wire in not_tls_cases() {
+            assert_eq!(parse(wire, 4096), Err(HelloError::NotTls), "{wire:?}");
+        }
+        // Whatever the limit, plaintext is told by its first byte.
+        assert_eq!(parse(b"G", 0), Err(HelloError::NotTls));
+        // A limit too small for any hello is known before the second byte.
+        assert_eq!(parse(&[22, 2], 8), Err(HelloError::TooLarge));
+        assert_eq!(parse(&[], 4096), Ok(None));
+        assert_eq!(parse(&[22], 4096), Ok(None));
+        assert_eq!(parse(&[22, 3, 3], 4096), Ok(None));
+        assert_eq!(HelloError::NotTls.reason(), "not_tls");
+    }
+
+    fn not_tls_cases() -> [&'static [u8]; 11] {
+        [
+            b"G",
             b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n",
             b"PRI * HTTP/2.0\r\n",
             b"SSH-2.0-OpenSSH_9.6\r\n",
@@ -522,14 +545,7 @@ mod tests {
             &[22, 2],                 // not major version 3
             &[22, 3, 5],
             &[22, 0x7f, 0x12], // a draft version, not a legacy record version
-        ] {
-            assert_eq!(parse(wire, 4096), Err(HelloError::NotTls), "{wire:?}");
-            assert_eq!(parse(wire, 0), Err(HelloError::NotTls), "{wire:?}");
-        }
-        assert_eq!(parse(&[], 4096), Ok(None));
-        assert_eq!(parse(&[22], 4096), Ok(None));
-        assert_eq!(parse(&[22, 3, 3], 4096), Ok(None));
-        assert_eq!(HelloError::NotTls.reason(), "not_tls");
+        ]
     }
 
     /// Hellos that must be refused as malformed, with the field they get wrong.
@@ -697,6 +713,7 @@ mod tests {
         let mut wires: Vec<Vec<u8>> = malformed_cases().into_iter().map(|(w, _)| w).collect();
         wires.extend([1, 2, 3, 7, 700, MAX_RECORD].map(|chunk| records(&msg, chunk)));
         wires.push(records(&[&msg[..], &[20, 0, 0, 1, 0]].concat(), 1000));
+        wires.extend(not_tls_cases().map(<[u8]>::to_vec));
         wires
     }
 
