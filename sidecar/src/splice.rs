@@ -460,6 +460,61 @@ mod tests {
         );
     }
 
+    /// Both directions at once, many buffers' worth each way, while the peers read
+    /// and write concurrently: the pattern of a bulk transfer with flow control.
+    async fn bulk_both_ways(mode: Mode) {
+        const N: usize = 24 << 20;
+        let (client, mut down) = pair().await;
+        let (mut up, server) = pair().await;
+        let proxy =
+            tokio::spawn(async move { bidirectional(&mut down, &mut up, mode, Duration::from_secs(30), &()).await });
+        let pattern = |seed: usize| -> Vec<u8> { (0..N).map(|i| ((i * 31 + seed) % 251) as u8).collect() };
+        // Each peer writes its pattern then half-closes, while reading the other's to EOF.
+        let peer = |s: TcpStream, seed: usize| async move {
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                w.write_all(&pattern(seed)).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            let mut got = Vec::with_capacity(N);
+            r.read_to_end(&mut got).await.unwrap();
+            writer.await.unwrap();
+            got
+        };
+        let both = async { tokio::join!(peer(client, 1), peer(server, 2)) };
+        let (at_client, at_server) = tokio::time::timeout(Duration::from_secs(120), both)
+            .await
+            .expect("bulk stalled");
+        assert!(
+            at_client == pattern(2),
+            "client got {} bytes, not the server's pattern",
+            at_client.len()
+        );
+        assert!(
+            at_server == pattern(1),
+            "server got {} bytes, not the client's pattern",
+            at_server.len()
+        );
+        let t = proxy.await.unwrap().unwrap();
+        assert_eq!(
+            t,
+            Transferred {
+                to_upstream: N as u64,
+                to_downstream: N as u64
+            }
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copy_carries_bulk_both_ways_at_once() {
+        bulk_both_ways(Mode::Copy).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_carries_bulk_both_ways_at_once() {
+        bulk_both_ways(Mode::Splice).await;
+    }
+
     #[tokio::test]
     async fn splice_moves_bytes_and_half_closes() {
         run(Mode::Splice).await;
