@@ -383,3 +383,70 @@ async fn openssl_s_client_goes_through_with_istio_alpn() {
     let greeting = format!("hello b1 you-are {CLIENT_ID} alpn istio");
     assert_eq!(lines, [greeting, "from openssl".into()], "stderr: {stderr}");
 }
+
+#[tokio::test]
+async fn weights_subsets_least_conn_and_network_over_real_connections() {
+    let pki = Pki::new();
+    let (a, b, remote) = (
+        Backend::start(&pki, "a").await,
+        Backend::start(&pki, "b").await,
+        Backend::start(&pki, "remote").await,
+    );
+    let ep = |be: &Backend, extra: &str| {
+        format!(
+            "  - {{address: {}, ports: {{tls: {}}}{extra}}}\n",
+            be.addr.ip(),
+            be.addr.port()
+        )
+    };
+    let yaml = format!(
+        "host: {SERVICE}\nports: [{{name: tls, port: 9080}}]\nsubsets: [{{name: v2, labels: {{version: v2}}}}]\nendpoints:\n{}{}{}---\n\
+         host: ratings.default.svc.cluster.local\nports: [{{name: tls, port: 9080}}]\nloadBalancer: LEAST_CONN\nendpoints:\n{}{}",
+        ep(&a, ", labels: {version: v1}, weight: 3"),
+        ep(&b, ", labels: {version: v2}"),
+        // Live, but on another network: this gateway must never send to it.
+        ep(&remote, ", labels: {version: v2}, network: network9"),
+        ep(&a, ""),
+        ep(&b, ""),
+    );
+    let file = pki.dir.path().join("routes.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let gw = GatewayProcess::start(
+        pki.dir.path(),
+        &["--config", file.to_str().unwrap(), "--network", "network1"],
+    );
+    let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
+    let landed = |call: &Call| call.greeting.split_whitespace().nth(1).unwrap().to_owned();
+
+    // Weighted round robin, 3:1, is exact over whole cycles.
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        *counts
+            .entry(landed(&Call::open(gw.listen, &client, SNI).await.unwrap()))
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        counts,
+        [("a".to_owned(), 30), ("b".to_owned(), 10)].into(),
+        "weights 3:1"
+    );
+
+    // The subset in the SNI selects by labels, and only on this network (never "remote").
+    for _ in 0..10 {
+        let v2 = "outbound_.9080_.v2_.reviews.default.svc.cluster.local";
+        assert_eq!(landed(&Call::open(gw.listen, &client, v2).await.unwrap()), "b");
+    }
+
+    // Least connections: while one call stays open on one endpoint, every new call
+    // goes to the other (round robin would alternate, random would stray).
+    let ratings = "outbound_.9080_._.ratings.default.svc.cluster.local";
+    let held = Call::open(gw.listen, &client, ratings).await.unwrap();
+    for _ in 0..6 {
+        let call = Call::open(gw.listen, &client, ratings).await.unwrap();
+        assert_ne!(landed(&call), landed(&held));
+        drop(call);
+        // Counts must be back to the one held call before the next pick.
+        gw.wait_metric("isthmus_gateway_active_connections", &[("sni", ratings)], 1.0)
+            .await;
+    }
+}
