@@ -25,11 +25,11 @@
 //! field, and the caller keeps serving its last good config.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use mesh_vocab::manifest::{self, ManifestError};
 use mesh_vocab::{ClusterId, Hostname, NetworkId};
 use serde::Deserialize;
 use sidecar::balance::Policy;
@@ -99,70 +99,28 @@ impl Subset {
     }
 }
 
-/// A routes file that cannot be used, and where.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    /// The file.
-    pub file: PathBuf,
-    /// 1-based YAML document number, when the error is inside one.
-    pub document: Option<usize>,
-    /// Path of the offending field within the document, e.g. `endpoints[1].weight`.
-    pub field: Option<String>,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(d) = self.document {
-            write!(f, ": document {d}")?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, ": field `{field}`")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
+/// A routes file that cannot be used, and where (file, document, field).
+pub type ConfigError = ManifestError;
 
 /// Reads and validates a routes file.
 pub fn load(path: &Path) -> Result<RoutesFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        document: None,
-        field: None,
-        message: format!("cannot read: {e}"),
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ManifestError::file(path, format!("cannot read: {e}")))?;
     parse(path, &text)
 }
 
 /// Parses and validates the text of a routes file named `path`.
 pub fn parse(path: &Path, text: &str) -> Result<RoutesFile, ConfigError> {
-    let err = |document: Option<usize>, field: Option<String>, message: String| ConfigError {
-        file: path.to_owned(),
-        document,
-        field,
-        message,
-    };
-    let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| err(None, None, format!("not valid YAML: {e}")))?;
     let mut services = Vec::new();
     let mut seen = HashSet::new();
-    for (i, doc) in docs.into_iter().enumerate() {
-        let n = i + 1;
-        if doc.is_null() {
-            continue; // an empty document, e.g. after a trailing `---`
-        }
-        let raw: RawService = serde_path_to_error::deserialize(doc)
-            .map_err(|e| err(Some(n), Some(e.path().to_string()), e.inner().to_string()))?;
-        let svc = raw.validate().map_err(|(field, msg)| err(Some(n), Some(field), msg))?;
+    for (n, doc) in manifest::documents(path, text)? {
+        let raw: RawService = manifest::typed(path, n, "", doc)?;
+        let svc = raw
+            .validate()
+            .map_err(|(field, msg)| ManifestError::field(path, n, field, msg))?;
         for p in &svc.ports {
             if !seen.insert((svc.host.clone(), p.port)) {
-                return Err(err(
-                    Some(n),
-                    Some("ports".into()),
-                    format!("{}:{} is already defined by an earlier document", svc.host, p.port),
-                ));
+                let msg = format!("{}:{} is already defined by an earlier document", svc.host, p.port);
+                return Err(ManifestError::field(path, n, "ports", msg));
             }
         }
         services.push(svc);

@@ -1,4 +1,13 @@
 //! The federation controller: cluster sources → registry → federation → xDS.
 //!
-//! Empty until the controller issue lands; the east-west gateway takes its
-//! routes from a file or the command line meanwhile.
+//! [`objects`] holds one cluster's Kubernetes objects as read from a source
+//! ([`manifests`] for a directory of YAML); [`model`] distils them into what
+//! federation needs; [`registry`] keeps the last model of every cluster and when
+//! it was last heard from; [`federation`] merges them, purely, into the
+//! endpoints a proxy on a given network should see.
+
+pub mod federation;
+pub mod manifests;
+pub mod model;
+pub mod objects;
+pub mod registry;

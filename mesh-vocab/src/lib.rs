@@ -1,15 +1,18 @@
 //! The vocabulary every Isthmus part speaks, and nothing else.
 //!
-//! Names on the wire (Istio's cross-network SNI, SPIFFE IDs) and the keys that
-//! identify services, clusters and networks. This crate depends on no other part
+//! Names on the wire (Istio's cross-network SNI, SPIFFE IDs), the keys that
+//! identify services, clusters and networks, and how a YAML input's errors are
+//! located for the user. This crate depends on no other part
 //! of Isthmus, so every part may depend on it.
 
 pub mod hostname;
+pub mod manifest;
 pub mod names;
 pub mod sni;
 pub mod spiffe;
 
 pub use hostname::{Hostname, HostnameError};
+pub use manifest::ManifestError;
 pub use names::{ClusterId, NetworkId};
 pub use sni::{IstioSni, SniError};
 pub use spiffe::{SpiffeId, SpiffeIdError};

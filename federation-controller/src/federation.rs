@@ -1,0 +1,366 @@
+//! Merges every cluster into the endpoints a proxy on one network should see.
+//!
+//! Namespace sameness: `reviews.default.svc.cluster.local:9080` is one service
+//! whichever clusters run it. Endpoints on the proxy's own network are used as
+//! they are. Endpoints on another network can only be reached through that
+//! network's east-west gateways: they are replaced by the gateways, weighted by
+//! how many endpoints stand behind them (split evenly when a network has several
+//! gateways), per locality so locality failover still works. Only endpoints
+//! whose proxy speaks mesh mTLS cross networks, since the gateway routes on the
+//! mTLS SNI. A network without a reachable gateway contributes nothing: its
+//! endpoints never leak as unreachable addresses.
+//!
+//! A pure function of the live cluster models and the mesh config.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use mesh_vocab::{ClusterId, NetworkId};
+
+use crate::model::{ClusterModel, Gateway, GatewayAddress, Locality, MeshConfig, ServiceKey};
+
+/// One load-balancing endpoint as a proxy sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LbEndpoint {
+    pub address: Address,
+    pub port: u16,
+    /// For a gateway: the number of endpoints behind it in this locality.
+    pub weight: u32,
+    pub locality: Locality,
+    /// The network the endpoint (or the endpoints behind the gateway) is on.
+    pub network: NetworkId,
+    /// For a direct endpoint: its cluster. For a gateway: None (it fronts a network).
+    pub cluster: Option<ClusterId>,
+    /// Reached through an east-west gateway.
+    pub via_gateway: bool,
+    /// Comes from a cluster that has gone silent (kept for a bounded time).
+    pub stale: bool,
+}
+
+/// Where to connect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Address {
+    Ip(IpAddr),
+    Hostname(String),
+}
+
+impl From<&GatewayAddress> for Address {
+    fn from(g: &GatewayAddress) -> Self {
+        match g {
+            GatewayAddress::Ip(ip) => Address::Ip(*ip),
+            GatewayAddress::Hostname(h) => Address::Hostname(h.clone()),
+        }
+    }
+}
+
+/// Per service port, the endpoints for a proxy on one network, sorted.
+pub type View = BTreeMap<ServiceKey, Vec<LbEndpoint>>;
+
+/// The gateways of every network: from gateway Services in live clusters, and configured ones.
+pub fn gateways(clusters: &[(&ClusterModel, bool)], mesh: &MeshConfig) -> BTreeMap<NetworkId, Vec<Gateway>> {
+    let mut out: BTreeMap<NetworkId, Vec<Gateway>> = BTreeMap::new();
+    for (m, _) in clusters {
+        for g in &m.gateways {
+            out.entry(g.network.clone()).or_default().push(g.clone());
+        }
+    }
+    for (net, addrs) in &mesh.gateways {
+        for a in addrs {
+            out.entry(net.clone()).or_default().push(Gateway {
+                network: net.clone(),
+                address: a.clone(),
+                port: crate::model::GATEWAY_PORT,
+            });
+        }
+    }
+    for gws in out.values_mut() {
+        gws.sort();
+        gws.dedup();
+    }
+    out
+}
+
+/// The endpoints a proxy on `network` should see. `clusters` are the live
+/// models with whether each is stale.
+pub fn view_for(network: &NetworkId, clusters: &[(&ClusterModel, bool)], mesh: &MeshConfig) -> View {
+    let gateways = gateways(clusters, mesh);
+    let mut view: View = BTreeMap::new();
+    // Endpoints behind other networks' gateways, counted per (service, network, locality, stale).
+    let mut behind: BTreeMap<(ServiceKey, NetworkId, Locality, bool), u32> = BTreeMap::new();
+    for (m, stale) in clusters {
+        for i in &m.instances {
+            if i.network == *network {
+                view.entry(i.service.clone()).or_default().push(LbEndpoint {
+                    address: Address::Ip(i.address),
+                    port: i.target_port,
+                    weight: 1,
+                    locality: i.locality.clone(),
+                    network: i.network.clone(),
+                    cluster: Some(m.cluster.clone()),
+                    via_gateway: false,
+                    stale: *stale,
+                });
+            } else if i.mtls && gateways.contains_key(&i.network) {
+                *behind
+                    .entry((i.service.clone(), i.network.clone(), i.locality.clone(), *stale))
+                    .or_default() += 1;
+            }
+        }
+    }
+    // Where the next remainder goes, per network: small groups (one endpoint in a
+    // locality) would otherwise all land on a network's first gateway.
+    let mut rotate: BTreeMap<NetworkId, u32> = BTreeMap::new();
+    for ((service, net, locality, stale), n) in behind {
+        let gws = &gateways[&net];
+        let k = gws.len() as u32;
+        let start = rotate.entry(net.clone()).or_default();
+        let first = *start;
+        *start = (first + n % k) % k;
+        for (j, g) in gws.iter().enumerate() {
+            // n endpoints split over k gateways; n % k of them, from `first` on, take one more.
+            let extra = (j as u32 + k - first) % k < n % k;
+            let weight = n / k + u32::from(extra);
+            if weight == 0 {
+                continue;
+            }
+            view.entry(service.clone()).or_default().push(LbEndpoint {
+                address: (&g.address).into(),
+                port: g.port,
+                weight,
+                locality: locality.clone(),
+                network: net.clone(),
+                cluster: None,
+                via_gateway: true,
+                stale,
+            });
+        }
+    }
+    for eps in view.values_mut() {
+        eps.sort();
+    }
+    view
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Instance;
+    use mesh_vocab::Hostname;
+    use proptest::prelude::*;
+
+    fn svc(i: u8) -> ServiceKey {
+        ServiceKey {
+            host: Hostname::parse(&format!("s{i}.default.svc.cluster.local")).unwrap(),
+            port: 9080,
+        }
+    }
+
+    /// A random mesh: clusters on a few networks, instances of a few services,
+    /// some without mTLS, some networks with gateways and some without.
+    fn mesh_strategy() -> impl Strategy<Value = Vec<ClusterModel>> {
+        let instance =
+            (0u8..3, 0u8..3, any::<bool>(), 0u8..2, any::<u8>()).prop_map(|(s, net, mtls, zone, host)| Instance {
+                service: svc(s),
+                address: IpAddr::from([10, 240 + net, zone, host]),
+                target_port: 8080,
+                network: NetworkId::new(format!("net{net}")),
+                locality: Locality {
+                    region: "r".into(),
+                    zone: format!("z{zone}"),
+                    subzone: String::new(),
+                },
+                mtls,
+                labels: BTreeMap::new(),
+                service_account: None,
+            });
+        let gateway = (0u8..3, 1u8..4).prop_map(|(net, host)| Gateway {
+            network: NetworkId::new(format!("net{net}")),
+            address: GatewayAddress::Ip(IpAddr::from([100, 64, net, host])),
+            port: 15443,
+        });
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(instance, 0..12),
+                proptest::collection::vec(gateway, 0..2),
+            ),
+            1..5,
+        )
+        .prop_map(|clusters| {
+            clusters
+                .into_iter()
+                .enumerate()
+                .map(|(c, (mut instances, gateways))| {
+                    // Addresses are unique per cluster in real life (one pod network each).
+                    instances.sort_by_key(|i| (i.service.clone(), i.address));
+                    instances.dedup_by_key(|i| (i.service.clone(), i.address));
+                    for i in &mut instances {
+                        if let IpAddr::V4(v4) = i.address {
+                            let o = v4.octets();
+                            i.address = IpAddr::from([o[0], o[1], o[2] + 10 * c as u8, o[3]]);
+                        }
+                    }
+                    ClusterModel {
+                        cluster: ClusterId::new(format!("c{c}")),
+                        instances,
+                        gateways,
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn live(models: &[ClusterModel]) -> Vec<(&ClusterModel, bool)> {
+        models.iter().map(|m| (m, false)).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Gateway weights add up to the mTLS endpoints behind them, per service,
+        /// network and locality; networks without a gateway contribute nothing.
+        #[test]
+        fn gateway_weights_equal_endpoint_counts(models in mesh_strategy(), me in 0u8..3) {
+            let mesh = MeshConfig::default();
+            let me = NetworkId::new(format!("net{me}"));
+            let view = view_for(&me, &live(&models), &mesh);
+            let gws = gateways(&live(&models), &mesh);
+            let mut expected: BTreeMap<(ServiceKey, NetworkId, Locality), u32> = BTreeMap::new();
+            for m in &models {
+                for i in m.instances.iter().filter(|i| i.network != me && i.mtls && gws.contains_key(&i.network)) {
+                    *expected.entry((i.service.clone(), i.network.clone(), i.locality.clone())).or_default() += 1;
+                }
+            }
+            let mut got: BTreeMap<(ServiceKey, NetworkId, Locality), u32> = BTreeMap::new();
+            for (s, eps) in &view {
+                for e in eps.iter().filter(|e| e.via_gateway) {
+                    *got.entry((s.clone(), e.network.clone(), e.locality.clone())).or_default() += e.weight;
+                    prop_assert!(e.weight > 0);
+                }
+            }
+            prop_assert_eq!(got, expected);
+        }
+
+        /// Nothing on another network is ever handed out as a direct address:
+        /// only gateway addresses of that network, and only for mTLS endpoints.
+        #[test]
+        fn nothing_on_another_network_leaks(models in mesh_strategy(), me in 0u8..3) {
+            let mesh = MeshConfig::default();
+            let me = NetworkId::new(format!("net{me}"));
+            let view = view_for(&me, &live(&models), &mesh);
+            let gws = gateways(&live(&models), &mesh);
+            for eps in view.values() {
+                for e in eps {
+                    if e.via_gateway {
+                        prop_assert_ne!(&e.network, &me);
+                        let known = gws[&e.network].iter().any(|g| Address::from(&g.address) == e.address && g.port == e.port);
+                        prop_assert!(known, "{:?} is not a gateway of {}", e.address, e.network);
+                    } else {
+                        prop_assert_eq!(&e.network, &me);
+                    }
+                }
+            }
+        }
+
+        /// Removing cluster X changes only X's direct endpoints and the weight X
+        /// added behind gateways (and X's own gateways): every other direct
+        /// endpoint is untouched.
+        #[test]
+        fn removing_a_cluster_touches_only_its_endpoints(models in mesh_strategy(), me in 0u8..3, x in any::<prop::sample::Index>()) {
+            let mesh = MeshConfig::default();
+            let me = NetworkId::new(format!("net{me}"));
+            let x = x.index(models.len());
+            let all = view_for(&me, &live(&models), &mesh);
+            let rest: Vec<ClusterModel> = models.iter().enumerate().filter(|(i, _)| *i != x).map(|(_, m)| m.clone()).collect();
+            let without = view_for(&me, &live(&rest), &mesh);
+            let x_id = models[x].cluster.clone();
+            let direct = |v: &View, keep_x: bool| -> Vec<(ServiceKey, LbEndpoint)> {
+                v.iter()
+                    .flat_map(|(s, eps)| eps.iter().map(move |e| (s.clone(), e.clone())))
+                    .filter(|(_, e)| !e.via_gateway && (keep_x || e.cluster.as_ref() != Some(&x_id)))
+                    .collect()
+            };
+            prop_assert_eq!(direct(&all, false), direct(&without, true));
+            // And the stale flag of a silent cluster never changes which endpoints there are.
+            let stale: Vec<(&ClusterModel, bool)> = models.iter().enumerate().map(|(i, m)| (m, i == x)).collect();
+            let marked = view_for(&me, &stale, &mesh);
+            // Stale and fresh endpoints behind one network are grouped apart, so
+            // compare what each network and each direct endpoint carries in all.
+            let totals = |v: &View| -> BTreeMap<(ServiceKey, NetworkId, Option<Address>), u32> {
+                let mut t = BTreeMap::new();
+                for (s, eps) in v {
+                    for e in eps {
+                        let direct = (!e.via_gateway).then(|| e.address.clone());
+                        *t.entry((s.clone(), e.network.clone(), direct)).or_default() += e.weight;
+                    }
+                }
+                t
+            };
+            prop_assert_eq!(totals(&marked), totals(&all));
+        }
+    }
+
+    #[test]
+    fn a_two_network_example() {
+        let inst = |net: &str, ip: [u8; 4], mtls: bool| Instance {
+            service: svc(0),
+            address: IpAddr::from(ip),
+            target_port: 8080,
+            network: NetworkId::new(net),
+            locality: Locality::default(),
+            mtls,
+            labels: BTreeMap::new(),
+            service_account: None,
+        };
+        let c1 = ClusterModel {
+            cluster: ClusterId::new("c1"),
+            instances: vec![inst("n1", [10, 241, 0, 5], true)],
+            gateways: vec![Gateway {
+                network: NetworkId::new("n1"),
+                address: GatewayAddress::Ip([100, 64, 0, 1].into()),
+                port: 15443,
+            }],
+        };
+        let c2 = ClusterModel {
+            cluster: ClusterId::new("c2"),
+            instances: vec![
+                inst("n2", [10, 242, 0, 5], true),
+                inst("n2", [10, 242, 0, 6], true),
+                inst("n2", [10, 242, 0, 7], false),
+            ],
+            gateways: vec![
+                Gateway {
+                    network: NetworkId::new("n2"),
+                    address: GatewayAddress::Ip([100, 64, 0, 2].into()),
+                    port: 15443,
+                },
+                Gateway {
+                    network: NetworkId::new("n2"),
+                    address: GatewayAddress::Hostname("gw2.example.com".into()),
+                    port: 15443,
+                },
+            ],
+        };
+        let v = view_for(
+            &NetworkId::new("n1"),
+            &[(&c1, false), (&c2, true)],
+            &MeshConfig::default(),
+        );
+        let got: Vec<String> = v[&svc(0)]
+            .iter()
+            .map(|e| {
+                format!(
+                    "{:?}:{} w{} gw={} stale={}",
+                    e.address, e.port, e.weight, e.via_gateway, e.stale
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "Ip(10.241.0.5):8080 w1 gw=false stale=false",
+                "Ip(100.64.0.2):15443 w1 gw=true stale=true",
+                "Hostname(\"gw2.example.com\"):15443 w1 gw=true stale=true",
+            ]
+        );
+    }
+}

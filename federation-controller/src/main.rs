@@ -1,0 +1,139 @@
+//! `federation-controller`: see `--help`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use federation_controller::federation::{Address, view_for};
+use federation_controller::manifests;
+use federation_controller::model::{ClusterModel, MeshConfig};
+use federation_controller::registry::{Freshness, Registry};
+use mesh_vocab::{ClusterId, NetworkId};
+
+#[derive(Parser)]
+#[command(name = "federation-controller", version, about = "Isthmus federation controller")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reads a manifest directory (one subdirectory per cluster) and prints, per
+    /// service port, the endpoints a proxy on NETWORK would be given.
+    View {
+        /// Directory with one subdirectory of Kubernetes YAML per cluster.
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+        /// The network of the proxy asking.
+        #[arg(long)]
+        network: String,
+        /// The network of a cluster whose pods and namespaces name none: CLUSTER=NETWORK (repeatable).
+        #[arg(long = "cluster-network", value_name = "CLUSTER=NETWORK", value_parser = parse_pair)]
+        cluster_networks: Vec<(String, String)>,
+        /// Cluster DNS domain.
+        #[arg(long, default_value = "cluster.local")]
+        domain: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    let (a, b) = s.split_once('=').ok_or("expected CLUSTER=NETWORK")?;
+    if a.is_empty() || b.is_empty() {
+        return Err("expected CLUSTER=NETWORK".into());
+    }
+    Ok((a.to_owned(), b.to_owned()))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::View {
+            manifests: dir,
+            network,
+            cluster_networks,
+            domain,
+            json,
+        } => {
+            let mesh = MeshConfig {
+                domain,
+                cluster_networks: cluster_networks
+                    .into_iter()
+                    .map(|(c, n)| (ClusterId::new(c), NetworkId::new(n)))
+                    .collect(),
+                ..MeshConfig::default()
+            };
+            let clusters = manifests::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            anyhow::ensure!(!clusters.is_empty(), "{}: no cluster subdirectories", dir.display());
+            let now = Instant::now();
+            let mut registry = Registry::default();
+            for (id, c) in &clusters {
+                for (file, s) in &c.skipped {
+                    tracing::info!(cluster = %id, file = %file.display(), document = s.document, kind = %s.kind, "not read (yet)");
+                }
+                registry.update(ClusterModel::build(id, &c.objects, &mesh), now);
+            }
+            let live = registry.live(now, Freshness::default());
+            let refs: Vec<(&ClusterModel, bool)> = live.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
+            let view = view_for(&NetworkId::new(network), &refs, &mesh);
+            if json {
+                let out: serde_json::Value = view
+                    .iter()
+                    .map(|(k, eps)| {
+                        let eps: Vec<serde_json::Value> = eps
+                            .iter()
+                            .map(|e| {
+                                serde_json::json!({
+                                    "address": address(&e.address),
+                                    "port": e.port,
+                                    "weight": e.weight,
+                                    "network": e.network.as_str(),
+                                    "cluster": e.cluster.as_ref().map(|c| c.as_str()),
+                                    "via_gateway": e.via_gateway,
+                                    "locality": format!("{}/{}/{}", e.locality.region, e.locality.zone, e.locality.subzone),
+                                    "stale": e.stale,
+                                })
+                            })
+                            .collect();
+                        (k.to_string(), serde_json::Value::Array(eps))
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "{:<48} {:<22} {:>6}  {:<10} {:<10} via",
+                    "SERVICE", "ENDPOINT", "WEIGHT", "NETWORK", "CLUSTER"
+                );
+                for (k, eps) in &view {
+                    for e in eps {
+                        println!(
+                            "{:<48} {:<22} {:>6}  {:<10} {:<10} {}",
+                            k.to_string(),
+                            format!("{}:{}", address(&e.address), e.port),
+                            e.weight,
+                            e.network.as_str(),
+                            e.cluster.as_ref().map_or("-", |c| c.as_str()),
+                            if e.via_gateway { "gateway" } else { "direct" }
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn address(a: &Address) -> String {
+    match a {
+        Address::Ip(ip) => ip.to_string(),
+        Address::Hostname(h) => h.clone(),
+    }
+}

@@ -1,0 +1,355 @@
+//! What federation needs from one cluster, distilled from its Kubernetes objects:
+//! the ready instances of every service port, with their network, locality and
+//! whether they speak the mesh's mTLS, and the east-west gateways of the cluster.
+//!
+//! Pure: objects in, model out, so it is tested without any cluster.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use mesh_vocab::{ClusterId, Hostname, NetworkId};
+
+use crate::objects::ClusterObjects;
+
+/// Istio's label naming a pod's, namespace's or gateway Service's network.
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+/// Istio's label marking a pod whose proxy terminates mesh mTLS.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+/// The east-west gateway port (AUTO_PASSTHROUGH).
+pub const GATEWAY_PORT: u16 = 15443;
+
+/// The mesh-wide settings federation needs.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// The cluster DNS domain, `cluster.local` by default.
+    pub domain: String,
+    /// Istio's meshNetworks fallback: the network of a cluster whose pods and
+    /// namespaces say nothing.
+    pub cluster_networks: BTreeMap<ClusterId, NetworkId>,
+    /// Gateway addresses configured by hand, per network (besides gateway Services).
+    pub gateways: BTreeMap<NetworkId, Vec<GatewayAddress>>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            domain: "cluster.local".into(),
+            cluster_networks: BTreeMap::new(),
+            gateways: BTreeMap::new(),
+        }
+    }
+}
+
+/// A service port, the unit of routing: `reviews.default.svc.cluster.local:9080`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub host: Hostname,
+    pub port: u16,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Region / zone / subzone, as Kubernetes and Istio label nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+/// One ready endpoint of one service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub service: ServiceKey,
+    pub address: IpAddr,
+    pub target_port: u16,
+    pub network: NetworkId,
+    pub locality: Locality,
+    /// Its proxy terminates mesh mTLS, so it may be reached through a gateway.
+    pub mtls: bool,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: Option<String>,
+}
+
+/// Where an east-west gateway can be reached from other networks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GatewayAddress {
+    Ip(IpAddr),
+    /// A load balancer that only has a name; the xDS layer resolves it.
+    Hostname(String),
+}
+
+impl fmt::Display for GatewayAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GatewayAddress::Ip(ip) => write!(f, "{ip}"),
+            GatewayAddress::Hostname(h) => f.write_str(h),
+        }
+    }
+}
+
+/// An east-west gateway of a network.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Gateway {
+    pub network: NetworkId,
+    pub address: GatewayAddress,
+    pub port: u16,
+}
+
+/// One cluster, distilled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterModel {
+    pub cluster: ClusterId,
+    pub instances: Vec<Instance>,
+    pub gateways: Vec<Gateway>,
+}
+
+fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
+    meta.labels.clone().unwrap_or_default()
+}
+
+impl ClusterModel {
+    /// Distils a cluster's objects.
+    pub fn build(cluster: &ClusterId, objects: &ClusterObjects, mesh: &MeshConfig) -> ClusterModel {
+        let key = |ns: &Option<String>, name: &Option<String>| {
+            (
+                ns.clone().unwrap_or_else(|| "default".into()),
+                name.clone().unwrap_or_default(),
+            )
+        };
+        let namespaces: HashMap<String, &Namespace> = objects
+            .namespaces
+            .iter()
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
+            .collect();
+        let pods: HashMap<(String, String), &Pod> = objects
+            .pods
+            .iter()
+            .map(|p| (key(&p.metadata.namespace, &p.metadata.name), p))
+            .collect();
+        let services: HashMap<(String, String), &Service> = objects
+            .services
+            .iter()
+            .map(|s| (key(&s.metadata.namespace, &s.metadata.name), s))
+            .collect();
+        let nodes: HashMap<String, &Node> = objects
+            .nodes
+            .iter()
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
+            .collect();
+        let cluster_network = mesh
+            .cluster_networks
+            .get(cluster)
+            .cloned()
+            .unwrap_or_else(|| NetworkId::new(""));
+
+        // Network: the pod's label, else its namespace's, else the cluster's (Istio's order).
+        let network_of = |ns: &str, pod: Option<&Pod>| -> NetworkId {
+            pod.and_then(|p| labels_of(&p.metadata).get(NETWORK_LABEL).cloned())
+                .or_else(|| {
+                    namespaces
+                        .get(ns)
+                        .and_then(|n| labels_of(&n.metadata).get(NETWORK_LABEL).cloned())
+                })
+                .map(NetworkId::new)
+                .unwrap_or_else(|| cluster_network.clone())
+        };
+        let locality_of = |node: Option<&str>| -> Locality {
+            let Some(labels) = node.and_then(|n| nodes.get(n)).map(|n| labels_of(&n.metadata)) else {
+                return Locality::default();
+            };
+            let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+            Locality {
+                region: get("topology.kubernetes.io/region"),
+                zone: get("topology.kubernetes.io/zone"),
+                subzone: get("topology.istio.io/subzone"),
+            }
+        };
+
+        let mut instances = Vec::new();
+        for slice in &objects.endpoint_slices {
+            let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let Some(svc_name) = labels_of(&slice.metadata).get("kubernetes.io/service-name").cloned() else {
+                continue;
+            };
+            let Some(svc) = services.get(&(ns.clone(), svc_name.clone())) else {
+                continue;
+            };
+            let Ok(host) = Hostname::parse(&format!("{svc_name}.{ns}.svc.{}", mesh.domain)) else {
+                continue;
+            };
+            let svc_ports = svc.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
+            for slice_port in slice.ports.clone().unwrap_or_default() {
+                let Some(target) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
+                    continue;
+                };
+                // A slice port answers the service port of the same name (both unnamed when single).
+                let Some(sp) = svc_ports.iter().find(|p| p.name == slice_port.name) else {
+                    continue;
+                };
+                let Ok(port) = u16::try_from(sp.port) else { continue };
+                let service = ServiceKey {
+                    host: host.clone(),
+                    port,
+                };
+                for ep in &slice.endpoints {
+                    if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                        continue;
+                    }
+                    let pod = ep
+                        .target_ref
+                        .as_ref()
+                        .filter(|r| r.kind.as_deref() == Some("Pod"))
+                        .and_then(|r| pods.get(&(ns.clone(), r.name.clone().unwrap_or_default())).copied());
+                    let node = ep
+                        .node_name
+                        .clone()
+                        .or_else(|| pod.and_then(|p| p.spec.as_ref()?.node_name.clone()));
+                    let labels = pod.map(|p| labels_of(&p.metadata)).unwrap_or_default();
+                    for addr in &ep.addresses {
+                        let Ok(address) = addr.parse::<IpAddr>() else { continue };
+                        instances.push(Instance {
+                            service: service.clone(),
+                            address,
+                            target_port: target,
+                            network: network_of(&ns, pod),
+                            locality: locality_of(node.as_deref()),
+                            mtls: labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio"),
+                            labels: labels.clone(),
+                            service_account: pod.and_then(|p| p.spec.as_ref()?.service_account_name.clone()),
+                        });
+                    }
+                }
+            }
+        }
+
+        let mut gateways = Vec::new();
+        for svc in &objects.services {
+            let Some(network) = labels_of(&svc.metadata).get(NETWORK_LABEL).cloned() else {
+                continue;
+            };
+            let spec = svc.spec.clone().unwrap_or_default();
+            let Some(port) = spec
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .find(|p| p.port == i32::from(GATEWAY_PORT))
+            else {
+                continue;
+            };
+            let port = u16::try_from(port.port).unwrap_or(GATEWAY_PORT);
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref()?.ingress.clone())
+                .unwrap_or_default();
+            let mut addrs: Vec<GatewayAddress> = ingress
+                .into_iter()
+                .filter_map(|i| match (i.ip, i.hostname) {
+                    (Some(ip), _) => ip.parse().ok().map(GatewayAddress::Ip),
+                    (None, Some(h)) => Some(GatewayAddress::Hostname(h)),
+                    (None, None) => None,
+                })
+                .collect();
+            addrs.extend(
+                spec.external_ips
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|ip| ip.parse().ok())
+                    .map(GatewayAddress::Ip),
+            );
+            for address in addrs {
+                gateways.push(Gateway {
+                    network: NetworkId::new(&network),
+                    address,
+                    port,
+                });
+            }
+        }
+        instances.sort_by(|a, b| (&a.service, a.address, a.target_port).cmp(&(&b.service, b.address, b.target_port)));
+        gateways.sort();
+        gateways.dedup();
+        ClusterModel {
+            cluster: cluster.clone(),
+            instances,
+            gateways,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {topology.istio.io/network: net-ns}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: eu-1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {ports: [{name: http, port: 9080, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: default, labels: {version: v1, security.istio.io/tlsMode: istio, topology.istio.io/network: net-pod}}
+spec: {nodeName: n1, serviceAccountName: bookinfo-reviews, containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: default, labels: {version: v2}}
+spec: {containers: [{name: app}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-abc, namespace: default, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.241.0.5], conditions: {ready: true}, targetRef: {kind: Pod, name: reviews-v1}}
+  - {addresses: [10.241.0.6], targetRef: {kind: Pod, name: reviews-v2}}
+  - {addresses: [10.241.0.7], conditions: {ready: false}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-eastwestgateway, namespace: istio-system, labels: {topology.istio.io/network: net-pod}}
+spec: {type: LoadBalancer, ports: [{name: tls, port: 15443}], externalIPs: [100.64.0.1]}
+status: {loadBalancer: {ingress: [{hostname: gw.example.com}]}}
+"#;
+
+    #[test]
+    fn distils_instances_networks_localities_and_gateways() {
+        let mut o = ClusterObjects::default();
+        o.add_yaml(Path::new("c1.yaml"), CLUSTER).unwrap();
+        let m = ClusterModel::build(&ClusterId::new("c1"), &o, &MeshConfig::default());
+        assert_eq!(m.instances.len(), 2, "the unready endpoint is left out");
+        let v1 = &m.instances[0];
+        assert_eq!(v1.service.to_string(), "reviews.default.svc.cluster.local:9080");
+        assert_eq!((v1.address.to_string(), v1.target_port), ("10.241.0.5".into(), 8080));
+        assert_eq!(v1.network.as_str(), "net-pod", "the pod's label wins");
+        assert_eq!((v1.locality.region.as_str(), v1.locality.zone.as_str()), ("eu", "eu-1"));
+        assert!(v1.mtls);
+        assert_eq!(v1.service_account.as_deref(), Some("bookinfo-reviews"));
+        let v2 = &m.instances[1];
+        assert_eq!(v2.network.as_str(), "net-ns", "then the namespace's");
+        assert!(!v2.mtls);
+        let gws: Vec<String> = m
+            .gateways
+            .iter()
+            .map(|g| format!("{} {}:{}", g.network, g.address, g.port))
+            .collect();
+        assert_eq!(gws, ["net-pod 100.64.0.1:15443", "net-pod gw.example.com:15443"]);
+    }
+}

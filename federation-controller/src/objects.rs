@@ -1,0 +1,126 @@
+//! The Kubernetes objects of one cluster that federation reads, in the API's own
+//! types, and their parsing from multi-document YAML (what `kubectl get -o yaml`
+//! prints, or what a user applies).
+
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use mesh_vocab::manifest::{self, ManifestError};
+
+/// Everything one cluster has told us, as typed objects.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterObjects {
+    pub namespaces: Vec<Namespace>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+}
+
+/// A document of a kind federation does not read (yet); kept so callers can say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub document: usize,
+    pub api_version: String,
+    pub kind: String,
+}
+
+impl ClusterObjects {
+    /// Adds the objects of one YAML file; returns the documents of kinds it does not read.
+    pub fn add_yaml(&mut self, file: &Path, text: &str) -> Result<Vec<Skipped>, ManifestError> {
+        let mut skipped = Vec::new();
+        for (n, doc) in manifest::documents(file, text)? {
+            // `kind: List` (kubectl's output) holds the objects in `items`.
+            let items: Vec<(String, serde_json::Value)> =
+                match (doc.get("kind").and_then(|k| k.as_str()), doc.get("items")) {
+                    (Some("List"), Some(serde_json::Value::Array(items))) => items
+                        .iter()
+                        .enumerate()
+                        .map(|(j, v)| (format!("items[{j}]."), v.clone()))
+                        .collect(),
+                    _ => vec![(String::new(), doc)],
+                };
+            for (prefix, item) in items {
+                let text_of = |k: &str| item.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+                let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
+                if api_version.is_empty() || kind.is_empty() {
+                    let msg = "every object needs apiVersion and kind";
+                    return Err(ManifestError::field(file, n, format!("{prefix}kind"), msg));
+                }
+                match (api_version.as_str(), kind.as_str()) {
+                    ("v1", "Namespace") => self.namespaces.push(manifest::typed(file, n, &prefix, item)?),
+                    ("v1", "Service") => self.services.push(manifest::typed(file, n, &prefix, item)?),
+                    ("v1", "Pod") => self.pods.push(manifest::typed(file, n, &prefix, item)?),
+                    ("v1", "Node") => self.nodes.push(manifest::typed(file, n, &prefix, item)?),
+                    ("discovery.k8s.io/v1", "EndpointSlice") => {
+                        self.endpoint_slices.push(manifest::typed(file, n, &prefix, item)?)
+                    }
+                    _ => skipped.push(Skipped {
+                        document: n,
+                        api_version,
+                        kind,
+                    }),
+                }
+            }
+        }
+        Ok(skipped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_kinds_it_knows_and_reports_the_rest() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: x}
+---
+apiVersion: v1
+kind: List
+items:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: default}}
+  - {apiVersion: v1, kind: Pod, metadata: {name: p, namespace: default}}
+"#;
+        let mut o = ClusterObjects::default();
+        let skipped = o.add_yaml(Path::new("c1/a.yaml"), yaml).unwrap();
+        assert_eq!((o.services.len(), o.namespaces.len(), o.pods.len()), (1, 1, 1));
+        assert_eq!(
+            skipped,
+            [Skipped {
+                document: 2,
+                api_version: "networking.istio.io/v1".into(),
+                kind: "VirtualService".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: r}\nspec: {ports: [{port: http}]}\n";
+        let e = ClusterObjects::default()
+            .add_yaml(Path::new("c1/svc.yaml"), yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c1/svc.yaml: document 2: field `spec.ports[0].port`: "),
+            "{e}"
+        );
+        let e = ClusterObjects::default()
+            .add_yaml(Path::new("x.yaml"), "metadata: {name: a}")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "x.yaml: document 1: field `kind`: every object needs apiVersion and kind"
+        );
+    }
+}

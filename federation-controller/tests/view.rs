@@ -1,0 +1,119 @@
+//! `federation-controller view` over a manifest directory of two clusters on two
+//! networks, as a user would run it.
+
+use std::path::Path;
+use std::process::Command;
+
+fn cluster(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&str, &str, bool)]) {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let mut y = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: {net}}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec: {{ports: [{{name: http, port: 9080}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topology.istio.io/network: {net}}}}}\n\
+         spec: {{ports: [{{name: tls, port: 15443}}], externalIPs: [100.64.0.{octet}]}}\n"
+    );
+    let mut eps = String::new();
+    for (i, (pod, version, mtls)) in pods.iter().enumerate() {
+        let tls = if *mtls {
+            ", security.istio.io/tlsMode: istio"
+        } else {
+            ""
+        };
+        y += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: default, labels: {{version: {version}{tls}}}}}\nspec: {{containers: [{{name: app}}]}}\n"
+        );
+        eps += &format!(
+            "  - {{addresses: [10.24{octet}.0.{}], targetRef: {{kind: Pod, name: {pod}}}}}\n",
+            i + 10
+        );
+    }
+    y += &format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n{eps}"
+    );
+    std::fs::write(d.join("objects.yaml"), y).unwrap();
+}
+
+fn view(dir: &Path, network: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_federation-controller"))
+        .args(["view", "--manifests"])
+        .arg(dir)
+        .args(["--network", network, "--json"])
+        .output()
+        .unwrap()
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("isthmus-fc-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn a_proxy_on_each_network_sees_local_pods_and_the_other_network_behind_its_gateway() {
+    let dir = scratch("two");
+    cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
+    cluster(
+        &dir,
+        "cluster2",
+        "network2",
+        2,
+        &[
+            ("reviews-v1-b", "v1", true),
+            ("reviews-v2", "v2", true),
+            ("legacy", "v0", false),
+        ],
+    );
+
+    let out = view(&dir, "network1");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let eps = v["reviews.default.svc.cluster.local:9080"].as_array().unwrap();
+    let brief: Vec<String> = eps
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{} w{} {}",
+                e["address"].as_str().unwrap(),
+                e["port"],
+                e["weight"],
+                e["via_gateway"]
+            )
+        })
+        .collect();
+    // Its own pod directly; cluster2's two mTLS pods as one gateway entry of weight 2;
+    // the pod without a sidecar is not offered across networks at all.
+    assert_eq!(brief, ["10.241.0.10:9080 w1 false", "100.64.0.2:15443 w2 true"]);
+
+    let out = view(&dir, "network2");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let eps = v["reviews.default.svc.cluster.local:9080"].as_array().unwrap();
+    let direct = eps.iter().filter(|e| e["via_gateway"] == false).count();
+    assert_eq!(
+        direct, 3,
+        "all of cluster2's pods, sidecar or not, are local to network2"
+    );
+    assert!(eps.iter().any(|e| e["address"] == "100.64.0.1" && e["weight"] == 1));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_bad_manifest_is_refused_with_file_document_and_field() {
+    let dir = scratch("bad");
+    std::fs::create_dir_all(dir.join("c1")).unwrap();
+    std::fs::write(
+        dir.join("c1/svc.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: r}\nspec: {ports: [{port: nine}]}\n",
+    )
+    .unwrap();
+    let out = view(&dir, "network1");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("c1/svc.yaml: document 2: field `spec.ports[0].port`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
