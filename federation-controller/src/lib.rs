@@ -11,3 +11,4 @@ pub mod manifests;
 pub mod model;
 pub mod objects;
 pub mod registry;
+pub mod xds;

@@ -5,10 +5,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use federation_controller::federation::{Address, view_for};
 use federation_controller::manifests;
 use federation_controller::model::{ClusterModel, MeshConfig};
 use federation_controller::registry::{Freshness, Registry};
+use federation_controller::xds::XdsServer;
 use mesh_vocab::{ClusterId, NetworkId};
 
 #[derive(Parser)]
@@ -20,6 +22,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serves xDS (ADS, state of the world: clusters and endpoints) from a manifest
+    /// directory, re-read whenever a file changes.
+    Serve {
+        /// Directory with one subdirectory of Kubernetes YAML per cluster.
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+        /// Where to serve plaintext xDS (Istio's 15010).
+        #[arg(long, default_value = "0.0.0.0:15010", value_name = "ADDR")]
+        xds: std::net::SocketAddr,
+        /// The network of a cluster whose pods and namespaces name none: CLUSTER=NETWORK (repeatable).
+        #[arg(long = "cluster-network", value_name = "CLUSTER=NETWORK", value_parser = parse_pair)]
+        cluster_networks: Vec<(String, String)>,
+        /// Cluster DNS domain.
+        #[arg(long, default_value = "cluster.local")]
+        domain: String,
+        /// How often the manifest directory is checked for changes.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
     /// Reads a manifest directory (one subdirectory per cluster) and prints, per
     /// service port, the endpoints a proxy on NETWORK would be given.
     View {
@@ -55,6 +76,40 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve {
+            manifests: dir,
+            xds,
+            cluster_networks,
+            domain,
+            interval,
+        } => {
+            let mesh = MeshConfig {
+                domain,
+                cluster_networks: cluster_networks
+                    .into_iter()
+                    .map(|(c, n)| (ClusterId::new(c), NetworkId::new(n)))
+                    .collect(),
+                ..MeshConfig::default()
+            };
+            let first = manifests::snapshot(&dir, &mesh, 1).with_context(|| format!("reading {}", dir.display()))?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(first));
+                tokio::spawn(manifests::watch(dir, mesh, interval, tx));
+                let listener = tokio::net::TcpListener::bind(xds)
+                    .await
+                    .with_context(|| format!("cannot listen on {xds}"))?;
+                println!("ready xds={}", listener.local_addr()?);
+                let server = XdsServer::new(rx);
+                tonic::transport::Server::builder()
+                    .add_service(AggregatedDiscoveryServiceServer::new(server))
+                    .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    })
+                    .await?;
+                anyhow::Ok(())
+            })?;
+        }
         Command::View {
             manifests: dir,
             network,

@@ -4,12 +4,19 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use mesh_vocab::ClusterId;
 
 use mesh_vocab::ManifestError;
 
+use crate::model::{ClusterModel, MeshConfig};
 use crate::objects::{ClusterObjects, Skipped};
+use crate::registry::{Freshness, Registry};
+use crate::xds::Snapshot;
 
 /// One cluster read from its directory.
 #[derive(Debug, Clone, Default)]
@@ -55,4 +62,66 @@ pub fn read_dir(dir: &Path) -> Result<BTreeMap<ClusterId, ClusterManifests>, Man
         clusters.insert(ClusterId::new(name), cluster);
     }
     Ok(clusters)
+}
+
+/// Reads `dir` into an xDS snapshot at `version`.
+pub fn snapshot(dir: &Path, mesh: &MeshConfig, version: u64) -> Result<Snapshot, ManifestError> {
+    let clusters = read_dir(dir)?;
+    let now = Instant::now();
+    let mut registry = Registry::default();
+    for (id, c) in &clusters {
+        for (file, s) in &c.skipped {
+            tracing::debug!(cluster = %id, file = %file.display(), document = s.document, kind = %s.kind, "not read (yet)");
+        }
+        registry.update(ClusterModel::build(id, &c.objects, mesh), now);
+    }
+    Ok(Snapshot {
+        version,
+        clusters: registry.live(now, Freshness::default()),
+        mesh: mesh.clone(),
+    })
+}
+
+/// Re-reads `dir` every `interval` and publishes a new snapshot when what it
+/// means changed. A directory that cannot be read, or a bad manifest, is
+/// reported and the last good snapshot keeps serving.
+pub async fn watch(dir: PathBuf, mesh: MeshConfig, interval: Duration, tx: watch::Sender<Arc<Snapshot>>) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error = None;
+    loop {
+        tick.tick().await;
+        let current = tx.borrow().clone();
+        match snapshot(&dir, &mesh, current.version + 1) {
+            Ok(next) => {
+                last_error = None;
+                let same = next.clusters.len() == current.clusters.len()
+                    && next
+                        .clusters
+                        .iter()
+                        .zip(&current.clusters)
+                        .all(|((a, s), (b, t))| a == b && s == t);
+                if !same {
+                    tracing::info!(
+                        version = next.version,
+                        clusters = next.clusters.len(),
+                        "manifests changed: pushing"
+                    );
+                    if tx.send(Arc::new(next)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::error!("manifests refused, still serving version {}: {msg}", current.version);
+                    last_error = Some(msg);
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
 }

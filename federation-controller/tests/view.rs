@@ -1,39 +1,12 @@
 //! `federation-controller view` over a manifest directory of two clusters on two
 //! networks, as a user would run it.
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 
-fn cluster(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&str, &str, bool)]) {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let mut y = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: {net}}}}}\n---\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec: {{ports: [{{name: http, port: 9080}}]}}\n---\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topology.istio.io/network: {net}}}}}\n\
-         spec: {{ports: [{{name: tls, port: 15443}}], externalIPs: [100.64.0.{octet}]}}\n"
-    );
-    let mut eps = String::new();
-    for (i, (pod, version, mtls)) in pods.iter().enumerate() {
-        let tls = if *mtls {
-            ", security.istio.io/tlsMode: istio"
-        } else {
-            ""
-        };
-        y += &format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: default, labels: {{version: {version}{tls}}}}}\nspec: {{containers: [{{name: app}}]}}\n"
-        );
-        eps += &format!(
-            "  - {{addresses: [10.24{octet}.0.{}], targetRef: {{kind: Pod, name: {pod}}}}}\n",
-            i + 10
-        );
-    }
-    y += &format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n{eps}"
-    );
-    std::fs::write(d.join("objects.yaml"), y).unwrap();
-}
+use support::{cluster, scratch};
 
 fn view(dir: &Path, network: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_federation-controller"))
@@ -42,13 +15,6 @@ fn view(dir: &Path, network: &str) -> std::process::Output {
         .args(["--network", network, "--json"])
         .output()
         .unwrap()
-}
-
-fn scratch(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("isthmus-fc-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]

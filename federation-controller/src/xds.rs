@@ -1,0 +1,368 @@
+//! The xDS server: Envoy's v3 Aggregated Discovery Service, state of the world,
+//! for clusters (CDS) and endpoints (EDS), so our proxies, Envoy and proxyless
+//! gRPC can all consume it.
+//!
+//! Each proxy gets its own view: its network comes from Istio's node metadata
+//! (`NETWORK`), so an Istio-style Envoy bootstrap works unchanged, and names
+//! follow Istio (`outbound|9080||reviews.default.svc.cluster.local`). Per type,
+//! a stream remembers what it sent (version, nonce): an ACK is recorded, a NACK
+//! is logged and counted and the proxy keeps its last good config — nothing is
+//! resent until the state changes, so a proxy that rejects a config cannot cause
+//! a resend storm.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig};
+use envoy_types::pb::envoy::config::core::v3::{
+    self as core, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress, address, config_source,
+    socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use mesh_vocab::NetworkId;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::federation::{self, Address, View};
+use crate::model::{ClusterModel, MeshConfig, ServiceKey};
+
+/// Type URL of clusters.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Type URL of endpoints.
+pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// The state served: every live cluster at one version.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Grows with every change; sent as `version_info`.
+    pub version: u64,
+    /// Live cluster models, with whether each is stale.
+    pub clusters: Vec<(Arc<ClusterModel>, bool)>,
+    pub mesh: MeshConfig,
+}
+
+impl Snapshot {
+    /// The endpoints a proxy on `network` sees.
+    pub fn view(&self, network: &NetworkId) -> View {
+        let refs: Vec<(&ClusterModel, bool)> = self.clusters.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
+        federation::view_for(network, &refs, &self.mesh)
+    }
+}
+
+/// Istio's cluster name for a service port (no subset).
+pub fn cluster_name(key: &ServiceKey) -> String {
+    format!("outbound|{}||{}", key.port, key.host)
+}
+
+/// Counters an operator watches.
+#[derive(Debug, Default)]
+pub struct XdsStats {
+    pub pushes: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    pub connected: AtomicU64,
+}
+
+/// The ADS service.
+#[derive(Debug, Clone)]
+pub struct XdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<XdsStats>,
+}
+
+impl XdsServer {
+    /// Serves whatever `snapshots` holds, pushing on every change.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+        Self {
+            snapshots,
+            stats: Arc::new(XdsStats::default()),
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> Arc<XdsStats> {
+        self.stats.clone()
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, tonic::Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<ResponseStream>, tonic::Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let stream = AdsStream {
+            snapshots: self.snapshots.clone(),
+            stats: self.stats.clone(),
+            tx,
+            proxy: None,
+            types: HashMap::new(),
+            nonce: 0,
+        };
+        tokio::spawn(stream.run(inbound));
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<DeltaStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "incremental (delta) xDS is not served yet; use state-of-the-world ADS",
+        ))
+    }
+}
+
+/// Who is on the other end, from the first request's node.
+#[derive(Debug, Clone)]
+struct Proxy {
+    id: String,
+    network: NetworkId,
+}
+
+/// Per resource type, what this stream asked for and was sent.
+#[derive(Debug, Default)]
+struct TypeState {
+    /// Names asked for; empty = all (wildcard).
+    names: Vec<String>,
+    last_nonce: String,
+    sent_version: Option<u64>,
+    acked_version: Option<String>,
+}
+
+struct AdsStream {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<XdsStats>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>,
+    proxy: Option<Proxy>,
+    types: HashMap<String, TypeState>,
+    nonce: u64,
+}
+
+impl AdsStream {
+    async fn run(mut self, mut inbound: tonic::Streaming<DiscoveryRequest>) {
+        self.stats.connected.fetch_add(1, Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if let Err(status) = self.on_request(req).await {
+                            let _ = self.tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                },
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let types: Vec<String> = self.types.keys().cloned().collect();
+                    for t in types {
+                        if self.send(&t).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = &self.proxy {
+            tracing::debug!(proxy = p.id, "xDS stream closed");
+        }
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), tonic::Status> {
+        if self.proxy.is_none() {
+            let node = req
+                .node
+                .as_ref()
+                .ok_or_else(|| tonic::Status::invalid_argument("the first request must carry node"))?;
+            let network = node_metadata(node, "NETWORK").unwrap_or_default();
+            tracing::info!(proxy = node.id, network, "xDS stream opened");
+            self.proxy = Some(Proxy {
+                id: node.id.clone(),
+                network: NetworkId::new(network),
+            });
+        }
+        if req.type_url != CLUSTER_TYPE && req.type_url != ENDPOINT_TYPE {
+            // Listeners and routes come later: answer with nothing rather than leave
+            // a client waiting for its initial fetch.
+            if req.response_nonce.is_empty() {
+                self.nonce += 1;
+                let resp = DiscoveryResponse {
+                    version_info: self.snapshots.borrow().version.to_string(),
+                    type_url: req.type_url.clone(),
+                    nonce: self.nonce.to_string(),
+                    ..Default::default()
+                };
+                let _ = self.tx.send(Ok(resp)).await;
+            }
+            return Ok(());
+        }
+        let state = self.types.entry(req.type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != state.last_nonce {
+                return Ok(()); // answers an older response; a newer one is on its way
+            }
+            if let Some(err) = &req.error_detail {
+                self.stats.nacks.fetch_add(1, Ordering::Relaxed);
+                let proxy = self.proxy.as_ref().map(|p| p.id.as_str()).unwrap_or_default();
+                tracing::warn!(
+                    proxy,
+                    type_url = req.type_url,
+                    nonce = req.response_nonce,
+                    error = err.message,
+                    "NACK: the proxy keeps its last good config"
+                );
+                return Ok(());
+            }
+            self.stats.acks.fetch_add(1, Ordering::Relaxed);
+            state.acked_version = Some(req.version_info.clone());
+            if state.names == req.resource_names {
+                return Ok(()); // a plain ACK
+            }
+        }
+        state.names = req.resource_names.clone();
+        self.send(&req.type_url)
+            .await
+            .map_err(|_| tonic::Status::cancelled("client gone"))
+    }
+
+    /// Sends the current state of one type to this proxy.
+    async fn send(&mut self, type_url: &str) -> Result<(), ()> {
+        let snapshot = self.snapshots.borrow().clone();
+        let network = self
+            .proxy
+            .as_ref()
+            .map(|p| p.network.clone())
+            .unwrap_or_else(|| NetworkId::new(""));
+        let view = snapshot.view(&network);
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        let wanted = |name: &str| state.names.is_empty() || state.names.iter().any(|n| n == name);
+        let resources: Vec<Any> = match type_url {
+            CLUSTER_TYPE => view
+                .keys()
+                .map(cluster)
+                .filter(|c| wanted(&c.name))
+                .map(|c| any(CLUSTER_TYPE, &c))
+                .collect(),
+            _ => view
+                .iter()
+                .map(|(k, eps)| load_assignment(k, eps))
+                .filter(|c| wanted(&c.cluster_name))
+                .map(|c| any(ENDPOINT_TYPE, &c))
+                .collect(),
+        };
+        self.nonce += 1;
+        state.last_nonce = self.nonce.to_string();
+        state.sent_version = Some(snapshot.version);
+        let resp = DiscoveryResponse {
+            version_info: snapshot.version.to_string(),
+            resources,
+            type_url: type_url.to_owned(),
+            nonce: state.last_nonce.clone(),
+            ..Default::default()
+        };
+        self.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// A string field of the node's metadata (Istio puts NETWORK, CLUSTER_ID, … there).
+fn node_metadata(node: &core::Node, key: &str) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn cluster(key: &ServiceKey) -> Cluster {
+    Cluster {
+        name: cluster_name(key),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ConfigSource {
+                resource_api_version: ApiVersion::V3 as i32,
+                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+                ..Default::default()
+            }),
+            service_name: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(key: &ServiceKey, eps: &[federation::LbEndpoint]) -> ClusterLoadAssignment {
+    let mut by_locality: BTreeMap<&crate::model::Locality, Vec<LbEndpoint>> = BTreeMap::new();
+    for e in eps {
+        // EDS carries IPs; a gateway known only by host name needs resolving first.
+        let Address::Ip(ip) = &e.address else { continue };
+        by_locality.entry(&e.locality).or_default().push(LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(core::Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: ip.to_string(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(e.port))),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            load_balancing_weight: Some(UInt32Value { value: e.weight }),
+            ..Default::default()
+        });
+    }
+    ClusterLoadAssignment {
+        cluster_name: cluster_name(key),
+        endpoints: by_locality
+            .into_iter()
+            .map(|(l, lb_endpoints)| LocalityLbEndpoints {
+                locality: Some(core::Locality {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                    sub_zone: l.subzone.clone(),
+                }),
+                load_balancing_weight: Some(UInt32Value {
+                    value: lb_endpoints
+                        .iter()
+                        .filter_map(|e| e.load_balancing_weight.map(|w| w.value))
+                        .sum(),
+                }),
+                lb_endpoints,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,47 @@
+//! Manifest fixtures shared by the controller's end-to-end tests.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::path::Path;
+
+/// Writes cluster `name` on network `net`: a `reviews` Service with the given
+/// pods (name, version, has a sidecar) at 10.24<octet>.0.10+, and an east-west
+/// gateway Service on 100.64.0.<octet>:15443.
+pub fn cluster(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&str, &str, bool)]) {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let mut y = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: {net}}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec: {{ports: [{{name: http, port: 9080}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topology.istio.io/network: {net}}}}}\n\
+         spec: {{ports: [{{name: tls, port: 15443}}], externalIPs: [100.64.0.{octet}]}}\n"
+    );
+    let mut eps = String::new();
+    for (i, (pod, version, mtls)) in pods.iter().enumerate() {
+        let tls = if *mtls {
+            ", security.istio.io/tlsMode: istio"
+        } else {
+            ""
+        };
+        y += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: default, labels: {{version: {version}{tls}}}}}\nspec: {{containers: [{{name: app}}]}}\n"
+        );
+        eps += &format!(
+            "  - {{addresses: [10.24{octet}.0.{}], targetRef: {{kind: Pod, name: {pod}}}}}\n",
+            i + 10
+        );
+    }
+    y += &format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n{eps}"
+    );
+    std::fs::write(d.join("objects.yaml"), y).unwrap();
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("isthmus-fc-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -1,0 +1,227 @@
+//! `federation-controller serve` over a real gRPC ADS stream: an Istio-style
+//! node on network1 gets its clusters and endpoints, ACKs them, receives pushes
+//! when the manifests change, and a NACK causes no resend.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc::Status;
+use prost::Message;
+use support::{cluster, scratch};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const REVIEWS: &str = "outbound|9080||reviews.default.svc.cluster.local";
+
+struct Controller(Child);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &std::path::Path) -> (Controller, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_federation-controller"))
+        .args(["serve", "--xds", "127.0.0.1:0", "--interval", "50ms", "--manifests"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("ready xds=")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_owned();
+    (Controller(child), addr)
+}
+
+/// Istio's sidecar node: ID form and metadata keys.
+fn node() -> Node {
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.into())),
+    };
+    Node {
+        id: "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local".into(),
+        cluster: "productpage.default".into(),
+        metadata: Some(Struct {
+            fields: [
+                ("NETWORK".to_owned(), s("network1")),
+                ("CLUSTER_ID".to_owned(), s("cluster1")),
+            ]
+            .into(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn next(rx: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("a response in time")
+        .unwrap()
+        .unwrap()
+}
+
+fn endpoints(resp: &DiscoveryResponse) -> Vec<String> {
+    let cla = ClusterLoadAssignment::decode(resp.resources[0].value.as_slice()).unwrap();
+    assert_eq!(cla.cluster_name, REVIEWS);
+    let mut out = Vec::new();
+    for l in &cla.endpoints {
+        for e in &l.lb_endpoints {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                panic!()
+            };
+            let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().unwrap().address.as_ref() else {
+                panic!()
+            };
+            let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                panic!()
+            };
+            out.push(format!(
+                "{}:{} w{}",
+                sa.address,
+                port,
+                e.load_balancing_weight.unwrap().value
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn ack(resp: &DiscoveryResponse, names: &[&str]) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: resp.version_info.clone(),
+        response_nonce: resp.nonce.clone(),
+        type_url: resp.type_url.clone(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_istio_node_gets_its_network_view_acks_receives_pushes_and_a_nack_causes_no_resend() {
+    let dir = scratch("xds");
+    cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
+    cluster(
+        &dir,
+        "cluster2",
+        "network2",
+        2,
+        &[("reviews-v1-b", "v1", true), ("reviews-v2", "v2", true)],
+    );
+    let (_controller, addr) = serve(&dir);
+
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+
+    tx.send(DiscoveryRequest {
+        node: Some(node()),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cds = next(&mut responses).await;
+    assert_eq!(cds.type_url, CDS);
+    let clusters: Vec<String> = cds
+        .resources
+        .iter()
+        .map(|r| Cluster::decode(r.value.as_slice()).unwrap().name)
+        .collect();
+    assert_eq!(clusters, [REVIEWS]);
+    tx.send(ack(&cds, &[])).await.unwrap();
+
+    tx.send(DiscoveryRequest {
+        type_url: EDS.into(),
+        resource_names: vec![REVIEWS.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let eds = next(&mut responses).await;
+    // Its own network's pod directly; network2's two pods behind its gateway, weight 2.
+    assert_eq!(endpoints(&eds), ["10.241.0.10:9080 w1", "100.64.0.2:15443 w2"]);
+    tx.send(ack(&eds, &[REVIEWS])).await.unwrap();
+
+    // A third pod in cluster2: both subscribed types are pushed at a new version.
+    cluster(
+        &dir,
+        "cluster2",
+        "network2",
+        2,
+        &[("a", "v1", true), ("b", "v2", true), ("c", "v2", true)],
+    );
+    let (mut got_eds, mut got_cds) = (None, None);
+    for _ in 0..2 {
+        let r = next(&mut responses).await;
+        if r.type_url == EDS {
+            got_eds = Some(r)
+        } else {
+            got_cds = Some(r)
+        }
+    }
+    let (pushed, pushed_cds) = (got_eds.unwrap(), got_cds.unwrap());
+    assert!(pushed.version_info.parse::<u64>().unwrap() > eds.version_info.parse::<u64>().unwrap());
+    assert_eq!(endpoints(&pushed), ["10.241.0.10:9080 w1", "100.64.0.2:15443 w3"]);
+    tx.send(ack(&pushed_cds, &[])).await.unwrap();
+
+    // NACK it: the server must not resend; the next thing on the stream is the next change.
+    let nack = DiscoveryRequest {
+        error_detail: Some(Status {
+            code: 3,
+            message: "rejected for the test".into(),
+            details: vec![],
+        }),
+        ..ack(&eds, &[REVIEWS])
+    };
+    tx.send(DiscoveryRequest {
+        response_nonce: pushed.nonce.clone(),
+        version_info: eds.version_info.clone(),
+        ..nack
+    })
+    .await
+    .unwrap();
+    cluster(&dir, "cluster2", "network2", 2, &[("a", "v1", true)]);
+    let mut after = Vec::new();
+    for _ in 0..2 {
+        after.push(next(&mut responses).await);
+    }
+    let eds_after = after
+        .iter()
+        .find(|r| r.type_url == EDS)
+        .expect("an EDS push for the new change");
+    assert!(eds_after.version_info.parse::<u64>().unwrap() > pushed.version_info.parse::<u64>().unwrap());
+    assert_eq!(endpoints(eds_after), ["10.241.0.10:9080 w1", "100.64.0.2:15443 w1"]);
+    assert_eq!(
+        after.iter().filter(|r| r.type_url == EDS).count(),
+        1,
+        "no resend of the NACKed version"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
