@@ -1,16 +1,14 @@
 //! `federation-controller`: see `--help`.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-use federation_controller::federation::{Address, view_for};
+use federation_controller::federation::Address;
 use federation_controller::manifests;
-use federation_controller::model::{ClusterModel, MeshConfig};
-use federation_controller::registry::{Freshness, Registry};
-use federation_controller::xds::XdsServer;
+use federation_controller::model::MeshConfig;
+use federation_controller::xds::{Snapshot, XdsServer};
 use mesh_vocab::{ClusterId, NetworkId};
 
 #[derive(Parser)]
@@ -20,23 +18,56 @@ struct Cli {
     command: Command,
 }
 
+/// Where the clusters come from, and the mesh settings read with them.
+#[derive(Args)]
+struct Source {
+    /// Directory with one subdirectory of Kubernetes YAML per cluster.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// The network of a cluster whose pods and namespaces name none: CLUSTER=NETWORK (repeatable).
+    #[arg(long = "cluster-network", value_name = "CLUSTER=NETWORK", value_parser = parse_pair)]
+    cluster_networks: Vec<(String, String)>,
+    /// Cluster DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    domain: String,
+}
+
+impl Source {
+    fn mesh(&self) -> MeshConfig {
+        MeshConfig {
+            domain: self.domain.clone(),
+            cluster_networks: self
+                .cluster_networks
+                .iter()
+                .map(|(c, n)| (ClusterId::new(c), NetworkId::new(n)))
+                .collect(),
+            ..MeshConfig::default()
+        }
+    }
+
+    /// The first snapshot; at start an unreadable or empty directory is an error.
+    fn snapshot(&self, mesh: &MeshConfig) -> anyhow::Result<Snapshot> {
+        let dir = &self.manifests;
+        let snap = manifests::snapshot(dir, mesh, 1).with_context(|| format!("reading {}", dir.display()))?;
+        anyhow::ensure!(
+            !snap.clusters.is_empty(),
+            "{}: no cluster subdirectories",
+            dir.display()
+        );
+        Ok(snap)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serves xDS (ADS, state of the world: clusters and endpoints) from a manifest
     /// directory, re-read whenever a file changes.
     Serve {
-        /// Directory with one subdirectory of Kubernetes YAML per cluster.
-        #[arg(long, value_name = "DIR")]
-        manifests: PathBuf,
+        #[command(flatten)]
+        source: Source,
         /// Where to serve plaintext xDS (Istio's 15010).
         #[arg(long, default_value = "0.0.0.0:15010", value_name = "ADDR")]
         xds: std::net::SocketAddr,
-        /// The network of a cluster whose pods and namespaces name none: CLUSTER=NETWORK (repeatable).
-        #[arg(long = "cluster-network", value_name = "CLUSTER=NETWORK", value_parser = parse_pair)]
-        cluster_networks: Vec<(String, String)>,
-        /// Cluster DNS domain.
-        #[arg(long, default_value = "cluster.local")]
-        domain: String,
         /// How often the manifest directory is checked for changes.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
@@ -44,18 +75,11 @@ enum Command {
     /// Reads a manifest directory (one subdirectory per cluster) and prints, per
     /// service port, the endpoints a proxy on NETWORK would be given.
     View {
-        /// Directory with one subdirectory of Kubernetes YAML per cluster.
-        #[arg(long, value_name = "DIR")]
-        manifests: PathBuf,
+        #[command(flatten)]
+        source: Source,
         /// The network of the proxy asking.
         #[arg(long)]
         network: String,
-        /// The network of a cluster whose pods and namespaces name none: CLUSTER=NETWORK (repeatable).
-        #[arg(long = "cluster-network", value_name = "CLUSTER=NETWORK", value_parser = parse_pair)]
-        cluster_networks: Vec<(String, String)>,
-        /// Cluster DNS domain.
-        #[arg(long, default_value = "cluster.local")]
-        domain: String,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -76,22 +100,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve {
-            manifests: dir,
-            xds,
-            cluster_networks,
-            domain,
-            interval,
-        } => {
-            let mesh = MeshConfig {
-                domain,
-                cluster_networks: cluster_networks
-                    .into_iter()
-                    .map(|(c, n)| (ClusterId::new(c), NetworkId::new(n)))
-                    .collect(),
-                ..MeshConfig::default()
-            };
-            let first = manifests::snapshot(&dir, &mesh, 1).with_context(|| format!("reading {}", dir.display()))?;
+        Command::Serve { source, xds, interval } => {
+            let mesh = source.mesh();
+            let first = source.snapshot(&mesh)?;
+            let dir = source.manifests;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(first));
@@ -110,34 +122,8 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })?;
         }
-        Command::View {
-            manifests: dir,
-            network,
-            cluster_networks,
-            domain,
-            json,
-        } => {
-            let mesh = MeshConfig {
-                domain,
-                cluster_networks: cluster_networks
-                    .into_iter()
-                    .map(|(c, n)| (ClusterId::new(c), NetworkId::new(n)))
-                    .collect(),
-                ..MeshConfig::default()
-            };
-            let clusters = manifests::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
-            anyhow::ensure!(!clusters.is_empty(), "{}: no cluster subdirectories", dir.display());
-            let now = Instant::now();
-            let mut registry = Registry::default();
-            for (id, c) in &clusters {
-                for (file, s) in &c.skipped {
-                    tracing::info!(cluster = %id, file = %file.display(), document = s.document, kind = %s.kind, "not read (yet)");
-                }
-                registry.update(ClusterModel::build(id, &c.objects, &mesh), now);
-            }
-            let live = registry.live(now, Freshness::default());
-            let refs: Vec<(&ClusterModel, bool)> = live.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
-            let view = view_for(&NetworkId::new(network), &refs, &mesh);
+        Command::View { source, network, json } => {
+            let view = source.snapshot(&source.mesh())?.view(&NetworkId::new(network));
             if json {
                 let out: serde_json::Value = view
                     .iter()

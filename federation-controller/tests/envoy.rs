@@ -5,11 +5,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{cluster, scratch};
+use support::{Controller, cluster, scratch};
 
 struct Killed(Child);
 
@@ -70,19 +70,8 @@ fn envoy_accepts_our_clusters_and_endpoints_for_its_network() {
         2,
         &[("reviews-v1-b", "v1", true), ("reviews-v2", "v2", true)],
     );
-    let mut controller = Command::new(env!("CARGO_BIN_EXE_federation-controller"))
-        .args(["serve", "--xds", "127.0.0.1:0", "--interval", "50ms", "--manifests"])
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(controller.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _controller = Killed(controller);
-    let xds: std::net::SocketAddr = line.trim().strip_prefix("ready xds=").unwrap().parse().unwrap();
+    let controller = Controller::serve(&dir);
+    let xds = controller.xds;
 
     // The bootstrap istio-agent writes for a sidecar, reduced to ADS for clusters.
     let bootstrap = format!(

@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -16,42 +14,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
-use support::{cluster, scratch};
+use support::{Controller, cluster, scratch};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const REVIEWS: &str = "outbound|9080||reviews.default.svc.cluster.local";
-
-struct Controller(Child);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(dir: &std::path::Path) -> (Controller, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_federation-controller"))
-        .args(["serve", "--xds", "127.0.0.1:0", "--interval", "50ms", "--manifests"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("ready xds=")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .to_owned();
-    (Controller(child), addr)
-}
 
 /// Istio's sidecar node: ID form and metadata keys.
 fn node() -> Node {
@@ -128,9 +97,9 @@ async fn an_istio_node_gets_its_network_view_acks_receives_pushes_and_a_nack_cau
         2,
         &[("reviews-v1-b", "v1", true), ("reviews-v2", "v2", true)],
     );
-    let (_controller, addr) = serve(&dir);
+    let controller = Controller::serve(&dir);
 
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
         .await
         .unwrap();
     let (tx, rx) = mpsc::channel(8);

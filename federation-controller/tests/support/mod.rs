@@ -45,3 +45,41 @@ pub fn scratch(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// `federation-controller serve` on an ephemeral port over `dir`; killed on drop.
+pub struct Controller {
+    child: std::process::Child,
+    /// Where it serves xDS.
+    pub xds: std::net::SocketAddr,
+}
+
+impl Controller {
+    pub fn serve(dir: &Path) -> Controller {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
+            .args(["serve", "--xds", "127.0.0.1:0", "--interval", "50ms", "--manifests"])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let xds = line
+            .trim()
+            .strip_prefix("ready xds=")
+            .unwrap_or_else(|| panic!("not ready: {line:?}"))
+            .parse()
+            .unwrap();
+        Controller { child, xds }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
