@@ -45,6 +45,8 @@ pub fn admin(shared: Arc<Shared>, status: Arc<Status>) -> Handler {
                     "network": s.network.as_str(),
                     "cluster": s.cluster.as_str(),
                     "routes_file": s.routes_file.as_ref().map(|p| p.display().to_string()),
+                    "xds": s.xds,
+                    "xds_connected": shared.metrics.xds_connected.get() == 1,
                     "workers": s.workers,
                     "max_connections": s.max_connections,
                     "handshake_timeout_ms": s.handshake_timeout.as_millis() as u64,

@@ -19,8 +19,9 @@ use crate::config;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Shared};
 use crate::reload::{self, Status};
-use crate::routes::RouteTable;
+use crate::routes::Sources;
 use crate::settings::Settings;
+use crate::xds;
 
 /// The addresses the gateway actually bound (they differ from the settings when a port was 0).
 #[derive(Debug, Clone, Copy)]
@@ -84,8 +85,6 @@ impl Gateway {
             None => None,
         };
         metrics.reload(true);
-        let table = RouteTable::build(&settings, file.as_ref(), &metrics, None);
-        tracing::info!(routes = table.len(), "routes loaded");
 
         let data = listen(settings.listen)?;
         let health = listen(settings.health)?;
@@ -99,7 +98,8 @@ impl Gateway {
         };
 
         let (trigger, watch) = drain::channel();
-        let shared = Arc::new(Shared::new(settings, table, metrics, watch));
+        let shared = Arc::new(Shared::new(settings, Sources { file, xds: Vec::new() }, metrics, watch));
+        tracing::info!(routes = shared.routes.load().len(), "routes loaded");
         let kick = Arc::new(Notify::new());
         let (stop, stop_rx) = watch::channel(false);
         let stopped = move || {
@@ -153,6 +153,9 @@ impl Gateway {
                         serve(metrics_l, admin::metrics(shared.clone())),
                         serve(admin_l, admin::admin(shared.clone(), status.clone())),
                     ];
+                    if let Some(addr) = shared.settings.xds.clone() {
+                        tokio::spawn(xds::follow(shared.clone(), addr));
+                    }
                     reload::watch(shared.clone(), status, kick).await;
                     for s in servers {
                         let _ = s.await;

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     /// 1 when the last reload of the routes file worked, 0 when the file is bad.
     pub config_ok: IntGauge,
+    /// 1 while an xDS stream to the controller is up.
+    pub xds_connected: IntGauge,
+    xds_nacks: IntCounter,
 }
 
 /// Who the gateway is, for the `source_*` labels.
@@ -132,14 +135,20 @@ impl Metrics {
             open_connections: IntGauge::new("isthmus_gateway_open_connections", "Connections open now").expect("valid"),
             config_ok: IntGauge::new("isthmus_gateway_config_ok", "1 when the last routes file load worked")
                 .expect("valid"),
+            xds_connected: IntGauge::new("isthmus_gateway_xds_connected", "1 while the xDS stream is up")
+                .expect("valid"),
+            xds_nacks: IntCounter::new("isthmus_gateway_xds_nacks_total", "xDS responses refused").expect("valid"),
             registry,
         };
-        m.registry
-            .register(Box::new(m.open_connections.clone()))
-            .expect("unique metric");
-        m.registry
-            .register(Box::new(m.config_ok.clone()))
-            .expect("unique metric");
+        let plain: [Box<dyn prometheus::core::Collector>; 4] = [
+            Box::new(m.open_connections.clone()),
+            Box::new(m.config_ok.clone()),
+            Box::new(m.xds_connected.clone()),
+            Box::new(m.xds_nacks.clone()),
+        ];
+        for c in plain {
+            m.registry.register(c).expect("unique metric");
+        }
         m
     }
 
@@ -196,6 +205,11 @@ impl Metrics {
     /// Counts an outlier ejection.
     pub fn ejection(&self, service: &str, endpoint: &str) {
         self.ejections.with_label_values(&[service, endpoint]).inc();
+    }
+
+    /// Counts an xDS response the gateway refused.
+    pub fn xds_nack(&self) {
+        self.xds_nacks.inc();
     }
 
     /// Counts a reload of the routes file.

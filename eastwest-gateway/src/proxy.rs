@@ -6,8 +6,8 @@
 //! because it holds no certificate of the workloads.
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics::{Metrics, TcpCounters};
-use crate::routes::{Route, RouteTable};
+use crate::routes::{Route, RouteTable, Sources};
 use crate::settings::Settings;
 
 /// State every connection reads; the routes table is swapped whole on reload.
@@ -34,18 +34,34 @@ pub struct Shared {
     pub drain: drain::Watch,
     /// Connections open now, for `--max-connections`.
     open: AtomicUsize,
+    /// The latest good routes of each source; the table is rebuilt from all of them.
+    sources: Mutex<Sources>,
 }
 
 impl Shared {
-    /// Shared state with an initial routes table.
-    pub fn new(settings: Settings, routes: RouteTable, metrics: Metrics, drain: drain::Watch) -> Self {
+    /// Shared state with routes built from `sources`.
+    pub fn new(settings: Settings, sources: Sources, metrics: Metrics, drain: drain::Watch) -> Self {
+        let table = RouteTable::build(&settings, &sources, &metrics, None);
         Self {
             settings,
-            routes: ArcSwap::from_pointee(routes),
+            routes: ArcSwap::from_pointee(table),
             metrics,
             drain,
             open: AtomicUsize::new(0),
+            sources: Mutex::new(sources),
         }
+    }
+
+    /// Changes one source and swaps in the table rebuilt from all of them;
+    /// returns how many routes it has. Open connections keep their old route.
+    pub fn update_sources(&self, change: impl FnOnce(&mut Sources)) -> usize {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut sources);
+        let old = self.routes.load();
+        let table = RouteTable::build(&self.settings, &sources, &self.metrics, Some(&old));
+        let n = table.len();
+        self.routes.store(Arc::new(table));
+        n
     }
 }
 

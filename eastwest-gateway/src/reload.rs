@@ -13,7 +13,6 @@ use tokio::sync::Notify;
 
 use crate::config::{self, ConfigError};
 use crate::proxy::Shared;
-use crate::routes::RouteTable;
 
 /// The outcome of the latest reload attempt, for the admin endpoint.
 #[derive(Debug, Default)]
@@ -24,13 +23,7 @@ pub struct Status {
 
 /// Loads `path` and swaps in a new routes table; on error the old one stays.
 pub fn reload(shared: &Shared, path: &Path, status: &Status) -> Result<usize, ConfigError> {
-    let result = config::load(path).map(|file| {
-        let old = shared.routes.load();
-        let table = RouteTable::build(&shared.settings, Some(&file), &shared.metrics, Some(&old));
-        let n = table.len();
-        shared.routes.store(Arc::new(table));
-        n
-    });
+    let result = config::load(path).map(|file| shared.update_sources(|s| s.file = Some(file)));
     shared.metrics.reload(result.is_ok());
     let mut last = status.last_error.lock().unwrap_or_else(|p| p.into_inner());
     match &result {

@@ -20,6 +20,24 @@ use crate::config::RoutesFile;
 use crate::metrics::{Metrics, Source, TcpCounters};
 use crate::settings::Settings;
 
+/// What routes are built from, besides the command line: the latest good routes
+/// file and the latest routes from the controller.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub file: Option<RoutesFile>,
+    pub xds: Vec<XdsRoute>,
+}
+
+/// A route as the controller sends it: cluster `outbound|PORT|SUBSET|HOST`
+/// turned into its SNI, with the endpoints on this gateway's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdsRoute {
+    pub sni: String,
+    pub service: String,
+    pub subset: Option<String>,
+    pub endpoints: Vec<(SocketAddr, ClusterId, u32)>,
+}
+
 /// Every route the gateway knows, by lowercased SNI.
 pub struct RouteTable {
     routes: HashMap<String, Arc<Route>>,
@@ -103,14 +121,16 @@ impl RouteTable {
         json!({ "routes": routes })
     }
 
-    /// Builds the table from the command line's static routes and the routes file,
-    /// keeping the health of endpoints that `previous` already had.
+    /// Builds the table from the command line's static routes, the routes file
+    /// and the routes from xDS, keeping the health of endpoints that `previous`
+    /// already had. Later sources win for the same SNI.
     pub fn build(
         settings: &Settings,
-        file: Option<&RoutesFile>,
+        sources: &Sources,
         metrics: &Metrics,
         previous: Option<&RouteTable>,
     ) -> RouteTable {
+        let file = sources.file.as_ref();
         let source = Source {
             cluster: settings.cluster.clone(),
         };
@@ -162,6 +182,23 @@ impl RouteTable {
                         tracing::warn!(%sni, "the routes file replaces a --route for the same SNI");
                     }
                 }
+            }
+        }
+
+        for r in &sources.xds {
+            let spec = Spec {
+                service: r.service.clone(),
+                subset: r.subset.clone(),
+                policy: Policy::RoundRobin,
+                outlier: OutlierPolicy::default(),
+                connect_timeout: settings.connect_timeout,
+                endpoints: r.endpoints.clone(),
+            };
+            if specs.insert(r.sni.clone(), spec).is_some() {
+                tracing::warn!(
+                    sni = r.sni,
+                    "xDS replaces a route of the command line or the routes file"
+                );
             }
         }
 
@@ -239,6 +276,13 @@ mod tests {
         Settings::from_args(a, None).unwrap()
     }
 
+    fn sources(file: config::RoutesFile) -> Sources {
+        Sources {
+            file: Some(file),
+            xds: vec![],
+        }
+    }
+
     const FILE: &str = r#"
 host: reviews.default.svc.cluster.local
 ports: [{name: http, port: 9080, targetPort: 9081}]
@@ -252,7 +296,7 @@ endpoints:
     #[test]
     fn routes_only_to_own_network_and_subset_with_target_ports() {
         let file = config::parse(Path::new("f.yaml"), FILE).unwrap();
-        let t = RouteTable::build(&settings(), Some(&file), &Metrics::new(), None);
+        let t = RouteTable::build(&settings(), &sources(file), &Metrics::new(), None);
         assert_eq!(t.len(), 3);
         let all = t.get("outbound_.9080_._.reviews.default.svc.cluster.local").unwrap();
         let addrs: Vec<String> = all.endpoints.iter().map(|e| e.addr.to_string()).collect();
@@ -270,7 +314,7 @@ endpoints:
     fn health_carries_over_by_address() {
         let file = config::parse(Path::new("f.yaml"), FILE).unwrap();
         let m = Metrics::new();
-        let old = RouteTable::build(&settings(), Some(&file), &m, None);
+        let old = RouteTable::build(&settings(), &sources(file), &m, None);
         let r = old.get("outbound_.9080_._.reviews.default.svc.cluster.local").unwrap();
         for _ in 0..5 {
             r.outlier.record_failure(1);
@@ -278,7 +322,7 @@ endpoints:
         assert!(!r.outlier.is_available(1));
         let swapped = FILE.replace("  - {address: 10.0.0.1, labels: {version: v1}}\n", "");
         let file = config::parse(Path::new("f.yaml"), &swapped).unwrap();
-        let new = RouteTable::build(&settings(), Some(&file), &m, Some(&old));
+        let new = RouteTable::build(&settings(), &sources(file), &m, Some(&old));
         let r = new.get("outbound_.9080_._.reviews.default.svc.cluster.local").unwrap();
         assert_eq!(r.endpoints[0].addr.to_string(), "10.0.0.2:7000");
         assert!(!r.outlier.is_available(0));

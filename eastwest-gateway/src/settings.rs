@@ -26,6 +26,10 @@ pub struct Args {
     /// A YAML routes file (services and endpoints), reloaded on change and on SIGHUP.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The federation controller's xDS address (HOST:PORT, plaintext ADS as on 15010):
+    /// routes for every service, kept when the controller goes away.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub xds: Option<String>,
     /// This gateway's network: it routes only to endpoints on it.
     #[arg(long, default_value = "network1", env = "ISTIO_META_NETWORK")]
     pub network: String,
@@ -147,6 +151,7 @@ pub struct Settings {
     pub metrics: SocketAddr,
     pub admin: SocketAddr,
     pub routes_file: Option<PathBuf>,
+    pub xds: Option<String>,
     pub static_routes: Vec<StaticRoute>,
     pub network: NetworkId,
     pub cluster: ClusterId,
@@ -195,8 +200,14 @@ impl Settings {
                 return Err(format!("{name} must be more than zero"));
             }
         }
-        if a.routes.is_empty() && a.config.is_none() {
-            return Err("nothing to route: give --route SNI=HOST:PORT or --config FILE".into());
+        if a.routes.is_empty() && a.config.is_none() && a.xds.is_none() {
+            return Err("nothing to route: give --route SNI=HOST:PORT, --config FILE or --xds HOST:PORT".into());
+        }
+        if let Some(x) = &a.xds
+            && x.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(format!("--xds {x:?}: expected HOST:PORT"));
         }
         let alpn = if a.alpn.iter().any(|p| p == "*") {
             AlpnPolicy::Any
@@ -215,6 +226,7 @@ impl Settings {
             metrics: a.metrics,
             admin: a.admin,
             routes_file: a.config,
+            xds: a.xds,
             static_routes: a.routes,
             network: NetworkId::new(a.network),
             cluster: ClusterId::new(a.cluster),

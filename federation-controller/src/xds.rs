@@ -307,6 +307,26 @@ fn node_metadata(node: &core::Node, key: &str) -> Option<String> {
     }
 }
 
+/// The filter metadata key under which an endpoint's network and cluster travel.
+pub const ISTIO_METADATA: &str = "istio";
+
+/// Istio's per-endpoint metadata: the network (and cluster) an endpoint is on,
+/// so an east-west gateway can keep only its own network's endpoints.
+fn endpoint_metadata(e: &federation::LbEndpoint) -> core::Metadata {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.to_owned())),
+    };
+    let mut fields = std::collections::HashMap::from([("network".to_owned(), s(e.network.as_str()))]);
+    if let Some(c) = &e.cluster {
+        fields.insert("cluster".to_owned(), s(c.as_str()));
+    }
+    core::Metadata {
+        filter_metadata: [(ISTIO_METADATA.to_owned(), Struct { fields })].into(),
+        ..Default::default()
+    }
+}
+
 fn cluster(key: &ServiceKey) -> Cluster {
     Cluster {
         name: cluster_name(key),
@@ -340,6 +360,7 @@ fn load_assignment(key: &ServiceKey, eps: &[federation::LbEndpoint]) -> ClusterL
                 ..Default::default()
             })),
             load_balancing_weight: Some(UInt32Value { value: e.weight }),
+            metadata: Some(endpoint_metadata(e)),
             ..Default::default()
         });
     }
