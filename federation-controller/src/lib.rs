@@ -8,6 +8,7 @@
 
 pub mod federation;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod objects;
 pub mod registry;

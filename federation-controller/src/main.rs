@@ -7,9 +7,13 @@ use clap::{Args, Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use federation_controller::federation::Address;
 use federation_controller::manifests;
+use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
 use federation_controller::xds::{Snapshot, XdsServer};
+use hyper::{Method, StatusCode};
 use mesh_vocab::{ClusterId, NetworkId};
+use sidecar::http_endpoint::{self, Handler, Reply};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "federation-controller", version, about = "Isthmus federation controller")]
@@ -68,6 +72,9 @@ enum Command {
         /// Where to serve plaintext xDS (Istio's 15010).
         #[arg(long, default_value = "0.0.0.0:15010", value_name = "ADDR")]
         xds: std::net::SocketAddr,
+        /// Where to serve Prometheus metrics (`/metrics`) and readiness (`/ready`), Istio's 15014.
+        #[arg(long, default_value = "0.0.0.0:15014", value_name = "ADDR")]
+        monitoring: std::net::SocketAddr,
         /// How often the manifest directory is checked for changes.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
@@ -100,19 +107,52 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { source, xds, interval } => {
+        Command::Serve {
+            source,
+            xds,
+            monitoring,
+            interval,
+        } => {
             let mesh = source.mesh();
             let first = source.snapshot(&mesh)?;
             let dir = source.manifests;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
-                let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(first));
+                let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
                 tokio::spawn(manifests::watch(dir, mesh, interval, tx));
                 let listener = tokio::net::TcpListener::bind(xds)
                     .await
                     .with_context(|| format!("cannot listen on {xds}"))?;
-                println!("ready xds={}", listener.local_addr()?);
-                let server = XdsServer::new(rx);
+                let monitor = tokio::net::TcpListener::bind(monitoring)
+                    .await
+                    .with_context(|| format!("cannot listen on {monitoring}"))?;
+                println!(
+                    "ready xds={} monitoring={}",
+                    listener.local_addr()?,
+                    monitor.local_addr()?
+                );
+                let metrics = Metrics::new();
+                metrics.version.set(rx.borrow().version as i64);
+                let m = metrics.clone();
+                let handler: Handler = Arc::new(move |method: &Method, path: &str| match (method, path) {
+                    (&Method::GET, "/metrics") => Reply {
+                        status: StatusCode::OK,
+                        content_type: "text/plain; version=0.0.4; charset=utf-8",
+                        body: m.render().into(),
+                    },
+                    (&Method::GET, "/ready") => Reply::text("ready\n"),
+                    _ => Reply::status(StatusCode::NOT_FOUND, "not found\n"),
+                });
+                tokio::spawn(http_endpoint::serve(monitor, handler, std::future::pending()));
+                let versions = metrics.version.clone();
+                let mut watch_version = rx.clone();
+                tokio::spawn(async move {
+                    while watch_version.changed().await.is_ok() {
+                        let v = watch_version.borrow().version;
+                        versions.set(v as i64);
+                    }
+                });
+                let server = XdsServer::with_metrics(rx, metrics);
                 tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(server))
                     .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {

@@ -77,6 +77,7 @@ pub fn snapshot(dir: &Path, mesh: &MeshConfig, version: u64) -> Result<Snapshot,
     }
     Ok(Snapshot {
         version,
+        created: now,
         clusters: registry.live(now, Freshness::default()),
         mesh: mesh.clone(),
     })

@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig};
@@ -36,6 +35,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::federation::{self, Address, View};
+use crate::metrics::Metrics;
 use crate::model::{ClusterModel, MeshConfig, ServiceKey};
 
 /// Type URL of clusters.
@@ -44,10 +44,12 @@ pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Clus
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
 /// The state served: every live cluster at one version.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     /// Grows with every change; sent as `version_info`.
     pub version: u64,
+    /// When this state was made, for convergence time.
+    pub created: std::time::Instant,
     /// Live cluster models, with whether each is stale.
     pub clusters: Vec<(Arc<ClusterModel>, bool)>,
     pub mesh: MeshConfig,
@@ -66,34 +68,22 @@ pub fn cluster_name(key: &ServiceKey) -> String {
     format!("outbound|{}||{}", key.port, key.host)
 }
 
-/// Counters an operator watches.
-#[derive(Debug, Default)]
-pub struct XdsStats {
-    pub pushes: AtomicU64,
-    pub acks: AtomicU64,
-    pub nacks: AtomicU64,
-    pub connected: AtomicU64,
-}
-
 /// The ADS service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    stats: Arc<XdsStats>,
+    metrics: Metrics,
 }
 
 impl XdsServer {
     /// Serves whatever `snapshots` holds, pushing on every change.
     pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
-        Self {
-            snapshots,
-            stats: Arc::new(XdsStats::default()),
-        }
+        Self::with_metrics(snapshots, Metrics::new())
     }
 
-    /// Its counters.
-    pub fn stats(&self) -> Arc<XdsStats> {
-        self.stats.clone()
+    /// The same, counting into `metrics`.
+    pub fn with_metrics(snapshots: watch::Receiver<Arc<Snapshot>>, metrics: Metrics) -> Self {
+        Self { snapshots, metrics }
     }
 }
 
@@ -113,7 +103,7 @@ impl AggregatedDiscoveryService for XdsServer {
         let (tx, rx) = mpsc::channel(16);
         let stream = AdsStream {
             snapshots: self.snapshots.clone(),
-            stats: self.stats.clone(),
+            metrics: self.metrics.clone(),
             tx,
             proxy: None,
             types: HashMap::new(),
@@ -152,7 +142,7 @@ struct TypeState {
 
 struct AdsStream {
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    stats: Arc<XdsStats>,
+    metrics: Metrics,
     tx: mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>,
     proxy: Option<Proxy>,
     types: HashMap<String, TypeState>,
@@ -161,7 +151,7 @@ struct AdsStream {
 
 impl AdsStream {
     async fn run(mut self, mut inbound: tonic::Streaming<DiscoveryRequest>) {
-        self.stats.connected.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connected.inc();
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
@@ -186,7 +176,7 @@ impl AdsStream {
                 }
             }
         }
-        self.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.connected.dec();
         if let Some(p) = &self.proxy {
             tracing::debug!(proxy = p.id, "xDS stream closed");
         }
@@ -226,7 +216,7 @@ impl AdsStream {
                 return Ok(()); // answers an older response; a newer one is on its way
             }
             if let Some(err) = &req.error_detail {
-                self.stats.nacks.fetch_add(1, Ordering::Relaxed);
+                self.metrics.reject(&req.type_url);
                 let proxy = self.proxy.as_ref().map(|p| p.id.as_str()).unwrap_or_default();
                 tracing::warn!(
                     proxy,
@@ -237,7 +227,14 @@ impl AdsStream {
                 );
                 return Ok(());
             }
-            self.stats.acks.fetch_add(1, Ordering::Relaxed);
+            // The first ACK of the version being served: the proxy has converged.
+            let snapshot = self.snapshots.borrow().clone();
+            let current = snapshot.version.to_string();
+            if req.version_info == current && state.acked_version.as_deref() != Some(current.as_str()) {
+                self.metrics
+                    .convergence
+                    .observe(snapshot.created.elapsed().as_secs_f64());
+            }
             state.acked_version = Some(req.version_info.clone());
             if state.names == req.resource_names {
                 return Ok(()); // a plain ACK
@@ -286,7 +283,7 @@ impl AdsStream {
             nonce: state.last_nonce.clone(),
             ..Default::default()
         };
-        self.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.push(type_url);
         self.tx.send(Ok(resp)).await.map_err(|_| ())
     }
 }

@@ -51,13 +51,42 @@ pub struct Controller {
     child: std::process::Child,
     /// Where it serves xDS.
     pub xds: std::net::SocketAddr,
+    /// Where it serves `/metrics`.
+    pub monitoring: std::net::SocketAddr,
+}
+
+impl Controller {
+    /// The sum of the samples of `metric` whose labels contain every `k="v"`.
+    pub fn metric(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.monitoring).ok()?;
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+            .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
 }
 
 impl Controller {
     pub fn serve(dir: &Path) -> Controller {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
-            .args(["serve", "--xds", "127.0.0.1:0", "--interval", "50ms", "--manifests"])
+            .args([
+                "serve",
+                "--xds",
+                "127.0.0.1:0",
+                "--monitoring",
+                "127.0.0.1:0",
+                "--interval",
+                "50ms",
+                "--manifests",
+            ])
             .arg(dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -67,13 +96,18 @@ impl Controller {
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let xds = line
-            .trim()
-            .strip_prefix("ready xds=")
-            .unwrap_or_else(|| panic!("not ready: {line:?}"))
-            .parse()
-            .unwrap();
-        Controller { child, xds }
+        let field = |k: &str| -> std::net::SocketAddr {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        Controller {
+            xds: field("xds"),
+            monitoring: field("monitoring"),
+            child,
+        }
     }
 }
 

@@ -1,0 +1,99 @@
+//! The controller's Prometheus metrics, in istiod's names so existing dashboards
+//! and alerts (`pilot_xds_pushes`, `pilot_total_xds_rejects`,
+//! `pilot_proxy_convergence_time`) work unchanged.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Every metric of one controller.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pushes: IntCounterVec,
+    rejects: IntCounterVec,
+    /// Proxies connected over ADS now (istiod's `pilot_xds`).
+    pub connected: IntGauge,
+    /// From a state change to a proxy's ACK of it, in seconds.
+    pub convergence: Histogram,
+    /// The version being served.
+    pub version: IntGauge,
+}
+
+/// istiod's short type names, for the `type` label.
+pub fn short_type(type_url: &str) -> &'static str {
+    match type_url.rsplit('.').next() {
+        Some("Cluster") => "cds",
+        Some("ClusterLoadAssignment") => "eds",
+        Some("Listener") => "lds",
+        Some("RouteConfiguration") => "rds",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every family registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let pushes = IntCounterVec::new(Opts::new("pilot_xds_pushes", "xDS responses sent, by type"), &["type"])
+            .expect("valid metric");
+        let rejects = IntCounterVec::new(
+            Opts::new("pilot_total_xds_rejects", "xDS responses NACKed by proxies, by type"),
+            &["type"],
+        )
+        .expect("valid metric");
+        let connected = IntGauge::new("pilot_xds", "Proxies connected over ADS").expect("valid metric");
+        // Finer than istiod's buckets at the low end: the target is well under 100 ms.
+        let buckets = vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 10.0, 30.0];
+        let convergence = Histogram::with_opts(
+            HistogramOpts::new(
+                "pilot_proxy_convergence_time",
+                "From a state change to a proxy's ACK, seconds",
+            )
+            .buckets(buckets),
+        )
+        .expect("valid metric");
+        let version = IntGauge::new("isthmus_controller_version", "The state version being served").expect("valid");
+        let all: [Box<dyn prometheus::core::Collector>; 5] = [
+            Box::new(pushes.clone()),
+            Box::new(rejects.clone()),
+            Box::new(connected.clone()),
+            Box::new(convergence.clone()),
+            Box::new(version.clone()),
+        ];
+        for c in all {
+            registry.register(c).expect("unique metric");
+        }
+        Metrics {
+            registry,
+            pushes,
+            rejects,
+            connected,
+            convergence,
+            version,
+        }
+    }
+
+    /// Counts a response sent.
+    pub fn push(&self, type_url: &str) {
+        self.pushes.with_label_values(&[short_type(type_url)]).inc();
+    }
+
+    /// Counts a NACK.
+    pub fn reject(&self, type_url: &str) {
+        self.rejects.with_label_values(&[short_type(type_url)]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .expect("encode into a String");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
