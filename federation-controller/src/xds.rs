@@ -1,6 +1,6 @@
-//! The xDS server: Envoy's v3 Aggregated Discovery Service, state of the world,
-//! for clusters (CDS) and endpoints (EDS), so our proxies, Envoy and proxyless
-//! gRPC can all consume it.
+//! The xDS server: Envoy's v3 Aggregated Discovery Service, state of the world
+//! and incremental (delta), for clusters (CDS) and endpoints (EDS), so our
+//! proxies, Envoy and proxyless gRPC can all consume it.
 //!
 //! Each proxy gets its own view: its network comes from Istio's node metadata
 //! (`NETWORK`), so an Istio-style Envoy bootstrap works unchanged, and names
@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use mesh_vocab::NetworkId;
@@ -109,18 +109,77 @@ impl AggregatedDiscoveryService for XdsServer {
             types: HashMap::new(),
             nonce: 0,
         };
-        tokio::spawn(stream.run(inbound));
+        tokio::spawn(drive(stream, inbound));
         Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn delta_aggregated_resources(
         &self,
-        _request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<DeltaStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented(
-            "incremental (delta) xDS is not served yet; use state-of-the-world ADS",
-        ))
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let stream = DeltaAds {
+            snapshots: self.snapshots.clone(),
+            metrics: self.metrics.clone(),
+            tx,
+            network: None,
+            types: HashMap::new(),
+            nonce: 0,
+        };
+        tokio::spawn(drive(stream, inbound));
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// What differs between the two kinds of stream (state of the world, delta);
+/// [`drive`] does the rest.
+trait XdsStream: Send + 'static {
+    type Request: prost::Message + Default + Send + 'static;
+    type Response: Send + 'static;
+    fn snapshots(&mut self) -> &mut watch::Receiver<Arc<Snapshot>>;
+    fn metrics(&self) -> &Metrics;
+    fn tx(&self) -> &mpsc::Sender<Result<Self::Response, tonic::Status>>;
+    /// Handles one request from the proxy.
+    fn on_request(&mut self, req: Self::Request) -> impl Future<Output = Result<(), tonic::Status>> + Send;
+    /// The types this stream has subscribed to.
+    fn subscribed(&self) -> Vec<String>;
+    /// Sends one type's current state (or what changed in it).
+    fn send(&mut self, type_url: &str) -> impl Future<Output = Result<(), ()>> + Send;
+    /// Sends every subscribed type after a state change.
+    fn push_all(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
+        async move {
+            for t in self.subscribed() {
+                self.send(&t).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Serves one ADS stream until the proxy goes away: its requests, and a push of
+/// every subscribed type whenever the state changes.
+async fn drive<S: XdsStream>(mut s: S, mut inbound: tonic::Streaming<S::Request>) {
+    s.metrics().connected.inc();
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if let Err(status) = s.on_request(req).await {
+                        let _ = s.tx().send(Err(status)).await;
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            },
+            changed = s.snapshots().changed() => {
+                if changed.is_err() || s.push_all().await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    s.metrics().connected.dec();
 }
 
 /// Who is on the other end, from the first request's node.
@@ -150,38 +209,6 @@ struct AdsStream {
 }
 
 impl AdsStream {
-    async fn run(mut self, mut inbound: tonic::Streaming<DiscoveryRequest>) {
-        self.metrics.connected.inc();
-        loop {
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        if let Err(status) = self.on_request(req).await {
-                            let _ = self.tx.send(Err(status)).await;
-                            break;
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
-                },
-                changed = self.snapshots.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let types: Vec<String> = self.types.keys().cloned().collect();
-                    for t in types {
-                        if self.send(&t).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        self.metrics.connected.dec();
-        if let Some(p) = &self.proxy {
-            tracing::debug!(proxy = p.id, "xDS stream closed");
-        }
-    }
-
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), tonic::Status> {
         if self.proxy.is_none() {
             let node = req
@@ -259,20 +286,11 @@ impl AdsStream {
             return Ok(());
         };
         let wanted = |name: &str| state.names.is_empty() || state.names.iter().any(|n| n == name);
-        let resources: Vec<Any> = match type_url {
-            CLUSTER_TYPE => view
-                .keys()
-                .map(cluster)
-                .filter(|c| wanted(&c.name))
-                .map(|c| any(CLUSTER_TYPE, &c))
-                .collect(),
-            _ => view
-                .iter()
-                .map(|(k, eps)| load_assignment(k, eps))
-                .filter(|c| wanted(&c.cluster_name))
-                .map(|c| any(ENDPOINT_TYPE, &c))
-                .collect(),
-        };
+        let resources: Vec<Any> = resources(type_url, &view)
+            .into_iter()
+            .filter(|(name, _)| wanted(name))
+            .map(|(_, r)| r)
+            .collect();
         self.nonce += 1;
         state.last_nonce = self.nonce.to_string();
         state.sent_version = Some(snapshot.version);
@@ -285,6 +303,219 @@ impl AdsStream {
         };
         self.metrics.push(type_url);
         self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}
+
+/// Per resource type, what an incremental stream subscribed to and what the
+/// client holds, so each response carries only what changed.
+#[derive(Debug, Default)]
+struct DeltaType {
+    /// Everything of the type (the client subscribed to `*` or, for clusters, to nothing named).
+    wildcard: bool,
+    names: std::collections::BTreeSet<String>,
+    /// Name → version (a hash of the encoded resource) the client has been sent.
+    sent: HashMap<String, String>,
+    last_nonce: String,
+    /// Sent its first response: later empty diffs need no answer.
+    answered: bool,
+}
+
+struct DeltaAds {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    metrics: Metrics,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>,
+    network: Option<NetworkId>,
+    types: HashMap<String, DeltaType>,
+    nonce: u64,
+}
+
+impl DeltaAds {
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), tonic::Status> {
+        if self.network.is_none() {
+            let node = req
+                .node
+                .as_ref()
+                .ok_or_else(|| tonic::Status::invalid_argument("the first request must carry node"))?;
+            let network = node_metadata(node, "NETWORK").unwrap_or_default();
+            tracing::info!(proxy = node.id, network, "delta xDS stream opened");
+            self.network = Some(NetworkId::new(network));
+        }
+        let first = !self.types.contains_key(&req.type_url);
+        let state = self.types.entry(req.type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() && req.response_nonce == state.last_nonce {
+            if let Some(err) = &req.error_detail {
+                // Keep what was sent as sent: resending the same thing would only be
+                // refused again. The next change sends what changed.
+                self.metrics.reject(&req.type_url);
+                tracing::warn!(
+                    type_url = req.type_url,
+                    error = err.message,
+                    "delta NACK: the proxy keeps its last good config"
+                );
+            } else {
+                let snapshot = self.snapshots.borrow().clone();
+                self.metrics
+                    .convergence
+                    .observe(snapshot.created.elapsed().as_secs_f64());
+            }
+        }
+        if first {
+            // Resources the client already has from an earlier stream: don't resend unchanged ones.
+            state.sent = req.initial_resource_versions.clone().into_iter().collect();
+            // An initial request naming nothing is a wildcard for clusters (and listeners).
+            state.wildcard = req.resource_names_subscribe.is_empty() && req.type_url == CLUSTER_TYPE;
+        }
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                state.wildcard = true;
+            } else {
+                state.names.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+            }
+            state.names.remove(name);
+            state.sent.remove(name);
+        }
+        let changed_subscription =
+            first || !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
+        if changed_subscription {
+            self.send(&req.type_url)
+                .await
+                .map_err(|_| tonic::Status::cancelled("client gone"))?;
+        }
+        Ok(())
+    }
+
+    /// Sends what changed for one type since the client was last sent it.
+    async fn send(&mut self, type_url: &str) -> Result<(), ()> {
+        let snapshot = self.snapshots.borrow().clone();
+        let network = self.network.clone().unwrap_or_else(|| NetworkId::new(""));
+        let view = snapshot.view(&network);
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        let current: HashMap<String, Any> = resources(type_url, &view)
+            .into_iter()
+            .filter(|(name, _)| state.wildcard || state.names.contains(name))
+            .collect();
+        let mut changed = Vec::new();
+        for (name, res) in &current {
+            let version = content_version(&res.value);
+            if state.sent.get(name) != Some(&version) {
+                changed.push(Resource {
+                    name: name.clone(),
+                    version: version.clone(),
+                    resource: Some(res.clone()),
+                    ..Default::default()
+                });
+                state.sent.insert(name.clone(), version);
+            }
+        }
+        let mut removed: Vec<String> = state
+            .sent
+            .keys()
+            .filter(|n| !current.contains_key(*n))
+            .cloned()
+            .collect();
+        removed.sort();
+        for n in &removed {
+            state.sent.remove(n);
+        }
+        if changed.is_empty() && removed.is_empty() && state.answered {
+            return Ok(());
+        }
+        changed.sort_by(|a, b| a.name.cmp(&b.name));
+        state.answered = true;
+        self.nonce += 1;
+        state.last_nonce = self.nonce.to_string();
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: snapshot.version.to_string(),
+            resources: changed,
+            type_url: type_url.to_owned(),
+            removed_resources: removed,
+            nonce: state.last_nonce.clone(),
+            ..Default::default()
+        };
+        self.metrics.push(type_url);
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}
+
+impl XdsStream for AdsStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    fn snapshots(&mut self) -> &mut watch::Receiver<Arc<Snapshot>> {
+        &mut self.snapshots
+    }
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    fn tx(&self) -> &mpsc::Sender<Result<DiscoveryResponse, tonic::Status>> {
+        &self.tx
+    }
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), tonic::Status> {
+        AdsStream::on_request(self, req).await
+    }
+    fn subscribed(&self) -> Vec<String> {
+        self.types.keys().cloned().collect()
+    }
+    async fn send(&mut self, type_url: &str) -> Result<(), ()> {
+        AdsStream::send(self, type_url).await
+    }
+}
+
+impl XdsStream for DeltaAds {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    fn snapshots(&mut self) -> &mut watch::Receiver<Arc<Snapshot>> {
+        &mut self.snapshots
+    }
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    fn tx(&self) -> &mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>> {
+        &self.tx
+    }
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), tonic::Status> {
+        DeltaAds::on_request(self, req).await
+    }
+    fn subscribed(&self) -> Vec<String> {
+        self.types.keys().cloned().collect()
+    }
+    async fn send(&mut self, type_url: &str) -> Result<(), ()> {
+        DeltaAds::send(self, type_url).await
+    }
+}
+
+/// A resource's version: a hash of its encoding, so the same content has the
+/// same version across pushes and reconnects.
+fn content_version(bytes: &[u8]) -> String {
+    // FNV-1a: stable across processes and releases, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Every resource of `type_url` in a view, by name.
+fn resources(type_url: &str, view: &View) -> Vec<(String, Any)> {
+    match type_url {
+        CLUSTER_TYPE => view
+            .keys()
+            .map(cluster)
+            .map(|c| (c.name.clone(), any(CLUSTER_TYPE, &c)))
+            .collect(),
+        ENDPOINT_TYPE => view
+            .iter()
+            .map(|(k, eps)| load_assignment(k, eps))
+            .map(|c| (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c)))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

