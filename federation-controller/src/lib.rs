@@ -7,6 +7,7 @@
 //! endpoints a proxy on a given network should see.
 
 pub mod federation;
+pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod model;

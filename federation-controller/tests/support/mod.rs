@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod kube_api;
+
 use std::path::Path;
 
 /// Writes cluster `name` on network `net`: a `reviews` Service with the given

@@ -1,0 +1,153 @@
+//! The Kubernetes source: one cluster's API server, watched with kube-runtime's
+//! watchers (list, then watch from the list's resourceVersion, with bookmarks;
+//! a `410 Gone` or a dropped watch makes the watcher relist or resume on its own).
+//!
+//! It publishes the cluster's objects only once every kind has finished its
+//! initial list, and then after every burst of changes (events that are already
+//! waiting are taken together), so federation never sees a half-listed cluster.
+
+use std::collections::BTreeMap;
+
+use futures_util::stream::{self, BoxStream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use mesh_vocab::ClusterId;
+use tokio::sync::mpsc;
+
+use crate::objects::ClusterObjects;
+
+/// What a cluster source reports.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// Every object of the cluster, after the initial sync and after each change.
+    Objects(ClusterId, ClusterObjects),
+    /// The API server answered with an error; the watcher retries with backoff.
+    Error(ClusterId, String),
+}
+
+/// One event of any watched kind (boxed: a Pod is kilobytes, a Namespace is not).
+enum Any {
+    Namespace(Box<Event<Namespace>>),
+    Service(Box<Event<Service>>),
+    EndpointSlice(Box<Event<EndpointSlice>>),
+    Pod(Box<Event<Pod>>),
+    Node(Box<Event<Node>>),
+}
+
+/// The objects of one kind, by namespace/name, and its initial-list state.
+struct Kind<K> {
+    objects: BTreeMap<(String, String), K>,
+    /// Objects of a relist in progress; they replace `objects` at `InitDone`.
+    relisting: Option<BTreeMap<(String, String), K>>,
+    synced: bool,
+}
+
+impl<K: Resource + Clone> Kind<K> {
+    fn new() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relisting: None,
+            synced: false,
+        }
+    }
+
+    fn key(k: &K) -> (String, String) {
+        (k.namespace().unwrap_or_default(), k.name_any())
+    }
+
+    /// Applies one event; returns whether what is published may have changed.
+    fn apply(&mut self, e: Event<K>) -> bool {
+        match e {
+            Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(k) => {
+                if let Some(r) = self.relisting.as_mut() {
+                    r.insert(Self::key(&k), k);
+                }
+                false
+            }
+            Event::InitDone => {
+                if let Some(r) = self.relisting.take() {
+                    self.objects = r;
+                }
+                self.synced = true;
+                true
+            }
+            Event::Apply(k) => {
+                self.objects.insert(Self::key(&k), k);
+                true
+            }
+            Event::Delete(k) => {
+                self.objects.remove(&Self::key(&k));
+                true
+            }
+        }
+    }
+
+    fn all(&self) -> Vec<K> {
+        self.objects.values().cloned().collect()
+    }
+}
+
+fn watch<K>(client: &Client, wrap: fn(Box<Event<K>>) -> Any) -> BoxStream<'static, Result<Any, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let cfg = watcher::Config::default();
+    watcher::watcher(Api::<K>::all(client.clone()), cfg)
+        .default_backoff()
+        .map(move |r| r.map(|e| wrap(Box::new(e))))
+        .boxed()
+}
+
+/// Watches one cluster until `tx` is closed.
+pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
+    let mut events = stream::select_all([
+        watch::<Namespace>(&client, Any::Namespace),
+        watch::<Service>(&client, Any::Service),
+        watch::<EndpointSlice>(&client, Any::EndpointSlice),
+        watch::<Pod>(&client, Any::Pod),
+        watch::<Node>(&client, Any::Node),
+    ]);
+    let (mut ns, mut svc, mut eps, mut pods, mut nodes) =
+        (Kind::new(), Kind::new(), Kind::new(), Kind::new(), Kind::new());
+    while let Some(first) = events.next().await {
+        let mut changed = false;
+        let mut next = Some(first);
+        // Take every event that is already waiting before publishing once.
+        while let Some(ev) = next.take() {
+            match ev {
+                Ok(Any::Namespace(e)) => changed |= ns.apply(*e),
+                Ok(Any::Service(e)) => changed |= svc.apply(*e),
+                Ok(Any::EndpointSlice(e)) => changed |= eps.apply(*e),
+                Ok(Any::Pod(e)) => changed |= pods.apply(*e),
+                Ok(Any::Node(e)) => changed |= nodes.apply(*e),
+                Err(e) => {
+                    tracing::warn!(cluster = %id, error = %e, "watch failed; retrying");
+                    if tx.send(Update::Error(id.clone(), e.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            next = futures_util::FutureExt::now_or_never(events.next()).flatten();
+        }
+        let synced = ns.synced && svc.synced && eps.synced && pods.synced && nodes.synced;
+        if changed && synced {
+            let objects = ClusterObjects {
+                namespaces: ns.all(),
+                services: svc.all(),
+                endpoint_slices: eps.all(),
+                pods: pods.all(),
+                nodes: nodes.all(),
+            };
+            if tx.send(Update::Objects(id.clone(), objects)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

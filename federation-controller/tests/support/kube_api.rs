@@ -1,0 +1,280 @@
+//! A small Kubernetes API server for tests, honest about list/watch: every
+//! change gets a resourceVersion; a list returns the objects and the version it
+//! was taken at; a watch from version R replays the later events of its kind,
+//! sends a BOOKMARK once caught up (when asked for), then streams new events; a
+//! watch from a version older than the compaction point gets the `410 Expired`
+//! ERROR event a real API server sends; and the test can cut every watch.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The kinds served: (collection path, kind, list kind, apiVersion).
+const KINDS: &[(&str, &str, &str, &str)] = &[
+    ("/api/v1/namespaces", "Namespace", "NamespaceList", "v1"),
+    ("/api/v1/services", "Service", "ServiceList", "v1"),
+    ("/api/v1/pods", "Pod", "PodList", "v1"),
+    ("/api/v1/nodes", "Node", "NodeList", "v1"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSlice",
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+    ),
+];
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// (path, namespace, name) → object with its resourceVersion.
+    objects: BTreeMap<(String, String, String), Value>,
+    /// Every change: (rv, path, type, object).
+    log: Vec<(u64, String, &'static str, Value)>,
+    /// Watches from a version below this get 410.
+    compacted: u64,
+    /// Bumped to end every open watch.
+    generation: u64,
+    /// Counters a test asserts on.
+    lists: u64,
+    gone: u64,
+    bookmarks: u64,
+}
+
+/// The fake API server.
+#[derive(Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+    changed: broadcast::Sender<()>,
+    pub addr: SocketAddr,
+}
+
+impl FakeApi {
+    pub async fn start() -> FakeApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (changed, _) = broadcast::channel(1024);
+        let api = FakeApi {
+            state: Arc::default(),
+            changed,
+            addr,
+        };
+        let server = api.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let api = server.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let api = api.clone();
+                        async move { Ok::<_, Infallible>(api.handle(req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        api
+    }
+
+    /// A kubeconfig that points at this server.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
+             current-context: fake\n",
+            self.addr
+        )
+    }
+
+    fn path_of(kind: &str) -> &'static str {
+        KINDS
+            .iter()
+            .find(|k| k.1 == kind)
+            .unwrap_or_else(|| panic!("unserved kind {kind}"))
+            .0
+    }
+
+    /// Creates or replaces an object (its `kind` picks the collection).
+    pub fn apply(&self, mut obj: Value) {
+        let path = Self::path_of(obj["kind"].as_str().unwrap()).to_owned();
+        let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
+        let name = obj["metadata"]["name"].as_str().unwrap().to_owned();
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        let key = (path.clone(), ns, name);
+        let ty = if s.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        s.objects.insert(key, obj.clone());
+        let rv = s.rv;
+        s.log.push((rv, path, ty, obj));
+        drop(s);
+        let _ = self.changed.send(());
+    }
+
+    /// Deletes an object.
+    pub fn delete(&self, kind: &str, ns: &str, name: &str) {
+        let path = Self::path_of(kind).to_owned();
+        let mut s = self.state.lock().unwrap();
+        let Some(mut obj) = s.objects.remove(&(path.clone(), ns.to_owned(), name.to_owned())) else {
+            return;
+        };
+        s.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        let rv = s.rv;
+        s.log.push((rv, path, "DELETED", obj));
+        drop(s);
+        let _ = self.changed.send(());
+    }
+
+    /// Forgets all history, as an API server whose watch cache restarted: a watch
+    /// resuming from any version handed out so far, even the latest, gets 410 Gone.
+    pub fn forget_history(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.compacted = s.rv + 1;
+        s.log.clear();
+    }
+
+    /// Ends every open watch, as an API server restart or a load balancer would.
+    pub fn drop_watches(&self) {
+        self.state.lock().unwrap().generation += 1;
+        let _ = self.changed.send(());
+    }
+
+    /// (lists served, 410s sent, bookmarks sent).
+    pub fn counters(&self) -> (u64, u64, u64) {
+        let s = self.state.lock().unwrap();
+        (s.lists, s.gone, s.bookmarks)
+    }
+
+    fn handle(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+        let path = req.uri().path().to_owned();
+        let query: BTreeMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let Some(&(_, kind, list_kind, api_version)) = KINDS.iter().find(|k| k.0 == path) else {
+            return json_response(
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
+            );
+        };
+        if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+            let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+            return self.watch(path, kind, api_version, from, bookmarks);
+        }
+        let mut s = self.state.lock().unwrap();
+        s.lists += 1;
+        let items: Vec<Value> = s
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == path)
+            .map(|(_, v)| v.clone())
+            .collect();
+        json_response(
+            200,
+            json!({"kind": list_kind, "apiVersion": api_version, "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+        )
+    }
+
+    fn watch(
+        &self,
+        path: String,
+        kind: &'static str,
+        api_version: &'static str,
+        from: u64,
+        bookmarks: bool,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let line = |v: Value| Bytes::from(format!("{v}\n"));
+        {
+            let mut s = self.state.lock().unwrap();
+            if from < s.compacted {
+                s.gone += 1;
+                let status = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}});
+                let _ = tx.try_send(line(status));
+                drop(tx);
+                return stream_response(rx);
+            }
+        }
+        let state = self.state.clone();
+        let mut changed = self.changed.subscribe();
+        tokio::spawn(async move {
+            let (mut sent, generation) = (from, state.lock().unwrap().generation);
+            let mut bookmarked = false;
+            loop {
+                let (events, rv, ended) = {
+                    let mut s = state.lock().unwrap();
+                    let events: Vec<Value> = s
+                        .log
+                        .iter()
+                        .filter(|(rv, p, _, _)| *rv > sent && *p == path)
+                        .map(|(_, _, ty, o)| json!({"type": ty, "object": o}))
+                        .collect();
+                    if bookmarks && !bookmarked {
+                        s.bookmarks += 1;
+                    }
+                    (events, s.rv, s.generation != generation)
+                };
+                if ended {
+                    return;
+                }
+                for e in events {
+                    if tx.send(line(e)).await.is_err() {
+                        return;
+                    }
+                }
+                sent = rv;
+                if bookmarks && !bookmarked {
+                    bookmarked = true;
+                    let b = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+                        "metadata": {"resourceVersion": rv.to_string()}}});
+                    if tx.send(line(b)).await.is_err() {
+                        return;
+                    }
+                }
+                if changed.recv().await.is_err() {
+                    return;
+                }
+            }
+        });
+        stream_response(rx)
+    }
+}
+
+fn json_response(code: u16, v: Value) -> Response<BoxBody<Bytes, Infallible>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())).boxed())
+        .unwrap()
+}
+
+fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response<BoxBody<Bytes, Infallible>> {
+    let body = StreamBody::new(ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))));
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(body.boxed())
+        .unwrap()
+}
