@@ -7,6 +7,7 @@
 //! waiting are taken together), so federation never sees a half-listed cluster.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use futures_util::stream::{self, BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -24,9 +25,14 @@ use crate::objects::ClusterObjects;
 pub enum Update {
     /// Every object of the cluster, after the initial sync and after each change.
     Objects(ClusterId, ClusterObjects),
+    /// The watches are healthy though nothing changed: the cluster is not silent.
+    Alive(ClusterId),
     /// The API server answered with an error; the watcher retries with backoff.
     Error(ClusterId, String),
 }
+
+/// How often a quiet but healthy cluster says it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// One event of any watched kind (boxed: a Pod is kilobytes, a Namespace is not).
 enum Any {
@@ -116,11 +122,29 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
     ]);
     let (mut ns, mut svc, mut eps, mut pods, mut nodes) =
         (Kind::new(), Kind::new(), Kind::new(), Kind::new(), Kind::new());
-    while let Some(first) = events.next().await {
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut failing = false;
+    loop {
+        let first = tokio::select! {
+            e = events.next() => match e {
+                Some(e) => e,
+                None => return,
+            },
+            _ = heartbeat.tick() => {
+                // Only a source whose watches work may vouch for its cluster.
+                if !failing && tx.send(Update::Alive(id.clone())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
         let mut changed = false;
         let mut next = Some(first);
         // Take every event that is already waiting before publishing once.
         while let Some(ev) = next.take() {
+            if ev.is_ok() {
+                failing = false;
+            }
             match ev {
                 Ok(Any::Namespace(e)) => changed |= ns.apply(*e),
                 Ok(Any::Service(e)) => changed |= svc.apply(*e),
@@ -128,6 +152,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::Pod(e)) => changed |= pods.apply(*e),
                 Ok(Any::Node(e)) => changed |= nodes.apply(*e),
                 Err(e) => {
+                    failing = true;
                     tracing::warn!(cluster = %id, error = %e, "watch failed; retrying");
                     if tx.send(Update::Error(id.clone(), e.to_string())).await.is_err() {
                         return;

@@ -1,7 +1,8 @@
 //! The federation controller: cluster sources → registry → federation → xDS.
 //!
 //! [`objects`] holds one cluster's Kubernetes objects as read from a source
-//! ([`manifests`] for a directory of YAML); [`model`] distils them into what
+//! ([`manifests`] for a directory of YAML, [`kube_source`] for an API server,
+//! whose updates [`publisher`] turns into snapshots); [`model`] distils them into what
 //! federation needs; [`registry`] keeps the last model of every cluster and when
 //! it was last heard from; [`federation`] merges them, purely, into the
 //! endpoints a proxy on a given network should see.
@@ -12,5 +13,6 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod objects;
+pub mod publisher;
 pub mod registry;
 pub mod xds;

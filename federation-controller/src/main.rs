@@ -6,10 +6,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use federation_controller::federation::Address;
-use federation_controller::manifests;
 use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
+use federation_controller::registry::Freshness;
 use federation_controller::xds::{Snapshot, XdsServer};
+use federation_controller::{kube_source, manifests, publisher};
 use hyper::{Method, StatusCode};
 use mesh_vocab::{ClusterId, NetworkId};
 use sidecar::http_endpoint::{self, Handler, Reply};
@@ -26,8 +27,16 @@ struct Cli {
 #[derive(Args)]
 struct Source {
     /// Directory with one subdirectory of Kubernetes YAML per cluster.
-    #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "kubeconfigs",
+        conflicts_with = "kubeconfigs"
+    )]
+    manifests: Option<PathBuf>,
+    /// A cluster's API server: CLUSTER=KUBECONFIG-FILE (repeatable), instead of --manifests.
+    #[arg(long = "kubeconfig", value_name = "CLUSTER=FILE", value_parser = parse_kubeconfig)]
+    kubeconfigs: Vec<(String, String)>,
     /// The network of a cluster whose pods and namespaces name none: CLUSTER=NETWORK (repeatable).
     #[arg(long = "cluster-network", value_name = "CLUSTER=NETWORK", value_parser = parse_pair)]
     cluster_networks: Vec<(String, String)>,
@@ -51,7 +60,7 @@ impl Source {
 
     /// The first snapshot; at start an unreadable or empty directory is an error.
     fn snapshot(&self, mesh: &MeshConfig) -> anyhow::Result<Snapshot> {
-        let dir = &self.manifests;
+        let dir = self.manifests.as_ref().context("this command reads --manifests DIR")?;
         let snap = manifests::snapshot(dir, mesh, 1).with_context(|| format!("reading {}", dir.display()))?;
         anyhow::ensure!(
             !snap.clusters.is_empty(),
@@ -75,6 +84,9 @@ enum Command {
         /// Where to serve Prometheus metrics (`/metrics`) and readiness (`/ready`), Istio's 15014.
         #[arg(long, default_value = "0.0.0.0:15014", value_name = "ADDR")]
         monitoring: std::net::SocketAddr,
+        /// How long readiness waits for every cluster's initial sync.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        sync_timeout: std::time::Duration,
         /// How often the manifest directory is checked for changes.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
@@ -91,6 +103,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn parse_kubeconfig(s: &str) -> Result<(String, String), String> {
+    let (a, b) = s.split_once('=').ok_or("expected CLUSTER=KUBECONFIG-FILE")?;
+    if a.is_empty() || b.is_empty() {
+        return Err("expected CLUSTER=KUBECONFIG-FILE".into());
+    }
+    Ok((a.to_owned(), b.to_owned()))
+}
+
+/// Starts a Kubernetes source per `--kubeconfig` feeding one publisher.
+async fn kube_sources(
+    kubeconfigs: &[(String, String)],
+    mesh: MeshConfig,
+    tx: tokio::sync::watch::Sender<Arc<Snapshot>>,
+) -> anyhow::Result<()> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let mut seen = std::collections::BTreeSet::new();
+    let (updates_tx, updates) = tokio::sync::mpsc::channel(64);
+    for (cluster, file) in kubeconfigs {
+        anyhow::ensure!(
+            seen.insert(cluster.clone()),
+            "--kubeconfig {cluster}=…: cluster {cluster} given twice"
+        );
+        let kubeconfig = Kubeconfig::read_from(file).with_context(|| format!("--kubeconfig {cluster}={file}"))?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("--kubeconfig {cluster}={file}"))?;
+        let client = kube::Client::try_from(config).with_context(|| format!("--kubeconfig {cluster}={file}"))?;
+        tokio::spawn(kube_source::run(ClusterId::new(cluster), client, updates_tx.clone()));
+    }
+    tokio::spawn(publisher::run(updates, mesh, Freshness::default(), tx));
+    Ok(())
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -111,15 +156,30 @@ fn main() -> anyhow::Result<()> {
             source,
             xds,
             monitoring,
+            sync_timeout,
             interval,
         } => {
             let mesh = source.mesh();
-            let first = source.snapshot(&mesh)?;
-            let dir = source.manifests;
+            let expected = source.kubeconfigs.len();
+            let first = match &source.manifests {
+                Some(_) => source.snapshot(&mesh)?,
+                // Clusters arrive as their sources sync; until then there is nothing to serve.
+                None => Snapshot {
+                    version: 1,
+                    created: std::time::Instant::now(),
+                    clusters: vec![],
+                    mesh: mesh.clone(),
+                },
+            };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
-                tokio::spawn(manifests::watch(dir, mesh, interval, tx));
+                match source.manifests.clone() {
+                    Some(dir) => drop(tokio::spawn(manifests::watch(dir, mesh, interval, tx))),
+                    None => kube_sources(&source.kubeconfigs, mesh, tx).await?,
+                }
+                let started = std::time::Instant::now();
+                let synced = rx.clone();
                 let listener = tokio::net::TcpListener::bind(xds)
                     .await
                     .with_context(|| format!("cannot listen on {xds}"))?;
@@ -140,7 +200,16 @@ fn main() -> anyhow::Result<()> {
                         content_type: "text/plain; version=0.0.4; charset=utf-8",
                         body: m.render().into(),
                     },
-                    (&Method::GET, "/ready") => Reply::text("ready\n"),
+                    // Ready once every cluster has synced, or the bound has passed: one
+                    // unreachable cluster must not keep the others from being served.
+                    (&Method::GET, "/ready")
+                        if synced.borrow().clusters.len() >= expected || started.elapsed() > sync_timeout =>
+                    {
+                        Reply::text("ready\n")
+                    }
+                    (&Method::GET, "/ready") => {
+                        Reply::status(StatusCode::SERVICE_UNAVAILABLE, "waiting for clusters to sync\n")
+                    }
                     _ => Reply::status(StatusCode::NOT_FOUND, "not found\n"),
                 });
                 tokio::spawn(http_endpoint::serve(monitor, handler, std::future::pending()));

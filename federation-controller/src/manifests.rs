@@ -96,12 +96,7 @@ pub async fn watch(dir: PathBuf, mesh: MeshConfig, interval: Duration, tx: watch
         match snapshot(&dir, &mesh, current.version + 1) {
             Ok(next) => {
                 last_error = None;
-                let same = next.clusters.len() == current.clusters.len()
-                    && next
-                        .clusters
-                        .iter()
-                        .zip(&current.clusters)
-                        .all(|((a, s), (b, t))| a == b && s == t);
+                let same = next.same_state(&current);
                 if !same {
                     tracing::info!(
                         version = next.version,

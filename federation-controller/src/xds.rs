@@ -56,6 +56,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Whether `other` tells proxies the same thing (versions aside).
+    pub fn same_state(&self, other: &Snapshot) -> bool {
+        self.clusters.len() == other.clusters.len()
+            && self
+                .clusters
+                .iter()
+                .zip(&other.clusters)
+                .all(|((a, s), (b, t))| a == b && s == t)
+    }
+
     /// The endpoints a proxy on `network` sees.
     pub fn view(&self, network: &NetworkId) -> View {
         let refs: Vec<(&ClusterModel, bool)> = self.clusters.iter().map(|(m, s)| (m.as_ref(), *s)).collect();

@@ -90,3 +90,113 @@ async fn lists_watches_relists_after_410_and_resumes_after_a_dropped_watch() {
     assert_eq!(api.counters().0, lists_before, "a plain resume does not relist");
     source.abort();
 }
+
+#[tokio::test]
+async fn serve_with_a_kubeconfig_serves_that_cluster_over_xds_and_follows_it() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use prost::Message;
+
+    let api = FakeApi::start().await;
+    api.apply(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default",
+                     "labels": {"topology.istio.io/network": "network1"}}}),
+    );
+    api.apply(
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews", "namespace": "default"},
+                     "spec": {"ports": [{"name": "http", "port": 9080}]}}),
+    );
+    api.apply(slice(&["10.241.0.1"]));
+    let dir = support::scratch("kubeconfig");
+    let kubeconfig = dir.join("cluster1.kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let controller = support::Controller::start(&["--kubeconfig", &format!("cluster1={}", kubeconfig.display())]);
+
+    // Ready once the cluster has synced.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while controller.status("/ready") != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tick.tick().await;
+    }
+
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = client
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let node = Node {
+        id: "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local".into(),
+        metadata: Some(Struct {
+            fields: [(
+                "NETWORK".to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue("network1".into())),
+                },
+            )]
+            .into(),
+        }),
+        ..Default::default()
+    };
+    let reviews = "outbound|9080||reviews.default.svc.cluster.local";
+    let eds = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    tx.send(DiscoveryRequest {
+        node: Some(node),
+        type_url: eds.into(),
+        resource_names: vec![reviews.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addresses = |r: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse| -> Vec<String> {
+        use envoy_types::pb::envoy::config::core::v3::address;
+        use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+        let cla = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
+        let mut out: Vec<String> = cla
+            .endpoints
+            .iter()
+            .flat_map(|l| l.lb_endpoints.iter())
+            .filter_map(|e| match &e.host_identifier {
+                Some(HostIdentifier::Endpoint(ep)) => match ep.address.as_ref()?.address.as_ref()? {
+                    address::Address::SocketAddress(sa) => Some(sa.address.clone()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(addresses(&first), ["10.241.0.1"]);
+
+    // A change in the cluster reaches the proxy.
+    tx.send(DiscoveryRequest {
+        type_url: eds.into(),
+        version_info: first.version_info.clone(),
+        response_nonce: first.nonce.clone(),
+        resource_names: vec![reviews.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    api.apply(slice(&["10.241.0.1", "10.241.0.7"]));
+    let pushed = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(addresses(&pushed), ["10.241.0.1", "10.241.0.7"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -58,6 +58,16 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// The HTTP status of `path` on the monitoring port.
+    pub fn status(&self, path: &str) -> Option<u16> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.monitoring).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.get(9..12)?.parse().ok()
+    }
+
     /// The sum of the samples of `metric` whose labels contain every `k="v"`.
     pub fn metric(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
         use std::io::{Read, Write};
@@ -77,6 +87,11 @@ impl Controller {
 
 impl Controller {
     pub fn serve(dir: &Path) -> Controller {
+        Self::start(&["--manifests", dir.to_str().unwrap()])
+    }
+
+    /// `serve` with ephemeral ports, a fast poll and `args`.
+    pub fn start(args: &[&str]) -> Controller {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
             .args([
@@ -87,9 +102,8 @@ impl Controller {
                 "127.0.0.1:0",
                 "--interval",
                 "50ms",
-                "--manifests",
             ])
-            .arg(dir)
+            .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
