@@ -27,6 +27,8 @@ pub enum Update {
     Objects(ClusterId, ClusterObjects),
     /// The watches are healthy though nothing changed: the cluster is not silent.
     Alive(ClusterId),
+    /// The cluster left the mesh (its remote secret was deleted): prune it.
+    Removed(ClusterId),
     /// The API server answered with an error; the watcher retries with backoff.
     Error(ClusterId, String),
 }

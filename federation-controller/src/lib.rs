@@ -15,4 +15,5 @@ pub mod model;
 pub mod objects;
 pub mod publisher;
 pub mod registry;
+pub mod remote_secrets;
 pub mod xds;

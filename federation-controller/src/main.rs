@@ -10,7 +10,7 @@ use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
 use federation_controller::registry::Freshness;
 use federation_controller::xds::{Snapshot, XdsServer};
-use federation_controller::{kube_source, manifests, publisher};
+use federation_controller::{kube_source, manifests, publisher, remote_secrets};
 use hyper::{Method, StatusCode};
 use mesh_vocab::{ClusterId, NetworkId};
 use sidecar::http_endpoint::{self, Handler, Reply};
@@ -84,6 +84,10 @@ enum Command {
         /// Where to serve Prometheus metrics (`/metrics`) and readiness (`/ready`), Istio's 15014.
         #[arg(long, default_value = "0.0.0.0:15014", value_name = "ADDR")]
         monitoring: std::net::SocketAddr,
+        /// Also serve the remote clusters of the remote secrets (`istio/multiCluster: "true"`)
+        /// in CLUSTER's `istio-system`; CLUSTER is this controller's own cluster.
+        #[arg(long, value_name = "CLUSTER", requires = "kubeconfigs")]
+        remote_secrets_from: Option<String>,
         /// How long readiness waits for every cluster's initial sync.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         sync_timeout: std::time::Duration,
@@ -113,9 +117,12 @@ fn parse_kubeconfig(s: &str) -> Result<(String, String), String> {
     Ok((a.to_owned(), b.to_owned()))
 }
 
-/// Starts a Kubernetes source per `--kubeconfig` feeding one publisher.
+/// Starts a Kubernetes source per `--kubeconfig` (and per remote secret of
+/// `remote_secrets_from`), all feeding one publisher.
 async fn kube_sources(
     kubeconfigs: &[(String, String)],
+    remote_secrets_from: Option<String>,
+    metrics: &Metrics,
     mesh: MeshConfig,
     tx: tokio::sync::watch::Sender<Arc<Snapshot>>,
 ) -> anyhow::Result<()> {
@@ -132,7 +139,28 @@ async fn kube_sources(
             .await
             .with_context(|| format!("--kubeconfig {cluster}={file}"))?;
         let client = kube::Client::try_from(config).with_context(|| format!("--kubeconfig {cluster}={file}"))?;
+        if remote_secrets_from.as_deref() == Some(cluster.as_str()) {
+            let m = metrics.clone();
+            let refused = move |r: &remote_secrets::Refusal| {
+                tracing::warn!("remote secret refused: {r}");
+                m.refusal(r.reason());
+            };
+            let own = ClusterId::new(cluster);
+            tokio::spawn(remote_secrets::run(
+                own,
+                client.clone(),
+                "istio-system".into(),
+                updates_tx.clone(),
+                refused,
+            ));
+        }
         tokio::spawn(kube_source::run(ClusterId::new(cluster), client, updates_tx.clone()));
+    }
+    if let Some(c) = &remote_secrets_from {
+        anyhow::ensure!(
+            seen.contains(c),
+            "--remote-secrets-from {c}: no --kubeconfig {c}=… given"
+        );
     }
     tokio::spawn(publisher::run(updates, mesh, Freshness::default(), tx));
     Ok(())
@@ -156,6 +184,7 @@ fn main() -> anyhow::Result<()> {
             source,
             xds,
             monitoring,
+            remote_secrets_from,
             sync_timeout,
             interval,
         } => {
@@ -174,12 +203,14 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
+                let metrics = Metrics::new();
                 match source.manifests.clone() {
                     Some(dir) => drop(tokio::spawn(manifests::watch(dir, mesh, interval, tx))),
-                    None => kube_sources(&source.kubeconfigs, mesh, tx).await?,
+                    None => kube_sources(&source.kubeconfigs, remote_secrets_from, &metrics, mesh, tx).await?,
                 }
                 let started = std::time::Instant::now();
                 let synced = rx.clone();
+                let debug = rx.clone();
                 let listener = tokio::net::TcpListener::bind(xds)
                     .await
                     .with_context(|| format!("cannot listen on {xds}"))?;
@@ -191,7 +222,6 @@ fn main() -> anyhow::Result<()> {
                     listener.local_addr()?,
                     monitor.local_addr()?
                 );
-                let metrics = Metrics::new();
                 metrics.version.set(rx.borrow().version as i64);
                 let m = metrics.clone();
                 let handler: Handler = Arc::new(move |method: &Method, path: &str| match (method, path) {
@@ -202,6 +232,19 @@ fn main() -> anyhow::Result<()> {
                     },
                     // Ready once every cluster has synced, or the bound has passed: one
                     // unreachable cluster must not keep the others from being served.
+                    (&Method::GET, "/debug/clusterz") => {
+                        let snap = debug.borrow().clone();
+                        let clusters: Vec<serde_json::Value> = snap
+                            .clusters
+                            .iter()
+                            .map(|(m, stale)| {
+                                serde_json::json!({"cluster": m.cluster.as_str(), "stale": stale,
+                                    "instances": m.instances.len(), "gateways": m.gateways.len()})
+                            })
+                            .collect();
+                        let body = serde_json::json!({"version": snap.version, "clusters": clusters});
+                        Reply::json(body.to_string())
+                    }
                     (&Method::GET, "/ready")
                         if synced.borrow().clusters.len() >= expected || started.elapsed() > sync_timeout =>
                     {

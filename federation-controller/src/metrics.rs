@@ -16,6 +16,7 @@ pub struct Metrics {
     pub convergence: Histogram,
     /// The version being served.
     pub version: IntGauge,
+    refusals: IntCounterVec,
 }
 
 /// istiod's short type names, for the `type` label.
@@ -52,7 +53,16 @@ impl Metrics {
         )
         .expect("valid metric");
         let version = IntGauge::new("isthmus_controller_version", "The state version being served").expect("valid");
-        let all: [Box<dyn prometheus::core::Collector>; 5] = [
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "isthmus_controller_remote_cluster_refusals_total",
+                "Remote clusters refused, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let all: [Box<dyn prometheus::core::Collector>; 6] = [
+            Box::new(refusals.clone()),
             Box::new(pushes.clone()),
             Box::new(rejects.clone()),
             Box::new(connected.clone()),
@@ -69,12 +79,18 @@ impl Metrics {
             connected,
             convergence,
             version,
+            refusals,
         }
     }
 
     /// Counts a response sent.
     pub fn push(&self, type_url: &str) {
         self.pushes.with_label_values(&[short_type(type_url)]).inc();
+    }
+
+    /// Counts a remote cluster refused.
+    pub fn refusal(&self, reason: &str) {
+        self.refusals.with_label_values(&[reason]).inc();
     }
 
     /// Counts a NACK.

@@ -32,6 +32,10 @@ pub async fn run(
             u = updates.recv() => match u {
                 Some(Update::Objects(id, objects)) => registry.update(ClusterModel::build(&id, &objects, &mesh), Instant::now()),
                 Some(Update::Alive(id)) => registry.heard(&id, Instant::now()),
+                Some(Update::Removed(id)) => {
+                    registry.remove(&id);
+                    health.remove(&id);
+                }
                 Some(Update::Error(..)) => continue, // silence, not removal: the TTL decides
                 None => return,
             },

@@ -31,7 +31,40 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
         "EndpointSliceList",
         "discovery.k8s.io/v1",
     ),
+    ("/api/v1/secrets", "Secret", "SecretList", "v1"),
 ];
+
+/// A request path as (collection path, namespace): `/api/v1/namespaces/NS/secrets`
+/// is the `secrets` collection limited to NS.
+fn collection(path: &str) -> (String, Option<String>) {
+    for prefix in ["/api/v1/namespaces/", "/apis/discovery.k8s.io/v1/namespaces/"] {
+        if let Some(rest) = path.strip_prefix(prefix)
+            && let Some((ns, plural)) = rest.split_once('/')
+            && !plural.contains('/')
+        {
+            let base = prefix.trim_end_matches("namespaces/");
+            return (format!("{base}{plural}"), Some(ns.to_owned()));
+        }
+    }
+    (path.to_owned(), None)
+}
+
+/// Whether an object matches a `k=v[,k=v]` label selector (URL-encoded as sent).
+fn selected(obj: &Value, selector: Option<&String>) -> bool {
+    let Some(sel) = selector else { return true };
+    let sel = sel
+        .replace("%2F", "/")
+        .replace("%2f", "/")
+        .replace("%3D", "=")
+        .replace("%3d", "=")
+        .replace("%2C", ",");
+    sel.split(',')
+        .filter(|t| !t.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => obj["metadata"]["labels"][k].as_str() == Some(v),
+            None => obj["metadata"]["labels"].get(term).is_some(),
+        })
+}
 
 #[derive(Default)]
 struct State {
@@ -162,7 +195,7 @@ impl FakeApi {
     }
 
     fn handle(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
-        let path = req.uri().path().to_owned();
+        let (path, namespace) = collection(req.uri().path());
         let query: BTreeMap<String, String> = req
             .uri()
             .query()
@@ -180,7 +213,16 @@ impl FakeApi {
         if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
             let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
             let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
-            return self.watch(path, kind, api_version, from, bookmarks);
+            let selector = query.get("labelSelector").cloned();
+            return self.watch(WatchRequest {
+                path,
+                kind,
+                api_version,
+                from,
+                bookmarks,
+                namespace,
+                selector,
+            });
         }
         let mut s = self.state.lock().unwrap();
         s.lists += 1;
@@ -196,14 +238,16 @@ impl FakeApi {
         )
     }
 
-    fn watch(
-        &self,
-        path: String,
-        kind: &'static str,
-        api_version: &'static str,
-        from: u64,
-        bookmarks: bool,
-    ) -> Response<BoxBody<Bytes, Infallible>> {
+    fn watch(&self, w: WatchRequest) -> Response<BoxBody<Bytes, Infallible>> {
+        let WatchRequest {
+            path,
+            kind,
+            api_version,
+            from,
+            bookmarks,
+            namespace,
+            selector,
+        } = w;
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         let line = |v: Value| Bytes::from(format!("{v}\n"));
         {
@@ -229,6 +273,12 @@ impl FakeApi {
                         .log
                         .iter()
                         .filter(|(rv, p, _, _)| *rv > sent && *p == path)
+                        .filter(|(_, _, _, o)| {
+                            namespace
+                                .as_ref()
+                                .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+                                && selected(o, selector.as_ref())
+                        })
                         .map(|(_, _, ty, o)| json!({"type": ty, "object": o}))
                         .collect();
                     if bookmarks && !bookmarked {
@@ -260,6 +310,17 @@ impl FakeApi {
         });
         stream_response(rx)
     }
+}
+
+/// What a watch asks for.
+struct WatchRequest {
+    path: String,
+    kind: &'static str,
+    api_version: &'static str,
+    from: u64,
+    bookmarks: bool,
+    namespace: Option<String>,
+    selector: Option<String>,
 }
 
 fn json_response(code: u16, v: Value) -> Response<BoxBody<Bytes, Infallible>> {

@@ -58,6 +58,16 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// The JSON body of `path` on the monitoring port.
+    pub fn json(&self, path: &str) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.monitoring).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+    }
+
     /// The HTTP status of `path` on the monitoring port.
     pub fn status(&self, path: &str) -> Option<u16> {
         use std::io::{Read, Write};
