@@ -193,12 +193,7 @@ fn main() -> anyhow::Result<()> {
             let first = match &source.manifests {
                 Some(_) => source.snapshot(&mesh)?,
                 // Clusters arrive as their sources sync; until then there is nothing to serve.
-                None => Snapshot {
-                    version: 1,
-                    created: std::time::Instant::now(),
-                    clusters: vec![],
-                    mesh: mesh.clone(),
-                },
+                None => Snapshot::new(1, std::time::Instant::now(), vec![], mesh.clone()),
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {

@@ -75,12 +75,12 @@ pub fn snapshot(dir: &Path, mesh: &MeshConfig, version: u64) -> Result<Snapshot,
         }
         registry.update(ClusterModel::build(id, &c.objects, mesh), now);
     }
-    Ok(Snapshot {
+    Ok(Snapshot::new(
         version,
-        created: now,
-        clusters: registry.live(now, Freshness::default()),
-        mesh: mesh.clone(),
-    })
+        now,
+        registry.live(now, Freshness::default()),
+        mesh.clone(),
+    ))
 }
 
 /// Re-reads `dir` every `interval` and publishes a new snapshot when what it

@@ -58,12 +58,7 @@ pub async fn run(
             }
         }
         let current = tx.borrow().clone();
-        let next = Snapshot {
-            version: current.version + 1,
-            created: now,
-            clusters: registry.live(now, freshness),
-            mesh: mesh.clone(),
-        };
+        let next = Snapshot::new(current.version + 1, now, registry.live(now, freshness), mesh.clone());
         if !next.same_state(&current) && tx.send(Arc::new(next)).is_err() {
             return;
         }

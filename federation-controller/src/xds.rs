@@ -44,7 +44,7 @@ pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Clus
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
 /// The state served: every live cluster at one version.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Snapshot {
     /// Grows with every change; sent as `version_info`.
     pub version: u64,
@@ -53,9 +53,65 @@ pub struct Snapshot {
     /// Live cluster models, with whether each is stale.
     pub clusters: Vec<(Arc<ClusterModel>, bool)>,
     pub mesh: MeshConfig,
+    /// Encoded resources per (network, type), made once and shared by every proxy
+    /// of that network: a push to a thousand proxies must not federate and
+    /// encode a thousand times.
+    cache: std::sync::Mutex<HashMap<(NetworkId, String), EncodedSet>>,
+}
+
+/// Every resource of one type for one network.
+type EncodedSet = Arc<Vec<Encoded>>;
+
+/// One resource, encoded, with its content version.
+#[derive(Debug)]
+pub struct Encoded {
+    pub name: String,
+    pub resource: Any,
+    pub version: String,
 }
 
 impl Snapshot {
+    /// A snapshot at `version`.
+    pub fn new(
+        version: u64,
+        created: std::time::Instant,
+        clusters: Vec<(Arc<ClusterModel>, bool)>,
+        mesh: MeshConfig,
+    ) -> Self {
+        Self {
+            version,
+            created,
+            clusters,
+            mesh,
+            cache: Default::default(),
+        }
+    }
+
+    /// Every resource of `type_url` for proxies on `network`, sorted by name.
+    pub fn encoded(&self, network: &NetworkId, type_url: &str) -> Arc<Vec<Encoded>> {
+        let key = (network.clone(), type_url.to_owned());
+        if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return hit.clone();
+        }
+        // Built outside the lock: two streams may race to build it; both get the same answer.
+        let view = self.view(network);
+        let mut list: Vec<Encoded> = resources(type_url, &view)
+            .into_iter()
+            .map(|(name, resource)| Encoded {
+                version: content_version(&resource.value),
+                name,
+                resource,
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        let list = Arc::new(list);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, list.clone());
+        list
+    }
+
     /// Whether `other` tells proxies the same thing (versions aside).
     pub fn same_state(&self, other: &Snapshot) -> bool {
         self.clusters.len() == other.clusters.len()
@@ -291,15 +347,15 @@ impl AdsStream {
             .as_ref()
             .map(|p| p.network.clone())
             .unwrap_or_else(|| NetworkId::new(""));
-        let view = snapshot.view(&network);
+        let all = snapshot.encoded(&network, type_url);
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
         let wanted = |name: &str| state.names.is_empty() || state.names.iter().any(|n| n == name);
-        let resources: Vec<Any> = resources(type_url, &view)
-            .into_iter()
-            .filter(|(name, _)| wanted(name))
-            .map(|(_, r)| r)
+        let resources: Vec<Any> = all
+            .iter()
+            .filter(|e| wanted(&e.name))
+            .map(|e| e.resource.clone())
             .collect();
         self.nonce += 1;
         state.last_nonce = self.nonce.to_string();
@@ -403,31 +459,31 @@ impl DeltaAds {
     async fn send(&mut self, type_url: &str) -> Result<(), ()> {
         let snapshot = self.snapshots.borrow().clone();
         let network = self.network.clone().unwrap_or_else(|| NetworkId::new(""));
-        let view = snapshot.view(&network);
+        let all = snapshot.encoded(&network, type_url);
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
-        let current: HashMap<String, Any> = resources(type_url, &view)
-            .into_iter()
-            .filter(|(name, _)| state.wildcard || state.names.contains(name))
+        let current: HashMap<&str, &Encoded> = all
+            .iter()
+            .filter(|e| state.wildcard || state.names.contains(&e.name))
+            .map(|e| (e.name.as_str(), e))
             .collect();
         let mut changed = Vec::new();
-        for (name, res) in &current {
-            let version = content_version(&res.value);
-            if state.sent.get(name) != Some(&version) {
+        for (name, e) in &current {
+            if state.sent.get(*name) != Some(&e.version) {
                 changed.push(Resource {
-                    name: name.clone(),
-                    version: version.clone(),
-                    resource: Some(res.clone()),
+                    name: name.to_string(),
+                    version: e.version.clone(),
+                    resource: Some(e.resource.clone()),
                     ..Default::default()
                 });
-                state.sent.insert(name.clone(), version);
+                state.sent.insert(name.to_string(), e.version.clone());
             }
         }
         let mut removed: Vec<String> = state
             .sent
             .keys()
-            .filter(|n| !current.contains_key(*n))
+            .filter(|n| !current.contains_key(n.as_str()))
             .cloned()
             .collect();
         removed.sort();
