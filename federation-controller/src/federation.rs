@@ -20,7 +20,7 @@ use mesh_vocab::{ClusterId, NetworkId};
 use crate::model::{ClusterModel, Gateway, GatewayAddress, Locality, MeshConfig, ServiceKey};
 
 /// One load-balancing endpoint as a proxy sees it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LbEndpoint {
     pub address: Address,
     pub port: u16,

@@ -56,8 +56,13 @@ pub struct Snapshot {
     /// Encoded resources per (network, type), made once and shared by every proxy
     /// of that network: a push to a thousand proxies must not federate and
     /// encode a thousand times.
-    cache: std::sync::Mutex<HashMap<(NetworkId, String), EncodedSet>>,
+    cache: OnceMap<(NetworkId, String), Arc<tokio::sync::OnceCell<EncodedSet>>>,
+    /// The federated view per network, shared by both resource types.
+    views: OnceMap<NetworkId, Arc<std::sync::OnceLock<Arc<View>>>>,
 }
+
+/// Values computed at most once per key and shared.
+type OnceMap<K, V> = std::sync::Mutex<HashMap<K, V>>;
 
 /// Every resource of one type for one network.
 type EncodedSet = Arc<Vec<Encoded>>;
@@ -84,32 +89,36 @@ impl Snapshot {
             clusters,
             mesh,
             cache: Default::default(),
+            views: Default::default(),
         }
     }
 
     /// Every resource of `type_url` for proxies on `network`, sorted by name.
-    pub fn encoded(&self, network: &NetworkId, type_url: &str) -> Arc<Vec<Encoded>> {
-        let key = (network.clone(), type_url.to_owned());
-        if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return hit.clone();
-        }
-        // Built outside the lock: two streams may race to build it; both get the same answer.
-        let view = self.view(network);
-        let mut list: Vec<Encoded> = resources(type_url, &view)
-            .into_iter()
-            .map(|(name, resource)| Encoded {
-                version: content_version(&resource.value),
-                name,
-                resource,
-            })
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        let list = Arc::new(list);
-        self.cache
+    /// The first stream to ask builds it; the others wait for that one rather
+    /// than all federating the same state at once after a change.
+    pub async fn encoded(&self, network: &NetworkId, type_url: &str) -> EncodedSet {
+        let cell = self
+            .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, list.clone());
-        list
+            .entry((network.clone(), type_url.to_owned()))
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            let view = self.shared_view(network);
+            let mut list: Vec<Encoded> = resources(type_url, &view)
+                .into_iter()
+                .map(|(name, resource, version)| Encoded {
+                    name,
+                    resource,
+                    version,
+                })
+                .collect();
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            Arc::new(list)
+        })
+        .await
+        .clone()
     }
 
     /// Whether `other` tells proxies the same thing (versions aside).
@@ -120,6 +129,18 @@ impl Snapshot {
                 .iter()
                 .zip(&other.clusters)
                 .all(|((a, s), (b, t))| a == b && s == t)
+    }
+
+    /// The view of `network`, computed once per snapshot.
+    fn shared_view(&self, network: &NetworkId) -> Arc<View> {
+        let cell = self
+            .views
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(network.clone())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| Arc::new(self.view(network))).clone()
     }
 
     /// The endpoints a proxy on `network` sees.
@@ -347,7 +368,7 @@ impl AdsStream {
             .as_ref()
             .map(|p| p.network.clone())
             .unwrap_or_else(|| NetworkId::new(""));
-        let all = snapshot.encoded(&network, type_url);
+        let all = snapshot.encoded(&network, type_url).await;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -459,7 +480,7 @@ impl DeltaAds {
     async fn send(&mut self, type_url: &str) -> Result<(), ()> {
         let snapshot = self.snapshots.borrow().clone();
         let network = self.network.clone().unwrap_or_else(|| NetworkId::new(""));
-        let all = snapshot.encoded(&network, type_url);
+        let all = snapshot.encoded(&network, type_url).await;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -556,30 +577,47 @@ impl XdsStream for DeltaAds {
     }
 }
 
-/// A resource's version: a hash of its encoding, so the same content has the
-/// same version across pushes and reconnects.
-fn content_version(bytes: &[u8]) -> String {
-    // FNV-1a: stable across processes and releases, unlike std's hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// A resource's version: a hash of what it was built from that is the same in
+/// every process and release (FNV-1a; std's hasher is randomly keyed), so equal
+/// content has equal versions across pushes, restarts and replicas.
+fn stable_hash<T: std::hash::Hash + ?Sized>(t: &T) -> String {
+    struct Fnv(u64);
+    impl std::hash::Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 ^= u64::from(*b);
+                self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
     }
-    format!("{h:016x}")
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    t.hash(&mut h);
+    format!("{:016x}", std::hash::Hasher::finish(&h))
 }
 
-/// Every resource of `type_url` in a view, by name.
-fn resources(type_url: &str, view: &View) -> Vec<(String, Any)> {
+/// Every resource of `type_url` in a view: (name, resource, version). The
+/// version is taken from the federated input, which is sorted and canonical,
+/// not from the encoded bytes: protobuf map fields (endpoint metadata) encode
+/// in hash-map order, so equal resources could encode differently and be
+/// resent to every proxy on every change.
+fn resources(type_url: &str, view: &View) -> Vec<(String, Any, String)> {
     match type_url {
         CLUSTER_TYPE => view
             .keys()
-            .map(cluster)
-            .map(|c| (c.name.clone(), any(CLUSTER_TYPE, &c)))
+            .map(|k| {
+                let c = cluster(k);
+                (c.name.clone(), any(CLUSTER_TYPE, &c), stable_hash(k))
+            })
             .collect(),
         ENDPOINT_TYPE => view
             .iter()
-            .map(|(k, eps)| load_assignment(k, eps))
-            .map(|c| (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c)))
+            .map(|(k, eps)| {
+                let c = load_assignment(k, eps);
+                (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), stable_hash(&(k, eps)))
+            })
             .collect(),
         _ => Vec::new(),
     }

@@ -1,0 +1,318 @@
+//! Convergence benchmark of the xDS server over real gRPC streams.
+//!
+//!     cargo run --release -p federation-controller --example convergence -- \
+//!         --clusters 10 --endpoints 10000 --proxies 1000 [--services 100] [--changes 20]
+//!
+//! C synthetic clusters (alternating between two networks, each with a gateway)
+//! of E endpoints spread over S services; P proxies (half on each network) on
+//! delta ADS streams, each subscribing to every cluster and its endpoints and
+//! ACKing what it gets. It times the full initial push, then K changes of one
+//! endpoint each: from publishing the new state until each proxy has received
+//! it. CPU and RSS are the whole process's, in-process clients included, so
+//! they bound the controller's from above. Every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use federation_controller::model::{ClusterModel, Gateway, GatewayAddress, Instance, Locality, MeshConfig, ServiceKey};
+use federation_controller::xds::{Snapshot, XdsServer};
+use mesh_vocab::{ClusterId, Hostname, NetworkId};
+use tokio::sync::{mpsc, watch};
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+struct Args {
+    clusters: usize,
+    endpoints: usize,
+    proxies: usize,
+    services: usize,
+    changes: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        clusters: 10,
+        endpoints: 1000,
+        proxies: 100,
+        services: 100,
+        changes: 20,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v: usize = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{flag} needs a number"));
+        match flag.as_str() {
+            "--clusters" => a.clusters = v,
+            "--endpoints" => a.endpoints = v,
+            "--proxies" => a.proxies = v,
+            "--services" => a.services = v,
+            "--changes" => a.changes = v,
+            _ => panic!("unknown flag {flag}"),
+        }
+    }
+    a
+}
+
+fn models(a: &Args, change: u32) -> Vec<(Arc<ClusterModel>, bool)> {
+    (0..a.clusters)
+        .map(|c| {
+            let network = NetworkId::new(format!("net{}", c % 2));
+            let instances = (0..a.endpoints)
+                .map(|e| {
+                    let s = e % a.services;
+                    // The change: cluster 0's first endpoint moves.
+                    let bump = if c == 0 && e == 0 { change } else { 0 };
+                    Instance {
+                        service: ServiceKey {
+                            host: Hostname::parse(&format!("svc{s}.default.svc.cluster.local")).unwrap(),
+                            port: 9080,
+                        },
+                        address: IpAddr::from(std::net::Ipv4Addr::from(
+                            (10u32 << 24) | ((c as u32) << 17) | (e as u32 + bump),
+                        )),
+                        target_port: 8080,
+                        network: network.clone(),
+                        locality: Locality {
+                            region: "r".into(),
+                            zone: format!("z{}", e % 3),
+                            subzone: String::new(),
+                        },
+                        mtls: true,
+                        labels: BTreeMap::new(),
+                        service_account: None,
+                    }
+                })
+                .collect();
+            let gateways = vec![Gateway {
+                network: network.clone(),
+                address: GatewayAddress::Ip(IpAddr::from([100, 64, (c / 250) as u8, (c % 250) as u8 + 1])),
+                port: 15443,
+            }];
+            (
+                Arc::new(ClusterModel {
+                    cluster: ClusterId::new(format!("c{c}")),
+                    instances,
+                    gateways,
+                }),
+                false,
+            )
+        })
+        .collect()
+}
+
+fn node(i: usize) -> Node {
+    Node {
+        id: format!("sidecar~10.0.0.{i}~p{i}.default~default.svc.cluster.local"),
+        metadata: Some(Struct {
+            fields: [(
+                "NETWORK".to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue(format!("net{}", i % 2))),
+                },
+            )]
+            .into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// One proxy: subscribes to all clusters and their endpoints, ACKs, and reports
+/// the system version of every endpoint update it receives.
+async fn proxy(i: usize, addr: String, seen: mpsc::UnboundedSender<(usize, u64, Instant)>) {
+    // A thousand connects at once can meet a full accept queue: retry, bounded.
+    let mut attempt = 0;
+    let (tx, mut resp) = loop {
+        attempt += 1;
+        let (tx, rx) = mpsc::channel(16);
+        let first = DeltaDiscoveryRequest {
+            node: Some(node(i)),
+            type_url: CDS.into(),
+            ..Default::default()
+        };
+        tx.send(first).await.unwrap();
+        let opened = async {
+            let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+                .await
+                .ok()?;
+            client
+                .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .ok()
+        };
+        match opened.await {
+            Some(r) => break (tx, r.into_inner()),
+            None if attempt < 20 => tokio::time::sleep(Duration::from_millis(50 * attempt)).await,
+            None => panic!("proxy {i} could not connect"),
+        }
+    };
+    while let Ok(Some(r)) = resp.message().await {
+        let ack = DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        };
+        if r.type_url == CDS {
+            let names: Vec<String> = r.resources.iter().map(|x| x.name.clone()).collect();
+            let _ = tx.send(ack).await;
+            let sub = DeltaDiscoveryRequest {
+                type_url: EDS.into(),
+                resource_names_subscribe: names,
+                ..Default::default()
+            };
+            let _ = tx.send(sub).await;
+        } else {
+            let _ = tx.send(ack).await;
+            let _ = seen.send((i, r.system_version_info.parse().unwrap_or(0), Instant::now()));
+        }
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage only fills the struct it is given.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// A thousand proxies and the server's end of each stream need more descriptors than the usual soft limit.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    raise_fd_limit();
+    let a = args();
+    let total = a.clusters * a.endpoints;
+    println!(
+        "clusters={} endpoints/cluster={} (total {total}) services={} proxies={} changes={}",
+        a.clusters, a.endpoints, a.services, a.proxies, a.changes
+    );
+    let mut version = 1u64;
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::new(
+        version,
+        Instant::now(),
+        models(&a, 0),
+        MeshConfig::default(),
+    )));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                AggregatedDiscoveryServiceServer::new(XdsServer::new(rx))
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(256 << 20),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let (cpu0, t0) = (cpu_secs(), Instant::now());
+    for i in 0..a.proxies {
+        tokio::spawn(proxy(i, addr.clone(), seen_tx.clone()));
+    }
+    // Full push: every proxy has received endpoints at version 1.
+    let mut synced = vec![false; a.proxies];
+    let mut left = a.proxies;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while left > 0 {
+        let (i, v, _) = tokio::time::timeout_at(deadline.into(), seen.recv())
+            .await
+            .expect("initial push within 300 s")
+            .unwrap();
+        if v >= 1 && !synced[i] {
+            synced[i] = true;
+            left -= 1;
+        }
+    }
+    let full = t0.elapsed();
+    let cpu_full = cpu_secs() - cpu0;
+    println!(
+        "full push to all proxies: {:.0} ms, CPU {:.2} s, RSS {:.0} MiB",
+        full.as_secs_f64() * 1e3,
+        cpu_full,
+        rss_mib()
+    );
+
+    let mut lat = Vec::new();
+    let mut needless = 0usize;
+    let cpu1 = cpu_secs();
+    for k in 1..=a.changes as u32 {
+        while seen.try_recv().is_ok() {}
+        version += 1;
+        let clusters = models(&a, k * 100_000); // the sources' work, not the server's: not timed
+        let started = Instant::now();
+        tx.send(Arc::new(Snapshot::new(
+            version,
+            started,
+            clusters,
+            MeshConfig::default(),
+        )))
+        .unwrap();
+        // Affected: proxies on net0, where the moved endpoint is. Proxies on net1
+        // reach it through net0's gateway, whose weight did not change.
+        let mut got = vec![false; a.proxies];
+        let mut left = a.proxies.div_ceil(2);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while left > 0 {
+            let (i, v, at) = tokio::time::timeout_at(deadline.into(), seen.recv())
+                .await
+                .expect("converged within 60 s")
+                .unwrap();
+            if v >= version && i % 2 == 1 {
+                needless += 1;
+            } else if v >= version && !got[i] {
+                got[i] = true;
+                left -= 1;
+                lat.push(at - started);
+            }
+        }
+    }
+    let cpu_changes = cpu_secs() - cpu1;
+    lat.sort();
+    println!(
+        "one-endpoint change -> every affected proxy ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} changes; pushes to unaffected proxies: {needless}; CPU {:.1} ms per change; RSS {:.0} MiB",
+        a.proxies.div_ceil(2),
+        pct(&lat, 0.5).as_secs_f64() * 1e3,
+        pct(&lat, 0.99).as_secs_f64() * 1e3,
+        lat.last().unwrap().as_secs_f64() * 1e3,
+        a.changes,
+        cpu_changes * 1e3 / a.changes as f64,
+        rss_mib()
+    );
+}
