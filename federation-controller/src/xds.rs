@@ -719,3 +719,77 @@ fn load_assignment(key: &ServiceKey, eps: &[federation::LbEndpoint]) -> ClusterL
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Gateway, GatewayAddress, Instance, Locality};
+    use mesh_vocab::{ClusterId, Hostname};
+
+    fn clusters(moved: u8) -> Vec<(Arc<ClusterModel>, bool)> {
+        let instances = (0..40u8)
+            .map(|i| Instance {
+                service: ServiceKey {
+                    host: Hostname::parse(&format!("s{}.default.svc.cluster.local", i % 4)).unwrap(),
+                    port: 80,
+                },
+                address: std::net::IpAddr::from([10, 241, 0, if i == 0 { moved } else { i + 100 }]),
+                target_port: 8080,
+                network: NetworkId::new("n1"),
+                locality: Locality::default(),
+                mtls: true,
+                labels: Default::default(),
+                service_account: None,
+            })
+            .collect();
+        let gateways = vec![Gateway {
+            network: NetworkId::new("n1"),
+            address: GatewayAddress::Ip([100, 64, 0, 1].into()),
+            port: 15443,
+        }];
+        vec![(
+            Arc::new(ClusterModel {
+                cluster: ClusterId::new("c1"),
+                instances,
+                gateways,
+            }),
+            false,
+        )]
+    }
+
+    async fn versions(moved: u8, network: &str) -> Vec<(String, String)> {
+        let snap = Snapshot::new(1, std::time::Instant::now(), clusters(moved), MeshConfig::default());
+        let mut out = Vec::new();
+        for t in [CLUSTER_TYPE, ENDPOINT_TYPE] {
+            out.extend(
+                snap.encoded(&NetworkId::new(network), t)
+                    .await
+                    .iter()
+                    .map(|e| (e.name.clone(), e.version.clone())),
+            );
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn equal_state_has_equal_versions_and_a_change_moves_only_its_resource() {
+        // Endpoint metadata is a protobuf map, encoded in hash-map order: versions
+        // taken from the bytes would differ between these two equal snapshots.
+        assert_eq!(versions(1, "n1").await, versions(1, "n1").await);
+        assert_eq!(versions(1, "n2").await, versions(1, "n2").await);
+        let (before, after) = (versions(1, "n1").await, versions(2, "n1").await);
+        let moved: Vec<&String> = before
+            .iter()
+            .zip(&after)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, _)| &a.0)
+            .collect();
+        assert_eq!(
+            moved,
+            ["outbound|80||s0.default.svc.cluster.local"],
+            "only s0's endpoints changed"
+        );
+        // Seen through the gateway from another network, the move changes nothing.
+        assert_eq!(versions(1, "n2").await, versions(2, "n2").await);
+    }
+}
