@@ -260,12 +260,33 @@ fn main() -> anyhow::Result<()> {
                     }
                 });
                 let server = XdsServer::with_metrics(rx, metrics);
-                tonic::transport::Server::builder()
+                let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+                let serve = tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(server))
                     .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    })
-                    .await?;
+                        // SIGTERM is how Kubernetes stops a pod; SIGINT how a person does.
+                        use tokio::signal::unix::{SignalKind, signal};
+                        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                            (Ok(mut term), Ok(mut int)) => {
+                                tokio::select! {
+                                    _ = term.recv() => {}
+                                    _ = int.recv() => {}
+                                }
+                            }
+                            _ => std::future::pending::<()>().await,
+                        }
+                        tracing::info!("stopping: no new xDS streams");
+                        let _ = stopping_tx.send(());
+                    });
+                // ADS streams never end by themselves: after the signal, give them a
+                // bounded moment (proxies keep their config and reconnect elsewhere).
+                tokio::select! {
+                    r = serve => r?,
+                    _ = async {
+                        let _ = stopping.await;
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    } => tracing::info!("stopped with xDS streams still open"),
+                }
                 anyhow::Ok(())
             })?;
         }

@@ -194,3 +194,34 @@ async fn an_istio_node_gets_its_network_view_acks_receives_pushes_and_a_nack_cau
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn sigterm_stops_the_controller_even_with_streams_open() {
+    let dir = scratch("sigterm");
+    cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
+    let mut controller = Controller::serve(&dir);
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DiscoveryRequest {
+        node: Some(node()),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    next(&mut responses).await;
+    // The open stream must not keep the controller from stopping.
+    let status = tokio::task::spawn_blocking(move || controller.terminate(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    drop(tx);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

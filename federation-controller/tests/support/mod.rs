@@ -68,6 +68,22 @@ impl Controller {
         serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
     }
 
+    /// Sends SIGTERM and waits up to `patience` for the process to exit.
+    pub fn terminate(&mut self, patience: std::time::Duration) -> Option<std::process::ExitStatus> {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .ok()?;
+        let deadline = std::time::Instant::now() + patience;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::park_timeout(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
     /// The HTTP status of `path` on the monitoring port.
     pub fn status(&self, path: &str) -> Option<u16> {
         use std::io::{Read, Write};
