@@ -10,12 +10,19 @@ use sidecar::http_endpoint::{Handler, Reply};
 use crate::proxy::Shared;
 use crate::reload::Status;
 
-/// `/healthz/ready`: 200 while serving, 503 once draining.
+/// `/healthz/ready`: 200 while serving; 503 once draining, and, with `--xds`,
+/// until the first routes from the controller have arrived (as an Istio gateway
+/// is not ready before its first config), so no traffic is sent to a gateway
+/// that would refuse it all.
 pub fn health(shared: Arc<Shared>) -> Handler {
     Arc::new(move |method: &Method, path: &str| match (method, path) {
         (&Method::GET, "/healthz/ready") if shared.drain.is_draining() => {
             Reply::status(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
+        (&Method::GET, "/healthz/ready") if shared.settings.xds.is_some() && !shared.xds_synced() => Reply::status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for routes from the controller\n",
+        ),
         (&Method::GET, "/healthz/ready") => Reply::text("ready\n"),
         _ => Reply::status(StatusCode::NOT_FOUND, "not found\n"),
     })

@@ -6,7 +6,7 @@
 //! because it holds no certificate of the workloads.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,8 @@ pub struct Shared {
     open: AtomicUsize,
     /// The latest good routes of each source; the table is rebuilt from all of them.
     sources: Mutex<Sources>,
+    /// Routes from the controller have arrived at least once.
+    xds_synced: AtomicBool,
 }
 
 impl Shared {
@@ -49,7 +51,19 @@ impl Shared {
             drain,
             open: AtomicUsize::new(0),
             sources: Mutex::new(sources),
+            xds_synced: AtomicBool::new(false),
         }
+    }
+
+    /// Whether routes from the controller have arrived at least once (they are
+    /// kept when the controller goes away, so this never turns back).
+    pub fn xds_synced(&self) -> bool {
+        self.xds_synced.load(Ordering::Acquire)
+    }
+
+    /// Records that routes from the controller have arrived.
+    pub fn mark_xds_synced(&self) {
+        self.xds_synced.store(true, Ordering::Release);
     }
 
     /// Changes one source and swaps in the table rebuilt from all of them;

@@ -156,6 +156,7 @@ async fn session(shared: &Shared, addr: &str) -> anyhow::Result<()> {
                     assignments.extend(cla);
                     let routes = routes_from(&clusters, &assignments, &shared.settings.network);
                     let n = shared.update_sources(|s| s.xds = routes);
+                    shared.mark_xds_synced();
                     tracing::info!(version = resp.version_info, routes = n, "routes from xDS");
                 }
                 Err(e) => {

@@ -97,6 +97,11 @@ async fn the_gateway_routes_what_the_controller_says_for_its_network_and_keeps_i
         }
     };
     eventually(Duration::from_secs(10), "routes from xDS", || lands("hello a ")).await;
+    assert_eq!(
+        http_get(gw.health, "/healthz/ready").await.unwrap().0,
+        200,
+        "ready once routes arrived"
+    );
     for _ in 0..10 {
         assert!(lands("hello a ").await, "only network1's endpoint may be used");
     }
