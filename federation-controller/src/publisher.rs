@@ -15,6 +15,11 @@ use crate::model::{ClusterModel, MeshConfig};
 use crate::registry::{Freshness, Health, Registry};
 use crate::xds::Snapshot;
 
+/// Quiet time that ends a burst of changes.
+const QUIET: Duration = Duration::from_millis(100);
+/// The longest a change waits for a burst to end.
+const MAX_DELAY: Duration = Duration::from_secs(1);
+
 /// Feeds `updates` into a registry and publishes snapshots on `tx` until either side closes.
 pub async fn run(
     mut updates: mpsc::Receiver<Update>,
@@ -25,22 +30,42 @@ pub async fn run(
     let mut registry = Registry::default();
     let mut health: BTreeMap<ClusterId, Health> = BTreeMap::new();
     // Often enough that staleness shows within a second of its deadline.
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // (The first tick after a period, not at once: at once it would cut a burst short.)
+    let period = Duration::from_secs(1);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Debounce: a change is published once updates have been quiet for QUIET,
+    // and never later than MAX_DELAY after the first of them.
+    let mut first_change: Option<tokio::time::Instant> = None;
+    let mut last_change = tokio::time::Instant::now();
     loop {
+        let flush_at = first_change.map(|first| (last_change + QUIET).min(first + MAX_DELAY));
         tokio::select! {
-            u = updates.recv() => match u {
-                Some(Update::Objects(id, objects)) => registry.update(ClusterModel::build(&id, &objects, &mesh), Instant::now()),
-                Some(Update::Alive(id)) => registry.heard(&id, Instant::now()),
-                Some(Update::Removed(id)) => {
-                    registry.remove(&id);
-                    health.remove(&id);
+            u = updates.recv() => {
+                match u {
+                    Some(Update::Objects(id, objects)) => {
+                        registry.update(ClusterModel::build(&id, &objects, &mesh), Instant::now());
+                    }
+                    Some(Update::Removed(id)) => {
+                        registry.remove(&id);
+                        health.remove(&id);
+                    }
+                    Some(Update::Alive(id)) => {
+                        registry.heard(&id, Instant::now());
+                        continue;
+                    }
+                    Some(Update::Error(..)) => continue, // silence, not removal: the TTL decides
+                    None => return,
                 }
-                Some(Update::Error(..)) => continue, // silence, not removal: the TTL decides
-                None => return,
-            },
+                let now = tokio::time::Instant::now();
+                first_change.get_or_insert(now);
+                last_change = now;
+                continue;
+            }
             _ = tick.tick() => {}
+            () = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {}
         }
+        first_change = None;
         let now = Instant::now();
         for (id, h) in registry.health(now, freshness) {
             let was = health.insert(id.clone(), h);
@@ -62,5 +87,80 @@ pub async fn run(
         if !next.same_state(&current) && tx.send(Arc::new(next)).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::ClusterObjects;
+
+    fn objects(endpoints: usize) -> ClusterObjects {
+        let eps: String = (0..endpoints)
+            .map(|i| format!("  - {{addresses: [10.241.0.{}]}}\n", i + 1))
+            .collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: r, namespace: default}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: r-1, namespace: default, labels: {{kubernetes.io/service-name: r}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 80}}]\nendpoints:\n{eps}"
+        );
+        let mut o = ClusterObjects::default();
+        o.add_yaml(std::path::Path::new("t.yaml"), &yaml).unwrap();
+        o
+    }
+
+    fn start() -> (mpsc::Sender<Update>, watch::Receiver<Arc<Snapshot>>) {
+        let (utx, urx) = mpsc::channel(64);
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::new(
+            1,
+            Instant::now(),
+            vec![],
+            MeshConfig::default(),
+        )));
+        tokio::spawn(run(urx, MeshConfig::default(), Freshness::default(), tx));
+        (utx, rx)
+    }
+
+    fn endpoints(rx: &watch::Receiver<Arc<Snapshot>>) -> usize {
+        rx.borrow().clusters.iter().map(|(m, _)| m.instances.len()).sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_published_once_when_it_quiets() {
+        let (utx, rx) = start();
+        for n in 1..=5 {
+            utx.send(Update::Objects(ClusterId::new("c1"), objects(n)))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rx.borrow().version, 1, "still inside the burst");
+        tokio::time::sleep(QUIET).await;
+        assert_eq!(
+            (rx.borrow().version, endpoints(&rx)),
+            (2, 5),
+            "one publish, with the last state"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_burst_is_still_published_within_the_bound() {
+        let (utx, rx) = start();
+        let mut published_at = None;
+        for n in 1..=40 {
+            utx.send(Update::Objects(ClusterId::new("c1"), objects(n % 7 + 1)))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if published_at.is_none() && rx.borrow().version > 1 {
+                published_at = Some(n * 50);
+            }
+        }
+        let at = published_at.expect("published during the burst");
+        assert!(at <= 1100, "first publish after {at} ms, bound is {MAX_DELAY:?}");
+        assert!(
+            rx.borrow().version <= 4,
+            "a 2 s burst yields a handful of publishes, not 40"
+        );
     }
 }
