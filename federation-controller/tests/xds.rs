@@ -41,6 +41,27 @@ fn node() -> Node {
     }
 }
 
+/// An ADS stream to `controller` as the Istio node, its CDS request already sent.
+async fn open_stream(controller: &Controller) -> (mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>) {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DiscoveryRequest {
+        node: Some(node()),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (tx, responses)
+}
+
 async fn next(rx: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryResponse {
     tokio::time::timeout(Duration::from_secs(10), rx.message())
         .await
@@ -99,23 +120,8 @@ async fn an_istio_node_gets_its_network_view_acks_receives_pushes_and_a_nack_cau
     );
     let controller = Controller::serve(&dir);
 
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(8);
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut responses) = open_stream(&controller).await;
 
-    tx.send(DiscoveryRequest {
-        node: Some(node()),
-        type_url: CDS.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let cds = next(&mut responses).await;
     assert_eq!(cds.type_url, CDS);
     let clusters: Vec<String> = cds
@@ -200,22 +206,7 @@ async fn sigterm_stops_the_controller_even_with_streams_open() {
     let dir = scratch("sigterm");
     cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
     let mut controller = Controller::serve(&dir);
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(8);
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tx.send(DiscoveryRequest {
-        node: Some(node()),
-        type_url: CDS.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (tx, mut responses) = open_stream(&controller).await;
     next(&mut responses).await;
     // The open stream must not keep the controller from stopping.
     let status = tokio::task::spawn_blocking(move || controller.terminate(Duration::from_secs(10)))
