@@ -217,7 +217,6 @@ fn main() -> anyhow::Result<()> {
                     listener.local_addr()?,
                     monitor.local_addr()?
                 );
-                metrics.version.set(rx.borrow().version as i64);
                 let m = metrics.clone();
                 let handler: Handler = Arc::new(move |method: &Method, path: &str| match (method, path) {
                     (&Method::GET, "/metrics") => Reply {
@@ -251,12 +250,23 @@ fn main() -> anyhow::Result<()> {
                     _ => Reply::status(StatusCode::NOT_FOUND, "not found\n"),
                 });
                 tokio::spawn(http_endpoint::serve(monitor, handler, std::future::pending()));
-                let versions = metrics.version.clone();
-                let mut watch_version = rx.clone();
+                let m = metrics.clone();
+                let mut served = rx.clone();
                 tokio::spawn(async move {
-                    while watch_version.changed().await.is_ok() {
-                        let v = watch_version.borrow().version;
-                        versions.set(v as i64);
+                    loop {
+                        {
+                            let snap = served.borrow_and_update();
+                            m.version.set(snap.version as i64);
+                            let clusters: Vec<(String, bool)> = snap
+                                .clusters
+                                .iter()
+                                .map(|(c, stale)| (c.cluster.to_string(), *stale))
+                                .collect();
+                            m.clusters(&clusters);
+                        }
+                        if served.changed().await.is_err() {
+                            return;
+                        }
                     }
                 });
                 let server = XdsServer::with_metrics(rx, metrics);

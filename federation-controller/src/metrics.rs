@@ -17,6 +17,8 @@ pub struct Metrics {
     /// The version being served.
     pub version: IntGauge,
     refusals: IntCounterVec,
+    /// Per served cluster: 1 while it is silent but kept (stale), 0 while fresh.
+    cluster_stale: prometheus::IntGaugeVec,
 }
 
 /// istiod's short type names, for the `type` label.
@@ -61,7 +63,16 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
-        let all: [Box<dyn prometheus::core::Collector>; 6] = [
+        let cluster_stale = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "isthmus_controller_cluster_stale",
+                "Per served cluster: 1 while silent but kept, 0 while fresh",
+            ),
+            &["cluster"],
+        )
+        .expect("valid metric");
+        let all: [Box<dyn prometheus::core::Collector>; 7] = [
+            Box::new(cluster_stale.clone()),
             Box::new(refusals.clone()),
             Box::new(pushes.clone()),
             Box::new(rejects.clone()),
@@ -80,6 +91,16 @@ impl Metrics {
             convergence,
             version,
             refusals,
+            cluster_stale,
+        }
+    }
+
+    /// Shows which clusters a snapshot serves and whether each is stale; clusters
+    /// no longer served (withdrawn, removed) leave the series.
+    pub fn clusters(&self, served: &[(String, bool)]) {
+        self.cluster_stale.reset();
+        for (cluster, stale) in served {
+            self.cluster_stale.with_label_values(&[cluster]).set(i64::from(*stale));
         }
     }
 
