@@ -101,6 +101,13 @@ async fn remote_secrets_add_rotate_refuse_and_delete_without_a_restart() {
         cluster(&["10.242.0.1"]).await,
         cluster(&["10.242.0.2", "10.242.0.3"]).await,
     );
+    // Present before the first list, and to be ignored: no label, or another namespace.
+    let mut unlabelled = secret("not-a-remote-secret", &[("cluster3", &remote_a)]);
+    unlabelled["metadata"]["labels"] = json!({});
+    primary.apply(unlabelled);
+    let mut elsewhere = secret("in-default", &[("cluster4", &remote_a)]);
+    elsewhere["metadata"]["namespace"] = json!("default");
+    primary.apply(elsewhere);
     let dir = support::scratch("remote-secrets");
     let kubeconfig = dir.join("primary.kubeconfig");
     std::fs::write(&kubeconfig, primary.kubeconfig()).unwrap();

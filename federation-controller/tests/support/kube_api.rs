@@ -226,10 +226,11 @@ impl FakeApi {
         }
         let mut s = self.state.lock().unwrap();
         s.lists += 1;
+        let selector = query.get("labelSelector");
         let items: Vec<Value> = s
             .objects
             .iter()
-            .filter(|(k, _)| k.0 == path)
+            .filter(|(k, v)| k.0 == path && namespace.as_ref().is_none_or(|ns| *ns == k.1) && selected(v, selector))
             .map(|(_, v)| v.clone())
             .collect();
         json_response(
