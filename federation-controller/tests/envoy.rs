@@ -9,7 +9,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Controller, cluster, scratch};
+use support::{Controller, cluster, scratch, two_networks};
 
 struct Killed(Child);
 
@@ -72,14 +72,7 @@ fn envoy_follows(api_type: &str, name: &str) {
     );
 
     let dir = scratch(&format!("envoy-{name}"));
-    cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
-    cluster(
-        &dir,
-        "cluster2",
-        "network2",
-        2,
-        &[("reviews-v1-b", "v1", true), ("reviews-v2", "v2", true)],
-    );
+    two_networks(&dir);
     let controller = Controller::serve(&dir);
     let xds = controller.xds;
 

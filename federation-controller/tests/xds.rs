@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
-use support::{Controller, cluster, scratch};
+use support::{Controller, cluster, scratch, two_networks};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -110,14 +110,7 @@ fn ack(resp: &DiscoveryResponse, names: &[&str]) -> DiscoveryRequest {
 #[tokio::test]
 async fn an_istio_node_gets_its_network_view_acks_receives_pushes_and_a_nack_causes_no_resend() {
     let dir = scratch("xds");
-    cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
-    cluster(
-        &dir,
-        "cluster2",
-        "network2",
-        2,
-        &[("reviews-v1-b", "v1", true), ("reviews-v2", "v2", true)],
-    );
+    two_networks(&dir);
     let controller = Controller::serve(&dir);
 
     let (tx, mut responses) = open_stream(&controller).await;

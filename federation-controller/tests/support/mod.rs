@@ -40,6 +40,20 @@ pub fn cluster(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&str, &str
     std::fs::write(d.join("objects.yaml"), y).unwrap();
 }
 
+/// The layout most tests use: cluster1 on network1 with one sidecar'd `reviews`
+/// pod (10.241.0.10), cluster2 on network2 with two (10.242.0.10-11), each network
+/// with its east-west gateway (100.64.0.1, 100.64.0.2).
+pub fn two_networks(dir: &Path) {
+    cluster(dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
+    cluster(
+        dir,
+        "cluster2",
+        "network2",
+        2,
+        &[("reviews-v1-b", "v1", true), ("reviews-v2", "v2", true)],
+    );
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("isthmus-fc-{name}-{}", std::process::id()));
