@@ -64,6 +64,28 @@ pub fn read_dir(dir: &Path) -> Result<BTreeMap<ClusterId, ClusterManifests>, Man
     Ok(clusters)
 }
 
+/// Identifies the state of a manifest directory without reading the files:
+/// every cluster directory and YAML file with its modification time, length and
+/// inode (an atomic rename or a ConfigMap's symlink swap changes the inode).
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<std::time::SystemTime>, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut walk = vec![dir.to_owned()];
+    while let Some(d) = walk.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.filter_map(Result::ok) {
+            let path = e.path();
+            let Ok(m) = std::fs::metadata(&path) else { continue };
+            if m.is_dir() && d == dir {
+                walk.push(path.clone());
+            }
+            out.push((path, m.modified().ok(), m.len(), m.ino()));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Reads `dir` into an xDS snapshot at `version`.
 pub fn snapshot(dir: &Path, mesh: &MeshConfig, version: u64) -> Result<Snapshot, ManifestError> {
     let clusters = read_dir(dir)?;
@@ -90,8 +112,19 @@ pub async fn watch(dir: PathBuf, mesh: MeshConfig, interval: Duration, tx: watch
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error = None;
+    // What was read last: reading and parsing every file each tick is work for
+    // nothing while the directory is unchanged, which is nearly always.
+    let mut seen = fingerprint(&dir);
     loop {
         tick.tick().await;
+        let now = fingerprint(&dir);
+        if now == seen {
+            if tx.is_closed() {
+                return;
+            }
+            continue;
+        }
+        seen = now;
         let current = tx.borrow().clone();
         match snapshot(&dir, &mesh, current.version + 1) {
             Ok(next) => {
