@@ -1,7 +1,7 @@
 //! The Isthmus proxy library: the pieces every proxy of the mesh is built from.
 //!
-//! The east-west gateway is built from these same pieces; the sidecar binary
-//! (outbound/inbound capture, mTLS) arrives with the identity issue.
+//! The east-west gateway is built from these same pieces; the sidecar binary adds the
+//! workload's identity (`tls`) and mutual TLS on every hop.
 
 pub mod balance;
 pub mod client_hello;
@@ -9,3 +9,4 @@ pub mod drain;
 pub mod http_endpoint;
 pub mod outlier;
 pub mod splice;
+pub mod tls;
