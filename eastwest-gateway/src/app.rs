@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use anyhow::Context;
 use sidecar::drain;
 use sidecar::http_endpoint;
+use sidecar::socket::{listen, raise_fd_limit};
 use tokio::sync::{Notify, watch};
 
 use crate::admin;
@@ -42,36 +42,6 @@ pub struct Gateway {
     stop: watch::Sender<bool>,
     kick: Arc<Notify>,
     threads: Vec<JoinHandle<()>>,
-}
-
-/// A listening socket with a deep accept queue: the default of 128 drops SYNs
-/// under a burst of new connections.
-fn listen(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    socket.listen(4096)?;
-    Ok(socket.into())
-}
-
-/// Lets the process hold as many sockets as its hard limit allows: a proxy
-/// needs two per connection, and the usual soft limit of 1024 is far too low.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 impl Gateway {

@@ -86,6 +86,28 @@ impl Watch {
     }
 }
 
+/// Accepts on `listener` until draining starts, running `handle` for each connection on
+/// this runtime; the drain waits for every connection `handle` is still serving.
+pub async fn accept_until_drained<F, Fut>(listener: tokio::net::TcpListener, drain: Watch, handle: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = drain.signaled() => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let tracked = drain.track();
+        let work = handle(stream);
+        tokio::spawn(async move {
+            work.await;
+            drop(tracked);
+        });
+    }
+}
+
 /// One piece of open work; the drain waits for it.
 #[derive(Debug)]
 pub struct Tracked {

@@ -24,7 +24,10 @@ impl Ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
-        Ca { der: cert.der().clone(), issuer: Issuer::new(params, key) }
+        Ca {
+            der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
     }
 
     fn bundle(&self, td: &str) -> Bundle {
@@ -63,7 +66,9 @@ fn svid_unchecked(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'stati
         Ok(svid) => Leaf::Checked(svid),
         Err(_) => {
             let provider = rustls::crypto::aws_lc_rs::default_provider();
-            Leaf::Raw(Arc::new(rustls::sign::CertifiedKey::from_der(chain, key, &provider).unwrap()))
+            Leaf::Raw(Arc::new(
+                rustls::sign::CertifiedKey::from_der(chain, key, &provider).unwrap(),
+            ))
         }
     }
 }
@@ -181,7 +186,10 @@ async fn handshake(
         }
         Err(e) => Err(sidecar::tls::refusal_in(&e)),
     };
-    let server = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+    let server = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap();
     Outcome { server, client }
 }
 
@@ -216,9 +224,18 @@ async fn both_ends_learn_the_peers_spiffe_id() {
 /// Server-side refusal of a client certificate, by reason.
 async fn server_refuses(client: Leaf, server_trust: Arc<TrustBundles>, server_ca: &Ca) -> PeerRefusal {
     let client_trust = bundles(&[("cluster.local", server_ca)]);
-    let out = handshake(Some(client), client_trust, ExpectedPeer::Any, server_ca.leaf(SERVER), server_trust).await;
+    let out = handshake(
+        Some(client),
+        client_trust,
+        ExpectedPeer::Any,
+        server_ca.leaf(SERVER),
+        server_trust,
+    )
+    .await;
     assert!(out.client.is_err(), "the client must not get a working session");
-    out.server.expect_err("the server must refuse").expect("the refusal names a reason")
+    out.server
+        .expect_err("the server must refuse")
+        .expect("the refusal names a reason")
 }
 
 #[tokio::test]
@@ -243,7 +260,10 @@ async fn a_foreign_ca_for_a_trusted_domain_is_refused() {
     let ca = Ca::new("cluster.local");
     let impostor = Ca::new("impostor");
     let trust = bundles(&[("cluster.local", &ca)]);
-    assert_eq!(server_refuses(impostor.leaf(CLIENT), trust, &ca).await, PeerRefusal::ForeignCa);
+    assert_eq!(
+        server_refuses(impostor.leaf(CLIENT), trust, &ca).await,
+        PeerRefusal::ForeignCa
+    );
 }
 
 #[tokio::test]
@@ -253,7 +273,10 @@ async fn bundles_are_never_merged_across_trust_domains() {
     let ca = Ca::new("cluster.local");
     let other = Ca::new("other.td");
     let trust = bundles(&[("cluster.local", &ca), ("other.td", &other)]);
-    assert_eq!(server_refuses(other.leaf(CLIENT), trust.clone(), &ca).await, PeerRefusal::ForeignCa);
+    assert_eq!(
+        server_refuses(other.leaf(CLIENT), trust.clone(), &ca).await,
+        PeerRefusal::ForeignCa
+    );
     // …while other.td's own workloads are admitted.
     let out = handshake(
         Some(other.leaf("spiffe://other.td/ns/x/sa/y")),
@@ -282,7 +305,10 @@ async fn a_ca_flag_on_the_leaf_and_two_uri_sans_are_refused() {
     let ca = Ca::new("cluster.local");
     let trust = bundles(&[("cluster.local", &ca)]);
     let ca_leaf = ca.leaf_with(&[CLIENT], |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
-    assert!(matches!(ca_leaf, Leaf::Raw(_)), "Leaf must refuse to hold a CA certificate");
+    assert!(
+        matches!(ca_leaf, Leaf::Raw(_)),
+        "Leaf must refuse to hold a CA certificate"
+    );
     assert_eq!(server_refuses(ca_leaf, trust.clone(), &ca).await, PeerRefusal::CaLeaf);
     let two = ca.leaf_with(&[CLIENT, "spiffe://cluster.local/ns/default/sa/admin"], |_| {});
     assert!(matches!(two, Leaf::Raw(_)), "Leaf must refuse two URI SANs");
@@ -339,7 +365,10 @@ async fn a_trust_domain_alias_is_checked_against_the_aliased_bundle() {
 fn an_svid_refreshes_at_half_life() {
     let ca = Ca::new("cluster.local");
     // Certificates carry whole seconds.
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let start = SystemTime::UNIX_EPOCH + Duration::from_secs(now - 60);
     let Leaf::Checked(svid) = ca.leaf_with(&[CLIENT], |p| {
         p.not_before = start.into();

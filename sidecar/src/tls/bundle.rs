@@ -18,7 +18,11 @@ pub enum BundleError {
     #[error("bundle for {trust_domain} has no certificate")]
     Empty { trust_domain: String },
     #[error("bundle for {trust_domain}: certificate {index} is not a usable trust anchor: {message}")]
-    Anchor { trust_domain: String, index: usize, message: String },
+    Anchor {
+        trust_domain: String,
+        index: usize,
+        message: String,
+    },
 }
 
 /// The roots of one trust domain.
@@ -32,17 +36,21 @@ impl Bundle {
     /// A bundle of the given root certificates.
     pub fn new(trust_domain: &str, roots: Vec<CertificateDer<'static>>) -> Result<Self, BundleError> {
         if roots.is_empty() {
-            return Err(BundleError::Empty { trust_domain: trust_domain.to_owned() });
+            return Err(BundleError::Empty {
+                trust_domain: trust_domain.to_owned(),
+            });
         }
         let anchors = roots
             .iter()
             .enumerate()
             .map(|(index, der)| {
-                webpki::anchor_from_trusted_cert(der).map(|a| a.to_owned()).map_err(|e| BundleError::Anchor {
-                    trust_domain: trust_domain.to_owned(),
-                    index,
-                    message: e.to_string(),
-                })
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| BundleError::Anchor {
+                        trust_domain: trust_domain.to_owned(),
+                        index,
+                        message: e.to_string(),
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { roots, anchors })
@@ -52,7 +60,10 @@ impl Bundle {
     pub fn from_pem(trust_domain: &str, pem: &[u8]) -> Result<Self, BundleError> {
         let roots = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| BundleError::Pem { trust_domain: trust_domain.to_owned(), message: e.to_string() })?;
+            .map_err(|e| BundleError::Pem {
+                trust_domain: trust_domain.to_owned(),
+                message: e.to_string(),
+            })?;
         Self::new(trust_domain, roots)
     }
 
@@ -117,7 +128,11 @@ impl TrustBundles {
     /// The bundle that vouches for peers of `trust_domain`, if any.
     pub fn for_domain(&self, trust_domain: &str) -> Option<Arc<Bundle>> {
         let set = self.set.load();
-        let domain = set.aliases.get(trust_domain).map(String::as_str).unwrap_or(trust_domain);
+        let domain = set
+            .aliases
+            .get(trust_domain)
+            .map(String::as_str)
+            .unwrap_or(trust_domain);
         set.by_domain.get(domain).cloned()
     }
 

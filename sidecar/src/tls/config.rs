@@ -36,8 +36,15 @@ impl Alpn {
 
 /// The ALPN values a server side accepts: Istio's set, plus plain `h2`/`http/1.1` so that a
 /// peer configured by hand (or Envoy with a stock config) still negotiates.
-const SERVER_ALPN: [&[u8]; 7] =
-    [b"istio", b"istio-peer-exchange", b"istio-http/1.0", b"istio-http/1.1", b"istio-h2", b"h2", b"http/1.1"];
+const SERVER_ALPN: [&[u8]; 7] = [
+    b"istio",
+    b"istio-peer-exchange",
+    b"istio-http/1.0",
+    b"istio-http/1.1",
+    b"istio-h2",
+    b"h2",
+    b"http/1.1",
+];
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -57,9 +64,10 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier { bundles, expected }))
         .with_client_cert_resolver(svid);
     config.alpn_protocols = vec![alpn.wire().to_vec()];
-    // Every upstream connection of a mesh hop is to a peer that rotates its certificate;
-    // resumption would only save a signature and hide the peer's current SVID.
-    config.resumption = rustls::client::Resumption::disabled();
+    // Resumption (rustls' default in-memory cache) is kept: a resumed session carries the
+    // peer's verified chain, and saves both sides the signatures and chain checks that
+    // otherwise dominate the cost of a new connection. Tickets live for the server's
+    // ticket lifetime, well under an SVID's.
     Arc::new(config)
 }
 
@@ -71,12 +79,18 @@ pub fn server_config(svid: Arc<SvidSlot>, bundles: Arc<TrustBundles>) -> Arc<Ser
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier { bundles }))
         .with_cert_resolver(svid);
     config.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    // Stateless tickets, rotated by the ticketer (see `client_config` on resumption).
+    if let Ok(ticketer) = rustls::crypto::aws_lc_rs::Ticketer::new() {
+        config.ticketer = ticketer;
+    }
+    config.send_tls13_tickets = 1;
     Arc::new(config)
 }
 
 /// The SPIFFE ID a completed handshake proved (the chain was verified during it).
 pub fn proven_identity(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
-    peer_certificates.and_then(|c| c.first()).and_then(|leaf| leaf_facts(leaf).ok()).map(|f| f.id)
+    peer_certificates
+        .and_then(|c| c.first())
+        .and_then(|leaf| leaf_facts(leaf).ok())
+        .map(|f| f.id)
 }

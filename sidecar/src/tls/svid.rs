@@ -42,7 +42,10 @@ pub struct Svid {
 
 impl std::fmt::Debug for Svid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Svid").field("id", &self.id).field("not_after", &self.not_after).finish()
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("not_after", &self.not_after)
+            .finish()
     }
 }
 
@@ -51,13 +54,25 @@ impl Svid {
     pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], what: &str) -> Result<Self, SvidError> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<_, _>>()
-            .map_err(|e| SvidError::Pem { what: what.to_owned(), message: e.to_string() })?;
+            .map_err(|e| SvidError::Pem {
+            what: what.to_owned(),
+            message: e.to_string(),
+        })?;
         if chain.is_empty() {
-            return Err(SvidError::NoPem { what: what.to_owned(), kind: "CERTIFICATE" });
+            return Err(SvidError::NoPem {
+                what: what.to_owned(),
+                kind: "CERTIFICATE",
+            });
         }
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
-            rustls_pki_types::pem::Error::NoItemsFound => SvidError::NoPem { what: what.to_owned(), kind: "PRIVATE KEY" },
-            other => SvidError::Pem { what: what.to_owned(), message: other.to_string() },
+            rustls_pki_types::pem::Error::NoItemsFound => SvidError::NoPem {
+                what: what.to_owned(),
+                kind: "PRIVATE KEY",
+            },
+            other => SvidError::Pem {
+                what: what.to_owned(),
+                message: other.to_string(),
+            },
         })?;
         Self::from_der(chain, key)
     }
@@ -65,7 +80,10 @@ impl Svid {
     /// Reads an SVID from a certificate-chain file and a key file.
     pub fn from_files(chain: &Path, key: &Path) -> Result<Self, SvidError> {
         let read = |p: &Path| {
-            std::fs::read(p).map_err(|source| SvidError::Read { path: p.display().to_string(), source })
+            std::fs::read(p).map_err(|source| SvidError::Read {
+                path: p.display().to_string(),
+                source,
+            })
         };
         Self::from_pem(&read(chain)?, &read(key)?, &chain.display().to_string())
     }
@@ -76,7 +94,12 @@ impl Svid {
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let certified =
             CertifiedKey::from_der(chain, key, &provider).map_err(|e| SvidError::KeyMismatch(e.to_string()))?;
-        Ok(Self { id: leaf.id, not_before: leaf.not_before, not_after: leaf.not_after, key: Arc::new(certified) })
+        Ok(Self {
+            id: leaf.id,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            key: Arc::new(certified),
+        })
     }
 
     /// The SPIFFE ID this SVID proves.
@@ -103,7 +126,10 @@ impl Svid {
 
     /// Seconds since the epoch at which the leaf expires (for metrics and status).
     pub fn expiry_unix(&self) -> u64 {
-        self.not_after.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+        self.not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     }
 
     /// The leaf certificate.
@@ -121,7 +147,9 @@ pub struct SvidSlot {
 impl SvidSlot {
     /// A slot holding `svid`.
     pub fn new(svid: Svid) -> Arc<Self> {
-        Arc::new(Self { current: ArcSwap::from_pointee(svid) })
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(svid),
+        })
     }
 
     /// The SVID the next handshake uses.

@@ -80,7 +80,10 @@ pub fn refusal_of(error: &rustls::Error) -> Option<PeerRefusal> {
 /// The refusal behind a failed tokio-rustls handshake, which reports rustls errors as
 /// `io::Error`s.
 pub fn refusal_in(error: &std::io::Error) -> Option<PeerRefusal> {
-    error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).and_then(refusal_of)
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(refusal_of)
 }
 
 /// Which identities a peer may prove.
@@ -159,15 +162,22 @@ pub fn peer_identity(
         .for_domain(facts.id.trust_domain())
         .ok_or_else(|| PeerRefusal::UntrustedDomain(facts.id.trust_domain().to_owned()))?;
     let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| PeerRefusal::Malformed(e.to_string()))?;
-    cert.verify_for_usage(algorithms().all, bundle.anchors(), intermediates, now, usage, None, None).map_err(
-        |e| match e {
-            webpki::Error::CertExpired { .. } => PeerRefusal::Expired,
-            webpki::Error::CertNotValidYet { .. } => PeerRefusal::NotYetValid,
-            webpki::Error::UnknownIssuer => PeerRefusal::ForeignCa,
-            webpki::Error::CaUsedAsEndEntity => PeerRefusal::CaLeaf,
-            other => PeerRefusal::Invalid(other.to_string()),
-        },
-    )?;
+    cert.verify_for_usage(
+        algorithms().all,
+        bundle.anchors(),
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(|e| match e {
+        webpki::Error::CertExpired { .. } => PeerRefusal::Expired,
+        webpki::Error::CertNotValidYet { .. } => PeerRefusal::NotYetValid,
+        webpki::Error::UnknownIssuer => PeerRefusal::ForeignCa,
+        webpki::Error::CaUsedAsEndEntity => PeerRefusal::CaLeaf,
+        other => PeerRefusal::Invalid(other.to_string()),
+    })?;
     Ok(facts.id)
 }
 
@@ -193,8 +203,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = peer_identity(end_entity, intermediates, &self.bundles, now, webpki::KeyUsage::server_auth())
-            .map_err(PeerRefusal::into_rustls)?;
+        let id = peer_identity(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )
+        .map_err(PeerRefusal::into_rustls)?;
         self.expected.admit(&id).map_err(PeerRefusal::into_rustls)?;
         Ok(ServerCertVerified::assertion())
     }
@@ -241,8 +257,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        peer_identity(end_entity, intermediates, &self.bundles, now, webpki::KeyUsage::client_auth())
-            .map_err(PeerRefusal::into_rustls)?;
+        peer_identity(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )
+        .map_err(PeerRefusal::into_rustls)?;
         Ok(ClientCertVerified::assertion())
     }
 

@@ -1,0 +1,292 @@
+//! `sidecar run`: one workload's proxy with explicit addresses and files — what a lab
+//! process, a benchmark or a VM without iptables capture uses.
+//!
+//! Data-plane work runs on `workers` single-threaded runtimes sharing each listening
+//! socket; metrics are served from a separate control thread.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_vocab::spiffe::SpiffeId;
+use rustls_pki_types::ServerName;
+
+use crate::drain;
+use crate::http_endpoint::{self, Reply};
+use crate::inbound::{self, Inbound, Protocol};
+use crate::outbound::{self, Outbound};
+use crate::peer_authentication::{MtlsMode, Policy, parse_port_override};
+use crate::socket::{listen, raise_fd_limit};
+use crate::telemetry::Telemetry;
+use crate::tls::bundle::Bundle;
+use crate::tls::{Alpn, ExpectedPeer, Svid, SvidSlot, TrustBundles};
+
+/// `LISTEN=TARGET`: an address pair.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop {
+    pub listen: SocketAddr,
+    pub target: SocketAddr,
+}
+
+fn parse_hop(s: &str) -> Result<Hop, String> {
+    let (l, t) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected LISTEN=TARGET, e.g. 127.0.0.1:15001=10.0.0.7:15006"))?;
+    let listen = l.parse().map_err(|_| format!("{l:?} is not an address:port"))?;
+    let target = t.parse().map_err(|_| format!("{t:?} is not an address:port"))?;
+    Ok(Hop { listen, target })
+}
+
+fn parse_bundle(s: &str) -> Result<(String, PathBuf), String> {
+    let (td, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected TRUST_DOMAIN=FILE"))?;
+    Ok((td.to_owned(), PathBuf::from(path)))
+}
+
+/// Command-line arguments of `sidecar run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The workload's certificate chain (PEM, leaf first): its X.509 SVID.
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// The SVID's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// The bundle of our own trust domain (PEM roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// A federated trust domain's bundle; peers of that domain are checked against it only.
+    #[arg(long = "bundle", value_name = "TD=FILE", value_parser = parse_bundle)]
+    pub bundles: Vec<(String, PathBuf)>,
+    /// Outbound: accept the application's plaintext on LISTEN, carry it in mTLS to TARGET.
+    #[arg(long, value_name = "LISTEN=TARGET", value_parser = parse_hop)]
+    pub outbound: Option<Hop>,
+    /// SNI for the outbound hop: Istio's `outbound_.PORT_.SUBSET_.HOST`.
+    #[arg(long, requires = "outbound")]
+    pub sni: Option<String>,
+    /// SPIFFE ID the outbound upstream must prove (repeatable; default: any trusted ID).
+    #[arg(long = "peer-id", value_name = "SPIFFE_ID", requires = "outbound")]
+    pub peer_ids: Vec<String>,
+    /// Inbound: accept callers on LISTEN, hand their bytes to the application at TARGET.
+    #[arg(long, value_name = "LISTEN=TARGET", value_parser = parse_hop)]
+    pub inbound: Option<Hop>,
+    /// PeerAuthentication mode of the inbound side.
+    #[arg(long, default_value = "STRICT", value_name = "STRICT|PERMISSIVE|DISABLE")]
+    pub mtls: MtlsMode,
+    /// A port-level override of the mode (the application's port, as `portLevelMtls`).
+    #[arg(long = "port-mtls", value_name = "PORT=MODE", value_parser = parse_port_override)]
+    pub port_mtls: Vec<(u16, MtlsMode)>,
+    /// The application protocol: `http` adds `x-forwarded-client-cert` inbound.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "http"])]
+    pub protocol: String,
+    /// The service name used in metrics and in the default SNI.
+    #[arg(long, default_value = "reviews.default.svc.cluster.local")]
+    pub service: String,
+    /// Serve Prometheus metrics (`/stats/prometheus`) here, e.g. 127.0.0.1:15090.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Data-plane threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+    /// Bound on connecting to the upstream or the application.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Bound on a TLS handshake (and on a STRICT caller's first byte).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// PERMISSIVE: how long to wait for a caller's first byte before treating it as plaintext.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub sniff_timeout: Duration,
+    /// How long open connections may go on after SIGTERM.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Where a running sidecar listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub outbound: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub bound: Bound,
+    pub svid: Arc<SvidSlot>,
+    pub bundles: Arc<TrustBundles>,
+    trigger: drain::Trigger,
+    drain_timeout: Duration,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Sidecar {
+    /// Loads the SVID and bundles, binds every listener and starts serving.
+    pub fn start(args: RunArgs) -> anyhow::Result<Sidecar> {
+        if args.outbound.is_none() && args.inbound.is_none() {
+            anyhow::bail!("nothing to do: give --outbound LISTEN=TARGET, --inbound LISTEN=TARGET, or both");
+        }
+        raise_fd_limit();
+        let svid = Svid::from_files(&args.cert, &args.key)?;
+        let self_id = svid.id().clone();
+        let bundles = TrustBundles::new();
+        let own = std::fs::read(&args.ca).with_context(|| format!("cannot read {}", args.ca.display()))?;
+        bundles.set(self_id.trust_domain(), Bundle::from_pem(self_id.trust_domain(), &own)?);
+        for (td, path) in &args.bundles {
+            let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            bundles.set(td, Bundle::from_pem(td, &pem)?);
+        }
+        let telemetry = Telemetry::new();
+        telemetry.svid_expiry.set(svid.expiry_unix() as i64);
+        let svid = SvidSlot::new(svid);
+        let (trigger, watch) = drain::channel();
+        let protocol = if args.protocol == "http" {
+            Protocol::Http
+        } else {
+            Protocol::Tcp
+        };
+
+        let mut threads = Vec::new();
+        let mut bound = Bound {
+            outbound: None,
+            inbound: None,
+            metrics: None,
+        };
+        if let Some(hop) = args.outbound {
+            let expected = if args.peer_ids.is_empty() {
+                ExpectedPeer::Any
+            } else {
+                ExpectedPeer::OneOf(
+                    args.peer_ids
+                        .iter()
+                        .map(|s| SpiffeId::parse(s).with_context(|| format!("--peer-id {s}")))
+                        .collect::<Result<_, _>>()?,
+                )
+            };
+            let sni = args
+                .sni
+                .clone()
+                .unwrap_or_else(|| format!("outbound_.{}_._.{}", hop.target.port(), args.service));
+            let sni = ServerName::try_from(sni.clone()).with_context(|| format!("--sni {sni:?} is not a DNS name"))?;
+            let alpn = if protocol == Protocol::Http {
+                Alpn::Http11
+            } else {
+                Alpn::Tcp
+            };
+            let outbound = Arc::new(Outbound {
+                upstream: hop.target,
+                sni,
+                service: args.service.clone(),
+                tls: crate::tls::client_config(svid.clone(), bundles.clone(), expected, alpn),
+                self_id: self_id.clone(),
+                connect_timeout: args.connect_timeout,
+                handshake_timeout: args.handshake_timeout,
+                telemetry: telemetry.clone(),
+                drain: watch.clone(),
+            });
+            let listener = listen(hop.listen)?;
+            bound.outbound = Some(listener.local_addr()?);
+            spawn_workers("outbound", args.workers, listener, &mut threads, move |l| {
+                outbound::serve(l, outbound.clone())
+            })?;
+        }
+        if let Some(hop) = args.inbound {
+            let mut policy = Policy::uniform(args.mtls);
+            policy.ports.extend(args.port_mtls.iter().copied());
+            let inbound = Arc::new(Inbound {
+                app: hop.target,
+                protocol,
+                policy,
+                tls: crate::tls::server_config(svid.clone(), bundles.clone()),
+                self_id: self_id.clone(),
+                service: args.service.clone(),
+                sniff_timeout: args.sniff_timeout,
+                handshake_timeout: args.handshake_timeout,
+                connect_timeout: args.connect_timeout,
+                telemetry: telemetry.clone(),
+                drain: watch.clone(),
+            });
+            let listener = listen(hop.listen)?;
+            bound.inbound = Some(listener.local_addr()?);
+            spawn_workers("inbound", args.workers, listener, &mut threads, move |l| {
+                inbound::serve(l, inbound.clone())
+            })?;
+        }
+        if let Some(addr) = args.metrics {
+            let listener = listen(addr)?;
+            bound.metrics = Some(listener.local_addr()?);
+            let telemetry = telemetry.clone();
+            let watch = watch.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sidecar-control".into())
+                    .spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("runtime");
+                        rt.block_on(async move {
+                            let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
+                            let handler: http_endpoint::Handler = Arc::new(move |_, path| match path {
+                                "/stats/prometheus" | "/metrics" => Reply::text(telemetry.render()),
+                                _ => Reply::status(hyper::StatusCode::NOT_FOUND, "not found\n"),
+                            });
+                            http_endpoint::serve(listener, handler, async move { watch.signaled().await }).await;
+                        });
+                    })?,
+            );
+        }
+        Ok(Sidecar {
+            bound,
+            svid,
+            bundles,
+            trigger,
+            drain_timeout: args.drain_timeout,
+            threads,
+        })
+    }
+
+    /// Stops accepting, lets open connections finish up to the drain timeout, and returns
+    /// how many were cut.
+    pub async fn drain(self) -> usize {
+        let left = self.trigger.drain(self.drain_timeout).await;
+        // Worker threads end once their accept loops return and their connections end or
+        // the process exits; a stuck connection must not hold the exit.
+        drop(self.threads);
+        left
+    }
+}
+
+fn spawn_workers<F, Fut>(
+    side: &str,
+    workers: u16,
+    listener: std::net::TcpListener,
+    threads: &mut Vec<JoinHandle<()>>,
+    serve: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(tokio::net::TcpListener) -> Fut + Send + Clone + 'static,
+    Fut: Future<Output = ()>,
+{
+    for n in 0..workers {
+        let listener = listener.try_clone()?;
+        let serve = serve.clone();
+        threads.push(std::thread::Builder::new().name(format!("{side}-{n}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
+                serve(listener).await;
+                // Connections spawned on this runtime keep going until the process ends.
+                std::future::pending::<()>().await;
+            });
+        })?);
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! Sockets as every proxy of the mesh wants them.
+
+use std::io;
+use std::net::SocketAddr;
+
+/// A listening socket with a deep accept queue: the default of 128 drops SYNs under a
+/// burst of new connections. The error names the address.
+pub fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Lets the process hold as many sockets as its hard limit allows: a proxy needs two per
+/// connection, and the usual soft limit of 1024 is far too low.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The sidecar's metrics, with Istio's names and labels so existing dashboards work.
+//!
+//! `reporter` is `source` on the outbound side and `destination` on the inbound side;
+//! `connection_security_policy` says what really protected the connection (`mutual_tls` or
+//! `none`), never what was configured.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+const TCP_LABELS: &[&str] = &[
+    "reporter",
+    "source_principal",
+    "destination_principal",
+    "destination_service",
+    "connection_security_policy",
+];
+
+/// Every metric the sidecar exports.
+#[derive(Clone)]
+pub struct Telemetry {
+    registry: Registry,
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    sent: IntCounterVec,
+    received: IntCounterVec,
+    refused: IntCounterVec,
+    upstream_failures: IntCounterVec,
+    open: IntGauge,
+    /// Unix time at which the current SVID expires.
+    pub svid_expiry: IntGauge,
+}
+
+/// What labels one connection's counters.
+#[derive(Debug, Clone)]
+pub struct ConnectionLabels<'a> {
+    pub reporter: &'static str,
+    pub source_principal: &'a str,
+    pub destination_principal: &'a str,
+    pub destination_service: &'a str,
+    pub mutual_tls: bool,
+}
+
+/// The counters of one connection, resolved once at its start.
+pub struct TcpCounters {
+    closed: IntCounter,
+    /// Bytes towards the connection's client.
+    pub sent: IntCounter,
+    /// Bytes from the connection's client.
+    pub received: IntCounter,
+    open: IntGauge,
+}
+
+impl Drop for TcpCounters {
+    fn drop(&mut self) {
+        self.closed.inc();
+        self.open.dec();
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// A fresh registry with every family registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        Self {
+            opened: counter(
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened",
+                TCP_LABELS,
+            ),
+            closed: counter(
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed",
+                TCP_LABELS,
+            ),
+            sent: counter(
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent towards the client",
+                TCP_LABELS,
+            ),
+            received: counter(
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the client",
+                TCP_LABELS,
+            ),
+            refused: counter(
+                "isthmus_sidecar_refused_connections_total",
+                "Connections refused before reaching the application or upstream, by side and reason",
+                &["side", "reason"],
+            ),
+            upstream_failures: counter(
+                "isthmus_sidecar_upstream_failures_total",
+                "Failed connections to the upstream or the application, by side and reason",
+                &["side", "reason"],
+            ),
+            open: gauge("isthmus_sidecar_open_connections", "Connections open now"),
+            svid_expiry: gauge(
+                "isthmus_sidecar_svid_expiry_seconds",
+                "Unix time at which the current SVID expires",
+            ),
+            registry,
+        }
+    }
+
+    /// Counts a connection as opened and returns its counters; dropping them counts the close.
+    pub fn connection(&self, l: &ConnectionLabels<'_>) -> TcpCounters {
+        let policy = if l.mutual_tls { "mutual_tls" } else { "none" };
+        let values = [
+            l.reporter,
+            l.source_principal,
+            l.destination_principal,
+            l.destination_service,
+            policy,
+        ];
+        self.opened.with_label_values(&values).inc();
+        self.open.inc();
+        TcpCounters {
+            closed: self.closed.with_label_values(&values),
+            sent: self.sent.with_label_values(&values),
+            received: self.received.with_label_values(&values),
+            open: self.open.clone(),
+        }
+    }
+
+    /// Counts a connection refused on `side` (`inbound`/`outbound`) for `reason`.
+    pub fn refused(&self, side: &str, reason: &str) {
+        self.refused.with_label_values(&[side, reason]).inc();
+    }
+
+    /// Counts a failed connection to the upstream or application.
+    pub fn upstream_failure(&self, side: &str, reason: &str) {
+        self.upstream_failures.with_label_values(&[side, reason]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("Prometheus text is UTF-8")
+    }
+}

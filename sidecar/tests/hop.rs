@@ -1,0 +1,331 @@
+//! The mesh hop end to end over real sockets: application → outbound sidecar → mTLS →
+//! inbound sidecar → application, with certificates made at test time, and the inbound
+//! side's PeerAuthentication modes as a caller sees them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+use sidecar::run::{RunArgs, Sidecar};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Pki {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = std::env::temp_dir().join(format!("isthmus-hop-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::OrganizationName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        std::fs::write(dir.join("root-cert.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+        Pki {
+            dir,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("root-cert.pem")
+    }
+
+    /// Writes an SVID for `sa` and returns (cert, key) paths.
+    fn svid(&self, td: &str, sa: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let id = format!("spiffe://{td}/ns/default/sa/{sa}");
+        params
+            .subject_alt_names
+            .push(SanType::URI(id.as_str().try_into().unwrap()));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (self.dir.join(format!("{sa}.pem")), self.dir.join(format!("{sa}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn args(line: &str) -> RunArgs {
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+    Cli::try_parse_from(std::iter::once("sidecar").chain(line.split_whitespace()))
+        .unwrap()
+        .run
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// An HTTP/1.1 application that answers each request with the `x-forwarded-client-cert`
+/// header it received (or `-`), so a test sees what the inbound side vouched for.
+async fn http_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let xfcc = req
+                        .headers()
+                        .get_all("x-forwarded-client-cert")
+                        .iter()
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .collect::<Vec<_>>()
+                        .join(" | ");
+                    let body = if xfcc.is_empty() { "-".to_owned() } else { xfcc };
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(body),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One HTTP/1.1 GET with an optional forged XFCC; returns the body.
+async fn get(addr: SocketAddr, forged_xfcc: Option<&str>) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    let extra = forged_xfcc
+        .map(|v| format!("x-forwarded-client-cert: {v}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET / HTTP/1.1\r\nhost: reviews\r\n{extra}connection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no answer: {out:?}")))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(head.to_owned()));
+    }
+    Ok(body.to_owned())
+}
+
+async fn metrics(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Polls the metrics until `line` (a metric with labels) shows `value`, or fails at a deadline.
+async fn wait_metric(addr: SocketAddr, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics(addr).await;
+        if text.lines().any(|l| l.contains(needle)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "metric {needle:?} never appeared in\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Pair {
+    client: Sidecar,
+    server: Sidecar,
+}
+
+impl Pair {
+    async fn start(pki: &Pki, app: SocketAddr, server_extra: &str) -> Pair {
+        let (cc, ck) = pki.svid("cluster.local", "productpage");
+        let (sc, sk) = pki.svid("cluster.local", "reviews");
+        let server = Sidecar::start(args(&format!(
+            "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol http --metrics 127.0.0.1:0 {server_extra}",
+            p(&sc),
+            p(&sk),
+            p(&pki.ca())
+        )))
+        .unwrap();
+        let client = Sidecar::start(args(&format!(
+            "--outbound 127.0.0.1:0={} --peer-id spiffe://cluster.local/ns/default/sa/reviews --cert {} --key {} --ca {} --protocol http --metrics 127.0.0.1:0",
+            server.bound.inbound.unwrap(),
+            p(&cc),
+            p(&ck),
+            p(&pki.ca())
+        )))
+        .unwrap();
+        Pair { client, server }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mtls_carries_the_callers_spiffe_id_and_replaces_a_forged_one() {
+    let pki = Pki::new("strict");
+    let app = http_app().await;
+    let pair = Pair::start(&pki, app, "--mtls STRICT").await;
+    let out = pair.client.bound.outbound.unwrap();
+    let body = get(
+        out,
+        Some("By=spiffe://evil/x;URI=spiffe://cluster.local/ns/default/sa/admin"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        body.starts_with("By=spiffe://cluster.local/ns/default/sa/reviews;Hash="),
+        "{body}"
+    );
+    assert!(
+        body.ends_with(";URI=spiffe://cluster.local/ns/default/sa/productpage"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("admin") && !body.contains(" | "),
+        "the forged header must be gone: {body}"
+    );
+
+    // Plaintext straight to the inbound side is refused and counted.
+    let inbound = pair.server.bound.inbound.unwrap();
+    assert!(get(inbound, None).await.is_err(), "STRICT must refuse plaintext");
+    let server_metrics = pair.server.bound.metrics.unwrap();
+    wait_metric(
+        server_metrics,
+        r#"isthmus_sidecar_refused_connections_total{reason="plaintext",side="inbound"} 1"#,
+    )
+    .await;
+    // Both reporters count the connection honestly.
+    wait_metric(server_metrics, r#"connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/default/sa/reviews""#).await;
+    let client_metrics = metrics(pair.client.bound.metrics.unwrap()).await;
+    assert!(
+        client_metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains(r#"reporter="source""#)
+                && l.contains(r#"connection_security_policy="mutual_tls""#)),
+        "{client_metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_accepts_both_and_says_which_was_which() {
+    let pki = Pki::new("permissive");
+    let app = http_app().await;
+    let pair = Pair::start(&pki, app, "--mtls PERMISSIVE").await;
+    let via_mesh = get(pair.client.bound.outbound.unwrap(), None).await.unwrap();
+    assert!(
+        via_mesh.ends_with("URI=spiffe://cluster.local/ns/default/sa/productpage"),
+        "{via_mesh}"
+    );
+    // A plaintext caller gets through, with no identity (and cannot forge one).
+    let plain = get(
+        pair.server.bound.inbound.unwrap(),
+        Some("URI=spiffe://cluster.local/ns/default/sa/admin"),
+    )
+    .await;
+    assert_eq!(plain.unwrap(), "-");
+    wait_metric(
+        pair.server.bound.metrics.unwrap(),
+        r#"connection_security_policy="none""#,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_level_override_relaxes_one_port_only() {
+    let pki = Pki::new("port");
+    let app = http_app().await;
+    // STRICT for the workload, PERMISSIVE for the application's port: plaintext passes.
+    let pair = Pair::start(
+        &pki,
+        app,
+        &format!("--mtls STRICT --port-mtls {}=PERMISSIVE", app.port()),
+    )
+    .await;
+    assert_eq!(get(pair.server.bound.inbound.unwrap(), None).await.unwrap(), "-");
+    // The override is for that port only.
+    let other = Pair::start(&pki, app, "--mtls STRICT --port-mtls 1=PERMISSIVE").await;
+    assert!(get(other.server.bound.inbound.unwrap(), None).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_from_a_foreign_ca_is_refused_under_strict() {
+    let pki = Pki::new("home");
+    let foreign = Pki::new("foreign");
+    let app = http_app().await;
+    let (sc, sk) = pki.svid("cluster.local", "reviews");
+    let server = Sidecar::start(args(&format!(
+        "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol http --metrics 127.0.0.1:0",
+        p(&sc),
+        p(&sk),
+        p(&pki.ca())
+    )))
+    .unwrap();
+    // The impostor trusts the server's CA but presents a cluster.local ID from its own.
+    let (fc, fk) = foreign.svid("cluster.local", "productpage");
+    // It trusts the server's CA too, so only the server's check can stop it.
+    let both = foreign.dir.join("both.pem");
+    std::fs::write(
+        &both,
+        [std::fs::read(foreign.ca()).unwrap(), std::fs::read(pki.ca()).unwrap()].concat(),
+    )
+    .unwrap();
+    let client = Sidecar::start(args(&format!(
+        "--outbound 127.0.0.1:0={} --cert {} --key {} --ca {} --protocol http",
+        server.bound.inbound.unwrap(),
+        p(&fc),
+        p(&fk),
+        p(&both)
+    )))
+    .unwrap();
+    assert!(get(client.bound.outbound.unwrap(), None).await.is_err());
+    wait_metric(
+        server.bound.metrics.unwrap(),
+        r#"isthmus_sidecar_refused_connections_total{reason="foreign_ca",side="inbound"} 1"#,
+    )
+    .await;
+}
+
+#[test]
+fn the_binary_names_what_is_wrong_with_its_inputs() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args([
+            "run",
+            "--cert",
+            "/nonexistent/cert.pem",
+            "--key",
+            "/nonexistent/key.pem",
+            "--ca",
+            "/x",
+        ])
+        .args(["--inbound", "127.0.0.1:0=127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args(["run", "--cert", "c", "--key", "k", "--ca", "a", "--inbound", "15006"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected LISTEN=TARGET"), "{err}");
+}
