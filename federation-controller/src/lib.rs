@@ -5,8 +5,10 @@
 //! whose updates [`publisher`] turns into snapshots); [`model`] distils them into what
 //! federation needs; [`registry`] keeps the last model of every cluster and when
 //! it was last heard from; [`federation`] merges them, purely, into the
-//! endpoints a proxy on a given network should see.
+//! endpoints a proxy on a given network should see. Beside that flow, [`ca`] issues
+//! the workloads' SVIDs.
 
+pub mod ca;
 pub mod federation;
 pub mod kube_source;
 pub mod manifests;

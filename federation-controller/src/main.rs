@@ -10,7 +10,7 @@ use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
 use federation_controller::registry::Freshness;
 use federation_controller::xds::{Snapshot, XdsServer};
-use federation_controller::{kube_source, manifests, publisher, remote_secrets};
+use federation_controller::{ca, kube_source, manifests, publisher, remote_secrets};
 use hyper::{Method, StatusCode};
 use mesh_vocab::{ClusterId, NetworkId};
 use sidecar::http_endpoint::{self, Handler, Reply};
@@ -72,6 +72,8 @@ impl Source {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start; boxing the big variant would only add noise.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Serves xDS (ADS, state of the world: clusters and endpoints) from a manifest
     /// directory, re-read whenever a file changes.
@@ -94,6 +96,13 @@ enum Command {
         /// How often the manifest directory is checked for changes.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
+        #[command(flatten)]
+        ca: CaArgs,
+    },
+    /// The certificate authority's offline tasks.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// Reads a manifest directory (one subdirectory per cluster) and prints, per
     /// service port, the endpoints a proxy on NETWORK would be given.
@@ -107,6 +116,88 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The CA and the TLS port (Istio's 15012) that serves it, with xDS, to workloads.
+#[derive(Args)]
+struct CaArgs {
+    /// The CA's directory: Istio's `cacerts` files (ca-cert.pem, ca-key.pem, cert-chain.pem,
+    /// root-cert.pem) to use a plugged-in CA, or empty to make a self-signed root there.
+    /// Without it, no CA and no TLS port are served.
+    #[arg(long, value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Where to serve xDS and the CA over TLS (Istio's 15012).
+    #[arg(long, default_value = "0.0.0.0:15012", value_name = "ADDR")]
+    secure: std::net::SocketAddr,
+    /// Names the TLS port's certificate carries (repeatable), beside 127.0.0.1.
+    #[arg(long = "serving-name", default_values = ["istiod.istio-system.svc", "isthmus-controller", "localhost"])]
+    serving_names: Vec<String>,
+    /// Lifetime of an SVID when the workload asks for none.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    svid_ttl: std::time::Duration,
+    /// The longest SVID lifetime granted.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    max_svid_ttl: std::time::Duration,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Makes one shared root and an intermediate CA per cluster, each cluster's directory in
+    /// Istio's `cacerts` layout (give it to that cluster's controller as --ca-dir). An
+    /// existing root and existing clusters are kept.
+    InitMesh {
+        /// Where to write the root and one subdirectory per cluster.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Cluster names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        clusters: Vec<String>,
+    },
+    /// Mints a lab bootstrap token proving IDENTITY to this CA (printed on stdout).
+    Token {
+        /// The CA's directory (its bootstrap key lives there).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// The SPIFFE ID the token proves.
+        #[arg(long)]
+        identity: String,
+        /// How long the token may be used.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+/// The CA service and the TLS identity of the secure port, when `--ca-dir` is given.
+fn certificate_authority(
+    args: &CaArgs,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<(ca::service::CertificateService, tonic::transport::Identity)>> {
+    let Some(dir) = &args.ca_dir else { return Ok(None) };
+    let (authority, origin) = ca::Authority::load_or_create(dir, &args.trust_domain)?;
+    tracing::info!(dir = %dir.display(), ?origin, "certificate authority loaded");
+    metrics.root_expiry.set(
+        authority
+            .not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    );
+    let signer = ca::Signer {
+        authority,
+        default_ttl: args.svid_ttl,
+        max_ttl: args.max_svid_ttl,
+    };
+    let own = mesh_vocab::SpiffeId::workload(&args.trust_domain, "istio-system", "istiod")
+        .context("--trust-domain is not a valid trust domain")?;
+    let ips = [std::net::IpAddr::from([127, 0, 0, 1])];
+    let (chain, key) = signer.serving_certificate(&own, &args.serving_names, &ips)?;
+    let tokens = ca::bootstrap::BootstrapKey::load_or_create(dir)?;
+    let service = ca::service::CertificateService::new(signer, tokens, metrics.clone());
+    Ok(Some((service, tonic::transport::Identity::from_pem(chain, key))))
 }
 
 fn parse_kubeconfig(s: &str) -> Result<(String, String), String> {
@@ -187,7 +278,9 @@ fn main() -> anyhow::Result<()> {
             remote_secrets_from,
             sync_timeout,
             interval,
+            ca,
         } => {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let mesh = source.mesh();
             let expected = source.kubeconfigs.len();
             let first = match &source.manifests {
@@ -212,8 +305,26 @@ fn main() -> anyhow::Result<()> {
                 let monitor = tokio::net::TcpListener::bind(monitoring)
                     .await
                     .with_context(|| format!("cannot listen on {monitoring}"))?;
+                let mut secure = String::new();
+                if let Some((service, identity)) = certificate_authority(&ca, &metrics)? {
+                    let listener = tokio::net::TcpListener::bind(ca.secure)
+                        .await
+                        .with_context(|| format!("cannot listen on {}", ca.secure))?;
+                    secure = format!(" secure={}", listener.local_addr()?);
+                    let ads = XdsServer::with_metrics(rx.clone(), metrics.clone());
+                    let server = tonic::transport::Server::builder()
+                        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+                        .add_service(AggregatedDiscoveryServiceServer::new(ads))
+                        .add_service(service)
+                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+                    tokio::spawn(async move {
+                        if let Err(e) = server.await {
+                            tracing::error!(error = %e, "the secure port stopped");
+                        }
+                    });
+                }
                 println!(
-                    "ready xds={} monitoring={}",
+                    "ready xds={} monitoring={}{secure}",
                     listener.local_addr()?,
                     monitor.local_addr()?
                 );
@@ -299,6 +410,34 @@ fn main() -> anyhow::Result<()> {
                 }
                 anyhow::Ok(())
             })?;
+        }
+        Command::Ca {
+            command:
+                CaCommand::InitMesh {
+                    out,
+                    trust_domain,
+                    clusters,
+                },
+        } => {
+            let made = ca::store::init_mesh(&out, &trust_domain, &clusters)?;
+            println!("root: {}", out.join("root-cert.pem").display());
+            for dir in made {
+                println!("cluster CA: {}", dir.display());
+            }
+        }
+        Command::Ca {
+            command: CaCommand::Token { ca_dir, identity, ttl },
+        } => {
+            let id = mesh_vocab::SpiffeId::parse(&identity).with_context(|| format!("--identity {identity}"))?;
+            anyhow::ensure!(
+                ca_dir.join("ca-key.pem").exists(),
+                "{}: no CA here (start `serve --ca-dir` on it first, or plug Istio's cacerts in)",
+                ca_dir.display()
+            );
+            println!(
+                "{}",
+                ca::bootstrap::BootstrapKey::load_or_create(&ca_dir)?.mint(&id, ttl)
+            );
         }
         Command::View { source, network, json } => {
             let view = source.snapshot(&source.mesh())?.view(&NetworkId::new(network));

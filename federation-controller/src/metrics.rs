@@ -19,6 +19,13 @@ pub struct Metrics {
     refusals: IntCounterVec,
     /// Per served cluster: 1 while it is silent but kept (stale), 0 while fresh.
     cluster_stale: prometheus::IntGaugeVec,
+    /// CSRs received (istiod's `citadel_server_csr_count`).
+    pub csrs: prometheus::IntCounter,
+    /// SVIDs issued (istiod's `citadel_server_success_cert_issuance_count`).
+    pub issued: prometheus::IntCounter,
+    csr_refusals: IntCounterVec,
+    /// Unix time at which the CA root expires (istiod's `citadel_server_root_cert_expiry_timestamp`).
+    pub root_expiry: IntGauge,
 }
 
 /// istiod's short type names, for the `type` label.
@@ -71,7 +78,28 @@ impl Metrics {
             &["cluster"],
         )
         .expect("valid metric");
-        let all: [Box<dyn prometheus::core::Collector>; 7] = [
+        let csrs = prometheus::IntCounter::new("citadel_server_csr_count", "Certificate signing requests received")
+            .expect("valid metric");
+        let issued = prometheus::IntCounter::new("citadel_server_success_cert_issuance_count", "Certificates issued")
+            .expect("valid metric");
+        let csr_refusals = IntCounterVec::new(
+            Opts::new(
+                "isthmus_ca_csr_refusals_total",
+                "Certificate signing requests refused, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let root_expiry = IntGauge::new(
+            "citadel_server_root_cert_expiry_timestamp",
+            "Unix time at which the CA root expires",
+        )
+        .expect("valid metric");
+        let all: [Box<dyn prometheus::core::Collector>; 11] = [
+            Box::new(csrs.clone()),
+            Box::new(issued.clone()),
+            Box::new(csr_refusals.clone()),
+            Box::new(root_expiry.clone()),
             Box::new(cluster_stale.clone()),
             Box::new(refusals.clone()),
             Box::new(pushes.clone()),
@@ -92,7 +120,16 @@ impl Metrics {
             version,
             refusals,
             cluster_stale,
+            csrs,
+            issued,
+            csr_refusals,
+            root_expiry,
         }
+    }
+
+    /// Counts a refused CSR (bad credential, malformed, wrong identity, extra names…).
+    pub fn csr_refusal(&self, reason: &str) {
+        self.csr_refusals.with_label_values(&[reason]).inc();
     }
 
     /// Shows which clusters a snapshot serves and whether each is stale; clusters

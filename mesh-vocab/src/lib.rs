@@ -1,10 +1,11 @@
 //! The vocabulary every Isthmus part speaks, and nothing else.
 //!
-//! Names on the wire (Istio's cross-network SNI, SPIFFE IDs), the keys that
+//! Names on the wire (Istio's cross-network SNI, SPIFFE IDs, the CA protocol), the keys that
 //! identify services, clusters and networks, and how a YAML input's errors are
 //! located for the user. This crate depends on no other part
 //! of Isthmus, so every part may depend on it.
 
+pub mod ca_protocol;
 pub mod hostname;
 pub mod manifest;
 pub mod names;

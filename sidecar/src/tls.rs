@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod csr;
 pub mod svid;
 pub mod verify;
 

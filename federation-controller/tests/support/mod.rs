@@ -69,6 +69,8 @@ pub struct Controller {
     pub xds: std::net::SocketAddr,
     /// Where it serves `/metrics`.
     pub monitoring: std::net::SocketAddr,
+    /// Where it serves the CA and xDS over TLS, when started with `--ca-dir`.
+    pub secure: Option<std::net::SocketAddr>,
 }
 
 impl Controller {
@@ -159,9 +161,14 @@ impl Controller {
                 .parse()
                 .unwrap()
         };
+        let secure = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("secure="))
+            .map(|a| a.parse().unwrap());
         Controller {
             xds: field("xds"),
             monitoring: field("monitoring"),
+            secure,
             child,
         }
     }

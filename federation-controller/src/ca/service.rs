@@ -1,0 +1,128 @@
+//! Istio's `IstioCertificateService.CreateCertificate` over gRPC, the method istio-agent
+//! and our sidecar call on 15012 to turn a CSR into an SVID.
+//!
+//! Written out by hand rather than generated: one unary method does not justify a `protoc`
+//! build dependency, and the message types live in `mesh_vocab::ca_protocol`.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use mesh_vocab::ca_protocol::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
+use mesh_vocab::spiffe::SpiffeId;
+use tonic::codegen::{Body, BoxFuture, StdError, http};
+use tonic::{Request, Response, Status};
+
+use super::bootstrap::{BootstrapKey, TokenRefusal};
+use super::signer::Signer;
+use crate::metrics::Metrics;
+
+/// The gRPC service name.
+pub const SERVICE_NAME: &str = "istio.v1.auth.IstioCertificateService";
+
+/// The CA as a gRPC service.
+#[derive(Clone)]
+pub struct CertificateService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    signer: Signer,
+    tokens: BootstrapKey,
+    metrics: Metrics,
+}
+
+impl CertificateService {
+    /// Serves `signer`, admitting callers that prove their identity with a bootstrap token.
+    pub fn new(signer: Signer, tokens: BootstrapKey, metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                signer,
+                tokens,
+                metrics,
+            }),
+        }
+    }
+
+    /// Proves the caller's identity from `authorization: Bearer <token>`.
+    fn caller(&self, request: &Request<IstioCertificateRequest>) -> Result<SpiffeId, TokenRefusal> {
+        let value = request.metadata().get("authorization").ok_or(TokenRefusal::Missing)?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(TokenRefusal::Malformed)?;
+        self.inner.tokens.verify(token, SystemTime::now())
+    }
+
+    /// Handles one `CreateCertificate` call.
+    pub async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let metrics = &self.inner.metrics;
+        metrics.csrs.inc();
+        let identity = self.caller(&request).map_err(|refusal| {
+            metrics.csr_refusal(refusal.reason());
+            tracing::warn!(%refusal, "CSR refused: caller not authenticated");
+            Status::unauthenticated(refusal.to_string())
+        })?;
+        let body = request.into_inner();
+        let requested = u64::try_from(body.validity_duration).ok().map(Duration::from_secs);
+        let chain = self
+            .inner
+            .signer
+            .sign(&body.csr, &identity, requested)
+            .map_err(|refusal| {
+                metrics.csr_refusal(refusal.reason());
+                tracing::warn!(%identity, %refusal, "CSR refused");
+                Status::invalid_argument(refusal.to_string())
+            })?;
+        metrics.issued.inc();
+        tracing::info!(%identity, "SVID issued");
+        Ok(Response::new(IstioCertificateResponse { cert_chain: chain }))
+    }
+}
+
+impl tonic::server::NamedService for CertificateService {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+struct CreateCertificate(CertificateService);
+
+impl tonic::server::UnaryService<IstioCertificateRequest> for CreateCertificate {
+    type Response = IstioCertificateResponse;
+    type Future = BoxFuture<Response<Self::Response>, Status>;
+
+    fn call(&mut self, request: Request<IstioCertificateRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.create_certificate(request).await })
+    }
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for CertificateService
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != CREATE_CERTIFICATE {
+            return Box::pin(async { Ok(Status::unimplemented("only CreateCertificate is served").into_http()) });
+        }
+        let method = CreateCertificate(self.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                // A CSR is a few hundred bytes; refuse anything far beyond before decoding.
+                .max_decoding_message_size(64 * 1024);
+            Ok(grpc.unary(method, request).await)
+        })
+    }
+}
