@@ -22,6 +22,7 @@ use crate::peer_authentication::{MtlsMode, Policy, parse_port_override};
 use crate::socket::{listen, raise_fd_limit};
 use crate::telemetry::Telemetry;
 use crate::tls::bundle::Bundle;
+use crate::tls::csr::{CaClient, CsrError};
 use crate::tls::{Alpn, ExpectedPeer, Svid, SvidSlot, TrustBundles};
 
 /// `LISTEN=TARGET`: an address pair.
@@ -51,11 +52,32 @@ fn parse_bundle(s: &str) -> Result<(String, PathBuf), String> {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The workload's certificate chain (PEM, leaf first): its X.509 SVID.
-    #[arg(long, value_name = "FILE")]
-    pub cert: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "ca_address",
+        conflicts_with = "ca_address",
+        requires = "key"
+    )]
+    pub cert: Option<PathBuf>,
     /// The SVID's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Get the SVID from the mesh CA instead (e.g. https://127.0.0.1:15012), renewed at half-life.
+    #[arg(long, value_name = "URL", requires_all = ["token_file", "identity"])]
+    pub ca_address: Option<String>,
+    /// The name on the CA's serving certificate.
+    #[arg(long, default_value = "istiod.istio-system.svc")]
+    pub ca_server_name: String,
+    /// File holding the credential that proves our identity to the CA.
     #[arg(long, value_name = "FILE")]
-    pub key: PathBuf,
+    pub token_file: Option<PathBuf>,
+    /// The SPIFFE ID to ask the CA for.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub identity: Option<String>,
+    /// SVID lifetime to ask the CA for (default: the CA's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub svid_ttl: Option<Duration>,
     /// The bundle of our own trust domain (PEM roots).
     #[arg(long, value_name = "FILE")]
     pub ca: PathBuf,
@@ -131,7 +153,14 @@ impl Sidecar {
             anyhow::bail!("nothing to do: give --outbound LISTEN=TARGET, --inbound LISTEN=TARGET, or both");
         }
         raise_fd_limit();
-        let svid = Svid::from_files(&args.cert, &args.key)?;
+        let (svid, ca_client) = match (&args.cert, &args.key, &args.ca_address) {
+            (Some(cert), Some(key), _) => (Svid::from_files(cert, key)?, None),
+            (_, _, Some(address)) => {
+                let client = ca_client(&args, address)?;
+                (first_svid(&client)?, Some((client, std::time::SystemTime::now())))
+            }
+            _ => anyhow::bail!("give --cert and --key, or --ca-address with --token-file and --identity"),
+        };
         let self_id = svid.id().clone();
         let bundles = TrustBundles::new();
         let own = std::fs::read(&args.ca).with_context(|| format!("cannot read {}", args.ca.display()))?;
@@ -216,11 +245,18 @@ impl Sidecar {
                 inbound::serve(l, inbound.clone())
             })?;
         }
-        if let Some(addr) = args.metrics {
-            let listener = listen(addr)?;
-            bound.metrics = Some(listener.local_addr()?);
+        let metrics_listener = match args.metrics {
+            Some(addr) => {
+                let listener = listen(addr)?;
+                bound.metrics = Some(listener.local_addr()?);
+                Some(listener)
+            }
+            None => None,
+        };
+        if metrics_listener.is_some() || ca_client.is_some() {
             let telemetry = telemetry.clone();
             let watch = watch.clone();
+            let slot = svid.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("sidecar-control".into())
@@ -230,12 +266,26 @@ impl Sidecar {
                             .build()
                             .expect("runtime");
                         rt.block_on(async move {
-                            let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
-                            let handler: http_endpoint::Handler = Arc::new(move |_, path| match path {
-                                "/stats/prometheus" | "/metrics" => Reply::text(telemetry.render()),
-                                _ => Reply::status(hyper::StatusCode::NOT_FOUND, "not found\n"),
-                            });
-                            http_endpoint::serve(listener, handler, async move { watch.signaled().await }).await;
+                            if let Some((client, fetched_at)) = ca_client {
+                                let t = telemetry.clone();
+                                tokio::spawn(client.keep_fresh(slot, Some(fetched_at), move |svid| {
+                                    t.svid_expiry.set(svid.expiry_unix() as i64);
+                                    t.svid_renewals.inc();
+                                }));
+                            }
+                            match metrics_listener {
+                                Some(listener) => {
+                                    let listener =
+                                        tokio::net::TcpListener::from_std(listener).expect("register listener");
+                                    let handler: http_endpoint::Handler = Arc::new(move |_, path| match path {
+                                        "/stats/prometheus" | "/metrics" => Reply::text(telemetry.render()),
+                                        _ => Reply::status(hyper::StatusCode::NOT_FOUND, "not found\n"),
+                                    });
+                                    http_endpoint::serve(listener, handler, async move { watch.signaled().await })
+                                        .await;
+                                }
+                                None => watch.signaled().await,
+                            }
                         });
                     })?,
             );
@@ -259,6 +309,46 @@ impl Sidecar {
         drop(self.threads);
         left
     }
+}
+
+fn ca_client(args: &RunArgs, address: &str) -> anyhow::Result<CaClient> {
+    let token_file = args.token_file.as_ref().context("--ca-address needs --token-file")?;
+    let identity = args.identity.as_ref().context("--ca-address needs --identity")?;
+    Ok(CaClient {
+        address: address.to_owned(),
+        server_name: args.ca_server_name.clone(),
+        roots_pem: std::fs::read(&args.ca).with_context(|| format!("cannot read {}", args.ca.display()))?,
+        token: std::fs::read_to_string(token_file).with_context(|| format!("cannot read {}", token_file.display()))?,
+        identity: SpiffeId::parse(identity).with_context(|| format!("--identity {identity}"))?,
+        ttl: args.svid_ttl,
+    })
+}
+
+/// The first SVID, before any listener opens: a sidecar without one could only refuse.
+/// The CA may still be starting, so unreachable is retried for a while; a refusal is final.
+fn first_svid(client: &CaClient) -> anyhow::Result<Svid> {
+    // On a thread of its own: `start` may be called from inside a runtime (tests, the lab).
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                    loop {
+                        match client.fetch().await {
+                            Ok(svid) => return Ok(svid),
+                            Err(e @ CsrError::Connect { .. }) if tokio::time::Instant::now() < deadline => {
+                                tracing::info!(error = %e, "waiting for the CA");
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                            }
+                            Err(e) => return Err(anyhow::Error::new(e).context("cannot get an SVID")),
+                        }
+                    }
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the SVID fetch panicked")))
+    })
 }
 
 fn spawn_workers<F, Fut>(

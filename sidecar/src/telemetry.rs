@@ -27,6 +27,8 @@ pub struct Telemetry {
     open: IntGauge,
     /// Unix time at which the current SVID expires.
     pub svid_expiry: IntGauge,
+    /// SVIDs renewed from the CA.
+    pub svid_renewals: IntCounter,
 }
 
 /// What labels one connection's counters.
@@ -112,6 +114,12 @@ impl Telemetry {
                 "isthmus_sidecar_svid_expiry_seconds",
                 "Unix time at which the current SVID expires",
             ),
+            svid_renewals: {
+                let c = IntCounter::new("isthmus_sidecar_svid_renewals_total", "SVIDs renewed from the CA")
+                    .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             registry,
         }
     }

@@ -14,7 +14,7 @@ use tonic::codegen::{Body, BoxFuture, StdError, http};
 use tonic::{Request, Response, Status};
 
 use super::bootstrap::{BootstrapKey, TokenRefusal};
-use super::signer::Signer;
+use super::signer::{CsrRefusal, Signer};
 use crate::metrics::Metrics;
 
 /// The gRPC service name.
@@ -76,7 +76,11 @@ impl CertificateService {
             .map_err(|refusal| {
                 metrics.csr_refusal(refusal.reason());
                 tracing::warn!(%identity, %refusal, "CSR refused");
-                Status::invalid_argument(refusal.to_string())
+                match refusal {
+                    // Not the caller's fault: the CA itself needs attention.
+                    CsrRefusal::CaExpiring => Status::failed_precondition(refusal.to_string()),
+                    _ => Status::invalid_argument(refusal.to_string()),
+                }
             })?;
         metrics.issued.inc();
         tracing::info!(%identity, "SVID issued");

@@ -31,7 +31,7 @@ pub enum CsrRefusal {
     IdentityMismatch { asked: String, proven: String },
     #[error("the CSR asks for names besides the SPIFFE ID: {0}")]
     ExtraSans(String),
-    #[error("the CA certificate expires before any certificate could be useful")]
+    #[error("the CA certificate has expired")]
     CaExpiring,
 }
 
@@ -88,7 +88,7 @@ impl Signer {
             .unwrap_or(self.default_ttl)
             .min(self.max_ttl);
         let not_after = (now + ttl).min(self.authority.not_after());
-        if not_after <= now + Duration::from_secs(60) {
+        if not_after <= now {
             return Err(CsrRefusal::CaExpiring);
         }
         let mut params = CertificateParams::default();

@@ -64,10 +64,11 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier { bundles, expected }))
         .with_client_cert_resolver(svid);
     config.alpn_protocols = vec![alpn.wire().to_vec()];
-    // Resumption (rustls' default in-memory cache) is kept: a resumed session carries the
-    // peer's verified chain, and saves both sides the signatures and chain checks that
-    // otherwise dominate the cost of a new connection. Tickets live for the server's
-    // ticket lifetime, well under an SVID's.
+    // No resumption: a resumed session skips the certificate exchange, and rustls renews
+    // tickets from resumed sessions, so a chain of resumptions could carry an SVID past its
+    // rotation (seen in the rotation test) or its expiry. Every connection proves the
+    // current identity; the cost is a full handshake per new connection.
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
@@ -79,11 +80,9 @@ pub fn server_config(svid: Arc<SvidSlot>, bundles: Arc<TrustBundles>) -> Arc<Ser
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier { bundles }))
         .with_cert_resolver(svid);
     config.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
-    // Stateless tickets, rotated by the ticketer (see `client_config` on resumption).
-    if let Ok(ticketer) = rustls::crypto::aws_lc_rs::Ticketer::new() {
-        config.ticketer = ticketer;
-    }
-    config.send_tls13_tickets = 1;
+    // See `client_config` on resumption.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Arc::new(config)
 }
 

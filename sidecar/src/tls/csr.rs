@@ -134,10 +134,18 @@ impl CaClient {
 
     /// Keeps `slot` holding a fresh SVID: renews at half-life, retries with backoff when the
     /// CA is away (the current SVID keeps serving meanwhile), calls `renewed` after each swap.
-    pub async fn keep_fresh(self, slot: Arc<SvidSlot>, renewed: impl Fn(&Svid)) {
+    /// `fetched_at` is when the SVID in `slot` came from the CA, if it did.
+    pub async fn keep_fresh(self, slot: Arc<SvidSlot>, fetched_at: Option<SystemTime>, renewed: impl Fn(&Svid)) {
         let mut backoff = Duration::from_millis(500);
+        // Half of the life left when we got it: the CA backdates `not_before` for clock
+        // skew, which would otherwise pull renewal of a short-lived SVID forward.
+        let mut fetched_at = fetched_at;
         loop {
-            let due = slot.current().refresh_at();
+            let current = slot.current();
+            let due = match fetched_at {
+                Some(at) => at + current.not_after().duration_since(at).unwrap_or_default() / 2,
+                None => current.refresh_at(),
+            };
             if let Ok(wait) = due.duration_since(SystemTime::now()) {
                 tokio::time::sleep(wait).await;
             }
@@ -146,6 +154,7 @@ impl CaClient {
                     tracing::info!(id = %svid.id(), expires = svid.expiry_unix(), "SVID renewed");
                     renewed(&svid);
                     slot.rotate(svid);
+                    fetched_at = Some(SystemTime::now());
                     backoff = Duration::from_millis(500);
                 }
                 Err(e) => {
