@@ -17,19 +17,7 @@ use support::{Controller, scratch, two_networks};
 const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
 fn token(ca_dir: &Path, identity: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
-        .args([
-            "ca",
-            "token",
-            "--ca-dir",
-            ca_dir.to_str().unwrap(),
-            "--identity",
-            identity,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    support::ca_token(ca_dir, identity)
 }
 
 fn client(controller: &Controller, roots: &Path, token: String, identity: &str) -> CaClient {

@@ -9,21 +9,13 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use sidecar::run::{RunArgs, Sidecar};
 use support::{Controller, scratch, two_networks};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 fn args(line: &str) -> RunArgs {
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        run: RunArgs,
-    }
-    Cli::try_parse_from(std::iter::once("sidecar").chain(line.split_whitespace()))
-        .unwrap()
-        .run
+    RunArgs::from_words(line.split_whitespace()).unwrap()
 }
 
 /// A keep-alive HTTP/1.1 application answering each GET with the XFCC header it got.
@@ -113,19 +105,7 @@ fn renewals(metrics: SocketAddr) -> f64 {
 }
 
 fn token(ca_dir: &std::path::Path, identity: &str, out: &std::path::Path) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
-        .args([
-            "ca",
-            "token",
-            "--ca-dir",
-            ca_dir.to_str().unwrap(),
-            "--identity",
-            identity,
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    std::fs::write(out, o.stdout).unwrap();
+    std::fs::write(out, support::ca_token(ca_dir, identity)).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

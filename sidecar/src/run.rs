@@ -128,6 +128,18 @@ pub struct RunArgs {
     pub drain_timeout: Duration,
 }
 
+impl RunArgs {
+    /// Parses `run`'s arguments from words (as a test or an embedding program has them).
+    pub fn from_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Result<Self, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Run {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        <Run as clap::Parser>::try_parse_from(std::iter::once("sidecar").chain(words)).map(|r| r.args)
+    }
+}
+
 /// Where a running sidecar listens.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 use sidecar::run::{RunArgs, Sidecar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,14 +60,7 @@ impl Drop for Pki {
 }
 
 fn args(line: &str) -> RunArgs {
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        run: RunArgs,
-    }
-    Cli::try_parse_from(std::iter::once("sidecar").chain(line.split_whitespace()))
-        .unwrap()
-        .run
+    RunArgs::from_words(line.split_whitespace()).unwrap()
 }
 
 fn p(path: &Path) -> String {

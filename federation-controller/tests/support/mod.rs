@@ -180,3 +180,20 @@ impl Drop for Controller {
         let _ = self.child.wait();
     }
 }
+
+/// `federation-controller ca token`: a bootstrap token for `identity` from the CA in `ca_dir`.
+pub fn ca_token(ca_dir: &Path, identity: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
+        .args([
+            "ca",
+            "token",
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--identity",
+            identity,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
