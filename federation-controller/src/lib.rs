@@ -18,4 +18,5 @@ pub mod objects;
 pub mod publisher;
 pub mod registry;
 pub mod remote_secrets;
+pub mod trust;
 pub mod xds;

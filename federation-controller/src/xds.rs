@@ -37,11 +37,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::federation::{self, Address, View};
 use crate::metrics::Metrics;
 use crate::model::{ClusterModel, MeshConfig, ServiceKey};
+use crate::trust::BundleSet;
 
 /// Type URL of clusters.
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Type URL of endpoints.
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// Type URL of secrets (SDS): trust bundles.
+pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// The state served: every live cluster at one version.
 #[derive(Debug)]
@@ -159,6 +162,7 @@ pub fn cluster_name(key: &ServiceKey) -> String {
 #[derive(Clone)]
 pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    bundles: watch::Receiver<Arc<BundleSet>>,
     metrics: Metrics,
 }
 
@@ -170,7 +174,15 @@ impl XdsServer {
 
     /// The same, counting into `metrics`.
     pub fn with_metrics(snapshots: watch::Receiver<Arc<Snapshot>>, metrics: Metrics) -> Self {
-        Self { snapshots, metrics }
+        // No bundles until `with_bundles`: SDS requests are answered with nothing.
+        let (_, bundles) = watch::channel(Arc::new(BundleSet::default()));
+        Self { snapshots, bundles, metrics }
+    }
+
+    /// Also serves trust bundles over SDS, pushing on every change.
+    pub fn with_bundles(mut self, bundles: watch::Receiver<Arc<BundleSet>>) -> Self {
+        self.bundles = bundles;
+        self
     }
 }
 
@@ -190,6 +202,7 @@ impl AggregatedDiscoveryService for XdsServer {
         let (tx, rx) = mpsc::channel(16);
         let stream = AdsStream {
             snapshots: self.snapshots.clone(),
+            bundles: self.bundles.clone(),
             metrics: self.metrics.clone(),
             tx,
             proxy: None,
@@ -208,6 +221,7 @@ impl AggregatedDiscoveryService for XdsServer {
         let (tx, rx) = mpsc::channel(16);
         let stream = DeltaAds {
             snapshots: self.snapshots.clone(),
+            bundles: self.bundles.clone(),
             metrics: self.metrics.clone(),
             tx,
             network: None,
@@ -225,6 +239,7 @@ trait XdsStream: Send + 'static {
     type Request: prost::Message + Default + Send + 'static;
     type Response: Send + 'static;
     fn snapshots(&mut self) -> &mut watch::Receiver<Arc<Snapshot>>;
+    fn bundles(&mut self) -> &mut watch::Receiver<Arc<BundleSet>>;
     fn metrics(&self) -> &Metrics;
     fn tx(&self) -> &mpsc::Sender<Result<Self::Response, tonic::Status>>;
     /// Handles one request from the proxy.
@@ -248,6 +263,11 @@ trait XdsStream: Send + 'static {
 /// every subscribed type whenever the state changes.
 async fn drive<S: XdsStream>(mut s: S, mut inbound: tonic::Streaming<S::Request>) {
     s.metrics().connected.inc();
+    // Change notifications on receivers of our own, so `s` stays free to answer.
+    let mut snapshots = s.snapshots().clone();
+    let mut bundles = s.bundles().clone();
+    // A server without a bundle source has a closed channel: stop watching it.
+    let mut bundles_live = true;
     loop {
         tokio::select! {
             msg = inbound.message() => match msg {
@@ -259,11 +279,20 @@ async fn drive<S: XdsStream>(mut s: S, mut inbound: tonic::Streaming<S::Request>
                 }
                 Ok(None) | Err(_) => break,
             },
-            changed = s.snapshots().changed() => {
+            changed = snapshots.changed() => {
                 if changed.is_err() || s.push_all().await.is_err() {
                     break;
                 }
             }
+            changed = bundles.changed(), if bundles_live => match changed {
+                Err(_) => bundles_live = false,
+                Ok(()) if s.subscribed().iter().any(|t| t == SECRET_TYPE) => {
+                    if s.send(SECRET_TYPE).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(()) => {}
+            },
         }
     }
     s.metrics().connected.dec();
@@ -288,6 +317,7 @@ struct TypeState {
 
 struct AdsStream {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    bundles: watch::Receiver<Arc<BundleSet>>,
     metrics: Metrics,
     tx: mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>,
     proxy: Option<Proxy>,
@@ -309,7 +339,7 @@ impl AdsStream {
                 network: NetworkId::new(network),
             });
         }
-        if req.type_url != CLUSTER_TYPE && req.type_url != ENDPOINT_TYPE {
+        if ![CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE].contains(&req.type_url.as_str()) {
             // Listeners and routes come later: answer with nothing rather than leave
             // a client waiting for its initial fetch.
             if req.response_nonce.is_empty() {
@@ -344,7 +374,10 @@ impl AdsStream {
             // The first ACK of the version being served: the proxy has converged.
             let snapshot = self.snapshots.borrow().clone();
             let current = snapshot.version.to_string();
-            if req.version_info == current && state.acked_version.as_deref() != Some(current.as_str()) {
+            if req.type_url != SECRET_TYPE
+                && req.version_info == current
+                && state.acked_version.as_deref() != Some(current.as_str())
+            {
                 self.metrics
                     .convergence
                     .observe(snapshot.created.elapsed().as_secs_f64());
@@ -368,7 +401,7 @@ impl AdsStream {
             .as_ref()
             .map(|p| p.network.clone())
             .unwrap_or_else(|| NetworkId::new(""));
-        let all = snapshot.encoded(&network, type_url).await;
+        let (all, version) = current(&snapshot, &self.bundles, &network, type_url).await;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -382,7 +415,7 @@ impl AdsStream {
         state.last_nonce = self.nonce.to_string();
         state.sent_version = Some(snapshot.version);
         let resp = DiscoveryResponse {
-            version_info: snapshot.version.to_string(),
+            version_info: version.to_string(),
             resources,
             type_url: type_url.to_owned(),
             nonce: state.last_nonce.clone(),
@@ -409,6 +442,7 @@ struct DeltaType {
 
 struct DeltaAds {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    bundles: watch::Receiver<Arc<BundleSet>>,
     metrics: Metrics,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>,
     network: Option<NetworkId>,
@@ -480,7 +514,7 @@ impl DeltaAds {
     async fn send(&mut self, type_url: &str) -> Result<(), ()> {
         let snapshot = self.snapshots.borrow().clone();
         let network = self.network.clone().unwrap_or_else(|| NetworkId::new(""));
-        let all = snapshot.encoded(&network, type_url).await;
+        let (all, version) = current(&snapshot, &self.bundles, &network, type_url).await;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -519,7 +553,7 @@ impl DeltaAds {
         self.nonce += 1;
         state.last_nonce = self.nonce.to_string();
         let resp = DeltaDiscoveryResponse {
-            system_version_info: snapshot.version.to_string(),
+            system_version_info: version.to_string(),
             resources: changed,
             type_url: type_url.to_owned(),
             removed_resources: removed,
@@ -536,6 +570,10 @@ impl XdsStream for AdsStream {
     type Response = DiscoveryResponse;
     fn snapshots(&mut self) -> &mut watch::Receiver<Arc<Snapshot>> {
         &mut self.snapshots
+    }
+
+    fn bundles(&mut self) -> &mut watch::Receiver<Arc<BundleSet>> {
+        &mut self.bundles
     }
     fn metrics(&self) -> &Metrics {
         &self.metrics
@@ -560,6 +598,10 @@ impl XdsStream for DeltaAds {
     fn snapshots(&mut self) -> &mut watch::Receiver<Arc<Snapshot>> {
         &mut self.snapshots
     }
+
+    fn bundles(&mut self) -> &mut watch::Receiver<Arc<BundleSet>> {
+        &mut self.bundles
+    }
     fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -580,7 +622,23 @@ impl XdsStream for DeltaAds {
 /// A resource's version: a hash of what it was built from that is the same in
 /// every process and release (FNV-1a; std's hasher is randomly keyed), so equal
 /// content has equal versions across pushes, restarts and replicas.
-fn stable_hash<T: std::hash::Hash + ?Sized>(t: &T) -> String {
+/// The current resources of `type_url` for a proxy on `network`, and their version:
+/// bundles for SDS, the snapshot for the rest.
+async fn current(
+    snapshot: &Snapshot,
+    bundles: &watch::Receiver<Arc<BundleSet>>,
+    network: &NetworkId,
+    type_url: &str,
+) -> (EncodedSet, u64) {
+    if type_url == SECRET_TYPE {
+        let set = bundles.borrow().clone();
+        (Arc::new(set.encoded()), set.sequence)
+    } else {
+        (snapshot.encoded(network, type_url).await, snapshot.version)
+    }
+}
+
+pub(crate) fn stable_hash<T: std::hash::Hash + ?Sized>(t: &T) -> String {
     struct Fnv(u64);
     impl std::hash::Hasher for Fnv {
         fn finish(&self) -> u64 {
@@ -623,7 +681,7 @@ fn resources(type_url: &str, view: &View) -> Vec<(String, Any, String)> {
     }
 }
 
-fn any<M: Message>(type_url: &str, m: &M) -> Any {
+pub(crate) fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
         type_url: type_url.to_owned(),
         value: m.encode_to_vec(),

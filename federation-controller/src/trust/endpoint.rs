@@ -1,0 +1,1 @@
+//! Serving our bundle to other trust domains.

@@ -1,0 +1,1 @@
+//! Polling other trust domains' bundle endpoints.
