@@ -10,7 +10,7 @@ use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
 use federation_controller::registry::Freshness;
 use federation_controller::xds::{Snapshot, XdsServer};
-use federation_controller::{ca, kube_source, manifests, publisher, remote_secrets};
+use federation_controller::{ca, kube_source, manifests, publisher, remote_secrets, trust};
 use hyper::{Method, StatusCode};
 use mesh_vocab::{ClusterId, NetworkId};
 use sidecar::http_endpoint::{self, Handler, Reply};
@@ -141,6 +141,19 @@ struct CaArgs {
     /// The longest SVID lifetime granted.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     max_svid_ttl: std::time::Duration,
+    /// Serve this trust domain's SPIFFE bundle endpoint here (https_spiffe profile).
+    #[arg(long, value_name = "ADDR", requires = "ca_dir")]
+    bundle_endpoint: Option<std::net::SocketAddr>,
+    /// The refresh hint our bundle endpoint publishes.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    bundle_refresh_hint: std::time::Duration,
+    /// A file of FederatedTrustDomain (or SPIRE ClusterFederatedTrustDomain) manifests:
+    /// trust domains whose bundles are fetched and served to proxies (repeatable).
+    #[arg(long = "federation", value_name = "FILE")]
+    federation: Vec<PathBuf>,
+    /// Roots for `https_web` bundle endpoints.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt", value_name = "FILE")]
+    web_roots: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -172,11 +185,16 @@ enum CaCommand {
     },
 }
 
+/// What `--ca-dir` brings up.
+struct CaParts {
+    service: ca::service::CertificateService,
+    /// The secure port's certificate chain and key, PEM.
+    serving: (String, String),
+    root_pem: String,
+}
+
 /// The CA service and the TLS identity of the secure port, when `--ca-dir` is given.
-fn certificate_authority(
-    args: &CaArgs,
-    metrics: &Metrics,
-) -> anyhow::Result<Option<(ca::service::CertificateService, tonic::transport::Identity)>> {
+fn certificate_authority(args: &CaArgs, metrics: &Metrics) -> anyhow::Result<Option<CaParts>> {
     let Some(dir) = &args.ca_dir else { return Ok(None) };
     let (authority, origin) = ca::Authority::load_or_create(dir, &args.trust_domain)?;
     tracing::info!(dir = %dir.display(), ?origin, "certificate authority loaded");
@@ -186,6 +204,7 @@ fn certificate_authority(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64),
     );
+    let root_pem = authority.root_pem().to_owned();
     let signer = ca::Signer {
         authority,
         default_ttl: args.svid_ttl,
@@ -197,7 +216,69 @@ fn certificate_authority(
     let (chain, key) = signer.serving_certificate(&own, &args.serving_names, &ips)?;
     let tokens = ca::bootstrap::BootstrapKey::load_or_create(dir)?;
     let service = ca::service::CertificateService::new(signer, tokens, metrics.clone());
-    Ok(Some((service, tonic::transport::Identity::from_pem(chain, key))))
+    Ok(Some(CaParts {
+        service,
+        serving: (chain, key),
+        root_pem,
+    }))
+}
+
+/// The bundles served to proxies: our root, and every federated trust domain's, kept
+/// current by one poller each.
+fn trust_bundles(
+    args: &CaArgs,
+    own_root: Option<String>,
+    metrics: &Metrics,
+) -> anyhow::Result<(BundleSender, tokio::sync::watch::Receiver<Arc<trust::BundleSet>>)> {
+    let mut set = trust::BundleSet {
+        own: args.trust_domain.clone(),
+        ..Default::default()
+    };
+    if let Some(pem) = own_root {
+        set.bundles.insert(args.trust_domain.clone(), pem);
+    }
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(set));
+    let mut web_roots = rustls::RootCertStore::empty();
+    if let Ok(pem) = std::fs::read(&args.web_roots) {
+        use rustls_pki_types::pem::PemObject;
+        web_roots.add_parsable_certificates(rustls_pki_types::CertificateDer::pem_slice_iter(&pem).flatten());
+    }
+    let web_roots = Arc::new(web_roots);
+    let tx = Arc::new(tx);
+    for file in &args.federation {
+        for federated in trust::federation::load(file)? {
+            anyhow::ensure!(
+                federated.trust_domain != args.trust_domain,
+                "{}: {} is our own trust domain; it is not federated with",
+                file.display(),
+                federated.trust_domain
+            );
+            tracing::info!(trust_domain = federated.trust_domain, url = %federated.url, "federating");
+            tokio::spawn(trust::federation::follow(
+                federated,
+                tx.clone(),
+                web_roots.clone(),
+                metrics.clone(),
+            ));
+        }
+    }
+    // The caller keeps the sender for the process's life, also without federation: a
+    // closed channel would read as "no more bundle updates" to every stream.
+    Ok((tx, rx))
+}
+
+type BundleSender = Arc<tokio::sync::watch::Sender<Arc<trust::BundleSet>>>;
+
+/// TLS for a server presenting the controller's serving certificate.
+fn serving_tls((chain, key): &(String, String)) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(Arc::new(config))
 }
 
 fn parse_kubeconfig(s: &str) -> Result<(String, String), String> {
@@ -306,12 +387,30 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {monitoring}"))?;
                 let mut secure = String::new();
-                if let Some((service, identity)) = certificate_authority(&ca, &metrics)? {
+                let parts = certificate_authority(&ca, &metrics)?;
+                let (_bundle_sender, bundles) =
+                    trust_bundles(&ca, parts.as_ref().map(|p| p.root_pem.clone()), &metrics)?;
+                if let (Some(addr), Some(p)) = (ca.bundle_endpoint, &parts) {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr}"))?;
+                    secure.push_str(&format!(" bundle={}", listener.local_addr()?));
+                    let tls = serving_tls(&p.serving)?;
+                    let hint = ca.bundle_refresh_hint.as_secs().max(1);
+                    tokio::spawn(trust::endpoint::serve(listener, tls, bundles.clone(), hint));
+                }
+                if let Some(CaParts {
+                    service,
+                    serving: (chain, key),
+                    ..
+                }) = parts
+                {
+                    let identity = tonic::transport::Identity::from_pem(chain, key);
                     let listener = tokio::net::TcpListener::bind(ca.secure)
                         .await
                         .with_context(|| format!("cannot listen on {}", ca.secure))?;
-                    secure = format!(" secure={}", listener.local_addr()?);
-                    let ads = XdsServer::with_metrics(rx.clone(), metrics.clone());
+                    secure.push_str(&format!(" secure={}", listener.local_addr()?));
+                    let ads = XdsServer::with_metrics(rx.clone(), metrics.clone()).with_bundles(bundles.clone());
                     let server = tonic::transport::Server::builder()
                         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
                         .add_service(AggregatedDiscoveryServiceServer::new(ads))
@@ -380,7 +479,7 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                 });
-                let server = XdsServer::with_metrics(rx, metrics);
+                let server = XdsServer::with_metrics(rx, metrics).with_bundles(bundles);
                 let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
                 let serve = tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(server))

@@ -26,6 +26,8 @@ pub struct Metrics {
     csr_refusals: IntCounterVec,
     /// Unix time at which the CA root expires (istiod's `citadel_server_root_cert_expiry_timestamp`).
     pub root_expiry: IntGauge,
+    bundle_failures: IntCounterVec,
+    bundle_updated: prometheus::IntGaugeVec,
 }
 
 /// istiod's short type names, for the `type` label.
@@ -95,7 +97,25 @@ impl Metrics {
             "Unix time at which the CA root expires",
         )
         .expect("valid metric");
-        let all: [Box<dyn prometheus::core::Collector>; 11] = [
+        let bundle_failures = IntCounterVec::new(
+            Opts::new(
+                "isthmus_trust_bundle_fetch_failures_total",
+                "Failed fetches of a federated trust domain's bundle (the last bundle is kept)",
+            ),
+            &["trust_domain", "reason"],
+        )
+        .expect("valid metric");
+        let bundle_updated = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "isthmus_trust_bundle_last_fetch_timestamp_seconds",
+                "Unix time of the last successful fetch of a federated trust domain's bundle",
+            ),
+            &["trust_domain"],
+        )
+        .expect("valid metric");
+        let all: [Box<dyn prometheus::core::Collector>; 13] = [
+            Box::new(bundle_failures.clone()),
+            Box::new(bundle_updated.clone()),
             Box::new(csrs.clone()),
             Box::new(issued.clone()),
             Box::new(csr_refusals.clone()),
@@ -124,7 +144,22 @@ impl Metrics {
             issued,
             csr_refusals,
             root_expiry,
+            bundle_failures,
+            bundle_updated,
         }
+    }
+
+    /// Records a successful bundle fetch from `trust_domain`.
+    pub fn bundle_fetched(&self, trust_domain: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.bundle_updated.with_label_values(&[trust_domain]).set(now as i64);
+    }
+
+    /// Counts a failed bundle fetch from `trust_domain`.
+    pub fn bundle_fetch_failed(&self, trust_domain: &str, reason: &str) {
+        self.bundle_failures.with_label_values(&[trust_domain, reason]).inc();
     }
 
     /// Counts a refused CSR (bad credential, malformed, wrong identity, extra names…).

@@ -176,7 +176,11 @@ impl XdsServer {
     pub fn with_metrics(snapshots: watch::Receiver<Arc<Snapshot>>, metrics: Metrics) -> Self {
         // No bundles until `with_bundles`: SDS requests are answered with nothing.
         let (_, bundles) = watch::channel(Arc::new(BundleSet::default()));
-        Self { snapshots, bundles, metrics }
+        Self {
+            snapshots,
+            bundles,
+            metrics,
+        }
     }
 
     /// Also serves trust bundles over SDS, pushing on every change.

@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// The SPIFFE ID to ask the CA for.
     #[arg(long, value_name = "SPIFFE_ID")]
     pub identity: Option<String>,
+    /// Keep trust bundles (our own and federated trust domains') from the controller's SDS,
+    /// e.g. https://127.0.0.1:15012 (its certificate is checked against --ca).
+    #[arg(long, value_name = "URL")]
+    pub bundles_from: Option<String>,
     /// SVID lifetime to ask the CA for (default: the CA's).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub svid_ttl: Option<Duration>,
@@ -265,7 +269,18 @@ impl Sidecar {
             }
             None => None,
         };
-        if metrics_listener.is_some() || ca_client.is_some() {
+        let bundle_source = match &args.bundles_from {
+            Some(address) => Some(crate::tls::sds::BundleSource {
+                address: address.clone(),
+                server_name: args.ca_server_name.clone(),
+                roots_pem: std::fs::read(&args.ca).with_context(|| format!("cannot read {}", args.ca.display()))?,
+                node: node(&self_id),
+                keep: vec![self_id.trust_domain().to_owned()],
+            }),
+            None => None,
+        };
+        if metrics_listener.is_some() || ca_client.is_some() || bundle_source.is_some() {
+            let trusted = bundles.clone();
             let telemetry = telemetry.clone();
             let watch = watch.clone();
             let slot = svid.clone();
@@ -278,6 +293,12 @@ impl Sidecar {
                             .build()
                             .expect("runtime");
                         rt.block_on(async move {
+                            if let Some(source) = bundle_source {
+                                let t = telemetry.clone();
+                                tokio::spawn(crate::tls::sds::follow(source, trusted, move |_| {
+                                    t.bundle_updates.inc();
+                                }));
+                            }
                             if let Some((client, fetched_at)) = ca_client {
                                 let t = telemetry.clone();
                                 tokio::spawn(client.keep_fresh(slot, Some(fetched_at), move |svid| {
@@ -320,6 +341,16 @@ impl Sidecar {
         // the process exits; a stuck connection must not hold the exit.
         drop(self.threads);
         left
+    }
+}
+
+/// Our xDS node, in Istio's form for a sidecar.
+fn node(id: &SpiffeId) -> envoy_types::pb::envoy::config::core::v3::Node {
+    let (ns, sa) = id.namespace_and_service_account().unwrap_or(("default", "default"));
+    envoy_types::pb::envoy::config::core::v3::Node {
+        id: format!("sidecar~127.0.0.1~{sa}.{ns}~{ns}.svc.cluster.local"),
+        cluster: format!("{sa}.{ns}"),
+        ..Default::default()
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Telemetry {
     pub svid_expiry: IntGauge,
     /// SVIDs renewed from the CA.
     pub svid_renewals: IntCounter,
+    /// Trust-bundle updates accepted from SDS.
+    pub bundle_updates: IntCounter,
 }
 
 /// What labels one connection's counters.
@@ -114,6 +116,15 @@ impl Telemetry {
                 "isthmus_sidecar_svid_expiry_seconds",
                 "Unix time at which the current SVID expires",
             ),
+            bundle_updates: {
+                let c = IntCounter::new(
+                    "isthmus_sidecar_trust_bundle_updates_total",
+                    "Trust-bundle updates from SDS",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             svid_renewals: {
                 let c = IntCounter::new("isthmus_sidecar_svid_renewals_total", "SVIDs renewed from the CA")
                     .expect("valid metric");

@@ -8,10 +8,11 @@
 pub mod bundle;
 pub mod config;
 pub mod csr;
+pub mod sds;
 pub mod svid;
 pub mod verify;
 
 pub use bundle::TrustBundles;
-pub use config::{Alpn, client_config, proven_identity, server_config};
+pub use config::{Alpn, client_config, proven_identity, server_config, verifying_client_config};
 pub use svid::{Svid, SvidError, SvidSlot};
 pub use verify::{ExpectedPeer, PeerRefusal, peer_identity, refusal_in, refusal_of};

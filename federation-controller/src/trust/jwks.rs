@@ -65,7 +65,11 @@ fn jwk_of(der: &CertificateDer<'_>) -> Result<Jwk, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     let spki = cert.public_key();
     let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
-    let mut jwk = Jwk { use_: "x509-svid".into(), x5c: vec![STANDARD.encode(der)], ..Default::default() };
+    let mut jwk = Jwk {
+        use_: "x509-svid".into(),
+        x5c: vec![STANDARD.encode(der)],
+        ..Default::default()
+    };
     match spki.parsed().map_err(|e| e.to_string())? {
         PublicKey::EC(point) => {
             let curve = spki
@@ -111,7 +115,11 @@ pub fn encode(roots_pem: &str, sequence: u64, refresh_hint_secs: u64) -> Result<
         .enumerate()
         .map(|(index, der)| jwk_of(der).map_err(|message| JwksError::BadCertificate { index, message }))
         .collect::<Result<Vec<_>, _>>()?;
-    let set = JwkSet { keys, spiffe_sequence: Some(sequence), spiffe_refresh_hint: Some(refresh_hint_secs) };
+    let set = JwkSet {
+        keys,
+        spiffe_sequence: Some(sequence),
+        spiffe_refresh_hint: Some(refresh_hint_secs),
+    };
     Ok(serde_json::to_string_pretty(&set).expect("a JWK Set serializes"))
 }
 
@@ -139,9 +147,10 @@ pub fn decode(document: &[u8]) -> Result<Received, JwksError> {
         let [cert] = key.x5c.as_slice() else {
             return Err(JwksError::X5cCount { index });
         };
-        let der = STANDARD
-            .decode(cert)
-            .map_err(|e| JwksError::BadCertificate { index, message: format!("x5c is not base64: {e}") })?;
+        let der = STANDARD.decode(cert).map_err(|e| JwksError::BadCertificate {
+            index,
+            message: format!("x5c is not base64: {e}"),
+        })?;
         let der = CertificateDer::from(der);
         let expected = jwk_of(&der).map_err(|message| JwksError::BadCertificate { index, message })?;
         let matches = expected.kty == key.kty
@@ -163,7 +172,11 @@ pub fn decode(document: &[u8]) -> Result<Received, JwksError> {
     if pem.is_empty() {
         return Err(JwksError::NoRoots);
     }
-    Ok(Received { roots_pem: pem, sequence: set.spiffe_sequence, refresh_hint: set.spiffe_refresh_hint })
+    Ok(Received {
+        roots_pem: pem,
+        sequence: set.spiffe_sequence,
+        refresh_hint: set.spiffe_refresh_hint,
+    })
 }
 
 #[cfg(test)]
@@ -197,7 +210,10 @@ mod tests {
         assert!(matches!(decode(b"not json"), Err(JwksError::NotJwks(_))));
         assert_eq!(decode(br#"{"keys":[]}"#), Err(JwksError::NoRoots));
         // jwt-svid keys are skipped, not an error, but they are not roots either.
-        assert_eq!(decode(br#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#), Err(JwksError::NoRoots));
+        assert_eq!(
+            decode(br#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#),
+            Err(JwksError::NoRoots)
+        );
         assert_eq!(
             decode(br#"{"keys":[{"use":"x509-svid","kty":"EC","x5c":[]}]}"#),
             Err(JwksError::X5cCount { index: 0 })
@@ -206,7 +222,13 @@ mod tests {
         let mut a: serde_json::Value = serde_json::from_str(&encode(&root_pem(), 1, 60).unwrap()).unwrap();
         let b: serde_json::Value = serde_json::from_str(&encode(&root_pem(), 1, 60).unwrap()).unwrap();
         a["keys"][0]["x"] = b["keys"][0]["x"].clone();
-        assert_eq!(decode(a.to_string().as_bytes()), Err(JwksError::KeyMismatch { index: 0 }));
-        assert_eq!(decode(&vec![b' '; MAX_BUNDLE + 1]), Err(JwksError::TooLarge(MAX_BUNDLE)));
+        assert_eq!(
+            decode(a.to_string().as_bytes()),
+            Err(JwksError::KeyMismatch { index: 0 })
+        );
+        assert_eq!(
+            decode(&vec![b' '; MAX_BUNDLE + 1]),
+            Err(JwksError::TooLarge(MAX_BUNDLE))
+        );
     }
 }

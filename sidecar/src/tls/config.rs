@@ -72,6 +72,18 @@ pub fn client_config(
     Arc::new(config)
 }
 
+/// A client that presents no certificate and accepts only `expected` from a trusted domain:
+/// for fetching from a SPIFFE-authenticated endpoint (a bundle endpoint's `https_spiffe`).
+pub fn verifying_client_config(bundles: Arc<TrustBundles>, expected: ExpectedPeer) -> Arc<ClientConfig> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier { bundles, expected }))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
 /// Server side of a hop: presents our SVID, requires a client SVID of a trusted domain.
 pub fn server_config(svid: Arc<SvidSlot>, bundles: Arc<TrustBundles>) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
