@@ -16,7 +16,7 @@ struct Cli {
 enum Command {
     /// Run the proxy: explicit addresses (`--outbound`/`--inbound`), or `--capture` with
     /// routes from the controller's xDS.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print (or `--apply`) the iptables rules that redirect this network namespace's TCP to
     /// the sidecar, as Istio's `istio-iptables` does.
     Init {
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = match Cli::parse().command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::Init { apply: false, rules } => {
             print!("{}", rules.restore_text());
             return Ok(());

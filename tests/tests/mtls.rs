@@ -151,10 +151,10 @@ fn strict_mtls_across_two_clusters_through_captured_sidecars() {
     let lg = Netns::new(&p, "lg");
     let rv = Netns::new(&p, "rv");
     for (leaf, rt_if, rt_addr, addr) in [
-        (&ctl, "c", "10.241.0.1/24", "10.241.0.10/24"),
-        (&pp, "p", "10.241.1.1/24", "10.241.1.2/24"),
-        (&lg, "l", "10.241.2.1/24", "10.241.2.2/24"),
-        (&rv, "r", "10.242.0.1/24", "10.242.0.2/24"),
+        (&ctl, "to-ctl", "10.241.0.1/24", "10.241.0.10/24"),
+        (&pp, "to-pp", "10.241.1.1/24", "10.241.1.2/24"),
+        (&lg, "to-lg", "10.241.2.1/24", "10.241.2.2/24"),
+        (&rv, "to-rv", "10.242.0.1/24", "10.242.0.2/24"),
     ] {
         link(&rt, rt_if, rt_addr, leaf, "eth0", addr);
         let gw = rt_addr.split('/').next().unwrap();
