@@ -266,3 +266,153 @@ pub fn http_server(addr: SocketAddr, answer: fn(&[(String, String)]) -> String) 
         }
     });
 }
+
+/// The mesh's own processes, started inside lab namespaces.
+pub mod mesh {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::time::Duration;
+
+    use super::{Netns, Process, binary, sh};
+
+    /// `federation-controller ca init-mesh`: a shared root and one intermediate per cluster
+    /// under `dir`; returns `dir`.
+    pub fn init_mesh(dir: &Path, clusters: &[&str]) -> PathBuf {
+        sh(Command::new(binary("federation-controller")).args([
+            "ca",
+            "init-mesh",
+            "--out",
+            dir.to_str().unwrap(),
+            "--clusters",
+            &clusters.join(","),
+        ]));
+        dir.to_owned()
+    }
+
+    /// A controller in `ns` serving xDS on IP:15010 and the CA on IP:15012, from the
+    /// manifests in `clusters` and the CA in `ca_dir`.
+    pub fn controller(ns: &Netns, ip: &str, clusters: &Path, ca_dir: &Path, log: PathBuf) -> Process {
+        let mut c = ns.command(binary("federation-controller"));
+        c.args([
+            "serve",
+            "--manifests",
+            clusters.to_str().unwrap(),
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--xds",
+            &format!("{ip}:15010"),
+            "--secure",
+            &format!("{ip}:15012"),
+            "--monitoring",
+            &format!("{ip}:15014"),
+            "--interval",
+            "100ms",
+        ]);
+        let mut p = Process::start(c, log);
+        p.wait_for("xds=", Duration::from_secs(30));
+        p
+    }
+
+    /// One workload's capturing sidecar.
+    pub struct Sidecar<'a> {
+        pub ns: &'a Netns,
+        /// Service account in namespace `default`.
+        pub sa: &'a str,
+        pub cluster: &'a str,
+        pub network: &'a str,
+        pub pod_ip: &'a str,
+        /// Its controller's IP.
+        pub controller: &'a str,
+        /// Its cluster's CA directory (bootstrap key, root).
+        pub ca_dir: &'a Path,
+        /// Inbound PeerAuthentication mode.
+        pub mtls: &'a str,
+    }
+
+    impl Sidecar<'_> {
+        /// Installs the capture rules and starts the sidecar; returns once it listens.
+        pub fn start(&self, scratch: &Path) -> Process {
+            let identity = format!("spiffe://cluster.local/ns/default/sa/{}", self.sa);
+            let token = scratch.join(format!("{}.token", self.sa));
+            let minted = sh(Command::new(binary("federation-controller")).args([
+                "ca",
+                "token",
+                "--ca-dir",
+                self.ca_dir.to_str().unwrap(),
+                "--identity",
+                &identity,
+            ]));
+            std::fs::write(&token, minted.trim()).unwrap();
+            sh(self.ns.command(binary("sidecar")).args(["init", "--apply"]));
+            let mut cmd = self.ns.command(binary("sidecar"));
+            cmd.args([
+                "run",
+                "--capture",
+                "--xds",
+                &format!("http://{}:15010", self.controller),
+                "--ca-address",
+                &format!("https://{}:15012", self.controller),
+                "--token-file",
+                token.to_str().unwrap(),
+                "--identity",
+                &identity,
+                "--ca",
+                self.ca_dir.join("root-cert.pem").to_str().unwrap(),
+                "--network",
+                self.network,
+                "--cluster",
+                self.cluster,
+                "--pod-ip",
+                self.pod_ip,
+                "--protocol",
+                "http",
+                "--service",
+                &format!("{}.default.svc.cluster.local", self.sa),
+                "--metrics",
+                "0.0.0.0:15090",
+                "--mtls",
+                self.mtls,
+            ]);
+            let mut p = Process::start(cmd, scratch.join(format!("{}-{}.log", self.sa, self.mtls)));
+            p.wait_for("ready ", Duration::from_secs(30));
+            p
+        }
+    }
+
+    /// The Prometheus page on 127.0.0.1:15090 inside `ns` (a sidecar's or a gateway's).
+    pub fn stats(ns: &Netns) -> String {
+        ns.run(|| {
+            super::http_get(
+                "127.0.0.1:15090".parse().unwrap(),
+                "/stats/prometheus",
+                Duration::from_secs(2),
+            )
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+        })
+    }
+
+    /// The application answer of the tests: the `x-forwarded-client-cert` it was handed, or `-`.
+    pub fn xfcc(headers: &[(String, String)]) -> String {
+        headers
+            .iter()
+            .find(|(k, _)| k == "x-forwarded-client-cert")
+            .map_or("-".to_owned(), |(_, v)| v.clone())
+    }
+
+    /// One GET of `/` from inside `ns`.
+    pub fn get_from(ns: &Netns, addr: &str) -> Result<(u16, String), String> {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        ns.run(move || super::http_get(addr, "/", Duration::from_secs(3)))
+    }
+
+    /// Waits until the sidecar in `ns` has at least one route from xDS.
+    pub fn wait_for_routes(ns: &Netns) {
+        super::eventually(Duration::from_secs(20), || {
+            match super::metric(&stats(ns), "isthmus_sidecar_xds_routes", &[]) {
+                Some(n) if n >= 1.0 => Ok(()),
+                other => Err(format!("{}'s sidecar has no route yet ({other:?})", ns.name)),
+            }
+        });
+    }
+}

@@ -13,13 +13,11 @@
 //!                    reviews has ClusterIP 10.242.255.10)
 //! ```
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use isthmus_e2e::{
-    Netns, Process, binary, eventually, http_get, http_server, link, metric, prefix, require_root, scratch, sh,
-};
+use isthmus_e2e::mesh::{self, Sidecar, get_from, stats, wait_for_routes, xfcc};
+use isthmus_e2e::{Netns, eventually, http_server, link, metric, prefix, require_root, scratch, sh};
 
 const CONTROLLER: &str = "10.241.0.10";
 const REVIEWS_VIP: &str = "10.242.255.10:9080";
@@ -57,93 +55,13 @@ fn manifests(dir: &Path) {
     .unwrap();
 }
 
-/// The sidecar of workload `sa` in `ns`, capturing, with `mode` inbound.
-fn sidecar(ns: &Netns, dir: &Path, sa: &str, cluster: &str, pod_ip: &str, mode: &str) -> Process {
-    let identity = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-    let token = dir.join(format!("{sa}.token"));
-    let minted = sh(std::process::Command::new(binary("federation-controller")).args([
-        "ca",
-        "token",
-        "--ca-dir",
-        dir.join("ca/cluster1").to_str().unwrap(),
-        "--identity",
-        &identity,
-    ]));
-    std::fs::write(&token, minted.trim()).unwrap();
-    sh(ns.command(binary("sidecar")).args(["init", "--apply"]));
-    let mut cmd = ns.command(binary("sidecar"));
-    cmd.args([
-        "run",
-        "--capture",
-        "--xds",
-        &format!("http://{CONTROLLER}:15010"),
-        "--ca-address",
-        &format!("https://{CONTROLLER}:15012"),
-        "--token-file",
-        token.to_str().unwrap(),
-        "--identity",
-        &identity,
-        "--ca",
-        dir.join("ca/cluster1/root-cert.pem").to_str().unwrap(),
-        "--network",
-        "network1",
-        "--cluster",
-        cluster,
-        "--pod-ip",
-        pod_ip,
-        "--protocol",
-        "http",
-        "--service",
-        &format!("{sa}.default.svc.cluster.local"),
-        "--metrics",
-        "0.0.0.0:15090",
-        "--mtls",
-        mode,
-    ]);
-    let mut p = Process::start(cmd, dir.join(format!("{sa}-{mode}.log")));
-    p.wait_for("ready ", Duration::from_secs(30));
-    p
-}
-
-fn stats(ns: &Netns) -> String {
-    ns.run(|| {
-        http_get(
-            "127.0.0.1:15090".parse().unwrap(),
-            "/stats/prometheus",
-            Duration::from_secs(2),
-        )
-        .map(|(_, body)| body)
-        .unwrap_or_default()
-    })
-}
-
-/// The application answers with the `x-forwarded-client-cert` it was handed, or `-`.
-fn xfcc(headers: &[(String, String)]) -> String {
-    headers
-        .iter()
-        .find(|(k, _)| k == "x-forwarded-client-cert")
-        .map_or("-".to_owned(), |(_, v)| v.clone())
-}
-
-fn get_from(ns: &Netns, addr: &str) -> Result<(u16, String), String> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    ns.run(move || http_get(addr, "/", Duration::from_secs(3)))
-}
-
 #[test]
 fn strict_mtls_across_two_clusters_through_captured_sidecars() {
     require_root();
     let p = prefix("mtls");
     let dir = scratch(&p);
     manifests(&dir.join("clusters"));
-    sh(std::process::Command::new(binary("federation-controller")).args([
-        "ca",
-        "init-mesh",
-        "--out",
-        dir.join("ca").to_str().unwrap(),
-        "--clusters",
-        "cluster1",
-    ]));
+    let ca = mesh::init_mesh(&dir.join("ca"), &["cluster1"]).join("cluster1");
 
     let rt = Netns::new(&p, "rt");
     let ctl = Netns::new(&p, "ctl");
@@ -163,40 +81,31 @@ fn strict_mtls_across_two_clusters_through_captured_sidecars() {
     }
     sh(rt.command("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
 
-    let mut controller = Process::start(
-        {
-            let mut c = ctl.command(binary("federation-controller"));
-            c.args([
-                "serve",
-                "--manifests",
-                dir.join("clusters").to_str().unwrap(),
-                "--ca-dir",
-                dir.join("ca/cluster1").to_str().unwrap(),
-                "--xds",
-                &format!("{CONTROLLER}:15010"),
-                "--secure",
-                &format!("{CONTROLLER}:15012"),
-                "--monitoring",
-                &format!("{CONTROLLER}:15014"),
-                "--interval",
-                "100ms",
-            ]);
-            c
-        },
-        dir.join("controller.log"),
-    );
-    controller.wait_for("xds=", Duration::from_secs(30));
-
+    let _controller = mesh::controller(&ctl, CONTROLLER, &dir.join("clusters"), &ca, dir.join("controller.log"));
     rv.run(|| http_server("0.0.0.0:9080".parse().unwrap(), xfcc));
-    let mut reviews = sidecar(&rv, &dir, "reviews", "cluster2", "10.242.0.2", "STRICT");
-    let _productpage = sidecar(&pp, &dir, "productpage", "cluster1", "10.241.1.2", "STRICT");
-    eventually(Duration::from_secs(20), || {
-        let page = stats(&pp);
-        match metric(&page, "isthmus_sidecar_xds_routes", &[]) {
-            Some(n) if n >= 1.0 => Ok(()),
-            other => Err(format!("productpage's sidecar has no route yet ({other:?})")),
-        }
-    });
+    let reviews = |mtls| Sidecar {
+        ns: &rv,
+        sa: "reviews",
+        cluster: "cluster2",
+        network: "network1",
+        pod_ip: "10.242.0.2",
+        controller: CONTROLLER,
+        ca_dir: &ca,
+        mtls,
+    };
+    let mut reviews_sidecar = reviews("STRICT").start(&dir);
+    let productpage = Sidecar {
+        ns: &pp,
+        sa: "productpage",
+        cluster: "cluster1",
+        network: "network1",
+        pod_ip: "10.241.1.2",
+        controller: CONTROLLER,
+        ca_dir: &ca,
+        mtls: "STRICT",
+    };
+    let _productpage_sidecar = productpage.start(&dir);
+    wait_for_routes(&pp);
 
     // productpage calls the ClusterIP in plaintext; its sidecar carries it in mTLS.
     let (status, body) = get_from(&pp, REVIEWS_VIP).unwrap();
@@ -241,8 +150,8 @@ fn strict_mtls_across_two_clusters_through_captured_sidecars() {
     );
 
     // …and accepted under PERMISSIVE, without a caller identity.
-    drop(reviews);
-    reviews = sidecar(&rv, &dir, "reviews", "cluster2", "10.242.0.2", "PERMISSIVE");
+    drop(reviews_sidecar);
+    reviews_sidecar = reviews("PERMISSIVE").start(&dir);
     let (status, body) = eventually(Duration::from_secs(10), || get_from(&lg, REVIEWS_POD));
     assert_eq!(
         (status, body.as_str()),
@@ -255,5 +164,5 @@ fn strict_mtls_across_two_clusters_through_captured_sidecars() {
         body.contains("URI=spiffe://cluster.local/ns/default/sa/productpage"),
         "{body}"
     );
-    drop(reviews);
+    drop(reviews_sidecar);
 }
