@@ -682,3 +682,96 @@ async fn the_outbound_sidecar_refuses_each_bad_upstream_and_counts_it_by_reason(
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_domain_alias_is_accepted_as_ours_and_nothing_else_is() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = scratch("alias");
+    let ca = Ca::new("cluster.local");
+    let [cert, key, root] = ca.files(&dir, SERVER);
+    let app = echo_app().await;
+    let files = format!(
+        "--cert {} --key {} --ca {} --metrics 127.0.0.1:0",
+        cert.display(),
+        key.display(),
+        root.display()
+    );
+    let aliased = sidecar(&format!(
+        "{files} --inbound 127.0.0.1:0={app} --trust-domain-alias old.td --trust-domain-alias older.td"
+    ));
+    let plain = sidecar(&format!("{files} --inbound 127.0.0.1:0={app}"));
+    let legacy = || Some(ca.leaf("spiffe://old.td/ns/default/sa/legacy"));
+
+    // Inbound: an SVID of an alias domain, signed by our root, is ours…
+    assert_eq!(
+        call_inbound(aliased.bound.inbound.unwrap(), legacy(), &ca)
+            .await
+            .unwrap(),
+        42
+    );
+    assert_eq!(
+        call_inbound(
+            aliased.bound.inbound.unwrap(),
+            Some(ca.leaf("spiffe://older.td/ns/default/sa/legacy")),
+            &ca
+        )
+        .await
+        .unwrap(),
+        42
+    );
+    // …a domain that is not an alias is not, though our root signed it…
+    let refused = r#"isthmus_sidecar_refused_connections_total{reason="untrusted_trust_domain",side="inbound"}"#;
+    let other = Some(ca.leaf("spiffe://other.td/ns/default/sa/legacy"));
+    assert!(call_inbound(aliased.bound.inbound.unwrap(), other, &ca).await.is_err());
+    counted(aliased.bound.metrics.unwrap(), refused, 1.0).await;
+    // …an alias domain signed by another root is not either…
+    let forged = Some(Ca::new("impostor").leaf("spiffe://old.td/ns/default/sa/legacy"));
+    assert!(call_inbound(aliased.bound.inbound.unwrap(), forged, &ca).await.is_err());
+    counted(
+        aliased.bound.metrics.unwrap(),
+        r#"isthmus_sidecar_refused_connections_total{reason="foreign_ca",side="inbound"}"#,
+        1.0,
+    )
+    .await;
+    // …and without the flag the alias domain is a stranger.
+    assert!(call_inbound(plain.bound.inbound.unwrap(), legacy(), &ca).await.is_err());
+    counted(plain.bound.metrics.unwrap(), refused, 1.0).await;
+
+    // Outbound, as Istio expands SAN matchers: `--peer-id` in our domain is also proven by
+    // the same workload in an alias domain, and by no other workload there.
+    let [ccert, ckey, _] = ca.files(&dir.join("client"), CLIENT);
+    for (upstream_id, refusal) in [
+        ("spiffe://old.td/ns/default/sa/reviews", None),
+        ("spiffe://old.td/ns/default/sa/ratings", Some("unexpected_identity")),
+        (
+            "spiffe://other.td/ns/default/sa/reviews",
+            Some("untrusted_trust_domain"),
+        ),
+    ] {
+        let target = upstream(ca.leaf(upstream_id), &ca).await;
+        let client = sidecar(&format!(
+            "--cert {} --key {} --ca {} --outbound 127.0.0.1:0={target} --peer-id {SERVER} \
+             --trust-domain-alias old.td --metrics 127.0.0.1:0",
+            ccert.display(),
+            ckey.display(),
+            root.display()
+        ));
+        let mut app = tokio::net::TcpStream::connect(client.bound.outbound.unwrap())
+            .await
+            .unwrap();
+        app.write_all(&[42]).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut byte))
+            .await
+            .expect("the sidecar answers or closes in time");
+        assert_eq!(read.is_ok(), refusal.is_none(), "{upstream_id}: {read:?}");
+        if let Some(reason) = refusal {
+            counted(
+                client.bound.metrics.unwrap(),
+                &format!(r#"isthmus_sidecar_upstream_failures_total{{reason="{reason}",side="outbound"}}"#),
+                1.0,
+            )
+            .await;
+        }
+    }
+}

@@ -97,10 +97,13 @@ pub enum ExpectedPeer {
 }
 
 impl ExpectedPeer {
-    fn admit(&self, id: &SpiffeId) -> Result<(), PeerRefusal> {
+    /// As Istio expands its SAN matchers with `trustDomainAliases`: an expected
+    /// `spiffe://cluster.local/ns/x/sa/y` is also proven by `spiffe://<alias>/ns/x/sa/y`.
+    fn admit(&self, id: &SpiffeId, bundles: &TrustBundles) -> Result<(), PeerRefusal> {
+        let same = |e: &SpiffeId| e.path() == id.path() && bundles.same_domain(e.trust_domain(), id.trust_domain());
         match self {
             Self::Any => Ok(()),
-            Self::OneOf(ids) if ids.contains(id) => Ok(()),
+            Self::OneOf(ids) if ids.iter().any(same) => Ok(()),
             Self::OneOf(ids) => Err(PeerRefusal::Unexpected {
                 got: id.to_string(),
                 expected: ids.iter().map(SpiffeId::as_str).collect::<Vec<_>>().join(" or "),
@@ -219,7 +222,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             webpki::KeyUsage::server_auth(),
         )
         .map_err(PeerRefusal::into_rustls)?;
-        self.expected.admit(&id).map_err(PeerRefusal::into_rustls)?;
+        self.expected
+            .admit(&id, &self.bundles)
+            .map_err(PeerRefusal::into_rustls)?;
         Ok(ServerCertVerified::assertion())
     }
 
