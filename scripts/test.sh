@@ -24,6 +24,10 @@ if [ -z "${ENVOY:-}" ] && ! command -v envoy >/dev/null; then
   command -v envoy >/dev/null || export ENVOY="$(python3 -c 'import os,sys; print(os.path.join(os.path.dirname(sys.executable), "envoy"))')"
 fi
 
+# py-spiffe and cryptography, pinned, for the independent SPIFFE check
+# (federation-controller/tests/spiffe_interop.rs runs tests/spiffe_check.py).
+python3 -m pip install -q -r federation-controller/tests/spiffe_check.requirements.txt
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the workspace's binaries from the target directory.

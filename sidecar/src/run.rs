@@ -90,6 +90,10 @@ pub struct RunArgs {
     /// A federated trust domain's bundle; peers of that domain are checked against it only.
     #[arg(long = "bundle", value_name = "TD=FILE", value_parser = parse_bundle)]
     pub bundles: Vec<(String, PathBuf)>,
+    /// Istio's `trustDomainAliases` (repeatable): peers whose SPIFFE IDs are in this trust
+    /// domain are taken as ours, checked against our own bundle.
+    #[arg(long = "trust-domain-alias", value_name = "TD")]
+    pub trust_domain_aliases: Vec<String>,
     /// Outbound: accept the application's plaintext on LISTEN, carry it in mTLS to TARGET.
     #[arg(long, value_name = "LISTEN=TARGET", value_parser = parse_hop)]
     pub outbound: Option<Hop>,
@@ -211,6 +215,10 @@ impl Sidecar {
         let bundles = TrustBundles::new();
         let own = std::fs::read(&args.ca).with_context(|| format!("cannot read {}", args.ca.display()))?;
         bundles.set(self_id.trust_domain(), Bundle::from_pem(self_id.trust_domain(), &own)?);
+        for alias in &args.trust_domain_aliases {
+            SpiffeId::parse(&format!("spiffe://{alias}")).with_context(|| format!("--trust-domain-alias {alias}"))?;
+            bundles.alias(alias, self_id.trust_domain());
+        }
         for (td, path) in &args.bundles {
             let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             bundles.set(td, Bundle::from_pem(td, &pem)?);

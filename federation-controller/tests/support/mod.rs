@@ -82,6 +82,8 @@ pub struct Controller {
     pub monitoring: std::net::SocketAddr,
     /// Where it serves the CA and xDS over TLS, when started with `--ca-dir`.
     pub secure: Option<std::net::SocketAddr>,
+    /// Where it serves the SPIFFE bundle endpoint, when started with `--bundle-endpoint`.
+    pub bundle: Option<std::net::SocketAddr>,
 }
 
 impl Controller {
@@ -172,14 +174,16 @@ impl Controller {
                 .parse()
                 .unwrap()
         };
-        let secure = line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("secure="))
-            .map(|a| a.parse().unwrap());
+        let optional = |k: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .map(|a| a.parse().unwrap())
+        };
         Controller {
             xds: field("xds"),
             monitoring: field("monitoring"),
-            secure,
+            secure: optional("secure"),
+            bundle: optional("bundle"),
             child,
         }
     }
