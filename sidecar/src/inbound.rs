@@ -142,6 +142,8 @@ impl Inbound {
             source_principal: source,
             destination_principal: self.self_id.as_str(),
             destination_service: &self.service,
+            // Istio learns it from metadata exchange, which we do not speak.
+            peer_cluster: None,
             mutual_tls: caller.is_some(),
         });
         match self.protocol {

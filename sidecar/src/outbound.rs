@@ -63,6 +63,7 @@ impl Outbound {
         let hop = Hop {
             self_id: &self.self_id,
             service: &self.service,
+            cluster: None,
             handshake_timeout: self.handshake_timeout,
             telemetry: &self.telemetry,
         };
@@ -94,6 +95,8 @@ async fn connect(addr: SocketAddr, mark: Option<u32>, timeout: Duration, telemet
 struct Hop<'a> {
     self_id: &'a SpiffeId,
     service: &'a str,
+    /// The endpoint's cluster, when xDS said.
+    cluster: Option<&'a str>,
     handshake_timeout: Duration,
     telemetry: &'a Telemetry,
 }
@@ -119,6 +122,7 @@ impl Hop<'_> {
             source_principal: self.self_id.as_str(),
             destination_principal: peer,
             destination_service: self.service,
+            peer_cluster: self.cluster,
             mutual_tls: true,
         });
         if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut tls).await {
@@ -134,6 +138,7 @@ impl Hop<'_> {
             source_principal: self.self_id.as_str(),
             destination_principal: "unknown",
             destination_service: self.service,
+            peer_cluster: self.cluster,
             mutual_tls: false,
         });
         if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
@@ -231,6 +236,7 @@ impl Captured {
             let hop = Hop {
                 self_id: &self.self_id,
                 service: &service,
+                cluster: None,
                 handshake_timeout: self.handshake_timeout,
                 telemetry: &self.telemetry,
             };
@@ -238,12 +244,6 @@ impl Captured {
                 hop.plain(client, up).await;
             }
             return;
-        };
-        let hop = Hop {
-            self_id: &self.self_id,
-            service: &upstream.service,
-            handshake_timeout: self.handshake_timeout,
-            telemetry: &self.telemetry,
         };
         let mut tried: Vec<usize> = Vec::new();
         while tried.len() < CONNECT_ATTEMPTS.min(upstream.endpoints.len()) {
@@ -256,6 +256,13 @@ impl Captured {
                 continue;
             };
             let _active = upstream.balancer.open(i);
+            let hop = Hop {
+                self_id: &self.self_id,
+                service: &upstream.service,
+                cluster: endpoint.cluster.as_deref(),
+                handshake_timeout: self.handshake_timeout,
+                telemetry: &self.telemetry,
+            };
             match (&upstream.tls, endpoint.mtls) {
                 (Some(mesh), true) => {
                     let Ok(sni) = ServerName::try_from(mesh.sni.clone()) else {

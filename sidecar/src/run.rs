@@ -223,7 +223,7 @@ impl Sidecar {
             let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             bundles.set(td, Bundle::from_pem(td, &pem)?);
         }
-        let telemetry = Telemetry::new();
+        let telemetry = Telemetry::for_cluster(&args.cluster);
         telemetry.svid_expiry.set(svid.expiry_unix() as i64);
         let svid = SvidSlot::new(svid);
         let (trigger, watch) = drain::channel();
