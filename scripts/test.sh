@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v openssl >/dev/null || need+=(openssl)
+# The network-namespace tests: ip, iptables-restore (capture rules), tc.
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables-restore >/dev/null || need+=(iptables)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -27,4 +30,6 @@ python3 -m pip install -q -r federation-controller/tests/spiffe_check.requiremen
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the workspace's binaries from the target directory.
+cargo build --workspace --locked
 cargo nextest run --workspace --locked --no-fail-fast

@@ -362,7 +362,11 @@ fn main() -> anyhow::Result<()> {
             ca,
         } => {
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            let mesh = source.mesh();
+            let mesh = MeshConfig {
+                // The identities clusters verify their servers against.
+                trust_domain: ca.trust_domain.clone(),
+                ..source.mesh()
+            };
             let expected = source.kubeconfigs.len();
             let first = match &source.manifests {
                 Some(_) => source.snapshot(&mesh)?,
@@ -463,10 +467,19 @@ fn main() -> anyhow::Result<()> {
                 let m = metrics.clone();
                 let mut served = rx.clone();
                 tokio::spawn(async move {
+                    // Conflicts already logged: a conflict stays until someone fixes it,
+                    // and every snapshot until then would repeat it.
+                    let mut conflicts = Vec::new();
                     loop {
                         {
-                            let snap = served.borrow_and_update();
+                            let snap = served.borrow_and_update().clone();
                             m.version.set(snap.version as i64);
+                            let now = snap.outbound().conflicts.clone();
+                            m.vip_conflicts.set(now.len() as i64);
+                            for c in now.iter().filter(|c| !conflicts.contains(*c)) {
+                                tracing::warn!("service address conflict: {c}");
+                            }
+                            conflicts = now;
                             let clusters: Vec<(String, bool)> = snap
                                 .clusters
                                 .iter()

@@ -31,6 +31,10 @@ pub struct Telemetry {
     pub svid_renewals: IntCounter,
     /// Trust-bundle updates accepted from SDS.
     pub bundle_updates: IntCounter,
+    /// Routable outbound listeners (service VIP:port) in the table from xDS.
+    pub xds_routes: IntGauge,
+    /// xDS updates refused (NACKed); the last good table kept serving.
+    pub xds_rejects: IntCounter,
 }
 
 /// What labels one connection's counters.
@@ -116,6 +120,19 @@ impl Telemetry {
                 "isthmus_sidecar_svid_expiry_seconds",
                 "Unix time at which the current SVID expires",
             ),
+            xds_routes: gauge(
+                "isthmus_sidecar_xds_routes",
+                "Routable outbound listeners (service VIP:port) from xDS",
+            ),
+            xds_rejects: {
+                let c = IntCounter::new(
+                    "isthmus_sidecar_xds_rejects_total",
+                    "xDS updates refused (NACKed); the last good routes kept serving",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             bundle_updates: {
                 let c = IntCounter::new(
                     "isthmus_sidecar_trust_bundle_updates_total",
