@@ -156,15 +156,15 @@ async fn py_spiffe_and_cryptography_accept_our_svids_and_bundle_and_refuse_a_for
     let ca_dir = mesh.join("east");
     let root = mesh.join("root-cert.pem");
     let ours = serve(&clusters, &ca_dir, true);
-    // A stranger: another mesh that picked the same trust domain name, with its own root.
+    // A stranger: another mesh that picked the same trust domain name, with its own
+    // self-signed root (the CA's other mode: the root signs SVIDs itself).
     let stranger_dir = dir.join("stranger");
-    ca_init(&stranger_dir);
-    let stranger = serve(&clusters, &stranger_dir.join("east"), false);
+    let stranger = serve(&clusters, &stranger_dir, true);
 
     let reviews = issue(ours.secure.unwrap(), &ca_dir, &root, REVIEWS).await;
     let foreign = issue(
         stranger.secure.unwrap(),
-        &stranger_dir.join("east"),
+        &stranger_dir,
         &stranger_dir.join("root-cert.pem"),
         REVIEWS,
     )
@@ -189,8 +189,8 @@ async fn py_spiffe_and_cryptography_accept_our_svids_and_bundle_and_refuse_a_for
         bundle,
         &root,
         &[
-            ("reviews", reviews),
-            ("foreign", foreign),
+            ("reviews", reviews.clone()),
+            ("foreign", foreign.clone()),
             ("other_domain", other_domain),
             ("expired", expired),
             ("ca_leaf", ca_leaf),
@@ -227,6 +227,21 @@ async fn py_spiffe_and_cryptography_accept_our_svids_and_bundle_and_refuse_a_for
         assert_eq!(r["ok"], false, "{name} must be refused: {r}");
         assert_eq!(r["stage"], stage, "{name} refused at the wrong stage: {r}");
     }
+
+    // The other way round, against the stranger's bundle endpoint: its SVID (root-signed,
+    // two links) verifies, ours does not.
+    let report = check(
+        &dir,
+        bundle_addr(&stranger),
+        &stranger_dir.join("root-cert.pem"),
+        &[("stranger", foreign), ("ours", reviews)],
+    );
+    let ok = &report["svids"]["stranger"];
+    assert_eq!(ok["ok"], true, "the self-signed CA's SVID must verify: {ok}");
+    assert_eq!(ok["chain_len"], 2, "leaf, root: {ok}");
+    let refused = &report["svids"]["ours"];
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["stage"], "verify", "{refused}");
 }
 
 /// Where `controller` serves its bundle endpoint (its `ready` line says `bundle=ADDR`).
