@@ -75,8 +75,9 @@ impl Source {
 // Parsed once at start; boxing the big variant would only add noise.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    /// Serves xDS (ADS, state of the world: clusters and endpoints) from a manifest
-    /// directory, re-read whenever a file changes.
+    /// Serves xDS (ADS, state of the world and delta: listeners, clusters, endpoints,
+    /// trust bundles) from a manifest directory, re-read whenever a file changes, or
+    /// from API servers.
     Serve {
         #[command(flatten)]
         source: Source,
