@@ -448,7 +448,7 @@ fn main() -> anyhow::Result<()> {
                             .iter()
                             .map(|(m, stale)| {
                                 serde_json::json!({"cluster": m.cluster.as_str(), "stale": stale,
-                                    "instances": m.instances.len(), "gateways": m.gateways.len()})
+                                    "instances": m.instances.len(), "vips": m.vips.len(), "gateways": m.gateways.len()})
                             })
                             .collect();
                         let body = serde_json::json!({"version": snap.version, "clusters": clusters});
