@@ -427,6 +427,11 @@ fn main() -> anyhow::Result<()> {
                         }
                     });
                 }
+                // SIGTERM is how Kubernetes stops a pod; SIGINT how a person does. Taken
+                // before saying ready: one that comes right after must stop us gracefully,
+                // not meet the default action, which kills at once.
+                use tokio::signal::unix::{SignalKind, signal};
+                let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
                 println!(
                     "ready xds={} monitoring={}{secure}",
                     listener.local_addr()?,
@@ -498,9 +503,7 @@ fn main() -> anyhow::Result<()> {
                 let serve = tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(server))
                     .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                        // SIGTERM is how Kubernetes stops a pod; SIGINT how a person does.
-                        use tokio::signal::unix::{SignalKind, signal};
-                        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                        match signals {
                             (Ok(mut term), Ok(mut int)) => {
                                 tokio::select! {
                                     _ = term.recv() => {}
