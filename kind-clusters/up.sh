@@ -7,6 +7,8 @@
 #
 # Needs docker, kind and kubectl. NOT RUN on this project's machines (no Docker engine):
 # see kind-clusters/README.md for what is and is not verified.
+# envsubst's variable lists are single-quoted on purpose: envsubst expands them itself.
+# shellcheck disable=SC2016
 set -euo pipefail
 
 N="${1:-2}"
