@@ -353,6 +353,24 @@ fn check_isthmus_container(where_: &str, c: &Container) -> Vec<String> {
     problems
 }
 
+/// Whether `c` runs `sidecar SUB`.
+fn runs(c: &Container, sub: &str) -> bool {
+    c.command.as_deref() == Some(&["sidecar".to_owned()][..])
+        && c.args.as_ref().and_then(|a| a.first()).map(String::as_str) == Some(sub)
+}
+
+/// The `[default: …]` of `flag` in a help text.
+fn default_of(help: &str, flag: &str) -> Option<String> {
+    let start = help.lines().position(|l| l.trim_start().starts_with(flag))?;
+    let mut lines = help.lines().skip(start);
+    let mut section = lines.next()?.to_owned();
+    for l in lines.take_while(|l| !l.trim_start().starts_with('-')) {
+        section.push_str(l);
+    }
+    let (_, rest) = section.split_once("[default: ")?;
+    Some(rest.split(']').next()?.to_owned())
+}
+
 fn arg_after<'a>(c: &'a Container, flag: &str) -> Option<&'a str> {
     let args = c.args.as_deref()?;
     let i = args.iter().position(|a| a == flag)?;
@@ -503,9 +521,7 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
             }
         }
         // A pod with a sidecar: Istio's labels, the init container's capabilities.
-        let sidecar = containers.iter().find(|c| {
-            c.command.as_deref() == Some(&["sidecar".to_owned()][..]) && c.args.as_ref().unwrap()[0] == "run"
-        });
+        let sidecar = containers.iter().find(|c| runs(c, "run"));
         if let Some(sc) = sidecar {
             for (k, v) in [
                 ("security.istio.io/tlsMode", "istio"),
@@ -520,10 +536,11 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
                     problems.push(format!("{where_}: pod label {k} missing"));
                 }
             }
-            let init = pod.init_containers.iter().flatten().find(|c| {
-                c.command.as_deref() == Some(&["sidecar".to_owned()][..])
-                    && c.args.as_deref() == Some(&["init".to_owned(), "--apply".to_owned()][..])
-            });
+            let init = pod
+                .init_containers
+                .iter()
+                .flatten()
+                .find(|c| runs(c, "init") && c.args.iter().flatten().any(|a| a == "--apply"));
             match init {
                 None => problems.push(format!(
                     "{where_}: a sidecar without `sidecar init --apply` captures nothing"
@@ -539,6 +556,50 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
                     for cap in ["NET_ADMIN", "NET_RAW"] {
                         if !caps.contains(cap) {
                             problems.push(format!("{where_}: the init container needs {cap}"));
+                        }
+                    }
+                    // The sidecar's control-plane connections carry no mark: the capture
+                    // rules must leave their ports alone, or they loop into the sidecar.
+                    let init_help = help_of(&isthmus_binary("sidecar"), Some("init"));
+                    let ports_of = |flag: &str| -> BTreeSet<i32> {
+                        arg_after(i, flag)
+                            .map(str::to_owned)
+                            .or_else(|| default_of(&init_help, flag))
+                            .unwrap_or_default()
+                            .split(',')
+                            .filter_map(|p| p.trim().parse().ok())
+                            .collect()
+                    };
+                    let out_excluded = ports_of("--exclude-outbound-ports");
+                    for flag in ["--xds", "--ca-address"] {
+                        if let Some(url) = arg_after(sc, flag)
+                            && !out_excluded.contains(&port_of(url))
+                        {
+                            problems.push(format!(
+                                "{where_}: the sidecar's {flag} {url} would be captured (excluded: {out_excluded:?})"
+                            ));
+                        }
+                    }
+                    // Kubelet's probes come from outside the pod: captured, they would meet
+                    // STRICT mTLS and fail.
+                    let in_excluded = ports_of("--exclude-inbound-ports");
+                    for c in &pod.containers {
+                        let probes = [&c.readiness_probe, &c.liveness_probe, &c.startup_probe];
+                        for probe in probes.into_iter().flatten() {
+                            let port = probe
+                                .http_get
+                                .as_ref()
+                                .map(|h| h.port.clone())
+                                .or_else(|| probe.tcp_socket.as_ref().map(|t| t.port.clone()));
+                            if let Some(IntOrString::Int(p)) = port
+                                && !in_excluded.contains(&p)
+                            {
+                                problems.push(format!(
+                                    "{where_}: container {}'s probe on {p} would be captured into mTLS \
+                                     (excluded: {in_excluded:?})",
+                                    c.name
+                                ));
+                            }
                         }
                     }
                 }
@@ -557,6 +618,51 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
                         .is_some_and(|f| f.field_path == "status.podIP")
             }) {
                 problems.push(format!("{where_}: the sidecar needs INSTANCE_IP from status.podIP"));
+            }
+        }
+    }
+
+    // Addresses in our containers' arguments that name a Service (`NAME.NS.svc[:PORT]`,
+    // with or without a scheme) name one of ours, on a port it exposes.
+    for (file, d) in &o.deployments {
+        let pod = pod_spec(d);
+        for c in pod.init_containers.iter().flatten().chain(&pod.containers) {
+            let args = c.args.clone().unwrap_or_default();
+            // `--service` names a service for metrics and SNI, it connects nowhere.
+            let none = String::new();
+            let values = args.iter().zip(std::iter::once(&none).chain(&args));
+            for (a, _) in values.filter(|(_, before)| *before != "--service") {
+                let addr = a.split_once("://").map_or(a.as_str(), |(_, rest)| rest);
+                let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
+                let Some(base) = host
+                    .strip_suffix(".svc")
+                    .or_else(|| host.strip_suffix(".svc.cluster.local"))
+                else {
+                    continue;
+                };
+                let Some((name, ns)) = base.split_once('.') else {
+                    continue;
+                };
+                let exposes = |s: &Service| {
+                    port.is_empty()
+                        || s.spec
+                            .as_ref()
+                            .unwrap()
+                            .ports
+                            .iter()
+                            .flatten()
+                            .any(|p| p.port.to_string() == port)
+                };
+                let found = o
+                    .services
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(name) && s.metadata.namespace.as_deref() == Some(ns));
+                if !found.is_some_and(exposes) {
+                    problems.push(format!(
+                        "{file}: container {}: {a}: no Service {ns}/{name} exposing {port}",
+                        c.name
+                    ));
+                }
             }
         }
     }
@@ -681,6 +787,12 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
     assert_eq!(
         arg_after(ctl_c, "--remote-secrets-from"),
         Some(values["CLUSTER"].as_str())
+    );
+    let own = arg_after(ctl_c, "--kubeconfig").expect("the controller's own cluster");
+    assert_eq!(
+        own.split_once('=').map(|(c, _)| c),
+        Some(values["CLUSTER"].as_str()),
+        "--remote-secrets-from must name a --kubeconfig cluster"
     );
     let ca_dir = arg_after(ctl_c, "--ca-dir").unwrap();
     let ca_mount = ctl_c
