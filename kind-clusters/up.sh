@@ -162,7 +162,7 @@ kc "$LAST" -n default rollout status deployment/reviews-v2 --timeout "$WAIT"
 
 call() {
   kc cluster1 -n default exec deploy/productpage -c productpage -- \
-    curl -sS --max-time 5 http://reviews.default.svc.cluster.local:9080/
+    curl -fsS --max-time 5 http://reviews.default.svc.cluster.local:9080/
 }
 step "first call from productpage in cluster1 to reviews (at most 60 s)"
 ok=
@@ -181,8 +181,8 @@ out="$WORK/traffic.txt"
 failed=0
 for _ in $(seq 1 "$REQUESTS"); do
   if body="$(call)"; then
-    cluster="$(grep -o '"ISTHMUS_CLUSTER":"[^"]*"' <<< "$body" | head -n1 | cut -d'"' -f4 || true)"
-    version="$(grep -o '"ISTHMUS_VERSION":"[^"]*"' <<< "$body" | head -n1 | cut -d'"' -f4 || true)"
+    cluster="$(grep -o '"ISTHMUS_CLUSTER": *"[^"]*"' <<< "$body" | head -n1 | cut -d'"' -f4 || true)"
+    version="$(grep -o '"ISTHMUS_VERSION": *"[^"]*"' <<< "$body" | head -n1 | cut -d'"' -f4 || true)"
     caller="$(grep -o 'URI=spiffe://[^;",]*' <<< "$body" | head -n1 || true)"
     echo "${cluster:-?} ${version:-?} ${caller:-no-xfcc}" >> "$out"
   else
