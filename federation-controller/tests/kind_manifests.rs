@@ -942,9 +942,63 @@ fn kind_clusters_have_distinct_non_overlapping_subnets_and_localities() {
 }
 
 #[test]
-fn scripts_are_valid_bash() {
+fn the_scripts_and_the_image_fit_the_manifests() {
     for s in ["up.sh", "down.sh"] {
         let out = Command::new("bash").arg("-n").arg(kind_dir().join(s)).output().unwrap();
         assert!(out.status.success(), "{s}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let up = read(&kind_dir().join("up.sh"));
+    // up.sh applies every manifest and uses every kind config.
+    for f in manifest_files() {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(up.contains(&name), "up.sh never applies {name}");
+    }
+    assert!(
+        up.contains("$HERE/$c.yaml"),
+        "up.sh creates cluster k from clusterk.yaml"
+    );
+    // The image builds and installs every binary the manifests run.
+    let docker = read(&kind_dir().join("Dockerfile"));
+    let o = load();
+    let programs: BTreeSet<String> = o
+        .deployments
+        .iter()
+        .flat_map(|(_, d)| {
+            let pod = pod_spec(d);
+            pod.init_containers
+                .iter()
+                .flatten()
+                .chain(&pod.containers)
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| c.image.as_deref() == Some("isthmus:dev"))
+        .filter_map(|c| c.command?.first().cloned())
+        .collect();
+    assert_eq!(programs.len(), 3, "{programs:?}");
+    for p in &programs {
+        assert!(docker.contains(&format!("-p {p}")), "the Dockerfile does not build {p}");
+        assert!(
+            docker.contains(&format!("/src/target/release/{p}")),
+            "the Dockerfile does not install {p}"
+        );
+    }
+    assert!(docker.contains("/usr/local/bin/") && docker.contains("--locked"));
+    // What up.sh reads from reviews' answers, reviews' environment provides.
+    for d in o
+        .deployments
+        .iter()
+        .map(|(_, d)| d)
+        .filter(|d| pod_labels(d)["app"] == "reviews")
+    {
+        let env: BTreeSet<&str> = pod_spec(d)
+            .containers
+            .iter()
+            .flat_map(|c| c.env.iter().flatten())
+            .map(|e| e.name.as_str())
+            .collect();
+        for var in ["ISTHMUS_CLUSTER", "ISTHMUS_VERSION"] {
+            assert!(up.contains(var) && env.contains(var), "{var}: {:?}", d.metadata.name);
+        }
     }
 }
