@@ -7,7 +7,7 @@ command -v kind > /dev/null || {
   exit 1
 }
 for name in isthmus1 isthmus2 isthmus3; do
-  if kind get clusters 2> /dev/null | grep -qx "$name"; then
+  if kind get clusters 2> /dev/null | grep -x "$name" > /dev/null; then
     kind delete cluster --name "$name"
   fi
 done

@@ -70,7 +70,7 @@ kubeconfig() {
 step "kind clusters: ${CLUSTERS[*]}"
 for c in "${CLUSTERS[@]}"; do
   name="isthmus${c#cluster}"
-  if kind get clusters 2> /dev/null | grep -qx "$name"; then
+  if kind get clusters 2> /dev/null | grep -x "$name" > /dev/null; then
     echo "$name exists; kept"
   else
     kind create cluster --config "$HERE/$c.yaml" --name "$name" --wait "$WAIT"
