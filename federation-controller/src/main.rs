@@ -75,8 +75,9 @@ impl Source {
 // Parsed once at start; boxing the big variant would only add noise.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    /// Serves xDS (ADS, state of the world: clusters and endpoints) from a manifest
-    /// directory, re-read whenever a file changes.
+    /// Serves xDS (ADS, state of the world and delta: listeners, clusters, endpoints,
+    /// trust bundles) from a manifest directory, re-read whenever a file changes, or
+    /// from API servers.
     Serve {
         #[command(flatten)]
         source: Source,
@@ -461,6 +462,11 @@ fn main() -> anyhow::Result<()> {
                         }
                     });
                 }
+                // SIGTERM is how Kubernetes stops a pod; SIGINT how a person does. Taken
+                // before saying ready: one that comes right after must stop us gracefully,
+                // not meet the default action, which kills at once.
+                use tokio::signal::unix::{SignalKind, signal};
+                let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
                 println!(
                     "ready xds={} monitoring={}{secure}",
                     listener.local_addr()?,
@@ -482,7 +488,7 @@ fn main() -> anyhow::Result<()> {
                             .iter()
                             .map(|(m, stale)| {
                                 serde_json::json!({"cluster": m.cluster.as_str(), "stale": stale,
-                                    "instances": m.instances.len(), "gateways": m.gateways.len()})
+                                    "instances": m.instances.len(), "vips": m.vips.len(), "gateways": m.gateways.len()})
                             })
                             .collect();
                         let body = serde_json::json!({"version": snap.version, "clusters": clusters});
@@ -532,9 +538,7 @@ fn main() -> anyhow::Result<()> {
                 let serve = tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(server))
                     .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                        // SIGTERM is how Kubernetes stops a pod; SIGINT how a person does.
-                        use tokio::signal::unix::{SignalKind, signal};
-                        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                        match signals {
                             (Ok(mut term), Ok(mut int)) => {
                                 tokio::select! {
                                     _ = term.recv() => {}

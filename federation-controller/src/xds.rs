@@ -686,9 +686,6 @@ impl XdsStream for DeltaAds {
     }
 }
 
-/// A resource's version: a hash of what it was built from that is the same in
-/// every process and release (FNV-1a; std's hasher is randomly keyed), so equal
-/// content has equal versions across pushes, restarts and replicas.
 /// The current resources of `type_url` for a proxy on `network`, and their version:
 /// bundles for SDS, the snapshot for the rest.
 async fn current(
@@ -705,6 +702,9 @@ async fn current(
     }
 }
 
+/// A resource's version: a hash of what it was built from that is the same in
+/// every process and release (FNV-1a; std's hasher is randomly keyed), so equal
+/// content has equal versions across pushes, restarts and replicas.
 pub(crate) fn stable_hash<T: std::hash::Hash + ?Sized>(t: &T) -> String {
     struct Fnv(u64);
     impl std::hash::Hasher for Fnv {

@@ -367,3 +367,57 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+async fn next_delta(
+    rx: &mut tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
+) -> envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("a response in time")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn delta_lds_is_a_wildcard_and_names_a_withdrawn_cluster_ip() {
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let dir = scratch("delta-lds");
+    two_networks(&dir);
+    let controller = Controller::serve(&dir);
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Naming nothing on the first request subscribes to every listener, as for clusters.
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(node()),
+        type_url: LDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let first = next_delta(&mut responses).await;
+    let mut names: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["10.96.1.12_9080", "10.96.2.12_9080"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: LDS.into(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // cluster1's reviews turns headless: its listener is withdrawn, by name, and nothing else sent.
+    cluster_with_ips(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)], &[]);
+    let removal = next_delta(&mut responses).await;
+    assert_eq!(removal.type_url, LDS);
+    assert_eq!(removal.removed_resources, ["10.96.1.12_9080"]);
+    assert!(removal.resources.is_empty(), "the other listener is unchanged");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -3,7 +3,7 @@
 //! mTLS (a sidecar'd pod, or a gateway standing for another network) is marked
 //! `tlsMode: istio` and is reached over TLS with the workload's SVID, checking
 //! that the server is one of the service's identities; any other endpoint
-//! matches nothing and gets plaintext.
+//! falls through to the plaintext socket, whose match is empty.
 //!
 //! Certificates come over SDS from the proxy's local agent, as Istio's
 //! bootstrap names it (`sds-grpc`): `default` is the workload's own SVID,
