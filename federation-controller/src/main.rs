@@ -155,6 +155,14 @@ struct CaArgs {
     /// Roots for `https_web` bundle endpoints.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt", value_name = "FILE")]
     web_roots: PathBuf,
+    /// With --kubeconfig: the audiences a service-account token must be for (repeatable;
+    /// Istio's default). Tokens are reviewed with the API server of the cluster the caller
+    /// names in `clusterid` metadata, or of the own cluster.
+    #[arg(long = "token-audience", value_name = "AUDIENCE", default_values = [ca::token_review::ISTIO_CA_AUDIENCE])]
+    token_audiences: Vec<String>,
+    /// How long a token review may take before the caller is told to retry.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    token_review_timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -194,8 +202,15 @@ struct CaParts {
     root_pem: String,
 }
 
+/// The clusters whose API servers review service-account tokens, the own cluster first.
+type ReviewClusters = Vec<(ClusterId, kube::Client)>;
+
 /// The CA service and the TLS identity of the secure port, when `--ca-dir` is given.
-fn certificate_authority(args: &CaArgs, metrics: &Metrics) -> anyhow::Result<Option<CaParts>> {
+fn certificate_authority(
+    args: &CaArgs,
+    metrics: &Metrics,
+    clusters: ReviewClusters,
+) -> anyhow::Result<Option<CaParts>> {
     let Some(dir) = &args.ca_dir else { return Ok(None) };
     let (authority, origin) = ca::Authority::load_or_create(dir, &args.trust_domain)?;
     tracing::info!(dir = %dir.display(), ?origin, "certificate authority loaded");
@@ -215,8 +230,19 @@ fn certificate_authority(args: &CaArgs, metrics: &Metrics) -> anyhow::Result<Opt
         .context("--trust-domain is not a valid trust domain")?;
     let ips = [std::net::IpAddr::from([127, 0, 0, 1])];
     let (chain, key) = signer.serving_certificate(&own, &args.serving_names, &ips)?;
-    let tokens = ca::bootstrap::BootstrapKey::load_or_create(dir)?;
-    let service = ca::service::CertificateService::new(signer, tokens, metrics.clone());
+    let mut authenticator = ca::Authenticator::new(ca::bootstrap::BootstrapKey::load_or_create(dir)?);
+    if let Some((home, _)) = clusters.first() {
+        let home = home.clone();
+        tracing::info!(%home, audiences = ?args.token_audiences, "service-account tokens reviewed");
+        authenticator = authenticator.with_token_review(ca::token_review::TokenReviewer::new(
+            clusters,
+            home,
+            args.token_audiences.clone(),
+            &args.trust_domain,
+            args.token_review_timeout,
+        ));
+    }
+    let service = ca::service::CertificateService::new(signer, authenticator, metrics.clone());
     Ok(Some(CaParts {
         service,
         serving: (chain, key),
@@ -291,16 +317,18 @@ fn parse_kubeconfig(s: &str) -> Result<(String, String), String> {
 }
 
 /// Starts a Kubernetes source per `--kubeconfig` (and per remote secret of
-/// `remote_secrets_from`), all feeding one publisher.
+/// `remote_secrets_from`), all feeding one publisher. Returns the clusters' clients, the
+/// own cluster (`remote_secrets_from`, else the first) first.
 async fn kube_sources(
     kubeconfigs: &[(String, String)],
     remote_secrets_from: Option<String>,
     metrics: &Metrics,
     mesh: MeshConfig,
     tx: tokio::sync::watch::Sender<Arc<Snapshot>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ReviewClusters> {
     use kube::config::{KubeConfigOptions, Kubeconfig};
     let mut seen = std::collections::BTreeSet::new();
+    let mut clients = ReviewClusters::new();
     let (updates_tx, updates) = tokio::sync::mpsc::channel(64);
     for (cluster, file) in kubeconfigs {
         anyhow::ensure!(
@@ -327,6 +355,7 @@ async fn kube_sources(
                 refused,
             ));
         }
+        clients.push((ClusterId::new(cluster), client.clone()));
         tokio::spawn(kube_source::run(ClusterId::new(cluster), client, updates_tx.clone()));
     }
     if let Some(c) = &remote_secrets_from {
@@ -336,7 +365,10 @@ async fn kube_sources(
         );
     }
     tokio::spawn(publisher::run(updates, mesh, Freshness::default(), tx));
-    Ok(())
+    if let Some(own) = &remote_secrets_from {
+        clients.sort_by_key(|(c, _)| c.as_str() != own);
+    }
+    Ok(clients)
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -378,10 +410,13 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
                 let metrics = Metrics::new();
-                match source.manifests.clone() {
-                    Some(dir) => drop(tokio::spawn(manifests::watch(dir, mesh, interval, tx))),
+                let clusters = match source.manifests.clone() {
+                    Some(dir) => {
+                        tokio::spawn(manifests::watch(dir, mesh, interval, tx));
+                        ReviewClusters::new()
+                    }
                     None => kube_sources(&source.kubeconfigs, remote_secrets_from, &metrics, mesh, tx).await?,
-                }
+                };
                 let started = std::time::Instant::now();
                 let synced = rx.clone();
                 let debug = rx.clone();
@@ -392,7 +427,7 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {monitoring}"))?;
                 let mut secure = String::new();
-                let parts = certificate_authority(&ca, &metrics)?;
+                let parts = certificate_authority(&ca, &metrics, clusters)?;
                 let (_bundle_sender, bundles) =
                     trust_bundles(&ca, parts.as_ref().map(|p| p.root_pem.clone()), &metrics)?;
                 if let (Some(addr), Some(p)) = (ca.bundle_endpoint, &parts) {

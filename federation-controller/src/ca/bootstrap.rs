@@ -67,6 +67,15 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 impl BootstrapKey {
+    /// Whether `token` has the form of a bootstrap token (and so is checked as one, not sent
+    /// to an API server for review).
+    pub fn is_bootstrap_token(token: &str) -> bool {
+        token
+            .trim()
+            .strip_prefix(PREFIX)
+            .is_some_and(|rest| rest.starts_with('.'))
+    }
+
     /// Loads the key from the CA directory, making it on first use.
     pub fn load_or_create(dir: &Path) -> Result<Self, CaError> {
         let path = dir.join(KEY_FILE);

@@ -6,14 +6,13 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use mesh_vocab::ca_protocol::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
-use mesh_vocab::spiffe::SpiffeId;
 use tonic::codegen::{Body, BoxFuture, StdError, http};
 use tonic::{Request, Response, Status};
 
-use super::bootstrap::{BootstrapKey, TokenRefusal};
+use super::authenticate::Authenticator;
 use super::signer::{CsrRefusal, Signer};
 use crate::metrics::Metrics;
 
@@ -28,31 +27,20 @@ pub struct CertificateService {
 
 struct Inner {
     signer: Signer,
-    tokens: BootstrapKey,
+    authenticator: Authenticator,
     metrics: Metrics,
 }
 
 impl CertificateService {
-    /// Serves `signer`, admitting callers that prove their identity with a bootstrap token.
-    pub fn new(signer: Signer, tokens: BootstrapKey, metrics: Metrics) -> Self {
+    /// Serves `signer`, admitting callers whose identity `authenticator` proves.
+    pub fn new(signer: Signer, authenticator: Authenticator, metrics: Metrics) -> Self {
         Self {
             inner: Arc::new(Inner {
                 signer,
-                tokens,
+                authenticator,
                 metrics,
             }),
         }
-    }
-
-    /// Proves the caller's identity from `authorization: Bearer <token>`.
-    fn caller(&self, request: &Request<IstioCertificateRequest>) -> Result<SpiffeId, TokenRefusal> {
-        let value = request.metadata().get("authorization").ok_or(TokenRefusal::Missing)?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(TokenRefusal::Malformed)?;
-        self.inner.tokens.verify(token, SystemTime::now())
     }
 
     /// Handles one `CreateCertificate` call.
@@ -62,11 +50,16 @@ impl CertificateService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let metrics = &self.inner.metrics;
         metrics.csrs.inc();
-        let identity = self.caller(&request).map_err(|refusal| {
-            metrics.csr_refusal(refusal.reason());
-            tracing::warn!(%refusal, "CSR refused: caller not authenticated");
-            Status::unauthenticated(refusal.to_string())
-        })?;
+        let identity = self
+            .inner
+            .authenticator
+            .authenticate(request.metadata())
+            .await
+            .map_err(|refusal| {
+                metrics.csr_refusal(refusal.reason());
+                tracing::warn!(%refusal, "CSR refused: caller not authenticated");
+                refusal.status()
+            })?;
         let body = request.into_inner();
         let requested = u64::try_from(body.validity_duration).ok().map(Duration::from_secs);
         let chain = self

@@ -4,6 +4,11 @@
 //! sends a BOOKMARK once caught up (when asked for), then streams new events; a
 //! watch from a version older than the compaction point gets the `410 Expired`
 //! ERROR event a real API server sends; and the test can cut every watch.
+//!
+//! It also answers `TokenReview`s (POST `/apis/authentication.k8s.io/v1/tokenreviews`) from
+//! the tokens a test registers, reading `spec.token` and `spec.audiences` as kube-apiserver
+//! does: a bound service-account token authenticates only for an audience it was minted
+//! for, and the answer names the audiences both sides share.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -81,7 +86,29 @@ struct State {
     lists: u64,
     gone: u64,
     bookmarks: u64,
+    /// Token → who it is, for TokenReview.
+    tokens: BTreeMap<String, TokenOwner>,
+    /// TokenReviews answered.
+    reviews: u64,
+    /// While set, TokenReviews get no answer (an API server that hangs).
+    stall_reviews: bool,
 }
+
+/// Whom a registered token authenticates as.
+#[derive(Clone)]
+struct TokenOwner {
+    username: String,
+    groups: Vec<String>,
+    /// The token's `aud` claim.
+    audiences: Vec<String>,
+    /// Whether the authenticator checks `spec.audiences` (kube-apiserver's service-account
+    /// authenticator does; a careless webhook authenticator may not).
+    audience_aware: bool,
+}
+
+/// The audience kube-apiserver assumes when a review names none.
+const API_SERVER_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
 /// The fake API server.
 #[derive(Clone)]
@@ -107,9 +134,14 @@ impl FakeApi {
                 let Ok((tcp, _)) = listener.accept().await else { return };
                 let api = server.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let api = api.clone();
-                        async move { Ok::<_, Infallible>(api.handle(req)) }
+                        async move {
+                            if req.method() == hyper::Method::POST && req.uri().path() == TOKEN_REVIEWS {
+                                return Ok::<_, Infallible>(api.token_review(req).await);
+                            }
+                            Ok::<_, Infallible>(api.handle(req))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
@@ -192,6 +224,128 @@ impl FakeApi {
     pub fn counters(&self) -> (u64, u64, u64) {
         let s = self.state.lock().unwrap();
         (s.lists, s.gone, s.bookmarks)
+    }
+
+    /// Registers a bound token of the service account `NS/SA` minted for `audiences`.
+    pub fn add_service_account_token(&self, token: &str, ns: &str, sa: &str, audiences: &[&str]) {
+        self.add_token(
+            token,
+            TokenOwner {
+                username: format!("system:serviceaccount:{ns}:{sa}"),
+                groups: vec![
+                    "system:serviceaccounts".into(),
+                    format!("system:serviceaccounts:{ns}"),
+                    "system:authenticated".into(),
+                ],
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                audience_aware: true,
+            },
+        );
+    }
+
+    /// Registers a token of `username`, a user that is no service account.
+    pub fn add_user_token(&self, token: &str, username: &str, audiences: &[&str]) {
+        self.add_token(
+            token,
+            TokenOwner {
+                username: username.into(),
+                groups: vec!["system:authenticated".into()],
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                audience_aware: true,
+            },
+        );
+    }
+
+    /// Registers a service-account token checked by an authenticator that ignores
+    /// `spec.audiences`: it authenticates whatever the review asks for and answers with the
+    /// token's own audiences.
+    pub fn add_audience_unaware_token(&self, token: &str, ns: &str, sa: &str, audiences: &[&str]) {
+        self.add_token(
+            token,
+            TokenOwner {
+                username: format!("system:serviceaccount:{ns}:{sa}"),
+                groups: vec!["system:serviceaccounts".into(), "system:authenticated".into()],
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                audience_aware: false,
+            },
+        );
+    }
+
+    fn add_token(&self, token: &str, owner: TokenOwner) {
+        self.state.lock().unwrap().tokens.insert(token.to_owned(), owner);
+    }
+
+    /// TokenReviews answered so far.
+    pub fn token_reviews(&self) -> u64 {
+        self.state.lock().unwrap().reviews
+    }
+
+    /// While `stall`, TokenReviews hang without an answer.
+    pub fn stall_token_reviews(&self, stall: bool) {
+        self.state.lock().unwrap().stall_reviews = stall;
+        let _ = self.changed.send(());
+    }
+
+    async fn token_review(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+        let bad = |message: String| {
+            json_response(
+                400,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "BadRequest",
+                    "message": message, "code": 400}),
+            )
+        };
+        let mut changed = self.changed.subscribe();
+        let Ok(body) = req.into_body().collect().await else {
+            return bad("unreadable body".into());
+        };
+        let Ok(review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+            return bad("body is not JSON".into());
+        };
+        if review["kind"] != "TokenReview" || review["apiVersion"] != "authentication.k8s.io/v1" {
+            return bad(format!(
+                "expected an authentication.k8s.io/v1 TokenReview, got {review}"
+            ));
+        }
+        let Some(token) = review["spec"]["token"].as_str().filter(|t| !t.is_empty()) else {
+            return bad("spec.token: Required value".into());
+        };
+        let mut wanted: Vec<String> = review["spec"]["audiences"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        if wanted.is_empty() {
+            wanted.push(API_SERVER_AUDIENCE.into());
+        }
+        while self.state.lock().unwrap().stall_reviews {
+            if let Err(broadcast::error::RecvError::Closed) = changed.recv().await {
+                return bad("shutting down".into());
+            }
+        }
+        let owner = {
+            let mut s = self.state.lock().unwrap();
+            s.reviews += 1;
+            s.tokens.get(token).cloned()
+        };
+        let status = match owner {
+            None => json!({"user": {}, "error": "[invalid bearer token, token lookup failed]"}),
+            Some(o) if !o.audience_aware => json!({"authenticated": true, "audiences": o.audiences,
+                "user": {"username": o.username, "groups": o.groups}}),
+            Some(o) => {
+                let shared: Vec<&String> = o.audiences.iter().filter(|a| wanted.contains(a)).collect();
+                if shared.is_empty() {
+                    json!({"user": {}, "error": format!("[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]", o.audiences, wanted)})
+                } else {
+                    json!({"authenticated": true, "audiences": shared,
+                        "user": {"username": o.username, "uid": "0b1d5c3e", "groups": o.groups}})
+                }
+            }
+        };
+        let mut answer = review.clone();
+        answer["metadata"] = json!({"creationTimestamp": null});
+        answer["status"] = status;
+        json_response(201, answer)
     }
 
     fn handle(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
