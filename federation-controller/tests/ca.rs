@@ -28,6 +28,7 @@ fn client(controller: &Controller, roots: &Path, token: String, identity: &str) 
         token,
         identity: SpiffeId::parse(identity).unwrap(),
         ttl: None,
+        cluster: None,
     }
 }
 

@@ -125,6 +125,7 @@ async fn a_service_account_token_proves_exactly_its_own_identity() {
         token: "reviews-token".into(),
         identity: SpiffeId::parse(REVIEWS).unwrap(),
         ttl: None,
+        cluster: None,
     };
     let svid = sidecar.fetch().await.unwrap();
     assert_eq!(svid.id().as_str(), REVIEWS);

@@ -459,6 +459,7 @@ fn ca_client(args: &RunArgs, address: &str) -> anyhow::Result<CaClient> {
         token: std::fs::read_to_string(token_file).with_context(|| format!("cannot read {}", token_file.display()))?,
         identity: SpiffeId::parse(identity).with_context(|| format!("--identity {identity}"))?,
         ttl: args.svid_ttl,
+        cluster: Some(args.cluster.clone()),
     })
 }
 

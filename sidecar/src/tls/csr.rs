@@ -44,6 +44,9 @@ pub struct CaClient {
     pub identity: SpiffeId,
     /// Lifetime to ask for (`None`: the CA's default).
     pub ttl: Option<Duration>,
+    /// Our cluster, sent as istio-agent does (`clusterid`), so a Kubernetes token is reviewed
+    /// by the API server that issued it.
+    pub cluster: Option<String>,
 }
 
 impl CaClient {
@@ -92,6 +95,9 @@ impl CaClient {
                 .parse()
                 .map_err(|_| CsrError::Generate("the token is not valid header text".into()))?,
         );
+        if let Some(cluster) = self.cluster.as_deref().and_then(|c| c.parse().ok()) {
+            request.metadata_mut().insert("clusterid", cluster);
+        }
         let mut grpc = tonic::client::Grpc::new(self.channel().await?);
         grpc.ready().await.map_err(|e| CsrError::Connect {
             address: self.address.clone(),
