@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v openssl >/dev/null || need+=(openssl)
+# The lab's tests (lab/tests/lab.rs) build network namespaces, bridges and iptables rules, as root.
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+command -v sysctl >/dev/null || need+=(procps)
+command -v setpriv >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

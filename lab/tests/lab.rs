@@ -1,0 +1,480 @@
+//! `isthmus lab up` and `lab down` for real: network namespaces, veths, bridges, iptables and
+//! the real controller, gateway and demo-app processes. Run as root (they fail, loudly,
+//! otherwise). Every lab gets a prefix of its own (`isl-<pid>-<tag>`) and a state directory
+//! of its own, so these tests run in parallel, and is taken down on drop, also when a test
+//! fails.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lab::netns;
+use lab::plan::{GATEWAY_PORT, HEALTH_PORT, Plan};
+use lab::probe;
+use lab::state::{LabState, STATE_FILE};
+use lab::topologies;
+
+const ISTHMUS: &str = env!("CARGO_BIN_EXE_isthmus");
+
+fn require_root() {
+    // SAFETY: geteuid(2) has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test builds network namespaces and must run as root"
+    );
+    // Processes the lab starts outlive `lab up`; becoming their subreaper lets the test
+    // reap them and so see that they really exited (this machine's PID 1 reaps nothing).
+    // SAFETY: prctl(2) with PR_SET_CHILD_SUBREAPER takes one integer argument.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+}
+
+/// The directory with `federation-controller` and `eastwest-gateway`, built if needed
+/// (`cargo nextest run -p lab` builds only this crate's binaries).
+fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(ISTHMUS).parent().unwrap().to_owned();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args([
+            "build",
+            "--locked",
+            "-p",
+            "federation-controller",
+            "-p",
+            "eastwest-gateway",
+            "--bin",
+            "federation-controller",
+            "--bin",
+            "eastwest-gateway",
+        ]);
+        if dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let out = cargo.output().expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building the lab's binaries: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A lab of one test; taken down on drop.
+struct Lab {
+    plan: Plan,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn paths(tag: &str) -> (String, PathBuf) {
+        let prefix = format!("isl-{}-{tag}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("{prefix}-state"));
+        let _ = std::fs::remove_dir_all(&dir);
+        (prefix, dir)
+    }
+
+    fn command(prefix: &str, dir: &Path, topology: &str, bins: &Path) -> Command {
+        let mut c = Command::new(ISTHMUS);
+        c.args(["lab", "up", topology, "--prefix", prefix, "--state-dir"])
+            .arg(dir)
+            .arg("--bin-dir")
+            .arg(bins)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `isthmus lab up TOPOLOGY`, which must succeed.
+    fn up(topology: &str, tag: &str) -> Lab {
+        let (prefix, dir) = Self::paths(tag);
+        let lab = Lab {
+            plan: Plan::new(&topologies::by_name(topology).unwrap(), &prefix).unwrap(),
+            dir,
+        };
+        let out = Self::command(&prefix, &lab.dir, topology, bin_dir()).output().unwrap();
+        assert!(out.status.success(), "lab up {topology}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("lab `{topology}` is up in")), "{stdout}");
+        lab
+    }
+
+    fn state(&self) -> LabState {
+        serde_json::from_str(&std::fs::read_to_string(self.dir.join(STATE_FILE)).unwrap()).unwrap()
+    }
+
+    fn down(&self) -> Output {
+        Command::new(ISTHMUS)
+            .args(["lab", "down", "--state-dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap()
+    }
+
+    fn pod(&self, cluster: usize, name: &str) -> (String, SocketAddr) {
+        let p = self.plan.cluster(cluster).pod(name).unwrap();
+        (p.host.netns.clone(), SocketAddr::new(IpAddr::V4(p.host.ip), p.port))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.dir.join(STATE_FILE).exists() {
+            let out = self.down();
+            if !out.status.success() {
+                eprintln!("lab down on drop: {}", text(&out));
+            }
+        }
+        // Whatever `lab down` missed must not outlive the test.
+        let ours = format!("{}-", self.plan.prefix);
+        for ns in netns::list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.starts_with(&ours))
+        {
+            let _ = netns::delete(&ns);
+        }
+        reap();
+    }
+}
+
+/// Reaps every exited child (the lab's processes, reparented to us).
+fn reap() {
+    loop {
+        // SAFETY: waitpid(2) on any child, not blocking, status discarded.
+        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if pid <= 0 {
+            break;
+        }
+    }
+}
+
+/// Asserts nothing of `state` is left: no namespace with its prefix, none of its
+/// processes, no new host link of its names, no state file.
+#[track_caller]
+fn assert_nothing_left(state: &LabState, dir: &Path, host_links_before: &BTreeSet<String>) {
+    let ours = format!("{}-", state.prefix);
+    let left: Vec<String> = netns::list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with(&ours))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    reap();
+    for p in &state.processes {
+        let alive = std::fs::read_to_string(format!("/proc/{}/stat", p.pid))
+            .ok()
+            .and_then(|s| s[s.rfind(')')? + 1..].split_whitespace().nth(19)?.parse::<u64>().ok())
+            .is_some_and(|t| t == p.start_time);
+        assert!(!alive, "process {} ({}) is still there", p.pid, p.name);
+    }
+    let names: BTreeSet<&str> = state.links.iter().map(|l| l.name.as_str()).collect();
+    let new: Vec<String> = host_links()
+        .difference(host_links_before)
+        .filter(|l| names.contains(l.as_str()))
+        .cloned()
+        .collect();
+    assert!(new.is_empty(), "links left in the host namespace: {new:?}");
+    assert!(!dir.join(STATE_FILE).exists(), "state file left behind");
+}
+
+fn host_links() -> BTreeSet<String> {
+    let out = netns::run("ip", &["-o", "link", "show"]).unwrap();
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect()
+}
+
+const QUICK: Duration = Duration::from_secs(1);
+
+#[test]
+fn gateways_topology_separates_networks_and_joins_them_only_over_the_transit_link() {
+    require_root();
+    let lab = Lab::up("multi-primary-gateways", "gw");
+    let (client, own) = lab.pod(1, "productpage-v1");
+    let (_, local_reviews) = lab.pod(1, "reviews-v1");
+    let (_, remote_reviews) = lab.pod(2, "reviews-v1");
+    let gw = |k: usize| lab.plan.cluster(k).gateway.clone().unwrap();
+
+    // Within a cluster, pods talk.
+    let r = probe::get(&client, local_reviews, "/", QUICK).unwrap();
+    assert_eq!(r.body, r#"{"caller":null,"cluster":"cluster1","version":"v1"}"#);
+    assert_eq!(own.ip(), IpAddr::from([10, 241, 1, 2]));
+
+    // Another network's pods are unreachable from a pod, the node and the gateway alike.
+    for from in [&client, &lab.plan.cluster(1).node.netns, &gw(1).host.netns] {
+        let e = probe::connect(from, remote_reviews, QUICK).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NetworkUnreachable, "from {from}: {e}");
+    }
+
+    // The gateways reach each other over the transit link, and pods reach the other
+    // networks' gateways (the path a sidecar takes), whose readiness says they have routes.
+    let gw2 = SocketAddr::new(IpAddr::V4(gw(2).transit_ip), GATEWAY_PORT);
+    probe::connect(&gw(1).host.netns, gw2, QUICK).unwrap();
+    probe::connect(&client, gw2, QUICK).unwrap();
+    let health = SocketAddr::new(IpAddr::V4(gw(3).transit_ip), HEALTH_PORT);
+    assert_eq!(
+        probe::get(&client, health, "/healthz/ready", QUICK).unwrap().status,
+        200
+    );
+
+    // Even routed at it on purpose, a gateway forwards nothing into its network.
+    let pod_cidr2 = lab.plan.cluster(2).pod_cidr.to_string();
+    let c1 = lab.plan.cluster(1);
+    netns::ip(&client, &["route", "add", &pod_cidr2, "via", &c1.node.ip.to_string()]).unwrap();
+    netns::ip(
+        &c1.node.netns,
+        &["route", "add", &pod_cidr2, "via", &gw(1).host.ip.to_string()],
+    )
+    .unwrap();
+    netns::ip(
+        &gw(1).host.netns,
+        &["route", "add", &pod_cidr2, "via", &gw(2).transit_ip.to_string()],
+    )
+    .unwrap();
+    let e = probe::connect(&client, remote_reviews, QUICK).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped at the remote gateway: {e}"
+    );
+
+    // Cluster 3 runs v2 beside v1.
+    let (c3client, _) = lab.pod(3, "productpage-v1");
+    let (_, v2) = lab.pod(3, "reviews-v2");
+    assert_eq!(
+        probe::get(&c3client, v2, "/", QUICK).unwrap().body,
+        r#"{"caller":null,"cluster":"cluster3","version":"v2"}"#
+    );
+}
+
+#[test]
+fn flat_multi_primary_routes_pods_across_clusters() {
+    require_root();
+    let lab = Lab::up("multi-primary", "flat");
+    assert!(lab.plan.transit.is_none());
+    let (client, _) = lab.pod(1, "productpage-v1");
+    let (_, remote_v2) = lab.pod(2, "reviews-v2");
+    let r = probe::get(&client, remote_v2, "/", QUICK).unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, r#"{"caller":null,"cluster":"cluster2","version":"v2"}"#)
+    );
+    // Both controllers run and are ready, each on its own cluster's bridge.
+    for k in [1, 2] {
+        let ctl = lab.plan.cluster(k).controller.clone().unwrap();
+        let ready = probe::get(&client, SocketAddr::new(IpAddr::V4(ctl.ip), 15014), "/ready", QUICK).unwrap();
+        assert_eq!(ready.status, 200, "controller of cluster{k}: {}", ready.body);
+    }
+    // No default route anywhere: an address outside the plan is unreachable.
+    let e = probe::connect(&client, SocketAddr::from(([192, 0, 2, 1], 80)), QUICK).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NetworkUnreachable, "{e}");
+}
+
+#[test]
+fn down_leaves_nothing_behind_and_is_idempotent() {
+    require_root();
+    let before = host_links();
+    let lab = Lab::up("multi-primary-gateways", "down");
+    let state = lab.state();
+    assert!(state.complete);
+    assert_eq!(state.processes.len(), 3 + 3 + 4, "controllers, gateways, reviews pods");
+    assert_eq!(state.namespaces.len(), lab.plan.namespaces().len());
+    for ns in &state.namespaces {
+        assert!(netns::exists(ns), "{ns} recorded but missing");
+    }
+    let out = lab.down();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stopped 10 of 10 processes"),
+        "{}",
+        text(&out)
+    );
+    assert_nothing_left(&state, &lab.dir, &before);
+    let again = lab.down();
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing to take down"),
+        "{}",
+        text(&again)
+    );
+}
+
+#[test]
+fn down_after_a_crashed_up_removes_what_it_had_made() {
+    require_root();
+    let before = host_links();
+    let (prefix, dir) = Lab::paths("crash");
+    let lab = Lab {
+        plan: Plan::new(&topologies::default_topology(), &prefix).unwrap(),
+        dir: dir.clone(),
+    };
+    let mut up = Lab::command(&prefix, &dir, "multi-primary-gateways", bin_dir())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Crash `lab up` once it has started processes, mid-way through.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let started = std::fs::read_to_string(dir.join(STATE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<LabState>(&t).ok())
+            .is_some_and(|s| !s.processes.is_empty());
+        if started {
+            break;
+        }
+        assert!(
+            up.try_wait().unwrap().is_none(),
+            "lab up ended before it started a process"
+        );
+        assert!(Instant::now() < deadline, "lab up started no process in 30 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let state = lab.state();
+    assert!(!state.complete);
+    assert!(
+        state.namespaces.iter().any(|n| netns::exists(n)),
+        "the crash left nothing to clean up"
+    );
+    let out = lab.down();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_nothing_left(&state, &dir, &before);
+}
+
+#[test]
+fn a_failed_step_is_named_and_everything_made_is_removed() {
+    require_root();
+    let before = host_links();
+    let (prefix, dir) = Lab::paths("fail");
+    // A bin dir whose controller refuses to serve (but still makes CAs).
+    let bins = std::env::temp_dir().join(format!("{prefix}-bin"));
+    let _ = std::fs::remove_dir_all(&bins);
+    std::fs::create_dir_all(&bins).unwrap();
+    for b in ["eastwest-gateway", "isthmus"] {
+        std::os::unix::fs::symlink(bin_dir().join(b), bins.join(b)).unwrap();
+    }
+    let real = bin_dir().join("federation-controller");
+    let fake = format!(
+        "#!/bin/sh\n[ \"$1\" = ca ] && exec {} \"$@\"\necho 'refusing to serve: broken on purpose' >&2\nexit 3\n",
+        real.display()
+    );
+    let path = bins.join("federation-controller");
+    std::fs::write(&path, fake).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let lab = Lab {
+        plan: Plan::new(&topologies::default_topology(), &prefix).unwrap(),
+        dir: dir.clone(),
+    };
+    let out = Lab::command(&prefix, &dir, "multi-primary-gateways", &bins)
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("cluster1: controller at 10.241.0.2 ... FAILED"), "{all}");
+    assert!(
+        all.contains("refusing to serve: broken on purpose"),
+        "the log tail is shown: {all}"
+    );
+    assert!(
+        all.contains("step 10 of 19 failed: cluster1: controller at 10.241.0.2"),
+        "{all}"
+    );
+    assert!(all.contains("cleaning up ...") && all.contains("is down"), "{all}");
+    let recorded = LabState {
+        prefix: prefix.clone(),
+        ..LabState::default()
+    };
+    assert_nothing_left(&recorded, &dir, &before);
+    drop(lab);
+    std::fs::remove_dir_all(&bins).unwrap();
+}
+
+#[test]
+fn without_root_it_says_it_cannot_build_networks() {
+    require_root();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            ISTHMUS,
+            "lab",
+            "up",
+            "--state-dir",
+        ])
+        .arg(std::env::temp_dir().join(format!("isl-{}-nonroot", std::process::id())))
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("cannot build the lab's networks without root"), "{all}");
+    assert!(all.contains("loopback simulation"), "{all}");
+}
+
+#[test]
+fn demo_app_answers_with_its_cluster_version_and_caller() {
+    let mut app = Command::new(ISTHMUS)
+        .args([
+            "demo-app",
+            "--cluster",
+            "cluster7",
+            "--version",
+            "v3",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    BufReader::new(app.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let app = Kill(app);
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("the bound address")
+        .parse()
+        .unwrap();
+    let ask = |xfcc: Option<&str>| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let header = xfcc
+            .map(|v| format!("x-forwarded-client-cert: {v}\r\n"))
+            .unwrap_or_default();
+        write!(s, "GET / HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n").unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+        body.split_once("\r\n\r\n").unwrap().1.to_owned()
+    };
+    assert_eq!(ask(None), r#"{"caller":null,"cluster":"cluster7","version":"v3"}"#);
+    assert_eq!(
+        ask(Some(
+            "By=spiffe://cluster.local/ns/default/sa/bookinfo-reviews;Hash=ab;URI=spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+        )),
+        r#"{"caller":"spiffe://cluster.local/ns/default/sa/bookinfo-productpage","cluster":"cluster7","version":"v3"}"#
+    );
+    drop(app);
+}
