@@ -91,6 +91,13 @@ fn stat(pid: u32) -> Option<(char, Option<u64>)> {
     Some((state, fields.get(19).and_then(|f| f.parse().ok())))
 }
 
+/// A process's resident memory in KiB (`VmRSS`), if it exists.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Whether the recorded process still runs: same PID, same start time, not a zombie.
 pub fn is_running(record: &ProcessRecord) -> bool {
     matches!(stat(record.pid), Some((state, Some(t))) if state != 'Z' && t == record.start_time)
@@ -151,6 +158,7 @@ mod tests {
             log: PathBuf::new(),
         };
         assert!(is_running(&rec));
+        assert!(rss_kib(me).is_some_and(|k| k > 0));
         rec.start_time += 1;
         assert!(!is_running(&rec), "a different start time is another process");
     }

@@ -173,13 +173,19 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
     }
     build.state.state.complete = true;
     build.state.save()?;
+    let rss_kib: u64 = build
+        .started
+        .iter()
+        .filter_map(|s| process::rss_kib(s.record.pid))
+        .sum();
     writeln!(
         out,
-        "lab `{}` is up in {:.1} s: {} namespaces, {} processes. `isthmus lab down{}` removes it all.",
+        "lab `{}` is up in {:.1} s: {} namespaces, {} processes using {:.0} MiB. `isthmus lab down{}` removes it all.",
         plan.topology.name,
         t0.elapsed().as_secs_f64(),
         build.state.state.namespaces.len(),
         build.state.state.processes.len(),
+        rss_kib as f64 / 1024.0,
         if opts.state_dir == Path::new(crate::DEFAULT_STATE_DIR) {
             String::new()
         } else {

@@ -478,3 +478,154 @@ fn demo_app_answers_with_its_cluster_version_and_caller() {
     );
     drop(app);
 }
+
+/// A real TLS ClientHello for `sni`, as a sidecar would send it to a remote gateway.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// Sends `bytes` to `addr` from `ns` and reads what comes back until the peer closes.
+fn exchange(ns: &str, addr: SocketAddr, bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    netns::within(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, QUICK)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(&bytes)?;
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut back)?;
+        Ok(back)
+    })?
+}
+
+/// The sum of `metric` samples whose labels include every one of `labels`.
+fn metric(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_connection_crosses_networks_through_the_remote_gateway_by_sni() {
+    require_root();
+    let lab = Lab::up("multi-primary-gateways", "sni");
+    let (client, _) = lab.pod(1, "productpage-v1");
+    let gw2 = lab.plan.cluster(2).gateway.clone().unwrap();
+    let metrics_of = |gw: &lab::plan::GatewayPlan| {
+        let addr = SocketAddr::new(IpAddr::V4(gw.transit_ip), lab::plan::METRICS_PORT);
+        probe::get(&client, addr, "/stats/prometheus", QUICK).unwrap().body
+    };
+    let opened = |text: &str| {
+        metric(
+            text,
+            "istio_tcp_connections_opened_total",
+            &["destination_cluster=\"cluster2\""],
+        )
+    };
+    let before = opened(&metrics_of(&gw2));
+
+    // cluster1's pod has no route to cluster2's pods, yet bytes with reviews' SNI sent to
+    // cluster2's gateway reach reviews there: the plaintext demo app cannot read a TLS
+    // ClientHello and answers 400, through the gateway, which is all this test needs.
+    let sni = "outbound_.9080_._.reviews.default.svc.cluster.local";
+    let back = exchange(
+        &client,
+        SocketAddr::new(IpAddr::V4(gw2.transit_ip), GATEWAY_PORT),
+        client_hello(sni),
+    )
+    .unwrap();
+    let back = String::from_utf8_lossy(&back);
+    assert!(
+        back.starts_with("HTTP/1.1 400"),
+        "reviews in cluster2 answered through the gateway: {back:?}"
+    );
+    let after = probe::until(Duration::from_secs(5), Duration::from_millis(20), || {
+        let n = opened(&metrics_of(&gw2));
+        if n > before { Ok(n) } else { Err(n) }
+    });
+    assert!(
+        after.is_ok(),
+        "cluster2's gateway counted no connection to cluster2: {after:?}"
+    );
+
+    // An SNI the gateway does not know is closed at once, unanswered.
+    let unknown = exchange(
+        &client,
+        SocketAddr::new(IpAddr::V4(gw2.transit_ip), GATEWAY_PORT),
+        client_hello("outbound_.9080_._.ratings.default.svc.cluster.local"),
+    )
+    .unwrap_or_default();
+    assert!(unknown.is_empty(), "{unknown:?}");
+    let text = metrics_of(&gw2);
+    assert!(
+        metric(&text, "isthmus_gateway_rejected_connections_total", &["unknown_sni"]) >= 1.0,
+        "{text}"
+    );
+
+    // The gateway routes only to its own network: its config holds cluster2's pods alone,
+    // as the controller of cluster2 served them.
+    let dump = probe::get(
+        &gw2.host.netns,
+        SocketAddr::from(([127, 0, 0, 1], 15000)),
+        "/config_dump",
+        QUICK,
+    )
+    .unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump.body).unwrap();
+    let mut endpoints: Vec<String> = dump["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["address"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    endpoints.sort();
+    assert_eq!(endpoints, ["10.242.1.1:9080", "10.242.1.2:9080"], "{dump}");
+}
+
+#[test]
+fn primary_remote_serves_the_remote_cluster_from_the_primary() {
+    require_root();
+    let lab = Lab::up("primary-remote", "remote");
+    let c2 = lab.plan.cluster(2);
+    assert!(c2.controller.is_none(), "a remote runs no controller");
+    assert!(!lab.state().namespaces.iter().any(|n| n.ends_with("cluster2-ctl")));
+    let (client, _) = lab.pod(2, "productpage-v1");
+    // The remote's proxies reach the primary's controller, xDS and CA, across the flat network.
+    for port in [lab::plan::XDS_PORT, lab::plan::SECURE_PORT] {
+        probe::connect(&client, SocketAddr::new(IpAddr::V4(c2.xds), port), QUICK).unwrap();
+    }
+    let (_, primary_reviews) = lab.pod(1, "reviews-v1");
+    assert_eq!(
+        probe::get(&client, primary_reviews, "/", QUICK).unwrap().body,
+        r#"{"caller":null,"cluster":"cluster1","version":"v1"}"#
+    );
+}
+
+#[test]
+fn single_primary_runs_both_versions_in_one_cluster() {
+    require_root();
+    let lab = Lab::up("single-primary", "single");
+    assert_eq!(lab.state().processes.len(), 1 + 2, "a controller and two reviews pods");
+    let (client, _) = lab.pod(1, "productpage-v1");
+    for v in ["v1", "v2"] {
+        let (_, reviews) = lab.pod(1, &format!("reviews-{v}"));
+        let body = probe::get(&client, reviews, "/", QUICK).unwrap().body;
+        assert_eq!(
+            body,
+            format!(r#"{{"caller":null,"cluster":"cluster1","version":"{v}"}}"#)
+        );
+    }
+}
