@@ -12,7 +12,7 @@ use anyhow::bail;
 
 use crate::netns;
 use crate::process;
-use crate::state::{STATE_FILE, StateFile};
+use crate::state::{ProcessRecord, STATE_FILE, StateFile};
 
 /// How long processes get to exit on SIGTERM before SIGKILL.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -41,6 +41,39 @@ pub fn down(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         running - stubborn.len().min(running),
         s.processes.len()
     )?;
+    // Whatever else runs in our namespaces is ours too (a child of ours, or a process
+    // started just before a crash could record it), and would keep its namespace alive.
+    let strays: Vec<ProcessRecord> = s
+        .namespaces
+        .iter()
+        .filter(|ns| netns::exists(ns))
+        .flat_map(|ns| {
+            let pids = netns::run("ip", &["netns", "pids", ns]).unwrap_or_default();
+            pids.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .filter_map(|pid| {
+                    Some(ProcessRecord {
+                        name: format!("a process in {ns}"),
+                        netns: ns.clone(),
+                        pid,
+                        start_time: process::start_time(pid)?,
+                        argv: Vec::new(),
+                        log: Default::default(),
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !strays.is_empty() {
+        for p in process::stop_all(&strays, PATIENCE) {
+            problems.push(format!("process {} ({}) would not die", p.pid, p.name));
+        }
+        writeln!(
+            out,
+            "stopped {} unrecorded processes in the lab's namespaces",
+            strays.len()
+        )?;
+    }
 
     let mut links = 0;
     for l in s.links.iter().rev() {

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -22,6 +23,28 @@ use crate::probe;
 use crate::process::{self, Started};
 use crate::sidecar;
 use crate::state::StateFile;
+
+/// Set by SIGINT or SIGTERM during `lab up`: the build stops and takes down what it made.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// From now on Ctrl-C (or a TERM) stops the build cleanly instead of killing it midway.
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_interrupt as *const () as libc::sighandler_t) };
+    }
+}
+
+fn interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
 
 /// How long a started process may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -130,6 +153,7 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
             plan.prefix
         );
     }
+    catch_interrupts();
     let state = StateFile::create(&opts.state_dir, &plan.topology.name, &plan.prefix)?;
     let t0 = Instant::now();
     writeln!(
@@ -151,9 +175,15 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
         write!(out, "[{}/{}] {} ... ", i + 1, all.len(), build.label(step))?;
         out.flush()?;
         let t = Instant::now();
-        match build.run(step) {
+        match interrupted().and_then(|()| build.run(step)) {
             Ok(note) => writeln!(out, "ok {} ms{note}", t.elapsed().as_millis())?,
             Err(e) => {
+                // A command killed by the terminal's Ctrl-C fails with its own message.
+                let e = if INTERRUPTED.load(Ordering::SeqCst) {
+                    e.context("interrupted")
+                } else {
+                    e
+                };
                 writeln!(out, "FAILED after {} ms", t.elapsed().as_millis())?;
                 writeln!(out, "  {e:#}")?;
                 writeln!(out, "cleaning up ...")?;
@@ -225,7 +255,7 @@ fn label_of(plan: &Plan, step: &Step) -> String {
             c(n).name,
             c(n).pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
         ),
-        Step::Check => "check: clients reach every server on their network".into(),
+        Step::Check => "check: clients reach every server on their network and the other networks' gateways".into(),
     }
 }
 
@@ -449,6 +479,7 @@ impl Build<'_> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last;
         loop {
+            interrupted()?;
             if let Some(how) = self.started[idx].exited() {
                 bail!(
                     "{} exited ({how}) before it was ready; its log ({}) ends:\n{}",
@@ -479,6 +510,7 @@ impl Build<'_> {
     fn listening(&mut self, idx: usize, ns: &str, addr: SocketAddr) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
+            interrupted()?;
             if let Some(how) = self.started[idx].exited() {
                 bail!(
                     "{} exited ({how}) before it listened on {addr}; its log ({}) ends:\n{}",
@@ -619,11 +651,26 @@ impl Build<'_> {
                 }
             }
         }
-        let networks = self.plan.topology.networks().len();
-        let note = if networks > 1 && !self.opts.sidecars {
-            "; across networks only through the gateways, which needs the sidecars (--sidecars)"
-        } else {
-            ""
+        // Across networks: every other network's gateways are reachable from every client.
+        let mut gateways = 0;
+        for c in &self.plan.clusters {
+            for client in c.pods.iter().filter(|p| p.role == WorkloadRole::Client) {
+                for d in self.plan.clusters.iter().filter(|d| d.network != c.network) {
+                    let Some(gw) = &d.gateway else { continue };
+                    let addr = SocketAddr::new(IpAddr::V4(gw.transit_ip), GATEWAY_PORT);
+                    probe::connect(&client.host.netns, addr, Duration::from_secs(2)).with_context(|| {
+                        format!("{} cannot reach {}'s gateway at {addr}", client.host.netns, d.name)
+                    })?;
+                    gateways += 1;
+                }
+            }
+        }
+        let note = match gateways {
+            0 => String::new(),
+            g if self.opts.sidecars => format!(", {g} connections to other networks' gateways"),
+            g => format!(
+                ", {g} connections to other networks' gateways; requests across networks need the sidecars (--sidecars)"
+            ),
         };
         Ok(format!(" ({n} requests answered{note})"))
     }

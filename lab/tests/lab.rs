@@ -297,12 +297,30 @@ fn down_leaves_nothing_behind_and_is_idempotent() {
     for ns in &state.namespaces {
         assert!(netns::exists(ns), "{ns} recorded but missing");
     }
+    // A process the record does not know, in one of the lab's namespaces, goes too.
+    let (pod_ns, _) = lab.pod(2, "productpage-v1");
+    let mut stray = Command::new("ip")
+        .args(["netns", "exec", &pod_ns, "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let stray_pid = stray.id().to_string();
+    probe::until(Duration::from_secs(5), Duration::from_millis(5), || {
+        let pids = netns::run("ip", &["netns", "pids", &pod_ns]).unwrap();
+        if pids.split_whitespace().any(|p| p == stray_pid) {
+            Ok(())
+        } else {
+            Err(pids)
+        }
+    })
+    .unwrap();
     let out = lab.down();
     assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("stopped 10 of 10 processes"), "{}", text(&out));
+    assert!(stdout.contains("stopped 1 unrecorded processes"), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("stopped 10 of 10 processes"),
-        "{}",
-        text(&out)
+        stray.wait().unwrap().code().is_none(),
+        "the stray was killed by a signal"
     );
     assert_nothing_left(&state, &lab.dir, &before);
     let again = lab.down();
@@ -354,6 +372,51 @@ fn down_after_a_crashed_up_removes_what_it_had_made() {
     );
     let out = lab.down();
     assert!(out.status.success(), "{}", text(&out));
+    assert_nothing_left(&state, &dir, &before);
+}
+
+/// Spawns `lab up` of the default topology and waits until it has started a process.
+fn up_until_a_process_runs(prefix: &str, dir: &Path, stdout: Stdio) -> std::process::Child {
+    let mut up = Lab::command(prefix, dir, "multi-primary-gateways", bin_dir())
+        .stdout(stdout)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let started = std::fs::read_to_string(dir.join(STATE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<LabState>(&t).ok())
+            .is_some_and(|s| !s.processes.is_empty());
+        if started {
+            return up;
+        }
+        assert!(
+            up.try_wait().unwrap().is_none(),
+            "lab up ended before it started a process"
+        );
+        assert!(Instant::now() < deadline, "lab up started no process in 30 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn ctrl_c_during_up_takes_down_what_was_made() {
+    require_root();
+    let before = host_links();
+    let (prefix, dir) = Lab::paths("intr");
+    let lab = Lab {
+        plan: Plan::new(&topologies::default_topology(), &prefix).unwrap(),
+        dir: dir.clone(),
+    };
+    let up = up_until_a_process_runs(&prefix, &dir, Stdio::piped());
+    let state = lab.state();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(up.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let out = up.wait_with_output().unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("interrupted"), "{all}");
+    assert!(all.contains("cleaning up ...") && all.contains("is down"), "{all}");
     assert_nothing_left(&state, &dir, &before);
 }
 
