@@ -692,3 +692,43 @@ fn single_primary_runs_both_versions_in_one_cluster() {
         );
     }
 }
+
+#[test]
+fn the_controller_federates_the_manifests_the_lab_writes() {
+    let plan = Plan::new(&topologies::default_topology(), "isl").unwrap();
+    let dir = std::env::temp_dir().join(format!("isl-{}-manifests", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(lab::manifests::write(&plan, &dir).unwrap(), 31);
+    let out = Command::new(bin_dir().join("federation-controller"))
+        .args(["view", "--json", "--network", "network1", "--manifests"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reviews: Vec<String> = view["reviews.default.svc.cluster.local:9080"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{} w{} {}",
+                e["address"].as_str().unwrap(),
+                e["port"],
+                e["weight"],
+                e["locality"].as_str().unwrap()
+            )
+        })
+        .collect();
+    // network1's own pod directly; each other network through its gateway, weighted by the
+    // pods behind it (cluster3 runs v1 and v2), in its cluster's locality.
+    assert_eq!(
+        reviews,
+        [
+            "10.241.1.1:9080 w1 us-east/us-east-1a/",
+            "100.64.0.2:15443 w1 us-west/us-west-1a/",
+            "100.64.0.3:15443 w2 eu-west/eu-west-1a/",
+        ]
+    );
+}
