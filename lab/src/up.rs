@@ -145,11 +145,19 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
     for b in needed {
         process::binary(&opts.bin_dir, b)?;
     }
-    let taken: Vec<String> = plan.namespaces().into_iter().filter(|n| netns::exists(n)).collect();
-    if !taken.is_empty() {
+    let recorded = opts.state_dir.join(crate::state::STATE_FILE);
+    if recorded.exists() {
         bail!(
-            "namespaces {} exist already: another lab with prefix `{}` is up (take it down, or pass another --prefix)",
-            taken.join(", "),
+            "{} exists: a lab is already up there (`isthmus lab down --state-dir {}` first)",
+            recorded.display(),
+            opts.state_dir.display()
+        );
+    }
+    let taken: Vec<String> = plan.namespaces().into_iter().filter(|n| netns::exists(n)).collect();
+    if let Some(first) = taken.first() {
+        bail!(
+            "{} of this lab's namespaces exist already ({first}, …): another lab with prefix `{}` is up (take it down, or pass another --prefix)",
+            taken.len(),
             plan.prefix
         );
     }
@@ -179,7 +187,7 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
             Ok(note) => writeln!(out, "ok {} ms{note}", t.elapsed().as_millis())?,
             Err(e) => {
                 // A command killed by the terminal's Ctrl-C fails with its own message.
-                let e = if INTERRUPTED.load(Ordering::SeqCst) {
+                let e = if INTERRUPTED.load(Ordering::SeqCst) && e.to_string() != "interrupted" {
                     e.context("interrupted")
                 } else {
                     e

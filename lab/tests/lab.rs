@@ -691,6 +691,30 @@ fn single_primary_runs_both_versions_in_one_cluster() {
             format!(r#"{{"caller":null,"cluster":"cluster1","version":"{v}"}}"#)
         );
     }
+    // A second lab on the same state directory, or with the same prefix, is refused and
+    // leaves the first alone.
+    let other_dir = lab.dir.with_extension("other");
+    for (dir, says) in [
+        (&lab.dir, "a lab is already up there"),
+        (&other_dir, "namespaces exist already"),
+    ] {
+        let out = Lab::command(&lab.plan.prefix, dir, "single-primary", bin_dir())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains(says), "{}", text(&out));
+    }
+    assert!(!other_dir.exists(), "a refused lab writes no state");
+    let (_, reviews) = lab.pod(1, "reviews-v1");
+    assert_eq!(probe::get(&client, reviews, "/", QUICK).unwrap().status, 200);
+    assert_eq!(
+        lab.state()
+            .processes
+            .iter()
+            .filter(|p| lab::process::is_running(p))
+            .count(),
+        3
+    );
 }
 
 #[test]
