@@ -384,6 +384,23 @@ mod tests {
     }
 
     #[test]
+    fn refuses_a_remote_across_networks_which_the_lab_cannot_build_yet() {
+        let text = topologies::BUILT_IN[3].1.replacen(
+            "controlPlane: {role: primary}\n    eastWestGateway: true\n    locality: {region: us-west",
+            "controlPlane: {role: remote, primary: cluster1}\n    eastWestGateway: true\n    locality: {region: us-west",
+            1,
+        );
+        let t = Topology::from_yaml(std::path::Path::new("t.yaml"), &text).unwrap();
+        assert_eq!(
+            Plan::new(&t, "isl").unwrap_err(),
+            PlanError::RemoteAcrossNetworks {
+                cluster: ClusterId::new("cluster2"),
+                primary: ClusterId::new("cluster1")
+            }
+        );
+    }
+
+    #[test]
     fn refuses_prefixes_that_cannot_name_namespaces() {
         let t = topologies::default_topology();
         for bad in ["", "Isl", "a/b", "abcdefghijklmnopqrstu"] {

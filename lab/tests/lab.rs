@@ -33,12 +33,27 @@ fn require_root() {
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
 }
 
-/// The directory with `federation-controller` and `eastwest-gateway`, built if needed
-/// (`cargo nextest run -p lab` builds only this crate's binaries).
+/// The directory with `federation-controller` and `eastwest-gateway`, built when missing or
+/// older than their sources (`cargo nextest run -p lab` builds only this crate's binaries;
+/// a workspace run has just built them, perhaps with other features, and is not redone).
 fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = Path::new(ISTHMUS).parent().unwrap().to_owned();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let sources = ["federation-controller", "eastwest-gateway", "sidecar", "mesh-vocab"]
+            .iter()
+            .map(|c| newest(&root.join(c), 0))
+            .chain([newest(&root.join("Cargo.lock"), 0)])
+            .max()
+            .flatten();
+        let fresh = ["federation-controller", "eastwest-gateway"].iter().all(|b| {
+            let built = std::fs::metadata(dir.join(b)).and_then(|m| m.modified()).ok();
+            matches!((built, sources), (Some(b), Some(s)) if b >= s)
+        });
+        if fresh {
+            return dir;
+        }
         let mut cargo = Command::new(env!("CARGO"));
         cargo.args([
             "build",
@@ -63,6 +78,30 @@ fn bin_dir() -> &'static Path {
         );
         dir
     })
+}
+
+/// The newest modification time of a file, or of the files under a directory (`src/`,
+/// `Cargo.toml`; a few levels deep).
+fn newest(path: &Path, depth: usize) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return meta.modified().ok();
+    }
+    if depth > 4 {
+        return None;
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            depth > 0
+                || matches!(
+                    e.file_name().to_str(),
+                    Some("src" | "Cargo.toml" | "build.rs" | "proto")
+                )
+        })
+        .filter_map(|e| newest(&e.path(), depth + 1))
+        .max()
 }
 
 fn text(o: &Output) -> String {
