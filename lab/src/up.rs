@@ -237,11 +237,18 @@ fn label_of(plan: &Plan, step: &Step) -> String {
     let c = |n: &usize| plan.cluster(*n);
     match step {
         Step::Node(n) => format!("{}: node namespace and bridge ({})", c(n).name, c(n).pod_cidr),
-        Step::Hosts(n) => format!(
-            "{}: namespaces of {} pods, controller and gateway",
-            c(n).name,
-            c(n).pods.len()
-        ),
+        Step::Hosts(n) => {
+            let c = c(n);
+            let mut what = vec![format!("{} pods", c.pods.len())];
+            what.extend(c.controller.as_ref().map(|_| "the controller".to_string()));
+            what.extend(c.gateway.as_ref().map(|_| "the gateway".to_string()));
+            let last = what.pop().expect("pods are always named");
+            if what.is_empty() {
+                format!("{}: namespaces of {last}", c.name)
+            } else {
+                format!("{}: namespaces of {} and {last}", c.name, what.join(", "))
+            }
+        }
         Step::Flat(net, ns) => format!(
             "{net}: routes between {}",
             ns.iter().map(|n| c(n).name.to_string()).collect::<Vec<_>>().join(", ")
