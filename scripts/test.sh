@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v openssl >/dev/null || need+=(openssl)
-# The lab's tests (lab/tests/lab.rs) build network namespaces, bridges and iptables rules, as root.
+# The network-namespace tests: ip, iptables-restore (capture rules), tc.
 command -v ip >/dev/null || need+=(iproute2)
-command -v iptables >/dev/null || need+=(iptables)
+command -v iptables-restore >/dev/null || need+=(iptables)
+# The lab's tests (lab/tests/lab.rs) also use sysctl (forwarding in namespaces) and setpriv (the refusal without root).
 command -v sysctl >/dev/null || need+=(procps)
 command -v setpriv >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
@@ -26,6 +27,12 @@ if [ -z "${ENVOY:-}" ] && ! command -v envoy >/dev/null; then
   command -v envoy >/dev/null || export ENVOY="$(python3 -c 'import os,sys; print(os.path.join(os.path.dirname(sys.executable), "envoy"))')"
 fi
 
+# py-spiffe and cryptography, pinned, for the independent SPIFFE check
+# (federation-controller/tests/spiffe_interop.rs runs tests/spiffe_check.py).
+python3 -m pip install -q -r federation-controller/tests/spiffe_check.requirements.txt
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the workspace's binaries from the target directory.
+cargo build --workspace --locked
 cargo nextest run --workspace --locked --no-fail-fast

@@ -102,6 +102,7 @@ fn models(a: &Args, change: u32) -> Vec<(Arc<ClusterModel>, bool)> {
                 Arc::new(ClusterModel {
                     cluster: ClusterId::new(format!("c{c}")),
                     instances,
+                    vips: vec![],
                     gateways,
                 }),
                 false,

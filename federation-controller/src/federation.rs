@@ -33,6 +33,8 @@ pub struct LbEndpoint {
     pub cluster: Option<ClusterId>,
     /// Reached through an east-west gateway.
     pub via_gateway: bool,
+    /// Speaks mesh mTLS: a sidecar'd pod, or a gateway (which only passes mTLS through).
+    pub mtls: bool,
     /// Comes from a cluster that has gone silent (kept for a bounded time).
     pub stale: bool,
 }
@@ -98,6 +100,7 @@ pub fn view_for(network: &NetworkId, clusters: &[(&ClusterModel, bool)], mesh: &
                     network: i.network.clone(),
                     cluster: Some(m.cluster.clone()),
                     via_gateway: false,
+                    mtls: i.mtls,
                     stale: *stale,
                 });
             } else if i.mtls && gateways.contains_key(&i.network) {
@@ -131,6 +134,7 @@ pub fn view_for(network: &NetworkId, clusters: &[(&ClusterModel, bool)], mesh: &
                 network: net.clone(),
                 cluster: None,
                 via_gateway: true,
+                mtls: true,
                 stale,
             });
         }
@@ -202,6 +206,7 @@ mod tests {
                     ClusterModel {
                         cluster: ClusterId::new(format!("c{c}")),
                         instances,
+                        vips: vec![],
                         gateways,
                     }
                 })
@@ -314,6 +319,7 @@ mod tests {
         let c1 = ClusterModel {
             cluster: ClusterId::new("c1"),
             instances: vec![inst("n1", [10, 241, 0, 5], true)],
+            vips: vec![],
             gateways: vec![Gateway {
                 network: NetworkId::new("n1"),
                 address: GatewayAddress::Ip([100, 64, 0, 1].into()),
@@ -327,6 +333,7 @@ mod tests {
                 inst("n2", [10, 242, 0, 6], true),
                 inst("n2", [10, 242, 0, 7], false),
             ],
+            vips: vec![],
             gateways: vec![
                 Gateway {
                     network: NetworkId::new("n2"),

@@ -5,7 +5,8 @@
 //! whose updates [`publisher`] turns into snapshots); [`model`] distils them into what
 //! federation needs; [`registry`] keeps the last model of every cluster and when
 //! it was last heard from; [`federation`] merges them, purely, into the
-//! endpoints a proxy on a given network should see. Beside that flow, [`ca`] issues
+//! endpoints a proxy on a given network should see, and [`outbound`] into which
+//! service each virtual IP stands for; [`xds`] serves both. Beside that flow, [`ca`] issues
 //! the workloads' SVIDs.
 
 pub mod ca;
@@ -15,6 +16,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod objects;
+pub mod outbound;
 pub mod publisher;
 pub mod registry;
 pub mod remote_secrets;

@@ -75,8 +75,9 @@ impl Source {
 // Parsed once at start; boxing the big variant would only add noise.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    /// Serves xDS (ADS, state of the world: clusters and endpoints) from a manifest
-    /// directory, re-read whenever a file changes.
+    /// Serves xDS (ADS, state of the world and delta: listeners, clusters, endpoints,
+    /// trust bundles) from a manifest directory, re-read whenever a file changes, or
+    /// from API servers.
     Serve {
         #[command(flatten)]
         source: Source,
@@ -362,7 +363,11 @@ fn main() -> anyhow::Result<()> {
             ca,
         } => {
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            let mesh = source.mesh();
+            let mesh = MeshConfig {
+                // The identities clusters verify their servers against.
+                trust_domain: ca.trust_domain.clone(),
+                ..source.mesh()
+            };
             let expected = source.kubeconfigs.len();
             let first = match &source.manifests {
                 Some(_) => source.snapshot(&mesh)?,
@@ -422,6 +427,11 @@ fn main() -> anyhow::Result<()> {
                         }
                     });
                 }
+                // SIGTERM is how Kubernetes stops a pod; SIGINT how a person does. Taken
+                // before saying ready: one that comes right after must stop us gracefully,
+                // not meet the default action, which kills at once.
+                use tokio::signal::unix::{SignalKind, signal};
+                let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
                 println!(
                     "ready xds={} monitoring={}{secure}",
                     listener.local_addr()?,
@@ -443,7 +453,7 @@ fn main() -> anyhow::Result<()> {
                             .iter()
                             .map(|(m, stale)| {
                                 serde_json::json!({"cluster": m.cluster.as_str(), "stale": stale,
-                                    "instances": m.instances.len(), "gateways": m.gateways.len()})
+                                    "instances": m.instances.len(), "vips": m.vips.len(), "gateways": m.gateways.len()})
                             })
                             .collect();
                         let body = serde_json::json!({"version": snap.version, "clusters": clusters});
@@ -463,10 +473,19 @@ fn main() -> anyhow::Result<()> {
                 let m = metrics.clone();
                 let mut served = rx.clone();
                 tokio::spawn(async move {
+                    // Conflicts already logged: a conflict stays until someone fixes it,
+                    // and every snapshot until then would repeat it.
+                    let mut conflicts = Vec::new();
                     loop {
                         {
-                            let snap = served.borrow_and_update();
+                            let snap = served.borrow_and_update().clone();
                             m.version.set(snap.version as i64);
+                            let now = snap.outbound().conflicts.clone();
+                            m.vip_conflicts.set(now.len() as i64);
+                            for c in now.iter().filter(|c| !conflicts.contains(*c)) {
+                                tracing::warn!("service address conflict: {c}");
+                            }
+                            conflicts = now;
                             let clusters: Vec<(String, bool)> = snap
                                 .clusters
                                 .iter()
@@ -484,9 +503,7 @@ fn main() -> anyhow::Result<()> {
                 let serve = tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(server))
                     .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                        // SIGTERM is how Kubernetes stops a pod; SIGINT how a person does.
-                        use tokio::signal::unix::{SignalKind, signal};
-                        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                        match signals {
                             (Ok(mut term), Ok(mut int)) => {
                                 tokio::select! {
                                     _ = term.recv() => {}

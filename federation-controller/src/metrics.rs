@@ -28,6 +28,9 @@ pub struct Metrics {
     pub root_expiry: IntGauge,
     bundle_failures: IntCounterVec,
     bundle_updated: prometheus::IntGaugeVec,
+    /// Service `VIP:port`s claimed by more than one host in the state served
+    /// (istiod's `pilot_conflict_outbound_listener_tcp_over_current_tcp`).
+    pub vip_conflicts: IntGauge,
 }
 
 /// istiod's short type names, for the `type` label.
@@ -113,7 +116,13 @@ impl Metrics {
             &["trust_domain"],
         )
         .expect("valid metric");
-        let all: [Box<dyn prometheus::core::Collector>; 13] = [
+        let vip_conflicts = IntGauge::new(
+            "pilot_conflict_outbound_listener_tcp_over_current_tcp",
+            "Service VIP:ports claimed by more than one host (one is kept)",
+        )
+        .expect("valid metric");
+        let all: [Box<dyn prometheus::core::Collector>; 14] = [
+            Box::new(vip_conflicts.clone()),
             Box::new(bundle_failures.clone()),
             Box::new(bundle_updated.clone()),
             Box::new(csrs.clone()),
@@ -146,6 +155,7 @@ impl Metrics {
             root_expiry,
             bundle_failures,
             bundle_updated,
+            vip_conflicts,
         }
     }
 

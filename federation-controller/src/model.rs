@@ -1,6 +1,8 @@
 //! What federation needs from one cluster, distilled from its Kubernetes objects:
-//! the ready instances of every service port, with their network, locality and
-//! whether they speak the mesh's mTLS, and the east-west gateways of the cluster.
+//! the ready instances of every service port, with their network, locality,
+//! service account and whether they speak the mesh's mTLS; the virtual IPs
+//! (ClusterIPs) of every service port, where captured traffic to it is headed;
+//! and the east-west gateways of the cluster.
 //!
 //! Pure: objects in, model out, so it is tested without any cluster.
 
@@ -30,6 +32,8 @@ pub struct MeshConfig {
     pub cluster_networks: BTreeMap<ClusterId, NetworkId>,
     /// Gateway addresses configured by hand, per network (besides gateway Services).
     pub gateways: BTreeMap<NetworkId, Vec<GatewayAddress>>,
+    /// The trust domain of the workloads' SPIFFE IDs, `cluster.local` by default.
+    pub trust_domain: String,
 }
 
 impl Default for MeshConfig {
@@ -38,6 +42,7 @@ impl Default for MeshConfig {
             domain: "cluster.local".into(),
             cluster_networks: BTreeMap::new(),
             gateways: BTreeMap::new(),
+            trust_domain: "cluster.local".into(),
         }
     }
 }
@@ -74,7 +79,18 @@ pub struct Instance {
     /// Its proxy terminates mesh mTLS, so it may be reached through a gateway.
     pub mtls: bool,
     pub labels: BTreeMap<String, String>,
+    /// The pod's service account (`default` when it names none); None when the
+    /// endpoint is not a known pod.
     pub service_account: Option<String>,
+}
+
+/// One virtual IP of one service port: a sidecar that captures a connection to
+/// `vip:port` sends it to `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceVip {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub host: Hostname,
 }
 
 /// Where an east-west gateway can be reached from other networks.
@@ -107,6 +123,8 @@ pub struct Gateway {
 pub struct ClusterModel {
     pub cluster: ClusterId,
     pub instances: Vec<Instance>,
+    /// The ClusterIPs of every TCP service port, sorted.
+    pub vips: Vec<ServiceVip>,
     pub gateways: Vec<Gateway>,
 }
 
@@ -222,12 +240,52 @@ impl ClusterModel {
                             locality: locality_of(node.as_deref()),
                             mtls: labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio"),
                             labels: labels.clone(),
-                            service_account: pod.and_then(|p| p.spec.as_ref()?.service_account_name.clone()),
+                            // The API server fills in `default`; manifests often leave it out.
+                            service_account: pod.map(|p| {
+                                p.spec
+                                    .as_ref()
+                                    .and_then(|s| s.service_account_name.clone())
+                                    .filter(|sa| !sa.is_empty())
+                                    .unwrap_or_else(|| "default".into())
+                            }),
                         });
                     }
                 }
             }
         }
+
+        let mut vips = Vec::new();
+        for svc in &objects.services {
+            let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let name = svc.metadata.name.clone().unwrap_or_default();
+            let Ok(host) = Hostname::parse(&format!("{name}.{ns}.svc.{}", mesh.domain)) else {
+                continue;
+            };
+            let Some(spec) = &svc.spec else { continue };
+            // `clusterIPs` (dual stack) holds `clusterIP` first; older objects have only the latter.
+            let ips = match &spec.cluster_ips {
+                Some(ips) if !ips.is_empty() => ips.clone(),
+                _ => spec.cluster_ip.clone().into_iter().collect(),
+            };
+            // "None" (headless) and "" (not yet allocated, or ExternalName) are not addresses.
+            let ips: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+            for p in spec.ports.iter().flatten() {
+                // A TCP proxy cannot carry UDP or SCTP.
+                if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                    continue;
+                }
+                let Ok(port) = u16::try_from(p.port) else { continue };
+                for vip in &ips {
+                    vips.push(ServiceVip {
+                        vip: *vip,
+                        port,
+                        host: host.clone(),
+                    });
+                }
+            }
+        }
+        vips.sort();
+        vips.dedup();
 
         let mut gateways = Vec::new();
         for svc in &objects.services {
@@ -278,6 +336,7 @@ impl ClusterModel {
         ClusterModel {
             cluster: cluster.clone(),
             instances,
+            vips,
             gateways,
         }
     }
@@ -300,7 +359,20 @@ metadata: {name: n1, labels: {topology.kubernetes.io/region: eu, topology.kubern
 apiVersion: v1
 kind: Service
 metadata: {name: reviews, namespace: default}
-spec: {ports: [{name: http, port: 9080, targetPort: 8080}]}
+spec:
+  clusterIP: 10.96.0.12
+  clusterIPs: [10.96.0.12, "fd00::12"]
+  ports: [{name: http, port: 9080, targetPort: 8080}, {name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: default}
+spec: {clusterIP: 10.96.0.13, ports: [{port: 9080}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -345,6 +417,21 @@ status: {loadBalancer: {ingress: [{hostname: gw.example.com}]}}
         let v2 = &m.instances[1];
         assert_eq!(v2.network.as_str(), "net-ns", "then the namespace's");
         assert!(!v2.mtls);
+        assert_eq!(v2.service_account.as_deref(), Some("default"), "Kubernetes' default");
+        let vips: Vec<String> = m
+            .vips
+            .iter()
+            .map(|v| format!("{}:{} {}", v.vip, v.port, v.host))
+            .collect();
+        assert_eq!(
+            vips,
+            [
+                "10.96.0.12:9080 reviews.default.svc.cluster.local",
+                "10.96.0.13:9080 ratings.default.svc.cluster.local",
+                "fd00::12:9080 reviews.default.svc.cluster.local",
+            ],
+            "every ClusterIP of every TCP port; headless and UDP left out"
+        );
         let gws: Vec<String> = m
             .gateways
             .iter()

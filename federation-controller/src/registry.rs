@@ -115,6 +115,7 @@ mod tests {
         ClusterModel {
             cluster: ClusterId::new(name),
             instances: vec![],
+            vips: vec![],
             gateways: vec![],
         }
     }

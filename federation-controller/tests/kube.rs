@@ -25,10 +25,11 @@ fn slice(addresses: &[&str]) -> serde_json::Value {
 }
 
 /// Waits until the published state of the cluster has exactly these instance
-/// addresses (a relist may publish the unchanged state first).
-async fn until_addresses(rx: &mut mpsc::Receiver<Update>, want: &[&str]) {
+/// addresses (a relist may publish the unchanged state first); returns its model.
+async fn until_addresses(rx: &mut mpsc::Receiver<Update>, want: &[&str]) -> Option<ClusterModel> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut last: Vec<String> = Vec::new();
+    let mut model = None;
     while last != want {
         let update = tokio::time::timeout_at(deadline, rx.recv())
             .await
@@ -37,8 +38,10 @@ async fn until_addresses(rx: &mut mpsc::Receiver<Update>, want: &[&str]) {
         if let Update::Objects(id, objects) = update {
             let m = ClusterModel::build(&id, &objects, &MeshConfig::default());
             last = m.instances.iter().map(|i| i.address.to_string()).collect();
+            model = Some(m);
         }
     }
+    model
 }
 
 #[tokio::test]
@@ -47,9 +50,12 @@ async fn lists_watches_relists_after_410_and_resumes_after_a_dropped_watch() {
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
     api.apply(
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews", "namespace": "default"},
-                     "spec": {"ports": [{"name": "http", "port": 9080}]}}),
+                     "spec": {"clusterIP": "10.96.0.12", "clusterIPs": ["10.96.0.12"], "ports": [{"name": "http", "port": 9080}]}}),
     );
-    api.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reviews-1", "namespace": "default"}}));
+    api.apply(
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reviews-1", "namespace": "default"},
+                     "spec": {"serviceAccountName": "bookinfo-reviews", "containers": [{"name": "app"}]}}),
+    );
     api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}));
     api.apply(slice(&["10.241.0.1", "10.241.0.2"]));
 
@@ -61,8 +67,15 @@ async fn lists_watches_relists_after_410_and_resumes_after_a_dropped_watch() {
     let (tx, mut rx) = mpsc::channel(16);
     let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
 
-    // Initial sync: published once every kind is listed.
-    until_addresses(&mut rx, &["10.241.0.1", "10.241.0.2"]).await;
+    // Initial sync: published once every kind is listed, ClusterIP and service account included.
+    let m = until_addresses(&mut rx, &["10.241.0.1", "10.241.0.2"]).await.unwrap();
+    let vips: Vec<String> = m
+        .vips
+        .iter()
+        .map(|v| format!("{}:{} {}", v.vip, v.port, v.host))
+        .collect();
+    assert_eq!(vips, ["10.96.0.12:9080 reviews.default.svc.cluster.local"]);
+    assert_eq!(m.instances[0].service_account.as_deref(), Some("bookinfo-reviews"));
     assert_eq!(api.counters().0, 5, "one list per kind");
 
     // A change arrives over the watch.

@@ -1,6 +1,7 @@
 //! `federation-controller serve` over a real gRPC ADS stream: an Istio-style
 //! node on network1 gets its clusters and endpoints, ACKs them, receives pushes
-//! when the manifests change, and a NACK causes no resend.
+//! when the manifests change, and a NACK causes no resend; it gets a listener
+//! per service VIP:port, and clusters that verify the service's identities.
 
 mod support;
 
@@ -14,12 +15,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
-use support::{Controller, cluster, scratch, two_networks};
+use support::{Controller, cluster, cluster_with_ips, scratch, two_networks};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const REVIEWS: &str = "outbound|9080||reviews.default.svc.cluster.local";
 
 /// Istio's sidecar node: ID form and metadata keys.
@@ -207,5 +209,215 @@ async fn sigterm_stops_the_controller_even_with_streams_open() {
         .unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     drop(tx);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The listeners of an LDS response: "name address:port -> cluster".
+fn listeners(resp: &DiscoveryResponse) -> Vec<String> {
+    use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+    assert_eq!(resp.type_url, LDS);
+    let mut out: Vec<String> = resp
+        .resources
+        .iter()
+        .map(|r| {
+            let l = Listener::decode(r.value.as_slice()).unwrap();
+            let Some(address::Address::SocketAddress(sa)) = l.address.unwrap().address else {
+                panic!("a socket address")
+            };
+            let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                panic!("a port")
+            };
+            assert_eq!(l.bind_to_port.map(|b| b.value), Some(false), "{}: virtual", l.name);
+            let Some(filter::ConfigType::TypedConfig(cfg)) = &l.filter_chains[0].filters[0].config_type else {
+                panic!("a typed filter config")
+            };
+            let tcp = TcpProxy::decode(cfg.value.as_slice()).unwrap();
+            let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = tcp.cluster_specifier else {
+                panic!("a cluster")
+            };
+            format!("{} {}:{} -> {c}", l.name, sa.address, port)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The URI SANs the first cluster of a CDS response verifies its servers against.
+fn sans(resp: &DiscoveryResponse) -> Vec<String> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+    let c = Cluster::decode(resp.resources[0].value.as_slice()).unwrap();
+    let tls = c
+        .transport_socket_matches
+        .iter()
+        .find(|m| m.name == "tlsMode-istio")
+        .expect("an mTLS transport socket");
+    let Some(ConfigType::TypedConfig(cfg)) = &tls.transport_socket.as_ref().unwrap().config_type else {
+        panic!()
+    };
+    let ctx = UpstreamTlsContext::decode(cfg.value.as_slice()).unwrap();
+    let Some(ValidationContextType::CombinedValidationContext(v)) =
+        ctx.common_tls_context.unwrap().validation_context_type
+    else {
+        panic!("a combined validation context")
+    };
+    v.default_validation_context
+        .unwrap()
+        .match_typed_subject_alt_names
+        .into_iter()
+        .map(|m| match m.matcher.unwrap().match_pattern {
+            Some(MatchPattern::Exact(e)) => e,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster_ip() {
+    let dir = scratch("lds");
+    two_networks(&dir);
+    let controller = Controller::serve(&dir);
+    let (tx, mut responses) = open_stream(&controller).await;
+
+    // The clusters verify every service account behind reviews, in both clusters.
+    let cds = next(&mut responses).await;
+    assert_eq!(
+        sans(&cds),
+        [
+            "spiffe://cluster.local/ns/default/sa/reviews-v1",
+            "spiffe://cluster.local/ns/default/sa/reviews-v2",
+        ]
+    );
+    tx.send(ack(&cds, &[])).await.unwrap();
+
+    tx.send(DiscoveryRequest {
+        type_url: LDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let lds = next(&mut responses).await;
+    // Each cluster's ClusterIP for reviews leads to the one reviews cluster.
+    assert_eq!(
+        listeners(&lds),
+        [
+            format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}"),
+            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
+        ]
+    );
+    tx.send(ack(&lds, &[])).await.unwrap();
+
+    // reviews gains a second ClusterIP (dual stack) in cluster1: pushed.
+    cluster_with_ips(
+        &dir,
+        "cluster1",
+        "network1",
+        1,
+        &[("reviews-v1-a", "v1", true)],
+        &["10.96.1.12", "fd00:1::12"],
+    );
+    let pushed = loop {
+        let r = next(&mut responses).await;
+        if r.type_url == LDS {
+            break r;
+        }
+        tx.send(ack(&r, &[])).await.unwrap();
+    };
+    assert!(pushed.version_info.parse::<u64>().unwrap() > lds.version_info.parse::<u64>().unwrap());
+    assert_eq!(
+        listeners(&pushed),
+        [
+            format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}"),
+            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
+            format!("fd00:1::12_9080 fd00:1::12:9080 -> {REVIEWS}"),
+        ]
+    );
+    tx.send(ack(&pushed, &[])).await.unwrap();
+    assert_eq!(
+        controller.metric("pilot_conflict_outbound_listener_tcp_over_current_tcp", &[]),
+        Some(0.0)
+    );
+
+    // Another host on reviews' address in cluster2: one host is kept, the same
+    // every time, and the conflict is counted.
+    std::fs::write(
+        dir.join("cluster2/tracing.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: tracing, namespace: default}\n\
+         spec: {clusterIP: 10.96.2.12, ports: [{port: 9080}]}\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while controller.metric("pilot_conflict_outbound_listener_tcp_over_current_tcp", &[]) != Some(1.0) {
+        assert!(std::time::Instant::now() < deadline, "the conflict was never counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = loop {
+        let r = next(&mut responses).await;
+        if r.type_url == LDS {
+            break r;
+        }
+    };
+    assert!(
+        listeners(&after).contains(&format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}")),
+        "the smaller host name keeps the address: {:?}",
+        listeners(&after)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+async fn next_delta(
+    rx: &mut tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
+) -> envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("a response in time")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn delta_lds_is_a_wildcard_and_names_a_withdrawn_cluster_ip() {
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let dir = scratch("delta-lds");
+    two_networks(&dir);
+    let controller = Controller::serve(&dir);
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Naming nothing on the first request subscribes to every listener, as for clusters.
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(node()),
+        type_url: LDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let first = next_delta(&mut responses).await;
+    let mut names: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["10.96.1.12_9080", "10.96.2.12_9080"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: LDS.into(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // cluster1's reviews turns headless: its listener is withdrawn, by name, and nothing else sent.
+    cluster_with_ips(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)], &[]);
+    let removal = next_delta(&mut responses).await;
+    assert_eq!(removal.type_url, LDS);
+    assert_eq!(removal.removed_resources, ["10.96.1.12_9080"]);
+    assert!(removal.resources.is_empty(), "the other listener is unchanged");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -35,8 +35,11 @@ pub enum Protocol {
 
 /// The inbound listener of one workload.
 pub struct Inbound {
-    /// The application's address.
+    /// The application's address; with capture, its port is each connection's original
+    /// destination port.
     pub app: SocketAddr,
+    /// Connections arrive redirected by iptables (see [`crate::capture`]).
+    pub captured: bool,
     pub protocol: Protocol,
     pub policy: Policy,
     /// TLS with our SVID, requiring a client SVID.
@@ -79,7 +82,15 @@ impl Inbound {
 
     async fn handle(&self, client: TcpStream) {
         let _ = client.set_nodelay(true);
-        let mode = self.policy.mode_for(self.app.port());
+        let app = if self.captured {
+            match crate::capture::original_dst(&client) {
+                Ok(original) => SocketAddr::new(self.app.ip(), original.port()),
+                Err(_) => return self.telemetry.refused("inbound", "no_original_dst"),
+            }
+        } else {
+            self.app
+        };
+        let mode = self.policy.mode_for(app.port());
         let tls = match mode {
             MtlsMode::Disable => false,
             MtlsMode::Permissive => self.first_byte(&client, self.sniff_timeout).await == Some(TLS_HANDSHAKE),
@@ -90,7 +101,7 @@ impl Inbound {
             },
         };
         if !tls {
-            return self.forward(client, None).await;
+            return self.forward(client, None, app).await;
         }
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let stream = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(client)).await {
@@ -112,14 +123,14 @@ impl Inbound {
             id,
             cert_hash: hash.unwrap_or_default(),
         });
-        self.forward(stream, caller).await;
+        self.forward(stream, caller, app).await;
     }
 
-    async fn forward<S>(&self, mut client: S, caller: Option<Caller>)
+    async fn forward<S>(&self, mut client: S, caller: Option<Caller>, app: SocketAddr)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.app)).await {
+        let app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(app)).await {
             Ok(Ok(s)) => s,
             Ok(Err(_)) => return self.telemetry.upstream_failure("inbound", "connect_failure"),
             Err(_) => return self.telemetry.upstream_failure("inbound", "connect_timeout"),
@@ -131,6 +142,8 @@ impl Inbound {
             source_principal: source,
             destination_principal: self.self_id.as_str(),
             destination_service: &self.service,
+            // Istio learns it from metadata exchange, which we do not speak.
+            peer_cluster: None,
             mutual_tls: caller.is_some(),
         });
         match self.protocol {

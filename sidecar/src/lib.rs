@@ -4,7 +4,9 @@
 //! workload's identity (`tls`) and mutual TLS on every hop.
 
 pub mod balance;
+pub mod capture;
 pub mod client_hello;
+pub mod destinations;
 pub mod drain;
 pub mod http_endpoint;
 pub mod inbound;
@@ -16,3 +18,4 @@ pub mod socket;
 pub mod splice;
 pub mod telemetry;
 pub mod tls;
+pub mod xds;

@@ -14,8 +14,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run with explicit addresses and certificate files (no capture, no control plane).
-    Run(RunArgs),
+    /// Run the proxy: explicit addresses (`--outbound`/`--inbound`), or `--capture` with
+    /// routes from the controller's xDS.
+    Run(Box<RunArgs>),
+    /// Print (or `--apply`) the iptables rules that redirect this network namespace's TCP to
+    /// the sidecar, as Istio's `istio-iptables` does.
+    Init {
+        /// Install the rules (`iptables-restore`) instead of printing them.
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        rules: sidecar::capture::Rules,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,7 +34,21 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => *args,
+        Command::Init { apply: false, rules } => {
+            print!("{}", rules.restore_text());
+            return Ok(());
+        }
+        Command::Init { apply: true, rules } => {
+            rules.apply()?;
+            eprintln!(
+                "capture rules installed: outbound -> {}, inbound -> {}",
+                rules.outbound_port, rules.inbound_port
+            );
+            return Ok(());
+        }
+    };
     let sidecar = Sidecar::start(args)?;
     let b = sidecar.bound;
     let show = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "-".to_owned(), |a| a.to_string());

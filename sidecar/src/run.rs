@@ -11,13 +11,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls_pki_types::ServerName;
 
+use crate::destinations::Destinations;
 use crate::drain;
 use crate::http_endpoint::{self, Reply};
 use crate::inbound::{self, Inbound, Protocol};
-use crate::outbound::{self, Outbound};
+use crate::outbound::{self, Captured, Outbound};
 use crate::peer_authentication::{MtlsMode, Policy, parse_port_override};
 use crate::socket::{listen, raise_fd_limit};
 use crate::telemetry::Telemetry;
@@ -88,6 +90,10 @@ pub struct RunArgs {
     /// A federated trust domain's bundle; peers of that domain are checked against it only.
     #[arg(long = "bundle", value_name = "TD=FILE", value_parser = parse_bundle)]
     pub bundles: Vec<(String, PathBuf)>,
+    /// Istio's `trustDomainAliases` (repeatable): peers whose SPIFFE IDs are in this trust
+    /// domain are taken as ours, checked against our own bundle.
+    #[arg(long = "trust-domain-alias", value_name = "TD")]
+    pub trust_domain_aliases: Vec<String>,
     /// Outbound: accept the application's plaintext on LISTEN, carry it in mTLS to TARGET.
     #[arg(long, value_name = "LISTEN=TARGET", value_parser = parse_hop)]
     pub outbound: Option<Hop>,
@@ -130,6 +136,32 @@ pub struct RunArgs {
     /// How long open connections may go on after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Transparent capture: take the connections `sidecar init` redirects (outbound on
+    /// --outbound-port, inbound on --inbound-port) and route them by original destination.
+    #[arg(long, conflicts_with_all = ["outbound", "inbound"], requires = "xds")]
+    pub capture: bool,
+    /// The controller's plaintext xDS (e.g. http://10.241.0.10:15010): listeners, clusters and
+    /// endpoints for captured traffic, kept when the controller goes away.
+    #[arg(long, value_name = "URL")]
+    pub xds: Option<String>,
+    /// Our network, as the controller's per-network view needs it.
+    #[arg(long, env = "ISTIO_META_NETWORK", default_value = "")]
+    pub network: String,
+    /// Our cluster.
+    #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster: String,
+    /// Our pod's IP, for the xDS node ID.
+    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
+    pub pod_ip: std::net::IpAddr,
+    /// Where captured outbound connections arrive.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Where captured inbound connections arrive.
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// The mark our own sockets carry so the capture rules let them through.
+    #[arg(long, default_value_t = 1337)]
+    pub mark: u32,
 }
 
 impl RunArgs {
@@ -165,8 +197,10 @@ pub struct Sidecar {
 impl Sidecar {
     /// Loads the SVID and bundles, binds every listener and starts serving.
     pub fn start(args: RunArgs) -> anyhow::Result<Sidecar> {
-        if args.outbound.is_none() && args.inbound.is_none() {
-            anyhow::bail!("nothing to do: give --outbound LISTEN=TARGET, --inbound LISTEN=TARGET, or both");
+        if args.outbound.is_none() && args.inbound.is_none() && !args.capture {
+            anyhow::bail!(
+                "nothing to do: give --capture, or --outbound LISTEN=TARGET, --inbound LISTEN=TARGET, or both"
+            );
         }
         raise_fd_limit();
         let (svid, ca_client) = match (&args.cert, &args.key, &args.ca_address) {
@@ -181,11 +215,15 @@ impl Sidecar {
         let bundles = TrustBundles::new();
         let own = std::fs::read(&args.ca).with_context(|| format!("cannot read {}", args.ca.display()))?;
         bundles.set(self_id.trust_domain(), Bundle::from_pem(self_id.trust_domain(), &own)?);
+        for alias in &args.trust_domain_aliases {
+            SpiffeId::parse(&format!("spiffe://{alias}")).with_context(|| format!("--trust-domain-alias {alias}"))?;
+            bundles.alias(alias, self_id.trust_domain());
+        }
         for (td, path) in &args.bundles {
             let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             bundles.set(td, Bundle::from_pem(td, &pem)?);
         }
-        let telemetry = Telemetry::new();
+        let telemetry = Telemetry::for_cluster(&args.cluster);
         telemetry.svid_expiry.set(svid.expiry_unix() as i64);
         let svid = SvidSlot::new(svid);
         let (trigger, watch) = drain::channel();
@@ -239,11 +277,50 @@ impl Sidecar {
                 outbound::serve(l, outbound.clone())
             })?;
         }
-        if let Some(hop) = args.inbound {
+        let table = Arc::new(ArcSwap::from_pointee(Destinations::default()));
+        if args.capture {
+            let addr = SocketAddr::from(([0, 0, 0, 0], args.outbound_port));
+            let captured = Arc::new(Captured::new(
+                table.clone(),
+                svid.clone(),
+                bundles.clone(),
+                if protocol == Protocol::Http {
+                    Alpn::Http11
+                } else {
+                    Alpn::Tcp
+                },
+                Some(args.mark),
+                addr,
+                self_id.clone(),
+                args.connect_timeout,
+                args.handshake_timeout,
+                telemetry.clone(),
+                watch.clone(),
+            ));
+            let listener = listen(addr)?;
+            bound.outbound = Some(listener.local_addr()?);
+            spawn_workers("outbound", args.workers, listener, &mut threads, move |l| {
+                outbound::serve_captured(l, captured.clone())
+            })?;
+        }
+        let inbound_hop = match (args.inbound, args.capture) {
+            (Some(hop), _) => Some((hop, false)),
+            (None, true) => Some((
+                Hop {
+                    listen: SocketAddr::from(([0, 0, 0, 0], args.inbound_port)),
+                    // The port is each connection's original destination port.
+                    target: SocketAddr::from(([127, 0, 0, 1], 0)),
+                },
+                true,
+            )),
+            (None, false) => None,
+        };
+        if let Some((hop, captured)) = inbound_hop {
             let mut policy = Policy::uniform(args.mtls);
             policy.ports.extend(args.port_mtls.iter().copied());
             let inbound = Arc::new(Inbound {
                 app: hop.target,
+                captured,
                 protocol,
                 policy,
                 tls: crate::tls::server_config(svid.clone(), bundles.clone()),
@@ -261,6 +338,15 @@ impl Sidecar {
                 inbound::serve(l, inbound.clone())
             })?;
         }
+        let xds = args.xds.clone().map(|address| {
+            let identity = crate::xds::Identity {
+                id: self_id.clone(),
+                ip: args.pod_ip,
+                network: args.network.clone(),
+                cluster: args.cluster.clone(),
+            };
+            (address, identity, table.clone())
+        });
         let metrics_listener = match args.metrics {
             Some(addr) => {
                 let listener = listen(addr)?;
@@ -279,7 +365,7 @@ impl Sidecar {
             }),
             None => None,
         };
-        if metrics_listener.is_some() || ca_client.is_some() || bundle_source.is_some() {
+        if metrics_listener.is_some() || ca_client.is_some() || bundle_source.is_some() || xds.is_some() {
             let trusted = bundles.clone();
             let telemetry = telemetry.clone();
             let watch = watch.clone();
@@ -293,6 +379,15 @@ impl Sidecar {
                             .build()
                             .expect("runtime");
                         rt.block_on(async move {
+                            if let Some((address, identity, table)) = xds {
+                                let t = telemetry.clone();
+                                tokio::spawn(crate::xds::follow(address, identity, table, move |routes, ok| {
+                                    t.xds_routes.set(routes as i64);
+                                    if !ok {
+                                        t.xds_rejects.inc();
+                                    }
+                                }));
+                            }
                             if let Some(source) = bundle_source {
                                 let t = telemetry.clone();
                                 tokio::spawn(crate::tls::sds::follow(source, trusted, move |_| {

@@ -9,8 +9,10 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, T
 const TCP_LABELS: &[&str] = &[
     "reporter",
     "source_principal",
+    "source_cluster",
     "destination_principal",
     "destination_service",
+    "destination_cluster",
     "connection_security_policy",
 ];
 
@@ -18,6 +20,8 @@ const TCP_LABELS: &[&str] = &[
 #[derive(Clone)]
 pub struct Telemetry {
     registry: Registry,
+    /// Our own cluster: `source_cluster` outbound, `destination_cluster` inbound.
+    cluster: std::sync::Arc<str>,
     opened: IntCounterVec,
     closed: IntCounterVec,
     sent: IntCounterVec,
@@ -31,6 +35,10 @@ pub struct Telemetry {
     pub svid_renewals: IntCounter,
     /// Trust-bundle updates accepted from SDS.
     pub bundle_updates: IntCounter,
+    /// Routable outbound listeners (service VIP:port) in the table from xDS.
+    pub xds_routes: IntGauge,
+    /// xDS updates refused (NACKed); the last good table kept serving.
+    pub xds_rejects: IntCounter,
 }
 
 /// What labels one connection's counters.
@@ -40,6 +48,8 @@ pub struct ConnectionLabels<'a> {
     pub source_principal: &'a str,
     pub destination_principal: &'a str,
     pub destination_service: &'a str,
+    /// The other side's cluster, where known (an endpoint's cluster from xDS outbound).
+    pub peer_cluster: Option<&'a str>,
     pub mutual_tls: bool,
 }
 
@@ -67,8 +77,13 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
-    /// A fresh registry with every family registered.
+    /// A fresh registry with every family registered, for a proxy in no named cluster.
     pub fn new() -> Self {
+        Self::for_cluster("unknown")
+    }
+
+    /// A fresh registry with every family registered, for a proxy in `cluster`.
+    pub fn for_cluster(cluster: &str) -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -81,6 +96,7 @@ impl Telemetry {
             g
         };
         Self {
+            cluster: cluster.into(),
             opened: counter(
                 "istio_tcp_connections_opened_total",
                 "TCP connections opened",
@@ -116,6 +132,19 @@ impl Telemetry {
                 "isthmus_sidecar_svid_expiry_seconds",
                 "Unix time at which the current SVID expires",
             ),
+            xds_routes: gauge(
+                "isthmus_sidecar_xds_routes",
+                "Routable outbound listeners (service VIP:port) from xDS",
+            ),
+            xds_rejects: {
+                let c = IntCounter::new(
+                    "isthmus_sidecar_xds_rejects_total",
+                    "xDS updates refused (NACKed); the last good routes kept serving",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             bundle_updates: {
                 let c = IntCounter::new(
                     "isthmus_sidecar_trust_bundle_updates_total",
@@ -138,11 +167,19 @@ impl Telemetry {
     /// Counts a connection as opened and returns its counters; dropping them counts the close.
     pub fn connection(&self, l: &ConnectionLabels<'_>) -> TcpCounters {
         let policy = if l.mutual_tls { "mutual_tls" } else { "none" };
+        let peer = l.peer_cluster.unwrap_or("unknown");
+        let (source_cluster, destination_cluster) = if l.reporter == "source" {
+            (&*self.cluster, peer)
+        } else {
+            (peer, &*self.cluster)
+        };
         let values = [
             l.reporter,
             l.source_principal,
+            source_cluster,
             l.destination_principal,
             l.destination_service,
+            destination_cluster,
             policy,
         ];
         self.opened.with_label_values(&values).inc();

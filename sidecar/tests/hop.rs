@@ -203,7 +203,7 @@ async fn strict_mtls_carries_the_callers_spiffe_id_and_replaces_a_forged_one() {
     )
     .await;
     // Both reporters count the connection honestly.
-    wait_metric(server_metrics, r#"connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/default/sa/reviews""#).await;
+    wait_metric(server_metrics, r#"connection_security_policy="mutual_tls",destination_cluster="Kubernetes",destination_principal="spiffe://cluster.local/ns/default/sa/reviews""#).await;
     let client_metrics = metrics(pair.client.bound.metrics.unwrap()).await;
     assert!(
         client_metrics

@@ -6,15 +6,26 @@ pub mod kube_api;
 
 use std::path::Path;
 
-/// Writes cluster `name` on network `net`: a `reviews` Service with the given
-/// pods (name, version, has a sidecar) at 10.24<octet>.0.10+, and an east-west
+/// Writes cluster `name` on network `net`: a `reviews` Service on ClusterIP
+/// 10.96.<octet>.12 with the given pods (name, version, has a sidecar) at
+/// 10.24<octet>.0.10+, service account `reviews-<version>`, and an east-west
 /// gateway Service on 100.64.0.<octet>:15443.
 pub fn cluster(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&str, &str, bool)]) {
+    cluster_with_ips(dir, name, net, octet, pods, &[&format!("10.96.{octet}.12")]);
+}
+
+/// [`cluster`] with the `reviews` Service on these `clusterIPs` (none: headless).
+pub fn cluster_with_ips(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&str, &str, bool)], ips: &[&str]) {
     let d = dir.join(name);
     std::fs::create_dir_all(&d).unwrap();
+    let ips = if ips.is_empty() {
+        "clusterIP: None".to_owned()
+    } else {
+        format!("clusterIP: {}, clusterIPs: [{}]", ips[0], ips.join(", "))
+    };
     let mut y = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: {net}}}}}\n---\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec: {{ports: [{{name: http, port: 9080}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec: {{{ips}, ports: [{{name: http, port: 9080}}]}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topology.istio.io/network: {net}}}}}\n\
          spec: {{ports: [{{name: tls, port: 15443}}], externalIPs: [100.64.0.{octet}]}}\n"
     );
@@ -26,7 +37,7 @@ pub fn cluster(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&str, &str
             ""
         };
         y += &format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: default, labels: {{version: {version}{tls}}}}}\nspec: {{containers: [{{name: app}}]}}\n"
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: default, labels: {{version: {version}{tls}}}}}\nspec: {{serviceAccountName: reviews-{version}, containers: [{{name: app}}]}}\n"
         );
         eps += &format!(
             "  - {{addresses: [10.24{octet}.0.{}], targetRef: {{kind: Pod, name: {pod}}}}}\n",
@@ -71,6 +82,8 @@ pub struct Controller {
     pub monitoring: std::net::SocketAddr,
     /// Where it serves the CA and xDS over TLS, when started with `--ca-dir`.
     pub secure: Option<std::net::SocketAddr>,
+    /// Where it serves the SPIFFE bundle endpoint, when started with `--bundle-endpoint`.
+    pub bundle: Option<std::net::SocketAddr>,
 }
 
 impl Controller {
@@ -161,14 +174,16 @@ impl Controller {
                 .parse()
                 .unwrap()
         };
-        let secure = line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("secure="))
-            .map(|a| a.parse().unwrap());
+        let optional = |k: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .map(|a| a.parse().unwrap())
+        };
         Controller {
             xds: field("xds"),
             monitoring: field("monitoring"),
-            secure,
+            secure: optional("secure"),
+            bundle: optional("bundle"),
             child,
         }
     }

@@ -84,6 +84,11 @@ struct BundleSet {
     aliases: BTreeMap<String, String>,
 }
 
+/// The trust domain `trust_domain` stands for: the one it is an alias of, or itself.
+fn canonical<'a>(set: &'a BundleSet, trust_domain: &'a str) -> &'a str {
+    set.aliases.get(trust_domain).map_or(trust_domain, String::as_str)
+}
+
 /// Every trust domain this proxy trusts, each with its own bundle.
 #[derive(Debug, Default)]
 pub struct TrustBundles {
@@ -128,12 +133,13 @@ impl TrustBundles {
     /// The bundle that vouches for peers of `trust_domain`, if any.
     pub fn for_domain(&self, trust_domain: &str) -> Option<Arc<Bundle>> {
         let set = self.set.load();
-        let domain = set
-            .aliases
-            .get(trust_domain)
-            .map(String::as_str)
-            .unwrap_or(trust_domain);
-        set.by_domain.get(domain).cloned()
+        set.by_domain.get(canonical(&set, trust_domain)).cloned()
+    }
+
+    /// Whether `a` and `b` name the same trust domain, once aliases are resolved.
+    pub fn same_domain(&self, a: &str, b: &str) -> bool {
+        let set = self.set.load();
+        canonical(&set, a) == canonical(&set, b)
     }
 
     /// The trust domains with a bundle.

@@ -25,7 +25,8 @@ pub enum PeerRefusal {
     UriSanCount(usize),
     #[error("URI SAN {0:?} is not a SPIFFE ID")]
     NotSpiffe(String),
-    #[error("leaf certificate has the CA flag set")]
+    /// The CA flag, or a key usage only a CA may have (keyCertSign, cRLSign).
+    #[error("leaf certificate is a CA certificate (CA flag or certificate-signing key usage)")]
     CaLeaf,
     #[error("no trust bundle for trust domain {0:?}")]
     UntrustedDomain(String),
@@ -96,10 +97,13 @@ pub enum ExpectedPeer {
 }
 
 impl ExpectedPeer {
-    fn admit(&self, id: &SpiffeId) -> Result<(), PeerRefusal> {
+    /// As Istio expands its SAN matchers with `trustDomainAliases`: an expected
+    /// `spiffe://cluster.local/ns/x/sa/y` is also proven by `spiffe://<alias>/ns/x/sa/y`.
+    fn admit(&self, id: &SpiffeId, bundles: &TrustBundles) -> Result<(), PeerRefusal> {
+        let same = |e: &SpiffeId| e.path() == id.path() && bundles.same_domain(e.trust_domain(), id.trust_domain());
         match self {
             Self::Any => Ok(()),
-            Self::OneOf(ids) if ids.contains(id) => Ok(()),
+            Self::OneOf(ids) if ids.iter().any(same) => Ok(()),
             Self::OneOf(ids) => Err(PeerRefusal::Unexpected {
                 got: id.to_string(),
                 expected: ids.iter().map(SpiffeId::as_str).collect::<Vec<_>>().join(" or "),
@@ -138,6 +142,13 @@ pub(crate) fn leaf_facts(der: &CertificateDer<'_>) -> Result<LeafFacts, PeerRefu
     let id = SpiffeId::parse(uris[0]).map_err(|_| PeerRefusal::NotSpiffe(uris[0].to_owned()))?;
     match cert.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => return Err(PeerRefusal::CaLeaf),
+        Ok(_) => {}
+        Err(e) => return Err(PeerRefusal::Malformed(e.to_string())),
+    }
+    // X.509-SVID §4.3: a leaf must not be able to sign certificates or CRLs, even without
+    // the CA flag (webpki does not look at a leaf's key usage).
+    match cert.key_usage() {
+        Ok(Some(ku)) if ku.value.key_cert_sign() || ku.value.crl_sign() => return Err(PeerRefusal::CaLeaf),
         Ok(_) => {}
         Err(e) => return Err(PeerRefusal::Malformed(e.to_string())),
     }
@@ -211,7 +222,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             webpki::KeyUsage::server_auth(),
         )
         .map_err(PeerRefusal::into_rustls)?;
-        self.expected.admit(&id).map_err(PeerRefusal::into_rustls)?;
+        self.expected
+            .admit(&id, &self.bundles)
+            .map_err(PeerRefusal::into_rustls)?;
         Ok(ServerCertVerified::assertion())
     }
 

@@ -1,0 +1,542 @@
+//! Where captured outbound traffic goes: the table the sidecar builds from the controller's
+//! listeners, clusters and endpoints (Istio's shapes), and nothing else.
+//!
+//! - A listener `VIP_PORT` (address VIP:port, a `tcp_proxy` to cluster C) says that a
+//!   connection whose original destination is VIP:port belongs to C.
+//! - Cluster C says how to speak to its endpoints: Istio's auto-mTLS is a transport-socket
+//!   match on `tlsMode: istio` whose TLS context names the SNI to send and the SPIFFE IDs
+//!   the server may prove; endpoints without that metadata are spoken to in plaintext.
+//! - Its load assignment lists the endpoints, already as this proxy's network should see
+//!   them: pods on our network as they are, other networks' as their east-west gateways.
+//!
+//! Pure: decoded resources in, table out. Anything malformed is an error that names the
+//! resource, so the xDS client can NACK it and keep the last table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{TransportSocket, address, socket_address, transport_socket};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
+use mesh_vocab::spiffe::SpiffeId;
+use prost::Message;
+
+use crate::balance::{Balancer, Policy};
+
+const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const UPSTREAM_TLS_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+/// The endpoint-metadata key Envoy matches transport sockets on.
+pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+
+/// A resource that cannot be used, named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {problem}")]
+pub struct BadResource {
+    pub resource: String,
+    pub problem: String,
+}
+
+fn bad(resource: &str, problem: impl Into<String>) -> BadResource {
+    BadResource {
+        resource: resource.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// How a cluster's mesh endpoints are spoken to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshTls {
+    /// The SNI to send (Istio's `outbound_.PORT_.SUBSET_.HOST`), which gateways route by.
+    pub sni: String,
+    /// The identities the server may prove; empty means any identity we trust.
+    pub identities: Vec<SpiffeId>,
+    /// Endpoint metadata that selects mTLS; `None` means every endpoint speaks it.
+    pub when: Option<BTreeMap<String, String>>,
+}
+
+/// One endpoint of a cluster, as this proxy is to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// Spoken to inside mutual TLS.
+    pub mtls: bool,
+    /// The cluster that runs it (Istio's endpoint metadata), for metrics.
+    pub cluster: Option<String>,
+}
+
+/// One upstream cluster, ready to route to.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// The service host, for metrics: `reviews.default.svc.cluster.local`.
+    pub service: String,
+    pub tls: Option<MeshTls>,
+    pub endpoints: Vec<Endpoint>,
+    pub balancer: Balancer,
+}
+
+/// The whole table.
+#[derive(Debug, Default)]
+pub struct Destinations {
+    /// Original destination → cluster name.
+    pub listeners: HashMap<SocketAddr, String>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+impl Destinations {
+    /// The upstream a connection to `original` belongs to, if any.
+    pub fn route(&self, original: SocketAddr) -> Option<&Arc<Upstream>> {
+        self.upstreams.get(self.listeners.get(&original)?)
+    }
+
+    /// Builds the table; clusters without a load assignment yet have no endpoints.
+    pub fn build(
+        listeners: &[Listener],
+        clusters: &[Cluster],
+        assignments: &HashMap<String, ClusterLoadAssignment>,
+    ) -> Result<Destinations, BadResource> {
+        let mut table = Destinations::default();
+        for l in listeners {
+            if let Some((addr, cluster)) = listener_route(l)? {
+                table.listeners.insert(addr, cluster);
+            }
+        }
+        for c in clusters {
+            let tls = mesh_tls(c)?;
+            let endpoints = match assignments.get(&c.name) {
+                Some(cla) => endpoints(cla, tls.as_ref())?,
+                None => Vec::new(),
+            };
+            let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+            let upstream = Upstream {
+                name: c.name.clone(),
+                service: service_of(&c.name),
+                tls,
+                balancer: Balancer::new(Policy::RoundRobin, &weights),
+                endpoints,
+            };
+            table.upstreams.insert(c.name.clone(), Arc::new(upstream));
+        }
+        Ok(table)
+    }
+}
+
+/// The host of Istio's `outbound|PORT|SUBSET|HOST`, or the name itself.
+fn service_of(cluster: &str) -> String {
+    cluster.rsplit('|').next().unwrap_or(cluster).to_owned()
+}
+
+fn decode_any<M: Message + Default>(resource: &str, any: &Any, type_url: &str) -> Result<M, BadResource> {
+    if any.type_url != type_url {
+        return Err(bad(resource, format!("expected {type_url}, got {}", any.type_url)));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| bad(resource, format!("undecodable {type_url}: {e}")))
+}
+
+/// VIP:port → cluster for a listener that is a plain TCP proxy to one cluster; other
+/// listeners (HTTP routes, inbound) are not ours to route by here.
+fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, String)>, BadResource> {
+    let Some(address::Address::SocketAddress(sa)) = l.address.as_ref().and_then(|a| a.address.as_ref()) else {
+        return Ok(None);
+    };
+    let ip: IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| bad(&l.name, format!("address {:?} is not an IP", sa.address)))?;
+    let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+        return Err(bad(&l.name, "no port"));
+    };
+    let port = u16::try_from(port).map_err(|_| bad(&l.name, format!("port {port} out of range")))?;
+    for chain in &l.filter_chains {
+        for f in &chain.filters {
+            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                continue;
+            };
+            if any.type_url != TCP_PROXY_TYPE {
+                continue;
+            }
+            let proxy: TcpProxy = decode_any(&l.name, any, TCP_PROXY_TYPE)?;
+            if let Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) = proxy.cluster_specifier {
+                return Ok(Some((SocketAddr::new(ip, port), cluster)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn struct_strings(s: &Struct) -> BTreeMap<String, String> {
+    s.fields
+        .iter()
+        .filter_map(|(k, v)| match &v.kind {
+            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn tls_of(cluster: &str, socket: &TransportSocket) -> Result<Option<UpstreamTlsContext>, BadResource> {
+    match &socket.config_type {
+        Some(transport_socket::ConfigType::TypedConfig(any)) if any.type_url == UPSTREAM_TLS_TYPE => {
+            Ok(Some(decode_any(cluster, any, UPSTREAM_TLS_TYPE)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Istio's auto-mTLS: the TLS transport socket, on every endpoint or on those matching.
+fn mesh_tls(c: &Cluster) -> Result<Option<MeshTls>, BadResource> {
+    let mut found = None;
+    for m in &c.transport_socket_matches {
+        if let Some(ctx) = m
+            .transport_socket
+            .as_ref()
+            .map(|t| tls_of(&c.name, t))
+            .transpose()?
+            .flatten()
+        {
+            found = Some((ctx, Some(m.r#match.as_ref().map(struct_strings).unwrap_or_default())));
+            break;
+        }
+    }
+    if found.is_none()
+        && let Some(ctx) = c
+            .transport_socket
+            .as_ref()
+            .map(|t| tls_of(&c.name, t))
+            .transpose()?
+            .flatten()
+    {
+        found = Some((ctx, None));
+    }
+    let Some((ctx, when)) = found else { return Ok(None) };
+    let validation = ctx
+        .common_tls_context
+        .as_ref()
+        .and_then(|c| c.validation_context_type.as_ref());
+    let vc: Option<&CertificateValidationContext> = match validation {
+        Some(common_tls_context::ValidationContextType::CombinedValidationContext(c)) => {
+            c.default_validation_context.as_ref()
+        }
+        Some(common_tls_context::ValidationContextType::ValidationContext(v)) => Some(v),
+        _ => None,
+    };
+    let mut identities = Vec::new();
+    for m in vc
+        .map(|v| v.match_typed_subject_alt_names.as_slice())
+        .unwrap_or_default()
+    {
+        if m.san_type != subject_alt_name_matcher::SanType::Uri as i32 {
+            continue;
+        }
+        let Some(string_matcher::MatchPattern::Exact(uri)) = m.matcher.as_ref().and_then(|s| s.match_pattern.as_ref())
+        else {
+            // Prefix and regex matches on SPIFFE IDs are not something we honour loosely.
+            return Err(bad(&c.name, "only exact URI SAN matches are supported"));
+        };
+        identities.push(SpiffeId::parse(uri).map_err(|e| bad(&c.name, format!("SAN {uri:?}: {e}")))?);
+    }
+    identities.sort();
+    identities.dedup();
+    let sni = if ctx.sni.is_empty() {
+        // Istio always sets it; without one, the cluster name's own form is the best guess.
+        crate::destinations::sni_of_cluster(&c.name).ok_or_else(|| bad(&c.name, "TLS without SNI"))?
+    } else {
+        ctx.sni
+    };
+    Ok(Some(MeshTls { sni, identities, when }))
+}
+
+/// `outbound_.PORT_.SUBSET_.HOST` of Istio's `outbound|PORT|SUBSET|HOST`.
+pub fn sni_of_cluster(name: &str) -> Option<String> {
+    let mut parts = name.split('|');
+    let (dir, port, subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if dir != "outbound" || parts.next().is_some() || host.is_empty() {
+        return None;
+    }
+    let _: u16 = port.parse().ok()?;
+    Some(format!("outbound_.{port}_.{subset}_.{host}"))
+}
+
+fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<Endpoint>, BadResource> {
+    let name = &cla.cluster_name;
+    let mut out = Vec::new();
+    for locality in &cla.endpoints {
+        for e in &locality.lb_endpoints {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                continue;
+            };
+            let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.as_ref()) else {
+                continue;
+            };
+            let ip: IpAddr = sa
+                .address
+                .parse()
+                .map_err(|_| bad(name, format!("endpoint {:?} is not an IP", sa.address)))?;
+            let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                return Err(bad(name, format!("endpoint {ip} has no port")));
+            };
+            let port = u16::try_from(port).map_err(|_| bad(name, format!("port {port} out of range")))?;
+            let meta = |key: &str| {
+                e.metadata
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get(key))
+                    .map(struct_strings)
+                    .unwrap_or_default()
+            };
+            let socket_match = meta(TRANSPORT_SOCKET_MATCH);
+            let mtls = match tls {
+                None => false,
+                Some(MeshTls { when: None, .. }) => true,
+                Some(MeshTls { when: Some(when), .. }) => when.iter().all(|(k, v)| socket_match.get(k) == Some(v)),
+            };
+            out.push(Endpoint {
+                address: SocketAddr::new(ip, port),
+                weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
+                mtls,
+                cluster: meta("istio").remove("cluster"),
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+    use envoy_types::pb::envoy::config::core::v3::{Address, Metadata, SocketAddress};
+    use envoy_types::pb::envoy::config::endpoint::v3::{Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints};
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CommonTlsContext, SubjectAltNameMatcher, common_tls_context::CombinedCertificateValidationContext,
+    };
+    use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
+    use envoy_types::pb::google::protobuf::{UInt32Value, Value};
+
+    const CLUSTER: &str = "outbound|9080||reviews.default.svc.cluster.local";
+
+    fn any<M: Message>(type_url: &str, m: &M) -> Any {
+        Any {
+            type_url: type_url.into(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn sock(ip: &str, port: u32) -> Address {
+        Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn strings(kv: &[(&str, &str)]) -> Struct {
+        Struct {
+            fields: kv
+                .iter()
+                .map(|(k, v)| {
+                    let v = Value {
+                        kind: Some(Kind::StringValue((*v).into())),
+                    };
+                    ((*k).to_owned(), v)
+                })
+                .collect(),
+        }
+    }
+
+    fn listener(vip: &str, port: u32, cluster: &str) -> Listener {
+        let proxy = TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        };
+        Listener {
+            name: format!("{vip}_{port}"),
+            address: Some(sock(vip, port)),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &proxy))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn auto_mtls_cluster(name: &str, sans: &[&str]) -> Cluster {
+        let vc = CertificateValidationContext {
+            match_typed_subject_alt_names: sans
+                .iter()
+                .map(|s| SubjectAltNameMatcher {
+                    san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                    matcher: Some(StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact((*s).into())),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let ctx = UpstreamTlsContext {
+            sni: "outbound_.9080_._.reviews.default.svc.cluster.local".into(),
+            common_tls_context: Some(CommonTlsContext {
+                alpn_protocols: vec!["istio".into()],
+                validation_context_type: Some(common_tls_context::ValidationContextType::CombinedValidationContext(
+                    CombinedCertificateValidationContext {
+                        default_validation_context: Some(vc),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Cluster {
+            name: name.into(),
+            transport_socket_matches: vec![
+                TransportSocketMatch {
+                    name: "tlsMode-istio".into(),
+                    r#match: Some(strings(&[("tlsMode", "istio")])),
+                    transport_socket: Some(TransportSocket {
+                        name: "envoy.transport_sockets.tls".into(),
+                        config_type: Some(transport_socket::ConfigType::TypedConfig(any(UPSTREAM_TLS_TYPE, &ctx))),
+                    }),
+                },
+                TransportSocketMatch {
+                    name: "tlsMode-disabled".into(),
+                    r#match: Some(Struct::default()),
+                    transport_socket: Some(TransportSocket {
+                        name: "envoy.transport_sockets.raw_buffer".into(),
+                        config_type: None,
+                    }),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn endpoint(ip: &str, port: u32, weight: u32, mtls: bool) -> LbEndpoint {
+        let mut filter_metadata = std::collections::HashMap::from([(
+            "istio".to_owned(),
+            strings(&[("network", "network2"), ("cluster", "cluster2")]),
+        )]);
+        if mtls {
+            filter_metadata.insert(TRANSPORT_SOCKET_MATCH.into(), strings(&[("tlsMode", "istio")]));
+        }
+        LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+                address: Some(sock(ip, port)),
+                ..Default::default()
+            })),
+            load_balancing_weight: Some(UInt32Value { value: weight }),
+            metadata: Some(Metadata {
+                filter_metadata,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn assignment(name: &str, eps: Vec<LbEndpoint>) -> HashMap<String, ClusterLoadAssignment> {
+        HashMap::from([(
+            name.to_owned(),
+            ClusterLoadAssignment {
+                cluster_name: name.into(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: eps,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )])
+    }
+
+    #[test]
+    fn a_vip_routes_to_its_cluster_with_mtls_only_where_the_endpoint_speaks_it() {
+        let table = Destinations::build(
+            &[listener("10.242.255.10", 9080, CLUSTER)],
+            &[auto_mtls_cluster(
+                CLUSTER,
+                &["spiffe://cluster.local/ns/default/sa/reviews"],
+            )],
+            &assignment(
+                CLUSTER,
+                vec![
+                    endpoint("100.64.0.2", 15443, 3, true),
+                    endpoint("10.241.0.9", 9080, 1, false),
+                ],
+            ),
+        )
+        .unwrap();
+        let up = table.route("10.242.255.10:9080".parse().unwrap()).expect("routed");
+        assert_eq!(up.service, "reviews.default.svc.cluster.local");
+        let tls = up.tls.as_ref().unwrap();
+        assert_eq!(tls.sni, "outbound_.9080_._.reviews.default.svc.cluster.local");
+        assert_eq!(
+            tls.identities[0].as_str(),
+            "spiffe://cluster.local/ns/default/sa/reviews"
+        );
+        assert_eq!(up.endpoints.len(), 2);
+        assert!(up.endpoints[0].mtls && up.endpoints[0].weight == 3);
+        assert_eq!(up.endpoints[0].cluster.as_deref(), Some("cluster2"));
+        assert!(!up.endpoints[1].mtls, "no tlsMode metadata: plaintext");
+        assert!(table.route("10.242.255.10:9081".parse().unwrap()).is_none());
+        assert!(table.route("10.242.255.11:9080".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn unusable_resources_are_named() {
+        let mut l = listener("not-an-ip", 9080, CLUSTER);
+        let e = Destinations::build(&[l.clone()], &[], &HashMap::new()).unwrap_err();
+        assert_eq!(e.resource, "not-an-ip_9080");
+        l = listener("10.0.0.1", 70000, CLUSTER);
+        assert!(Destinations::build(&[l], &[], &HashMap::new()).is_err());
+        let bad_san = auto_mtls_cluster(CLUSTER, &["https://not-spiffe"]);
+        let e = Destinations::build(&[], &[bad_san], &HashMap::new()).unwrap_err();
+        assert_eq!(e.resource, CLUSTER);
+        let mut bad_bytes = auto_mtls_cluster(CLUSTER, &[]);
+        if let Some(transport_socket::ConfigType::TypedConfig(a)) = &mut bad_bytes.transport_socket_matches[0]
+            .transport_socket
+            .as_mut()
+            .unwrap()
+            .config_type
+        {
+            a.value = vec![0xff, 0xff, 0xff];
+        }
+        assert!(Destinations::build(&[], &[bad_bytes], &HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn a_cluster_without_tls_is_plaintext_and_sni_comes_from_its_name() {
+        let plain = Cluster {
+            name: CLUSTER.into(),
+            ..Default::default()
+        };
+        let table = Destinations::build(
+            &[],
+            &[plain],
+            &assignment(CLUSTER, vec![endpoint("10.0.0.1", 80, 1, true)]),
+        )
+        .unwrap();
+        let up = &table.upstreams[CLUSTER];
+        assert!(up.tls.is_none() && !up.endpoints[0].mtls);
+        assert_eq!(
+            sni_of_cluster("outbound|9080|v2|reviews.default.svc.cluster.local").as_deref(),
+            Some("outbound_.9080_.v2_.reviews.default.svc.cluster.local")
+        );
+        assert_eq!(sni_of_cluster("inbound|9080||x"), None);
+    }
+}
