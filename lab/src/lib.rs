@@ -2,8 +2,8 @@
 //!
 //! A topology file (`mesh_vocab::topology`) becomes a [`plan`] of namespaces, addresses and
 //! routes; [`up`] builds it with [`netns`], writes each cluster's [`manifests`], starts the
-//! real controller, gateway and [`demo_app`] workloads as [`process`]es (and, with
-//! `--sidecars`, each pod's [`sidecar`]), recording all of it in the [`state`] file that
+//! real controller, gateway, each pod's [`sidecar`] and the [`demo_app`] workloads as
+//! [`process`]es, recording all of it in the [`state`] file that
 //! [`down`] takes apart. [`probe`]s run from inside the lab's namespaces.
 
 pub mod demo_app;

@@ -54,9 +54,11 @@ enum LabCommand {
         /// Where federation-controller, eastwest-gateway and sidecar are [default: beside this executable]
         #[arg(long)]
         bin_dir: Option<PathBuf>,
-        /// Start a sidecar with iptables capture in every pod (needs `sidecar init` and `sidecar run --capture`)
+        /// Pods without sidecars: plaintext straight to the pods, only the network plumbing
+        /// (flat networks reach each other; separate networks do not, there is no mTLS to cross
+        /// a gateway with)
         #[arg(long)]
-        sidecars: bool,
+        no_sidecars: bool,
     },
     /// Removes every namespace, link and process the lab made, from its state file
     Down {
@@ -80,9 +82,9 @@ fn main() -> ExitCode {
                     state_dir,
                     prefix,
                     bin_dir,
-                    sidecars,
+                    no_sidecars,
                 },
-        } => lab_up(topology, state_dir, prefix, bin_dir, sidecars),
+        } => lab_up(topology, state_dir, prefix, bin_dir, !no_sidecars),
         Command::Lab {
             command: LabCommand::Down { state_dir },
         } => down::down(&state_dir, &mut std::io::stdout()),

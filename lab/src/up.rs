@@ -56,7 +56,7 @@ pub struct UpOptions {
     pub state_dir: PathBuf,
     /// Where `federation-controller`, `eastwest-gateway`, `sidecar` and `isthmus` are.
     pub bin_dir: PathBuf,
-    /// Start a sidecar with iptables capture in every pod.
+    /// Start a sidecar with iptables capture in every pod (else pods talk plaintext, pod to pod).
     pub sidecars: bool,
 }
 
@@ -78,10 +78,13 @@ enum Step {
     Controller(usize),
     Gateway(usize),
     Workloads(usize),
+    /// Plaintext, pod to pod, without sidecars.
     Check,
+    /// Through the sidecars, by service address.
+    Mesh,
 }
 
-fn steps(plan: &Plan) -> Vec<Step> {
+fn steps(plan: &Plan, sidecars: bool) -> Vec<Step> {
     let mut s = Vec::new();
     let each = |f: fn(usize) -> Step| plan.clusters.iter().map(move |c| f(c.number));
     s.extend(each(Step::Node));
@@ -113,7 +116,7 @@ fn steps(plan: &Plan) -> Vec<Step> {
             .map(|c| Step::Gateway(c.number)),
     );
     s.extend(each(Step::Workloads));
-    s.push(Step::Check);
+    s.push(if sidecars { Step::Mesh } else { Step::Check });
     s
 }
 
@@ -178,7 +181,7 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
         state,
         started: Vec::new(),
     };
-    let all = steps(plan);
+    let all = steps(plan, opts.sidecars);
     for (i, step) in all.iter().enumerate() {
         write!(out, "[{}/{}] {} ... ", i + 1, all.len(), build.label(step))?;
         out.flush()?;
@@ -271,6 +274,7 @@ fn label_of(plan: &Plan, step: &Step) -> String {
             c(n).pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
         ),
         Step::Check => "check: clients reach every server on their network and the other networks' gateways".into(),
+        Step::Mesh => "check: every client reaches every pod of every service through its sidecar (mTLS; across networks through the gateways)".into(),
     }
 }
 
@@ -297,6 +301,7 @@ impl Build<'_> {
             Step::Gateway(n) => self.gateway(plan.cluster(*n)).map(|_| String::new()),
             Step::Workloads(n) => self.workloads(plan.cluster(*n)).map(|_| String::new()),
             Step::Check => self.check(),
+            Step::Mesh => self.check_mesh(),
         }
     }
 
@@ -682,12 +687,104 @@ impl Build<'_> {
         }
         let note = match gateways {
             0 => String::new(),
-            g if self.opts.sidecars => format!(", {g} connections to other networks' gateways"),
             g => format!(
-                ", {g} connections to other networks' gateways; requests across networks need the sidecars (--sidecars)"
+                ", {g} connections to other networks' gateways; requests across networks need the sidecars (without --no-sidecars)"
             ),
         };
         Ok(format!(" ({n} requests answered{note})"))
+    }
+
+    /// Through the sidecars: from every client, requests to each server service's ClusterIP
+    /// in the client's cluster, until every cluster that runs the service has answered, each
+    /// answer naming the client's SPIFFE ID as its caller.
+    fn check_mesh(&mut self) -> anyhow::Result<String> {
+        const PATIENCE: Duration = Duration::from_secs(20);
+        const MOST: usize = 200;
+        let mut lines = Vec::new();
+        for c in &self.plan.clusters {
+            for client in c.pods.iter().filter(|p| p.role == WorkloadRole::Client) {
+                let me = format!(
+                    "spiffe://{}/ns/{}/sa/{}",
+                    c.trust_domain, client.namespace, client.service_account
+                );
+                for svc in &c.services {
+                    // Every pod of the service, as its answer names it: "cluster version".
+                    let pods: BTreeSet<String> = self
+                        .plan
+                        .clusters
+                        .iter()
+                        .flat_map(|d| {
+                            d.pods
+                                .iter()
+                                .filter(|p| p.app == svc.name && p.role == WorkloadRole::Server)
+                                .map(move |p| format!("{} {}", d.name, p.version))
+                        })
+                        .collect();
+                    if pods.is_empty() {
+                        continue;
+                    }
+                    let addr = SocketAddr::new(IpAddr::V4(svc.vip), svc.port);
+                    let deadline = Instant::now() + PATIENCE;
+                    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+                    let mut failures = 0;
+                    let mut last_error = String::new();
+                    for _ in 0..MOST {
+                        interrupted()?;
+                        if pods.iter().all(|p| seen.contains_key(p)) || Instant::now() >= deadline {
+                            break;
+                        }
+                        match probe::get(&client.host.netns, addr, "/", Duration::from_secs(2)) {
+                            Ok(r) if r.status == 200 => {
+                                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+                                if v["caller"] != me.as_str() {
+                                    bail!(
+                                        "{} via {addr} answered {} with caller {}, not {me}",
+                                        svc.name,
+                                        r.body,
+                                        v["caller"]
+                                    );
+                                }
+                                let at = format!(
+                                    "{} {}",
+                                    v["cluster"].as_str().unwrap_or("?"),
+                                    v["version"].as_str().unwrap_or("?")
+                                );
+                                *seen.entry(at).or_default() += 1;
+                            }
+                            Ok(r) => {
+                                failures += 1;
+                                last_error = format!("{} {}", r.status, r.body.trim());
+                            }
+                            Err(e) => {
+                                failures += 1;
+                                last_error = e.to_string();
+                            }
+                        }
+                    }
+                    let summary = seen
+                        .iter()
+                        .map(|(k, n)| format!("{k} ×{n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let missing: Vec<&str> = pods
+                        .iter()
+                        .filter(|p| !seen.contains_key(*p))
+                        .map(String::as_str)
+                        .collect();
+                    if !missing.is_empty() {
+                        bail!(
+                            "from {} to {} at {addr}: no answer from {} (answers: {}); {failures} failed, the last: {last_error}",
+                            client.host.netns,
+                            svc.name,
+                            missing.join(", "),
+                            if summary.is_empty() { "none" } else { &summary }
+                        );
+                    }
+                    lines.push(format!("{} {} → {}: {summary}", c.name, client.name, svc.name));
+                }
+            }
+        }
+        Ok(format!("\n      {}", lines.join("\n      ")))
     }
 }
 

@@ -33,7 +33,7 @@ fn require_root() {
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
 }
 
-/// The directory with `federation-controller` and `eastwest-gateway`, built when missing or
+/// The directory with `federation-controller`, `eastwest-gateway` and `sidecar`, built when missing or
 /// older than their sources (`cargo nextest run -p lab` builds only this crate's binaries;
 /// a workspace run has just built them, perhaps with other features, and is not redone).
 fn bin_dir() -> &'static Path {
@@ -47,10 +47,12 @@ fn bin_dir() -> &'static Path {
             .chain([newest(&root.join("Cargo.lock"), 0)])
             .max()
             .flatten();
-        let fresh = ["federation-controller", "eastwest-gateway"].iter().all(|b| {
-            let built = std::fs::metadata(dir.join(b)).and_then(|m| m.modified()).ok();
-            matches!((built, sources), (Some(b), Some(s)) if b >= s)
-        });
+        let fresh = ["federation-controller", "eastwest-gateway", "sidecar"]
+            .iter()
+            .all(|b| {
+                let built = std::fs::metadata(dir.join(b)).and_then(|m| m.modified()).ok();
+                matches!((built, sources), (Some(b), Some(s)) if b >= s)
+            });
         if fresh {
             return dir;
         }
@@ -62,10 +64,14 @@ fn bin_dir() -> &'static Path {
             "federation-controller",
             "-p",
             "eastwest-gateway",
+            "-p",
+            "sidecar",
             "--bin",
             "federation-controller",
             "--bin",
             "eastwest-gateway",
+            "--bin",
+            "sidecar",
         ]);
         if dir.ends_with("release") {
             cargo.arg("--release");
@@ -137,18 +143,31 @@ impl Lab {
         c
     }
 
-    /// `isthmus lab up TOPOLOGY`, which must succeed.
-    fn up(topology: &str, tag: &str) -> Lab {
+    /// `isthmus lab up TOPOLOGY`, with sidecars, which must succeed; and what it printed.
+    fn up(topology: &str, tag: &str) -> (Lab, String) {
+        Self::start(topology, tag, &[])
+    }
+
+    /// `isthmus lab up --no-sidecars TOPOLOGY`: the network plumbing alone, plaintext pod
+    /// to pod, so probes from a pod see the network itself.
+    fn plain(topology: &str, tag: &str) -> Lab {
+        Self::start(topology, tag, &["--no-sidecars"]).0
+    }
+
+    fn start(topology: &str, tag: &str, extra: &[&str]) -> (Lab, String) {
         let (prefix, dir) = Self::paths(tag);
         let lab = Lab {
             plan: Plan::new(&topologies::by_name(topology).unwrap(), &prefix).unwrap(),
             dir,
         };
-        let out = Self::command(&prefix, &lab.dir, topology, bin_dir()).output().unwrap();
+        let out = Self::command(&prefix, &lab.dir, topology, bin_dir())
+            .args(extra)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "lab up {topology}: {}", text(&out));
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(stdout.contains(&format!("lab `{topology}` is up in")), "{stdout}");
-        lab
+        (lab, stdout)
     }
 
     fn state(&self) -> LabState {
@@ -240,10 +259,105 @@ fn host_links() -> BTreeSet<String> {
 
 const QUICK: Duration = Duration::from_secs(1);
 
+/// Asserts `lab up`'s mesh check reports that `cluster`'s productpage reached each of
+/// `pods` ("cluster version") of reviews.
+#[track_caller]
+fn reached(stdout: &str, cluster: &str, pods: &[&str]) {
+    let head = format!("{cluster} productpage-v1 → reviews: ");
+    let line = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&head))
+        .unwrap_or_else(|| panic!("no {head:?} in {stdout}"));
+    for p in pods {
+        assert!(line.contains(&format!("{p} ×")), "{cluster} did not reach {p}: {line}");
+    }
+    assert_eq!(line.matches(" ×").count(), pods.len(), "{line}");
+}
+
+#[test]
+fn sidecars_carry_mtls_across_networks_only_through_the_gateways() {
+    require_root();
+    let (lab, stdout) = Lab::up("multi-primary-gateways", "mesh");
+    for k in 1..=3 {
+        reached(
+            &stdout,
+            &format!("cluster{k}"),
+            &["cluster1 v1", "cluster2 v1", "cluster3 v1", "cluster3 v2"],
+        );
+    }
+    let (client, _) = lab.pod(1, "productpage-v1");
+    let c1 = lab.plan.cluster(1);
+    let reviews = c1.services.iter().find(|s| s.name == "reviews").unwrap();
+    let vip = SocketAddr::new(IpAddr::V4(reviews.vip), reviews.port);
+    let gw2 = lab.plan.cluster(2).gateway.clone().unwrap();
+    let through_gw2 = || {
+        let page = probe::get(
+            &gw2.host.netns,
+            SocketAddr::from(([127, 0, 0, 1], 15090)),
+            "/stats/prometheus",
+            QUICK,
+        )
+        .unwrap()
+        .body;
+        metric(
+            &page,
+            "istio_tcp_connections_opened_total",
+            &[
+                "destination_service=\"reviews.default.svc.cluster.local\"",
+                "destination_cluster=\"cluster2\"",
+            ],
+        )
+    };
+    let before = through_gw2();
+
+    // productpage calls reviews' ClusterIP in its own cluster; its sidecar spreads the calls
+    // over every cluster, and every answer, from whichever network, names productpage's
+    // SPIFFE ID: the mTLS went end to end, through the gateways untouched.
+    let me = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
+    let mut clusters = BTreeSet::new();
+    for _ in 0..40 {
+        let r = probe::get(&client, vip, "/", Duration::from_secs(3)).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["caller"], me, "{}", r.body);
+        clusters.insert(v["cluster"].as_str().unwrap().to_owned());
+        if clusters.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        clusters,
+        BTreeSet::from(["cluster1".into(), "cluster2".into(), "cluster3".into()])
+    );
+    let counted = probe::until(Duration::from_secs(5), Duration::from_millis(20), || {
+        let n = through_gw2();
+        if n > before { Ok(n) } else { Err(n) }
+    });
+    assert!(
+        counted.is_ok(),
+        "cluster2's gateway counted no connection to reviews: {counted:?}"
+    );
+
+    // And the remote pod network itself stays out of reach (from the node: not captured).
+    let (_, remote) = lab.pod(2, "reviews-v1");
+    let e = probe::connect(&c1.node.netns, remote, QUICK).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NetworkUnreachable, "{e}");
+}
+
+#[test]
+fn sidecars_on_a_flat_network_reach_the_other_cluster_directly() {
+    require_root();
+    let (lab, stdout) = Lab::up("multi-primary", "flatmesh");
+    assert!(lab.plan.transit.is_none(), "no gateway on one network");
+    for from in ["cluster1", "cluster2"] {
+        reached(&stdout, from, &["cluster1 v1", "cluster2 v1", "cluster2 v2"]);
+    }
+}
+
 #[test]
 fn gateways_topology_separates_networks_and_joins_them_only_over_the_transit_link() {
     require_root();
-    let lab = Lab::up("multi-primary-gateways", "gw");
+    let lab = Lab::plain("multi-primary-gateways", "gw");
     let (client, own) = lab.pod(1, "productpage-v1");
     let (_, local_reviews) = lab.pod(1, "reviews-v1");
     let (_, remote_reviews) = lab.pod(2, "reviews-v1");
@@ -304,7 +418,7 @@ fn gateways_topology_separates_networks_and_joins_them_only_over_the_transit_lin
 #[test]
 fn flat_multi_primary_routes_pods_across_clusters() {
     require_root();
-    let lab = Lab::up("multi-primary", "flat");
+    let lab = Lab::plain("multi-primary", "flat");
     assert!(lab.plan.transit.is_none());
     let (client, _) = lab.pod(1, "productpage-v1");
     let (_, remote_v2) = lab.pod(2, "reviews-v2");
@@ -328,10 +442,14 @@ fn flat_multi_primary_routes_pods_across_clusters() {
 fn down_leaves_nothing_behind_and_is_idempotent() {
     require_root();
     let before = host_links();
-    let lab = Lab::up("multi-primary-gateways", "down");
+    let (lab, _) = Lab::up("multi-primary-gateways", "down");
     let state = lab.state();
     assert!(state.complete);
-    assert_eq!(state.processes.len(), 3 + 3 + 4, "controllers, gateways, reviews pods");
+    assert_eq!(
+        state.processes.len(),
+        3 + 3 + 4 + 7,
+        "controllers, gateways, reviews pods, sidecars"
+    );
     assert_eq!(state.namespaces.len(), lab.plan.namespaces().len());
     for ns in &state.namespaces {
         assert!(netns::exists(ns), "{ns} recorded but missing");
@@ -355,7 +473,7 @@ fn down_leaves_nothing_behind_and_is_idempotent() {
     let out = lab.down();
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("stopped 10 of 10 processes"), "{}", text(&out));
+    assert!(stdout.contains("stopped 17 of 17 processes"), "{}", text(&out));
     assert!(stdout.contains("stopped 1 unrecorded processes"), "{}", text(&out));
     assert!(
         stray.wait().unwrap().code().is_none(),
@@ -468,7 +586,7 @@ fn a_failed_step_is_named_and_everything_made_is_removed() {
     let bins = std::env::temp_dir().join(format!("{prefix}-bin"));
     let _ = std::fs::remove_dir_all(&bins);
     std::fs::create_dir_all(&bins).unwrap();
-    for b in ["eastwest-gateway", "isthmus"] {
+    for b in ["eastwest-gateway", "isthmus", "sidecar"] {
         std::os::unix::fs::symlink(bin_dir().join(b), bins.join(b)).unwrap();
     }
     let real = bin_dir().join("federation-controller");
@@ -617,7 +735,7 @@ fn metric(text: &str, metric: &str, labels: &[&str]) -> f64 {
 #[test]
 fn a_connection_crosses_networks_through_the_remote_gateway_by_sni() {
     require_root();
-    let lab = Lab::up("multi-primary-gateways", "sni");
+    let lab = Lab::plain("multi-primary-gateways", "sni");
     let (client, _) = lab.pod(1, "productpage-v1");
     let gw2 = lab.plan.cluster(2).gateway.clone().unwrap();
     let metrics_of = |gw: &lab::plan::GatewayPlan| {
@@ -700,7 +818,7 @@ fn a_connection_crosses_networks_through_the_remote_gateway_by_sni() {
 #[test]
 fn primary_remote_serves_the_remote_cluster_from_the_primary() {
     require_root();
-    let lab = Lab::up("primary-remote", "remote");
+    let (lab, stdout) = Lab::up("primary-remote", "remote");
     let c2 = lab.plan.cluster(2);
     assert!(c2.controller.is_none(), "a remote runs no controller");
     assert!(!lab.state().namespaces.iter().any(|n| n.ends_with("cluster2-ctl")));
@@ -709,17 +827,17 @@ fn primary_remote_serves_the_remote_cluster_from_the_primary() {
     for port in [lab::plan::XDS_PORT, lab::plan::SECURE_PORT] {
         probe::connect(&client, SocketAddr::new(IpAddr::V4(c2.xds), port), QUICK).unwrap();
     }
-    let (_, primary_reviews) = lab.pod(1, "reviews-v1");
-    assert_eq!(
-        probe::get(&client, primary_reviews, "/", QUICK).unwrap().body,
-        r#"{"caller":null,"cluster":"cluster1","version":"v1"}"#
-    );
+    // Both clusters' sidecars got their config and SVIDs from cluster1's controller: every
+    // client reached every reviews pod in either cluster through them.
+    for from in ["cluster1", "cluster2"] {
+        reached(&stdout, from, &["cluster1 v1", "cluster2 v1", "cluster2 v2"]);
+    }
 }
 
 #[test]
 fn single_primary_runs_both_versions_in_one_cluster() {
     require_root();
-    let lab = Lab::up("single-primary", "single");
+    let lab = Lab::plain("single-primary", "single");
     assert_eq!(lab.state().processes.len(), 1 + 2, "a controller and two reviews pods");
     let (client, _) = lab.pod(1, "productpage-v1");
     for v in ["v1", "v2"] {
@@ -738,6 +856,7 @@ fn single_primary_runs_both_versions_in_one_cluster() {
         (&other_dir, "namespaces exist already"),
     ] {
         let out = Lab::command(&lab.plan.prefix, dir, "single-primary", bin_dir())
+            .arg("--no-sidecars")
             .output()
             .unwrap();
         assert!(!out.status.success(), "{}", text(&out));
