@@ -184,6 +184,7 @@ impl Plan {
             }
             let mut services = Vec::new();
             for (j, w) in topology.workloads.iter().enumerate() {
+                // Neither the block's first nor its last address, as on a subnet.
                 let vip = c
                     .service_cidr
                     .nth(j as u64 + 1)
@@ -398,6 +399,24 @@ mod tests {
                 primary: ClusterId::new("cluster1")
             }
         );
+    }
+
+    #[test]
+    fn refuses_more_workloads_than_service_addresses() {
+        let text =
+            topologies::BUILT_IN[0]
+                .1
+                .replacen("serviceCidr: 10.241.255.0/24", "serviceCidr: 10.241.255.0/30", 1);
+        let mut t = Topology::from_yaml(std::path::Path::new("t.yaml"), &text).unwrap();
+        assert_eq!(
+            Plan::new(&t, "isl").unwrap().cluster(1).services.len(),
+            2,
+            "a /30 holds two VIPs"
+        );
+        let mut third = t.workloads[0].clone();
+        third.name = "ratings".into();
+        t.workloads.push(third);
+        assert!(matches!(Plan::new(&t, "isl"), Err(PlanError::TooManyServices { .. })));
     }
 
     #[test]
