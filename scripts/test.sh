@@ -9,6 +9,9 @@ command -v openssl >/dev/null || need+=(openssl)
 # The network-namespace tests: ip, iptables-restore (capture rules), tc.
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables-restore >/dev/null || need+=(iptables)
+# The lab's tests (lab/tests/lab.rs) also use sysctl (forwarding in namespaces) and setpriv (the refusal without root).
+command -v sysctl >/dev/null || need+=(procps)
+command -v setpriv >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

@@ -1,0 +1,916 @@
+//! `isthmus lab up` and `lab down` for real: network namespaces, veths, bridges, iptables and
+//! the real controller, gateway and demo-app processes. Run as root (they fail, loudly,
+//! otherwise). Every lab gets a prefix of its own (`isl-<pid>-<tag>`) and a state directory
+//! of its own, so these tests run in parallel, and is taken down on drop, also when a test
+//! fails.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lab::netns;
+use lab::plan::{GATEWAY_PORT, HEALTH_PORT, Plan};
+use lab::probe;
+use lab::state::{LabState, STATE_FILE};
+use lab::topologies;
+
+const ISTHMUS: &str = env!("CARGO_BIN_EXE_isthmus");
+
+fn require_root() {
+    // SAFETY: geteuid(2) has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test builds network namespaces and must run as root"
+    );
+    // Processes the lab starts outlive `lab up`; becoming their subreaper lets the test
+    // reap them and so see that they really exited (this machine's PID 1 reaps nothing).
+    // SAFETY: prctl(2) with PR_SET_CHILD_SUBREAPER takes one integer argument.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+}
+
+/// The directory with `federation-controller`, `eastwest-gateway` and `sidecar`, built when missing or
+/// older than their sources (`cargo nextest run -p lab` builds only this crate's binaries;
+/// a workspace run has just built them, perhaps with other features, and is not redone).
+fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(ISTHMUS).parent().unwrap().to_owned();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let sources = ["federation-controller", "eastwest-gateway", "sidecar", "mesh-vocab"]
+            .iter()
+            .map(|c| newest(&root.join(c), 0))
+            .chain([newest(&root.join("Cargo.lock"), 0)])
+            .max()
+            .flatten();
+        let fresh = ["federation-controller", "eastwest-gateway", "sidecar"]
+            .iter()
+            .all(|b| {
+                let built = std::fs::metadata(dir.join(b)).and_then(|m| m.modified()).ok();
+                matches!((built, sources), (Some(b), Some(s)) if b >= s)
+            });
+        if fresh {
+            return dir;
+        }
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args([
+            "build",
+            "--locked",
+            "-p",
+            "federation-controller",
+            "-p",
+            "eastwest-gateway",
+            "-p",
+            "sidecar",
+            "--bin",
+            "federation-controller",
+            "--bin",
+            "eastwest-gateway",
+            "--bin",
+            "sidecar",
+        ]);
+        if dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let out = cargo.output().expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building the lab's binaries: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// The newest modification time of a file, or of the files under a directory (`src/`,
+/// `Cargo.toml`; a few levels deep).
+fn newest(path: &Path, depth: usize) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return meta.modified().ok();
+    }
+    if depth > 4 {
+        return None;
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            depth > 0
+                || matches!(
+                    e.file_name().to_str(),
+                    Some("src" | "Cargo.toml" | "build.rs" | "proto")
+                )
+        })
+        .filter_map(|e| newest(&e.path(), depth + 1))
+        .max()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A lab of one test; taken down on drop.
+struct Lab {
+    plan: Plan,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn paths(tag: &str) -> (String, PathBuf) {
+        let prefix = format!("isl-{}-{tag}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("{prefix}-state"));
+        let _ = std::fs::remove_dir_all(&dir);
+        (prefix, dir)
+    }
+
+    fn command(prefix: &str, dir: &Path, topology: &str, bins: &Path) -> Command {
+        let mut c = Command::new(ISTHMUS);
+        c.args(["lab", "up", topology, "--prefix", prefix, "--state-dir"])
+            .arg(dir)
+            .arg("--bin-dir")
+            .arg(bins)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `isthmus lab up TOPOLOGY`, with sidecars, which must succeed; and what it printed.
+    fn up(topology: &str, tag: &str) -> (Lab, String) {
+        Self::start(topology, tag, &[])
+    }
+
+    /// `isthmus lab up --no-sidecars TOPOLOGY`: the network plumbing alone, plaintext pod
+    /// to pod, so probes from a pod see the network itself.
+    fn plain(topology: &str, tag: &str) -> Lab {
+        Self::start(topology, tag, &["--no-sidecars"]).0
+    }
+
+    fn start(topology: &str, tag: &str, extra: &[&str]) -> (Lab, String) {
+        let (prefix, dir) = Self::paths(tag);
+        let lab = Lab {
+            plan: Plan::new(&topologies::by_name(topology).unwrap(), &prefix).unwrap(),
+            dir,
+        };
+        let out = Self::command(&prefix, &lab.dir, topology, bin_dir())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "lab up {topology}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(stdout.contains(&format!("lab `{topology}` is up in")), "{stdout}");
+        (lab, stdout)
+    }
+
+    fn state(&self) -> LabState {
+        serde_json::from_str(&std::fs::read_to_string(self.dir.join(STATE_FILE)).unwrap()).unwrap()
+    }
+
+    fn down(&self) -> Output {
+        Command::new(ISTHMUS)
+            .args(["lab", "down", "--state-dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap()
+    }
+
+    fn pod(&self, cluster: usize, name: &str) -> (String, SocketAddr) {
+        let p = self.plan.cluster(cluster).pod(name).unwrap();
+        (p.host.netns.clone(), SocketAddr::new(IpAddr::V4(p.host.ip), p.port))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.dir.join(STATE_FILE).exists() {
+            let out = self.down();
+            if !out.status.success() {
+                eprintln!("lab down on drop: {}", text(&out));
+            }
+        }
+        // Whatever `lab down` missed must not outlive the test.
+        let ours = format!("{}-", self.plan.prefix);
+        for ns in netns::list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.starts_with(&ours))
+        {
+            let _ = netns::delete(&ns);
+        }
+        reap();
+    }
+}
+
+/// Reaps every exited child (the lab's processes, reparented to us).
+fn reap() {
+    loop {
+        // SAFETY: waitpid(2) on any child, not blocking, status discarded.
+        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if pid <= 0 {
+            break;
+        }
+    }
+}
+
+/// Asserts nothing of `state` is left: no namespace with its prefix, none of its
+/// processes, no new host link of its names, no state file.
+#[track_caller]
+fn assert_nothing_left(state: &LabState, dir: &Path, host_links_before: &BTreeSet<String>) {
+    let ours = format!("{}-", state.prefix);
+    let left: Vec<String> = netns::list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with(&ours))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    reap();
+    for p in &state.processes {
+        let alive = std::fs::read_to_string(format!("/proc/{}/stat", p.pid))
+            .ok()
+            .and_then(|s| s[s.rfind(')')? + 1..].split_whitespace().nth(19)?.parse::<u64>().ok())
+            .is_some_and(|t| t == p.start_time);
+        assert!(!alive, "process {} ({}) is still there", p.pid, p.name);
+    }
+    let names: BTreeSet<&str> = state.links.iter().map(|l| l.name.as_str()).collect();
+    let new: Vec<String> = host_links()
+        .difference(host_links_before)
+        .filter(|l| names.contains(l.as_str()))
+        .cloned()
+        .collect();
+    assert!(new.is_empty(), "links left in the host namespace: {new:?}");
+    assert!(!dir.join(STATE_FILE).exists(), "state file left behind");
+}
+
+fn host_links() -> BTreeSet<String> {
+    let out = netns::run("ip", &["-o", "link", "show"]).unwrap();
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect()
+}
+
+const QUICK: Duration = Duration::from_secs(1);
+
+/// Asserts `lab up`'s mesh check reports that `cluster`'s productpage reached each of
+/// `pods` ("cluster version") of reviews.
+#[track_caller]
+fn reached(stdout: &str, cluster: &str, pods: &[&str]) {
+    let head = format!("{cluster} productpage-v1 → reviews: ");
+    let line = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&head))
+        .unwrap_or_else(|| panic!("no {head:?} in {stdout}"));
+    for p in pods {
+        assert!(line.contains(&format!("{p} ×")), "{cluster} did not reach {p}: {line}");
+    }
+    assert_eq!(line.matches(" ×").count(), pods.len(), "{line}");
+}
+
+#[test]
+fn sidecars_carry_mtls_across_networks_only_through_the_gateways() {
+    require_root();
+    let (lab, stdout) = Lab::up("multi-primary-gateways", "mesh");
+    for k in 1..=3 {
+        reached(
+            &stdout,
+            &format!("cluster{k}"),
+            &["cluster1 v1", "cluster2 v1", "cluster3 v1", "cluster3 v2"],
+        );
+    }
+    let (client, _) = lab.pod(1, "productpage-v1");
+    let c1 = lab.plan.cluster(1);
+    let reviews = c1.services.iter().find(|s| s.name == "reviews").unwrap();
+    let vip = SocketAddr::new(IpAddr::V4(reviews.vip), reviews.port);
+    let gw2 = lab.plan.cluster(2).gateway.clone().unwrap();
+    let through_gw2 = || {
+        let page = probe::get(
+            &gw2.host.netns,
+            SocketAddr::from(([127, 0, 0, 1], 15090)),
+            "/stats/prometheus",
+            QUICK,
+        )
+        .unwrap()
+        .body;
+        metric(
+            &page,
+            "istio_tcp_connections_opened_total",
+            &[
+                "destination_service=\"reviews.default.svc.cluster.local\"",
+                "destination_cluster=\"cluster2\"",
+            ],
+        )
+    };
+    let before = through_gw2();
+
+    // productpage calls reviews' ClusterIP in its own cluster; its sidecar spreads the calls
+    // over every cluster, and every answer, from whichever network, names productpage's
+    // SPIFFE ID: the mTLS went end to end, through the gateways untouched.
+    let me = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
+    let mut clusters = BTreeSet::new();
+    for _ in 0..40 {
+        let r = probe::get(&client, vip, "/", Duration::from_secs(3)).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["caller"], me, "{}", r.body);
+        clusters.insert(v["cluster"].as_str().unwrap().to_owned());
+        if clusters.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        clusters,
+        BTreeSet::from(["cluster1".into(), "cluster2".into(), "cluster3".into()])
+    );
+    let counted = probe::until(Duration::from_secs(5), Duration::from_millis(20), || {
+        let n = through_gw2();
+        if n > before { Ok(n) } else { Err(n) }
+    });
+    assert!(
+        counted.is_ok(),
+        "cluster2's gateway counted no connection to reviews: {counted:?}"
+    );
+
+    // And the remote pod network itself stays out of reach (from the node: not captured).
+    let (_, remote) = lab.pod(2, "reviews-v1");
+    let e = probe::connect(&c1.node.netns, remote, QUICK).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NetworkUnreachable, "{e}");
+}
+
+#[test]
+fn sidecars_on_a_flat_network_reach_the_other_cluster_directly() {
+    require_root();
+    let (lab, stdout) = Lab::up("multi-primary", "flatmesh");
+    assert!(lab.plan.transit.is_none(), "no gateway on one network");
+    for from in ["cluster1", "cluster2"] {
+        reached(&stdout, from, &["cluster1 v1", "cluster2 v1", "cluster2 v2"]);
+    }
+}
+
+#[test]
+fn gateways_topology_separates_networks_and_joins_them_only_over_the_transit_link() {
+    require_root();
+    let lab = Lab::plain("multi-primary-gateways", "gw");
+    let (client, own) = lab.pod(1, "productpage-v1");
+    let (_, local_reviews) = lab.pod(1, "reviews-v1");
+    let (_, remote_reviews) = lab.pod(2, "reviews-v1");
+    let gw = |k: usize| lab.plan.cluster(k).gateway.clone().unwrap();
+
+    // Within a cluster, pods talk.
+    let r = probe::get(&client, local_reviews, "/", QUICK).unwrap();
+    assert_eq!(r.body, r#"{"caller":null,"cluster":"cluster1","version":"v1"}"#);
+    assert_eq!(own.ip(), IpAddr::from([10, 241, 1, 2]));
+
+    // Another network's pods are unreachable from a pod, the node and the gateway alike.
+    for from in [&client, &lab.plan.cluster(1).node.netns, &gw(1).host.netns] {
+        let e = probe::connect(from, remote_reviews, QUICK).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NetworkUnreachable, "from {from}: {e}");
+    }
+
+    // The gateways reach each other over the transit link, and pods reach the other
+    // networks' gateways (the path a sidecar takes), whose readiness says they have routes.
+    let gw2 = SocketAddr::new(IpAddr::V4(gw(2).transit_ip), GATEWAY_PORT);
+    probe::connect(&gw(1).host.netns, gw2, QUICK).unwrap();
+    probe::connect(&client, gw2, QUICK).unwrap();
+    let health = SocketAddr::new(IpAddr::V4(gw(3).transit_ip), HEALTH_PORT);
+    assert_eq!(
+        probe::get(&client, health, "/healthz/ready", QUICK).unwrap().status,
+        200
+    );
+
+    // Even routed at it on purpose, a gateway forwards nothing into its network.
+    let pod_cidr2 = lab.plan.cluster(2).pod_cidr.to_string();
+    let c1 = lab.plan.cluster(1);
+    netns::ip(&client, &["route", "add", &pod_cidr2, "via", &c1.node.ip.to_string()]).unwrap();
+    netns::ip(
+        &c1.node.netns,
+        &["route", "add", &pod_cidr2, "via", &gw(1).host.ip.to_string()],
+    )
+    .unwrap();
+    netns::ip(
+        &gw(1).host.netns,
+        &["route", "add", &pod_cidr2, "via", &gw(2).transit_ip.to_string()],
+    )
+    .unwrap();
+    let e = probe::connect(&client, remote_reviews, QUICK).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped at the remote gateway: {e}"
+    );
+
+    // Cluster 3 runs v2 beside v1.
+    let (c3client, _) = lab.pod(3, "productpage-v1");
+    let (_, v2) = lab.pod(3, "reviews-v2");
+    assert_eq!(
+        probe::get(&c3client, v2, "/", QUICK).unwrap().body,
+        r#"{"caller":null,"cluster":"cluster3","version":"v2"}"#
+    );
+}
+
+#[test]
+fn flat_multi_primary_routes_pods_across_clusters() {
+    require_root();
+    let lab = Lab::plain("multi-primary", "flat");
+    assert!(lab.plan.transit.is_none());
+    let (client, _) = lab.pod(1, "productpage-v1");
+    let (_, remote_v2) = lab.pod(2, "reviews-v2");
+    let r = probe::get(&client, remote_v2, "/", QUICK).unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, r#"{"caller":null,"cluster":"cluster2","version":"v2"}"#)
+    );
+    // Both controllers run and are ready, each on its own cluster's bridge.
+    for k in [1, 2] {
+        let ctl = lab.plan.cluster(k).controller.clone().unwrap();
+        let ready = probe::get(&client, SocketAddr::new(IpAddr::V4(ctl.ip), 15014), "/ready", QUICK).unwrap();
+        assert_eq!(ready.status, 200, "controller of cluster{k}: {}", ready.body);
+    }
+    // No default route anywhere: an address outside the plan is unreachable.
+    let e = probe::connect(&client, SocketAddr::from(([192, 0, 2, 1], 80)), QUICK).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NetworkUnreachable, "{e}");
+}
+
+#[test]
+fn down_leaves_nothing_behind_and_is_idempotent() {
+    require_root();
+    let before = host_links();
+    let (lab, _) = Lab::up("multi-primary-gateways", "down");
+    let state = lab.state();
+    assert!(state.complete);
+    assert_eq!(
+        state.processes.len(),
+        3 + 3 + 4 + 7,
+        "controllers, gateways, reviews pods, sidecars"
+    );
+    assert_eq!(state.namespaces.len(), lab.plan.namespaces().len());
+    for ns in &state.namespaces {
+        assert!(netns::exists(ns), "{ns} recorded but missing");
+    }
+    // A process the record does not know, in one of the lab's namespaces, goes too.
+    let (pod_ns, _) = lab.pod(2, "productpage-v1");
+    let mut stray = Command::new("ip")
+        .args(["netns", "exec", &pod_ns, "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let stray_pid = stray.id().to_string();
+    probe::until(Duration::from_secs(5), Duration::from_millis(5), || {
+        let pids = netns::run("ip", &["netns", "pids", &pod_ns]).unwrap();
+        if pids.split_whitespace().any(|p| p == stray_pid) {
+            Ok(())
+        } else {
+            Err(pids)
+        }
+    })
+    .unwrap();
+    let out = lab.down();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("stopped 17 of 17 processes"), "{}", text(&out));
+    assert!(stdout.contains("stopped 1 unrecorded processes"), "{}", text(&out));
+    assert!(
+        stray.wait().unwrap().code().is_none(),
+        "the stray was killed by a signal"
+    );
+    assert_nothing_left(&state, &lab.dir, &before);
+    let again = lab.down();
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing to take down"),
+        "{}",
+        text(&again)
+    );
+}
+
+#[test]
+fn down_after_a_crashed_up_removes_what_it_had_made() {
+    require_root();
+    let before = host_links();
+    let (prefix, dir) = Lab::paths("crash");
+    let lab = Lab {
+        plan: Plan::new(&topologies::default_topology(), &prefix).unwrap(),
+        dir: dir.clone(),
+    };
+    let mut up = Lab::command(&prefix, &dir, "multi-primary-gateways", bin_dir())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Crash `lab up` once it has started processes, mid-way through.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let started = std::fs::read_to_string(dir.join(STATE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<LabState>(&t).ok())
+            .is_some_and(|s| !s.processes.is_empty());
+        if started {
+            break;
+        }
+        assert!(
+            up.try_wait().unwrap().is_none(),
+            "lab up ended before it started a process"
+        );
+        assert!(Instant::now() < deadline, "lab up started no process in 30 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let state = lab.state();
+    assert!(!state.complete);
+    assert!(
+        state.namespaces.iter().any(|n| netns::exists(n)),
+        "the crash left nothing to clean up"
+    );
+    let out = lab.down();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_nothing_left(&state, &dir, &before);
+}
+
+/// Spawns `lab up` of the default topology and waits until it has started a process.
+fn up_until_a_process_runs(prefix: &str, dir: &Path, stdout: Stdio) -> std::process::Child {
+    let mut up = Lab::command(prefix, dir, "multi-primary-gateways", bin_dir())
+        .stdout(stdout)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let started = std::fs::read_to_string(dir.join(STATE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<LabState>(&t).ok())
+            .is_some_and(|s| !s.processes.is_empty());
+        if started {
+            return up;
+        }
+        assert!(
+            up.try_wait().unwrap().is_none(),
+            "lab up ended before it started a process"
+        );
+        assert!(Instant::now() < deadline, "lab up started no process in 30 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn ctrl_c_during_up_takes_down_what_was_made() {
+    require_root();
+    let before = host_links();
+    let (prefix, dir) = Lab::paths("intr");
+    let lab = Lab {
+        plan: Plan::new(&topologies::default_topology(), &prefix).unwrap(),
+        dir: dir.clone(),
+    };
+    let up = up_until_a_process_runs(&prefix, &dir, Stdio::piped());
+    let state = lab.state();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(up.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let out = up.wait_with_output().unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("interrupted"), "{all}");
+    assert!(all.contains("cleaning up ...") && all.contains("is down"), "{all}");
+    assert_nothing_left(&state, &dir, &before);
+}
+
+#[test]
+fn a_failed_step_is_named_and_everything_made_is_removed() {
+    require_root();
+    let before = host_links();
+    let (prefix, dir) = Lab::paths("fail");
+    // A bin dir whose controller refuses to serve (but still makes CAs).
+    let bins = std::env::temp_dir().join(format!("{prefix}-bin"));
+    let _ = std::fs::remove_dir_all(&bins);
+    std::fs::create_dir_all(&bins).unwrap();
+    for b in ["eastwest-gateway", "isthmus", "sidecar"] {
+        std::os::unix::fs::symlink(bin_dir().join(b), bins.join(b)).unwrap();
+    }
+    let real = bin_dir().join("federation-controller");
+    let fake = format!(
+        "#!/bin/sh\n[ \"$1\" = ca ] && exec {} \"$@\"\necho 'refusing to serve: broken on purpose' >&2\nexit 3\n",
+        real.display()
+    );
+    let path = bins.join("federation-controller");
+    std::fs::write(&path, fake).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let lab = Lab {
+        plan: Plan::new(&topologies::default_topology(), &prefix).unwrap(),
+        dir: dir.clone(),
+    };
+    let out = Lab::command(&prefix, &dir, "multi-primary-gateways", &bins)
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("cluster1: controller at 10.241.0.2 ... FAILED"), "{all}");
+    assert!(
+        all.contains("refusing to serve: broken on purpose"),
+        "the log tail is shown: {all}"
+    );
+    assert!(
+        all.contains("step 10 of 19 failed: cluster1: controller at 10.241.0.2"),
+        "{all}"
+    );
+    assert!(all.contains("cleaning up ...") && all.contains("is down"), "{all}");
+    let recorded = LabState {
+        prefix: prefix.clone(),
+        ..LabState::default()
+    };
+    assert_nothing_left(&recorded, &dir, &before);
+    drop(lab);
+    std::fs::remove_dir_all(&bins).unwrap();
+}
+
+#[test]
+fn without_root_it_says_it_cannot_build_networks() {
+    require_root();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            ISTHMUS,
+            "lab",
+            "up",
+            "--state-dir",
+        ])
+        .arg(std::env::temp_dir().join(format!("isl-{}-nonroot", std::process::id())))
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("cannot build the lab's networks without root"), "{all}");
+    assert!(all.contains("loopback simulation"), "{all}");
+}
+
+#[test]
+fn demo_app_answers_with_its_cluster_version_and_caller() {
+    let mut app = Command::new(ISTHMUS)
+        .args([
+            "demo-app",
+            "--cluster",
+            "cluster7",
+            "--version",
+            "v3",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    BufReader::new(app.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let app = Kill(app);
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("the bound address")
+        .parse()
+        .unwrap();
+    let ask = |xfcc: Option<&str>| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let header = xfcc
+            .map(|v| format!("x-forwarded-client-cert: {v}\r\n"))
+            .unwrap_or_default();
+        write!(s, "GET / HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n").unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+        body.split_once("\r\n\r\n").unwrap().1.to_owned()
+    };
+    assert_eq!(ask(None), r#"{"caller":null,"cluster":"cluster7","version":"v3"}"#);
+    assert_eq!(
+        ask(Some(
+            "By=spiffe://cluster.local/ns/default/sa/bookinfo-reviews;Hash=ab;URI=spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+        )),
+        r#"{"caller":"spiffe://cluster.local/ns/default/sa/bookinfo-productpage","cluster":"cluster7","version":"v3"}"#
+    );
+    drop(app);
+}
+
+/// A real TLS ClientHello for `sni`, as a sidecar would send it to a remote gateway.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// Sends `bytes` to `addr` from `ns` and reads what comes back until the peer closes.
+fn exchange(ns: &str, addr: SocketAddr, bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    netns::within(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, QUICK)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(&bytes)?;
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut back)?;
+        Ok(back)
+    })?
+}
+
+/// The sum of `metric` samples whose labels include every one of `labels`.
+fn metric(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_connection_crosses_networks_through_the_remote_gateway_by_sni() {
+    require_root();
+    let lab = Lab::plain("multi-primary-gateways", "sni");
+    let (client, _) = lab.pod(1, "productpage-v1");
+    let gw2 = lab.plan.cluster(2).gateway.clone().unwrap();
+    let metrics_of = |gw: &lab::plan::GatewayPlan| {
+        let addr = SocketAddr::new(IpAddr::V4(gw.transit_ip), lab::plan::METRICS_PORT);
+        probe::get(&client, addr, "/stats/prometheus", QUICK).unwrap().body
+    };
+    let opened = |text: &str| {
+        metric(
+            text,
+            "istio_tcp_connections_opened_total",
+            &["destination_cluster=\"cluster2\""],
+        )
+    };
+    let before = opened(&metrics_of(&gw2));
+
+    // cluster1's pod has no route to cluster2's pods, yet bytes with reviews' SNI sent to
+    // cluster2's gateway reach reviews there: the plaintext demo app cannot read a TLS
+    // ClientHello and answers 400, through the gateway, which is all this test needs.
+    let sni = "outbound_.9080_._.reviews.default.svc.cluster.local";
+    let back = exchange(
+        &client,
+        SocketAddr::new(IpAddr::V4(gw2.transit_ip), GATEWAY_PORT),
+        client_hello(sni),
+    )
+    .unwrap();
+    let back = String::from_utf8_lossy(&back);
+    assert!(
+        back.starts_with("HTTP/1.1 400"),
+        "reviews in cluster2 answered through the gateway: {back:?}"
+    );
+    let after = probe::until(Duration::from_secs(5), Duration::from_millis(20), || {
+        let n = opened(&metrics_of(&gw2));
+        if n > before { Ok(n) } else { Err(n) }
+    });
+    assert!(
+        after.is_ok(),
+        "cluster2's gateway counted no connection to cluster2: {after:?}"
+    );
+
+    // An SNI the gateway does not know is closed at once, unanswered.
+    let unknown = exchange(
+        &client,
+        SocketAddr::new(IpAddr::V4(gw2.transit_ip), GATEWAY_PORT),
+        client_hello("outbound_.9080_._.ratings.default.svc.cluster.local"),
+    )
+    .unwrap_or_default();
+    assert!(unknown.is_empty(), "{unknown:?}");
+    let text = metrics_of(&gw2);
+    assert!(
+        metric(&text, "isthmus_gateway_rejected_connections_total", &["unknown_sni"]) >= 1.0,
+        "{text}"
+    );
+
+    // The gateway routes only to its own network: its config holds cluster2's pods alone,
+    // as the controller of cluster2 served them.
+    let dump = probe::get(
+        &gw2.host.netns,
+        SocketAddr::from(([127, 0, 0, 1], 15000)),
+        "/config_dump",
+        QUICK,
+    )
+    .unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump.body).unwrap();
+    let mut endpoints: Vec<String> = dump["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["address"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    endpoints.sort();
+    assert_eq!(endpoints, ["10.242.1.1:9080", "10.242.1.2:9080"], "{dump}");
+}
+
+#[test]
+fn primary_remote_serves_the_remote_cluster_from_the_primary() {
+    require_root();
+    let (lab, stdout) = Lab::up("primary-remote", "remote");
+    let c2 = lab.plan.cluster(2);
+    assert!(c2.controller.is_none(), "a remote runs no controller");
+    assert!(!lab.state().namespaces.iter().any(|n| n.ends_with("cluster2-ctl")));
+    let (client, _) = lab.pod(2, "productpage-v1");
+    // The remote's proxies reach the primary's controller, xDS and CA, across the flat network.
+    for port in [lab::plan::XDS_PORT, lab::plan::SECURE_PORT] {
+        probe::connect(&client, SocketAddr::new(IpAddr::V4(c2.xds), port), QUICK).unwrap();
+    }
+    // Both clusters' sidecars got their config and SVIDs from cluster1's controller: every
+    // client reached every reviews pod in either cluster through them.
+    for from in ["cluster1", "cluster2"] {
+        reached(&stdout, from, &["cluster1 v1", "cluster2 v1", "cluster2 v2"]);
+    }
+}
+
+#[test]
+fn single_primary_runs_both_versions_in_one_cluster() {
+    require_root();
+    let lab = Lab::plain("single-primary", "single");
+    assert_eq!(lab.state().processes.len(), 1 + 2, "a controller and two reviews pods");
+    let (client, _) = lab.pod(1, "productpage-v1");
+    for v in ["v1", "v2"] {
+        let (_, reviews) = lab.pod(1, &format!("reviews-{v}"));
+        let body = probe::get(&client, reviews, "/", QUICK).unwrap().body;
+        assert_eq!(
+            body,
+            format!(r#"{{"caller":null,"cluster":"cluster1","version":"{v}"}}"#)
+        );
+    }
+    // A second lab on the same state directory, or with the same prefix, is refused and
+    // leaves the first alone.
+    let other_dir = lab.dir.with_extension("other");
+    for (dir, says) in [
+        (&lab.dir, "a lab is already up there"),
+        (&other_dir, "namespaces exist already"),
+    ] {
+        let out = Lab::command(&lab.plan.prefix, dir, "single-primary", bin_dir())
+            .arg("--no-sidecars")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains(says), "{}", text(&out));
+    }
+    assert!(!other_dir.exists(), "a refused lab writes no state");
+    let (_, reviews) = lab.pod(1, "reviews-v1");
+    assert_eq!(probe::get(&client, reviews, "/", QUICK).unwrap().status, 200);
+    assert_eq!(
+        lab.state()
+            .processes
+            .iter()
+            .filter(|p| lab::process::is_running(p))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn the_controller_federates_the_manifests_the_lab_writes() {
+    let plan = Plan::new(&topologies::default_topology(), "isl").unwrap();
+    let dir = std::env::temp_dir().join(format!("isl-{}-manifests", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(lab::manifests::write(&plan, &dir).unwrap(), 31);
+    let out = Command::new(bin_dir().join("federation-controller"))
+        .args(["view", "--json", "--network", "network1", "--manifests"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reviews: Vec<String> = view["reviews.default.svc.cluster.local:9080"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{} w{} {}",
+                e["address"].as_str().unwrap(),
+                e["port"],
+                e["weight"],
+                e["locality"].as_str().unwrap()
+            )
+        })
+        .collect();
+    // network1's own pod directly; each other network through its gateway, weighted by the
+    // pods behind it (cluster3 runs v1 and v2), in its cluster's locality.
+    assert_eq!(
+        reviews,
+        [
+            "10.241.1.1:9080 w1 us-east/us-east-1a/",
+            "100.64.0.2:15443 w1 us-west/us-west-1a/",
+            "100.64.0.3:15443 w2 eu-west/eu-west-1a/",
+        ]
+    );
+}
