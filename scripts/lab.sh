@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The main job: builds Isthmus and brings up the lab on its embedded default topology —
+# three clusters, each its own network with a controller, an east-west gateway and
+# bookinfo's productpage and reviews behind capturing sidecars — and ends when productpage
+# in every cluster has reached reviews in every cluster through mTLS, across networks
+# only through the gateways. The lab stays up; `target/release/isthmus lab down` removes it.
+#
+# Needs root (network namespaces, veths, iptables); installs iproute2, iptables, procps
+# when missing. Arguments go to `isthmus lab up` (e.g. a topology: multi-primary,
+# single-primary, primary-remote, or a file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "the lab builds network namespaces and needs root: sudo $0 $*" >&2
+  exit 1
+fi
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables-restore >/dev/null || need+=(iptables)
+command -v sysctl >/dev/null || need+=(procps)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q "${need[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null; apt-get install -y -q "${need[@]}" >/dev/null; }
+fi
+
+echo "==> building (release; the first build takes a few minutes)"
+cargo build --release --locked -p lab -p federation-controller -p eastwest-gateway -p sidecar
+
+# A lab left from an earlier run is taken down first (idempotent).
+target/release/isthmus lab down >/dev/null 2>&1 || true
+target/release/isthmus lab up "$@"
+echo
+echo "The lab is up. Take it down with: target/release/isthmus lab down"
