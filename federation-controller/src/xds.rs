@@ -1090,6 +1090,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn grpc_nodes_get_a_listener_routes_and_cluster_per_service_and_no_endpoint_behind_a_gateway() {
+        let mut c1 = (*clusters(1)[0].0).clone();
+        c1.instances.truncate(1);
+        c1.instances[0].mtls = false;
+        let mut c2 = c1.clone();
+        c2.cluster = ClusterId::new("c2");
+        c2.instances[0].network = NetworkId::new("n2");
+        c2.instances[0].mtls = true;
+        c2.gateways[0].network = NetworkId::new("n2");
+        let models = vec![(Arc::new(c1), false), (Arc::new(c2), false)];
+        let snap = Snapshot::new(1, std::time::Instant::now(), models, MeshConfig::default());
+        let n1 = NetworkId::new("n1");
+        let names = |set: &EncodedSet| set.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        let cluster = "outbound|80||s0.default.svc.cluster.local";
+        let listener = "s0.default.svc.cluster.local:80";
+        assert_eq!(
+            names(&snap.encoded(&n1, Generator::Grpc, LISTENER_TYPE).await),
+            [listener]
+        );
+        assert_eq!(names(&snap.encoded(&n1, Generator::Grpc, ROUTE_TYPE).await), [listener]);
+        assert_eq!(
+            names(&snap.encoded(&n1, Generator::Grpc, CLUSTER_TYPE).await),
+            [cluster]
+        );
+        assert!(
+            snap.encoded(&n1, Generator::Envoy, ROUTE_TYPE).await.is_empty(),
+            "Envoy gets no routes"
+        );
+        let addresses = |set: EncodedSet| {
+            let cla = ClusterLoadAssignment::decode(set[0].resource.value.as_slice()).unwrap();
+            cla.endpoints
+                .iter()
+                .flat_map(|l| &l.lb_endpoints)
+                .map(|e| {
+                    let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                        panic!()
+                    };
+                    let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().unwrap().address.as_ref()
+                    else {
+                        panic!()
+                    };
+                    sa.address.clone()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            addresses(snap.encoded(&n1, Generator::Envoy, ENDPOINT_TYPE).await),
+            ["10.241.0.1", "100.64.0.1"],
+            "Envoy reaches n2 through its gateway"
+        );
+        assert_eq!(
+            addresses(snap.encoded(&n1, Generator::Grpc, ENDPOINT_TYPE).await),
+            ["10.241.0.1"],
+            "plaintext gRPC cannot pass a gateway that only passes mTLS through"
+        );
+    }
+
+    #[tokio::test]
     async fn mtls_endpoints_and_gateways_are_marked_tls_mode_istio_and_plaintext_ones_not() {
         let mut models = clusters(1);
         let mut c1 = (*models[0].0).clone();

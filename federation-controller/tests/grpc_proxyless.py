@@ -6,7 +6,10 @@
     grpc_proxyless.py client TARGET       a proxyless xDS client (GRPC_XDS_BOOTSTRAP)
                                           on one channel to TARGET, driven by stdin:
                                           "call N" -> {"answers": [...], "errors": [...]}
-                                          "csds"   -> [{"type", "name", "status", "error"}, ...]
+                                          "once TARGET SECONDS" -> {"answer"} or {"error"},
+                                                      one call on a new channel
+                                          "csds"   -> [{"type", "name", "status", "error",
+                                                        "endpoints"}, ...] what it holds
                                           one JSON line each
 
 A missing module is an import error and a non-zero exit: the test fails, it never skips.
@@ -16,6 +19,7 @@ import json
 import sys
 
 import grpc
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.status.v3 import csds_pb2
 from grpc._cython import cygrpc
 
@@ -68,8 +72,25 @@ def csds():
         enum = c.DESCRIPTOR.fields_by_name["client_status"].enum_type
         return enum.values_by_number[c.client_status].name
 
+    def endpoints(c):
+        if not c.xds_config.Is(endpoint_pb2.ClusterLoadAssignment.DESCRIPTOR):
+            return None
+        cla = endpoint_pb2.ClusterLoadAssignment()
+        c.xds_config.Unpack(cla)
+        return sorted(
+            f"{e.endpoint.address.socket_address.address}:{e.endpoint.address.socket_address.port_value}"
+            for l in cla.endpoints
+            for e in l.lb_endpoints
+        )
+
     return [
-        {"type": c.type_url, "name": c.name, "status": status(c), "error": c.error_state.details}
+        {
+            "type": c.type_url,
+            "name": c.name,
+            "status": status(c),
+            "error": c.error_state.details,
+            "endpoints": endpoints(c),
+        }
         for config in dump.config
         for c in config.generic_xds_configs
     ]
@@ -80,7 +101,14 @@ def client(target):
     who = channel.unary_unary(METHOD)
     for line in sys.stdin:
         cmd = line.split()
-        if cmd[:1] == ["call"]:
+        if cmd[:1] == ["once"]:
+            # One call on a fresh channel to another target, failing fast.
+            with grpc.insecure_channel(cmd[1]) as other:
+                try:
+                    out = {"answer": other.unary_unary(METHOD)(b"", timeout=float(cmd[2])).decode()}
+                except grpc.RpcError as e:
+                    out = {"error": f"{e.code().name}: {e.details()}"}
+        elif cmd[:1] == ["call"]:
             answers, errors = [], []
             for _ in range(int(cmd[1])):
                 try:

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Controller, scratch};
+use support::{Controller, cluster, scratch};
 
 const TARGET: &str = "xds:///reviews.default.svc.cluster.local:9080";
 const LISTENER: &str = "reviews.default.svc.cluster.local:9080";
@@ -147,6 +147,29 @@ fn call_until(client: &mut Python, n: usize, what: &str, done: impl Fn(&[String]
     }
 }
 
+/// What the client holds by CSDS: (type, name, status) of each resource, and
+/// the endpoints of its one ClusterLoadAssignment.
+#[allow(clippy::type_complexity)]
+fn csds(client: &mut Python) -> (BTreeSet<(String, String, String)>, Vec<String>) {
+    let dump = client.ask("csds");
+    let resources = dump.as_array().unwrap();
+    let held = resources
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_owned();
+            (s("type"), s("name"), s("status"))
+        })
+        .collect();
+    let endpoints = resources
+        .iter()
+        .find_map(|r| r["endpoints"].as_array())
+        .expect("an EDS resource")
+        .iter()
+        .map(|e| e.as_str().unwrap().to_owned())
+        .collect();
+    (held, endpoints)
+}
+
 #[test]
 fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a_push() {
     let dir = scratch("grpc-proxyless");
@@ -164,6 +187,9 @@ fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a
         port,
         &[("reviews-a", "127.0.0.2"), ("reviews-b", "127.0.0.3")],
     );
+    // reviews also runs on network2, reachable from network1 only through its
+    // gateway, which only passes mTLS through: nothing gRPC can use yet.
+    cluster(&manifest_dir, "cluster2", "network2", 2, &[("reviews-c", "v1", true)]);
     let controller = Controller::serve(&manifest_dir);
     let bootstrap_file = dir.join("bootstrap.json");
     bootstrap(&bootstrap_file, controller.xds);
@@ -180,17 +206,9 @@ fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a
         "round robin alternates: {both:?}, errors {errors:?}"
     );
 
-    // What the client holds, by its own account (CSDS): everything ACKed.
-    let dump = client.ask("csds");
-    let held: BTreeSet<(String, String, String)> = dump
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let s = |k: &str| r[k].as_str().unwrap().to_owned();
-            (s("type"), s("name"), s("status"))
-        })
-        .collect();
+    // What the client holds, by its own account (CSDS): everything ACKed, and
+    // only the endpoints on its network, none behind cluster2's gateway.
+    let (held, endpoints) = csds(&mut client);
     let acked = |t: &str, name: &str| {
         (
             format!("type.googleapis.com/envoy.config.{t}"),
@@ -208,6 +226,17 @@ fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a
         ]),
         "the client's CSDS view"
     );
+    assert_eq!(endpoints, [format!("127.0.0.2:{port}"), format!("127.0.0.3:{port}")]);
+
+    // A target we know nothing of is not made up: the call fails, once gRPC's
+    // does-not-exist timer (15 s) runs out for the listener we never sent.
+    let unknown = client.ask("once xds:///nope.default.svc.cluster.local:9080 20");
+    assert!(
+        unknown["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("UNAVAILABLE") && e.contains("does not exist")),
+        "{unknown}"
+    );
 
     // reviews-b leaves the EndpointSlice but keeps running: only a followed push stops calls to it.
     manifests(&manifest_dir, port, &[("reviews-a", "127.0.0.2")]);
@@ -219,6 +248,9 @@ fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a
         errors.is_empty() && after.iter().all(|s| s == "reviews-a"),
         "after the push only reviews-a answers: {after:?}, errors {errors:?}"
     );
+    let (held_after, endpoints) = csds(&mut client);
+    assert_eq!(held_after, held, "still all ACKed");
+    assert_eq!(endpoints, [format!("127.0.0.2:{port}")]);
 
     assert_eq!(
         controller.metric("pilot_total_xds_rejects", &[]).unwrap_or(0.0),
@@ -232,4 +264,107 @@ fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a
         );
     }
     drop(servers.stdin.take());
+}
+
+/// The same shapes over incremental (delta) ADS, which grpcio does not speak
+/// but other gRPC xDS clients may: named listeners and routes, and no wildcard
+/// for a gRPC node that names nothing.
+#[tokio::test]
+async fn a_grpc_node_gets_the_same_shapes_over_delta_ads_and_no_wildcard() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use prost::Message;
+
+    const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    let dir = scratch("grpc-delta");
+    manifests(&dir, 9090, &[("reviews-a", "127.0.0.2")]);
+    let controller = Controller::serve(&dir);
+    let mut ads = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut responses = ads
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let node = Node {
+        id: "sidecar~127.0.0.1~client.default~default.svc.cluster.local".into(),
+        metadata: Some(Struct {
+            fields: [("GENERATOR", "grpc"), ("NETWORK", "network1")]
+                .map(|(k, v)| {
+                    (
+                        k.to_owned(),
+                        Value {
+                            kind: Some(Kind::StringValue(v.into())),
+                        },
+                    )
+                })
+                .into(),
+        }),
+        ..Default::default()
+    };
+    let mut node = Some(node);
+    let mut send = async |type_url: &str, names: &[&str]| {
+        tx.send(DeltaDiscoveryRequest {
+            node: node.take(),
+            type_url: type_url.into(),
+            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    };
+    // The next response of `type_url` that carries `name` (or any, for ""),
+    // skipping pushes of the controller's first, empty state.
+    let mut next = async |type_url: &str, name: &str| -> DeltaDiscoveryResponse {
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .unwrap_or_else(|_| panic!("no {type_url} {name}"))
+                .unwrap()
+                .unwrap();
+            if r.type_url == type_url && (name.is_empty() || r.resources.iter().any(|res| res.name == name)) {
+                return r;
+            }
+        }
+    };
+    let only = |r: &DeltaDiscoveryResponse, name: &str| -> Vec<u8> {
+        let [res] = &r.resources[..] else {
+            panic!("one resource: {r:?}")
+        };
+        assert_eq!(res.name, name);
+        res.resource.as_ref().unwrap().value.clone()
+    };
+
+    send(LDS, &[LISTENER]).await;
+    let l = Listener::decode(&only(&next(LDS, LISTENER).await, LISTENER)[..]).unwrap();
+    assert!(l.api_listener.is_some(), "an API listener");
+    send(CDS, &[]).await;
+    let r = next(CDS, "").await;
+    assert!(
+        r.resources.is_empty(),
+        "naming nothing is not a wildcard for gRPC: {r:?}"
+    );
+    send(RDS, &[LISTENER]).await;
+    let rc = RouteConfiguration::decode(&only(&next(RDS, LISTENER).await, LISTENER)[..]).unwrap();
+    let action = rc.virtual_hosts[0].routes[0].action.clone();
+    let Some(route::Action::Route(a)) = action else {
+        panic!("a route")
+    };
+    assert_eq!(
+        a.cluster_specifier,
+        Some(route_action::ClusterSpecifier::Cluster(CLUSTER.into()))
+    );
+    send(CDS, &[CLUSTER]).await;
+    let c = Cluster::decode(&only(&next(CDS, CLUSTER).await, CLUSTER)[..]).unwrap();
+    assert!(c.transport_socket_matches.is_empty(), "plaintext");
 }
