@@ -1,10 +1,10 @@
 //! The xDS server: Envoy's v3 Aggregated Discovery Service, state of the world
-//! and incremental (delta), for listeners (LDS), clusters (CDS), endpoints (EDS)
-//! and trust bundles (SDS), so our proxies, Envoy and proxyless gRPC can all
-//! consume it. Listeners map a service's `VIP:port` to its cluster
+//! and incremental (delta), for listeners (LDS), routes (RDS, to gRPC only),
+//! clusters (CDS), endpoints (EDS) and trust bundles (SDS), so our proxies,
+//! Envoy and proxyless gRPC can all consume it. Listeners map a service's `VIP:port` to its cluster
 //! ([`listener`]); clusters and endpoints carry Istio's auto-mTLS ([`mtls`]).
-//! Proxyless gRPC clients get the shapes they accept instead, with routes
-//! (RDS) ([`grpc`]): a [`Generator`] per proxy, as Istio has.
+//! Proxyless gRPC clients get the shapes they accept instead, and routes
+//! (RDS) ([`grpc`]): each proxy has a [`Generator`], as in Istio.
 //!
 //! Each proxy gets its own view: its network comes from Istio's node metadata
 //! (`NETWORK`), so an Istio-style Envoy bootstrap works unchanged, and names
@@ -69,8 +69,8 @@ pub struct Snapshot {
     /// Live cluster models, with whether each is stale.
     pub clusters: Vec<(Arc<ClusterModel>, bool)>,
     pub mesh: MeshConfig,
-    /// Encoded resources per (network, type), made once and shared by every proxy
-    /// of that network: a push to a thousand proxies must not federate and
+    /// Encoded resources per (network, generator, type), made once and shared by
+    /// every proxy of that network and generator: a push to a thousand proxies must not federate and
     /// encode a thousand times.
     cache: OnceMap<(NetworkId, Generator, String), Arc<tokio::sync::OnceCell<EncodedSet>>>,
     /// The federated view per network, shared by both resource types.
