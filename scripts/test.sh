@@ -30,6 +30,9 @@ fi
 # py-spiffe and cryptography, pinned, for the independent SPIFFE check
 # (federation-controller/tests/spiffe_interop.rs runs tests/spiffe_check.py).
 python3 -m pip install -q -r federation-controller/tests/spiffe_check.requirements.txt
+# grpcio and grpcio-csds, pinned, for the proxyless gRPC xDS test
+# (federation-controller/tests/grpc_proxyless.rs runs tests/grpc_proxyless.py).
+python3 -m pip install -q -r federation-controller/tests/grpc_proxyless.requirements.txt
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

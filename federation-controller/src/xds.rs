@@ -1,8 +1,10 @@
 //! The xDS server: Envoy's v3 Aggregated Discovery Service, state of the world
-//! and incremental (delta), for listeners (LDS), clusters (CDS), endpoints (EDS)
-//! and trust bundles (SDS), so our proxies, Envoy and proxyless gRPC can all
-//! consume it. Listeners map a service's `VIP:port` to its cluster
+//! and incremental (delta), for listeners (LDS), routes (RDS, to gRPC only),
+//! clusters (CDS), endpoints (EDS) and trust bundles (SDS), so our proxies,
+//! Envoy and proxyless gRPC can all consume it. Listeners map a service's `VIP:port` to its cluster
 //! ([`listener`]); clusters and endpoints carry Istio's auto-mTLS ([`mtls`]).
+//! Proxyless gRPC clients get the shapes they accept instead, and routes
+//! (RDS) ([`grpc`]): each proxy has a [`Generator`], as in Istio.
 //!
 //! Each proxy gets its own view: its network comes from Istio's node metadata
 //! (`NETWORK`), so an Istio-style Envoy bootstrap works unchanged, and names
@@ -42,11 +44,14 @@ use crate::model::{ClusterModel, MeshConfig, ServiceKey};
 use crate::outbound::{self, Outbound};
 use crate::trust::BundleSet;
 
+pub mod grpc;
 pub mod listener;
 pub mod mtls;
 
 /// Type URL of listeners.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// Type URL of route configurations (served to proxyless gRPC only).
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 /// Type URL of clusters.
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Type URL of endpoints.
@@ -64,14 +69,40 @@ pub struct Snapshot {
     /// Live cluster models, with whether each is stale.
     pub clusters: Vec<(Arc<ClusterModel>, bool)>,
     pub mesh: MeshConfig,
-    /// Encoded resources per (network, type), made once and shared by every proxy
-    /// of that network: a push to a thousand proxies must not federate and
+    /// Encoded resources per (network, generator, type), made once and shared by
+    /// every proxy of that network and generator: a push to a thousand proxies must not federate and
     /// encode a thousand times.
-    cache: OnceMap<(NetworkId, String), Arc<tokio::sync::OnceCell<EncodedSet>>>,
+    cache: OnceMap<(NetworkId, Generator, String), Arc<tokio::sync::OnceCell<EncodedSet>>>,
     /// The federated view per network, shared by both resource types.
     views: OnceMap<NetworkId, Arc<std::sync::OnceLock<Arc<View>>>>,
     /// The outbound table, the same for every network.
     outbound: std::sync::OnceLock<Arc<Outbound>>,
+}
+
+/// Which shapes of resources a proxy is served, from its node (Istio's
+/// `GENERATOR` metadata): a gRPC client refuses some of Envoy's and needs routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Generator {
+    Envoy,
+    /// Proxyless gRPC ([`grpc`]).
+    Grpc,
+}
+
+impl Generator {
+    /// The generator for `node`.
+    pub fn of(node: &core::Node) -> Self {
+        if grpc::is_proxyless(node) {
+            Generator::Grpc
+        } else {
+            Generator::Envoy
+        }
+    }
+
+    /// Whether a request naming nothing asks for everything. gRPC always names
+    /// what it wants, and names nothing once it wants none.
+    fn wildcard_on_empty(self) -> bool {
+        self == Generator::Envoy
+    }
 }
 
 /// Values computed at most once per key and shared.
@@ -107,20 +138,20 @@ impl Snapshot {
         }
     }
 
-    /// Every resource of `type_url` for proxies on `network`, sorted by name.
-    /// The first stream to ask builds it; the others wait for that one rather
-    /// than all federating the same state at once after a change.
-    pub async fn encoded(&self, network: &NetworkId, type_url: &str) -> EncodedSet {
+    /// Every resource of `type_url` for `generator`'s proxies on `network`,
+    /// sorted by name. The first stream to ask builds it; the others wait for
+    /// that one rather than all federating the same state at once after a change.
+    pub async fn encoded(&self, network: &NetworkId, generator: Generator, type_url: &str) -> EncodedSet {
         let cell = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((network.clone(), type_url.to_owned()))
+            .entry((network.clone(), generator, type_url.to_owned()))
             .or_default()
             .clone();
         cell.get_or_init(|| async {
             let mut list: Vec<Encoded> = self
-                .resources(type_url, network)
+                .resources(type_url, network, generator)
                 .into_iter()
                 .map(|(name, resource, version)| Encoded {
                     name,
@@ -173,7 +204,10 @@ impl Snapshot {
     /// and canonical, not from the encoded bytes: protobuf map fields (endpoint
     /// metadata) encode in hash-map order, so equal resources could encode
     /// differently and be resent to every proxy on every change.
-    fn resources(&self, type_url: &str, network: &NetworkId) -> Vec<(String, Any, String)> {
+    fn resources(&self, type_url: &str, network: &NetworkId, generator: Generator) -> Vec<(String, Any, String)> {
+        if generator == Generator::Grpc {
+            return self.grpc_resources(type_url, network);
+        }
         match type_url {
             LISTENER_TYPE => self
                 .outbound()
@@ -208,12 +242,59 @@ impl Snapshot {
         }
     }
 
+    /// [`Self::resources`] for proxyless gRPC: per service port the proxy's
+    /// network sees, its API listener, routes and plaintext cluster, and the
+    /// endpoints it can reach without mTLS (none behind a gateway).
+    fn grpc_resources(&self, type_url: &str, network: &NetworkId) -> Vec<(String, Any, String)> {
+        let view = self.shared_view(network);
+        match type_url {
+            LISTENER_TYPE => view
+                .keys()
+                .map(|k| {
+                    let l = grpc::listener(k);
+                    (l.name.clone(), any(LISTENER_TYPE, &l), stable_hash(&(GRPC_SHAPES, k)))
+                })
+                .collect(),
+            ROUTE_TYPE => view
+                .keys()
+                .map(|k| {
+                    let r = grpc::route_config(k);
+                    (r.name.clone(), any(ROUTE_TYPE, &r), stable_hash(&(GRPC_SHAPES, k)))
+                })
+                .collect(),
+            CLUSTER_TYPE => view
+                .keys()
+                .map(|k| {
+                    let c = grpc::cluster(k);
+                    (c.name.clone(), any(CLUSTER_TYPE, &c), stable_hash(&(GRPC_SHAPES, k)))
+                })
+                .collect(),
+            ENDPOINT_TYPE => view
+                .iter()
+                .map(|(k, eps)| {
+                    let direct: Vec<federation::LbEndpoint> = eps.iter().filter(|e| !e.via_gateway).cloned().collect();
+                    let c = load_assignment(k, &direct);
+                    (
+                        c.cluster_name.clone(),
+                        any(ENDPOINT_TYPE, &c),
+                        stable_hash(&(k, &direct)),
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The endpoints a proxy on `network` sees.
     pub fn view(&self, network: &NetworkId) -> View {
         let refs: Vec<(&ClusterModel, bool)> = self.clusters.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
         federation::view_for(network, &refs, &self.mesh)
     }
 }
+
+/// Mixed into the versions of gRPC's resources, which are built from the key alone:
+/// bump it when their shape changes, so clients holding the old one are sent the new.
+const GRPC_SHAPES: u32 = 1;
 
 /// Istio's cluster name for a service port (no subset).
 pub fn cluster_name(key: &ServiceKey) -> String {
@@ -290,7 +371,7 @@ impl AggregatedDiscoveryService for XdsServer {
             bundles: self.bundles.clone(),
             metrics: self.metrics.clone(),
             tx,
-            network: None,
+            proxy: None,
             types: HashMap::new(),
             nonce: 0,
         };
@@ -369,6 +450,7 @@ async fn drive<S: XdsStream>(mut s: S, mut inbound: tonic::Streaming<S::Request>
 struct Proxy {
     id: String,
     network: NetworkId,
+    generator: Generator,
 }
 
 /// Per resource type, what this stream asked for and was sent.
@@ -399,15 +481,17 @@ impl AdsStream {
                 .as_ref()
                 .ok_or_else(|| tonic::Status::invalid_argument("the first request must carry node"))?;
             let network = node_metadata(node, "NETWORK").unwrap_or_default();
-            tracing::info!(proxy = node.id, network, "xDS stream opened");
+            let generator = Generator::of(node);
+            tracing::info!(proxy = node.id, network, ?generator, "xDS stream opened");
             self.proxy = Some(Proxy {
                 id: node.id.clone(),
                 network: NetworkId::new(network),
+                generator,
             });
         }
-        if ![LISTENER_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE].contains(&req.type_url.as_str()) {
-            // Routes come later: answer with nothing rather than leave
-            // a client waiting for its initial fetch.
+        if ![LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE].contains(&req.type_url.as_str()) {
+            // Answer with nothing rather than leave a client waiting for its
+            // initial fetch.
             if req.response_nonce.is_empty() {
                 self.nonce += 1;
                 let resp = DiscoveryResponse {
@@ -462,16 +546,17 @@ impl AdsStream {
     /// Sends the current state of one type to this proxy.
     async fn send(&mut self, type_url: &str) -> Result<(), ()> {
         let snapshot = self.snapshots.borrow().clone();
-        let network = self
+        let (network, generator) = self
             .proxy
             .as_ref()
-            .map(|p| p.network.clone())
-            .unwrap_or_else(|| NetworkId::new(""));
-        let (all, version) = current(&snapshot, &self.bundles, &network, type_url).await;
+            .map(|p| (p.network.clone(), p.generator))
+            .unwrap_or_else(|| (NetworkId::new(""), Generator::Envoy));
+        let (all, version) = current(&snapshot, &self.bundles, &network, generator, type_url).await;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
-        let wanted = |name: &str| state.names.is_empty() || state.names.iter().any(|n| n == name);
+        let wildcard = state.names.is_empty() && generator.wildcard_on_empty();
+        let wanted = |name: &str| wildcard || state.names.iter().any(|n| n == name);
         let resources: Vec<Any> = all
             .iter()
             .filter(|e| wanted(&e.name))
@@ -511,22 +596,25 @@ struct DeltaAds {
     bundles: watch::Receiver<Arc<BundleSet>>,
     metrics: Metrics,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>,
-    network: Option<NetworkId>,
+    /// The proxy's network and generator, from the first request's node.
+    proxy: Option<(NetworkId, Generator)>,
     types: HashMap<String, DeltaType>,
     nonce: u64,
 }
 
 impl DeltaAds {
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), tonic::Status> {
-        if self.network.is_none() {
+        if self.proxy.is_none() {
             let node = req
                 .node
                 .as_ref()
                 .ok_or_else(|| tonic::Status::invalid_argument("the first request must carry node"))?;
             let network = node_metadata(node, "NETWORK").unwrap_or_default();
-            tracing::info!(proxy = node.id, network, "delta xDS stream opened");
-            self.network = Some(NetworkId::new(network));
+            let generator = Generator::of(node);
+            tracing::info!(proxy = node.id, network, ?generator, "delta xDS stream opened");
+            self.proxy = Some((NetworkId::new(network), generator));
         }
+        let generator = self.proxy.as_ref().map_or(Generator::Envoy, |p| p.1);
         let first = !self.types.contains_key(&req.type_url);
         let state = self.types.entry(req.type_url.clone()).or_default();
         if !req.response_nonce.is_empty() && req.response_nonce == state.last_nonce {
@@ -551,7 +639,8 @@ impl DeltaAds {
             state.sent = req.initial_resource_versions.clone().into_iter().collect();
             // An initial request naming nothing is a wildcard for clusters (and listeners).
             state.wildcard = req.resource_names_subscribe.is_empty()
-                && [CLUSTER_TYPE, LISTENER_TYPE].contains(&req.type_url.as_str());
+                && [CLUSTER_TYPE, LISTENER_TYPE].contains(&req.type_url.as_str())
+                && generator.wildcard_on_empty();
         }
         for name in &req.resource_names_subscribe {
             if name == "*" {
@@ -580,8 +669,11 @@ impl DeltaAds {
     /// Sends what changed for one type since the client was last sent it.
     async fn send(&mut self, type_url: &str) -> Result<(), ()> {
         let snapshot = self.snapshots.borrow().clone();
-        let network = self.network.clone().unwrap_or_else(|| NetworkId::new(""));
-        let (all, version) = current(&snapshot, &self.bundles, &network, type_url).await;
+        let (network, generator) = self
+            .proxy
+            .clone()
+            .unwrap_or_else(|| (NetworkId::new(""), Generator::Envoy));
+        let (all, version) = current(&snapshot, &self.bundles, &network, generator, type_url).await;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -686,19 +778,20 @@ impl XdsStream for DeltaAds {
     }
 }
 
-/// The current resources of `type_url` for a proxy on `network`, and their version:
-/// bundles for SDS, the snapshot for the rest.
+/// The current resources of `type_url` for `generator`'s proxy on `network`,
+/// and their version: bundles for SDS, the snapshot for the rest.
 async fn current(
     snapshot: &Snapshot,
     bundles: &watch::Receiver<Arc<BundleSet>>,
     network: &NetworkId,
+    generator: Generator,
     type_url: &str,
 ) -> (EncodedSet, u64) {
     if type_url == SECRET_TYPE {
         let set = bundles.borrow().clone();
         (Arc::new(set.encoded()), set.sequence)
     } else {
-        (snapshot.encoded(network, type_url).await, snapshot.version)
+        (snapshot.encoded(network, generator, type_url).await, snapshot.version)
     }
 }
 
@@ -871,7 +964,7 @@ mod tests {
         let mut out = Vec::new();
         for t in [CLUSTER_TYPE, ENDPOINT_TYPE] {
             out.extend(
-                snap.encoded(&NetworkId::new(network), t)
+                snap.encoded(&NetworkId::new(network), Generator::Envoy, t)
                     .await
                     .iter()
                     .map(|e| (e.name.clone(), e.version.clone())),
@@ -997,6 +1090,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn grpc_nodes_get_a_listener_routes_and_cluster_per_service_and_no_endpoint_behind_a_gateway() {
+        let mut c1 = (*clusters(1)[0].0).clone();
+        c1.instances.truncate(1);
+        c1.instances[0].mtls = false;
+        let mut c2 = c1.clone();
+        c2.cluster = ClusterId::new("c2");
+        c2.instances[0].network = NetworkId::new("n2");
+        c2.instances[0].mtls = true;
+        c2.gateways[0].network = NetworkId::new("n2");
+        let models = vec![(Arc::new(c1), false), (Arc::new(c2), false)];
+        let snap = Snapshot::new(1, std::time::Instant::now(), models, MeshConfig::default());
+        let n1 = NetworkId::new("n1");
+        let names = |set: &EncodedSet| set.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        let cluster = "outbound|80||s0.default.svc.cluster.local";
+        let listener = "s0.default.svc.cluster.local:80";
+        assert_eq!(
+            names(&snap.encoded(&n1, Generator::Grpc, LISTENER_TYPE).await),
+            [listener]
+        );
+        assert_eq!(names(&snap.encoded(&n1, Generator::Grpc, ROUTE_TYPE).await), [listener]);
+        assert_eq!(
+            names(&snap.encoded(&n1, Generator::Grpc, CLUSTER_TYPE).await),
+            [cluster]
+        );
+        assert!(
+            snap.encoded(&n1, Generator::Envoy, ROUTE_TYPE).await.is_empty(),
+            "Envoy gets no routes"
+        );
+        let addresses = |set: EncodedSet| {
+            let cla = ClusterLoadAssignment::decode(set[0].resource.value.as_slice()).unwrap();
+            cla.endpoints
+                .iter()
+                .flat_map(|l| &l.lb_endpoints)
+                .map(|e| {
+                    let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                        panic!()
+                    };
+                    let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().unwrap().address.as_ref()
+                    else {
+                        panic!()
+                    };
+                    sa.address.clone()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            addresses(snap.encoded(&n1, Generator::Envoy, ENDPOINT_TYPE).await),
+            ["10.241.0.1", "100.64.0.1"],
+            "Envoy reaches n2 through its gateway"
+        );
+        assert_eq!(
+            addresses(snap.encoded(&n1, Generator::Grpc, ENDPOINT_TYPE).await),
+            ["10.241.0.1"],
+            "plaintext gRPC cannot pass a gateway that only passes mTLS through"
+        );
+    }
+
+    #[tokio::test]
     async fn mtls_endpoints_and_gateways_are_marked_tls_mode_istio_and_plaintext_ones_not() {
         let mut models = clusters(1);
         let mut c1 = (*models[0].0).clone();
@@ -1010,7 +1161,9 @@ mod tests {
         c2.gateways[0].network = NetworkId::new("n2");
         models = vec![(Arc::new(c1), false), (Arc::new(c2), false)];
         let snap = Snapshot::new(1, std::time::Instant::now(), models, MeshConfig::default());
-        let eds = snap.encoded(&NetworkId::new("n1"), ENDPOINT_TYPE).await;
+        let eds = snap
+            .encoded(&NetworkId::new("n1"), Generator::Envoy, ENDPOINT_TYPE)
+            .await;
         let cla = ClusterLoadAssignment::decode(eds[0].resource.value.as_slice()).unwrap();
         let marks: Vec<(String, Option<String>)> = cla
             .endpoints
