@@ -16,14 +16,11 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
 use mesh_vocab::{ClusterId, Hostname, IstioSni, NetworkId};
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::proxy::Shared;
 use crate::routes::XdsRoute;
@@ -84,18 +81,17 @@ struct Seen {
 }
 
 async fn session(shared: &Shared, addr: &str) -> anyhow::Result<()> {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(DiscoveryRequest {
+    let first = vec![DiscoveryRequest {
         node: Some(node(shared)),
         type_url: CLUSTER_TYPE.into(),
         ..Default::default()
-    })
-    .await?;
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    }];
+    let sidecar::ads::Stream {
+        requests: tx,
+        mut responses,
+    } = sidecar::ads::open(&format!("http://{addr}"), None, first)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     shared.metrics.xds_connected.set(1);
     tracing::info!(controller = addr, "xDS connected");
 

@@ -3,6 +3,7 @@
 //! The east-west gateway is built from these same pieces; the sidecar binary adds the
 //! workload's identity (`tls`) and mutual TLS on every hop.
 
+pub mod ads;
 pub mod balance;
 pub mod capture;
 pub mod client_hello;

@@ -12,14 +12,11 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
 use mesh_vocab::spiffe::SpiffeId;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::destinations::{BadResource, Destinations};
 
@@ -155,22 +152,19 @@ async fn session(
     identity: &Identity,
     table: &ArcSwap<Destinations>,
     updated: &impl Fn(usize, bool),
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())?.connect_timeout(Duration::from_secs(5));
-    let mut client = AggregatedDiscoveryServiceClient::new(endpoint.connect().await?);
-    let (tx, rx) = mpsc::channel(8);
-    for type_url in [CLUSTER_TYPE, LISTENER_TYPE] {
-        tx.send(DiscoveryRequest {
+) -> Result<(), crate::ads::Error> {
+    let first = [CLUSTER_TYPE, LISTENER_TYPE]
+        .into_iter()
+        .map(|type_url| DiscoveryRequest {
             node: Some(identity.node()),
             type_url: type_url.into(),
             ..Default::default()
         })
-        .await?;
-    }
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+        .collect();
+    let crate::ads::Stream {
+        requests: tx,
+        mut responses,
+    } = crate::ads::open(address, None, first).await?;
     tracing::info!(controller = address, "xDS connected");
     let mut received = Received::default();
     let mut eds_names: Option<Vec<String>> = None;

@@ -9,12 +9,9 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{Node, data_source};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::bundle::{Bundle, TrustBundles};
 
@@ -80,29 +77,24 @@ async fn session(
     source: &BundleSource,
     bundles: &TrustBundles,
     updated: &impl Fn(&[String]),
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(source.address.clone())?.connect_timeout(Duration::from_secs(5));
-    if source.address.starts_with("https://") {
-        endpoint = endpoint.tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&source.roots_pem))
-                .domain_name(source.server_name.clone()),
-        )?;
-    }
-    let mut client = AggregatedDiscoveryServiceClient::new(endpoint.connect().await?);
-    let (tx, rx) = mpsc::channel(4);
+) -> Result<(), crate::ads::Error> {
+    let tls = source
+        .address
+        .starts_with("https://")
+        .then(|| crate::ads::ControllerTls {
+            roots_pem: &source.roots_pem,
+            server_name: &source.server_name,
+        });
     // No names: every bundle the controller serves.
-    tx.send(DiscoveryRequest {
+    let first = vec![DiscoveryRequest {
         node: Some(source.node.clone()),
         type_url: SECRET_TYPE.into(),
         ..Default::default()
-    })
-    .await?;
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    }];
+    let crate::ads::Stream {
+        requests: tx,
+        mut responses,
+    } = crate::ads::open(&source.address, tls, first).await?;
     let mut accepted_version = String::new();
     while let Some(resp) = responses.message().await? {
         if resp.type_url != SECRET_TYPE {
