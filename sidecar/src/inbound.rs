@@ -37,7 +37,8 @@ use crate::tls;
 pub enum Protocol {
     /// Opaque bytes.
     Tcp,
-    /// HTTP/1.1: requests carry the caller's identity in `x-forwarded-client-cert`.
+    /// HTTP (HTTP/1.1 to the application; HTTP/2 or HTTP/1.1 from callers): requests carry
+    /// the caller's identity in `x-forwarded-client-cert`.
     Http,
 }
 

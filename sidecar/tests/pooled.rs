@@ -135,6 +135,28 @@ async fn http_app(gate: Option<usize>) -> SocketAddr {
     addr
 }
 
+/// An HTTP/1.1 application answering each request with its own body.
+async fn echo_app() -> SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(body)))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// One GET on a new connection (optionally with a forged XFCC); returns status and body.
 async fn get(addr: SocketAddr, forged_xfcc: Option<&str>) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
@@ -428,6 +450,53 @@ async fn a_dead_upstream_is_answered_503_at_once_and_counted() {
     )
     .await;
     counted(m, REQUESTS, &[("reporter", "source"), ("response_code", "503")], 3.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_bodies_cross_both_ways_whole() {
+    let pki = Pki::new("bodies");
+    let app = echo_app().await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    // Bigger than HTTP/2's initial 64 KiB window, so flow control has to work.
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for chunked in [false, true] {
+        let mut s = TcpStream::connect(out).await.unwrap();
+        let framing = if chunked {
+            "transfer-encoding: chunked".to_owned()
+        } else {
+            format!("content-length: {}", body.len())
+        };
+        s.write_all(
+            format!("POST /echo HTTP/1.1\r\nhost: reviews\r\n{framing}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        if chunked {
+            for part in body.chunks(70_000) {
+                s.write_all(format!("{:x}\r\n", part.len()).as_bytes()).await.unwrap();
+                s.write_all(part).await.unwrap();
+                s.write_all(b"\r\n").await.unwrap();
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+        } else {
+            s.write_all(&body).await.unwrap();
+        }
+        let mut out_bytes = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out_bytes))
+            .await
+            .unwrap()
+            .unwrap();
+        let split = out_bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&out_bytes[..split]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        assert!(
+            out_bytes[split + 4..] == body[..],
+            "chunked={chunked}: the body came back changed"
+        );
+    }
 }
 
 /// A peer that speaks HTTP/1.1 inside mTLS (`istio-http/1.1`, as Envoy may be configured)
