@@ -119,7 +119,7 @@ impl<B: Body + Unpin> Body for Leased<B> {
 }
 
 /// A request as HTTP/1.1 to `addr` (which the pool connects by), keeping its `host`.
-pub fn to_http1(req: Request<Incoming>, addr: SocketAddr) -> Request<Incoming> {
+pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
     let (mut parts, body) = req.into_parts();
     if !parts.headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
@@ -165,6 +165,20 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn an_http2_request_reaches_the_application_as_http11_with_its_host() {
+        let req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://reviews:9080/a?b=c")
+            .body(())
+            .unwrap();
+        let app: SocketAddr = "127.0.0.1:9080".parse().unwrap();
+        let h1 = to_http1(req, app);
+        assert_eq!(h1.version(), Version::HTTP_11);
+        assert_eq!(h1.uri().to_string(), "http://127.0.0.1:9080/a?b=c");
+        assert_eq!(h1.headers()[header::HOST], "reviews:9080");
     }
 
     #[test]

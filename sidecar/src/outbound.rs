@@ -569,7 +569,7 @@ struct Upstream<'a> {
 /// (which HTTP/2 forbids) stay behind. A request with neither `host` nor an absolute URI
 /// (HTTP/1.0) is sent to `fallback`'s address as authority; one whose `host` is not an
 /// authority cannot be carried (None).
-fn to_h2(req: Request<Incoming>, fallback: SocketAddr) -> Option<Request<Incoming>> {
+fn to_h2<B>(req: Request<B>, fallback: SocketAddr) -> Option<Request<B>> {
     let (mut parts, body) = req.into_parts();
     let authority = match parts.headers.get(HOST) {
         Some(host) => Authority::try_from(host.as_bytes()).ok(),
@@ -597,4 +597,39 @@ fn to_h2(req: Request<Incoming>, fallback: SocketAddr) -> Option<Request<Incomin
         .expect("scheme, authority and path make a URI");
     parts.version = Version::HTTP_2;
     Some(Request::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_becomes_the_authority_and_hop_by_hop_headers_stay_behind() {
+        let req = Request::builder()
+            .uri("/reviews/1?x=y")
+            .header(HOST, "reviews:9080")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("x-end-to-end", "kept")
+            .body(())
+            .unwrap();
+        let fallback: SocketAddr = "10.0.0.7:15006".parse().unwrap();
+        let h2 = to_h2(req, fallback).unwrap();
+        assert_eq!(h2.uri().to_string(), "http://reviews:9080/reviews/1?x=y");
+        assert_eq!(h2.version(), Version::HTTP_2);
+        let names: Vec<&str> = h2.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["te", "x-end-to-end"]);
+
+        // HTTP/1.0 without a host: the upstream's address stands in.
+        let bare = Request::builder().uri("/").body(()).unwrap();
+        assert_eq!(
+            to_h2(bare, fallback).unwrap().uri().to_string(),
+            "http://10.0.0.7:15006/"
+        );
+        // A host that is not an authority cannot be carried.
+        let bad = Request::builder().uri("/").header(HOST, "a b").body(()).unwrap();
+        assert!(to_h2(bad, fallback).is_none());
+    }
 }
