@@ -351,7 +351,7 @@ impl HttpHop {
             timeout: settings.connect_timeout,
         };
         Self {
-            h2: H2Pool::new(settings),
+            h2: H2Pool::new(settings, telemetry.pooled_upstreams.clone()),
             plain: pool::http1_client(connector, settings.idle_timeout),
             self_id,
             telemetry,

@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -114,6 +115,8 @@ pub struct Settings {
 /// HTTP/2-in-mTLS connections to upstream sidecars (or gateways), one per [`Key`].
 pub struct H2Pool {
     settings: Settings,
+    /// Connections open now, for the operator (and tests) to see.
+    open: prometheus::IntGauge,
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
     ids: AtomicU64,
     me: Weak<H2Pool>,
@@ -182,9 +185,10 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl H2Pool {
     /// An empty pool.
-    pub fn new(settings: Settings) -> Arc<H2Pool> {
+    pub fn new(settings: Settings, open: prometheus::IntGauge) -> Arc<H2Pool> {
         Arc::new_cyclic(|me| H2Pool {
             settings,
+            open,
             slots: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(0),
             me: me.clone(),
@@ -278,7 +282,7 @@ impl H2Pool {
         };
         let _ = tcp.set_nodelay(true);
         let handshake = tokio_rustls::TlsConnector::from(tls.clone()).connect(key.sni.clone(), tcp);
-        let stream = match tokio::time::timeout(s.handshake_timeout, handshake).await {
+        let mut stream = match tokio::time::timeout(s.handshake_timeout, handshake).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 return Err(ConnectError::Tls {
@@ -291,6 +295,35 @@ impl H2Pool {
         };
         let peer: Arc<str> = tls::proven_identity(stream.get_ref().1.peer_certificates())
             .map_or_else(|| Arc::from("unknown"), |id| Arc::from(id.as_str()));
+        // In TLS 1.3 the client's handshake is over before the server has checked the
+        // client's certificate: a server that refuses our SVID says so only in its first
+        // record. An HTTP/2 server speaks first (its SETTINGS), so wait for that: a refusal
+        // is then a failed connect — counted by reason, and moved past to another endpoint —
+        // rather than a request lost on a connection that was never usable.
+        let mut first = vec![0; 1024];
+        let n = match tokio::time::timeout(s.handshake_timeout, stream.read(&mut first)).await {
+            Ok(Ok(0)) => {
+                return Err(ConnectError::Tls {
+                    addr: key.addr,
+                    reason: "closed_after_handshake",
+                    message: "the server closed the connection before speaking HTTP/2".into(),
+                });
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                return Err(ConnectError::Tls {
+                    addr: key.addr,
+                    reason: tls::refusal_in(&e).map_or("tls_handshake", |r| r.reason()),
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
+        };
+        first.truncate(n);
+        let stream = Rewind {
+            first: Some(bytes::Bytes::from(first)),
+            inner: stream,
+        };
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -305,6 +338,8 @@ impl H2Pool {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let (pool, key_owned, slot_owned, idle_busy) = (self.me.clone(), key.clone(), slot.clone(), busy.clone());
         let idle_timeout = s.idle_timeout;
+        let open = self.open.clone();
+        open.inc();
         tokio::spawn(async move {
             tokio::select! {
                 ended = connection => if let Err(e) = ended {
@@ -314,6 +349,7 @@ impl H2Pool {
                     tracing::debug!(upstream = %key_owned.addr, "closing an idle upstream connection");
                 }
             }
+            open.dec();
             if let Some(pool) = pool.upgrade() {
                 pool.forget(&key_owned, &slot_owned, id);
             }
@@ -335,6 +371,52 @@ impl H2Pool {
                 slots.remove(key);
             }
         }
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Rewind<S> {
+    first: Option<bytes::Bytes>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(mut first) = self.first.take() {
+            let n = first.len().min(buf.remaining());
+            buf.put_slice(&first.split_to(n));
+            if !first.is_empty() {
+                self.first = Some(first);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Telemetry {
     refused: IntCounterVec,
     upstream_failures: IntCounterVec,
     open: IntGauge,
+    /// Pooled HTTP/2 connections to upstream sidecars open now.
+    pub pooled_upstreams: IntGauge,
     /// Unix time at which the current SVID expires.
     pub svid_expiry: IntGauge,
     /// SVIDs renewed from the CA.
@@ -160,6 +162,10 @@ impl Telemetry {
                 &["side", "reason"],
             ),
             open: gauge("isthmus_sidecar_open_connections", "Connections open now"),
+            pooled_upstreams: gauge(
+                "isthmus_sidecar_pooled_upstream_connections",
+                "Pooled HTTP/2 connections in mTLS to upstream sidecars open now",
+            ),
             svid_expiry: gauge(
                 "isthmus_sidecar_svid_expiry_seconds",
                 "Unix time at which the current SVID expires",

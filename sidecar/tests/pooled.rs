@@ -225,6 +225,7 @@ fn assert_vouched(body: &str) {
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const REQUESTS: &str = "istio_requests_total";
+const POOLED: &str = "isthmus_sidecar_pooled_upstream_connections";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_new_client_connections_cost_one_mtls_handshake() {
@@ -351,7 +352,13 @@ async fn a_broken_upstream_connection_is_replaced_without_client_errors() {
         assert_eq!(get(out, None).await.unwrap().0, 200);
     }
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    let m = client.bound.metrics.unwrap();
+    counted(m, POOLED, &[], 1.0).await;
     relay.cut();
+    // The pool drops the broken connection as soon as it reads the close. (A request sent
+    // in the instant before that goes out on the dead connection and gets a 503: it was
+    // written, so it is not resent — see `H2Pool::send`.)
+    counted(m, POOLED, &[], 0.0).await;
     // No request was in flight when the connection broke: none may fail.
     for n in 0..5 {
         let (status, body) = get(out, None).await.unwrap();
