@@ -2,26 +2,34 @@
 //! and hands the bytes to the application — on HTTP ports with the caller's identity in
 //! `x-forwarded-client-cert`, as Envoy does for Istio (SANITIZE_SET: a client cannot forge
 //! the header, it is always replaced).
+//!
+//! On HTTP ports a caller that negotiated `istio-h2` (or `h2`) is served HTTP/2 — what our
+//! own outbound side pools and multiplexes — and one that negotiated `istio-http/1.1` (or
+//! nothing, in plaintext) HTTP/1.1. Either way each request goes to the application over a
+//! pooled keep-alive HTTP/1.1 connection.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::drain;
+use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
+use crate::metered::Metered;
 use crate::peer_authentication::{MtlsMode, Policy};
-use crate::telemetry::{ConnectionLabels, Telemetry};
+use crate::pool::{self, MarkedConnector};
+use crate::telemetry::{ConnectionLabels, RequestLabels, Telemetry};
 use crate::tls;
 
 /// How the application's port is spoken.
@@ -29,7 +37,8 @@ use crate::tls;
 pub enum Protocol {
     /// Opaque bytes.
     Tcp,
-    /// HTTP/1.1: requests carry the caller's identity in `x-forwarded-client-cert`.
+    /// HTTP (HTTP/1.1 to the application; HTTP/2 or HTTP/1.1 from callers): requests carry
+    /// the caller's identity in `x-forwarded-client-cert`.
     Http,
 }
 
@@ -55,6 +64,8 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
+    /// Keep-alive connections to the application (HTTP ports).
+    pub app_pool: Client<MarkedConnector, Incoming>,
 }
 
 /// The first byte of every TLS connection: a handshake record. No text protocol starts
@@ -80,7 +91,7 @@ impl Inbound {
         }
     }
 
-    async fn handle(&self, client: TcpStream) {
+    async fn handle(self: Arc<Self>, client: TcpStream) {
         let _ = client.set_nodelay(true);
         let app = if self.captured {
             match crate::capture::original_dst(&client) {
@@ -101,7 +112,7 @@ impl Inbound {
             },
         };
         if !tls {
-            return self.forward(client, None, app).await;
+            return self.forward(client, None, app, false).await;
         }
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let stream = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(client)).await {
@@ -114,6 +125,7 @@ impl Inbound {
             Err(_) => return self.telemetry.refused("inbound", "handshake_timeout"),
         };
         let (_, session) = stream.get_ref();
+        let h2 = matches!(session.alpn_protocol(), Some(b"istio-h2" | b"h2"));
         let peer = tls::proven_identity(session.peer_certificates());
         let hash = session.peer_certificates().and_then(|c| c.first()).map(|leaf| {
             let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf);
@@ -123,14 +135,17 @@ impl Inbound {
             id,
             cert_hash: hash.unwrap_or_default(),
         });
-        self.forward(stream, caller, app).await;
+        self.forward(stream, caller, app, h2).await;
     }
 
-    async fn forward<S>(&self, mut client: S, caller: Option<Caller>, app: SocketAddr)
+    async fn forward<S>(self: Arc<Self>, mut client: S, caller: Option<Caller>, app: SocketAddr, h2: bool)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(app)).await {
+        if self.protocol == Protocol::Http {
+            return self.serve_http(client, caller, app, h2).await;
+        }
+        let mut app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(app)).await {
             Ok(Ok(s)) => s,
             Ok(Err(_)) => return self.telemetry.upstream_failure("inbound", "connect_failure"),
             Err(_) => return self.telemetry.upstream_failure("inbound", "connect_timeout"),
@@ -146,19 +161,115 @@ impl Inbound {
             peer_cluster: None,
             mutual_tls: caller.is_some(),
         });
-        match self.protocol {
-            Protocol::Tcp => {
-                let mut app = app;
-                if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
-                    counters.received.inc_by(up);
-                    counters.sent.inc_by(down);
+        if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+            counters.received.inc_by(up);
+            counters.sent.inc_by(down);
+        }
+    }
+
+    /// Serves HTTP/2 or HTTP/1.1 from `client` until it closes or, once draining starts,
+    /// until its requests in progress are answered (HTTP/2 callers get a GOAWAY, so their
+    /// pools move to a new connection).
+    async fn serve_http<S>(self: Arc<Self>, client: S, caller: Option<Caller>, app: SocketAddr, h2: bool)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let source: Arc<str> = caller
+            .as_ref()
+            .map_or_else(|| Arc::from("unknown"), |c| Arc::from(c.id.as_str()));
+        let mutual_tls = caller.is_some();
+        let counters = self.telemetry.connection(&ConnectionLabels {
+            reporter: "destination",
+            source_principal: &source,
+            destination_principal: self.self_id.as_str(),
+            destination_service: &self.service,
+            peer_cluster: None,
+            mutual_tls,
+        });
+        let xfcc = caller.map(|c| c.xfcc(&self.self_id));
+        let (io, bytes) = Metered::new(client);
+        let io = TokioIo::new(io);
+        let me = self.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (me, xfcc, source) = (me.clone(), xfcc.clone(), source.clone());
+            async move { Ok::<_, Infallible>(me.to_app(req, app, xfcc, &source, mutual_tls).await) }
+        });
+        let drain = self.drain.clone();
+        let ended = if h2 {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
             }
-            Protocol::Http => {
-                let xfcc = caller.map(|c| c.xfcc(&self.self_id));
-                if let Err(e) = http_hop(client, app, xfcc).await {
-                    tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+        } else {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+        }
+        let (read, written) = bytes.totals();
+        counters.received.inc_by(read);
+        counters.sent.inc_by(written);
+    }
+
+    /// One request to the application, with the `x-forwarded-client-cert` we vouch for in
+    /// place of any the caller sent.
+    async fn to_app(
+        &self,
+        mut req: Request<Incoming>,
+        app: SocketAddr,
+        xfcc: Option<HeaderValue>,
+        source: &str,
+        mutual_tls: bool,
+    ) -> Response<ReplyBody> {
+        let protocol = http::request_protocol(req.headers());
+        let headers = req.headers_mut();
+        headers.remove("x-forwarded-client-cert");
+        if let Some(v) = xfcc {
+            headers.insert("x-forwarded-client-cert", v);
+        }
+        let labels = RequestLabels {
+            connection: ConnectionLabels {
+                reporter: "destination",
+                source_principal: source,
+                destination_principal: self.self_id.as_str(),
+                destination_service: &self.service,
+                peer_cluster: None,
+                mutual_tls,
+            },
+            protocol,
+        };
+        match self.app_pool.request(http::to_http1(req, app)).await {
+            Ok(resp) => {
+                self.telemetry.request(&labels, resp.status().as_u16());
+                let (mut parts, body) = resp.into_parts();
+                http::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Left(Leased::new(body, ())))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "application did not answer");
+                self.telemetry
+                    .upstream_failure("inbound", pool::http1_failure_reason(&e));
+                self.telemetry.request(&labels, 503);
+                http::unavailable(if e.is_connect() {
+                    CONNECT_FAILURE
+                } else {
+                    CONNECTION_TERMINATION
+                })
             }
         }
     }
@@ -176,47 +287,4 @@ impl Caller {
         HeaderValue::try_from(format!("By={by};Hash={};URI={}", self.cert_hash, self.id))
             .expect("SPIFFE IDs and hex are valid header text")
     }
-}
-
-type HopBody = Either<Incoming, Full<Bytes>>;
-
-/// Serves HTTP/1.1 from `client` over one connection to the application, replacing any
-/// `x-forwarded-client-cert` the client sent with the one we vouch for.
-async fn http_hop<S>(client: S, app: TcpStream, xfcc: Option<HeaderValue>) -> Result<(), hyper::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(app)).await?;
-    tokio::spawn(conn);
-    let sender = Arc::new(tokio::sync::Mutex::new(sender));
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let sender = sender.clone();
-        let xfcc = xfcc.clone();
-        async move {
-            let headers = req.headers_mut();
-            headers.remove("x-forwarded-client-cert");
-            if let Some(v) = xfcc {
-                headers.insert("x-forwarded-client-cert", v);
-            }
-            // HTTP/1.1 answers one request at a time per connection, so this lock is never
-            // contended; it only lets the `Fn` service reach the `&mut` sender.
-            let mut sender = sender.lock().await;
-            let reply: Response<HopBody> = match sender.send_request(req).await {
-                Ok(resp) => resp.map(Either::Left),
-                Err(e) => {
-                    tracing::debug!(error = %e, "application did not answer");
-                    Response::builder()
-                        .status(StatusCode::SERVICE_UNAVAILABLE)
-                        .body(Either::Right(Full::new(Bytes::from_static(
-                            b"upstream connect error or disconnect/reset before headers\n",
-                        ))))
-                        .expect("static response")
-                }
-            };
-            Ok::<_, Infallible>(reply)
-        }
-    });
-    hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(client), service)
-        .await
 }

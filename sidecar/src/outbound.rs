@@ -6,13 +6,29 @@
 //! connections redirected by iptables and routed by their original destination through the
 //! table the controller sent ([`Destinations`]). A destination the table does not know is
 //! passed through untouched, as Istio's `PassthroughCluster` does.
+//!
+//! With `--protocol tcp` each client connection is carried in its own mTLS connection, byte
+//! for byte. With `--protocol http` ([`HttpHop`]) the application's HTTP/1.1 is served
+//! here and each request goes over a pooled HTTP/2 connection inside mTLS
+//! ([`crate::pool::H2Pool`]), so a new client connection costs no handshake upstream.
+//! Captured HTTP traffic chooses its endpoint per request, as Envoy's router does: a
+//! keep-alive client spreads its requests over the endpoints instead of pinning one, and
+//! each request sees the latest table.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::header::HOST;
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Request, Response, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioIo;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -21,15 +37,18 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::capture;
 use crate::destinations::Destinations;
 use crate::drain;
-use crate::telemetry::{ConnectionLabels, Telemetry};
+use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
+use crate::metered::Metered;
+use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
+use crate::telemetry::{ConnectionLabels, RequestLabels, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
 
-/// One explicit outbound route: everything accepted goes to `upstream`.
+/// One explicit outbound route: everything accepted goes to `upstream.addr`.
 pub struct Outbound {
-    /// The server side's address (its sidecar inbound, or an east-west gateway).
-    pub upstream: SocketAddr,
-    /// SNI sent upstream: Istio's `outbound_.PORT_.SUBSET_.HOST`, which a gateway routes by.
-    pub sni: ServerName<'static>,
+    /// The server side's address (its sidecar inbound, or an east-west gateway), the SNI
+    /// sent there (Istio's `outbound_.PORT_.SUBSET_.HOST`, which a gateway routes by) and
+    /// the identities it may prove.
+    pub upstream: Key,
     /// The service this route reaches, for metrics.
     pub service: String,
     /// TLS with our SVID and the upstream's expected identities.
@@ -42,6 +61,8 @@ pub struct Outbound {
     pub handshake_timeout: Duration,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
+    /// `--protocol http`: requests over pooled HTTP/2; `None` carries bytes.
+    pub http: Option<Arc<HttpHop>>,
 }
 
 /// Accepts until draining starts; each connection runs to its end on this thread's runtime.
@@ -55,9 +76,12 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
 }
 
 impl Outbound {
-    async fn carry(&self, client: TcpStream) {
+    async fn carry(self: Arc<Self>, client: TcpStream) {
         let _ = client.set_nodelay(true);
-        let Some(upstream) = connect(self.upstream, None, self.connect_timeout, &self.telemetry).await else {
+        if let Some(hop) = &self.http {
+            return hop.clone().serve(client, Route::Fixed(self.clone())).await;
+        }
+        let Some(upstream) = connect(self.upstream.addr, None, self.connect_timeout, &self.telemetry).await else {
             return;
         };
         let hop = Hop {
@@ -67,7 +91,8 @@ impl Outbound {
             handshake_timeout: self.handshake_timeout,
             telemetry: &self.telemetry,
         };
-        hop.mtls(client, upstream, self.sni.clone(), self.tls.clone()).await;
+        hop.mtls(client, upstream, self.upstream.sni.clone(), self.tls.clone())
+            .await;
     }
 }
 
@@ -169,6 +194,8 @@ pub struct Captured {
     pub drain: drain::Watch,
     /// One client configuration per set of expected server identities, built once.
     configs: Mutex<HashMap<Vec<SpiffeId>, Arc<ClientConfig>>>,
+    /// `--protocol http`: requests over pooled HTTP/2; `None` carries bytes.
+    pub http: Option<Arc<HttpHop>>,
 }
 
 impl Captured {
@@ -186,6 +213,7 @@ impl Captured {
         handshake_timeout: Duration,
         telemetry: Telemetry,
         drain: drain::Watch,
+        http: Option<Arc<HttpHop>>,
     ) -> Self {
         Self {
             table,
@@ -200,6 +228,7 @@ impl Captured {
             telemetry,
             drain,
             configs: Mutex::new(HashMap::new()),
+            http,
         }
     }
 
@@ -218,7 +247,7 @@ impl Captured {
             .clone()
     }
 
-    async fn carry(&self, client: TcpStream) {
+    async fn carry(self: Arc<Self>, client: TcpStream) {
         let _ = client.set_nodelay(true);
         let original = match capture::original_dst(&client) {
             Ok(a) => a,
@@ -231,6 +260,11 @@ impl Captured {
             return self.telemetry.refused("outbound", "loop");
         }
         let table = self.table.load_full();
+        if let Some(hop) = &self.http
+            && table.route(original).is_some()
+        {
+            return hop.clone().serve(client, Route::Captured(self.clone(), original)).await;
+        }
         let Some(upstream) = table.route(original) else {
             let service = original.ip().to_string();
             let hop = Hop {
@@ -288,4 +322,314 @@ pub async fn serve_captured(listener: TcpListener, captured: Arc<Captured>) {
         async move { captured.carry(stream).await }
     })
     .await;
+}
+
+/// Where an HTTP client connection's requests go.
+enum Route {
+    /// `--outbound LISTEN=TARGET`: always the one upstream.
+    Fixed(Arc<Outbound>),
+    /// Captured: the cluster of this original destination, looked up per request.
+    Captured(Arc<Captured>, SocketAddr),
+}
+
+/// The HTTP-aware outbound hop: the application's HTTP/1.1 in, pooled HTTP/2 in mTLS to
+/// mesh endpoints (pooled HTTP/1.1 to the others) out.
+pub struct HttpHop {
+    pub h2: Arc<H2Pool>,
+    /// Endpoints outside the mesh.
+    pub plain: Client<MarkedConnector, Incoming>,
+    pub self_id: SpiffeId,
+    pub telemetry: Telemetry,
+    pub drain: drain::Watch,
+}
+
+impl HttpHop {
+    /// A hop with empty pools.
+    pub fn new(settings: pool::Settings, self_id: SpiffeId, telemetry: Telemetry, drain: drain::Watch) -> Self {
+        let connector = MarkedConnector {
+            mark: settings.mark,
+            timeout: settings.connect_timeout,
+        };
+        Self {
+            h2: H2Pool::new(settings, telemetry.pooled_upstreams.clone()),
+            plain: pool::http1_client(connector, settings.idle_timeout),
+            self_id,
+            telemetry,
+            drain,
+        }
+    }
+
+    /// Serves one client connection's HTTP/1.1 (keep-alive) until it closes or, once
+    /// draining starts, until its request in progress is answered.
+    async fn serve(self: Arc<Self>, client: TcpStream, route: Route) {
+        let (io, bytes) = Metered::new(client);
+        let route = Arc::new(route);
+        // The L4 counters, labelled by the first request's upstream (a connection's requests
+        // may reach several endpoints; Istio's sidecars do the same).
+        let l4: Arc<OnceLock<TcpCounters>> = Arc::default();
+        let drain = self.drain.clone();
+        let hop = self.clone();
+        let l4_in = l4.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (hop, route, l4) = (hop.clone(), route.clone(), l4_in.clone());
+            async move { Ok::<_, Infallible>(hop.forward(&route, req, &l4).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+        let mut conn = std::pin::pin!(conn);
+        let ended = tokio::select! {
+            ended = conn.as_mut() => ended,
+            () = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "outbound HTTP client connection ended with an error");
+        }
+        if let Some(counters) = l4.get() {
+            let (read, written) = bytes.totals();
+            counters.received.inc_by(read);
+            counters.sent.inc_by(written);
+        }
+    }
+
+    async fn forward(&self, route: &Route, req: Request<Incoming>, l4: &OnceLock<TcpCounters>) -> Response<ReplyBody> {
+        let protocol = http::request_protocol(req.headers());
+        match route {
+            Route::Fixed(outbound) => {
+                let req = match to_h2(req, outbound.upstream.addr) {
+                    Some(req) => req,
+                    None => return http::bad_request("invalid host header\n"),
+                };
+                let what = Upstream {
+                    service: &outbound.service,
+                    cluster: None,
+                    protocol,
+                };
+                match self.h2.send(&outbound.upstream, &outbound.tls, req).await {
+                    Ok(sent) => self.answer(sent, &what, l4),
+                    Err(e) => self.failed(e, &what),
+                }
+            }
+            Route::Captured(captured, original) => self.forward_captured(captured, *original, req, protocol, l4).await,
+        }
+    }
+
+    /// Captured: chooses an endpoint for this request. A request moves on to another
+    /// endpoint only while no connection could be made (nothing of it was sent); once it
+    /// went out, its answer or failure is final.
+    async fn forward_captured(
+        &self,
+        captured: &Captured,
+        original: SocketAddr,
+        req: Request<Incoming>,
+        protocol: &'static str,
+        l4: &OnceLock<TcpCounters>,
+    ) -> Response<ReplyBody> {
+        let table = captured.table.load_full();
+        let Some(upstream) = table.route(original) else {
+            // The route went away since this connection began.
+            self.telemetry.upstream_failure("outbound", "no_route");
+            return http::unavailable(CONNECT_FAILURE);
+        };
+        let mut req = match to_h2(req, original) {
+            Some(req) => req,
+            None => return http::bad_request("invalid host header\n"),
+        };
+        let mut tried: Vec<usize> = Vec::new();
+        while tried.len() < CONNECT_ATTEMPTS.min(upstream.endpoints.len()) {
+            let Some(i) = upstream.balancer.pick(|i| !tried.contains(&i)) else {
+                break;
+            };
+            tried.push(i);
+            let endpoint = &upstream.endpoints[i];
+            let _active = upstream.balancer.open(i);
+            let what = Upstream {
+                service: &upstream.service,
+                cluster: endpoint.cluster.as_deref(),
+                protocol,
+            };
+            let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
+                return self.plain(endpoint.address, req, &what, l4).await;
+            };
+            let Ok(sni) = ServerName::try_from(mesh.sni.clone()) else {
+                self.telemetry.upstream_failure("outbound", "bad_sni");
+                return http::unavailable(CONNECT_FAILURE);
+            };
+            let key = Key {
+                addr: endpoint.address,
+                sni,
+                identities: mesh.identities.clone(),
+            };
+            match self.h2.send(&key, &captured.config_for(&mesh.identities), req).await {
+                Ok(sent) => return self.answer(sent, &what, l4),
+                Err(SendError::Connect(e, unsent)) => {
+                    tracing::debug!(error = %e, "endpoint unreachable; trying another");
+                    self.telemetry.upstream_failure("outbound", e.reason());
+                    req = *unsent;
+                }
+                Err(e) => return self.failed(e, &what),
+            }
+        }
+        if upstream.endpoints.is_empty() {
+            self.telemetry.upstream_failure("outbound", "no_healthy_upstream");
+        }
+        http::unavailable(CONNECT_FAILURE)
+    }
+
+    /// An endpoint outside the mesh: the request as HTTP/1.1 on a pooled keep-alive
+    /// connection, in plaintext.
+    async fn plain(
+        &self,
+        addr: SocketAddr,
+        req: Request<Incoming>,
+        what: &Upstream<'_>,
+        l4: &OnceLock<TcpCounters>,
+    ) -> Response<ReplyBody> {
+        let req = http::to_http1(req, addr);
+        let labels = ConnectionLabels {
+            reporter: "source",
+            source_principal: self.self_id.as_str(),
+            destination_principal: "unknown",
+            destination_service: what.service,
+            peer_cluster: what.cluster,
+            mutual_tls: false,
+        };
+        match self.plain.request(req).await {
+            Ok(resp) => {
+                l4.get_or_init(|| self.telemetry.connection(&labels));
+                self.count(labels, what.protocol, resp.status().as_u16());
+                let (mut parts, body) = resp.into_parts();
+                http::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Left(Leased::new(body, ())))
+            }
+            Err(e) => {
+                let reason = pool::http1_failure_reason(&e);
+                tracing::debug!(upstream = %addr, error = %e, "plaintext upstream failed");
+                self.telemetry.upstream_failure("outbound", reason);
+                self.count(labels, what.protocol, 503);
+                http::unavailable(if e.is_connect() {
+                    CONNECT_FAILURE
+                } else {
+                    CONNECTION_TERMINATION
+                })
+            }
+        }
+    }
+
+    fn answer(&self, sent: Sent, what: &Upstream<'_>, l4: &OnceLock<TcpCounters>) -> Response<ReplyBody> {
+        let Sent { response, peer, lease } = sent;
+        let labels = ConnectionLabels {
+            reporter: "source",
+            source_principal: self.self_id.as_str(),
+            destination_principal: &peer,
+            destination_service: what.service,
+            peer_cluster: what.cluster,
+            mutual_tls: true,
+        };
+        l4.get_or_init(|| self.telemetry.connection(&labels));
+        self.count(labels, what.protocol, response.status().as_u16());
+        let (mut parts, body) = response.into_parts();
+        parts.version = Version::HTTP_11;
+        Response::from_parts(parts, Either::Left(Leased::new(body, lease)))
+    }
+
+    fn failed(&self, e: SendError, what: &Upstream<'_>) -> Response<ReplyBody> {
+        let (reason, text) = match &e {
+            SendError::Connect(e, _) => (e.reason(), CONNECT_FAILURE),
+            SendError::Reset(_) => ("reset", CONNECTION_TERMINATION),
+        };
+        tracing::debug!(service = what.service, error = %e, "upstream failed before headers");
+        self.telemetry.upstream_failure("outbound", reason);
+        let labels = ConnectionLabels {
+            reporter: "source",
+            source_principal: self.self_id.as_str(),
+            destination_principal: "unknown",
+            destination_service: what.service,
+            peer_cluster: what.cluster,
+            mutual_tls: false,
+        };
+        self.count(labels, what.protocol, 503);
+        http::unavailable(text)
+    }
+
+    fn count(&self, connection: ConnectionLabels<'_>, protocol: &'static str, code: u16) {
+        self.telemetry.request(&RequestLabels { connection, protocol }, code);
+    }
+}
+
+/// What a request is going to, for its labels.
+struct Upstream<'a> {
+    service: &'a str,
+    cluster: Option<&'a str>,
+    protocol: &'static str,
+}
+
+/// An HTTP/1.1 request as HTTP/2: `host` becomes `:authority`, and the hop-by-hop headers
+/// (which HTTP/2 forbids) stay behind. A request with neither `host` nor an absolute URI
+/// (HTTP/1.0) is sent to `fallback`'s address as authority; one whose `host` is not an
+/// authority cannot be carried (None).
+fn to_h2<B>(req: Request<B>, fallback: SocketAddr) -> Option<Request<B>> {
+    let (mut parts, body) = req.into_parts();
+    let authority = match parts.headers.get(HOST) {
+        Some(host) => Authority::try_from(host.as_bytes()).ok(),
+        None => parts.uri.authority().cloned(),
+    };
+    let authority = match authority {
+        Some(a) => a,
+        None if !parts.headers.contains_key(HOST) => {
+            Authority::try_from(fallback.to_string()).expect("an address is an authority")
+        }
+        None => return None,
+    };
+    http::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HOST);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .expect("scheme, authority and path make a URI");
+    parts.version = Version::HTTP_2;
+    Some(Request::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_becomes_the_authority_and_hop_by_hop_headers_stay_behind() {
+        let req = Request::builder()
+            .uri("/reviews/1?x=y")
+            .header(HOST, "reviews:9080")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("x-end-to-end", "kept")
+            .body(())
+            .unwrap();
+        let fallback: SocketAddr = "10.0.0.7:15006".parse().unwrap();
+        let h2 = to_h2(req, fallback).unwrap();
+        assert_eq!(h2.uri().to_string(), "http://reviews:9080/reviews/1?x=y");
+        assert_eq!(h2.version(), Version::HTTP_2);
+        let names: Vec<&str> = h2.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["te", "x-end-to-end"]);
+
+        // HTTP/1.0 without a host: the upstream's address stands in.
+        let bare = Request::builder().uri("/").body(()).unwrap();
+        assert_eq!(
+            to_h2(bare, fallback).unwrap().uri().to_string(),
+            "http://10.0.0.7:15006/"
+        );
+        // A host that is not an authority cannot be carried.
+        let bad = Request::builder().uri("/").header(HOST, "a b").body(()).unwrap();
+        assert!(to_h2(bad, fallback).is_none());
+    }
 }

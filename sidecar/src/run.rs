@@ -19,8 +19,9 @@ use crate::destinations::Destinations;
 use crate::drain;
 use crate::http_endpoint::{self, Reply};
 use crate::inbound::{self, Inbound, Protocol};
-use crate::outbound::{self, Captured, Outbound};
+use crate::outbound::{self, Captured, HttpHop, Outbound};
 use crate::peer_authentication::{MtlsMode, Policy, parse_port_override};
+use crate::pool::{self, Key, MarkedConnector};
 use crate::socket::{listen, raise_fd_limit};
 use crate::telemetry::Telemetry;
 use crate::tls::bundle::Bundle;
@@ -112,7 +113,9 @@ pub struct RunArgs {
     /// A port-level override of the mode (the application's port, as `portLevelMtls`).
     #[arg(long = "port-mtls", value_name = "PORT=MODE", value_parser = parse_port_override)]
     pub port_mtls: Vec<(u16, MtlsMode)>,
-    /// The application protocol: `http` adds `x-forwarded-client-cert` inbound.
+    /// The application protocol. `tcp`: bytes, one mTLS connection per client connection.
+    /// `http`: the application's HTTP/1.1, carried between sidecars as requests on pooled
+    /// HTTP/2 connections in mTLS, with the caller's identity in `x-forwarded-client-cert`.
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "http"])]
     pub protocol: String,
     /// The service name used in metrics and in the default SNI.
@@ -133,6 +136,9 @@ pub struct RunArgs {
     /// PERMISSIVE: how long to wait for a caller's first byte before treating it as plaintext.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub sniff_timeout: Duration,
+    /// HTTP: a pooled upstream or application connection idle this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
     /// How long open connections may go on after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -239,30 +245,50 @@ impl Sidecar {
             inbound: None,
             metrics: None,
         };
+        // Between sidecars, HTTP rides pooled HTTP/2 (see `pool`); TCP keeps its own ALPN.
+        let alpn = if protocol == Protocol::Http {
+            Alpn::H2
+        } else {
+            Alpn::Tcp
+        };
+        let http_hop = |mark| {
+            (protocol == Protocol::Http).then(|| {
+                let settings = pool::Settings {
+                    connect_timeout: args.connect_timeout,
+                    handshake_timeout: args.handshake_timeout,
+                    idle_timeout: args.idle_timeout,
+                    mark,
+                };
+                Arc::new(HttpHop::new(
+                    settings,
+                    self_id.clone(),
+                    telemetry.clone(),
+                    watch.clone(),
+                ))
+            })
+        };
         if let Some(hop) = args.outbound {
-            let expected = if args.peer_ids.is_empty() {
+            let identities: Vec<SpiffeId> = args
+                .peer_ids
+                .iter()
+                .map(|s| SpiffeId::parse(s).with_context(|| format!("--peer-id {s}")))
+                .collect::<Result<_, _>>()?;
+            let expected = if identities.is_empty() {
                 ExpectedPeer::Any
             } else {
-                ExpectedPeer::OneOf(
-                    args.peer_ids
-                        .iter()
-                        .map(|s| SpiffeId::parse(s).with_context(|| format!("--peer-id {s}")))
-                        .collect::<Result<_, _>>()?,
-                )
+                ExpectedPeer::OneOf(identities.clone())
             };
             let sni = args
                 .sni
                 .clone()
                 .unwrap_or_else(|| format!("outbound_.{}_._.{}", hop.target.port(), args.service));
             let sni = ServerName::try_from(sni.clone()).with_context(|| format!("--sni {sni:?} is not a DNS name"))?;
-            let alpn = if protocol == Protocol::Http {
-                Alpn::Http11
-            } else {
-                Alpn::Tcp
-            };
             let outbound = Arc::new(Outbound {
-                upstream: hop.target,
-                sni,
+                upstream: Key {
+                    addr: hop.target,
+                    sni,
+                    identities,
+                },
                 service: args.service.clone(),
                 tls: crate::tls::client_config(svid.clone(), bundles.clone(), expected, alpn),
                 self_id: self_id.clone(),
@@ -270,6 +296,7 @@ impl Sidecar {
                 handshake_timeout: args.handshake_timeout,
                 telemetry: telemetry.clone(),
                 drain: watch.clone(),
+                http: http_hop(None),
             });
             let listener = listen(hop.listen)?;
             bound.outbound = Some(listener.local_addr()?);
@@ -284,11 +311,7 @@ impl Sidecar {
                 table.clone(),
                 svid.clone(),
                 bundles.clone(),
-                if protocol == Protocol::Http {
-                    Alpn::Http11
-                } else {
-                    Alpn::Tcp
-                },
+                alpn,
                 Some(args.mark),
                 addr,
                 self_id.clone(),
@@ -296,6 +319,7 @@ impl Sidecar {
                 args.handshake_timeout,
                 telemetry.clone(),
                 watch.clone(),
+                http_hop(Some(args.mark)),
             ));
             let listener = listen(addr)?;
             bound.outbound = Some(listener.local_addr()?);
@@ -331,6 +355,13 @@ impl Sidecar {
                 connect_timeout: args.connect_timeout,
                 telemetry: telemetry.clone(),
                 drain: watch.clone(),
+                app_pool: pool::http1_client(
+                    MarkedConnector {
+                        mark: None,
+                        timeout: args.connect_timeout,
+                    },
+                    args.idle_timeout,
+                ),
             });
             let listener = listen(hop.listen)?;
             bound.inbound = Some(listener.local_addr()?);

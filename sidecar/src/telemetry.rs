@@ -16,6 +16,18 @@ const TCP_LABELS: &[&str] = &[
     "connection_security_policy",
 ];
 
+const REQUEST_LABELS: &[&str] = &[
+    "reporter",
+    "source_principal",
+    "source_cluster",
+    "destination_principal",
+    "destination_service",
+    "destination_cluster",
+    "connection_security_policy",
+    "request_protocol",
+    "response_code",
+];
+
 /// Every metric the sidecar exports.
 #[derive(Clone)]
 pub struct Telemetry {
@@ -26,9 +38,12 @@ pub struct Telemetry {
     closed: IntCounterVec,
     sent: IntCounterVec,
     received: IntCounterVec,
+    requests: IntCounterVec,
     refused: IntCounterVec,
     upstream_failures: IntCounterVec,
     open: IntGauge,
+    /// Pooled HTTP/2 connections to upstream sidecars open now.
+    pub pooled_upstreams: IntGauge,
     /// Unix time at which the current SVID expires.
     pub svid_expiry: IntGauge,
     /// SVIDs renewed from the CA.
@@ -51,6 +66,24 @@ pub struct ConnectionLabels<'a> {
     /// The other side's cluster, where known (an endpoint's cluster from xDS outbound).
     pub peer_cluster: Option<&'a str>,
     pub mutual_tls: bool,
+}
+
+/// What labels one request, besides its response code.
+#[derive(Debug, Clone)]
+pub struct RequestLabels<'a> {
+    pub connection: ConnectionLabels<'a>,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+}
+
+/// A status code as label text without allocating on every request (`http` keeps codes
+/// within 100..=999).
+fn code_str(code: u16, buf: &mut [u8; 3]) -> &str {
+    let code = code.clamp(100, 999);
+    buf[0] = b'0' + (code / 100) as u8;
+    buf[1] = b'0' + (code / 10 % 10) as u8;
+    buf[2] = b'0' + (code % 10) as u8;
+    std::str::from_utf8(buf).expect("ASCII digits")
 }
 
 /// The counters of one connection, resolved once at its start.
@@ -117,6 +150,7 @@ impl Telemetry {
                 "Bytes received from the client",
                 TCP_LABELS,
             ),
+            requests: counter("istio_requests_total", "HTTP requests answered", REQUEST_LABELS),
             refused: counter(
                 "isthmus_sidecar_refused_connections_total",
                 "Connections refused before reaching the application or upstream, by side and reason",
@@ -128,6 +162,10 @@ impl Telemetry {
                 &["side", "reason"],
             ),
             open: gauge("isthmus_sidecar_open_connections", "Connections open now"),
+            pooled_upstreams: gauge(
+                "isthmus_sidecar_pooled_upstream_connections",
+                "Pooled HTTP/2 connections in mTLS to upstream sidecars open now",
+            ),
             svid_expiry: gauge(
                 "isthmus_sidecar_svid_expiry_seconds",
                 "Unix time at which the current SVID expires",
@@ -164,15 +202,41 @@ impl Telemetry {
         }
     }
 
-    /// Counts a connection as opened and returns its counters; dropping them counts the close.
-    pub fn connection(&self, l: &ConnectionLabels<'_>) -> TcpCounters {
-        let policy = if l.mutual_tls { "mutual_tls" } else { "none" };
+    /// `source_cluster` and `destination_cluster` as `reporter` sees them.
+    fn clusters<'a>(&'a self, l: &ConnectionLabels<'a>) -> (&'a str, &'a str) {
         let peer = l.peer_cluster.unwrap_or("unknown");
-        let (source_cluster, destination_cluster) = if l.reporter == "source" {
+        if l.reporter == "source" {
             (&*self.cluster, peer)
         } else {
             (peer, &*self.cluster)
-        };
+        }
+    }
+
+    /// Counts one answered request (ours or the upstream's) under `istio_requests_total`.
+    pub fn request(&self, r: &RequestLabels<'_>, code: u16) {
+        let l = &r.connection;
+        let (source_cluster, destination_cluster) = self.clusters(l);
+        let mut buf = [0; 3];
+        let code = code_str(code, &mut buf);
+        self.requests
+            .with_label_values(&[
+                l.reporter,
+                l.source_principal,
+                source_cluster,
+                l.destination_principal,
+                l.destination_service,
+                destination_cluster,
+                if l.mutual_tls { "mutual_tls" } else { "none" },
+                r.protocol,
+                code,
+            ])
+            .inc();
+    }
+
+    /// Counts a connection as opened and returns its counters; dropping them counts the close.
+    pub fn connection(&self, l: &ConnectionLabels<'_>) -> TcpCounters {
+        let policy = if l.mutual_tls { "mutual_tls" } else { "none" };
+        let (source_cluster, destination_cluster) = self.clusters(l);
         let values = [
             l.reporter,
             l.source_principal,

@@ -1,0 +1,191 @@
+//! What both sides of an HTTP-aware hop share: the headers that never cross a hop, the
+//! answer a caller gets when the upstream cannot be reached (Envoy's, word for word), the
+//! request protocol label, and a response body that tells its pool when it is done.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use std::net::SocketAddr;
+
+/// The body of every answer a sidecar gives its client: the upstream's, or our own.
+pub type ReplyBody = Either<Leased<Incoming>, Full<Bytes>>;
+
+/// Envoy's text for a request that never got response headers because the connection to
+/// the upstream could not be made; users grep their logs for it.
+pub const CONNECT_FAILURE: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+
+/// Envoy's text for an upstream that went away after the request was sent.
+pub const CONNECTION_TERMINATION: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+
+/// `503 Service Unavailable` with Envoy's body.
+pub fn unavailable(text: &'static str) -> Response<ReplyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(text.as_bytes()))));
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// `400 Bad Request` for a request we cannot carry.
+pub fn bad_request(text: &'static str) -> Response<ReplyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(text.as_bytes()))));
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    resp
+}
+
+/// Headers about one connection (RFC 9110 §7.6.1), which HTTP/2 forbids outright.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes the hop-by-hop headers: those named in `Connection`, the fixed set, and `te`
+/// unless it is exactly `trailers` (the one value HTTP/2 allows, which gRPC needs).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+/// Istio's `request_protocol`: `grpc` for gRPC's content types, else `http`.
+pub fn request_protocol(headers: &HeaderMap) -> &'static str {
+    match headers.get(header::CONTENT_TYPE) {
+        Some(v) if v.as_bytes().starts_with(b"application/grpc") => "grpc",
+        _ => "http",
+    }
+}
+
+/// A body that holds `guard` until it ends or is dropped: what keeps a pooled connection
+/// counted as busy while its response is still streaming.
+pub struct Leased<B> {
+    inner: B,
+    guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl<B> Leased<B> {
+    /// `inner`, releasing `guard` once the last frame is read or the body is dropped.
+    pub fn new(inner: B, guard: impl Send + Sync + 'static) -> Self {
+        Self {
+            inner,
+            guard: Some(Box::new(guard)),
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Leased<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request as HTTP/1.1 to `addr` (which the pool connects by), keeping its `host`.
+pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(Authority::try_from(addr.to_string()).expect("an address is an authority"))
+        .path_and_query(path)
+        .build()
+        .expect("scheme, authority and path make a URI");
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["te", "x-kept"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn an_http2_request_reaches_the_application_as_http11_with_its_host() {
+        let req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://reviews:9080/a?b=c")
+            .body(())
+            .unwrap();
+        let app: SocketAddr = "127.0.0.1:9080".parse().unwrap();
+        let h1 = to_http1(req, app);
+        assert_eq!(h1.version(), Version::HTTP_11);
+        assert_eq!(h1.uri().to_string(), "http://127.0.0.1:9080/a?b=c");
+        assert_eq!(h1.headers()[header::HOST], "reviews:9080");
+    }
+
+    #[test]
+    fn grpc_is_told_apart_by_content_type() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_protocol(&h), "http");
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc+proto"));
+        assert_eq!(request_protocol(&h), "grpc");
+    }
+}

@@ -1,0 +1,493 @@
+//! Pooled upstream connections: what makes a new client connection cost nothing upstream.
+//!
+//! - [`H2Pool`]: between sidecars, one HTTP/2 connection inside mutual TLS per
+//!   [`Key`] — endpoint address, SNI and the identities the server may prove — shared by
+//!   every client connection and multiplexing their requests (Linkerd's design). The SNI is
+//!   part of the key because an east-west gateway routes by it and splices the whole
+//!   connection to one pod: two SNIs to the same gateway address are two destinations.
+//! - [`http1_client`]: a keep-alive HTTP/1.1 pool per address, for the application behind
+//!   the inbound side and for endpoints outside the mesh.
+//!
+//! A connection that fails, is closed by its peer, or answers GOAWAY leaves the pool as its
+//! task ends; the next request makes a new one. Idle connections close after a timeout.
+//! Concurrency on one connection is bounded by the server's `SETTINGS_MAX_CONCURRENT_STREAMS`,
+//! which h2 honours by queueing streams beyond it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper::{Request, Response, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_vocab::spiffe::SpiffeId;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::capture;
+use crate::tls;
+
+/// What one pooled connection is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub addr: SocketAddr,
+    pub sni: ServerName<'static>,
+    /// The identities the server may prove; empty means any trusted identity.
+    pub identities: Vec<SpiffeId>,
+}
+
+/// Why no connection to an upstream could be had. Each is a reason label of
+/// `isthmus_sidecar_upstream_failures_total`, and none of them wrote a byte of the request,
+/// so the request may go to another endpoint.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {0} failed: {1}")]
+    Connect(SocketAddr, String),
+    #[error("connect to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("TLS with {addr} refused: {message}")]
+    Tls {
+        addr: SocketAddr,
+        reason: &'static str,
+        message: String,
+    },
+    #[error("TLS handshake with {0} timed out")]
+    HandshakeTimeout(SocketAddr),
+    #[error("HTTP/2 handshake with {0} failed: {1}")]
+    Http2(SocketAddr, String),
+}
+
+impl ConnectError {
+    /// The metric reason label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connect(..) => "connect_failure",
+            Self::ConnectTimeout(_) => "connect_timeout",
+            Self::Tls { reason, .. } => reason,
+            Self::HandshakeTimeout(_) => "handshake_timeout",
+            Self::Http2(..) => "http2_handshake",
+        }
+    }
+}
+
+/// A request that got no response headers.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection: nothing was sent, and the request is handed back.
+    #[error("{0}")]
+    Connect(ConnectError, Box<Request<Incoming>>),
+    /// The request went out, then the stream or the connection failed before headers.
+    #[error("upstream reset before headers: {0}")]
+    Reset(hyper::Error),
+}
+
+/// An answer from upstream, with what the caller needs to report it.
+pub struct Sent {
+    pub response: Response<Incoming>,
+    /// The SPIFFE ID the upstream proved on this connection.
+    pub peer: Arc<str>,
+    /// Keeps the connection counted as busy; hold it until the body is done.
+    pub lease: Lease,
+}
+
+/// Bounds of the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// A connection without a request for this long is closed.
+    pub idle_timeout: Duration,
+    /// The mark on our own sockets (see [`capture::Rules`]).
+    pub mark: Option<u32>,
+}
+
+/// HTTP/2-in-mTLS connections to upstream sidecars (or gateways), one per [`Key`].
+pub struct H2Pool {
+    settings: Settings,
+    /// Connections open now, for the operator (and tests) to see.
+    open: prometheus::IntGauge,
+    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    ids: AtomicU64,
+    me: Weak<H2Pool>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Connection attempts made so far; lets requests that queued behind a failed attempt
+    /// share its failure instead of each waiting out its own timeout.
+    attempts: AtomicU64,
+    state: tokio::sync::Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    conn: Option<Conn>,
+    failed: Option<ConnectError>,
+}
+
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    sender: http2::SendRequest<Incoming>,
+    peer: Arc<str>,
+    busy: Arc<Busy>,
+}
+
+/// How busy one connection is, for the idle timeout.
+struct Busy {
+    in_flight: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Busy {
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(self.idle_since.lock().expect("idle clock poisoned").elapsed())
+    }
+}
+
+/// One request's claim on a connection; the connection counts as busy until it drops.
+pub struct Lease {
+    busy: Arc<Busy>,
+}
+
+impl Lease {
+    fn on(busy: &Arc<Busy>) -> Lease {
+        busy.in_flight.fetch_add(1, Ordering::AcqRel);
+        Lease { busy: busy.clone() }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        *self.busy.idle_since.lock().expect("idle clock poisoned") = Instant::now();
+        self.busy.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Pings on an HTTP/2 connection with requests in flight, so a peer that vanished without
+/// a FIN (a partition, a dead host) is noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl H2Pool {
+    /// An empty pool.
+    pub fn new(settings: Settings, open: prometheus::IntGauge) -> Arc<H2Pool> {
+        Arc::new_cyclic(|me| H2Pool {
+            settings,
+            open,
+            slots: Mutex::new(HashMap::new()),
+            ids: AtomicU64::new(0),
+            me: me.clone(),
+        })
+    }
+
+    /// Sends `req` on the pooled connection for `key`, making it with `tls` if needed.
+    ///
+    /// Retry rule: hyper hands a request back only when it never reached the connection —
+    /// the connection was found closed, or failed or GOAWAY'd while the request still
+    /// waited in its queue. Not one byte of it was written, so it is sent again, whatever
+    /// its method, once, on a fresh connection. A request that was taken for writing is
+    /// never resent (its body is gone, and the upstream may have acted on it): its failure
+    /// is [`SendError::Reset`].
+    pub async fn send(&self, key: &Key, tls: &Arc<ClientConfig>, req: Request<Incoming>) -> Result<Sent, SendError> {
+        let conn = match self.checkout(key, tls, None).await {
+            Ok(conn) => conn,
+            Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+        };
+        let lease = Lease::on(&conn.busy);
+        match conn.sender.clone().try_send_request(req).await {
+            Ok(response) => Ok(Sent {
+                response,
+                peer: conn.peer,
+                lease,
+            }),
+            Err(mut e) => {
+                let Some(req) = e.take_message() else {
+                    return Err(SendError::Reset(e.into_error()));
+                };
+                drop(lease);
+                tracing::debug!(upstream = %key.addr, error = %e.error(), "pooled connection closed under an unsent request; resending once");
+                let conn = match self.checkout(key, tls, Some(conn.id)).await {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+                };
+                let lease = Lease::on(&conn.busy);
+                let response = conn.sender.clone().send_request(req).await.map_err(SendError::Reset)?;
+                Ok(Sent {
+                    response,
+                    peer: conn.peer,
+                    lease,
+                })
+            }
+        }
+    }
+
+    /// The live connection for `key` (not the one numbered `stale`), made if there is none.
+    /// Requests for one key wait for a single connection attempt rather than racing their own.
+    async fn checkout(&self, key: &Key, tls: &Arc<ClientConfig>, stale: Option<u64>) -> Result<Conn, ConnectError> {
+        let slot = {
+            let mut slots = self.slots.lock().expect("pool poisoned");
+            match slots.get(key) {
+                Some(slot) => slot.clone(),
+                None => slots.entry(key.clone()).or_default().clone(),
+            }
+        };
+        let seen = slot.attempts.load(Ordering::Acquire);
+        let mut state = slot.state.lock().await;
+        if let Some(conn) = &state.conn {
+            if !conn.sender.is_closed() && Some(conn.id) != stale {
+                return Ok(conn.clone());
+            }
+            state.conn = None;
+        }
+        if slot.attempts.load(Ordering::Acquire) != seen
+            && let Some(failed) = &state.failed
+        {
+            return Err(failed.clone());
+        }
+        slot.attempts.fetch_add(1, Ordering::AcqRel);
+        match self.connect(key, tls, &slot).await {
+            Ok(conn) => {
+                state.failed = None;
+                state.conn = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                state.failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(&self, key: &Key, tls: &Arc<ClientConfig>, slot: &Arc<Slot>) -> Result<Conn, ConnectError> {
+        let s = &self.settings;
+        let tcp = match tokio::time::timeout(s.connect_timeout, capture::connect_marked(key.addr, s.mark)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(ConnectError::Connect(key.addr, e.to_string())),
+            Err(_) => return Err(ConnectError::ConnectTimeout(key.addr)),
+        };
+        let _ = tcp.set_nodelay(true);
+        let handshake = tokio_rustls::TlsConnector::from(tls.clone()).connect(key.sni.clone(), tcp);
+        let mut stream = match tokio::time::timeout(s.handshake_timeout, handshake).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                return Err(ConnectError::Tls {
+                    addr: key.addr,
+                    reason: tls::refusal_in(&e).map_or("tls_handshake", |r| r.reason()),
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
+        };
+        let peer: Arc<str> = tls::proven_identity(stream.get_ref().1.peer_certificates())
+            .map_or_else(|| Arc::from("unknown"), |id| Arc::from(id.as_str()));
+        // In TLS 1.3 the client's handshake is over before the server has checked the
+        // client's certificate: a server that refuses our SVID says so only in its first
+        // record. An HTTP/2 server speaks first (its SETTINGS), so wait for that: a refusal
+        // is then a failed connect — counted by reason, and moved past to another endpoint —
+        // rather than a request lost on a connection that was never usable.
+        let mut first = vec![0; 1024];
+        let n = match tokio::time::timeout(s.handshake_timeout, stream.read(&mut first)).await {
+            Ok(Ok(0)) => {
+                return Err(ConnectError::Tls {
+                    addr: key.addr,
+                    reason: "closed_after_handshake",
+                    message: "the server closed the connection before speaking HTTP/2".into(),
+                });
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                return Err(ConnectError::Tls {
+                    addr: key.addr,
+                    reason: tls::refusal_in(&e).map_or("tls_handshake", |r| r.reason()),
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
+        };
+        first.truncate(n);
+        let stream = Rewind {
+            first: Some(bytes::Bytes::from(first)),
+            inner: stream,
+        };
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ConnectError::Http2(key.addr, e.to_string()))?;
+        let busy = Arc::new(Busy {
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let (pool, key_owned, slot_owned, idle_busy) = (self.me.clone(), key.clone(), slot.clone(), busy.clone());
+        let idle_timeout = s.idle_timeout;
+        let open = self.open.clone();
+        open.inc();
+        tokio::spawn(async move {
+            tokio::select! {
+                ended = connection => if let Err(e) = ended {
+                    tracing::debug!(upstream = %key_owned.addr, error = %e, "pooled upstream connection failed");
+                },
+                () = until_idle(&idle_busy, idle_timeout) => {
+                    tracing::debug!(upstream = %key_owned.addr, "closing an idle upstream connection");
+                }
+            }
+            open.dec();
+            if let Some(pool) = pool.upgrade() {
+                pool.forget(&key_owned, &slot_owned, id);
+            }
+        });
+        Ok(Conn { id, sender, peer, busy })
+    }
+
+    /// Drops connection `id` and, when the slot is left empty, the slot itself, so that a
+    /// pool that saw many endpoints come and go does not keep a slot for each.
+    fn forget(&self, key: &Key, slot: &Arc<Slot>, id: u64) {
+        // A slot locked now is being used to connect; it will hold a live connection.
+        let Ok(mut state) = slot.state.try_lock() else { return };
+        if state.conn.as_ref().is_some_and(|c| c.id == id) {
+            state.conn = None;
+        }
+        if state.conn.is_none() {
+            let mut slots = self.slots.lock().expect("pool poisoned");
+            if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                slots.remove(key);
+            }
+        }
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Rewind<S> {
+    first: Option<bytes::Bytes>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(mut first) = self.first.take() {
+            let n = first.len().min(buf.remaining());
+            buf.put_slice(&first.split_to(n));
+            if !first.is_empty() {
+                self.first = Some(first);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Completes once the connection has had no request in flight for `timeout`.
+async fn until_idle(busy: &Busy, timeout: Duration) {
+    loop {
+        match busy.idle_for() {
+            Some(idle) if idle >= timeout => return,
+            Some(idle) => tokio::time::sleep(timeout - idle).await,
+            None => tokio::time::sleep(timeout).await,
+        }
+    }
+}
+
+/// Connects to the `host:port` (an IP address) of a request's URI, with our socket mark.
+#[derive(Debug, Clone, Copy)]
+pub struct MarkedConnector {
+    pub mark: Option<u32>,
+    pub timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for MarkedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<TcpStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let addr = uri.authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let (mark, timeout) = (self.mark, self.timeout);
+        Box::pin(async move {
+            let addr =
+                addr.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri}: not an IP:port")))?;
+            let tcp = tokio::time::timeout(timeout, capture::connect_marked(addr, mark))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
+            let _ = tcp.set_nodelay(true);
+            Ok(TokioIo::new(tcp))
+        })
+    }
+}
+
+/// Idle keep-alive connections kept per address by an [`http1_client`].
+const MAX_IDLE_PER_ADDRESS: usize = 64;
+
+/// A keep-alive HTTP/1.1 client pooling per `IP:port` (the request's URI authority).
+pub fn http1_client(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, Incoming> {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(MAX_IDLE_PER_ADDRESS)
+        .set_host(false)
+        .build(connector)
+}
+
+/// The reason label for a failed [`http1_client`] request.
+pub fn http1_failure_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if !e.is_connect() {
+        return "reset";
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>()
+            && io.kind() == io::ErrorKind::TimedOut
+        {
+            return "connect_timeout";
+        }
+        source = s.source();
+    }
+    "connect_failure"
+}

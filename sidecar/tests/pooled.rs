@@ -1,0 +1,550 @@
+//! The HTTP-aware hop (`--protocol http`) through a real pair of sidecars with real SVIDs:
+//! the application's HTTP/1.1 connections ride one pooled, multiplexed HTTP/2 connection in
+//! mutual TLS between the sidecars, the application still learns the caller's identity on
+//! every request, and failures upstream are answered at once with Envoy's 503.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+use sidecar::run::{RunArgs, Sidecar};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/productpage";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+
+struct Pki {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = std::env::temp_dir().join(format!("isthmus-pooled-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::OrganizationName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        std::fs::write(dir.join("root-cert.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+        Pki {
+            dir,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("root-cert.pem")
+    }
+
+    /// Writes an SVID for `sa` and returns (cert, key) paths.
+    fn svid(&self, sa: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+        params
+            .subject_alt_names
+            .push(SanType::URI(id.as_str().try_into().unwrap()));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (self.dir.join(format!("{sa}.pem")), self.dir.join(format!("{sa}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn server(&self, listen: &str, app: SocketAddr) -> Result<Sidecar, anyhow::Error> {
+        let (c, k) = self.svid("reviews");
+        let line = format!(
+            "--inbound {listen}={app} --cert {} --key {} --ca {} --protocol http --mtls STRICT --metrics 127.0.0.1:0",
+            p(&c),
+            p(&k),
+            p(&self.ca())
+        );
+        Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap())
+    }
+
+    fn client(&self, upstream: SocketAddr) -> Sidecar {
+        self.client_with(upstream, "")
+    }
+
+    fn client_with(&self, upstream: SocketAddr, extra: &str) -> Sidecar {
+        let (c, k) = self.svid("productpage");
+        let line = format!(
+            "--outbound 127.0.0.1:0={upstream} --peer-id {SERVER_ID} --cert {} --key {} --ca {} --protocol http --metrics 127.0.0.1:0 --connect-timeout 2s {extra}",
+            p(&c),
+            p(&k),
+            p(&self.ca())
+        );
+        Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// An HTTP/1.1 application answering each request with the `x-forwarded-client-cert` it
+/// received (or `-`). With `gate`, every request is held until that many are in flight at
+/// once, which only concurrent requests can reach.
+async fn http_app(gate: Option<usize>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let barrier = gate.map(|n| Arc::new(tokio::sync::Barrier::new(n)));
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let barrier = barrier.clone();
+                    async move {
+                        if let Some(b) = barrier {
+                            b.wait().await;
+                        }
+                        let xfcc = req
+                            .headers()
+                            .get_all("x-forwarded-client-cert")
+                            .iter()
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .collect::<Vec<_>>()
+                            .join(" | ");
+                        let body = if xfcc.is_empty() { "-".to_owned() } else { xfcc };
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/1.1 application answering each request with its own body.
+async fn echo_app() -> SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(body)))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One GET on a new connection (optionally with a forged XFCC); returns status and body.
+async fn get(addr: SocketAddr, forged_xfcc: Option<&str>) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let extra = forged_xfcc
+        .map(|v| format!("x-forwarded-client-cert: {v}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET / HTTP/1.1\r\nhost: reviews:9080\r\n{extra}connection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no answer: {out:?}")))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(head.to_owned()))?;
+    Ok((status, body.to_owned()))
+}
+
+async fn metrics(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The sum of the series of `name` whose labels include all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls the metrics until `name{labels}` sums to `want`, or fails at a deadline.
+async fn counted(addr: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics(addr).await;
+        let got = sample(&text, name, labels);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} is {got}, want {want}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_vouched(body: &str) {
+    assert!(body.starts_with(&format!("By={SERVER_ID};Hash=")), "{body}");
+    assert!(body.ends_with(&format!(";URI={CLIENT_ID}")), "{body}");
+    assert!(
+        !body.contains("admin") && !body.contains(" | "),
+        "a forged header must be replaced: {body}"
+    );
+}
+
+const OPENED: &str = "istio_tcp_connections_opened_total";
+const REQUESTS: &str = "istio_requests_total";
+const POOLED: &str = "isthmus_sidecar_pooled_upstream_connections";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_new_client_connections_cost_one_mtls_handshake() {
+    let pki = Pki::new("fifty");
+    let app = http_app(None).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    for n in 0..50 {
+        let forged = (n % 2 == 0).then_some("By=spiffe://evil/x;URI=spiffe://cluster.local/ns/default/sa/admin");
+        let (status, body) = get(out, forged).await.unwrap();
+        assert_eq!(status, 200, "request {n}: {body}");
+        assert_vouched(&body);
+    }
+    let (server_metrics, client_metrics) = (server.bound.metrics.unwrap(), client.bound.metrics.unwrap());
+    // One connection, one handshake, reached the server side for all fifty.
+    counted(server_metrics, OPENED, &[("reporter", "destination")], 1.0).await;
+    // The client side still counts each application connection.
+    counted(
+        client_metrics,
+        OPENED,
+        &[("reporter", "source"), ("connection_security_policy", "mutual_tls")],
+        50.0,
+    )
+    .await;
+    let request = [
+        ("source_principal", CLIENT_ID),
+        ("destination_principal", SERVER_ID),
+        ("destination_service", "reviews.default.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+    ];
+    let source: Vec<_> = request
+        .iter()
+        .copied()
+        .chain([
+            ("reporter", "source"),
+            ("source_cluster", "Kubernetes"),
+            ("destination_cluster", "unknown"),
+        ])
+        .collect();
+    counted(client_metrics, REQUESTS, &source, 50.0).await;
+    let destination: Vec<_> = request
+        .iter()
+        .copied()
+        .chain([
+            ("reporter", "destination"),
+            ("source_cluster", "unknown"),
+            ("destination_cluster", "Kubernetes"),
+        ])
+        .collect();
+    counted(server_metrics, REQUESTS, &destination, 50.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_requests_multiplex_on_one_connection() {
+    let pki = Pki::new("twenty");
+    // The application answers nobody until all twenty are waiting at once.
+    let app = http_app(Some(20)).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(get(out, None))).collect();
+    for call in calls {
+        let (status, body) = call.await.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_vouched(&body);
+    }
+    counted(
+        server.bound.metrics.unwrap(),
+        OPENED,
+        &[("reporter", "destination")],
+        1.0,
+    )
+    .await;
+}
+
+/// A TCP relay whose connections can be cut at once, as a crash or a partition would.
+struct Relay {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn to(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (a, l) = (accepted.clone(), links.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut down, _) = listener.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                l.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut up) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                }));
+            }
+        });
+        Relay { addr, accepted, links }
+    }
+
+    /// Drops every relayed connection: both sockets close under the peers' feet.
+    fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_upstream_connection_is_replaced_without_client_errors() {
+    let pki = Pki::new("cut");
+    let app = http_app(None).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let relay = Relay::to(server.bound.inbound.unwrap()).await;
+    let client = pki.client(relay.addr);
+    let out = client.bound.outbound.unwrap();
+    for _ in 0..5 {
+        assert_eq!(get(out, None).await.unwrap().0, 200);
+    }
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    let m = client.bound.metrics.unwrap();
+    counted(m, POOLED, &[], 1.0).await;
+    relay.cut();
+    // The pool drops the broken connection as soon as it reads the close. (A request sent
+    // in the instant before that goes out on the dead connection and gets a 503: it was
+    // written, so it is not resent — see `H2Pool::send`.)
+    counted(m, POOLED, &[], 0.0).await;
+    // No request was in flight when the connection broke: none may fail.
+    for n in 0..5 {
+        let (status, body) = get(out, None).await.unwrap();
+        assert_eq!(status, 200, "request {n} after the cut: {body}");
+        assert_vouched(&body);
+    }
+    assert_eq!(
+        relay.accepted.load(Ordering::SeqCst),
+        2,
+        "one new connection after the cut"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_upstream_sidecar_is_reached_on_a_new_connection() {
+    let pki = Pki::new("restart");
+    let app = http_app(None).await;
+    let first = pki.server("127.0.0.1:0", app).unwrap();
+    let inbound = first.bound.inbound.unwrap();
+    let client = pki.client(inbound);
+    let out = client.bound.outbound.unwrap();
+    for _ in 0..5 {
+        assert_eq!(get(out, None).await.unwrap().0, 200);
+    }
+    // A graceful restart: the old server says GOAWAY to the pooled connection and goes.
+    assert_eq!(first.drain().await, 0, "the pooled connection must close on GOAWAY");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let second = loop {
+        match pki.server(&inbound.to_string(), app) {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "cannot listen on {inbound} again: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for n in 0..5 {
+        let (status, body) = get(out, None).await.unwrap();
+        assert_eq!(status, 200, "request {n} after the restart: {body}");
+        assert_vouched(&body);
+    }
+    counted(
+        second.bound.metrics.unwrap(),
+        OPENED,
+        &[("reporter", "destination")],
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pooled_connection_is_closed_and_made_again_when_needed() {
+    let pki = Pki::new("idle");
+    let app = http_app(None).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client_with(server.bound.inbound.unwrap(), "--idle-timeout 300ms");
+    let out = client.bound.outbound.unwrap();
+    assert_eq!(get(out, None).await.unwrap().0, 200);
+    let m = server.bound.metrics.unwrap();
+    counted(
+        m,
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "destination")],
+        1.0,
+    )
+    .await;
+    assert_eq!(get(out, None).await.unwrap().0, 200);
+    counted(m, OPENED, &[("reporter", "destination")], 2.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_is_answered_503_at_once_and_counted() {
+    let pki = Pki::new("dead");
+    // A port that was just free: nothing listens there.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let client = pki.client(dead);
+    let out = client.bound.outbound.unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, body) = get(out, None).await.unwrap();
+        assert_eq!(status, 503);
+        assert_eq!(
+            body,
+            "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    let m = client.bound.metrics.unwrap();
+    counted(
+        m,
+        "isthmus_sidecar_upstream_failures_total",
+        &[("side", "outbound"), ("reason", "connect_failure")],
+        3.0,
+    )
+    .await;
+    counted(m, REQUESTS, &[("reporter", "source"), ("response_code", "503")], 3.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_bodies_cross_both_ways_whole() {
+    let pki = Pki::new("bodies");
+    let app = echo_app().await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    // Bigger than HTTP/2's initial 64 KiB window, so flow control has to work.
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for chunked in [false, true] {
+        let mut s = TcpStream::connect(out).await.unwrap();
+        let framing = if chunked {
+            "transfer-encoding: chunked".to_owned()
+        } else {
+            format!("content-length: {}", body.len())
+        };
+        s.write_all(
+            format!("POST /echo HTTP/1.1\r\nhost: reviews\r\n{framing}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        if chunked {
+            for part in body.chunks(70_000) {
+                s.write_all(format!("{:x}\r\n", part.len()).as_bytes()).await.unwrap();
+                s.write_all(part).await.unwrap();
+                s.write_all(b"\r\n").await.unwrap();
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+        } else {
+            s.write_all(&body).await.unwrap();
+        }
+        let mut out_bytes = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out_bytes))
+            .await
+            .unwrap()
+            .unwrap();
+        let split = out_bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&out_bytes[..split]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        assert!(
+            out_bytes[split + 4..] == body[..],
+            "chunked={chunked}: the body came back changed"
+        );
+    }
+}
+
+/// A peer that speaks HTTP/1.1 inside mTLS (`istio-http/1.1`, as Envoy may be configured)
+/// is still served, with the same identity header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_peer_is_still_served_with_its_identity() {
+    let pki = Pki::new("h11");
+    let app = http_app(None).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let (c, k) = pki.svid("productpage");
+    let svid = sidecar::tls::Svid::from_files(&c, &k).unwrap();
+    let bundles = sidecar::tls::TrustBundles::new();
+    let roots = std::fs::read(pki.ca()).unwrap();
+    bundles.set(
+        "cluster.local",
+        sidecar::tls::bundle::Bundle::from_pem("cluster.local", &roots).unwrap(),
+    );
+    let config = sidecar::tls::client_config(
+        sidecar::tls::SvidSlot::new(svid),
+        bundles,
+        sidecar::tls::ExpectedPeer::Any,
+        sidecar::tls::Alpn::Http11,
+    );
+    let tcp = TcpStream::connect(server.bound.inbound.unwrap()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("outbound_.9080_._.reviews.default.svc.cluster.local").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"istio-http/1.1"[..]));
+    tls.write_all(
+        b"GET / HTTP/1.1\r\nhost: reviews\r\nx-forwarded-client-cert: URI=spiffe://x/admin\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_vouched(body);
+}
