@@ -15,12 +15,15 @@
 //!   again.
 //! - `latency`: `netem delay 100ms` on C's transit leg (needs `sch_netem`); healed by
 //!   removing it.
+//! - `controller-loss`: SIGKILL of C's controller; the proxies keep their last good config,
+//!   so C's answers are not counted against it. Healed by starting it again.
 //!
 //! The figures (times from the injection, `t_inject`, or the heal, `t_heal`):
 //! - *detect*: the end of the first attempt that failed (retried or not), or of the first
-//!   request slower than `--slow`, after `t_inject`; none if the client saw neither.
+//!   request slower than `--slow`, after `t_inject`, of requests started before `t_heal`;
+//!   none if the client saw neither.
 //! - *reroute*: among requests started in `[t_inject, t_heal)`, the *bad* ones failed, were
-//!   answered by C, or took longer than `--slow`. Reroute is the end of the last bad one
+//!   answered by C (except for `controller-loss`), or took longer than `--slow`. Reroute is the end of the last bad one
 //!   minus `t_inject` (0 when none was bad); *not rerouted* when a bad one started in the
 //!   last quarter of the failure window (traffic still fails, is slow or goes to C there).
 //! - *recover*: the end of the first request started after `t_heal` that C answered, minus
@@ -54,6 +57,7 @@ pub enum Scenario {
     TransitCut,
     EndpointLoss,
     Latency,
+    ControllerLoss,
 }
 
 impl Scenario {
@@ -63,6 +67,7 @@ impl Scenario {
             Scenario::TransitCut => "transit-cut",
             Scenario::EndpointLoss => "endpoint-loss",
             Scenario::Latency => "latency",
+            Scenario::ControllerLoss => "controller-loss",
         }
     }
 }
@@ -196,6 +201,9 @@ pub struct DrillResult {
     /// The client's sidecar during the drill: upstream connects refused and timed out
     /// (`isthmus_sidecar_upstream_failures_total`), each retried on the next endpoint.
     pub sidecar_connects_refused: Option<u64>,
+    /// Requests started after the heal whose first attempt failed (the healing itself hurts:
+    /// e.g. a restarted gateway that listens before its routes arrive).
+    pub heal_failed_attempts: usize,
     pub sidecar_connect_timeouts: Option<u64>,
     pub failures: BTreeMap<String, usize>,
     pub landed: BTreeMap<String, usize>,
@@ -334,6 +342,16 @@ pub fn run(args: &DrillArgs, out: &mut impl Write) -> anyhow::Result<DrillResult
                 v.push(rec.clone());
             }
             v
+        }
+        Scenario::ControllerLoss => {
+            let name = format!("{} controller", target.name);
+            let p = lab
+                .process(&name)
+                .with_context(|| format!("{} has no controller of its own (a remote?)", target.name))?;
+            if !process::is_running(p) {
+                bail!("{name} (pid {}) is not running: heal the lab first", p.pid);
+            }
+            vec![p.clone()]
         }
         Scenario::TransitCut | Scenario::Latency => {
             gateway_of(&target)?;
@@ -493,7 +511,7 @@ fn inject(
     injected: &mut Injected,
 ) -> anyhow::Result<String> {
     match scenario {
-        Scenario::GatewayLoss | Scenario::EndpointLoss => {
+        Scenario::GatewayLoss | Scenario::EndpointLoss | Scenario::ControllerLoss => {
             for v in victims {
                 if process::is_running(v) {
                     // SAFETY: kill(2) on a PID checked to be our process (same start time).
@@ -599,7 +617,25 @@ fn heal(lab: &mut Running, injected: Injected, out: &mut impl Write) -> anyhow::
             // Ready: the gateway's health, or the app answering on its port.
             let deadline = Instant::now() + Duration::from_secs(15);
             for (v, s) in victims.iter().zip(started.iter_mut()) {
-                let check: Box<dyn Fn() -> bool> = if v.name.ends_with(" gateway") {
+                let check: Box<dyn Fn() -> bool> = if v.name.ends_with(" controller") {
+                    let ip = lab
+                        .plan
+                        .clusters
+                        .iter()
+                        .find_map(|c| c.controller.as_ref().filter(|h| h.netns == v.netns))
+                        .map(|h| h.ip)
+                        .context("the controller's address")?;
+                    let ns = v.netns.clone();
+                    Box::new(move || {
+                        probe::get(
+                            &ns,
+                            SocketAddr::new(IpAddr::V4(ip), crate::plan::MONITORING_PORT),
+                            "/ready",
+                            Duration::from_millis(500),
+                        )
+                        .is_ok_and(|r| r.status == 200)
+                    })
+                } else if v.name.ends_with(" gateway") {
                     let ip = lab
                         .plan
                         .clusters
@@ -692,7 +728,8 @@ fn analyse(args: &DrillArgs, t: Times, mut samples: Vec<Sample>, cx: AnalysisCon
     samples.sort_by_key(|s| s.start);
     let at_c = |s: &Sample| s.landing().is_some_and(|l| l.cluster == cx.target);
     let slow = |s: &Sample| s.latency() > args.slow;
-    let bad = |s: &Sample| !s.ok() || at_c(s) || slow(s);
+    let c_counts = args.scenario != Scenario::ControllerLoss;
+    let bad = |s: &Sample| !s.ok() || (c_counts && at_c(s)) || slow(s);
     let phase = |name: &'static str, f: &dyn Fn(&Sample) -> bool| {
         let of: Vec<&Sample> = samples.iter().filter(|s| f(s)).collect();
         let ok = of.iter().filter(|s| s.ok()).count();
@@ -715,6 +752,7 @@ fn analyse(args: &DrillArgs, t: Times, mut samples: Vec<Sample>, cx: AnalysisCon
     ];
     let detect = samples
         .iter()
+        .filter(|s| s.start < t.t_heal)
         .filter_map(|s| {
             s.first_failure
                 .or_else(|| slow(s).then_some(s.end))
@@ -819,6 +857,10 @@ fn analyse(args: &DrillArgs, t: Times, mut samples: Vec<Sample>, cx: AnalysisCon
             .filter(|s| !s.ok() && s.start < t.t_inject && s.end >= t.t_inject)
             .count(),
         sidecar_connects_refused: cx.sidecar.map(|s| s.0),
+        heal_failed_attempts: samples
+            .iter()
+            .filter(|s| s.start >= t.t_heal && s.first_failure.is_some())
+            .count(),
         sidecar_connect_timeouts: cx.sidecar.map(|s| s.1),
         failures,
         landed: by_cluster,
@@ -903,6 +945,13 @@ pub fn print(r: &DrillResult, out: &mut impl Write) -> std::io::Result<()> {
     )?;
     for (reason, n) in &r.failures {
         writeln!(out, "    failed: {n} × {reason}")?;
+    }
+    if r.heal_failed_attempts > 0 {
+        writeln!(
+            out,
+            "  heal     {} requests started after the heal had a failed attempt ({} failed in the end)",
+            r.heal_failed_attempts, r.phases[2].failed
+        )?;
     }
     if let (Some(refused), Some(timeouts)) = (r.sidecar_connects_refused, r.sidecar_connect_timeouts) {
         writeln!(

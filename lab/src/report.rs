@@ -18,7 +18,7 @@ const W: f64 = 900.0;
 const H: f64 = 220.0;
 const LEFT: f64 = 60.0;
 const RIGHT: f64 = 20.0;
-const TOP: f64 = 20.0;
+const TOP: f64 = 28.0;
 const BOTTOM: f64 = 30.0;
 
 /// The report for `r`, drawn on `plan`'s topology.
@@ -60,7 +60,7 @@ the lab's sidecars run with <code>--connect-timeout {cto}</code>.</p>\
     let _ = write!(
         h,
         "<table><tr><th>figure</th><th>measured</th><th>definition</th></tr>\
-<tr><td>detect</td><td>{}</td><td style=\"text-align:left\">end of the first failed attempt, or of the first request slower than {} ms, after the injection</td></tr>\
+<tr><td>detect</td><td>{}</td><td style=\"text-align:left\">end of the first failed attempt, or of the first request slower than {} ms, after the injection (of requests started before the heal)</td></tr>\
 <tr><td>reroute</td><td>{}</td><td style=\"text-align:left\">from the injection to the end of the last request started during the failure that failed, was answered by {c} or was slower than {} ms (not rerouted: such a request started in the failure's last quarter)</td></tr>\
 <tr><td>recover</td><td>{}</td><td style=\"text-align:left\">from the heal to the end of the first request started after it that {c} answered</td></tr>\
 <tr><td>requests</td><td>{}</td><td style=\"text-align:left\">sent; {} failed ({} in flight at the injection), {} succeeded on a retry</td></tr>\
@@ -211,10 +211,10 @@ fn rate_svg(r: &DrillResult) -> String {
     let _ = write!(
         h,
         "<text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"#06c\">success rate</text><text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"#e80\">share answered by {}</text></svg>",
-        LEFT + 70.0,
-        TOP + 14.0,
-        LEFT + 170.0,
-        TOP + 14.0,
+        LEFT,
+        TOP - 10.0,
+        LEFT + 100.0,
+        TOP - 10.0,
         esc(&r.cluster)
     );
     h
@@ -252,8 +252,8 @@ fn latency_svg(r: &DrillResult) -> String {
     let _ = write!(
         h,
         "<text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"#a0a\">p99 latency of successful requests (log scale)</text></svg>",
-        LEFT + 70.0,
-        TOP + 14.0
+        LEFT,
+        TOP - 10.0
     );
     h
 }
