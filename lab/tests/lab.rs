@@ -1119,3 +1119,55 @@ fn drill_endpoint_loss_fails_requests_and_a_missed_slo_fails_the_command() {
     let t = isthmus(&lab, &["lab", "traffic", "-n", "40", "--json"]);
     assert!(t.status.success(), "{}", text(&t));
 }
+
+#[test]
+fn drill_transit_cut_costs_the_connect_timeout_is_not_rerouted_and_heals() {
+    require_root();
+    let (lab, _) = Lab::up("multi-primary-gateways", "drill-cut");
+    let out = isthmus(
+        &lab,
+        &[
+            "drill",
+            "failover",
+            "--scenario",
+            "transit-cut",
+            "--duration",
+            "6s",
+            "--slo-reroute-ms",
+            "1000",
+            "--json",
+        ],
+    );
+    let r = drill_result(&out);
+    // Dropped packets are not refused, and nothing ejects the dead gateway: every connection
+    // the sidecar starts toward it waits out its 1 s connect timeout, then the next endpoint
+    // answers.
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(r["reroute_ms"].is_null(), "{}", text(&out));
+    assert_eq!(r["failed"], 0, "{}", text(&out));
+    assert!(r["sidecar_connect_timeouts"].as_u64().unwrap() > 0, "{}", text(&out));
+    let failure = &r["phases"][1];
+    assert!(failure["slow"].as_u64().unwrap() > 0, "{}", text(&out));
+    assert_eq!(failure["to_failing_cluster"], 0, "{}", text(&out));
+    assert!(
+        failure["latency_ms"]["p99_ms"].as_f64().unwrap() >= 1000.0,
+        "{}",
+        text(&out)
+    );
+    assert!(r["recover_ms"].as_f64().is_some(), "{}", text(&out));
+    // Healed: no qdisc or DROP rule left on cluster2's transit leg, and traffic crosses again.
+    let gw = lab.plan.cluster(2).gateway.clone().unwrap();
+    let rules = netns::exec(&gw.host.netns, "iptables", &["-S"]).unwrap();
+    assert!(!rules.contains("transit -j DROP"), "{rules}");
+    let qdisc = netns::exec(
+        lab.plan.transit.as_ref().unwrap(),
+        "tc",
+        &["qdisc", "show", "dev", &gw.transit_link],
+    )
+    .unwrap();
+    assert!(!qdisc.contains("netem"), "{qdisc}");
+    let t = isthmus(&lab, &["lab", "traffic", "-n", "40", "--json"]);
+    assert!(t.status.success(), "{}", text(&t));
+    let t: serde_json::Value = serde_json::from_slice(&t.stdout).unwrap();
+    assert!(t["by_cluster"]["cluster2"].as_u64().unwrap() > 0, "{t:#}");
+}
