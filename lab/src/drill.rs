@@ -117,7 +117,7 @@ pub struct DrillArgs {
     /// Write a self-contained HTML report here
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// The result as one JSON object (after the table, on its own line)
+    /// The result as one JSON object on stdout (the table goes to stderr)
     #[arg(long)]
     pub json: bool,
     #[arg(long, default_value = crate::DEFAULT_STATE_DIR)]
@@ -262,14 +262,16 @@ fn netem_available(ns: &str, dev: &str) -> bool {
 }
 
 /// Runs the drill; `Ok(false)` when an SLO was missed.
-pub fn failover(args: &DrillArgs, out: &mut impl Write) -> anyhow::Result<bool> {
-    let result = run(args, out)?;
-    print(&result, out)?;
+/// The table goes to `out`, or with `--json` to `log` and the JSON object alone to `out`.
+pub fn failover(args: &DrillArgs, out: &mut impl Write, log: &mut impl Write) -> anyhow::Result<bool> {
+    let table: &mut dyn Write = if args.json { log } else { out };
+    let result = run(args, table)?;
+    print(&result, table)?;
     if let Some(path) = &args.report {
         let lab = Running::open(&args.state_dir)?;
         std::fs::write(path, report::html(&result, &lab.plan))
             .with_context(|| format!("writing {}", path.display()))?;
-        writeln!(out, "report: {}", path.display())?;
+        writeln!(table, "report: {}", path.display())?;
     }
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&result)?)?;
@@ -278,7 +280,7 @@ pub fn failover(args: &DrillArgs, out: &mut impl Write) -> anyhow::Result<bool> 
 }
 
 /// Injects, heals and measures; the result without printing it.
-pub fn run(args: &DrillArgs, out: &mut impl Write) -> anyhow::Result<DrillResult> {
+pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult> {
     if args.rate == 0 || args.rate > 1000 {
         bail!("--rate must be 1 to 1000 requests per second");
     }
@@ -583,7 +585,7 @@ fn inject(
 
 /// Undoes `injected`; returns what was done and, for restarted processes, how long after
 /// the heal began they were ready.
-fn heal(lab: &mut Running, injected: Injected, out: &mut impl Write) -> anyhow::Result<(String, Option<Duration>)> {
+fn heal(lab: &mut Running, injected: Injected, out: &mut dyn Write) -> anyhow::Result<(String, Option<Duration>)> {
     let t = Instant::now();
     match injected {
         Injected::None => Ok(("nothing to heal".into(), None)),
@@ -876,7 +878,7 @@ fn analyse(args: &DrillArgs, t: Times, mut samples: Vec<Sample>, cx: AnalysisCon
 }
 
 /// The result as a person reads it.
-pub fn print(r: &DrillResult, out: &mut impl Write) -> std::io::Result<()> {
+pub fn print(r: &DrillResult, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "  injected at {:.0} ms: {}", r.inject_at_ms, r.injected)?;
     writeln!(
         out,

@@ -189,7 +189,7 @@ fn main() -> ExitCode {
         }),
         Command::Drill {
             command: DrillCommand::Failover(args),
-        } => match drill::failover(&args, &mut std::io::stdout()) {
+        } => match drill::failover(&args, &mut std::io::stdout(), &mut std::io::stderr()) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(2),
             Err(e) => Err(e),

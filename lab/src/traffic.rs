@@ -62,8 +62,8 @@ pub struct Failure {
 
 /// Runs the requests against the lab in `dir`.
 pub fn run(dir: &Path, opts: &TrafficOptions) -> anyhow::Result<TrafficReport> {
-    if opts.requests == 0 || opts.concurrency == 0 {
-        bail!("-n and --concurrency must be at least 1");
+    if !(1..=1_000_000).contains(&opts.requests) || !(1..=256).contains(&opts.concurrency) {
+        bail!("-n must be 1 to 1000000 and --concurrency 1 to 256");
     }
     let lab = Running::open(dir)?;
     let cluster = match &opts.from {

@@ -1018,7 +1018,7 @@ fn status_lists_three_clusters_with_ready_controllers_and_healthy_gateways() {
     );
 }
 
-/// The drill's JSON result: the last line of its output.
+/// The drill's JSON result (`--json`: the only line on stdout).
 fn drill_result(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or_default();
@@ -1114,7 +1114,18 @@ fn drill_endpoint_loss_fails_requests_and_a_missed_slo_fails_the_command() {
     assert!(r["failed"].as_u64().unwrap() > 0, "{}", text(&out));
     assert!(r["detect_ms"].as_f64().is_some(), "{}", text(&out));
     assert_eq!(r["slo"][0]["met"], false);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("MISSED"));
+    // With --json the table goes to stderr, the object alone to stdout.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SLO failed requests ≤ 0: MISSED"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out)
+    );
     // Healed: every cluster answers again.
     let t = isthmus(&lab, &["lab", "traffic", "-n", "40", "--json"]);
     assert!(t.status.success(), "{}", text(&t));
