@@ -298,11 +298,13 @@ pub fn print(s: &Status, out: &mut impl Write) -> std::io::Result<()> {
             )?,
         }
     }
-    writeln!(
-        out,
-        "\n{:<10} {:<16} {:<8} {:<5} {:>6} {:>8} {:>8}",
-        "GATEWAY", "TRANSIT", "HEALTHY", "XDS", "OPEN", "OPENED", "REJECTED"
-    )?;
+    if s.clusters.iter().any(|c| c.gateway.is_some()) {
+        writeln!(
+            out,
+            "\n{:<10} {:<16} {:<8} {:<5} {:>6} {:>8} {:>8}",
+            "GATEWAY", "TRANSIT", "HEALTHY", "XDS", "OPEN", "OPENED", "REJECTED"
+        )?;
+    }
     for c in &s.clusters {
         let Some(g) = &c.gateway else { continue };
         writeln!(
