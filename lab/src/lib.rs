@@ -5,17 +5,27 @@
 //! real controller, gateway, each pod's [`sidecar`] and the [`demo_app`] workloads as
 //! [`process`]es, recording all of it in the [`state`] file that
 //! [`down`] takes apart. [`probe`]s run from inside the lab's namespaces.
+//!
+//! On a [`running`] lab: [`traffic`] drives requests from a client pod ([`load`]),
+//! [`status`] asks every part how it is, and [`drill`] injects a failure under load and
+//! measures what it cost, with an HTML [`report`].
 
 pub mod demo_app;
 pub mod down;
+pub mod drill;
+pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod plan;
 pub mod probe;
 pub mod process;
+pub mod report;
+pub mod running;
 pub mod sidecar;
 pub mod state;
+pub mod status;
 pub mod topologies;
+pub mod traffic;
 pub mod up;
 pub mod xfcc;
 

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use lab::plan::Plan;
-use lab::{DEFAULT_STATE_DIR, demo_app, down, topologies, up};
+use std::time::Duration;
+
+use lab::{DEFAULT_STATE_DIR, demo_app, down, drill, status, topologies, traffic, up};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +27,11 @@ enum Command {
     Lab {
         #[command(subcommand)]
         command: LabCommand,
+    },
+    /// Failure drills on a running lab
+    Drill {
+        #[command(subcommand)]
+        command: DrillCommand,
     },
     /// The demo workload: answers every HTTP request with its cluster, version and caller
     DemoApp {
@@ -65,6 +72,51 @@ enum LabCommand {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Drives requests from a client pod, through its sidecar, to a service's ClusterIP, and
+    /// shows where they landed, their latency and failures
+    Traffic {
+        /// The client's cluster [default: the first]
+        #[arg(long)]
+        from: Option<String>,
+        /// The service
+        #[arg(long, default_value = "reviews")]
+        to: String,
+        /// How many requests
+        #[arg(short = 'n', default_value_t = 100)]
+        requests: usize,
+        /// How many at a time
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Per request
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// For the whole run: what is not sent by then is not sent
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        deadline: Duration,
+        /// One JSON object instead of the table
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Clusters, controllers and their sync state, gateways, endpoints, sidecars' SVIDs
+    Status {
+        /// One JSON object instead of the tables
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DrillCommand {
+    /// Injects a failure under load, heals it, and measures detection, reroute and recovery
+    Failover(drill::DrillArgs),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    drill::parse_duration(s)
 }
 
 fn main() -> ExitCode {
@@ -88,6 +140,60 @@ fn main() -> ExitCode {
         Command::Lab {
             command: LabCommand::Down { state_dir },
         } => down::down(&state_dir, &mut std::io::stdout()),
+        Command::Lab {
+            command:
+                LabCommand::Traffic {
+                    from,
+                    to,
+                    requests,
+                    concurrency,
+                    timeout,
+                    deadline,
+                    json,
+                    state_dir,
+                },
+        } => {
+            let opts = traffic::TrafficOptions {
+                from,
+                to,
+                requests,
+                concurrency,
+                timeout,
+                deadline,
+            };
+            traffic::run(&state_dir, &opts).and_then(|r| {
+                let mut out = std::io::stdout();
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &r)?;
+                    println!();
+                } else {
+                    traffic::print(&r, &mut out)?;
+                }
+                if r.failed > 0 {
+                    anyhow::bail!("{} of {} requests failed", r.failed, r.sent);
+                }
+                Ok(())
+            })
+        }
+        Command::Lab {
+            command: LabCommand::Status { json, state_dir },
+        } => status::status(&state_dir).and_then(|s| {
+            let mut out = std::io::stdout();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &s)?;
+                println!();
+            } else {
+                status::print(&s, &mut out)?;
+            }
+            Ok(())
+        }),
+        Command::Drill {
+            command: DrillCommand::Failover(args),
+        } => match drill::failover(&args, &mut std::io::stdout(), &mut std::io::stderr()) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,7 +211,9 @@ fn lab_up(
     bin_dir: Option<PathBuf>,
     sidecars: bool,
 ) -> anyhow::Result<()> {
+    let topology_arg = topology.clone();
     let topology = topologies::resolve(topology.as_deref())?;
+    let source = topologies::source_of(topology_arg.as_deref());
     let plan = Plan::new(&topology, &prefix)?;
     let bin_dir = match bin_dir {
         Some(d) => d,
@@ -119,6 +227,7 @@ fn lab_up(
         state_dir,
         bin_dir,
         sidecars,
+        source,
     };
     up::up(&opts, &mut std::io::stdout())
 }

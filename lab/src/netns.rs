@@ -113,6 +113,19 @@ pub fn forwarding(ns: &str) -> Result<(), CommandError> {
     exec(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]).map(drop)
 }
 
+/// Moves the calling thread into namespace `ns` for the rest of its life (the netns is a
+/// per-thread property: spawn a thread for it, as [`within`] does).
+pub fn enter(ns: &str) -> io::Result<()> {
+    let file = File::open(Path::new("/run/netns").join(ns))?;
+    // SAFETY: setns(2) on a valid, open namespace file; it changes only this thread's
+    // network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs `f` on a thread inside namespace `ns` and returns what it returns.
 pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
     let file = File::open(Path::new("/run/netns").join(ns))?;

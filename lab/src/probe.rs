@@ -26,7 +26,8 @@ pub fn get(ns: &str, addr: SocketAddr, path: &str, timeout: Duration) -> io::Res
     netns::within(ns, move || get_here(addr, &path, timeout))?
 }
 
-fn get_here(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Response> {
+/// `GET path` on `addr` from the calling thread's namespace.
+pub fn get_here(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Response> {
     let deadline = Instant::now() + timeout;
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     let left = || {
@@ -54,7 +55,7 @@ fn get_here(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Respo
 
 /// Status and body of a complete `Connection: close` response (body by Content-Length, or
 /// to the end).
-fn parse(raw: &[u8]) -> Option<Response> {
+pub(crate) fn parse(raw: &[u8]) -> Option<Response> {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n")?;
     let status = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;

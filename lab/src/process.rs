@@ -3,7 +3,7 @@
 //! Ctrl-C at the terminal does not reach them, logging to a file; stopped by PID, TERM
 //! first and KILL after a bounded wait.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,12 +20,13 @@ pub struct Started {
     child: Child,
 }
 
-/// Starts `program args…` in namespace `ns`, its output going to `log`.
+/// Starts `program args…` in namespace `ns`, its output appended to `log` (a restarted
+/// process continues its predecessor's log).
 pub fn start(name: &str, ns: &str, program: &Path, args: &[String], log: &Path) -> io::Result<Started> {
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir)?;
     }
-    let out = File::create(log)?;
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let child = Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(program)

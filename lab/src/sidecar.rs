@@ -16,6 +16,9 @@ use crate::process;
 /// The sidecar's outbound capture port; it listens there once it runs.
 pub const OUTBOUND_PORT: u16 = 15001;
 
+/// The lab's sidecars' `--connect-timeout`.
+pub const CONNECT_TIMEOUT: &str = "1s";
+
 /// What a sidecar needs to know about its pod.
 pub struct Context<'a> {
     pub bin_dir: &'a Path,
@@ -90,6 +93,10 @@ pub fn prepare(ctx: &Context) -> anyhow::Result<(String, Vec<String>)> {
         "STRICT",
         "--metrics",
         &format!("0.0.0.0:{METRICS_PORT}"),
+        // A lab choice, for the drills: a connect to a dead endpoint whose packets are
+        // dropped costs 1 s before the next endpoint is tried (the sidecar's default is 5 s).
+        "--connect-timeout",
+        CONNECT_TIMEOUT,
     ]
     .map(String::from)
     .into();

@@ -16,6 +16,10 @@ pub struct LabState {
     pub topology: String,
     /// The namespace name prefix.
     pub prefix: String,
+    /// What `lab up` was given: a built-in topology's name or a file's absolute path
+    /// (empty: the default), so later commands can work out the same plan.
+    #[serde(default)]
+    pub source: String,
     /// Set once `lab up` finished every step.
     pub complete: bool,
     pub namespaces: Vec<String>,

@@ -44,6 +44,18 @@ pub fn resolve(arg: Option<&str>) -> Result<Topology, ManifestError> {
     }
 }
 
+/// What to record of the user's argument so [`resolve`] finds the same topology from any
+/// directory: a built-in name as it is, a file by its absolute path.
+pub fn source_of(arg: Option<&str>) -> String {
+    match arg {
+        None => String::new(),
+        Some(a) if BUILT_IN.iter().any(|(n, _)| *n == a) && !Path::new(a).exists() => a.into(),
+        Some(a) => std::fs::canonicalize(a)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| a.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

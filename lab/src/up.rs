@@ -58,6 +58,8 @@ pub struct UpOptions {
     pub bin_dir: PathBuf,
     /// Start a sidecar with iptables capture in every pod (else pods talk plaintext, pod to pod).
     pub sidecars: bool,
+    /// What the topology was named as (recorded so later commands rebuild the plan).
+    pub source: String,
 }
 
 /// Whether this process may build networks (root, or at least CAP_NET_ADMIN as root has).
@@ -165,7 +167,9 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
         );
     }
     catch_interrupts();
-    let state = StateFile::create(&opts.state_dir, &plan.topology.name, &plan.prefix)?;
+    let mut state = StateFile::create(&opts.state_dir, &plan.topology.name, &plan.prefix)?;
+    state.state.source = opts.source.clone();
+    state.save()?;
     let t0 = Instant::now();
     writeln!(
         out,

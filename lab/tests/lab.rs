@@ -914,3 +914,271 @@ fn the_controller_federates_the_manifests_the_lab_writes() {
         ]
     );
 }
+
+/// `isthmus ARGS… --state-dir` of `lab`.
+fn isthmus(lab: &Lab, args: &[&str]) -> Output {
+    Command::new(ISTHMUS)
+        .args(args)
+        .arg("--state-dir")
+        .arg(&lab.dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn traffic_from_cluster1_lands_in_all_three_clusters_without_failures() {
+    require_root();
+    let (lab, _) = Lab::up("multi-primary-gateways", "traffic");
+    let out = isthmus(&lab, &["lab", "traffic", "--from", "cluster1", "-n", "80", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((r["sent"].as_u64(), r["failed"].as_u64()), (Some(80), Some(0)), "{r:#}");
+    assert_eq!(r["address"], "10.241.255.1:9080");
+    let by_cluster = r["by_cluster"].as_object().unwrap();
+    let clusters: Vec<&str> = by_cluster.keys().map(String::as_str).collect();
+    assert_eq!(clusters, ["cluster1", "cluster2", "cluster3"], "{r:#}");
+    assert!(by_cluster.values().all(|n| n.as_u64().unwrap() > 0));
+    let versions: BTreeSet<String> = r["landed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| format!("{} {}", l["cluster"].as_str().unwrap(), l["version"].as_str().unwrap()))
+        .collect();
+    assert!(versions.contains("cluster3 v2"), "{versions:?}");
+    let p = &r["latency_ms"];
+    assert!(p["p50_ms"].as_f64().unwrap() <= p["p99_ms"].as_f64().unwrap(), "{p}");
+
+    // The table, and a service that does not exist named as such.
+    let out = isthmus(&lab, &["lab", "traffic", "-n", "5"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("5 sent") && stdout.contains("p99"),
+        "{}",
+        text(&out)
+    );
+    let out = isthmus(&lab, &["lab", "traffic", "--to", "ratings"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no service `ratings`"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn status_lists_three_clusters_with_ready_controllers_and_healthy_gateways() {
+    require_root();
+    let (lab, _) = Lab::up("multi-primary-gateways", "status");
+    let out = isthmus(&lab, &["lab", "status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let clusters = s["clusters"].as_array().unwrap();
+    let names: Vec<&str> = clusters.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cluster1", "cluster2", "cluster3"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for c in clusters {
+        let name = c["name"].as_str().unwrap();
+        assert_eq!(c["controller"]["ready"], true, "{name}: {c:#}");
+        // Each controller reads all three clusters.
+        assert_eq!(c["controller"]["synced"].as_array().unwrap().len(), 3, "{name}: {c:#}");
+        assert_eq!(c["gateway"]["healthy"], true, "{name}: {c:#}");
+        assert_eq!(c["gateway"]["xds_connected"], true, "{name}: {c:#}");
+        for p in c["pods"].as_array().unwrap() {
+            assert_eq!(p["sidecar_running"], true, "{name}: {p}");
+            let expiry = p["svid_expiry_unix"].as_i64().unwrap_or_else(|| panic!("{name}: {p}"));
+            assert!(expiry > now, "{name}: an expired SVID: {p}");
+        }
+    }
+    let reviews3 = &clusters[2]["endpoints"][0];
+    assert_eq!(
+        (
+            reviews3["service"].as_str(),
+            reviews3["pods"].as_u64(),
+            reviews3["answering"].as_u64()
+        ),
+        (Some("reviews"), Some(2), Some(2))
+    );
+    // cluster1's traffic to cluster2 crosses cluster2's gateway, which counts it.
+    let out = isthmus(&lab, &["lab", "traffic", "-n", "20"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = isthmus(&lab, &["lab", "status"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    for header in ["CLUSTER", "GATEWAY", "SVID EXPIRES", "cluster3   reviews"] {
+        assert!(table.contains(header), "no {header:?} in\n{table}");
+    }
+    let s: serde_json::Value = serde_json::from_slice(&isthmus(&lab, &["lab", "status", "--json"]).stdout).unwrap();
+    assert!(
+        s["clusters"][1]["gateway"]["connections_opened"].as_f64().unwrap() > 0.0,
+        "{s:#}"
+    );
+}
+
+/// The drill's JSON result (`--json`: the only line on stdout).
+fn drill_result(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
+#[test]
+fn drill_gateway_loss_reroutes_within_a_second_without_failed_requests() {
+    require_root();
+    let (lab, _) = Lab::up("multi-primary-gateways", "drill-gw");
+    let report = lab.dir.join("report.html");
+    let out = isthmus(
+        &lab,
+        &[
+            "drill",
+            "failover",
+            "--scenario",
+            "gateway-loss",
+            "--cluster",
+            "cluster2",
+            "--duration",
+            "7s",
+            "--rate",
+            "50",
+            "--slo-max-failures",
+            "0",
+            "--slo-reroute-ms",
+            "1000",
+            "--json",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let r = drill_result(&out);
+    assert!(out.status.success(), "the SLO: {}", text(&out));
+    assert_eq!(r["failed"], 0, "{}", text(&out));
+    assert!(r["reroute_ms"].as_f64().unwrap() <= 1000.0, "{}", text(&out));
+    assert_eq!(r["sent"], 350, "{}", text(&out));
+    // cluster2 answered before the loss and again after the heal.
+    let phases = r["phases"].as_array().unwrap();
+    assert!(phases[0]["to_failing_cluster"].as_u64().unwrap() > 0, "{}", text(&out));
+    assert_eq!(phases[1]["to_failing_cluster"], 0, "{}", text(&out));
+    assert!(phases[2]["to_failing_cluster"].as_u64().unwrap() > 0, "{}", text(&out));
+    assert!(r["recover_ms"].as_f64().is_some(), "{}", text(&out));
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        html.starts_with("<!doctype html>") && html.matches("<svg").count() == 3,
+        "{html}"
+    );
+    // Self-contained: nothing to run, nothing fetched.
+    for fetches in ["<script", "<link", "src=", "href=", "url("] {
+        assert!(!html.contains(fetches), "{fetches} in {html}");
+    }
+    // The restarted gateway is recorded (and runs), so `lab down` stops it.
+    let gateways: Vec<_> = lab
+        .state()
+        .processes
+        .into_iter()
+        .filter(|p| p.name == "cluster2 gateway")
+        .collect();
+    assert_eq!(gateways.len(), 2);
+    assert!(!lab::process::is_running(&gateways[0]) && lab::process::is_running(&gateways[1]));
+    let before = lab.state();
+    let down = lab.down();
+    assert!(down.status.success(), "{}", text(&down));
+    assert_nothing_left(&before, &lab.dir, &host_links());
+}
+
+#[test]
+fn drill_endpoint_loss_fails_requests_and_a_missed_slo_fails_the_command() {
+    require_root();
+    let (lab, _) = Lab::up("multi-primary-gateways", "drill-ep");
+    let out = isthmus(
+        &lab,
+        &[
+            "drill",
+            "failover",
+            "--scenario",
+            "endpoint-loss",
+            "--duration",
+            "5s",
+            "--retries",
+            "0",
+            "--slo-max-failures",
+            "0",
+            "--json",
+        ],
+    );
+    let r = drill_result(&out);
+    // No outlier ejection: reviews' sidecar in cluster2 has no app to hand to, and the
+    // client's sidecar had already connected through the gateway, so requests fail.
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(r["failed"].as_u64().unwrap() > 0, "{}", text(&out));
+    assert!(r["detect_ms"].as_f64().is_some(), "{}", text(&out));
+    assert_eq!(r["slo"][0]["met"], false);
+    // With --json the table goes to stderr, the object alone to stdout.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SLO failed requests ≤ 0: MISSED"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    // Healed: every cluster answers again.
+    let t = isthmus(&lab, &["lab", "traffic", "-n", "40", "--json"]);
+    assert!(t.status.success(), "{}", text(&t));
+}
+
+#[test]
+fn drill_transit_cut_costs_the_connect_timeout_is_not_rerouted_and_heals() {
+    require_root();
+    let (lab, _) = Lab::up("multi-primary-gateways", "drill-cut");
+    let out = isthmus(
+        &lab,
+        &[
+            "drill",
+            "failover",
+            "--scenario",
+            "transit-cut",
+            "--duration",
+            "6s",
+            "--slo-reroute-ms",
+            "1000",
+            "--json",
+        ],
+    );
+    let r = drill_result(&out);
+    // Dropped packets are not refused, and nothing ejects the dead gateway: every connection
+    // the sidecar starts toward it waits out its 1 s connect timeout, then the next endpoint
+    // answers.
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(r["reroute_ms"].is_null(), "{}", text(&out));
+    assert_eq!(r["failed"], 0, "{}", text(&out));
+    assert!(r["sidecar_connect_timeouts"].as_u64().unwrap() > 0, "{}", text(&out));
+    let failure = &r["phases"][1];
+    assert!(failure["slow"].as_u64().unwrap() > 0, "{}", text(&out));
+    assert_eq!(failure["to_failing_cluster"], 0, "{}", text(&out));
+    assert!(
+        failure["latency_ms"]["p99_ms"].as_f64().unwrap() >= 1000.0,
+        "{}",
+        text(&out)
+    );
+    assert!(r["recover_ms"].as_f64().is_some(), "{}", text(&out));
+    // Healed: no qdisc or DROP rule left on cluster2's transit leg, and traffic crosses again.
+    let gw = lab.plan.cluster(2).gateway.clone().unwrap();
+    let rules = netns::exec(&gw.host.netns, "iptables", &["-S"]).unwrap();
+    assert!(!rules.contains("transit -j DROP"), "{rules}");
+    let qdisc = netns::exec(
+        lab.plan.transit.as_ref().unwrap(),
+        "tc",
+        &["qdisc", "show", "dev", &gw.transit_link],
+    )
+    .unwrap();
+    assert!(!qdisc.contains("netem"), "{qdisc}");
+    let t = isthmus(&lab, &["lab", "traffic", "-n", "40", "--json"]);
+    assert!(t.status.success(), "{}", text(&t));
+    let t: serde_json::Value = serde_json::from_slice(&t.stdout).unwrap();
+    assert!(t["by_cluster"]["cluster2"].as_u64().unwrap() > 0, "{t:#}");
+}
