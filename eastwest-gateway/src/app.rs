@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use sidecar::drain;
 use sidecar::http_endpoint;
-use sidecar::socket::{listen, raise_fd_limit};
+use sidecar::socket::{bind, listen, raise_fd_limit, start_listening};
 use tokio::sync::{Notify, watch};
 
 use crate::admin;
@@ -56,7 +56,14 @@ impl Gateway {
         };
         metrics.reload(true);
 
-        let data = listen(settings.listen)?;
+        // With routes from the controller, the data port is bound now but listens only once
+        // the first routes arrive: until then a connection would be closed unrouted, and a
+        // refused connect sends the client to another gateway straight away.
+        let data = if settings.xds.is_some() {
+            bind(settings.listen)?
+        } else {
+            listen(settings.listen)?
+        };
         let health = listen(settings.health)?;
         let metrics_l = listen(settings.metrics)?;
         let admin_l = listen(settings.admin)?;
@@ -93,6 +100,13 @@ impl Gateway {
                             .build()
                             .expect("runtime");
                         rt.block_on(async move {
+                            if shared.settings.xds.is_some() {
+                                tokio::select! {
+                                    () = shared.xds_synced_wait() => {}
+                                    () = shared.drain.signaled() => return,
+                                }
+                                start_listening(&listener).expect("listen on a bound socket");
+                            }
                             let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
                             proxy::accept_loop(listener, shared).await;
                             // Open connections on this thread go on until the drain is over.

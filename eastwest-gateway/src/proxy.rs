@@ -38,6 +38,8 @@ pub struct Shared {
     sources: Mutex<Sources>,
     /// Routes from the controller have arrived at least once.
     xds_synced: AtomicBool,
+    /// The same, awaitable: the data port listens only from then on.
+    xds_synced_tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -52,6 +54,7 @@ impl Shared {
             open: AtomicUsize::new(0),
             sources: Mutex::new(sources),
             xds_synced: AtomicBool::new(false),
+            xds_synced_tx: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -64,6 +67,13 @@ impl Shared {
     /// Records that routes from the controller have arrived.
     pub fn mark_xds_synced(&self) {
         self.xds_synced.store(true, Ordering::Release);
+        self.xds_synced_tx.send_replace(true);
+    }
+
+    /// Returns once routes from the controller have arrived.
+    pub async fn xds_synced_wait(&self) {
+        let mut rx = self.xds_synced_tx.subscribe();
+        let _ = rx.wait_for(|synced| *synced).await;
     }
 
     /// Changes one source and swaps in the table rebuilt from all of them;

@@ -130,3 +130,39 @@ async fn the_gateway_routes_what_the_controller_says_for_its_network_and_keeps_i
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_the_first_routes_arrive_the_data_port_refuses_connections() {
+    let pki = Pki::new();
+    let a = Backend::start(&pki, "a").await;
+    let dir = pki.dir.path().join("clusters");
+    cluster(&dir, "cluster1", "network1", a.addr);
+    // The controller's address is taken but nobody serves on it yet.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let xds = listener.local_addr().unwrap().to_string();
+    let gw = GatewayProcess::start(
+        pki.dir.path(),
+        &["--xds", &xds, "--network", "network1", "--cluster", "cluster1"],
+    );
+    // Refused, not accepted and then closed: a client's sidecar moves on to another
+    // gateway at once.
+    let refused = tokio::net::TcpStream::connect(gw.listen).await;
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "no routes yet: the data port must not listen"
+    );
+    assert_eq!(http_get(gw.health, "/healthz/ready").await.unwrap().0, 503);
+
+    let _stop = controller(&dir, listener);
+    let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
+    eventually(Duration::from_secs(10), "routes from xDS", || {
+        let client = client.clone();
+        async move {
+            Call::open(gw.listen, &client, SNI)
+                .await
+                .is_ok_and(|c| c.greeting.starts_with("hello a "))
+        }
+    })
+    .await;
+}
