@@ -6,7 +6,7 @@
 //! federation needs; [`registry`] keeps the last model of every cluster and when
 //! it was last heard from; [`federation`] merges them, purely, into the
 //! endpoints a proxy on a given network should see, and [`outbound`] into which
-//! service each virtual IP stands for; [`xds`] serves both. Beside that flow, [`ca`] issues
+//! service each virtual IP stands for in a given cluster; [`xds`] serves both. Beside that flow, [`ca`] issues
 //! the workloads' SVIDs.
 
 pub mod ca;

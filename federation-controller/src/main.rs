@@ -515,7 +515,7 @@ fn main() -> anyhow::Result<()> {
                         {
                             let snap = served.borrow_and_update().clone();
                             m.version.set(snap.version as i64);
-                            let now = snap.outbound().conflicts.clone();
+                            let now = snap.vip_conflicts();
                             m.vip_conflicts.set(now.len() as i64);
                             for c in now.iter().filter(|c| !conflicts.contains(*c)) {
                                 tracing::warn!("service address conflict: {c}");

@@ -28,7 +28,8 @@ pub struct Metrics {
     pub root_expiry: IntGauge,
     bundle_failures: IntCounterVec,
     bundle_updated: prometheus::IntGaugeVec,
-    /// Service `VIP:port`s claimed by more than one host in the state served
+    /// Service `VIP:port`s claimed by more than one host in one cluster's
+    /// proxies' view, summed over the served clusters
     /// (istiod's `pilot_conflict_outbound_listener_tcp_over_current_tcp`).
     pub vip_conflicts: IntGauge,
 }
@@ -118,7 +119,7 @@ impl Metrics {
         .expect("valid metric");
         let vip_conflicts = IntGauge::new(
             "pilot_conflict_outbound_listener_tcp_over_current_tcp",
-            "Service VIP:ports claimed by more than one host (one is kept)",
+            "Service VIP:ports claimed by more than one host in one cluster's proxies' view (one is kept), summed over clusters",
         )
         .expect("valid metric");
         let all: [Box<dyn prometheus::core::Collector>; 14] = [
