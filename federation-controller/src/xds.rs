@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::federation::{self, Address, View};
+use crate::federation::{self, Resolved, View};
 use crate::metrics::Metrics;
 use crate::model::{ClusterModel, MeshConfig, ServiceKey};
 use crate::outbound::{self, VipConflict, VipTable};
@@ -71,6 +71,9 @@ pub struct Snapshot {
     /// Live cluster models, with whether each is stale.
     pub clusters: Vec<(Arc<ClusterModel>, bool)>,
     pub mesh: MeshConfig,
+    /// The addresses of the gateways known by host name, as resolved so far
+    /// ([`crate::resolve`]).
+    pub resolved: Arc<Resolved>,
     /// Encoded resources per (network, cluster, generator, type), made once and
     /// shared by every proxy with the same: a push to a thousand proxies must not
     /// federate and encode a thousand times. The cluster is part of the key only
@@ -175,6 +178,7 @@ impl Snapshot {
             created,
             clusters,
             mesh,
+            resolved: Default::default(),
             cache: Default::default(),
             views: Default::default(),
             vip_tables: Default::default(),
@@ -215,9 +219,15 @@ impl Snapshot {
         .clone()
     }
 
+    /// This snapshot with the gateway addresses `resolved`.
+    pub fn with_resolved(self, resolved: Arc<Resolved>) -> Self {
+        Self { resolved, ..self }
+    }
+
     /// Whether `other` tells proxies the same thing (versions aside).
     pub fn same_state(&self, other: &Snapshot) -> bool {
-        self.clusters.len() == other.clusters.len()
+        self.resolved == other.resolved
+            && self.clusters.len() == other.clusters.len()
             && self
                 .clusters
                 .iter()
@@ -380,7 +390,7 @@ impl Snapshot {
     /// The endpoints a proxy on `network` sees.
     pub fn view(&self, network: &NetworkId) -> View {
         let refs: Vec<(&ClusterModel, bool)> = self.clusters.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
-        federation::view_for(network, &refs, &self.mesh)
+        federation::view_for(network, &refs, &self.mesh, &self.resolved)
     }
 }
 
@@ -967,13 +977,11 @@ fn cluster(key: &ServiceKey, identities: &[mesh_vocab::SpiffeId]) -> Cluster {
 fn load_assignment(key: &ServiceKey, eps: &[federation::LbEndpoint]) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<&crate::model::Locality, Vec<LbEndpoint>> = BTreeMap::new();
     for e in eps {
-        // EDS carries IPs; a gateway known only by host name needs resolving first.
-        let Address::Ip(ip) = &e.address else { continue };
         by_locality.entry(&e.locality).or_default().push(LbEndpoint {
             host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
                 address: Some(core::Address {
                     address: Some(address::Address::SocketAddress(SocketAddress {
-                        address: ip.to_string(),
+                        address: e.address.to_string(),
                         port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(e.port))),
                         ..Default::default()
                     })),
