@@ -598,7 +598,19 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::View { source, network, json } => {
-            let view = source.snapshot(&source.mesh())?.view(&NetworkId::new(network));
+            let snap = source.snapshot(&source.mesh())?;
+            // Gateways known only by host name, looked up once.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let snap = rt.block_on(async {
+                match resolve::system_resolver() {
+                    Ok(r) => resolve::once(snap, &r).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no DNS resolver: gateways known only by host name are left out");
+                        snap
+                    }
+                }
+            });
+            let view = snap.view(&NetworkId::new(network));
             if json {
                 let out: serde_json::Value = view
                     .iter()

@@ -112,6 +112,23 @@ pub fn spawn(
     rx
 }
 
+/// `snapshot` with every gateway host name looked up once, for a one-shot
+/// look at a state (the `view` command); a name that does not resolve is left
+/// out, and logged.
+pub async fn once(snapshot: Snapshot, lookup: &impl Lookup) -> Snapshot {
+    let mut resolved = Resolved::new();
+    for host in federation::gateway_hostnames(snapshot.clusters.iter().map(|(m, _)| m.as_ref()), &snapshot.mesh) {
+        match tokio::time::timeout(LOOKUP_TIMEOUT, lookup.lookup(&host)).await {
+            Ok(Ok(answer)) => {
+                resolved.insert(host, answer.addresses);
+            }
+            Ok(Err(error)) => tracing::warn!(hostname = host, error, "gateway host name not resolved: left out"),
+            Err(_) => tracing::warn!(hostname = host, "gateway host name not resolved in time: left out"),
+        }
+    }
+    snapshot.with_resolved(Arc::new(resolved))
+}
+
 /// What is known of one host name.
 #[derive(Debug)]
 struct Name {
@@ -297,7 +314,25 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn once_resolves_what_it_can_and_leaves_the_rest_out() {
+        let script = Script::default();
+        script.answer(&[[198, 51, 100, 7]], 60);
+        let named = || snapshot_with(GatewayAddress::Hostname("lb.example.com".into()));
+        let snap = once(named(), &script).await;
+        assert_eq!(
+            snap.resolved.get("lb.example.com"),
+            Some(&vec![IpAddr::from([198, 51, 100, 7])])
+        );
+        script.fail();
+        assert!(once(named(), &script).await.resolved.is_empty());
+    }
+
     fn with_gateway(address: GatewayAddress) -> Arc<Snapshot> {
+        Arc::new(snapshot_with(address))
+    }
+
+    fn snapshot_with(address: GatewayAddress) -> Snapshot {
         let model = ClusterModel {
             cluster: ClusterId::new("c2"),
             instances: vec![],
@@ -308,12 +343,12 @@ mod tests {
                 port: 15443,
             }],
         };
-        Arc::new(Snapshot::new(
+        Snapshot::new(
             1,
             std::time::Instant::now(),
             vec![(Arc::new(model), false)],
             MeshConfig::default(),
-        ))
+        )
     }
 
     fn resolved(rx: &watch::Receiver<Arc<Snapshot>>) -> Option<Vec<String>> {
