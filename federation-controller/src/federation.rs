@@ -10,19 +10,27 @@
 //! mTLS SNI. A network without a reachable gateway contributes nothing: its
 //! endpoints never leak as unreachable addresses.
 //!
-//! A pure function of the live cluster models and the mesh config.
+//! A gateway known only by a host name (a cloud load balancer) stands for the
+//! addresses it resolves to, each a gateway of its own, so the weight behind
+//! its network is split across them; until it has been resolved it is no
+//! gateway at all. Resolving is not done here ([`crate::resolve`] does it):
+//! this is a pure function of the live cluster models, the mesh config and
+//! the addresses resolved so far.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use mesh_vocab::{ClusterId, NetworkId};
 
 use crate::model::{ClusterModel, Gateway, GatewayAddress, Locality, MeshConfig, ServiceKey};
 
+/// The addresses each gateway host name resolved to, sorted.
+pub type Resolved = BTreeMap<String, Vec<IpAddr>>;
+
 /// One load-balancing endpoint as a proxy sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LbEndpoint {
-    pub address: Address,
+    pub address: IpAddr,
     pub port: u16,
     /// For a gateway: the number of endpoints behind it in this locality.
     pub weight: u32,
@@ -39,40 +47,51 @@ pub struct LbEndpoint {
     pub stale: bool,
 }
 
-/// Where to connect.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Address {
-    Ip(IpAddr),
-    Hostname(String),
-}
-
-impl From<&GatewayAddress> for Address {
-    fn from(g: &GatewayAddress) -> Self {
-        match g {
-            GatewayAddress::Ip(ip) => Address::Ip(*ip),
-            GatewayAddress::Hostname(h) => Address::Hostname(h.clone()),
-        }
-    }
-}
-
 /// Per service port, the endpoints for a proxy on one network, sorted.
 pub type View = BTreeMap<ServiceKey, Vec<LbEndpoint>>;
 
-/// The gateways of every network: from gateway Services in live clusters, and configured ones.
-pub fn gateways(clusters: &[(&ClusterModel, bool)], mesh: &MeshConfig) -> BTreeMap<NetworkId, Vec<Gateway>> {
-    let mut out: BTreeMap<NetworkId, Vec<Gateway>> = BTreeMap::new();
-    for (m, _) in clusters {
-        for g in &m.gateways {
-            out.entry(g.network.clone()).or_default().push(g.clone());
-        }
-    }
-    for (net, addrs) in &mesh.gateways {
-        for a in addrs {
-            out.entry(net.clone()).or_default().push(Gateway {
-                network: net.clone(),
-                address: a.clone(),
-                port: crate::model::GATEWAY_PORT,
-            });
+/// Every gateway named by a host name, in live clusters or configured: what
+/// there is to resolve.
+pub fn gateway_hostnames<'a>(clusters: impl IntoIterator<Item = &'a ClusterModel>, mesh: &MeshConfig) -> Vec<String> {
+    let mut names: Vec<String> = clusters
+        .into_iter()
+        .flat_map(|m| m.gateways.iter().map(|g| &g.address))
+        .chain(mesh.gateways.values().flatten())
+        .filter_map(|a| match a {
+            GatewayAddress::Hostname(h) => Some(h.clone()),
+            GatewayAddress::Ip(_) => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The gateways of every network, by address: from gateway Services in live
+/// clusters, and configured ones, host names replaced by what they resolved to.
+pub fn gateways(
+    clusters: &[(&ClusterModel, bool)],
+    mesh: &MeshConfig,
+    resolved: &Resolved,
+) -> BTreeMap<NetworkId, Vec<SocketAddr>> {
+    let mut out: BTreeMap<NetworkId, Vec<SocketAddr>> = BTreeMap::new();
+    let configured = mesh.gateways.iter().flat_map(|(net, addrs)| {
+        addrs.iter().map(|a| Gateway {
+            network: net.clone(),
+            address: a.clone(),
+            port: crate::model::GATEWAY_PORT,
+        })
+    });
+    let found = clusters.iter().flat_map(|(m, _)| m.gateways.iter().cloned());
+    for g in found.chain(configured) {
+        let ips = match &g.address {
+            GatewayAddress::Ip(ip) => std::slice::from_ref(ip),
+            GatewayAddress::Hostname(h) => resolved.get(h).map(Vec::as_slice).unwrap_or_default(),
+        };
+        for ip in ips {
+            out.entry(g.network.clone())
+                .or_default()
+                .push(SocketAddr::new(*ip, g.port));
         }
     }
     for gws in out.values_mut() {
@@ -83,9 +102,15 @@ pub fn gateways(clusters: &[(&ClusterModel, bool)], mesh: &MeshConfig) -> BTreeM
 }
 
 /// The endpoints a proxy on `network` should see. `clusters` are the live
-/// models with whether each is stale.
-pub fn view_for(network: &NetworkId, clusters: &[(&ClusterModel, bool)], mesh: &MeshConfig) -> View {
-    let gateways = gateways(clusters, mesh);
+/// models with whether each is stale; `resolved` the gateway host names'
+/// addresses.
+pub fn view_for(
+    network: &NetworkId,
+    clusters: &[(&ClusterModel, bool)],
+    mesh: &MeshConfig,
+    resolved: &Resolved,
+) -> View {
+    let gateways = gateways(clusters, mesh, resolved);
     let mut view: View = BTreeMap::new();
     // Endpoints behind other networks' gateways, counted per (service, network, locality, stale).
     let mut behind: BTreeMap<(ServiceKey, NetworkId, Locality, bool), u32> = BTreeMap::new();
@@ -93,7 +118,7 @@ pub fn view_for(network: &NetworkId, clusters: &[(&ClusterModel, bool)], mesh: &
         for i in &m.instances {
             if i.network == *network {
                 view.entry(i.service.clone()).or_default().push(LbEndpoint {
-                    address: Address::Ip(i.address),
+                    address: i.address,
                     port: i.target_port,
                     weight: 1,
                     locality: i.locality.clone(),
@@ -127,8 +152,8 @@ pub fn view_for(network: &NetworkId, clusters: &[(&ClusterModel, bool)], mesh: &
                 continue;
             }
             view.entry(service.clone()).or_default().push(LbEndpoint {
-                address: (&g.address).into(),
-                port: g.port,
+                address: g.ip(),
+                port: g.port(),
                 weight,
                 locality: locality.clone(),
                 network: net.clone(),
@@ -177,9 +202,14 @@ mod tests {
                 labels: BTreeMap::new(),
                 service_account: None,
             });
-        let gateway = (0u8..3, 1u8..4).prop_map(|(net, host)| Gateway {
+        // Some gateways known by host name only, half of those resolved (see `resolved`).
+        let gateway = (0u8..3, 1u8..4, any::<bool>()).prop_map(|(net, host, named)| Gateway {
             network: NetworkId::new(format!("net{net}")),
-            address: GatewayAddress::Ip(IpAddr::from([100, 64, net, host])),
+            address: if named {
+                GatewayAddress::Hostname(format!("gw{host}.net{net}.example"))
+            } else {
+                GatewayAddress::Ip(IpAddr::from([100, 64, net, host]))
+            },
             port: 15443,
         });
         proptest::collection::vec(
@@ -218,6 +248,20 @@ mod tests {
         models.iter().map(|m| (m, false)).collect()
     }
 
+    /// What the strategy's gateway names resolved to: `gw1` and `gw3` to two
+    /// addresses each, `gw2` not (yet).
+    fn resolved(models: &[ClusterModel]) -> Resolved {
+        gateway_hostnames(models, &MeshConfig::default())
+            .into_iter()
+            .filter(|h| !h.starts_with("gw2."))
+            .map(|h| {
+                let n = h.as_bytes()[2] - b'0';
+                let ips = vec![IpAddr::from([100, 65, 0, n]), IpAddr::from([100, 65, 1, n])];
+                (h, ips)
+            })
+            .collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -227,8 +271,8 @@ mod tests {
         fn gateway_weights_equal_endpoint_counts(models in mesh_strategy(), me in 0u8..3) {
             let mesh = MeshConfig::default();
             let me = NetworkId::new(format!("net{me}"));
-            let view = view_for(&me, &live(&models), &mesh);
-            let gws = gateways(&live(&models), &mesh);
+            let view = view_for(&me, &live(&models), &mesh, &resolved(&models));
+            let gws = gateways(&live(&models), &mesh, &resolved(&models));
             let mut expected: BTreeMap<(ServiceKey, NetworkId, Locality), u32> = BTreeMap::new();
             for m in &models {
                 for i in m.instances.iter().filter(|i| i.network != me && i.mtls && gws.contains_key(&i.network)) {
@@ -251,13 +295,13 @@ mod tests {
         fn nothing_on_another_network_leaks(models in mesh_strategy(), me in 0u8..3) {
             let mesh = MeshConfig::default();
             let me = NetworkId::new(format!("net{me}"));
-            let view = view_for(&me, &live(&models), &mesh);
-            let gws = gateways(&live(&models), &mesh);
+            let view = view_for(&me, &live(&models), &mesh, &resolved(&models));
+            let gws = gateways(&live(&models), &mesh, &resolved(&models));
             for eps in view.values() {
                 for e in eps {
                     if e.via_gateway {
                         prop_assert_ne!(&e.network, &me);
-                        let known = gws[&e.network].iter().any(|g| Address::from(&g.address) == e.address && g.port == e.port);
+                        let known = gws[&e.network].contains(&SocketAddr::new(e.address, e.port));
                         prop_assert!(known, "{:?} is not a gateway of {}", e.address, e.network);
                     } else {
                         prop_assert_eq!(&e.network, &me);
@@ -274,9 +318,10 @@ mod tests {
             let mesh = MeshConfig::default();
             let me = NetworkId::new(format!("net{me}"));
             let x = x.index(models.len());
-            let all = view_for(&me, &live(&models), &mesh);
+            let names = resolved(&models);
+            let all = view_for(&me, &live(&models), &mesh, &names);
             let rest: Vec<ClusterModel> = models.iter().enumerate().filter(|(i, _)| *i != x).map(|(_, m)| m.clone()).collect();
-            let without = view_for(&me, &live(&rest), &mesh);
+            let without = view_for(&me, &live(&rest), &mesh, &names);
             let x_id = models[x].cluster.clone();
             let direct = |v: &View, keep_x: bool| -> Vec<(ServiceKey, LbEndpoint)> {
                 v.iter()
@@ -287,14 +332,14 @@ mod tests {
             prop_assert_eq!(direct(&all, false), direct(&without, true));
             // And the stale flag of a silent cluster never changes which endpoints there are.
             let stale: Vec<(&ClusterModel, bool)> = models.iter().enumerate().map(|(i, m)| (m, i == x)).collect();
-            let marked = view_for(&me, &stale, &mesh);
+            let marked = view_for(&me, &stale, &mesh, &names);
             // Stale and fresh endpoints behind one network are grouped apart, so
             // compare what each network and each direct endpoint carries in all.
-            let totals = |v: &View| -> BTreeMap<(ServiceKey, NetworkId, Option<Address>), u32> {
+            let totals = |v: &View| -> BTreeMap<(ServiceKey, NetworkId, Option<IpAddr>), u32> {
                 let mut t = BTreeMap::new();
                 for (s, eps) in v {
                     for e in eps {
-                        let direct = (!e.via_gateway).then(|| e.address.clone());
+                        let direct = (!e.via_gateway).then_some(e.address);
                         *t.entry((s.clone(), e.network.clone(), direct)).or_default() += e.weight;
                     }
                 }
@@ -347,27 +392,87 @@ mod tests {
                 },
             ],
         };
-        let v = view_for(
-            &NetworkId::new("n1"),
-            &[(&c1, false), (&c2, true)],
-            &MeshConfig::default(),
-        );
-        let got: Vec<String> = v[&svc(0)]
-            .iter()
-            .map(|e| {
-                format!(
-                    "{:?}:{} w{} gw={} stale={}",
-                    e.address, e.port, e.weight, e.via_gateway, e.stale
-                )
-            })
-            .collect();
+        let endpoints = |resolved: &Resolved| -> Vec<String> {
+            let v = view_for(
+                &NetworkId::new("n1"),
+                &[(&c1, false), (&c2, true)],
+                &MeshConfig::default(),
+                resolved,
+            );
+            v[&svc(0)]
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}:{} w{} gw={} stale={}",
+                        e.address, e.port, e.weight, e.via_gateway, e.stale
+                    )
+                })
+                .collect()
+        };
         assert_eq!(
-            got,
+            endpoints(&Resolved::new()),
             [
-                "Ip(10.241.0.5):8080 w1 gw=false stale=false",
-                "Ip(100.64.0.2):15443 w1 gw=true stale=true",
-                "Hostname(\"gw2.example.com\"):15443 w1 gw=true stale=true",
-            ]
+                "10.241.0.5:8080 w1 gw=false stale=false",
+                "100.64.0.2:15443 w2 gw=true stale=true",
+            ],
+            "a gateway name not resolved yet takes no share"
+        );
+        let resolved = Resolved::from([(
+            "gw2.example.com".to_owned(),
+            vec![IpAddr::from([100, 64, 0, 3]), IpAddr::from([100, 64, 0, 2])],
+        )]);
+        assert_eq!(
+            gateways(&[(&c2, false)], &MeshConfig::default(), &resolved)[&NetworkId::new("n2")],
+            [
+                SocketAddr::from(([100, 64, 0, 2], 15443)),
+                SocketAddr::from(([100, 64, 0, 3], 15443))
+            ],
+            "a resolved name is its addresses, each once"
+        );
+    }
+
+    #[test]
+    fn a_gateway_name_is_every_address_it_resolved_to_sharing_the_weight() {
+        let inst = |n: u8| Instance {
+            service: svc(0),
+            address: IpAddr::from([10, 242, 0, n]),
+            target_port: 8080,
+            network: NetworkId::new("n2"),
+            locality: Locality::default(),
+            mtls: true,
+            labels: BTreeMap::new(),
+            service_account: None,
+        };
+        let c2 = ClusterModel {
+            cluster: ClusterId::new("c2"),
+            instances: (1..=4).map(inst).collect(),
+            vips: vec![],
+            gateways: vec![Gateway {
+                network: NetworkId::new("n2"),
+                address: GatewayAddress::Hostname("lb.example.com".into()),
+                port: 15443,
+            }],
+        };
+        let endpoints = |resolved: &Resolved| -> Vec<String> {
+            view_for(&NetworkId::new("n1"), &[(&c2, false)], &MeshConfig::default(), resolved)
+                .get(&svc(0))
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{}:{} w{}", e.address, e.port, e.weight))
+                .collect()
+        };
+        assert!(
+            endpoints(&Resolved::new()).is_empty(),
+            "unresolved, the network has no gateway and contributes nothing"
+        );
+        let ips = |last: &[u8]| -> Resolved {
+            let ips = last.iter().map(|n| IpAddr::from([198, 51, 100, *n])).collect();
+            Resolved::from([("lb.example.com".to_owned(), ips)])
+        };
+        assert_eq!(endpoints(&ips(&[7])), ["198.51.100.7:15443 w4"]);
+        assert_eq!(
+            endpoints(&ips(&[7, 8])),
+            ["198.51.100.7:15443 w2", "198.51.100.8:15443 w2"]
         );
     }
 }

@@ -6,8 +6,9 @@
 //! federation needs; [`registry`] keeps the last model of every cluster and when
 //! it was last heard from; [`federation`] merges them, purely, into the
 //! endpoints a proxy on a given network should see, and [`outbound`] into which
-//! service each virtual IP stands for; [`xds`] serves both. Beside that flow, [`ca`] issues
-//! the workloads' SVIDs.
+//! service each virtual IP stands for in a given cluster; [`xds`] serves both.
+//! On the way, [`resolve`] gives gateways known only by host name their
+//! addresses. Beside that flow, [`ca`] issues the workloads' SVIDs.
 
 pub mod ca;
 pub mod federation;
@@ -20,5 +21,6 @@ pub mod outbound;
 pub mod publisher;
 pub mod registry;
 pub mod remote_secrets;
+pub mod resolve;
 pub mod trust;
 pub mod xds;

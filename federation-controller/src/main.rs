@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-use federation_controller::federation::Address;
 use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
 use federation_controller::registry::Freshness;
 use federation_controller::xds::{Snapshot, XdsServer};
-use federation_controller::{ca, kube_source, manifests, publisher, remote_secrets, trust};
+use federation_controller::{ca, kube_source, manifests, publisher, remote_secrets, resolve, trust};
 use hyper::{Method, StatusCode};
 use mesh_vocab::{ClusterId, NetworkId};
 use sidecar::http_endpoint::{self, Handler, Reply};
@@ -408,8 +407,16 @@ fn main() -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
-                let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
+                let (tx, upstream) = tokio::sync::watch::channel(Arc::new(first));
                 let metrics = Metrics::new();
+                // Gateways known only by host name get their addresses on the way to xDS.
+                let rx = match resolve::system_resolver() {
+                    Ok(r) => resolve::spawn(upstream, r, metrics.clone()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no DNS resolver: gateways known only by host name are left out");
+                        upstream
+                    }
+                };
                 let clusters = match source.manifests.clone() {
                     Some(dir) => {
                         tokio::spawn(manifests::watch(dir, mesh, interval, tx));
@@ -515,7 +522,7 @@ fn main() -> anyhow::Result<()> {
                         {
                             let snap = served.borrow_and_update().clone();
                             m.version.set(snap.version as i64);
-                            let now = snap.outbound().conflicts.clone();
+                            let now = snap.vip_conflicts();
                             m.vip_conflicts.set(now.len() as i64);
                             for c in now.iter().filter(|c| !conflicts.contains(*c)) {
                                 tracing::warn!("service address conflict: {c}");
@@ -591,7 +598,19 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::View { source, network, json } => {
-            let view = source.snapshot(&source.mesh())?.view(&NetworkId::new(network));
+            let snap = source.snapshot(&source.mesh())?;
+            // Gateways known only by host name, looked up once.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let snap = rt.block_on(async {
+                match resolve::system_resolver() {
+                    Ok(r) => resolve::once(snap, &r).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no DNS resolver: gateways known only by host name are left out");
+                        snap
+                    }
+                }
+            });
+            let view = snap.view(&NetworkId::new(network));
             if json {
                 let out: serde_json::Value = view
                     .iter()
@@ -600,7 +619,7 @@ fn main() -> anyhow::Result<()> {
                             .iter()
                             .map(|e| {
                                 serde_json::json!({
-                                    "address": address(&e.address),
+                                    "address": e.address.to_string(),
                                     "port": e.port,
                                     "weight": e.weight,
                                     "network": e.network.as_str(),
@@ -626,7 +645,7 @@ fn main() -> anyhow::Result<()> {
                         println!(
                             "{:<48} {:<22} {:>6}  {:<10} {:<10} {}",
                             k.to_string(),
-                            format!("{}:{}", address(&e.address), e.port),
+                            format!("{}:{}", e.address, e.port),
                             e.weight,
                             e.network.as_str(),
                             e.cluster.as_ref().map_or("-", |c| c.as_str()),
@@ -638,11 +657,4 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn address(a: &Address) -> String {
-    match a {
-        Address::Ip(ip) => ip.to_string(),
-        Address::Hostname(h) => h.clone(),
-    }
 }

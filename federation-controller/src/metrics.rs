@@ -28,9 +28,11 @@ pub struct Metrics {
     pub root_expiry: IntGauge,
     bundle_failures: IntCounterVec,
     bundle_updated: prometheus::IntGaugeVec,
-    /// Service `VIP:port`s claimed by more than one host in the state served
+    /// Service `VIP:port`s claimed by more than one host in one cluster's
+    /// proxies' view, summed over the served clusters
     /// (istiod's `pilot_conflict_outbound_listener_tcp_over_current_tcp`).
     pub vip_conflicts: IntGauge,
+    gateway_resolution_failures: IntCounterVec,
 }
 
 /// istiod's short type names, for the `type` label.
@@ -118,10 +120,19 @@ impl Metrics {
         .expect("valid metric");
         let vip_conflicts = IntGauge::new(
             "pilot_conflict_outbound_listener_tcp_over_current_tcp",
-            "Service VIP:ports claimed by more than one host (one is kept)",
+            "Service VIP:ports claimed by more than one host in one cluster's proxies' view (one is kept), summed over clusters",
         )
         .expect("valid metric");
-        let all: [Box<dyn prometheus::core::Collector>; 14] = [
+        let gateway_resolution_failures = IntCounterVec::new(
+            Opts::new(
+                "isthmus_controller_gateway_resolution_failures_total",
+                "Failed lookups of a gateway's host name (its last addresses are kept)",
+            ),
+            &["hostname"],
+        )
+        .expect("valid metric");
+        let all: [Box<dyn prometheus::core::Collector>; 15] = [
+            Box::new(gateway_resolution_failures.clone()),
             Box::new(vip_conflicts.clone()),
             Box::new(bundle_failures.clone()),
             Box::new(bundle_updated.clone()),
@@ -156,7 +167,13 @@ impl Metrics {
             bundle_failures,
             bundle_updated,
             vip_conflicts,
+            gateway_resolution_failures,
         }
+    }
+
+    /// Counts a failed lookup of a gateway's host name.
+    pub fn gateway_resolution_failed(&self, hostname: &str) {
+        self.gateway_resolution_failures.with_label_values(&[hostname]).inc();
     }
 
     /// Records a successful bundle fetch from `trust_domain`.

@@ -97,7 +97,7 @@ pub struct ServiceVip {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GatewayAddress {
     Ip(IpAddr),
-    /// A load balancer that only has a name; the xDS layer resolves it.
+    /// A load balancer that only has a name; [`crate::resolve`] resolves it.
     Hostname(String),
 }
 

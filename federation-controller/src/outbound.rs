@@ -1,35 +1,38 @@
 //! What a sidecar needs to route the traffic it captures, merged across clusters:
-//! which service port each virtual IP and port stands for, and which workload
-//! identities may answer for a service port.
+//! which service port each virtual IP and port stands for, as seen from the
+//! proxy's own cluster, and which workload identities may answer for a service
+//! port.
 //!
-//! Unlike endpoints this does not depend on the proxy's network: a ClusterIP
-//! names the same service wherever the connection starts. A pure function of
-//! the live cluster models and the trust domain.
+//! A ClusterIP means something only in the cluster that allocated it, and
+//! clusters often share a service CIDR: two clusters' different services may
+//! well have the same ClusterIP. So, as in Istio, the table depends on the
+//! proxy's cluster (its node's `CLUSTER_ID`), not on its network. Identities do
+//! not. Pure functions of the live cluster models (and the trust domain).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use mesh_vocab::{Hostname, SpiffeId};
+use mesh_vocab::{ClusterId, Hostname, SpiffeId};
 
 use crate::model::{ClusterModel, ServiceKey};
 
-/// The outbound routing table of one snapshot.
+/// The outbound listeners of one proxy's view.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Outbound {
+pub struct VipTable {
     /// `(VIP, port)` → the host whose port it is; one host per address.
     pub vips: BTreeMap<(IpAddr, u16), Hostname>,
-    /// Addresses more than one host claims, sorted.
+    /// Addresses more than one host claims in this view, sorted.
     pub conflicts: Vec<VipConflict>,
-    /// Per service port, the SPIFFE IDs of its instances' service accounts in
-    /// every cluster, distinct and sorted: who may answer an mTLS connection to it.
-    pub identities: BTreeMap<ServiceKey, Vec<SpiffeId>>,
 }
 
-/// A `VIP:port` claimed by several hosts (clusters with overlapping service
-/// ranges, or a stale object). The smallest host name is kept, so every
-/// controller and every snapshot choose alike.
+/// A `VIP:port` claimed by several hosts in one proxy's view (one cluster's
+/// stale or misconfigured object, or other clusters that share a service
+/// range). The smallest host name is kept, so every controller and every
+/// snapshot choose alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VipConflict {
+    /// The cluster whose proxies see it; None for proxies that name no served cluster.
+    pub view: Option<ClusterId>,
     pub vip: IpAddr,
     pub port: u16,
     pub kept: Hostname,
@@ -39,6 +42,10 @@ pub struct VipConflict {
 impl std::fmt::Display for VipConflict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let dropped: Vec<&str> = self.dropped.iter().map(Hostname::as_str).collect();
+        match &self.view {
+            Some(c) => write!(f, "for proxies in {c}, ")?,
+            None => f.write_str("for proxies naming no cluster, ")?,
+        }
         write!(
             f,
             "{}:{} is claimed by {} and {}; kept {}",
@@ -51,14 +58,74 @@ impl std::fmt::Display for VipConflict {
     }
 }
 
-/// Builds the table from `clusters` (stale ones included: their endpoints are still served).
-pub fn outbound<'a>(clusters: impl IntoIterator<Item = &'a ClusterModel>, trust_domain: &str) -> Outbound {
-    let mut claims: BTreeMap<(IpAddr, u16), BTreeSet<&Hostname>> = BTreeMap::new();
+/// The `VIP:port` → host table of a proxy in cluster `own` (None: a node that
+/// names no cluster, or one not among `clusters`), from `clusters` (stale ones
+/// included: their endpoints are still served).
+///
+/// The rule:
+/// 1. Every VIP of every service in `own` is the proxy's: that is what the
+///    address means where the proxy runs.
+/// 2. A service with no VIP in `own` (not there, or headless there) is reached
+///    at its VIPs in the other clusters — each `VIP:port` only if no VIP of
+///    `own` has the same address and port. Where one does, the address is a
+///    service of the proxy's own cluster, and the other cluster's meaning of it
+///    would take the proxy's traffic to the wrong service. A service that does
+///    have a VIP in `own` gets no other cluster's VIP: its own cluster's DNS
+///    never hands those out.
+/// 3. A `VIP:port` still claimed by several hosts — within `own`, or among the
+///    other clusters — is a [`VipConflict`]: the smallest host name keeps it.
+///
+/// Without an own cluster only rule 2 and 3 apply: every VIP of every cluster,
+/// one host per address — the merged table of a controller that knows no
+/// clusters apart.
+pub fn vips<'a>(own: Option<&ClusterId>, clusters: impl IntoIterator<Item = &'a ClusterModel>) -> VipTable {
+    let clusters: Vec<&ClusterModel> = clusters.into_iter().collect();
+    let own = own.filter(|c| clusters.iter().any(|m| &m.cluster == *c));
+    let mut local: BTreeMap<(IpAddr, u16), BTreeSet<&Hostname>> = BTreeMap::new();
+    let mut local_hosts: BTreeSet<&Hostname> = BTreeSet::new();
+    for m in clusters.iter().filter(|m| Some(&m.cluster) == own) {
+        for v in &m.vips {
+            local.entry((v.vip, v.port)).or_default().insert(&v.host);
+            local_hosts.insert(&v.host);
+        }
+    }
+    let mut foreign: BTreeMap<(IpAddr, u16), BTreeSet<&Hostname>> = BTreeMap::new();
+    for m in clusters.iter().filter(|m| Some(&m.cluster) != own) {
+        for v in &m.vips {
+            if !local_hosts.contains(&v.host) && !local.contains_key(&(v.vip, v.port)) {
+                foreign.entry((v.vip, v.port)).or_default().insert(&v.host);
+            }
+        }
+    }
+    let mut out = VipTable::default();
+    // The two never share a key: rule 2 keeps foreign claims off local addresses.
+    for ((vip, port), hosts) in local.into_iter().chain(foreign) {
+        let mut hosts = hosts.into_iter().cloned();
+        let kept = hosts.next().expect("every claim has a host");
+        let dropped: Vec<Hostname> = hosts.collect();
+        if !dropped.is_empty() {
+            out.conflicts.push(VipConflict {
+                view: own.cloned(),
+                vip,
+                port,
+                kept: kept.clone(),
+                dropped,
+            });
+        }
+        out.vips.insert((vip, port), kept);
+    }
+    out.conflicts.sort_by_key(|c| (c.vip, c.port));
+    out
+}
+
+/// Per service port, the SPIFFE IDs of its instances' service accounts in every
+/// cluster, distinct and sorted: who may answer an mTLS connection to it.
+pub fn identities<'a>(
+    clusters: impl IntoIterator<Item = &'a ClusterModel>,
+    trust_domain: &str,
+) -> BTreeMap<ServiceKey, Vec<SpiffeId>> {
     let mut identities: BTreeMap<ServiceKey, BTreeSet<SpiffeId>> = BTreeMap::new();
     for m in clusters {
-        for v in &m.vips {
-            claims.entry((v.vip, v.port)).or_default().insert(&v.host);
-        }
         for i in &m.instances {
             let ids = identities.entry(i.service.clone()).or_default();
             let (Some(sa), Some((_, ns))) = (&i.service_account, i.service.host.service_and_namespace()) else {
@@ -72,33 +139,18 @@ pub fn outbound<'a>(clusters: impl IntoIterator<Item = &'a ClusterModel>, trust_
             }
         }
     }
-    let mut out = Outbound::default();
-    for ((vip, port), hosts) in claims {
-        let mut hosts = hosts.into_iter().cloned();
-        let kept = hosts.next().expect("every claim has a host");
-        let dropped: Vec<Hostname> = hosts.collect();
-        if !dropped.is_empty() {
-            out.conflicts.push(VipConflict {
-                vip,
-                port,
-                kept: kept.clone(),
-                dropped,
-            });
-        }
-        out.vips.insert((vip, port), kept);
-    }
-    out.identities = identities
+    identities
         .into_iter()
         .map(|(k, ids)| (k, ids.into_iter().collect()))
-        .collect();
-    out
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Instance, Locality, ServiceVip};
-    use mesh_vocab::{ClusterId, NetworkId};
+    use mesh_vocab::NetworkId;
+    use proptest::prelude::*;
 
     fn host(name: &str) -> Hostname {
         Hostname::parse(&format!("{name}.default.svc.cluster.local")).unwrap()
@@ -136,36 +188,154 @@ mod tests {
         }
     }
 
+    fn table(own: Option<&str>, models: &[&ClusterModel]) -> (Vec<String>, Vec<String>) {
+        let own = own.map(ClusterId::new);
+        let t = vips(own.as_ref(), models.iter().copied());
+        let vips = t.vips.iter().map(|((ip, p), h)| format!("{ip}:{p} {h}")).collect();
+        (vips, t.conflicts.iter().map(ToString::to_string).collect())
+    }
+
     #[test]
-    fn one_host_per_address_across_clusters_and_conflicts_are_reported() {
+    fn a_proxy_gets_its_own_clusters_vips_and_other_clusters_only_for_services_it_lacks() {
+        // Both clusters allocate from the same range: cluster1's reviews and
+        // cluster2's ratings have the same ClusterIP. details is only in cluster2,
+        // on an address free in cluster1; reviews also runs in cluster2.
+        let c1 = model("c1", &[("reviews", [10, 96, 0, 10])], &[]);
+        let c2 = model(
+            "c2",
+            &[
+                ("ratings", [10, 96, 0, 10]),
+                ("reviews", [10, 96, 0, 11]),
+                ("details", [10, 96, 0, 12]),
+            ],
+            &[],
+        );
+        assert_eq!(
+            table(Some("c1"), &[&c1, &c2]),
+            (
+                vec![
+                    "10.96.0.10:9080 reviews.default.svc.cluster.local".to_owned(),
+                    "10.96.0.12:9080 details.default.svc.cluster.local".to_owned(),
+                ],
+                vec![]
+            ),
+            "ratings' VIP is reviews' in c1; reviews is reached at c1's VIP only"
+        );
+        assert_eq!(
+            table(Some("c2"), &[&c1, &c2]),
+            (
+                vec![
+                    "10.96.0.10:9080 ratings.default.svc.cluster.local".to_owned(),
+                    "10.96.0.11:9080 reviews.default.svc.cluster.local".to_owned(),
+                    "10.96.0.12:9080 details.default.svc.cluster.local".to_owned(),
+                ],
+                vec![]
+            )
+        );
+        assert_eq!(
+            table(Some("c2"), &[&c2, &c1]),
+            table(Some("c2"), &[&c1, &c2]),
+            "the order of clusters decides nothing"
+        );
+    }
+
+    #[test]
+    fn without_an_own_cluster_every_vip_of_every_cluster_one_host_per_address() {
         let c1 = model("c1", &[("reviews", [10, 96, 0, 12]), ("ratings", [10, 96, 0, 13])], &[]);
         // cluster2 gives reviews another VIP, and reuses ratings' VIP for details.
         let c2 = model("c2", &[("reviews", [10, 96, 1, 12]), ("details", [10, 96, 0, 13])], &[]);
-        let table = |models: &[&ClusterModel]| {
-            let o = outbound(models.iter().copied(), "cluster.local");
-            let vips: Vec<String> = o.vips.iter().map(|((ip, p), h)| format!("{ip}:{p} {h}")).collect();
-            (vips, o.conflicts.iter().map(ToString::to_string).collect::<Vec<_>>())
-        };
-        let (vips, conflicts) = table(&[&c1, &c2]);
-        assert_eq!(
-            vips,
-            [
-                "10.96.0.12:9080 reviews.default.svc.cluster.local",
-                "10.96.0.13:9080 details.default.svc.cluster.local",
-                "10.96.1.12:9080 reviews.default.svc.cluster.local",
-            ]
+        let merged = (
+            vec![
+                "10.96.0.12:9080 reviews.default.svc.cluster.local".to_owned(),
+                "10.96.0.13:9080 details.default.svc.cluster.local".to_owned(),
+                "10.96.1.12:9080 reviews.default.svc.cluster.local".to_owned(),
+            ],
+            vec![
+                "for proxies naming no cluster, 10.96.0.13:9080 is claimed by details.default.svc.cluster.local \
+                 and ratings.default.svc.cluster.local; kept details.default.svc.cluster.local"
+                    .to_owned(),
+            ],
         );
+        assert_eq!(table(None, &[&c1, &c2]), merged);
+        assert_eq!(
+            table(None, &[&c2, &c1]),
+            merged,
+            "the order of clusters decides nothing"
+        );
+        assert_eq!(
+            table(Some("elsewhere"), &[&c1, &c2]),
+            merged,
+            "a cluster not served is no own cluster"
+        );
+    }
+
+    #[test]
+    fn conflicts_are_within_one_view() {
+        // Two hosts on one address in c1 itself; two clusters lending c3 one address each.
+        let c1 = model("c1", &[("reviews", [10, 96, 0, 10]), ("tracing", [10, 96, 0, 10])], &[]);
+        let c2 = model("c2", &[("ratings", [10, 96, 0, 20])], &[]);
+        let c3 = model("c3", &[("details", [10, 96, 0, 20])], &[]);
+        let (vips, conflicts) = table(Some("c1"), &[&c1, &c2, &c3]);
+        assert_eq!(vips[0], "10.96.0.10:9080 reviews.default.svc.cluster.local");
         assert_eq!(
             conflicts,
             [
-                "10.96.0.13:9080 is claimed by details.default.svc.cluster.local and ratings.default.svc.cluster.local; kept details.default.svc.cluster.local"
+                "for proxies in c1, 10.96.0.10:9080 is claimed by reviews.default.svc.cluster.local and \
+                 tracing.default.svc.cluster.local; kept reviews.default.svc.cluster.local",
+                "for proxies in c1, 10.96.0.20:9080 is claimed by details.default.svc.cluster.local and \
+                 ratings.default.svc.cluster.local; kept details.default.svc.cluster.local",
             ]
         );
+        let (_, conflicts) = table(Some("c2"), &[&c1, &c2, &c3]);
         assert_eq!(
-            table(&[&c2, &c1]),
-            table(&[&c1, &c2]),
-            "the order of clusters decides nothing"
+            conflicts,
+            [
+                "for proxies in c2, 10.96.0.10:9080 is claimed by reviews.default.svc.cluster.local and \
+                 tracing.default.svc.cluster.local; kept reviews.default.svc.cluster.local"
+            ],
+            "c2's own ratings holds .20; c1's clash is lent to c2 as it is"
         );
+    }
+
+    proptest! {
+        /// Whatever the clusters, a proxy's own cluster's VIPs are all in its
+        /// table with their own host unless two own hosts clash, and nothing from
+        /// another cluster ever takes an own `VIP:port` or serves a service the own
+        /// cluster has VIPs for.
+        #[test]
+        fn own_vips_always_win(
+            claims in proptest::collection::vec((0u8..3, 0u8..4, 0u8..4), 0..24),
+            own in 0u8..3,
+        ) {
+            let names = ["reviews", "ratings", "details", "tracing"];
+            let models: Vec<ClusterModel> = (0..3u8)
+                .map(|c| {
+                    let vips: Vec<(&str, [u8; 4])> = claims
+                        .iter()
+                        .filter(|(cc, _, _)| *cc == c)
+                        .map(|(_, h, ip)| (names[*h as usize], [10, 96, 0, *ip]))
+                        .collect();
+                    let mut m = model(&format!("c{c}"), &vips, &[]);
+                    m.vips.sort();
+                    m.vips.dedup();
+                    m
+                })
+                .collect();
+            let me = ClusterId::new(format!("c{own}"));
+            let t = vips(Some(&me), &models);
+            let mine = &models[own as usize];
+            for v in &mine.vips {
+                let kept = &t.vips[&(v.vip, v.port)];
+                prop_assert!(mine.vips.iter().any(|w| (w.vip, w.port, &w.host) == (v.vip, v.port, kept)));
+            }
+            for ((vip, port), h) in &t.vips {
+                let own_claim = mine.vips.iter().any(|w| (w.vip, w.port) == (*vip, *port));
+                let own_host = mine.vips.iter().any(|w| &w.host == h);
+                if !own_claim {
+                    prop_assert!(!own_host, "{h} has VIPs in {me} but got a foreign one");
+                }
+            }
+        }
     }
 
     #[test]
@@ -176,8 +346,8 @@ mod tests {
             &[],
             &[("reviews", Some("reviews-v1")), ("reviews", Some("reviews-v2"))],
         );
-        let o = outbound([&c1, &c2], "example.org");
-        let ids: Vec<&str> = o.identities[&ServiceKey {
+        let ids = identities([&c1, &c2], "example.org");
+        let ids: Vec<&str> = ids[&ServiceKey {
             host: host("reviews"),
             port: 9080,
         }]

@@ -6,8 +6,10 @@
 //! Proxyless gRPC clients get the shapes they accept instead, and routes
 //! (RDS) ([`grpc`]): each proxy has a [`Generator`], as in Istio.
 //!
-//! Each proxy gets its own view: its network comes from Istio's node metadata
-//! (`NETWORK`), so an Istio-style Envoy bootstrap works unchanged, and names
+//! Each proxy gets its own view: its network and cluster come from Istio's node
+//! metadata (`NETWORK`, `CLUSTER_ID`), so an Istio-style Envoy bootstrap works
+//! unchanged — endpoints depend on the network, listeners on the cluster
+//! ([`outbound::vips`]) — and names
 //! follow Istio (`outbound|9080||reviews.default.svc.cluster.local`). Per type,
 //! a stream remembers what it sent (version, nonce): an ACK is recorded, a NACK
 //! is logged and counted and the proxy keeps its last good config — nothing is
@@ -32,16 +34,16 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
-use mesh_vocab::NetworkId;
+use mesh_vocab::{ClusterId, NetworkId, SpiffeId};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::federation::{self, Address, View};
+use crate::federation::{self, Resolved, View};
 use crate::metrics::Metrics;
 use crate::model::{ClusterModel, MeshConfig, ServiceKey};
-use crate::outbound::{self, Outbound};
+use crate::outbound::{self, VipConflict, VipTable};
 use crate::trust::BundleSet;
 
 pub mod grpc;
@@ -69,14 +71,58 @@ pub struct Snapshot {
     /// Live cluster models, with whether each is stale.
     pub clusters: Vec<(Arc<ClusterModel>, bool)>,
     pub mesh: MeshConfig,
-    /// Encoded resources per (network, generator, type), made once and shared by
-    /// every proxy of that network and generator: a push to a thousand proxies must not federate and
-    /// encode a thousand times.
-    cache: OnceMap<(NetworkId, Generator, String), Arc<tokio::sync::OnceCell<EncodedSet>>>,
+    /// The addresses of the gateways known by host name, as resolved so far
+    /// ([`crate::resolve`]).
+    pub resolved: Arc<Resolved>,
+    /// Encoded resources per (network, cluster, generator, type), made once and
+    /// shared by every proxy with the same: a push to a thousand proxies must not
+    /// federate and encode a thousand times. The cluster is part of the key only
+    /// where it matters (Envoy's listeners), so the rest is shared per network.
+    cache: OnceMap<CacheKey, Arc<tokio::sync::OnceCell<EncodedSet>>>,
     /// The federated view per network, shared by both resource types.
     views: OnceMap<NetworkId, Arc<std::sync::OnceLock<Arc<View>>>>,
-    /// The outbound table, the same for every network.
-    outbound: std::sync::OnceLock<Arc<Outbound>>,
+    /// The `VIP:port` table per proxy cluster (None: naming no served cluster).
+    vip_tables: OnceMap<Option<ClusterId>, Arc<std::sync::OnceLock<Arc<VipTable>>>>,
+    /// Who may serve each service port, the same for every proxy.
+    identities: std::sync::OnceLock<Arc<Identities>>,
+}
+
+/// What encoded resources are shared by: (network, cluster, generator, type URL).
+type CacheKey = (NetworkId, Option<ClusterId>, Generator, String);
+
+/// Per service port, the SPIFFE IDs that may answer for it.
+type Identities = BTreeMap<ServiceKey, Vec<SpiffeId>>;
+
+/// What the resources a proxy is served depend on, from its node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProxyView {
+    /// Its network (`NETWORK`): which endpoints it reaches directly.
+    pub network: NetworkId,
+    /// Its cluster (`CLUSTER_ID`): what a ClusterIP means to it.
+    pub cluster: Option<ClusterId>,
+    pub generator: Generator,
+}
+
+impl ProxyView {
+    /// The view of `node`, from Istio's metadata keys.
+    pub fn of(node: &core::Node) -> Self {
+        ProxyView {
+            network: NetworkId::new(node_metadata(node, "NETWORK").unwrap_or_default()),
+            cluster: node_metadata(node, "CLUSTER_ID")
+                .filter(|c| !c.is_empty())
+                .map(ClusterId::new),
+            generator: Generator::of(node),
+        }
+    }
+
+    /// An Envoy proxy on `network` of no particular cluster.
+    pub fn envoy(network: &NetworkId) -> Self {
+        ProxyView {
+            network: network.clone(),
+            cluster: None,
+            generator: Generator::Envoy,
+        }
+    }
 }
 
 /// Which shapes of resources a proxy is served, from its node (Istio's
@@ -132,26 +178,33 @@ impl Snapshot {
             created,
             clusters,
             mesh,
+            resolved: Default::default(),
             cache: Default::default(),
             views: Default::default(),
-            outbound: Default::default(),
+            vip_tables: Default::default(),
+            identities: Default::default(),
         }
     }
 
-    /// Every resource of `type_url` for `generator`'s proxies on `network`,
-    /// sorted by name. The first stream to ask builds it; the others wait for
-    /// that one rather than all federating the same state at once after a change.
-    pub async fn encoded(&self, network: &NetworkId, generator: Generator, type_url: &str) -> EncodedSet {
+    /// Every resource of `type_url` for proxies of `proxy`'s view, sorted by
+    /// name. The first stream to ask builds it; the others wait for that one
+    /// rather than all federating the same state at once after a change.
+    pub async fn encoded(&self, proxy: &ProxyView, type_url: &str) -> EncodedSet {
+        let (network, generator) = (&proxy.network, proxy.generator);
+        let cluster = match (generator, type_url) {
+            (Generator::Envoy, LISTENER_TYPE) => self.served_cluster(proxy.cluster.as_ref()),
+            _ => None,
+        };
         let cell = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((network.clone(), generator, type_url.to_owned()))
+            .entry((network.clone(), cluster.clone(), generator, type_url.to_owned()))
             .or_default()
             .clone();
         cell.get_or_init(|| async {
             let mut list: Vec<Encoded> = self
-                .resources(type_url, network, generator)
+                .resources(type_url, network, cluster.as_ref(), generator)
                 .into_iter()
                 .map(|(name, resource, version)| Encoded {
                     name,
@@ -166,9 +219,15 @@ impl Snapshot {
         .clone()
     }
 
+    /// This snapshot with the gateway addresses `resolved`.
+    pub fn with_resolved(self, resolved: Arc<Resolved>) -> Self {
+        Self { resolved, ..self }
+    }
+
     /// Whether `other` tells proxies the same thing (versions aside).
     pub fn same_state(&self, other: &Snapshot) -> bool {
-        self.clusters.len() == other.clusters.len()
+        self.resolved == other.resolved
+            && self.clusters.len() == other.clusters.len()
             && self
                 .clusters
                 .iter()
@@ -188,29 +247,72 @@ impl Snapshot {
         cell.get_or_init(|| Arc::new(self.view(network))).clone()
     }
 
-    /// Which service each `VIP:port` stands for, and who may serve each service
-    /// port, computed once per snapshot.
-    pub fn outbound(&self) -> Arc<Outbound> {
-        self.outbound
+    /// `cluster` if it is one this snapshot serves: a node naming another (or
+    /// Istio's default, `Kubernetes`) has no own cluster here, and shares the
+    /// table of nodes that name none.
+    fn served_cluster(&self, cluster: Option<&ClusterId>) -> Option<ClusterId> {
+        cluster
+            .filter(|c| self.clusters.iter().any(|(m, _)| &m.cluster == *c))
+            .cloned()
+    }
+
+    /// Which service each `VIP:port` stands for to a proxy in `cluster`
+    /// ([`outbound::vips`]), computed once per snapshot and cluster.
+    pub fn vip_table(&self, cluster: Option<&ClusterId>) -> Arc<VipTable> {
+        let cluster = self.served_cluster(cluster);
+        let cell = self
+            .vip_tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cluster.clone())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| {
+            let models = self.clusters.iter().map(|(m, _)| m.as_ref());
+            Arc::new(outbound::vips(cluster.as_ref(), models))
+        })
+        .clone()
+    }
+
+    /// The `VIP:port` conflicts proxies of the served clusters see, each
+    /// cluster's own. Nodes that name no served cluster get every cluster's VIPs
+    /// merged, whose clashes are expected wherever clusters share a service range,
+    /// so they are not counted: such nodes should name their cluster.
+    pub fn vip_conflicts(&self) -> Vec<VipConflict> {
+        self.clusters
+            .iter()
+            .flat_map(|(m, _)| self.vip_table(Some(&m.cluster)).conflicts.clone())
+            .collect()
+    }
+
+    /// Who may serve each service port, computed once per snapshot.
+    fn identities(&self) -> Arc<Identities> {
+        self.identities
             .get_or_init(|| {
                 let models = self.clusters.iter().map(|(m, _)| m.as_ref());
-                Arc::new(outbound::outbound(models, &self.mesh.trust_domain))
+                Arc::new(outbound::identities(models, &self.mesh.trust_domain))
             })
             .clone()
     }
 
-    /// Every resource of `type_url` for a proxy on `network`: (name, resource,
-    /// version). The version is taken from the federated input, which is sorted
+    /// Every resource of `type_url` for a proxy on `network` (in `proxy_cluster`,
+    /// for listeners): (name, resource, version). The version is taken from the federated input, which is sorted
     /// and canonical, not from the encoded bytes: protobuf map fields (endpoint
     /// metadata) encode in hash-map order, so equal resources could encode
     /// differently and be resent to every proxy on every change.
-    fn resources(&self, type_url: &str, network: &NetworkId, generator: Generator) -> Vec<(String, Any, String)> {
+    fn resources(
+        &self,
+        type_url: &str,
+        network: &NetworkId,
+        proxy_cluster: Option<&ClusterId>,
+        generator: Generator,
+    ) -> Vec<(String, Any, String)> {
         if generator == Generator::Grpc {
             return self.grpc_resources(type_url, network);
         }
         match type_url {
             LISTENER_TYPE => self
-                .outbound()
+                .vip_table(proxy_cluster)
                 .vips
                 .iter()
                 .map(|((vip, port), host)| {
@@ -219,12 +321,12 @@ impl Snapshot {
                 })
                 .collect(),
             CLUSTER_TYPE => {
-                let outbound = self.outbound();
+                let identities = self.identities();
                 let td = &self.mesh.trust_domain;
                 self.shared_view(network)
                     .keys()
                     .map(|k| {
-                        let ids = outbound.identities.get(k).map(Vec::as_slice).unwrap_or_default();
+                        let ids = identities.get(k).map(Vec::as_slice).unwrap_or_default();
                         let c = cluster(k, ids);
                         (c.name.clone(), any(CLUSTER_TYPE, &c), stable_hash(&(k, ids, td)))
                     })
@@ -288,7 +390,7 @@ impl Snapshot {
     /// The endpoints a proxy on `network` sees.
     pub fn view(&self, network: &NetworkId) -> View {
         let refs: Vec<(&ClusterModel, bool)> = self.clusters.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
-        federation::view_for(network, &refs, &self.mesh)
+        federation::view_for(network, &refs, &self.mesh, &self.resolved)
     }
 }
 
@@ -449,8 +551,7 @@ async fn drive<S: XdsStream>(mut s: S, mut inbound: tonic::Streaming<S::Request>
 #[derive(Debug, Clone)]
 struct Proxy {
     id: String,
-    network: NetworkId,
-    generator: Generator,
+    view: ProxyView,
 }
 
 /// Per resource type, what this stream asked for and was sent.
@@ -480,13 +581,11 @@ impl AdsStream {
                 .node
                 .as_ref()
                 .ok_or_else(|| tonic::Status::invalid_argument("the first request must carry node"))?;
-            let network = node_metadata(node, "NETWORK").unwrap_or_default();
-            let generator = Generator::of(node);
-            tracing::info!(proxy = node.id, network, ?generator, "xDS stream opened");
+            let view = ProxyView::of(node);
+            tracing::info!(proxy = node.id, ?view, "xDS stream opened");
             self.proxy = Some(Proxy {
                 id: node.id.clone(),
-                network: NetworkId::new(network),
-                generator,
+                view,
             });
         }
         if ![LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE].contains(&req.type_url.as_str()) {
@@ -546,12 +645,13 @@ impl AdsStream {
     /// Sends the current state of one type to this proxy.
     async fn send(&mut self, type_url: &str) -> Result<(), ()> {
         let snapshot = self.snapshots.borrow().clone();
-        let (network, generator) = self
+        let view = self
             .proxy
             .as_ref()
-            .map(|p| (p.network.clone(), p.generator))
-            .unwrap_or_else(|| (NetworkId::new(""), Generator::Envoy));
-        let (all, version) = current(&snapshot, &self.bundles, &network, generator, type_url).await;
+            .map(|p| p.view.clone())
+            .unwrap_or_else(|| ProxyView::envoy(&NetworkId::new("")));
+        let generator = view.generator;
+        let (all, version) = current(&snapshot, &self.bundles, &view, type_url).await;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -596,8 +696,8 @@ struct DeltaAds {
     bundles: watch::Receiver<Arc<BundleSet>>,
     metrics: Metrics,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>,
-    /// The proxy's network and generator, from the first request's node.
-    proxy: Option<(NetworkId, Generator)>,
+    /// The proxy's view, from the first request's node.
+    proxy: Option<ProxyView>,
     types: HashMap<String, DeltaType>,
     nonce: u64,
 }
@@ -609,12 +709,11 @@ impl DeltaAds {
                 .node
                 .as_ref()
                 .ok_or_else(|| tonic::Status::invalid_argument("the first request must carry node"))?;
-            let network = node_metadata(node, "NETWORK").unwrap_or_default();
-            let generator = Generator::of(node);
-            tracing::info!(proxy = node.id, network, ?generator, "delta xDS stream opened");
-            self.proxy = Some((NetworkId::new(network), generator));
+            let view = ProxyView::of(node);
+            tracing::info!(proxy = node.id, ?view, "delta xDS stream opened");
+            self.proxy = Some(view);
         }
-        let generator = self.proxy.as_ref().map_or(Generator::Envoy, |p| p.1);
+        let generator = self.proxy.as_ref().map_or(Generator::Envoy, |p| p.generator);
         let first = !self.types.contains_key(&req.type_url);
         let state = self.types.entry(req.type_url.clone()).or_default();
         if !req.response_nonce.is_empty() && req.response_nonce == state.last_nonce {
@@ -669,11 +768,11 @@ impl DeltaAds {
     /// Sends what changed for one type since the client was last sent it.
     async fn send(&mut self, type_url: &str) -> Result<(), ()> {
         let snapshot = self.snapshots.borrow().clone();
-        let (network, generator) = self
+        let view = self
             .proxy
             .clone()
-            .unwrap_or_else(|| (NetworkId::new(""), Generator::Envoy));
-        let (all, version) = current(&snapshot, &self.bundles, &network, generator, type_url).await;
+            .unwrap_or_else(|| ProxyView::envoy(&NetworkId::new("")));
+        let (all, version) = current(&snapshot, &self.bundles, &view, type_url).await;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -778,20 +877,19 @@ impl XdsStream for DeltaAds {
     }
 }
 
-/// The current resources of `type_url` for `generator`'s proxy on `network`,
-/// and their version: bundles for SDS, the snapshot for the rest.
+/// The current resources of `type_url` for a proxy of `view`, and their
+/// version: bundles for SDS, the snapshot for the rest.
 async fn current(
     snapshot: &Snapshot,
     bundles: &watch::Receiver<Arc<BundleSet>>,
-    network: &NetworkId,
-    generator: Generator,
+    view: &ProxyView,
     type_url: &str,
 ) -> (EncodedSet, u64) {
     if type_url == SECRET_TYPE {
         let set = bundles.borrow().clone();
         (Arc::new(set.encoded()), set.sequence)
     } else {
-        (snapshot.encoded(network, generator, type_url).await, snapshot.version)
+        (snapshot.encoded(view, type_url).await, snapshot.version)
     }
 }
 
@@ -879,13 +977,11 @@ fn cluster(key: &ServiceKey, identities: &[mesh_vocab::SpiffeId]) -> Cluster {
 fn load_assignment(key: &ServiceKey, eps: &[federation::LbEndpoint]) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<&crate::model::Locality, Vec<LbEndpoint>> = BTreeMap::new();
     for e in eps {
-        // EDS carries IPs; a gateway known only by host name needs resolving first.
-        let Address::Ip(ip) = &e.address else { continue };
         by_locality.entry(&e.locality).or_default().push(LbEndpoint {
             host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
                 address: Some(core::Address {
                     address: Some(address::Address::SocketAddress(SocketAddress {
-                        address: ip.to_string(),
+                        address: e.address.to_string(),
                         port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(e.port))),
                         ..Default::default()
                     })),
@@ -964,7 +1060,7 @@ mod tests {
         let mut out = Vec::new();
         for t in [CLUSTER_TYPE, ENDPOINT_TYPE] {
             out.extend(
-                snap.encoded(&NetworkId::new(network), Generator::Envoy, t)
+                snap.encoded(&ProxyView::envoy(&NetworkId::new(network)), t)
                     .await
                     .iter()
                     .map(|e| (e.name.clone(), e.version.clone())),
@@ -1102,20 +1198,19 @@ mod tests {
         let models = vec![(Arc::new(c1), false), (Arc::new(c2), false)];
         let snap = Snapshot::new(1, std::time::Instant::now(), models, MeshConfig::default());
         let n1 = NetworkId::new("n1");
+        let envoy1 = ProxyView::envoy(&n1);
+        let grpc1 = ProxyView {
+            generator: Generator::Grpc,
+            ..ProxyView::envoy(&n1)
+        };
         let names = |set: &EncodedSet| set.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
         let cluster = "outbound|80||s0.default.svc.cluster.local";
         let listener = "s0.default.svc.cluster.local:80";
-        assert_eq!(
-            names(&snap.encoded(&n1, Generator::Grpc, LISTENER_TYPE).await),
-            [listener]
-        );
-        assert_eq!(names(&snap.encoded(&n1, Generator::Grpc, ROUTE_TYPE).await), [listener]);
-        assert_eq!(
-            names(&snap.encoded(&n1, Generator::Grpc, CLUSTER_TYPE).await),
-            [cluster]
-        );
+        assert_eq!(names(&snap.encoded(&grpc1, LISTENER_TYPE).await), [listener]);
+        assert_eq!(names(&snap.encoded(&grpc1, ROUTE_TYPE).await), [listener]);
+        assert_eq!(names(&snap.encoded(&grpc1, CLUSTER_TYPE).await), [cluster]);
         assert!(
-            snap.encoded(&n1, Generator::Envoy, ROUTE_TYPE).await.is_empty(),
+            snap.encoded(&envoy1, ROUTE_TYPE).await.is_empty(),
             "Envoy gets no routes"
         );
         let addresses = |set: EncodedSet| {
@@ -1136,12 +1231,12 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(
-            addresses(snap.encoded(&n1, Generator::Envoy, ENDPOINT_TYPE).await),
+            addresses(snap.encoded(&envoy1, ENDPOINT_TYPE).await),
             ["10.241.0.1", "100.64.0.1"],
             "Envoy reaches n2 through its gateway"
         );
         assert_eq!(
-            addresses(snap.encoded(&n1, Generator::Grpc, ENDPOINT_TYPE).await),
+            addresses(snap.encoded(&grpc1, ENDPOINT_TYPE).await),
             ["10.241.0.1"],
             "plaintext gRPC cannot pass a gateway that only passes mTLS through"
         );
@@ -1162,7 +1257,7 @@ mod tests {
         models = vec![(Arc::new(c1), false), (Arc::new(c2), false)];
         let snap = Snapshot::new(1, std::time::Instant::now(), models, MeshConfig::default());
         let eds = snap
-            .encoded(&NetworkId::new("n1"), Generator::Envoy, ENDPOINT_TYPE)
+            .encoded(&ProxyView::envoy(&NetworkId::new("n1")), ENDPOINT_TYPE)
             .await;
         let cla = ClusterLoadAssignment::decode(eds[0].resource.value.as_slice()).unwrap();
         let marks: Vec<(String, Option<String>)> = cla

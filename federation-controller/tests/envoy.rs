@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use support::{Controller, cluster_with_ips, scratch, two_networks};
+use support::{Controller, cluster, cluster_with_ips, scratch, two_networks};
 
 /// Stands for istio-agent's SDS server on the proxy's node: the workload's SVID
 /// as `default` and its trust domain's root as `ROOTCA`, made for the test.
@@ -340,10 +340,10 @@ fn envoy_follows(api_type: &str, name: &str) {
     });
     assert!(!secrets.contains("\"error_state\""), "{secrets}");
 
-    // One virtual listener per reviews VIP, both to the one reviews cluster.
-    let listeners = wait_admin(&admin, "/listeners", |b| {
-        b.contains("10.96.1.12_9080::10.96.1.12:9080") && b.contains("10.96.2.12_9080::10.96.2.12:9080")
-    });
+    // A virtual listener on the reviews VIP of its own cluster; cluster2's VIP
+    // for reviews means nothing in cluster1.
+    let listeners = wait_admin(&admin, "/listeners", |b| b.contains("10.96.1.12_9080::10.96.1.12:9080"));
+    assert!(!listeners.contains("10.96.2.12"), "{listeners}");
     let stats = http_get(&admin, "/stats").unwrap();
     assert!(
         stat(&stats, "listener_manager.lds.update_success").unwrap() >= 1,
@@ -361,19 +361,27 @@ fn envoy_follows(api_type: &str, name: &str) {
         "{dump}"
     );
 
-    // A change in a cluster reaches Envoy without a restart: a pod and a ClusterIP more.
-    cluster_with_ips(
+    // Changes reach Envoy without a restart: a pod more in cluster2, a ClusterIP
+    // more in cluster1.
+    cluster(
         &dir,
         "cluster2",
         "network2",
         2,
         &[("a", "v1", true), ("b", "v2", true), ("c", "v2", true)],
-        &["10.96.2.12", "10.96.2.13"],
     );
     wait_admin(&admin, "/clusters", |b| {
         b.contains(&format!("{reviews}::100.64.0.2:15443::weight::3"))
     });
-    wait_admin(&admin, "/listeners", |b| b.contains("10.96.2.13_9080::10.96.2.13:9080"));
+    cluster_with_ips(
+        &dir,
+        "cluster1",
+        "network1",
+        1,
+        &[("reviews-v1-a", "v1", true)],
+        &["10.96.1.12", "10.96.1.13"],
+    );
+    wait_admin(&admin, "/listeners", |b| b.contains("10.96.1.13_9080::10.96.1.13:9080"));
     let stats = http_get(&admin, "/stats").unwrap();
     for rejected in [
         "listener_manager.lds.update_rejected",

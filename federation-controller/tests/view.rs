@@ -83,3 +83,37 @@ fn a_bad_manifest_is_refused_with_file_document_and_field() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_gateway_known_by_host_name_is_looked_up_once_and_shown_at_its_addresses() {
+    let dir = scratch("named-gateway");
+    cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
+    cluster(
+        &dir,
+        "cluster2",
+        "network2",
+        2,
+        &[("reviews-v1-b", "v1", true), ("reviews-v2", "v2", true)],
+    );
+    // cluster2's gateway has a load balancer with only a name: `localhost`, which
+    // the system's resolver answers from /etc/hosts without any network.
+    let file = dir.join("cluster2/objects.yaml");
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    let ip_gateway = ", externalIPs: [100.64.0.2]}\n";
+    assert!(yaml.contains(ip_gateway));
+    let named = "}\nstatus: {loadBalancer: {ingress: [{hostname: localhost}]}}\n";
+    std::fs::write(&file, yaml.replace(ip_gateway, named)).unwrap();
+
+    let out = view(&dir, "network1");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let through: Vec<String> = v["reviews.default.svc.cluster.local:9080"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["via_gateway"] == true)
+        .map(|e| format!("{}:{}", e["address"].as_str().unwrap(), e["port"]))
+        .collect();
+    assert!(through.contains(&"127.0.0.1:15443".to_owned()), "{through:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

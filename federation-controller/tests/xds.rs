@@ -26,18 +26,23 @@ const REVIEWS: &str = "outbound|9080||reviews.default.svc.cluster.local";
 
 /// Istio's sidecar node: ID form and metadata keys.
 fn node() -> Node {
+    node_in("network1", Some("cluster1"))
+}
+
+/// An Istio sidecar node on `network`, in `cluster` (None: a node that names none).
+fn node_in(network: &str, cluster: Option<&str>) -> Node {
     let s = |v: &str| Value {
         kind: Some(Kind::StringValue(v.into())),
     };
+    let mut fields: std::collections::BTreeMap<String, Value> = [("NETWORK".to_owned(), s(network))].into();
+    if let Some(c) = cluster {
+        fields.insert("CLUSTER_ID".to_owned(), s(c));
+    }
     Node {
         id: "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local".into(),
         cluster: "productpage.default".into(),
         metadata: Some(Struct {
-            fields: [
-                ("NETWORK".to_owned(), s("network1")),
-                ("CLUSTER_ID".to_owned(), s("cluster1")),
-            ]
-            .into(),
+            fields: fields.into_iter().collect(),
         }),
         ..Default::default()
     }
@@ -45,6 +50,15 @@ fn node() -> Node {
 
 /// An ADS stream to `controller` as the Istio node, its CDS request already sent.
 async fn open_stream(controller: &Controller) -> (mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>) {
+    open_stream_as(controller, node(), CDS).await
+}
+
+/// An ADS stream to `controller` as `node`, its first request (for `type_url`) already sent.
+async fn open_stream_as(
+    controller: &Controller,
+    node: Node,
+    type_url: &str,
+) -> (mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>) {
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
         .await
         .unwrap();
@@ -55,8 +69,8 @@ async fn open_stream(controller: &Controller) -> (mpsc::Sender<DiscoveryRequest>
         .unwrap()
         .into_inner();
     tx.send(DiscoveryRequest {
-        node: Some(node()),
-        type_url: CDS.into(),
+        node: Some(node),
+        type_url: type_url.into(),
         ..Default::default()
     })
     .await
@@ -214,33 +228,32 @@ async fn sigterm_stops_the_controller_even_with_streams_open() {
 
 /// The listeners of an LDS response: "name address:port -> cluster".
 fn listeners(resp: &DiscoveryResponse) -> Vec<String> {
-    use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
-    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
     assert_eq!(resp.type_url, LDS);
-    let mut out: Vec<String> = resp
-        .resources
-        .iter()
-        .map(|r| {
-            let l = Listener::decode(r.value.as_slice()).unwrap();
-            let Some(address::Address::SocketAddress(sa)) = l.address.unwrap().address else {
-                panic!("a socket address")
-            };
-            let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
-                panic!("a port")
-            };
-            assert_eq!(l.bind_to_port.map(|b| b.value), Some(false), "{}: virtual", l.name);
-            let Some(filter::ConfigType::TypedConfig(cfg)) = &l.filter_chains[0].filters[0].config_type else {
-                panic!("a typed filter config")
-            };
-            let tcp = TcpProxy::decode(cfg.value.as_slice()).unwrap();
-            let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = tcp.cluster_specifier else {
-                panic!("a cluster")
-            };
-            format!("{} {}:{} -> {c}", l.name, sa.address, port)
-        })
-        .collect();
+    let mut out: Vec<String> = resp.resources.iter().map(listener).collect();
     out.sort();
     out
+}
+
+/// One listener: "name address:port -> cluster".
+fn listener(r: &envoy_types::pb::google::protobuf::Any) -> String {
+    use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+    let l = Listener::decode(r.value.as_slice()).unwrap();
+    let Some(address::Address::SocketAddress(sa)) = l.address.unwrap().address else {
+        panic!("a socket address")
+    };
+    let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+        panic!("a port")
+    };
+    assert_eq!(l.bind_to_port.map(|b| b.value), Some(false), "{}: virtual", l.name);
+    let Some(filter::ConfigType::TypedConfig(cfg)) = &l.filter_chains[0].filters[0].config_type else {
+        panic!("a typed filter config")
+    };
+    let tcp = TcpProxy::decode(cfg.value.as_slice()).unwrap();
+    let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = tcp.cluster_specifier else {
+        panic!("a cluster")
+    };
+    format!("{} {}:{} -> {c}", l.name, sa.address, port)
 }
 
 /// The URI SANs the first cluster of a CDS response verifies its servers against.
@@ -300,13 +313,11 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
     .await
     .unwrap();
     let lds = next(&mut responses).await;
-    // Each cluster's ClusterIP for reviews leads to the one reviews cluster.
+    // reviews at its own cluster's ClusterIP; cluster2's ClusterIP for it means
+    // nothing in cluster1.
     assert_eq!(
         listeners(&lds),
-        [
-            format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}"),
-            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
-        ]
+        [format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}")]
     );
     tx.send(ack(&lds, &[])).await.unwrap();
 
@@ -331,7 +342,6 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
         listeners(&pushed),
         [
             format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}"),
-            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
             format!("fd00:1::12_9080 fd00:1::12:9080 -> {REVIEWS}"),
         ]
     );
@@ -341,12 +351,12 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
         Some(0.0)
     );
 
-    // Another host on reviews' address in cluster2: one host is kept, the same
-    // every time, and the conflict is counted.
+    // Another host on reviews' address in cluster1 itself: one host is kept, the
+    // same every time, and the conflict is counted.
     std::fs::write(
-        dir.join("cluster2/tracing.yaml"),
+        dir.join("cluster1/tracing.yaml"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: tracing, namespace: default}\n\
-         spec: {clusterIP: 10.96.2.12, ports: [{port: 9080}]}\n",
+         spec: {clusterIP: 10.96.1.12, ports: [{port: 9080}]}\n",
     )
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -361,7 +371,7 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
         }
     };
     assert!(
-        listeners(&after).contains(&format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}")),
+        listeners(&after).contains(&format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}")),
         "the smaller host name keeps the address: {:?}",
         listeners(&after)
     );
@@ -404,7 +414,7 @@ async fn delta_lds_is_a_wildcard_and_names_a_withdrawn_cluster_ip() {
     let first = next_delta(&mut responses).await;
     let mut names: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["10.96.1.12_9080", "10.96.2.12_9080"]);
+    assert_eq!(names, ["10.96.1.12_9080"], "its own cluster's VIP for reviews");
     tx.send(DeltaDiscoveryRequest {
         type_url: LDS.into(),
         response_nonce: first.nonce.clone(),
@@ -413,11 +423,167 @@ async fn delta_lds_is_a_wildcard_and_names_a_withdrawn_cluster_ip() {
     .await
     .unwrap();
 
-    // cluster1's reviews turns headless: its listener is withdrawn, by name, and nothing else sent.
+    // cluster1's reviews turns headless: its listener is withdrawn, by name, and
+    // reviews, no longer with a VIP in cluster1, is reached at cluster2's.
     cluster_with_ips(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)], &[]);
     let removal = next_delta(&mut responses).await;
     assert_eq!(removal.type_url, LDS);
     assert_eq!(removal.removed_resources, ["10.96.1.12_9080"]);
-    assert!(removal.resources.is_empty(), "the other listener is unchanged");
+    let added: Vec<String> = removal
+        .resources
+        .iter()
+        .map(|r| listener(r.resource.as_ref().unwrap()))
+        .collect();
+    assert_eq!(added, [format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}")]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const RATINGS: &str = "outbound|9080||ratings.default.svc.cluster.local";
+
+/// Two clusters allocating from one service range: cluster1's `reviews` and
+/// cluster2's `ratings` both have ClusterIP 10.96.0.10 (cluster2's reviews is on
+/// 10.96.2.12).
+fn shared_service_range(dir: &std::path::Path) {
+    cluster_with_ips(
+        dir,
+        "cluster1",
+        "network1",
+        1,
+        &[("reviews-v1-a", "v1", true)],
+        &["10.96.0.10"],
+    );
+    cluster(dir, "cluster2", "network2", 2, &[("reviews-v1-b", "v1", true)]);
+    std::fs::write(
+        dir.join("cluster2/ratings.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: default}\n\
+         spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 9080}]}\n",
+    )
+    .unwrap();
+}
+
+/// The listeners `node` is sent first over state of the world.
+async fn first_listeners(controller: &Controller, node: Node) -> Vec<String> {
+    let (_tx, mut responses) = open_stream_as(controller, node, LDS).await;
+    listeners(&next(&mut responses).await)
+}
+
+#[tokio::test]
+async fn clusters_sharing_a_service_range_each_send_a_vip_to_their_own_service() {
+    let dir = scratch("shared-cidr");
+    shared_service_range(&dir);
+    let controller = Controller::serve(&dir);
+    assert_eq!(
+        first_listeners(&controller, node_in("network1", Some("cluster1"))).await,
+        [format!("10.96.0.10_9080 10.96.0.10:9080 -> {REVIEWS}")],
+        "cluster1's 10.96.0.10 is its reviews; cluster2's meaning of it is not lent"
+    );
+    assert_eq!(
+        first_listeners(&controller, node_in("network2", Some("cluster2"))).await,
+        [
+            format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS}"),
+            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
+        ]
+    );
+    // A node that names no cluster keeps the merged table: one host per
+    // address, the smaller name — for cluster1's pods, the wrong service.
+    assert_eq!(
+        first_listeners(&controller, node_in("network1", None)).await,
+        [
+            format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS}"),
+            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
+        ]
+    );
+    // Nothing clashes within a cluster's view.
+    assert_eq!(
+        controller.metric("pilot_conflict_outbound_listener_tcp_over_current_tcp", &[]),
+        Some(0.0)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn delta_clients_of_clusters_sharing_a_service_range_follow_their_own_cluster() {
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let dir = scratch("shared-cidr-delta");
+    shared_service_range(&dir);
+    let controller = Controller::serve(&dir);
+    let mut streams = Vec::new();
+    for (network, cluster) in [("network1", "cluster1"), ("network2", "cluster2")] {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", controller.xds))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let responses = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node_in(network, Some(cluster))),
+            type_url: LDS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        streams.push((tx, responses));
+    }
+    let mut got = Vec::new();
+    for (tx, responses) in &mut streams {
+        let first = next_delta(responses).await;
+        let mut l: Vec<String> = first
+            .resources
+            .iter()
+            .map(|r| listener(r.resource.as_ref().unwrap()))
+            .collect();
+        l.sort();
+        got.push(l);
+        tx.send(DeltaDiscoveryRequest {
+            type_url: LDS.into(),
+            response_nonce: first.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        got,
+        [
+            vec![format!("10.96.0.10_9080 10.96.0.10:9080 -> {REVIEWS}")],
+            vec![
+                format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS}"),
+                format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
+            ],
+        ]
+    );
+
+    // cluster1's reviews moves to another address: cluster1's proxy gets its new
+    // listener, and 10.96.0.10, free in cluster1 now, changes hands in place: it
+    // is ratings', which cluster1 lacks.
+    cluster_with_ips(
+        &dir,
+        "cluster1",
+        "network1",
+        1,
+        &[("reviews-v1-a", "v1", true)],
+        &["10.96.1.12"],
+    );
+    let change = next_delta(&mut streams[0].1).await;
+    let mut changed: Vec<String> = change
+        .resources
+        .iter()
+        .map(|r| listener(r.resource.as_ref().unwrap()))
+        .collect();
+    changed.sort();
+    assert_eq!(
+        (changed, change.removed_resources.clone()),
+        (
+            vec![
+                format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS}"),
+                format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}"),
+            ],
+            vec![]
+        ),
+        "10.96.0.10 is free in cluster1 now: ratings, which cluster1 lacks, is reached there"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
