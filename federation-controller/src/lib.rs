@@ -6,8 +6,9 @@
 //! federation needs; [`registry`] keeps the last model of every cluster and when
 //! it was last heard from; [`federation`] merges them, purely, into the
 //! endpoints a proxy on a given network should see, and [`outbound`] into which
-//! service each virtual IP stands for; [`xds`] serves both. Beside that flow, [`ca`] issues
-//! the workloads' SVIDs.
+//! service each virtual IP stands for; [`xds`] serves both. [`writeback`] writes into each
+//! cluster the ServiceEntries and ServiceImports of what other clusters export. Beside that
+//! flow, [`ca`] issues the workloads' SVIDs.
 
 pub mod ca;
 pub mod federation;
@@ -21,4 +22,5 @@ pub mod publisher;
 pub mod registry;
 pub mod remote_secrets;
 pub mod trust;
+pub mod writeback;
 pub mod xds;
