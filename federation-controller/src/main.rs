@@ -447,6 +447,8 @@ fn main() -> anyhow::Result<()> {
                 let metrics = Metrics::new();
                 let wb_metrics = Arc::new(WritebackMetrics::new(&metrics));
                 let domain = mesh.domain.clone();
+                // Stopped, and the lease given up, when the process stops.
+                let mut lease_holder = None;
                 let clusters = match source.manifests.clone() {
                     Some(dir) => {
                         if let Some(out) = wb.writeback_dir.clone() {
@@ -480,13 +482,14 @@ fn main() -> anyhow::Result<()> {
                             ..writeback::lease::Config::new(identity)
                         };
                         let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
-                        tokio::spawn(writeback::lease::run(clients[0].1.clone(), lease, leader_tx));
+                        let elector =
+                            tokio::spawn(writeback::lease::run(clients[0].1.clone(), lease.clone(), leader_tx));
                         let ready = writeback::kube::Readiness {
                             expected,
                             deadline: tokio::time::Instant::now() + sync_timeout,
                         };
                         let resync = std::time::Duration::from_secs(30);
-                        tokio::spawn(writeback::kube::run(
+                        let writer = tokio::spawn(writeback::kube::run(
                             clients.clone(),
                             inv_rx,
                             leader_rx,
@@ -495,6 +498,7 @@ fn main() -> anyhow::Result<()> {
                             resync,
                             wb_metrics,
                         ));
+                        lease_holder = Some((elector, writer, clients[0].1.clone(), lease));
                         clients
                     }
                     None => kube_sources(&source.kubeconfigs, remote_secrets_from, &metrics, mesh, tx, None).await?,
@@ -640,6 +644,15 @@ fn main() -> anyhow::Result<()> {
                         let _ = stopping.await;
                         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                     } => tracing::info!("stopped with xDS streams still open"),
+                }
+                if let Some((elector, writer, client, lease)) = lease_holder {
+                    elector.abort();
+                    writer.abort();
+                    match writeback::lease::release(client, &lease).await {
+                        Ok(true) => tracing::info!(lease = lease.name, "lease released"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot release the lease; it expires by itself"),
+                    }
                 }
                 anyhow::Ok(())
             })?;

@@ -366,3 +366,52 @@ async fn only_the_leader_writes_and_another_replica_takes_over_when_it_dies() {
     drop(b);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_stops_hands_the_lease_over_at_once() {
+    let c1 = cluster().await;
+    let dir = support::scratch("wb-release");
+    let replica = |token: &str| {
+        let kubeconfig = kubeconfig(&dir, "cluster1", &c1, token);
+        let identity = format!("replica-{token}");
+        Controller::start(&[
+            "--kubeconfig",
+            &kubeconfig,
+            "--writeback",
+            "--leader-identity",
+            &identity,
+            "--lease-duration",
+            "30s",
+            "--lease-renew",
+            "300ms",
+        ])
+    };
+    let patience = Duration::from_secs(15);
+    let mut a = replica("a");
+    until("replica a leads", patience, || {
+        (a.metric("isthmus_controller_leader", &[]) == Some(1.0)).then_some(())
+    })
+    .await;
+    let b = replica("b");
+    until("replica b is up", patience, || {
+        (b.status("/ready") == Some(200)).then_some(())
+    })
+    .await;
+    assert_eq!(b.metric("isthmus_controller_leader", &[]), Some(0.0));
+    // SIGTERM, as a rolling update sends: a gives the lease up on its way out.
+    assert!(a.terminate(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    let stopped = Instant::now();
+    until("b leads", Duration::from_secs(10), || {
+        (b.metric("isthmus_controller_leader", &[]) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "took over after {:?}, not the 30 s lease duration",
+        stopped.elapsed()
+    );
+    let lease = c1.object("Lease", "istio-system", "isthmus-controller").unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
+    drop(b);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -139,3 +139,23 @@ async fn attempt(api: &Api<Lease>, config: &Config, observed: &mut Option<Observ
         Err(e) => Err(e),
     }
 }
+
+/// Gives the lease up if we hold it (client-go's release on cancel), so that on a rolling
+/// update or a scale-down another replica takes over at its next check instead of after
+/// the lease duration. Returns whether there was anything to give up.
+pub async fn release(client: Client, config: &Config) -> Result<bool, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    let Some(mut lease) = api.get_opt(&config.name).await? else {
+        return Ok(false);
+    };
+    let mut spec = lease.spec.clone().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    lease.spec = Some(spec);
+    api.replace(&config.name, &PostParams::default(), &lease).await?;
+    Ok(true)
+}
