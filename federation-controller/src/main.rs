@@ -126,11 +126,13 @@ enum Command {
 /// export (MCS `ServiceExport`).
 #[derive(Args)]
 struct WritebackArgs {
-    /// With --manifests: write them as files DIR/<cluster>/<namespace>_<kind>_<name>.yaml.
+    /// With --manifests: write the ServiceEntries and ServiceImports each cluster needs for
+    /// the services other clusters export (MCS ServiceExport) as files
+    /// DIR/<cluster>/<namespace>_<kind>_<name>.yaml.
     #[arg(long, value_name = "DIR", requires = "manifests")]
     writeback_dir: Option<PathBuf>,
-    /// With --kubeconfig: write them into each cluster's API server while this replica
-    /// holds the `isthmus-controller` Lease in the own cluster's istio-system.
+    /// With --kubeconfig: write those objects into each cluster's API server, while this
+    /// replica holds the `isthmus-controller` Lease in the own cluster's istio-system.
     #[arg(long, requires = "kubeconfigs")]
     writeback: bool,
     /// This replica's holder identity in the Lease (default: the host name, a pod's name).

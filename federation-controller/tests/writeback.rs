@@ -169,11 +169,12 @@ fn export(name: &str) -> Value {
            "metadata": {"name": name, "namespace": "default"}})
 }
 
-/// A cluster with the MCS and Istio CRDs and the default namespace.
+/// A cluster with the MCS and Istio CRDs and the default and istio-system namespaces.
 async fn cluster() -> FakeApi {
     let api = FakeApi::start().await;
     api.install_crds();
     api.apply(namespace());
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}}));
     api
 }
 
@@ -203,6 +204,15 @@ async fn kube_mode_writes_ours_leaves_theirs_and_collects_garbage() {
         c1.apply(service(name));
         c1.apply(export(name));
     }
+    // A namespace only cluster1 has: cluster2 gets nothing for it (namespaces are not ours
+    // to make), and the rest is written all the same.
+    c1.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+    let mut cart = service("cart");
+    cart["metadata"]["namespace"] = json!("shop");
+    c1.apply(cart);
+    let mut cart = export("cart");
+    cart["metadata"]["namespace"] = json!("shop");
+    c1.apply(cart);
     // Someone else's ServiceImport already holds the name details would get.
     let theirs = json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
         "metadata": {"name": "details", "namespace": "default", "labels": {"team": "other"}},
@@ -252,6 +262,16 @@ async fn kube_mode_writes_ours_leaves_theirs_and_collects_garbage() {
         c2.object("ServiceImport", "default", "details").unwrap(),
         before,
         "an object that is not ours is never touched"
+    );
+    // The conflict is met in the ServiceImport pass, after every ServiceEntry was written.
+    let entries: Vec<Value> = c2
+        .objects("ServiceEntry")
+        .iter()
+        .map(|o| o["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(
+        entries,
+        [json!("isthmus-details-default"), json!("isthmus-reviews-default")]
     );
     assert!(c1.objects("ServiceEntry").is_empty(), "the exporter gets nothing");
     assert!(c1.objects("ServiceImport").is_empty());

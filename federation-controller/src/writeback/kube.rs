@@ -136,6 +136,11 @@ pub async fn reconcile(client: &Client, cluster: &ClusterId, objects: &[Object],
                     tracing::info!(%cluster, kind = kind.kind(), namespace = want.namespace, name = want.name, op, "write-back");
                     metrics.wrote(cluster, kind, op);
                 }
+                // We do not make namespaces: a service's namespace that exists only where
+                // the service runs gets nothing in this cluster until someone makes it.
+                Err(e) if is_status(&e, 404) => {
+                    tracing::debug!(%cluster, namespace = want.namespace, "write-back: no such namespace here")
+                }
                 Err(e) => {
                     tracing::warn!(%cluster, kind = kind.kind(), namespace = want.namespace, name = want.name, error = %e, "write-back failed")
                 }

@@ -11,7 +11,7 @@
 //! for, and the answer names the audiences both sides share.
 //!
 //! Writes are those of kube-apiserver too: POST creates (`409 AlreadyExists` when the name
-//! is taken), PUT replaces (`409 Conflict` when `metadata.resourceVersion` is not the
+//! is taken, `404` when the namespace does not exist), PUT replaces (`409 Conflict` when `metadata.resourceVersion` is not the
 //! current one), DELETE deletes (`409 Conflict` when its preconditions do not hold), each
 //! a watch event. The MCS and Istio kinds are CustomResourceDefinitions: a cluster without
 //! them answers `404`, so they are served only once a test installs them.
@@ -343,6 +343,10 @@ impl FakeApi {
                 let Some(name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
                     return status(422, "Invalid", "metadata.name: Required value".into());
                 };
+                let namespace_key = ("/api/v1/namespaces".to_owned(), String::new(), ns.clone());
+                if namespace.is_some() && !s.objects.contains_key(&namespace_key) {
+                    return status(404, "NotFound", format!("namespaces \"{ns}\" not found"));
+                }
                 let key = (path.clone(), ns.clone(), name.clone());
                 if s.objects.contains_key(&key) {
                     return status(409, "AlreadyExists", format!("{kind} \"{name}\" already exists"));
