@@ -435,3 +435,36 @@ async fn a_leader_that_stops_hands_the_lease_over_at_once() {
     drop(b);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_stops_leading_before_the_lease_can_expire() {
+    let c1 = cluster().await;
+    let dir = support::scratch("wb-outage");
+    let controller = Controller::start(&[
+        "--kubeconfig",
+        &kubeconfig(&dir, "cluster1", &c1, "a"),
+        "--writeback",
+        "--leader-identity",
+        "replica-a",
+        "--lease-duration",
+        "3s",
+        "--lease-renew",
+        "200ms",
+    ]);
+    let leader = |want: f64| (controller.metric("isthmus_controller_leader", &[]) == Some(want)).then_some(());
+    until("a leads", Duration::from_secs(15), || leader(1.0)).await;
+    c1.set_unavailable(true);
+    let down = Instant::now();
+    until("a steps down", Duration::from_secs(10), || leader(0.0)).await;
+    let after = down.elapsed();
+    // Two thirds of the lease: after a short outage, and before another replica could
+    // take the lease over (3 s after its last renewal).
+    assert!(
+        after >= Duration::from_millis(1500) && after < Duration::from_secs(3),
+        "stepped down after {after:?}"
+    );
+    c1.set_unavailable(false);
+    until("a leads again", Duration::from_secs(10), || leader(1.0)).await;
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -199,9 +199,18 @@ pub async fn run(
         let trusted = inv.len() >= ready.expected || tokio::time::Instant::now() >= ready.deadline;
         if is_leader && trusted {
             let want = desired(&inv, &domain);
-            for (cluster, client) in targets.iter().filter(|(c, _)| inv.contains_key(c)) {
-                let objects = want.get(cluster).map(Vec::as_slice).unwrap_or_default();
-                reconcile(client, cluster, objects, &metrics).await;
+            let round = async {
+                for (cluster, client) in targets.iter().filter(|(c, _)| inv.contains_key(c)) {
+                    let objects = want.get(cluster).map(Vec::as_slice).unwrap_or_default();
+                    reconcile(client, cluster, objects, &metrics).await;
+                }
+            };
+            // A round can take long (the client retries an unavailable API server with
+            // backoff); it must not go on writing once another replica may lead.
+            let mut lost = leader.clone();
+            tokio::select! {
+                () = round => {}
+                _ = lost.wait_for(|l| !*l) => tracing::warn!("leadership lost: write-back round abandoned"),
             }
         }
         let wait = if is_leader && !trusted {

@@ -52,19 +52,35 @@ pub async fn run(client: Client, config: Config, leader: watch::Sender<bool>) {
     let mut renewed: Option<Instant> = None;
     let deadline = config.duration * 2 / 3;
     loop {
-        let holds = match attempt(&api, &config, &mut observed).await {
-            Ok(holds) => holds,
+        // Bounded: the client retries a 503 or 429 with backoff for minutes, and a leader
+        // must know it can no longer renew before another replica may take over.
+        let budget = match renewed {
+            Some(r) => deadline.saturating_sub(r.elapsed()),
+            None => config.duration,
+        };
+        let round = tokio::time::timeout(
+            budget.max(Duration::from_millis(100)),
+            attempt(&api, &config, &mut observed),
+        );
+        let holds = match round
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("timed out".into())))
+        {
+            Ok(true) => {
+                renewed = Some(Instant::now());
+                true
+            }
+            Ok(false) => {
+                renewed = None;
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, lease = config.name, "leader election: cannot reach the lease");
-                // Keep leading through a short outage only.
+                // Keep leading through a short outage only: past the deadline another
+                // replica may soon take the lease over.
                 renewed.is_some_and(|r| r.elapsed() < deadline)
             }
         };
-        if holds {
-            renewed = Some(Instant::now());
-        } else {
-            renewed = None;
-        }
         let was = leader.send_replace(holds);
         if was != holds {
             tracing::info!(identity = config.identity, leader = holds, "leader election");

@@ -147,6 +147,8 @@ struct State {
     stall_reviews: bool,
     /// Whether the CRD kinds are served.
     crds: bool,
+    /// While set, every request gets `503` (an API server that is down behind its load balancer).
+    unavailable: bool,
     /// Writes received (POST, PUT, DELETE of objects), whatever their answer: (bearer
     /// token of the writer, "METHOD Kind").
     writes: Vec<(String, String)>,
@@ -195,6 +197,9 @@ impl FakeApi {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let api = api.clone();
                         async move {
+                            if api.state.lock().unwrap().unavailable {
+                                return Ok::<_, Infallible>(status(503, "ServiceUnavailable", "unavailable".into()));
+                            }
                             if req.method() == hyper::Method::POST && req.uri().path() == TOKEN_REVIEWS {
                                 return Ok::<_, Infallible>(api.token_review(req).await);
                             }
@@ -251,6 +256,14 @@ impl FakeApi {
         s.log.push((rv, path, ty, obj));
         drop(s);
         let _ = self.changed.send(());
+    }
+
+    /// While `down`, every request is answered `503` and open watches are cut.
+    pub fn set_unavailable(&self, down: bool) {
+        self.state.lock().unwrap().unavailable = down;
+        if down {
+            self.drop_watches();
+        }
     }
 
     /// Serves the CRD kinds from now on (MCS ServiceExport/ServiceImport, Istio ServiceEntry).
