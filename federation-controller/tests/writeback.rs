@@ -282,6 +282,20 @@ async fn kube_mode_writes_ours_leaves_theirs_and_collects_garbage() {
     assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
     assert_eq!(lease["spec"]["leaseDurationSeconds"], 15);
 
+    // The exporter's Service changes: ours is replaced in place (same object, new port).
+    let mut changed = service("reviews");
+    changed["spec"]["ports"] = json!([{"name": "http", "port": 9081}]);
+    c1.apply(changed);
+    let updated = until("reviews' ServiceEntry updated", patience, || {
+        c2.object("ServiceEntry", "default", "isthmus-reviews-default")
+            .filter(|o| o["spec"]["ports"][0]["number"] == 9081)
+    })
+    .await;
+    assert_eq!(
+        updated["metadata"]["uid"], se["metadata"]["uid"],
+        "replaced, not re-created"
+    );
+
     // Unexported: ours go, theirs stays.
     c1.delete("ServiceExport", "default", "reviews");
     until("reviews collected from cluster2", patience, || {
