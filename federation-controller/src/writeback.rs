@@ -4,7 +4,8 @@
 //! API server, only while [`lease`] says this replica leads).
 //!
 //! For a Service `S` in namespace `N` exported from clusters `E` (a `ServiceExport` and a
-//! Service both named `S` in `N`), every cluster `C` other than the sole exporter gets:
+//! Service both named `S` in `N`; an export without its Service exports nothing), every
+//! cluster `C` with an exporter other than itself gets:
 //! - an MCS `ServiceImport` `N/S` (`type: ClusterSetIP`, the exported ports), and
 //! - an Istio `ServiceEntry` `N/isthmus-S-N` for `S.N.svc.<domain>` (`MESH_INTERNAL`,
 //!   `STATIC`, the exported ports), **only if `C` has no Service `N/S` of its own**.
@@ -14,6 +15,11 @@
 //!   merge is undefined. Without a local Service, the ServiceEntry is what makes the host
 //!   exist in `C` at all (Istio's registry, DNS capture); federation serves its endpoints,
 //!   so it carries none.
+//!
+//! Where exporters disagree on ports, the union by (port, protocol) is taken, the first
+//! cluster by name naming each port. A silent cluster keeps its exports (see
+//! [`kube::tee`]); a cluster removed from the mesh, or one whose export or Service is
+//! deleted, has its objects garbage-collected everywhere.
 //!
 //! The source clusters (`E` without `C`) are recorded as one label per cluster,
 //! `source.isthmus.io/<cluster>: "true"`, so `kubectl get -l source.isthmus.io/cluster2`
