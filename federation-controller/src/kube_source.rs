@@ -18,7 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
-use crate::objects::ClusterObjects;
+use crate::objects::{ClusterObjects, ServiceExport};
 
 /// What a cluster source reports.
 #[derive(Debug, Clone)]
@@ -43,6 +43,9 @@ enum Any {
     EndpointSlice(Box<Event<EndpointSlice>>),
     Pod(Box<Event<Pod>>),
     Node(Box<Event<Node>>),
+    ServiceExport(Box<Event<ServiceExport>>),
+    /// The cluster does not serve `ServiceExport` (no MCS CRD): it exports nothing.
+    NoServiceExports,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -113,6 +116,18 @@ where
         .boxed()
 }
 
+/// Watches `ServiceExport`s. Most clusters have no MCS CRD installed: the list's `404`
+/// means "no exports", so the cluster still syncs; the watcher keeps retrying with
+/// backoff, and picks exports up once the CRD is installed.
+fn service_exports(client: &Client) -> BoxStream<'static, Result<Any, watcher::Error>> {
+    watch::<ServiceExport>(client, Any::ServiceExport)
+        .map(|r| match r {
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => Ok(Any::NoServiceExports),
+            other => other,
+        })
+        .boxed()
+}
+
 /// Watches one cluster until `tx` is closed.
 pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
     let mut events = stream::select_all([
@@ -121,9 +136,16 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         watch::<EndpointSlice>(&client, Any::EndpointSlice),
         watch::<Pod>(&client, Any::Pod),
         watch::<Node>(&client, Any::Node),
+        service_exports(&client),
     ]);
-    let (mut ns, mut svc, mut eps, mut pods, mut nodes) =
-        (Kind::new(), Kind::new(), Kind::new(), Kind::new(), Kind::new());
+    let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
+        Kind::new(),
+        Kind::new(),
+        Kind::new(),
+        Kind::new(),
+        Kind::new(),
+        Kind::new(),
+    );
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut failing = false;
     loop {
@@ -153,6 +175,12 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::EndpointSlice(e)) => changed |= eps.apply(*e),
                 Ok(Any::Pod(e)) => changed |= pods.apply(*e),
                 Ok(Any::Node(e)) => changed |= nodes.apply(*e),
+                Ok(Any::ServiceExport(e)) => changed |= exports.apply(*e),
+                Ok(Any::NoServiceExports) => {
+                    changed |= !exports.synced || !exports.objects.is_empty();
+                    exports.objects.clear();
+                    exports.synced = true;
+                }
                 Err(e) => {
                     failing = true;
                     tracing::warn!(cluster = %id, error = %e, "watch failed; retrying");
@@ -163,7 +191,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             }
             next = futures_util::FutureExt::now_or_never(events.next()).flatten();
         }
-        let synced = ns.synced && svc.synced && eps.synced && pods.synced && nodes.synced;
+        let synced = ns.synced && svc.synced && eps.synced && pods.synced && nodes.synced && exports.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -171,6 +199,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 endpoint_slices: eps.all(),
                 pods: pods.all(),
                 nodes: nodes.all(),
+                service_exports: exports.all(),
             };
             if tx.send(Update::Objects(id.clone(), objects)).await.is_err() {
                 return;

@@ -8,7 +8,8 @@
 //! endpoints a proxy on a given network should see, and [`outbound`] into which
 //! service each virtual IP stands for in a given cluster; [`xds`] serves both.
 //! On the way, [`resolve`] gives gateways known only by host name their
-//! addresses. Beside that flow, [`ca`] issues the workloads' SVIDs.
+//! addresses. [`writeback`] writes into each cluster the ServiceEntries and ServiceImports
+//! of what other clusters export. Beside that flow, [`ca`] issues the workloads' SVIDs.
 
 pub mod ca;
 pub mod federation;
@@ -23,4 +24,5 @@ pub mod registry;
 pub mod remote_secrets;
 pub mod resolve;
 pub mod trust;
+pub mod writeback;
 pub mod xds;

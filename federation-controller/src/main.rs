@@ -8,6 +8,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
 use federation_controller::registry::Freshness;
+use federation_controller::writeback::{self, WritebackMetrics};
 use federation_controller::xds::{Snapshot, XdsServer};
 use federation_controller::{ca, kube_source, manifests, publisher, remote_secrets, resolve, trust};
 use hyper::{Method, StatusCode};
@@ -98,6 +99,8 @@ enum Command {
         interval: std::time::Duration,
         #[command(flatten)]
         ca: CaArgs,
+        #[command(flatten)]
+        writeback: WritebackArgs,
     },
     /// The certificate authority's offline tasks.
     Ca {
@@ -116,6 +119,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Writing into clusters the ServiceEntries and ServiceImports of services other clusters
+/// export (MCS `ServiceExport`).
+#[derive(Args)]
+struct WritebackArgs {
+    /// With --manifests: write the ServiceEntries and ServiceImports each cluster needs for
+    /// the services other clusters export (MCS ServiceExport) as files
+    /// DIR/<cluster>/<namespace>_<kind>_<name>.yaml.
+    #[arg(long, value_name = "DIR", requires = "manifests")]
+    writeback_dir: Option<PathBuf>,
+    /// With --kubeconfig: write those objects into each cluster's API server, while this
+    /// replica holds the `isthmus-controller` Lease in the own cluster's istio-system.
+    #[arg(long, requires = "kubeconfigs")]
+    writeback: bool,
+    /// This replica's holder identity in the Lease (default: the host name, a pod's name).
+    #[arg(long, value_name = "NAME")]
+    leader_identity: Option<String>,
+    /// How long a Lease holds without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: std::time::Duration,
+    /// How often the holder renews it (and others check it).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    lease_renew: std::time::Duration,
 }
 
 /// The CA and the TLS port (Istio's 15012) that serves it, with xDS, to workloads.
@@ -324,6 +351,7 @@ async fn kube_sources(
     metrics: &Metrics,
     mesh: MeshConfig,
     tx: tokio::sync::watch::Sender<Arc<Snapshot>>,
+    inventory: Option<tokio::sync::watch::Sender<Arc<writeback::kube::Inventory>>>,
 ) -> anyhow::Result<ReviewClusters> {
     use kube::config::{KubeConfigOptions, Kubeconfig};
     let mut seen = std::collections::BTreeSet::new();
@@ -363,6 +391,14 @@ async fn kube_sources(
             "--remote-secrets-from {c}: no --kubeconfig {c}=… given"
         );
     }
+    let updates = match inventory {
+        Some(inventory) => {
+            let (forward, forwarded) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(writeback::kube::tee(updates, forward, inventory));
+            forwarded
+        }
+        None => updates,
+    };
     tokio::spawn(publisher::run(updates, mesh, Freshness::default(), tx));
     if let Some(own) = &remote_secrets_from {
         clients.sort_by_key(|(c, _)| c.as_str() != own);
@@ -392,6 +428,7 @@ fn main() -> anyhow::Result<()> {
             sync_timeout,
             interval,
             ca,
+            writeback: wb,
         } => {
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let mesh = MeshConfig {
@@ -417,12 +454,63 @@ fn main() -> anyhow::Result<()> {
                         upstream
                     }
                 };
+                let wb_metrics = Arc::new(WritebackMetrics::new(&metrics));
+                let domain = mesh.domain.clone();
+                // Stopped, and the lease given up, when the process stops.
+                let mut lease_holder = None;
                 let clusters = match source.manifests.clone() {
                     Some(dir) => {
+                        if let Some(out) = wb.writeback_dir.clone() {
+                            let m = wb_metrics.clone();
+                            tokio::spawn(writeback::dir::run(dir.clone(), out, domain, interval, m));
+                        }
                         tokio::spawn(manifests::watch(dir, mesh, interval, tx));
                         ReviewClusters::new()
                     }
-                    None => kube_sources(&source.kubeconfigs, remote_secrets_from, &metrics, mesh, tx).await?,
+                    None if wb.writeback => {
+                        let (inv_tx, inv_rx) = tokio::sync::watch::channel(Arc::default());
+                        let clients = kube_sources(
+                            &source.kubeconfigs,
+                            remote_secrets_from,
+                            &metrics,
+                            mesh,
+                            tx,
+                            Some(inv_tx),
+                        )
+                        .await?;
+                        let identity = match wb.leader_identity.clone() {
+                            Some(i) => i,
+                            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                                .context("no --leader-identity and no host name")?
+                                .trim()
+                                .to_owned(),
+                        };
+                        let lease = writeback::lease::Config {
+                            duration: wb.lease_duration,
+                            renew: wb.lease_renew,
+                            ..writeback::lease::Config::new(identity)
+                        };
+                        let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+                        let elector =
+                            tokio::spawn(writeback::lease::run(clients[0].1.clone(), lease.clone(), leader_tx));
+                        let ready = writeback::kube::Readiness {
+                            expected,
+                            deadline: tokio::time::Instant::now() + sync_timeout,
+                        };
+                        let resync = std::time::Duration::from_secs(30);
+                        let writer = tokio::spawn(writeback::kube::run(
+                            clients.clone(),
+                            inv_rx,
+                            leader_rx,
+                            domain,
+                            ready,
+                            resync,
+                            wb_metrics,
+                        ));
+                        lease_holder = Some((elector, writer, clients[0].1.clone(), lease));
+                        clients
+                    }
+                    None => kube_sources(&source.kubeconfigs, remote_secrets_from, &metrics, mesh, tx, None).await?,
                 };
                 let started = std::time::Instant::now();
                 let synced = rx.clone();
@@ -565,6 +653,15 @@ fn main() -> anyhow::Result<()> {
                         let _ = stopping.await;
                         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                     } => tracing::info!("stopped with xDS streams still open"),
+                }
+                if let Some((elector, writer, client, lease)) = lease_holder {
+                    elector.abort();
+                    writer.abort();
+                    match writeback::lease::release(client, &lease).await {
+                        Ok(true) => tracing::info!(lease = lease.name, "lease released"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot release the lease; it expires by itself"),
+                    }
                 }
                 anyhow::Ok(())
             })?;

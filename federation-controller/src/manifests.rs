@@ -67,7 +67,7 @@ pub fn read_dir(dir: &Path) -> Result<BTreeMap<ClusterId, ClusterManifests>, Man
 /// Identifies the state of a manifest directory without reading the files:
 /// every cluster directory and YAML file with its modification time, length and
 /// inode (an atomic rename or a ConfigMap's symlink swap changes the inode).
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<std::time::SystemTime>, u64, u64)> {
+pub(crate) fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<std::time::SystemTime>, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     let mut walk = vec![dir.to_owned()];

@@ -176,6 +176,11 @@ impl Metrics {
         self.gateway_resolution_failures.with_label_values(&[hostname]).inc();
     }
 
+    /// Registers a family that another part owns (write-back, leader election).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(c)
+    }
+
     /// Records a successful bundle fetch from `trust_domain`.
     pub fn bundle_fetched(&self, trust_domain: &str) {
         let now = std::time::SystemTime::now()

@@ -2,11 +2,47 @@
 //! types, and their parsing from multi-document YAML (what `kubectl get -o yaml`
 //! prints, or what a user applies).
 
+use std::borrow::Cow;
 use std::path::Path;
 
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_vocab::manifest::{self, ManifestError};
+use serde::{Deserialize, Serialize};
+
+/// An MCS `ServiceExport` (`multicluster.x-k8s.io/v1alpha1`): the Service of the same
+/// namespace and name is exported to the cluster set. k8s-openapi has no MCS types, and
+/// federation reads only the name, so the spec (empty in v1alpha1) and status are not kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceExport {
+    pub metadata: ObjectMeta,
+}
+
+impl kube::Resource for ServiceExport {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "ServiceExport".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "multicluster.x-k8s.io".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1alpha1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "serviceexports".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 /// Everything one cluster has told us, as typed objects.
 #[derive(Debug, Clone, Default)]
@@ -16,6 +52,7 @@ pub struct ClusterObjects {
     pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
+    pub service_exports: Vec<ServiceExport>,
 }
 
 /// A document of a kind federation does not read (yet); kept so callers can say so.
@@ -56,6 +93,9 @@ impl ClusterObjects {
                     ("discovery.k8s.io/v1", "EndpointSlice") => {
                         self.endpoint_slices.push(manifest::typed(file, n, &prefix, item)?)
                     }
+                    ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => {
+                        self.service_exports.push(manifest::typed(file, n, &prefix, item)?)
+                    }
                     _ => skipped.push(Skipped {
                         document: n,
                         api_version,
@@ -84,6 +124,10 @@ apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: x}
 ---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: reviews, namespace: default}
+---
 apiVersion: v1
 kind: List
 items:
@@ -93,6 +137,7 @@ items:
         let mut o = ClusterObjects::default();
         let skipped = o.add_yaml(Path::new("c1/a.yaml"), yaml).unwrap();
         assert_eq!((o.services.len(), o.namespaces.len(), o.pods.len()), (1, 1, 1));
+        assert_eq!(o.service_exports[0].metadata.name.as_deref(), Some("reviews"));
         assert_eq!(
             skipped,
             [Skipped {

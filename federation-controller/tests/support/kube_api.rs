@@ -9,6 +9,12 @@
 //! the tokens a test registers, reading `spec.token` and `spec.audiences` as kube-apiserver
 //! does: a bound service-account token authenticates only for an audience it was minted
 //! for, and the answer names the audiences both sides share.
+//!
+//! Writes are those of kube-apiserver too: POST creates (`409 AlreadyExists` when the name
+//! is taken, `404` when the namespace does not exist), PUT replaces (`409 Conflict` when `metadata.resourceVersion` is not the
+//! current one), DELETE deletes (`409 Conflict` when its preconditions do not hold), each
+//! a watch event. The MCS and Istio kinds are CustomResourceDefinitions: a cluster without
+//! them answers `404`, so they are served only once a test installs them.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -37,21 +43,68 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
         "discovery.k8s.io/v1",
     ),
     ("/api/v1/secrets", "Secret", "SecretList", "v1"),
+    (
+        "/apis/coordination.k8s.io/v1/leases",
+        "Lease",
+        "LeaseList",
+        "coordination.k8s.io/v1",
+    ),
 ];
 
-/// A request path as (collection path, namespace): `/api/v1/namespaces/NS/secrets`
-/// is the `secrets` collection limited to NS.
-fn collection(path: &str) -> (String, Option<String>) {
-    for prefix in ["/api/v1/namespaces/", "/apis/discovery.k8s.io/v1/namespaces/"] {
-        if let Some(rest) = path.strip_prefix(prefix)
-            && let Some((ns, plural)) = rest.split_once('/')
-            && !plural.contains('/')
-        {
-            let base = prefix.trim_end_matches("namespaces/");
-            return (format!("{base}{plural}"), Some(ns.to_owned()));
+/// The kinds of CRDs, served after [`FakeApi::install_crds`].
+const CRD_KINDS: &[(&str, &str, &str, &str)] = &[
+    (
+        "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports",
+        "ServiceExport",
+        "ServiceExportList",
+        "multicluster.x-k8s.io/v1alpha1",
+    ),
+    (
+        "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports",
+        "ServiceImport",
+        "ServiceImportList",
+        "multicluster.x-k8s.io/v1alpha1",
+    ),
+    (
+        "/apis/networking.istio.io/v1/serviceentries",
+        "ServiceEntry",
+        "ServiceEntryList",
+        "networking.istio.io/v1",
+    ),
+];
+
+/// A request path as (collection path, namespace, name): `/api/v1/namespaces/NS/secrets`
+/// is the `secrets` collection limited to NS, `/apis/G/V/namespaces/NS/leases/L` the
+/// object L in it, `/api/v1/namespaces/NS` the Namespace NS.
+fn collection(path: &str) -> (String, Option<String>, Option<String>) {
+    let (base, rest) = match path.strip_prefix("/api/v1/") {
+        Some(rest) => ("/api/v1".to_owned(), rest),
+        None => {
+            let mut parts = path.strip_prefix("/apis/").unwrap_or_default().splitn(3, '/');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(g), Some(v), Some(rest)) => (format!("/apis/{g}/{v}"), rest),
+                _ => return (path.to_owned(), None, None),
+            }
         }
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let owned = |s: &&str| Some((*s).to_owned());
+    match segments.as_slice() {
+        ["namespaces", ns, plural] => (format!("{base}/{plural}"), owned(ns), None),
+        ["namespaces", ns, plural, name] => (format!("{base}/{plural}"), owned(ns), owned(name)),
+        [plural] => (format!("{base}/{plural}"), None, None),
+        [plural, name] => (format!("{base}/{plural}"), None, owned(name)),
+        _ => (path.to_owned(), None, None),
     }
-    (path.to_owned(), None)
+}
+
+/// A `Status` answer, as kube-apiserver sends for errors.
+fn status(code: u16, reason: &str, message: String) -> Response<BoxBody<Bytes, Infallible>> {
+    json_response(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
 }
 
 /// Whether an object matches a `k=v[,k=v]` label selector (URL-encoded as sent).
@@ -92,6 +145,13 @@ struct State {
     reviews: u64,
     /// While set, TokenReviews get no answer (an API server that hangs).
     stall_reviews: bool,
+    /// Whether the CRD kinds are served.
+    crds: bool,
+    /// While set, every request gets `503` (an API server that is down behind its load balancer).
+    unavailable: bool,
+    /// Writes received (POST, PUT, DELETE of objects), whatever their answer: (bearer
+    /// token of the writer, "METHOD Kind").
+    writes: Vec<(String, String)>,
 }
 
 /// Whom a registered token authenticates as.
@@ -137,8 +197,14 @@ impl FakeApi {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let api = api.clone();
                         async move {
+                            if api.state.lock().unwrap().unavailable {
+                                return Ok::<_, Infallible>(status(503, "ServiceUnavailable", "unavailable".into()));
+                            }
                             if req.method() == hyper::Method::POST && req.uri().path() == TOKEN_REVIEWS {
                                 return Ok::<_, Infallible>(api.token_review(req).await);
+                            }
+                            if req.method() != hyper::Method::GET {
+                                return Ok::<_, Infallible>(api.write(req).await);
                             }
                             Ok::<_, Infallible>(api.handle(req))
                         }
@@ -165,6 +231,7 @@ impl FakeApi {
     fn path_of(kind: &str) -> &'static str {
         KINDS
             .iter()
+            .chain(CRD_KINDS)
             .find(|k| k.1 == kind)
             .unwrap_or_else(|| panic!("unserved kind {kind}"))
             .0
@@ -189,6 +256,172 @@ impl FakeApi {
         s.log.push((rv, path, ty, obj));
         drop(s);
         let _ = self.changed.send(());
+    }
+
+    /// While `down`, every request is answered `503` and open watches are cut.
+    pub fn set_unavailable(&self, down: bool) {
+        self.state.lock().unwrap().unavailable = down;
+        if down {
+            self.drop_watches();
+        }
+    }
+
+    /// Serves the CRD kinds from now on (MCS ServiceExport/ServiceImport, Istio ServiceEntry).
+    pub fn install_crds(&self) {
+        self.state.lock().unwrap().crds = true;
+    }
+
+    /// The object `ns/name` of `kind`, if there is one.
+    pub fn object(&self, kind: &str, ns: &str, name: &str) -> Option<Value> {
+        let key = (Self::path_of(kind).to_owned(), ns.to_owned(), name.to_owned());
+        self.state.lock().unwrap().objects.get(&key).cloned()
+    }
+
+    /// Every object of `kind`.
+    pub fn objects(&self, kind: &str) -> Vec<Value> {
+        let path = Self::path_of(kind);
+        let s = self.state.lock().unwrap();
+        s.objects
+            .iter()
+            .filter(|(k, _)| k.0 == path)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// The object writes received so far from the client with bearer `token`, as
+    /// "METHOD Kind" ("POST ServiceEntry", "PUT Lease"…).
+    pub fn writes_by(&self, token: &str) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        s.writes
+            .iter()
+            .filter(|(t, _)| t == token)
+            .map(|(_, w)| w.clone())
+            .collect()
+    }
+
+    /// A kubeconfig that points at this server and authenticates with bearer `token`.
+    pub fn kubeconfig_with_token(&self, token: &str) -> String {
+        self.kubeconfig()
+            .replace("user: {}", &format!("user: {{token: {token}}}"))
+    }
+
+    /// The served kind at a collection path: (kind, apiVersion).
+    fn served(&self, path: &str) -> Option<(&'static str, &'static str, &'static str)> {
+        let crds = self.state.lock().unwrap().crds;
+        KINDS
+            .iter()
+            .chain(CRD_KINDS.iter().filter(|_| crds))
+            .find(|k| k.0 == path)
+            .map(|k| (k.1, k.2, k.3))
+    }
+
+    /// POST (create), PUT (replace) and DELETE of one object.
+    async fn write(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+        let method = req.method().clone();
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim_start_matches("Bearer ").to_owned())
+            .unwrap_or_default();
+        let (path, namespace, name) = collection(req.uri().path());
+        let Some((kind, _, api_version)) = self.served(&path) else {
+            return status(
+                404,
+                "NotFound",
+                format!("the server could not find the requested resource ({path})"),
+            );
+        };
+        let Ok(body) = req.into_body().collect().await else {
+            return status(400, "BadRequest", "unreadable body".into());
+        };
+        let body = body.to_bytes();
+        let body: Value = if body.is_empty() {
+            json!({})
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return status(400, "BadRequest", format!("body is not JSON: {e}")),
+            }
+        };
+        let mut s = self.state.lock().unwrap();
+        s.writes.push((token, format!("{method} {kind}")));
+        let ns = namespace.clone().unwrap_or_default();
+        let (ty, answer, code) = match (method, name) {
+            (hyper::Method::POST, None) => {
+                let mut obj = body;
+                if obj["kind"] != kind || obj["apiVersion"] != api_version {
+                    return status(400, "BadRequest", format!("expected {api_version} {kind}, got {obj}"));
+                }
+                let Some(name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
+                    return status(422, "Invalid", "metadata.name: Required value".into());
+                };
+                let namespace_key = ("/api/v1/namespaces".to_owned(), String::new(), ns.clone());
+                if namespace.is_some() && !s.objects.contains_key(&namespace_key) {
+                    return status(404, "NotFound", format!("namespaces \"{ns}\" not found"));
+                }
+                let key = (path.clone(), ns.clone(), name.clone());
+                if s.objects.contains_key(&key) {
+                    return status(409, "AlreadyExists", format!("{kind} \"{name}\" already exists"));
+                }
+                s.rv += 1;
+                obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                obj["metadata"]["uid"] = json!(format!("uid-{}", s.rv));
+                if namespace.is_some() {
+                    obj["metadata"]["namespace"] = json!(ns);
+                }
+                s.objects.insert(key, obj.clone());
+                ("ADDED", obj, 201)
+            }
+            (hyper::Method::PUT, Some(name)) => {
+                let key = (path.clone(), ns.clone(), name.clone());
+                let Some(current) = s.objects.get(&key) else {
+                    return status(404, "NotFound", format!("{kind} \"{name}\" not found"));
+                };
+                let mut obj = body;
+                let sent = obj["metadata"]["resourceVersion"].as_str();
+                if sent.is_some_and(|rv| Some(rv) != current["metadata"]["resourceVersion"].as_str()) {
+                    return status(
+                        409,
+                        "Conflict",
+                        format!(
+                            "Operation cannot be fulfilled on {kind} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    );
+                }
+                let uid = current["metadata"]["uid"].clone();
+                s.rv += 1;
+                obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                obj["metadata"]["uid"] = uid;
+                s.objects.insert(key, obj.clone());
+                ("MODIFIED", obj, 200)
+            }
+            (hyper::Method::DELETE, Some(name)) => {
+                let key = (path.clone(), ns.clone(), name.clone());
+                let Some(current) = s.objects.get(&key) else {
+                    return status(404, "NotFound", format!("{kind} \"{name}\" not found"));
+                };
+                let pre = &body["preconditions"];
+                let holds = |field: &str| {
+                    pre[field]
+                        .as_str()
+                        .is_none_or(|want| current["metadata"][field].as_str() == Some(want))
+                };
+                if !holds("resourceVersion") || !holds("uid") {
+                    return status(409, "Conflict", format!("Precondition failed for {kind} \"{name}\""));
+                }
+                let mut obj = s.objects.remove(&key).unwrap();
+                s.rv += 1;
+                obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                ("DELETED", obj, 200)
+            }
+            (m, _) => return status(405, "MethodNotAllowed", format!("{m} is not served here")),
+        };
+        let rv = s.rv;
+        s.log.push((rv, path, ty, answer.clone()));
+        drop(s);
+        let _ = self.changed.send(());
+        json_response(code, answer)
     }
 
     /// Deletes an object.
@@ -349,7 +582,7 @@ impl FakeApi {
     }
 
     fn handle(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
-        let (path, namespace) = collection(req.uri().path());
+        let (path, namespace, name) = collection(req.uri().path());
         let query: BTreeMap<String, String> = req
             .uri()
             .query()
@@ -358,12 +591,19 @@ impl FakeApi {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        let Some(&(_, kind, list_kind, api_version)) = KINDS.iter().find(|k| k.0 == path) else {
+        let Some((kind, list_kind, api_version)) = self.served(&path) else {
             return json_response(
                 404,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
             );
         };
+        if let Some(name) = name {
+            let key = (path, namespace.unwrap_or_default(), name.clone());
+            return match self.state.lock().unwrap().objects.get(&key) {
+                Some(obj) => json_response(200, obj.clone()),
+                None => status(404, "NotFound", format!("{kind} \"{name}\" not found")),
+            };
+        }
         if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
             let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
             let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
