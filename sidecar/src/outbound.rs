@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -336,6 +337,8 @@ enum Route {
 /// mesh endpoints (pooled HTTP/1.1 to the others) out.
 pub struct HttpHop {
     pub h2: Arc<H2Pool>,
+    /// Spreads requests over the lanes of endpoints that stand for several pods.
+    next_lane: AtomicU32,
     /// Endpoints outside the mesh.
     pub plain: Client<MarkedConnector, Incoming>,
     pub self_id: SpiffeId,
@@ -345,13 +348,20 @@ pub struct HttpHop {
 
 impl HttpHop {
     /// A hop with empty pools.
-    pub fn new(settings: pool::Settings, self_id: SpiffeId, telemetry: Telemetry, drain: drain::Watch) -> Self {
+    pub fn new(
+        settings: pool::Settings,
+        svid: Arc<SvidSlot>,
+        self_id: SpiffeId,
+        telemetry: Telemetry,
+        drain: drain::Watch,
+    ) -> Self {
         let connector = MarkedConnector {
             mark: settings.mark,
             timeout: settings.connect_timeout,
         };
         Self {
-            h2: H2Pool::new(settings, telemetry.pooled_upstreams.clone()),
+            h2: H2Pool::new(settings, Some(svid), telemetry.pooled_upstreams.clone()),
+            next_lane: AtomicU32::new(0),
             plain: pool::http1_client(connector, settings.idle_timeout),
             self_id,
             telemetry,
@@ -406,7 +416,7 @@ impl HttpHop {
                     cluster: None,
                     protocol,
                 };
-                match self.h2.send(&outbound.upstream, &outbound.tls, req).await {
+                match self.h2.send(&outbound.upstream, &outbound.tls, req, None).await {
                     Ok(sent) => self.answer(sent, &what, l4),
                     Err(e) => self.failed(e, &what),
                 }
@@ -456,12 +466,21 @@ impl HttpHop {
                 self.telemetry.upstream_failure("outbound", "bad_sni");
                 return http::unavailable(CONNECT_FAILURE);
             };
+            let lanes = pool::lanes_for(endpoint.weight);
             let key = Key {
                 addr: endpoint.address,
                 sni,
                 identities: mesh.identities.clone(),
+                lane: self.next_lane.fetch_add(1, Ordering::Relaxed) % lanes,
             };
-            match self.h2.send(&key, &captured.config_for(&mesh.identities), req).await {
+            // Several pods behind one endpoint: a gateway. Fresh connections now and then
+            // let it spread this caller over them.
+            let max_requests = (lanes > 1).then_some(pool::REQUESTS_PER_GATEWAY_CONNECTION);
+            match self
+                .h2
+                .send(&key, &captured.config_for(&mesh.identities), req, max_requests)
+                .await
+            {
                 Ok(sent) => return self.answer(sent, &what, l4),
                 Err(SendError::Connect(e, unsent)) => {
                     tracing::debug!(error = %e, "endpoint unreachable; trying another");

@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::capture;
-use crate::tls;
+use crate::tls::{self, Svid, SvidSlot};
 
 /// What one pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -45,7 +45,24 @@ pub struct Key {
     pub sni: ServerName<'static>,
     /// The identities the server may prove; empty means any trusted identity.
     pub identities: Vec<SpiffeId>,
+    /// Which of the endpoint's connections: an endpoint standing for several pods (an
+    /// east-west gateway, weighted by the pods behind it) gets one per pod (see
+    /// [`lanes_for`]), because the gateway balances per connection, not per request.
+    pub lane: u32,
 }
+
+/// The most connections kept to one endpoint that stands for several pods.
+pub const MAX_LANES: u32 = 16;
+
+/// How many connections to keep to an endpoint of `weight` (the pods it stands for).
+pub fn lanes_for(weight: u32) -> u32 {
+    weight.clamp(1, MAX_LANES)
+}
+
+/// Requests one connection through a gateway carries before a fresh one takes its place:
+/// the gateway balances per connection, so without this a pooled connection would pin a
+/// caller to whichever pod its connection landed on, for as long as it lives.
+pub const REQUESTS_PER_GATEWAY_CONNECTION: u64 = 32;
 
 /// Why no connection to an upstream could be had. Each is a reason label of
 /// `isthmus_sidecar_upstream_failures_total`, and none of them wrote a byte of the request,
@@ -115,6 +132,8 @@ pub struct Settings {
 /// HTTP/2-in-mTLS connections to upstream sidecars (or gateways), one per [`Key`].
 pub struct H2Pool {
     settings: Settings,
+    /// Our SVID, to retire connections made with an older one.
+    svid: Option<Arc<SvidSlot>>,
     /// Connections open now, for the operator (and tests) to see.
     open: prometheus::IntGauge,
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
@@ -142,6 +161,11 @@ struct Conn {
     sender: http2::SendRequest<Incoming>,
     peer: Arc<str>,
     busy: Arc<Busy>,
+    /// The SVID current when it was made: once ours rotates, new requests go on a new
+    /// connection that presents the new one.
+    svid: Option<Arc<Svid>>,
+    /// Requests it has been given.
+    sent: Arc<AtomicU64>,
 }
 
 /// How busy one connection is, for the idle timeout.
@@ -185,9 +209,10 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl H2Pool {
     /// An empty pool.
-    pub fn new(settings: Settings, open: prometheus::IntGauge) -> Arc<H2Pool> {
+    pub fn new(settings: Settings, svid: Option<Arc<SvidSlot>>, open: prometheus::IntGauge) -> Arc<H2Pool> {
         Arc::new_cyclic(|me| H2Pool {
             settings,
+            svid,
             open,
             slots: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(0),
@@ -203,8 +228,17 @@ impl H2Pool {
     /// its method, once, on a fresh connection. A request that was taken for writing is
     /// never resent (its body is gone, and the upstream may have acted on it): its failure
     /// is [`SendError::Reset`].
-    pub async fn send(&self, key: &Key, tls: &Arc<ClientConfig>, req: Request<Incoming>) -> Result<Sent, SendError> {
-        let conn = match self.checkout(key, tls, None).await {
+    ///
+    /// `max_requests` retires a connection after that many requests (new requests then go
+    /// on a fresh one; those in flight finish where they are).
+    pub async fn send(
+        &self,
+        key: &Key,
+        tls: &Arc<ClientConfig>,
+        req: Request<Incoming>,
+        max_requests: Option<u64>,
+    ) -> Result<Sent, SendError> {
+        let conn = match self.checkout(key, tls, None, max_requests).await {
             Ok(conn) => conn,
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
@@ -221,7 +255,7 @@ impl H2Pool {
                 };
                 drop(lease);
                 tracing::debug!(upstream = %key.addr, error = %e.error(), "pooled connection closed under an unsent request; resending once");
-                let conn = match self.checkout(key, tls, Some(conn.id)).await {
+                let conn = match self.checkout(key, tls, Some(conn.id), max_requests).await {
                     Ok(conn) => conn,
                     Err(e) => return Err(SendError::Connect(e, Box::new(req))),
                 };
@@ -238,7 +272,13 @@ impl H2Pool {
 
     /// The live connection for `key` (not the one numbered `stale`), made if there is none.
     /// Requests for one key wait for a single connection attempt rather than racing their own.
-    async fn checkout(&self, key: &Key, tls: &Arc<ClientConfig>, stale: Option<u64>) -> Result<Conn, ConnectError> {
+    async fn checkout(
+        &self,
+        key: &Key,
+        tls: &Arc<ClientConfig>,
+        stale: Option<u64>,
+        max_requests: Option<u64>,
+    ) -> Result<Conn, ConnectError> {
         let slot = {
             let mut slots = self.slots.lock().expect("pool poisoned");
             match slots.get(key) {
@@ -249,9 +289,16 @@ impl H2Pool {
         let seen = slot.attempts.load(Ordering::Acquire);
         let mut state = slot.state.lock().await;
         if let Some(conn) = &state.conn {
-            if !conn.sender.is_closed() && Some(conn.id) != stale {
+            let rotated = match (&self.svid, &conn.svid) {
+                (Some(slot), Some(used)) => !Arc::ptr_eq(&slot.current(), used),
+                _ => false,
+            };
+            let spent = max_requests.is_some_and(|max| conn.sent.load(Ordering::Acquire) >= max);
+            if !conn.sender.is_closed() && Some(conn.id) != stale && !rotated && !spent {
+                conn.sent.fetch_add(1, Ordering::AcqRel);
                 return Ok(conn.clone());
             }
+            // Retired, not closed: requests in flight on it finish; it ends once they have.
             state.conn = None;
         }
         if slot.attempts.load(Ordering::Acquire) != seen
@@ -263,6 +310,7 @@ impl H2Pool {
         match self.connect(key, tls, &slot).await {
             Ok(conn) => {
                 state.failed = None;
+                conn.sent.fetch_add(1, Ordering::AcqRel);
                 state.conn = Some(conn.clone());
                 Ok(conn)
             }
@@ -275,6 +323,8 @@ impl H2Pool {
 
     async fn connect(&self, key: &Key, tls: &Arc<ClientConfig>, slot: &Arc<Slot>) -> Result<Conn, ConnectError> {
         let s = &self.settings;
+        // Taken before the handshake, which presents this SVID or a newer one.
+        let svid = self.svid.as_ref().map(|slot| slot.current());
         let tcp = match tokio::time::timeout(s.connect_timeout, capture::connect_marked(key.addr, s.mark)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Err(ConnectError::Connect(key.addr, e.to_string())),
@@ -354,7 +404,14 @@ impl H2Pool {
                 pool.forget(&key_owned, &slot_owned, id);
             }
         });
-        Ok(Conn { id, sender, peer, busy })
+        Ok(Conn {
+            id,
+            sender,
+            peer,
+            busy,
+            svid,
+            sent: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// Drops connection `id` and, when the slot is left empty, the slot itself, so that a

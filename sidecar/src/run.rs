@@ -261,6 +261,7 @@ impl Sidecar {
                 };
                 Arc::new(HttpHop::new(
                     settings,
+                    svid.clone(),
                     self_id.clone(),
                     telemetry.clone(),
                     watch.clone(),
@@ -288,6 +289,7 @@ impl Sidecar {
                     addr: hop.target,
                     sni,
                     identities,
+                    lane: 0,
                 },
                 service: args.service.clone(),
                 tls: crate::tls::client_config(svid.clone(), bundles.clone(), expected, alpn),
