@@ -159,7 +159,10 @@ async fn rotation_under_load_fails_no_request() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut sent, mut failed) = (0u32, Vec::new());
     let mut client_certs = BTreeSet::new();
+    // Steady: one request every 5 ms, however long each takes.
+    let mut pace = tokio::time::interval(Duration::from_millis(5));
     while (renewals(cm) < 3.0 || renewals(sm) < 3.0) && Instant::now() < deadline && sent < 20_000 {
+        pace.tick().await;
         sent += 1;
         match get(out).await {
             Ok(xfcc) => {
@@ -172,7 +175,6 @@ async fn rotation_under_load_fails_no_request() {
             }
             Err(e) => failed.push(e.to_string()),
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     eprintln!(
         "{sent} requests across {} client SVIDs, {} failed",
@@ -343,18 +345,20 @@ async fn federated_trust_domains_call_each_other_and_a_stranger_is_refused() {
     let gamma_c = gamma.start(&clusters, &[], &dir);
 
     // Each federated controller has fetched the other's bundle from its endpoint.
-    let deadline = Instant::now() + Duration::from_secs(20);
     for (c, td) in [(&alpha_c, "beta.td"), (&beta_c, "alpha.td")] {
-        while c
-            .metric(
+        let fetched = || {
+            c.metric(
                 "isthmus_trust_bundle_last_fetch_timestamp_seconds",
                 &[("trust_domain", td)],
             )
-            .is_none()
-        {
-            assert!(Instant::now() < deadline, "no bundle fetched from {td}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            .is_some()
+        };
+        support::until_true(
+            &format!("no bundle fetched from {td}"),
+            Duration::from_secs(20),
+            fetched,
+        )
+        .await;
     }
 
     let app = app().await;
@@ -371,11 +375,10 @@ async fn federated_trust_domains_call_each_other_and_a_stranger_is_refused() {
     .unwrap();
     // Bundles reach both sidecars over SDS (their own and the federated domain's).
     for m in [server.bound.metrics.unwrap(), alpha_client.bound.metrics.unwrap()] {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while metric_value(m, "isthmus_sidecar_trust_bundle_updates_total ").unwrap_or(0.0) < 1.0 {
-            assert!(Instant::now() < deadline, "no bundles over SDS");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::until_true("no bundles over SDS", Duration::from_secs(20), || {
+            metric_value(m, "isthmus_sidecar_trust_bundle_updates_total ").unwrap_or(0.0) >= 1.0
+        })
+        .await;
     }
     assert_eq!(alpha_client.bundles.trust_domains(), ["alpha.td", "beta.td"]);
     let xfcc = get(alpha_client.bound.outbound.unwrap()).await.unwrap();
@@ -399,14 +402,12 @@ async fn federated_trust_domains_call_each_other_and_a_stranger_is_refused() {
         "gamma.td must be refused"
     );
     let refused = r#"isthmus_sidecar_refused_connections_total{reason="untrusted_trust_domain",side="inbound"} "#;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric_value(server.bound.metrics.unwrap(), refused).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the refusal was not counted under untrusted_trust_domain"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::until_true(
+        "the refusal was not counted under untrusted_trust_domain",
+        Duration::from_secs(10),
+        || metric_value(server.bound.metrics.unwrap(), refused).is_some(),
+    )
+    .await;
 }
 
 /// The sum of `metric{labels}` on `controller`, 0 when absent.
@@ -446,13 +447,10 @@ async fn a_federated_bundle_endpoint_that_goes_away_keeps_the_last_bundle_and_is
     let fetched = "isthmus_trust_bundle_last_fetch_timestamp_seconds";
     let failures = "isthmus_trust_bundle_fetch_failures_total";
     let alpha_td = [("trust_domain", "alpha.td")];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while beta_c.metric(fetched, &alpha_td).is_none()
-        || alpha_c.metric(fetched, &[("trust_domain", "beta.td")]).is_none()
-    {
-        assert!(Instant::now() < deadline, "the bundles were not fetched");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::until_true("the bundles were not fetched", Duration::from_secs(20), || {
+        beta_c.metric(fetched, &alpha_td).is_some() && alpha_c.metric(fetched, &[("trust_domain", "beta.td")]).is_some()
+    })
+    .await;
 
     // Before the outage: a beta server, and two alpha clients with SVIDs and bundles from
     // alpha's controller. The second calls a beta server that starts only during the outage.
@@ -475,14 +473,16 @@ async fn a_federated_bundle_endpoint_that_goes_away_keeps_the_last_bundle_and_is
     let alpha_root = rustls_pki_types::CertificateDer::from_pem_file(alpha.root())
         .unwrap()
         .to_vec();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while roots_of(&server, "alpha.td") != [alpha_root.clone()]
-        || roots_of(&early_client, "beta.td").is_empty()
-        || roots_of(&late_client, "beta.td").is_empty()
-    {
-        assert!(Instant::now() < deadline, "bundles did not reach the sidecars over SDS");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::until_true(
+        "bundles did not reach the sidecars over SDS",
+        Duration::from_secs(20),
+        || {
+            roots_of(&server, "alpha.td") == [alpha_root.clone()]
+                && !roots_of(&early_client, "beta.td").is_empty()
+                && !roots_of(&late_client, "beta.td").is_empty()
+        },
+    )
+    .await;
     let xfcc = get(early_client.bound.outbound.unwrap()).await.unwrap();
     assert!(
         xfcc.ends_with("URI=spiffe://alpha.td/ns/default/sa/productpage"),
@@ -495,14 +495,12 @@ async fn a_federated_bundle_endpoint_that_goes_away_keeps_the_last_bundle_and_is
     alpha_c
         .terminate(Duration::from_secs(5))
         .expect("alpha's controller exits");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while count(&beta_c, failures, &alpha_td) < before + 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "failed fetches of alpha.td's bundle are not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::until_true(
+        "failed fetches of alpha.td's bundle are not counted",
+        Duration::from_secs(20),
+        || count(&beta_c, failures, &alpha_td) >= before + 2.0,
+    )
+    .await;
     assert!(
         count(
             &beta_c,
@@ -530,14 +528,12 @@ async fn a_federated_bundle_endpoint_that_goes_away_keeps_the_last_bundle_and_is
         beta.sidecar_args(&beta_c, "ratings", &dir)
     )))
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while roots_of(&late, "alpha.td").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "beta's controller no longer serves alpha.td's bundle"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::until_true(
+        "beta's controller no longer serves alpha.td's bundle",
+        Duration::from_secs(20),
+        || !roots_of(&late, "alpha.td").is_empty(),
+    )
+    .await;
     let served = roots_of(&late, "alpha.td");
     assert!(
         served == [alpha_root.clone()],
@@ -553,9 +549,10 @@ async fn a_federated_bundle_endpoint_that_goes_away_keeps_the_last_bundle_and_is
 
     // alpha's endpoint returns on its address: beta fetches from it again.
     let _alpha_again = alpha.start(&clusters, &[&beta], &dir);
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while beta_c.metric(fetched, &alpha_td).unwrap_or(0.0) <= last_fetch {
-        assert!(Instant::now() < deadline, "beta did not fetch alpha.td's bundle again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    support::until_true(
+        "beta did not fetch alpha.td's bundle again",
+        Duration::from_secs(40),
+        || beta_c.metric(fetched, &alpha_td).unwrap_or(0.0) > last_fetch,
+    )
+    .await;
 }

@@ -9,20 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::Controller;
 use support::kube_api::FakeApi;
-
-/// Polls `f` until it returns `Some`, failing with `what` after `patience`.
-fn eventually<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + patience;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
-}
+use support::{Controller, eventually, until};
 
 fn service_yaml(name: &str, port: u16) -> String {
     format!(
@@ -182,19 +170,6 @@ fn kubeconfig(dir: &Path, name: &str, api: &FakeApi, token: &str) -> String {
     let path = dir.join(format!("{name}-{token}.kubeconfig"));
     std::fs::write(&path, api.kubeconfig_with_token(token)).unwrap();
     format!("{name}={}", path.display())
-}
-
-/// Waits without blocking the test API servers' runtime.
-async fn until<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tick.tick().await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

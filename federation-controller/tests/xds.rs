@@ -359,11 +359,10 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
          spec: {clusterIP: 10.96.1.12, ports: [{port: 9080}]}\n",
     )
     .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while controller.metric("pilot_conflict_outbound_listener_tcp_over_current_tcp", &[]) != Some(1.0) {
-        assert!(std::time::Instant::now() < deadline, "the conflict was never counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::until_true("the conflict was never counted", Duration::from_secs(10), || {
+        controller.metric("pilot_conflict_outbound_listener_tcp_over_current_tcp", &[]) == Some(1.0)
+    })
+    .await;
     let after = loop {
         let r = next(&mut responses).await;
         if r.type_url == LDS {

@@ -65,6 +65,37 @@ pub fn two_networks(dir: &Path) {
     );
 }
 
+/// Polls `f` until it returns `Some`, failing with `what` after `patience`. For async tests:
+/// it waits on the runtime's timer, so servers on the same runtime keep running.
+pub async fn until<T>(what: &str, patience: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tick.tick().await;
+    }
+}
+
+/// [`until`] for a plain condition.
+pub async fn until_true(what: &str, patience: std::time::Duration, mut f: impl FnMut() -> bool) {
+    until(what, patience, || f().then_some(())).await
+}
+
+/// [`until`] for synchronous tests.
+pub fn eventually<T>(what: &str, patience: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::park_timeout(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("isthmus-fc-{name}-{}", std::process::id()));
