@@ -2,62 +2,16 @@
 //! inbound sidecar → application, with certificates made at test time, and the inbound
 //! side's PeerAuthentication modes as a caller sees them.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+mod support;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
 use sidecar::run::{RunArgs, Sidecar};
+use support::{Pki, poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-struct Pki {
-    dir: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let dir = std::env::temp_dir().join(format!("isthmus-hop-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::OrganizationName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        std::fs::write(dir.join("root-cert.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
-        Pki {
-            dir,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("root-cert.pem")
-    }
-
-    /// Writes an SVID for `sa` and returns (cert, key) paths.
-    fn svid(&self, td: &str, sa: &str) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        let id = format!("spiffe://{td}/ns/default/sa/{sa}");
-        params
-            .subject_alt_names
-            .push(SanType::URI(id.as_str().try_into().unwrap()));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (self.dir.join(format!("{sa}.pem")), self.dir.join(format!("{sa}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn args(line: &str) -> RunArgs {
     RunArgs::from_words(line.split_whitespace()).unwrap()
@@ -129,15 +83,14 @@ async fn metrics(addr: SocketAddr) -> String {
 
 /// Polls the metrics until `line` (a metric with labels) shows `value`, or fails at a deadline.
 async fn wait_metric(addr: SocketAddr, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll(Duration::from_secs(10), || async {
         let text = metrics(addr).await;
-        if text.lines().any(|l| l.contains(needle)) {
-            return;
+        match text.lines().any(|l| l.contains(needle)) {
+            true => Ok(()),
+            false => Err(format!("metric {needle:?} never appeared in\n{text}")),
         }
-        assert!(Instant::now() < deadline, "metric {needle:?} never appeared in\n{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 struct Pair {
@@ -170,7 +123,7 @@ impl Pair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mtls_carries_the_callers_spiffe_id_and_replaces_a_forged_one() {
-    let pki = Pki::new("strict");
+    let pki = Pki::new("hop", "strict");
     let app = http_app().await;
     let pair = Pair::start(&pki, app, "--mtls STRICT").await;
     let out = pair.client.bound.outbound.unwrap();
@@ -217,7 +170,7 @@ async fn strict_mtls_carries_the_callers_spiffe_id_and_replaces_a_forged_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permissive_accepts_both_and_says_which_was_which() {
-    let pki = Pki::new("permissive");
+    let pki = Pki::new("hop", "permissive");
     let app = http_app().await;
     let pair = Pair::start(&pki, app, "--mtls PERMISSIVE").await;
     let via_mesh = get(pair.client.bound.outbound.unwrap(), None).await.unwrap();
@@ -241,7 +194,7 @@ async fn permissive_accepts_both_and_says_which_was_which() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_level_override_relaxes_one_port_only() {
-    let pki = Pki::new("port");
+    let pki = Pki::new("hop", "port");
     let app = http_app().await;
     // STRICT for the workload, PERMISSIVE for the application's port: plaintext passes.
     let pair = Pair::start(
@@ -258,8 +211,8 @@ async fn a_port_level_override_relaxes_one_port_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_from_a_foreign_ca_is_refused_under_strict() {
-    let pki = Pki::new("home");
-    let foreign = Pki::new("foreign");
+    let pki = Pki::new("hop", "home");
+    let foreign = Pki::new("hop", "foreign");
     let app = http_app().await;
     let (sc, sk) = pki.svid("cluster.local", "reviews");
     let server = Sidecar::start(args(&format!(

@@ -3,63 +3,25 @@
 //! mutual TLS between the sidecars, the application still learns the caller's identity on
 //! every request, and failures upstream are answered at once with Envoy's 503.
 
+mod support;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 use sidecar::run::{RunArgs, Sidecar};
+use support::{Pki, poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/productpage";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
-struct Pki {
-    dir: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
-}
-
 impl Pki {
-    fn new(name: &str) -> Pki {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let dir = std::env::temp_dir().join(format!("isthmus-pooled-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::OrganizationName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        std::fs::write(dir.join("root-cert.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
-        Pki {
-            dir,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("root-cert.pem")
-    }
-
-    /// Writes an SVID for `sa` and returns (cert, key) paths.
-    fn svid(&self, sa: &str) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-        params
-            .subject_alt_names
-            .push(SanType::URI(id.as_str().try_into().unwrap()));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (self.dir.join(format!("{sa}.pem")), self.dir.join(format!("{sa}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-
     fn server(&self, listen: &str, app: SocketAddr) -> Result<Sidecar, anyhow::Error> {
-        let (c, k) = self.svid("reviews");
+        let (c, k) = self.svid("cluster.local", "reviews");
         let line = format!(
             "--inbound {listen}={app} --cert {} --key {} --ca {} --protocol http --mtls STRICT --metrics 127.0.0.1:0",
             p(&c),
@@ -74,7 +36,7 @@ impl Pki {
     }
 
     fn client_with(&self, upstream: SocketAddr, extra: &str) -> Sidecar {
-        let (c, k) = self.svid("productpage");
+        let (c, k) = self.svid("cluster.local", "productpage");
         let line = format!(
             "--outbound 127.0.0.1:0={upstream} --peer-id {SERVER_ID} --cert {} --key {} --ca {} --protocol http --metrics 127.0.0.1:0 --connect-timeout 2s {extra}",
             p(&c),
@@ -82,12 +44,6 @@ impl Pki {
             p(&self.ca())
         );
         Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -199,19 +155,15 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// Polls the metrics until `name{labels}` sums to `want`, or fails at a deadline.
 async fn counted(addr: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll(Duration::from_secs(10), || async {
         let text = metrics(addr).await;
         let got = sample(&text, name, labels);
-        if got == want {
-            return;
+        match got == want {
+            true => Ok(()),
+            false => Err(format!("{name}{labels:?} is {got}, want {want}:\n{text}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{labels:?} is {got}, want {want}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 fn assert_vouched(body: &str) {
@@ -229,7 +181,7 @@ const POOLED: &str = "isthmus_sidecar_pooled_upstream_connections";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_new_client_connections_cost_one_mtls_handshake() {
-    let pki = Pki::new("fifty");
+    let pki = Pki::new("pooled", "fifty");
     let app = http_app(None).await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
     let client = pki.client(server.bound.inbound.unwrap());
@@ -283,7 +235,7 @@ async fn fifty_new_client_connections_cost_one_mtls_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_requests_multiplex_on_one_connection() {
-    let pki = Pki::new("twenty");
+    let pki = Pki::new("pooled", "twenty");
     // The application answers nobody until all twenty are waiting at once.
     let app = http_app(Some(20)).await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
@@ -342,7 +294,7 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_upstream_connection_is_replaced_without_client_errors() {
-    let pki = Pki::new("cut");
+    let pki = Pki::new("pooled", "cut");
     let app = http_app(None).await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
     let relay = Relay::to(server.bound.inbound.unwrap()).await;
@@ -374,7 +326,7 @@ async fn a_broken_upstream_connection_is_replaced_without_client_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_upstream_sidecar_is_reached_on_a_new_connection() {
-    let pki = Pki::new("restart");
+    let pki = Pki::new("pooled", "restart");
     let app = http_app(None).await;
     let first = pki.server("127.0.0.1:0", app).unwrap();
     let inbound = first.bound.inbound.unwrap();
@@ -385,14 +337,11 @@ async fn a_restarted_upstream_sidecar_is_reached_on_a_new_connection() {
     }
     // A graceful restart: the old server says GOAWAY to the pooled connection and goes.
     assert_eq!(first.drain().await, 0, "the pooled connection must close on GOAWAY");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let second = loop {
-        match pki.server(&inbound.to_string(), app) {
-            Ok(s) => break s,
-            Err(e) => assert!(Instant::now() < deadline, "cannot listen on {inbound} again: {e:#}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let second = poll(Duration::from_secs(5), || async {
+        pki.server(&inbound.to_string(), app)
+            .map_err(|e| format!("cannot listen on {inbound} again: {e:#}"))
+    })
+    .await;
     for n in 0..5 {
         let (status, body) = get(out, None).await.unwrap();
         assert_eq!(status, 200, "request {n} after the restart: {body}");
@@ -409,7 +358,7 @@ async fn a_restarted_upstream_sidecar_is_reached_on_a_new_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_pooled_connection_is_closed_and_made_again_when_needed() {
-    let pki = Pki::new("idle");
+    let pki = Pki::new("pooled", "idle");
     let app = http_app(None).await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
     let client = pki.client_with(server.bound.inbound.unwrap(), "--idle-timeout 300ms");
@@ -429,7 +378,7 @@ async fn an_idle_pooled_connection_is_closed_and_made_again_when_needed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_upstream_is_answered_503_at_once_and_counted() {
-    let pki = Pki::new("dead");
+    let pki = Pki::new("pooled", "dead");
     // A port that was just free: nothing listens there.
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let client = pki.client(dead);
@@ -461,7 +410,7 @@ async fn a_dead_upstream_is_answered_503_at_once_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_response_bodies_cross_both_ways_whole() {
-    let pki = Pki::new("bodies");
+    let pki = Pki::new("pooled", "bodies");
     let app = echo_app().await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
     let client = pki.client(server.bound.inbound.unwrap());
@@ -510,10 +459,10 @@ async fn request_and_response_bodies_cross_both_ways_whole() {
 /// is still served, with the same identity header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http11_peer_is_still_served_with_its_identity() {
-    let pki = Pki::new("h11");
+    let pki = Pki::new("pooled", "h11");
     let app = http_app(None).await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
-    let (c, k) = pki.svid("productpage");
+    let (c, k) = pki.svid("cluster.local", "productpage");
     let svid = sidecar::tls::Svid::from_files(&c, &k).unwrap();
     let bundles = sidecar::tls::TrustBundles::new();
     let roots = std::fs::read(pki.ca()).unwrap();

@@ -3,6 +3,8 @@
 //! the same refusals end to end, by a running sidecar over real sockets, each counted in
 //! its metric under its reason label.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,6 +16,7 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sidecar::tls::bundle::Bundle;
 use sidecar::tls::{Alpn, ExpectedPeer, PeerRefusal, SvidSlot, TrustBundles};
+use support::poll;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A root CA of one trust domain.
@@ -458,18 +461,16 @@ fn sample(metrics: std::net::SocketAddr, series: &str) -> f64 {
 
 /// Waits until `series` reaches `want` (bounded).
 async fn counted(metrics: std::net::SocketAddr, series: &str, want: f64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    poll(Duration::from_secs(10), || async {
         let got = sample(metrics, series);
-        if got == want {
-            return;
+        // Past the count is wrong at once, not merely late.
+        assert!(got <= want, "{series} is {got}, expected {want}");
+        match got == want {
+            true => Ok(()),
+            false => Err(format!("{series} is {got}, expected {want}")),
         }
-        assert!(
-            got < want && std::time::Instant::now() < deadline,
-            "{series} is {got}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// An application that echoes what it reads.
