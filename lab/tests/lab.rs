@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lab::netns;
 use lab::plan::{GATEWAY_PORT, HEALTH_PORT, Plan};
@@ -502,27 +502,8 @@ fn down_after_a_crashed_up_removes_what_it_had_made() {
         plan: Plan::new(&topologies::default_topology(), &prefix).unwrap(),
         dir: dir.clone(),
     };
-    let mut up = Lab::command(&prefix, &dir, "multi-primary-gateways", bin_dir())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
     // Crash `lab up` once it has started processes, mid-way through.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let started = std::fs::read_to_string(dir.join(STATE_FILE))
-            .ok()
-            .and_then(|t| serde_json::from_str::<LabState>(&t).ok())
-            .is_some_and(|s| !s.processes.is_empty());
-        if started {
-            break;
-        }
-        assert!(
-            up.try_wait().unwrap().is_none(),
-            "lab up ended before it started a process"
-        );
-        assert!(Instant::now() < deadline, "lab up started no process in 30 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut up = up_until_a_process_runs(&prefix, &dir, Stdio::null());
     up.kill().unwrap();
     up.wait().unwrap();
     let state = lab.state();
@@ -542,22 +523,22 @@ fn up_until_a_process_runs(prefix: &str, dir: &Path, stdout: Stdio) -> std::proc
         .stdout(stdout)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let started = probe::until(Duration::from_secs(30), Duration::from_millis(2), || {
         let started = std::fs::read_to_string(dir.join(STATE_FILE))
             .ok()
             .and_then(|t| serde_json::from_str::<LabState>(&t).ok())
             .is_some_and(|s| !s.processes.is_empty());
         if started {
-            return up;
+            return Ok(());
         }
         assert!(
             up.try_wait().unwrap().is_none(),
             "lab up ended before it started a process"
         );
-        assert!(Instant::now() < deadline, "lab up started no process in 30 s");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+        Err("lab up started no process in 30 s")
+    });
+    started.unwrap();
+    up
 }
 
 #[test]
