@@ -152,21 +152,15 @@ impl Process {
 
     /// Waits until the log contains `needle`, failing with the log after `patience`.
     pub fn wait_for(&mut self, needle: &str, patience: Duration) {
-        let deadline = Instant::now() + patience;
-        loop {
+        eventually(patience, || {
             if self.output().contains(needle) {
-                return;
+                return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("exited ({status}) before {needle:?}:\n{}", self.output());
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} after {patience:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            Err(format!("no {needle:?} yet:\n{}", self.output()))
+        })
     }
 }
 
@@ -177,7 +171,7 @@ impl Drop for Process {
     }
 }
 
-/// Polls `f` until it returns `Some`, for at most `patience`; the last error explains a
+/// Polls `f` until it returns `Ok`, for at most `patience`; the last error explains a
 /// failure.
 pub fn eventually<T>(patience: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + patience;
