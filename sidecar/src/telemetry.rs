@@ -128,6 +128,11 @@ impl Telemetry {
             registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
+        let total = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
         Self {
             cluster: cluster.into(),
             opened: counter(
@@ -174,30 +179,15 @@ impl Telemetry {
                 "isthmus_sidecar_xds_routes",
                 "Routable outbound listeners (service VIP:port) from xDS",
             ),
-            xds_rejects: {
-                let c = IntCounter::new(
-                    "isthmus_sidecar_xds_rejects_total",
-                    "xDS updates refused (NACKed); the last good routes kept serving",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
-            bundle_updates: {
-                let c = IntCounter::new(
-                    "isthmus_sidecar_trust_bundle_updates_total",
-                    "Trust-bundle updates from SDS",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
-            svid_renewals: {
-                let c = IntCounter::new("isthmus_sidecar_svid_renewals_total", "SVIDs renewed from the CA")
-                    .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
+            xds_rejects: total(
+                "isthmus_sidecar_xds_rejects_total",
+                "xDS updates refused (NACKed); the last good routes kept serving",
+            ),
+            bundle_updates: total(
+                "isthmus_sidecar_trust_bundle_updates_total",
+                "Trust-bundle updates from SDS",
+            ),
+            svid_renewals: total("isthmus_sidecar_svid_renewals_total", "SVIDs renewed from the CA"),
             registry,
         }
     }
