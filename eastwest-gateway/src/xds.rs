@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_end
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
-use mesh_vocab::{ClusterId, Hostname, IstioSni, NetworkId};
+use mesh_vocab::{ClusterId, IstioSni, NetworkId};
 use prost::Message;
 
 use crate::proxy::Shared;
@@ -187,16 +187,6 @@ fn decode_assignments(resp: &DiscoveryResponse) -> Result<HashMap<String, Cluste
     Ok(out)
 }
 
-/// The SNI of an Istio outbound cluster name, `outbound|PORT|SUBSET|HOST`.
-pub fn sni_of_cluster(name: &str) -> Option<IstioSni> {
-    let mut parts = name.split('|');
-    let (dir, port, subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if dir != "outbound" || parts.next().is_some() {
-        return None;
-    }
-    IstioSni::new(Hostname::parse(host).ok()?, port.parse().ok()?, Some(subset)).ok()
-}
-
 /// Routes for every outbound cluster, with the endpoints on `network` only.
 pub fn routes_from(
     clusters: &[String],
@@ -205,7 +195,9 @@ pub fn routes_from(
 ) -> Vec<XdsRoute> {
     let mut routes = Vec::new();
     for name in clusters {
-        let Some(sni) = sni_of_cluster(name) else { continue };
+        let Some(sni) = IstioSni::of_cluster(name) else {
+            continue;
+        };
         let mut endpoints = Vec::new();
         for locality in assignments
             .get(name)
@@ -251,26 +243,4 @@ pub fn routes_from(
     // Deterministic order: the table is a map, but logs and dumps read better sorted.
     let by_sni: BTreeMap<String, XdsRoute> = routes.into_iter().map(|r| (r.sni.clone(), r)).collect();
     by_sni.into_values().collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn istio_cluster_names_become_snis() {
-        let s = sni_of_cluster("outbound|9080||reviews.default.svc.cluster.local").unwrap();
-        assert_eq!(s.to_string(), "outbound_.9080_._.reviews.default.svc.cluster.local");
-        let s = sni_of_cluster("outbound|9080|v2|reviews.default.svc.cluster.local").unwrap();
-        assert_eq!(s.subset(), Some("v2"));
-        for bad in [
-            "inbound|9080||a.b",
-            "outbound|x||a.b",
-            "outbound|9080||",
-            "xds-grpc",
-            "outbound|1||a.b|c",
-        ] {
-            assert!(sni_of_cluster(bad).is_none(), "{bad}");
-        }
-    }
 }

@@ -45,6 +45,17 @@ impl IstioSni {
         Ok(Self { port, subset, host })
     }
 
+    /// The SNI of Istio's outbound cluster `outbound|PORT|SUBSET|HOST` (an empty subset
+    /// field for none), as a sidecar sends it and a gateway routes by it.
+    pub fn of_cluster(name: &str) -> Option<Self> {
+        let mut parts = name.split('|');
+        let (dir, port, subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if dir != "outbound" || parts.next().is_some() {
+            return None;
+        }
+        Self::new(Hostname::parse(host).ok()?, port.parse().ok()?, Some(subset)).ok()
+    }
+
     /// Parses `outbound_.<port>_.<subset>_.<fqdn>`, case-insensitively (SNI is
     /// ASCII case-insensitive), normalising to lower case.
     pub fn parse(sni: &str) -> Result<Self, SniError> {
@@ -134,6 +145,24 @@ impl std::str::FromStr for IstioSni {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn istio_cluster_names_become_snis() {
+        use super::IstioSni;
+        let s = IstioSni::of_cluster("outbound|9080||reviews.default.svc.cluster.local").unwrap();
+        assert_eq!(s.to_string(), "outbound_.9080_._.reviews.default.svc.cluster.local");
+        let s = IstioSni::of_cluster("outbound|9080|v2|reviews.default.svc.cluster.local").unwrap();
+        assert_eq!(s.subset(), Some("v2"));
+        for bad in [
+            "inbound|9080||a.b",
+            "outbound|x||a.b",
+            "outbound|9080||",
+            "xds-grpc",
+            "outbound|1||a.b|c",
+        ] {
+            assert!(IstioSni::of_cluster(bad).is_none(), "{bad}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

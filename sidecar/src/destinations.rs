@@ -248,22 +248,13 @@ fn mesh_tls(c: &Cluster) -> Result<Option<MeshTls>, BadResource> {
     identities.dedup();
     let sni = if ctx.sni.is_empty() {
         // Istio always sets it; without one, the cluster name's own form is the best guess.
-        crate::destinations::sni_of_cluster(&c.name).ok_or_else(|| bad(&c.name, "TLS without SNI"))?
+        mesh_vocab::IstioSni::of_cluster(&c.name)
+            .map(|sni| sni.to_string())
+            .ok_or_else(|| bad(&c.name, "TLS without SNI"))?
     } else {
         ctx.sni
     };
     Ok(Some(MeshTls { sni, identities, when }))
-}
-
-/// `outbound_.PORT_.SUBSET_.HOST` of Istio's `outbound|PORT|SUBSET|HOST`.
-pub fn sni_of_cluster(name: &str) -> Option<String> {
-    let mut parts = name.split('|');
-    let (dir, port, subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if dir != "outbound" || parts.next().is_some() || host.is_empty() {
-        return None;
-    }
-    let _: u16 = port.parse().ok()?;
-    Some(format!("outbound_.{port}_.{subset}_.{host}"))
 }
 
 fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<Endpoint>, BadResource> {
@@ -534,9 +525,10 @@ mod tests {
         let up = &table.upstreams[CLUSTER];
         assert!(up.tls.is_none() && !up.endpoints[0].mtls);
         assert_eq!(
-            sni_of_cluster("outbound|9080|v2|reviews.default.svc.cluster.local").as_deref(),
+            mesh_vocab::IstioSni::of_cluster("outbound|9080|v2|reviews.default.svc.cluster.local")
+                .map(|s| s.to_string())
+                .as_deref(),
             Some("outbound_.9080_.v2_.reviews.default.svc.cluster.local")
         );
-        assert_eq!(sni_of_cluster("inbound|9080||x"), None);
     }
 }
