@@ -246,7 +246,7 @@ fn certificate_authority(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64),
     );
-    let root_pem = authority.root_pem().to_owned();
+    let root_pem = authority.trust_roots_pem();
     let signer = ca::Signer {
         authority,
         default_ttl: args.svid_ttl,
