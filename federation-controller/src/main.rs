@@ -514,7 +514,7 @@ fn main() -> anyhow::Result<()> {
                         };
                         let resync = std::time::Duration::from_secs(30);
                         let writer = tokio::spawn(writeback::kube::run(
-                            clients.given.clone(),
+                            clients.current.clone(),
                             inv_rx,
                             leader_rx,
                             domain,
