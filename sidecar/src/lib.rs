@@ -4,6 +4,7 @@
 //! workload's identity (`tls`) and mutual TLS on every hop.
 
 pub mod ads;
+pub mod authz;
 pub mod balance;
 pub mod capture;
 pub mod client_hello;
