@@ -23,4 +23,5 @@ pub mod socket;
 pub mod splice;
 pub mod telemetry;
 pub mod tls;
+pub mod virtual_inbound;
 pub mod xds;

@@ -27,6 +27,8 @@ use crate::telemetry::Telemetry;
 use crate::tls::bundle::Bundle;
 use crate::tls::csr::{CaClient, CsrError};
 use crate::tls::{Alpn, ExpectedPeer, Svid, SvidSlot, TrustBundles};
+use crate::virtual_inbound::InboundPolicy;
+use envoy_types::pb::envoy::config::core::v3::Locality;
 
 /// `LISTEN=TARGET`: an address pair.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +44,28 @@ fn parse_hop(s: &str) -> Result<Hop, String> {
     let listen = l.parse().map_err(|_| format!("{l:?} is not an address:port"))?;
     let target = t.parse().map_err(|_| format!("{t:?} is not an address:port"))?;
     Ok(Hop { listen, target })
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?}: the label has no key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn parse_locality(s: &str) -> Result<Locality, String> {
+    let mut parts = s.split('/');
+    let mut next = || parts.next().unwrap_or_default().to_owned();
+    let locality = Locality {
+        region: next(),
+        zone: next(),
+        sub_zone: next(),
+    };
+    if locality.region.is_empty() || s.split('/').count() > 3 {
+        return Err(format!("{s:?}: expected REGION[/ZONE[/SUBZONE]]"));
+    }
+    Ok(locality)
 }
 
 fn parse_bundle(s: &str) -> Result<(String, PathBuf), String> {
@@ -156,6 +180,13 @@ pub struct RunArgs {
     /// Our cluster.
     #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster: String,
+    /// One of the workload's labels (repeatable), sent as Istio's `LABELS` node metadata:
+    /// the controller selects the AuthorizationPolicies and PeerAuthentications that apply.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Our locality, `REGION/ZONE/SUBZONE` (zone and subzone optional), as `Node.locality`.
+    #[arg(long, value_name = "REGION/ZONE/SUBZONE", value_parser = parse_locality)]
+    pub locality: Option<Locality>,
     /// Our pod's IP, for the xDS node ID.
     #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
     pub pod_ip: std::net::IpAddr,
@@ -329,6 +360,12 @@ impl Sidecar {
                 outbound::serve_captured(l, captured.clone())
             })?;
         }
+        // The flags' PeerAuthentication until (unless) the controller serves `virtualInbound`.
+        let mut flags_policy = Policy::uniform(args.mtls);
+        flags_policy.ports.extend(args.port_mtls.iter().copied());
+        let inbound_policy = Arc::new(ArcSwap::from_pointee(InboundPolicy::from_peer_authentication(
+            &flags_policy,
+        )));
         let inbound_hop = match (args.inbound, args.capture) {
             (Some(hop), _) => Some((hop, false)),
             (None, true) => Some((
@@ -342,13 +379,11 @@ impl Sidecar {
             (None, false) => None,
         };
         if let Some((hop, captured)) = inbound_hop {
-            let mut policy = Policy::uniform(args.mtls);
-            policy.ports.extend(args.port_mtls.iter().copied());
             let inbound = Arc::new(Inbound {
                 app: hop.target,
                 captured,
                 protocol,
-                policy,
+                policy: inbound_policy.clone(),
                 tls: crate::tls::server_config(svid.clone(), bundles.clone()),
                 self_id: self_id.clone(),
                 service: args.service.clone(),
@@ -377,8 +412,10 @@ impl Sidecar {
                 ip: args.pod_ip,
                 network: args.network.clone(),
                 cluster: args.cluster.clone(),
+                labels: args.labels.clone(),
+                locality: args.locality.clone(),
             };
-            (address, identity, table.clone())
+            (address, identity, table.clone(), inbound_policy.clone())
         });
         let metrics_listener = match args.metrics {
             Some(addr) => {
@@ -412,14 +449,21 @@ impl Sidecar {
                             .build()
                             .expect("runtime");
                         rt.block_on(async move {
-                            if let Some((address, identity, table)) = xds {
+                            if let Some((address, identity, table, inbound)) = xds {
                                 let t = telemetry.clone();
-                                tokio::spawn(crate::xds::follow(address, identity, table, move |routes, ok| {
-                                    t.xds_routes.set(routes as i64);
-                                    if !ok {
-                                        t.xds_rejects.inc();
-                                    }
-                                }));
+                                let inbound = Some(inbound);
+                                tokio::spawn(crate::xds::follow(
+                                    address,
+                                    identity,
+                                    table,
+                                    inbound,
+                                    move |routes, ok| {
+                                        t.xds_routes.set(routes as i64);
+                                        if !ok {
+                                            t.xds_rejects.inc();
+                                        }
+                                    },
+                                ));
                             }
                             if let Some(source) = bundle_source {
                                 let t = telemetry.clone();

@@ -42,6 +42,8 @@ pub struct Telemetry {
     refused: IntCounterVec,
     upstream_failures: IntCounterVec,
     open: IntGauge,
+    /// RBAC outcomes, `[http, tcp]` × [`RBAC_OUTCOMES`].
+    rbac: [[IntCounter; 5]; 2],
     /// Pooled HTTP/2 connections to upstream sidecars open now.
     pub pooled_upstreams: IntGauge,
     /// Unix time at which the current SVID expires.
@@ -54,6 +56,20 @@ pub struct Telemetry {
     pub xds_routes: IntGauge,
     /// xDS updates refused (NACKed); the last good table kept serving.
     pub xds_rejects: IntCounter,
+}
+
+/// RBAC outcomes, as Envoy's `rbac.allowed`, `rbac.denied`, `rbac.shadow_allowed` and
+/// `rbac.shadow_denied` stats (plus `logged` for LOG/AUDIT matches, which Envoy only marks
+/// in its access log), exported as `envoy_http_rbac_*` and `envoy_tcp_rbac_*`.
+const RBAC_OUTCOMES: [&str; 5] = ["allowed", "denied", "shadow_allowed", "shadow_denied", "logged"];
+
+/// Where an RBAC check ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RbacScope {
+    /// A request, by the HTTP connection manager's filters.
+    Http = 0,
+    /// A connection, by network filters.
+    Tcp = 1,
 }
 
 /// What labels one connection's counters.
@@ -167,6 +183,14 @@ impl Telemetry {
                 &["side", "reason"],
             ),
             open: gauge("isthmus_sidecar_open_connections", "Connections open now"),
+            rbac: ["http", "tcp"].map(|scope| {
+                RBAC_OUTCOMES.map(|outcome| {
+                    total(
+                        &format!("envoy_{scope}_rbac_{outcome}"),
+                        &format!("{scope} RBAC checks: {outcome}"),
+                    )
+                })
+            }),
             pooled_upstreams: gauge(
                 "isthmus_sidecar_pooled_upstream_connections",
                 "Pooled HTTP/2 connections in mTLS to upstream sidecars open now",
@@ -243,6 +267,17 @@ impl Telemetry {
             sent: self.sent.with_label_values(&values),
             received: self.received.with_label_values(&values),
             open: self.open.clone(),
+        }
+    }
+
+    /// Counts one RBAC check's outcome.
+    pub fn rbac(&self, scope: RbacScope, verdict: &crate::authz::Verdict) {
+        let c = &self.rbac[scope as usize];
+        c[usize::from(!verdict.allowed())].inc();
+        c[2].inc_by(verdict.shadow_allowed as u64);
+        c[3].inc_by(verdict.shadow_denied as u64);
+        if !verdict.logged.is_empty() {
+            c[4].inc();
         }
     }
 
