@@ -36,11 +36,11 @@ use http_body_util::Full;
 
 use crate::authz::{self, Attributes, HttpAttributes};
 use crate::drain;
-use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
+use crate::http::{self, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::peer_authentication::MtlsMode;
 use crate::pool::{self, MarkedConnector};
-use crate::telemetry::{ConnectionLabels, RbacScope, RequestLabels, Telemetry};
+use crate::telemetry::{ConnectionLabels, RbacScope, RequestLabels, RequestSize, Telemetry};
 use crate::tls;
 use crate::virtual_inbound::{InboundPolicy, Transport};
 
@@ -318,6 +318,7 @@ impl Inbound {
         peer: &Peer,
     ) -> Response<ReplyBody> {
         let protocol = http::request_protocol(req.headers());
+        let size = RequestSize::of(&req);
         let source = peer.principal().unwrap_or("unknown");
         let mutual_tls = peer.caller.is_some();
         let verdict = self.request_verdict(&req, peer);
@@ -342,26 +343,21 @@ impl Inbound {
         };
         if let Some(policy) = verdict.denied_by {
             tracing::info!(policy, source, method = %req.method(), path = req.uri().path(), "RBAC: request denied");
-            self.telemetry.request(&labels, 403);
-            return denied();
+            return http::recorded(self.telemetry.request(&labels, 403, size), denied());
         }
         match self.app_pool.request(http::to_http1(req, app)).await {
             Ok(resp) => {
-                self.telemetry.request(&labels, resp.status().as_u16());
+                let exchange = self.telemetry.request(&labels, resp.status().as_u16(), size);
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(Leased::new(body, ())))
+                Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "application did not answer");
                 self.telemetry
                     .upstream_failure("inbound", pool::http1_failure_reason(&e));
-                self.telemetry.request(&labels, 503);
-                http::unavailable(if e.is_connect() {
-                    CONNECT_FAILURE
-                } else {
-                    CONNECTION_TERMINATION
-                })
+                let exchange = self.telemetry.request(&labels, 503, size);
+                http::recorded(exchange, http::unavailable_after(&e))
             }
         }
     }

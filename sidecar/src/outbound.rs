@@ -41,7 +41,7 @@ use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
-use crate::telemetry::{ConnectionLabels, RequestLabels, TcpCounters, Telemetry};
+use crate::telemetry::{ConnectionLabels, Exchange, RequestLabels, RequestSize, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
 
 /// One explicit outbound route: everything accepted goes to `upstream.addr`.
@@ -405,6 +405,7 @@ impl HttpHop {
 
     async fn forward(&self, route: &Route, req: Request<Incoming>, l4: &OnceLock<TcpCounters>) -> Response<ReplyBody> {
         let protocol = http::request_protocol(req.headers());
+        let size = RequestSize::of(&req);
         match route {
             Route::Fixed(outbound) => {
                 let req = match to_h2(req, outbound.upstream.addr) {
@@ -415,13 +416,17 @@ impl HttpHop {
                     service: &outbound.service,
                     cluster: None,
                     protocol,
+                    size,
                 };
                 match self.h2.send(&outbound.upstream, &outbound.tls, req, None).await {
                     Ok(sent) => self.answer(sent, &what, l4),
                     Err(e) => self.failed(e, &what),
                 }
             }
-            Route::Captured(captured, original) => self.forward_captured(captured, *original, req, protocol, l4).await,
+            Route::Captured(captured, original) => {
+                self.forward_captured(captured, *original, req, (protocol, size), l4)
+                    .await
+            }
         }
     }
 
@@ -433,7 +438,7 @@ impl HttpHop {
         captured: &Captured,
         original: SocketAddr,
         req: Request<Incoming>,
-        protocol: &'static str,
+        (protocol, size): (&'static str, RequestSize),
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
         let table = captured.table.load_full();
@@ -458,6 +463,7 @@ impl HttpHop {
                 service: &upstream.service,
                 cluster: endpoint.cluster.as_deref(),
                 protocol,
+                size,
             };
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
                 return self.plain(endpoint.address, req, &what, l4).await;
@@ -517,21 +523,17 @@ impl HttpHop {
         match self.plain.request(req).await {
             Ok(resp) => {
                 l4.get_or_init(|| self.telemetry.connection(&labels));
-                self.count(labels, what.protocol, resp.status().as_u16());
+                let exchange = self.count(labels, what, resp.status().as_u16());
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(Leased::new(body, ())))
+                Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
             }
             Err(e) => {
                 let reason = pool::http1_failure_reason(&e);
                 tracing::debug!(upstream = %addr, error = %e, "plaintext upstream failed");
                 self.telemetry.upstream_failure("outbound", reason);
-                self.count(labels, what.protocol, 503);
-                http::unavailable(if e.is_connect() {
-                    CONNECT_FAILURE
-                } else {
-                    CONNECTION_TERMINATION
-                })
+                let exchange = self.count(labels, what, 503);
+                http::recorded(exchange, http::unavailable_after(&e))
             }
         }
     }
@@ -547,10 +549,10 @@ impl HttpHop {
             mutual_tls: true,
         };
         l4.get_or_init(|| self.telemetry.connection(&labels));
-        self.count(labels, what.protocol, response.status().as_u16());
+        let exchange = self.count(labels, what, response.status().as_u16());
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
-        Response::from_parts(parts, Either::Left(Leased::new(body, lease)))
+        Response::from_parts(parts, Either::Left(Leased::new(body, lease).measured(exchange)))
     }
 
     fn failed(&self, e: SendError, what: &Upstream<'_>) -> Response<ReplyBody> {
@@ -568,12 +570,15 @@ impl HttpHop {
             peer_cluster: what.cluster,
             mutual_tls: false,
         };
-        self.count(labels, what.protocol, 503);
-        http::unavailable(text)
+        http::recorded(self.count(labels, what, 503), http::unavailable(text))
     }
 
-    fn count(&self, connection: ConnectionLabels<'_>, protocol: &'static str, code: u16) {
-        self.telemetry.request(&RequestLabels { connection, protocol }, code);
+    fn count(&self, connection: ConnectionLabels<'_>, what: &Upstream<'_>, code: u16) -> Exchange {
+        let labels = RequestLabels {
+            connection,
+            protocol: what.protocol,
+        };
+        self.telemetry.request(&labels, code, what.size)
     }
 }
 
@@ -582,6 +587,7 @@ struct Upstream<'a> {
     service: &'a str,
     cluster: Option<&'a str>,
     protocol: &'static str,
+    size: RequestSize,
 }
 
 /// An HTTP/1.1 request as HTTP/2: `host` becomes `:authority`, and the hop-by-hop headers

@@ -87,12 +87,17 @@ pub struct Answer {
     pub body: String,
 }
 
-/// Sends one request (`head` without the final blank line, `connection: close` added) on a
-/// new connection and reads the whole answer.
+/// Sends one request without a body (`head` without the final blank line, `connection:
+/// close` added) on a new connection and reads the whole answer.
 pub async fn exchange(addr: std::net::SocketAddr, head: &str) -> std::io::Result<Answer> {
+    send(addr, head, "").await
+}
+
+/// [`exchange`] with a body after the head.
+pub async fn send(addr: std::net::SocketAddr, head: &str, body: &str) -> std::io::Result<Answer> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("{head}\r\nconnection: close\r\n\r\n").as_bytes())
+    s.write_all(format!("{head}\r\nconnection: close\r\n\r\n{body}").as_bytes())
         .await?;
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
