@@ -330,6 +330,7 @@ impl Inbound {
         if let Some(v) = xfcc {
             headers.insert("x-forwarded-client-cert", v);
         }
+        crate::trace::hop(headers);
         let labels = RequestLabels {
             connection: ConnectionLabels {
                 reporter: "destination",

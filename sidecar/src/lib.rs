@@ -23,5 +23,6 @@ pub mod socket;
 pub mod splice;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod virtual_inbound;
 pub mod xds;

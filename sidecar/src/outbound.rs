@@ -403,7 +403,13 @@ impl HttpHop {
         }
     }
 
-    async fn forward(&self, route: &Route, req: Request<Incoming>, l4: &OnceLock<TcpCounters>) -> Response<ReplyBody> {
+    async fn forward(
+        &self,
+        route: &Route,
+        mut req: Request<Incoming>,
+        l4: &OnceLock<TcpCounters>,
+    ) -> Response<ReplyBody> {
+        crate::trace::hop(req.headers_mut());
         let protocol = http::request_protocol(req.headers());
         let size = RequestSize::of(&req);
         match route {

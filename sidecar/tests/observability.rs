@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use sidecar::run::{RunArgs, Sidecar};
-use support::{Pki, metric_reaches, scrape, send, sum_of};
+use support::{Pki, exchange, metric_reaches, scrape, send, sum_of};
 
 fn args(line: &str) -> RunArgs {
     RunArgs::from_words(line.split_whitespace()).unwrap()
@@ -111,4 +111,94 @@ async fn request_duration_and_sizes_are_histograms_with_istios_labels_and_bucket
         1.0,
         "{text}"
     );
+}
+
+/// An application that answers with the trace headers it received, one `name=value` a line.
+async fn trace_echo() -> SocketAddr {
+    let (addr, _) = support::http_app(|req| {
+        [
+            "x-request-id",
+            "traceparent",
+            "tracestate",
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "x-b3-sampled",
+            "b3",
+        ]
+        .iter()
+        .filter_map(|n| Some(format!("{n}={}\n", req.headers().get(*n)?.to_str().ok()?)))
+        .collect()
+    })
+    .await;
+    addr
+}
+
+fn seen(body: &str) -> std::collections::HashMap<String, String> {
+    body.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_reaches_the_application_as_a_child_span_with_a_request_id() {
+    let pair = Pair::start("trace", trace_echo().await, "--mtls PERMISSIVE").await;
+    let outbound = pair.client.bound.outbound.unwrap();
+
+    // W3C: same trace and flags, a new parent id per hop, tracestate untouched.
+    let got = seen(
+        &exchange(
+            outbound,
+            &format!(
+                "GET / HTTP/1.1\r\nhost: reviews\r\ntraceparent: 00-{TRACE}-{CALLER_SPAN}-01\r\ntracestate: congo=t61rcWkgMzE"
+            ),
+        )
+        .await
+        .unwrap()
+        .body,
+    );
+    let tp: Vec<&str> = got["traceparent"].split('-').collect();
+    assert_eq!((tp[0], tp[1], tp[3]), ("00", TRACE, "01"), "{got:?}");
+    assert_ne!(tp[2], CALLER_SPAN, "each sidecar is a span of its own");
+    assert_eq!(got["tracestate"], "congo=t61rcWkgMzE");
+    let id: Vec<usize> = got["x-request-id"].split('-').map(str::len).collect();
+    assert_eq!(id, [8, 4, 4, 4, 12], "a UUID v4 request id: {got:?}");
+
+    // B3 through both sidecars: the application's parent is the outbound sidecar's span,
+    // whose parent was the caller's.
+    let b3 =
+        format!("x-b3-traceid: {TRACE}\r\nx-b3-spanid: {CALLER_SPAN}\r\nx-b3-sampled: 1\r\nx-request-id: given-id");
+    let got = seen(
+        &exchange(outbound, &format!("GET / HTTP/1.1\r\nhost: reviews\r\n{b3}"))
+            .await
+            .unwrap()
+            .body,
+    );
+    assert_eq!(
+        (got["x-b3-traceid"].as_str(), got["x-b3-sampled"].as_str()),
+        (TRACE, "1")
+    );
+    assert_eq!(got["x-request-id"], "given-id", "a caller's request id is kept");
+    let (parent, span) = (&got["x-b3-parentspanid"], &got["x-b3-spanid"]);
+    assert!(
+        parent != CALLER_SPAN && span != parent && span != CALLER_SPAN,
+        "{got:?}"
+    );
+    // One hop only (a plaintext caller straight to the inbound side): the parent is the
+    // caller's own span.
+    let got = seen(
+        &exchange(
+            pair.server.bound.inbound.unwrap(),
+            &format!("GET / HTTP/1.1\r\nhost: reviews\r\n{b3}"),
+        )
+        .await
+        .unwrap()
+        .body,
+    );
+    assert_eq!(got["x-b3-parentspanid"], CALLER_SPAN, "{got:?}");
+    assert!(!got.contains_key("traceparent"), "a B3 trace is not given W3C headers");
 }
