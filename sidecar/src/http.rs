@@ -48,6 +48,12 @@ pub fn unavailable_after(e: &hyper_util::client::legacy::Error) -> Response<Repl
     })
 }
 
+/// Envoy's response flag for a failed pooled HTTP/1.1 request: `UF` (connection failure)
+/// or `UC` (connection termination).
+pub fn failure_flags(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if e.is_connect() { "UF" } else { "UC" }
+}
+
 /// One of our own answers (`body` is what it carries), recorded in the request metrics at
 /// once: it is complete as it leaves.
 pub fn recorded(mut exchange: Exchange, resp: Response<ReplyBody>) -> Response<ReplyBody> {

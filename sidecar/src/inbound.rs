@@ -34,6 +34,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 
+use crate::access_log::{AccessLog, Pending};
 use crate::authz::{self, Attributes, HttpAttributes};
 use crate::drain;
 use crate::http::{self, Leased, ReplyBody};
@@ -77,6 +78,8 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
+    /// Where requests are logged, if anywhere.
+    pub access_log: Option<Arc<AccessLog>>,
     /// Keep-alive connections to the application (HTTP ports).
     pub app_pool: Client<MarkedConnector, Incoming>,
 }
@@ -321,16 +324,18 @@ impl Inbound {
         let size = RequestSize::of(&req);
         let source = peer.principal().unwrap_or("unknown");
         let mutual_tls = peer.caller.is_some();
-        let verdict = self.request_verdict(&req, peer);
-        if !verdict.logged.is_empty() {
-            tracing::info!(policies = ?verdict.logged, source, method = %req.method(), path = req.uri().path(), "RBAC audit: request");
-        }
         let headers = req.headers_mut();
         headers.remove("x-forwarded-client-cert");
         if let Some(v) = xfcc {
             headers.insert("x-forwarded-client-cert", v);
         }
         crate::trace::hop(headers);
+        let verdict = self.request_verdict(&req, peer);
+        let mut log = self.access_log.as_ref().map(|l| l.start(&req));
+        if !verdict.logged.is_empty() {
+            tracing::info!(policies = ?verdict.logged, source, method = %req.method(), path = req.uri().path(), "RBAC audit: request");
+            log = log.map(Pending::audited);
+        }
         let labels = RequestLabels {
             connection: ConnectionLabels {
                 reporter: "destination",
@@ -344,11 +349,14 @@ impl Inbound {
         };
         if let Some(policy) = verdict.denied_by {
             tracing::info!(policy, source, method = %req.method(), path = req.uri().path(), "RBAC: request denied");
-            return http::recorded(self.telemetry.request(&labels, 403, size), denied());
+            let log = log.map(|l| l.answered(403, "-", None));
+            return http::recorded(self.telemetry.request(&labels, 403, size).logged(log), denied());
         }
         match self.app_pool.request(http::to_http1(req, app)).await {
             Ok(resp) => {
-                let exchange = self.telemetry.request(&labels, resp.status().as_u16(), size);
+                let code = resp.status().as_u16();
+                let log = log.map(|l| l.answered(code, "-", Some(app)));
+                let exchange = self.telemetry.request(&labels, code, size).logged(log);
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
@@ -357,7 +365,8 @@ impl Inbound {
                 tracing::debug!(error = %e, "application did not answer");
                 self.telemetry
                     .upstream_failure("inbound", pool::http1_failure_reason(&e));
-                let exchange = self.telemetry.request(&labels, 503, size);
+                let log = log.map(|l| l.answered(503, http::failure_flags(&e), Some(app)));
+                let exchange = self.telemetry.request(&labels, 503, size).logged(log);
                 http::recorded(exchange, http::unavailable_after(&e))
             }
         }

@@ -3,6 +3,7 @@
 //! The east-west gateway is built from these same pieces; the sidecar binary adds the
 //! workload's identity (`tls`) and mutual TLS on every hop.
 
+pub mod access_log;
 pub mod ads;
 pub mod authz;
 pub mod balance;

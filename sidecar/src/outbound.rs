@@ -35,6 +35,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::access_log::{AccessLog, Pending};
 use crate::capture;
 use crate::destinations::Destinations;
 use crate::drain;
@@ -344,6 +345,8 @@ pub struct HttpHop {
     pub self_id: SpiffeId,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
+    /// Where requests are logged, if anywhere (set before the hop is shared).
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl HttpHop {
@@ -366,6 +369,7 @@ impl HttpHop {
             self_id,
             telemetry,
             drain,
+            access_log: None,
         }
     }
 
@@ -412,6 +416,7 @@ impl HttpHop {
         crate::trace::hop(req.headers_mut());
         let protocol = http::request_protocol(req.headers());
         let size = RequestSize::of(&req);
+        let log = self.access_log.as_ref().map(|l| l.start(&req));
         match route {
             Route::Fixed(outbound) => {
                 let req = match to_h2(req, outbound.upstream.addr) {
@@ -423,6 +428,8 @@ impl HttpHop {
                     cluster: None,
                     protocol,
                     size,
+                    host: outbound.upstream.addr,
+                    log,
                 };
                 match self.h2.send(&outbound.upstream, &outbound.tls, req, None).await {
                     Ok(sent) => self.answer(sent, &what, l4),
@@ -430,7 +437,7 @@ impl HttpHop {
                 }
             }
             Route::Captured(captured, original) => {
-                self.forward_captured(captured, *original, req, (protocol, size), l4)
+                self.forward_captured(captured, *original, req, (protocol, size, log), l4)
                     .await
             }
         }
@@ -444,7 +451,7 @@ impl HttpHop {
         captured: &Captured,
         original: SocketAddr,
         req: Request<Incoming>,
-        (protocol, size): (&'static str, RequestSize),
+        (protocol, size, log): (&'static str, RequestSize, Option<Pending>),
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
         let table = captured.table.load_full();
@@ -470,6 +477,8 @@ impl HttpHop {
                 cluster: endpoint.cluster.as_deref(),
                 protocol,
                 size,
+                host: endpoint.address,
+                log: log.clone(),
             };
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
                 return self.plain(endpoint.address, req, &what, l4).await;
@@ -529,7 +538,7 @@ impl HttpHop {
         match self.plain.request(req).await {
             Ok(resp) => {
                 l4.get_or_init(|| self.telemetry.connection(&labels));
-                let exchange = self.count(labels, what, resp.status().as_u16());
+                let exchange = self.count(labels, what, resp.status().as_u16(), "-");
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
@@ -538,7 +547,7 @@ impl HttpHop {
                 let reason = pool::http1_failure_reason(&e);
                 tracing::debug!(upstream = %addr, error = %e, "plaintext upstream failed");
                 self.telemetry.upstream_failure("outbound", reason);
-                let exchange = self.count(labels, what, 503);
+                let exchange = self.count(labels, what, 503, http::failure_flags(&e));
                 http::recorded(exchange, http::unavailable_after(&e))
             }
         }
@@ -555,16 +564,16 @@ impl HttpHop {
             mutual_tls: true,
         };
         l4.get_or_init(|| self.telemetry.connection(&labels));
-        let exchange = self.count(labels, what, response.status().as_u16());
+        let exchange = self.count(labels, what, response.status().as_u16(), "-");
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
         Response::from_parts(parts, Either::Left(Leased::new(body, lease).measured(exchange)))
     }
 
     fn failed(&self, e: SendError, what: &Upstream<'_>) -> Response<ReplyBody> {
-        let (reason, text) = match &e {
-            SendError::Connect(e, _) => (e.reason(), CONNECT_FAILURE),
-            SendError::Reset(_) => ("reset", CONNECTION_TERMINATION),
+        let (reason, text, flags) = match &e {
+            SendError::Connect(e, _) => (e.reason(), CONNECT_FAILURE, "UF"),
+            SendError::Reset(_) => ("reset", CONNECTION_TERMINATION, "UC"),
         };
         tracing::debug!(service = what.service, error = %e, "upstream failed before headers");
         self.telemetry.upstream_failure("outbound", reason);
@@ -576,15 +585,17 @@ impl HttpHop {
             peer_cluster: what.cluster,
             mutual_tls: false,
         };
-        http::recorded(self.count(labels, what, 503), http::unavailable(text))
+        http::recorded(self.count(labels, what, 503, flags), http::unavailable(text))
     }
 
-    fn count(&self, connection: ConnectionLabels<'_>, what: &Upstream<'_>, code: u16) -> Exchange {
+    /// Counts the request and sets up its access log line (`flags`: Envoy's response flags).
+    fn count(&self, connection: ConnectionLabels<'_>, what: &Upstream<'_>, code: u16, flags: &'static str) -> Exchange {
         let labels = RequestLabels {
             connection,
             protocol: what.protocol,
         };
-        self.telemetry.request(&labels, code, what.size)
+        let log = what.log.clone().map(|l| l.answered(code, flags, Some(what.host)));
+        self.telemetry.request(&labels, code, what.size).logged(log)
     }
 }
 
@@ -594,6 +605,9 @@ struct Upstream<'a> {
     cluster: Option<&'a str>,
     protocol: &'static str,
     size: RequestSize,
+    /// The endpoint's address (`%UPSTREAM_HOST%`).
+    host: SocketAddr,
+    log: Option<Pending>,
 }
 
 /// An HTTP/1.1 request as HTTP/2: `host` becomes `:authority`, and the hop-by-hop headers

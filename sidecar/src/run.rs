@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls_pki_types::ServerName;
 
+use crate::access_log::{AccessLog, Filter as AccessLogFilter, Format as AccessLogFormat};
 use crate::destinations::Destinations;
 use crate::drain;
 use crate::http_endpoint::{self, Reply};
@@ -148,6 +149,16 @@ pub struct RunArgs {
     /// Serve Prometheus metrics (`/stats/prometheus`) here, e.g. 127.0.0.1:15090.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Write an access log line per HTTP request here (`-`: stdout); off by default.
+    #[arg(long, value_name = "PATH|-")]
+    pub access_log: Option<PathBuf>,
+    /// The access log's format: Envoy's default text, or JSON with Istio's keys.
+    #[arg(long, value_enum, default_value = "text", requires = "access_log")]
+    pub access_log_format: AccessLogFormat,
+    /// Which requests are logged: all, or errors (status ≥ 400, a response flag, or marked
+    /// by an AUDIT policy).
+    #[arg(long, value_enum, default_value = "all", requires = "access_log")]
+    pub access_log_filter: AccessLogFilter,
     /// Data-plane threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
@@ -282,6 +293,13 @@ impl Sidecar {
         } else {
             Alpn::Tcp
         };
+        let access_log = match &args.access_log {
+            Some(path) => Some(Arc::new(
+                AccessLog::open(path, args.access_log_format, args.access_log_filter)
+                    .with_context(|| format!("--access-log {}", path.display()))?,
+            )),
+            None => None,
+        };
         let http_hop = |mark| {
             (protocol == Protocol::Http).then(|| {
                 let settings = pool::Settings {
@@ -290,13 +308,15 @@ impl Sidecar {
                     idle_timeout: args.idle_timeout,
                     mark,
                 };
-                Arc::new(HttpHop::new(
+                let mut hop = HttpHop::new(
                     settings,
                     svid.clone(),
                     self_id.clone(),
                     telemetry.clone(),
                     watch.clone(),
-                ))
+                );
+                hop.access_log = access_log.clone();
+                Arc::new(hop)
             })
         };
         if let Some(hop) = args.outbound {
@@ -392,6 +412,7 @@ impl Sidecar {
                 connect_timeout: args.connect_timeout,
                 telemetry: telemetry.clone(),
                 drain: watch.clone(),
+                access_log: access_log.clone(),
                 app_pool: pool::http1_client(
                     MarkedConnector {
                         mark: None,

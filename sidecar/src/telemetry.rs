@@ -151,6 +151,8 @@ pub struct Exchange {
     duration: Histogram,
     size: Histogram,
     bytes: u64,
+    /// The access log line written when the response ends.
+    log: Option<crate::access_log::Answered>,
 }
 
 impl Exchange {
@@ -158,12 +160,22 @@ impl Exchange {
     pub fn add(&mut self, n: usize) {
         self.bytes += n as u64;
     }
+
+    /// Writes `line` to the access log when the response ends.
+    pub fn logged(mut self, line: Option<crate::access_log::Answered>) -> Self {
+        self.log = line;
+        self
+    }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.duration.observe(self.started.elapsed().as_secs_f64() * 1000.0);
+        let elapsed = self.started.elapsed();
+        self.duration.observe(elapsed.as_secs_f64() * 1000.0);
         self.size.observe(self.bytes as f64);
+        if let Some(line) = self.log.take() {
+            line.write(self.bytes, elapsed);
+        }
     }
 }
 
@@ -334,6 +346,7 @@ impl Telemetry {
             duration: self.durations.with_label_values(&values),
             size: self.response_sizes.with_label_values(&values),
             bytes: 0,
+            log: None,
         }
     }
 

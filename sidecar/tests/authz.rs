@@ -206,12 +206,13 @@ impl Mesh {
         let server = Sidecar::start(args(&format!(
             "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --bundle cluster2.local={} \
              --protocol {protocol} --metrics 127.0.0.1:0 --xds {} --label app=reviews --label version=v1 \
-             --locality us-east1/us-east1-b/rack7",
+             --locality us-east1/us-east1-b/rack7 --access-log {} --access-log-filter errors",
             p(&sc),
             p(&sk),
             p(&home.ca()),
             p(&foreign.ca()),
             ads.url(),
+            p(&home.dir.join("access.log")),
         )))
         .unwrap();
         Mesh {
@@ -345,6 +346,25 @@ async fn authorization_policies_decide_what_each_caller_gets() {
     .await
     .unwrap();
     assert_eq!((plain.status, plain.body.as_str()), (200, "ok /plain"));
+
+    // Under `errors`, the access log has the denials and the audited request, and no other
+    // success.
+    // (A line is written when its response ends, which may be just after the caller read it.)
+    poll(Duration::from_secs(10), || async {
+        let log = std::fs::read_to_string(mesh.home.dir.join("access.log")).unwrap_or_default();
+        let with = |s: &str| log.lines().filter(|l| l.contains(s)).count();
+        let counts = [
+            with(r#""GET /admin/users HTTP/2" 403 "#),
+            with(r#""GET /reviews/1 HTTP/2" 403 "#),
+            with(" 200 "),
+            with(r#""GET /audited HTTP/2" 200 "#),
+        ];
+        match counts == [1, 1, 1, 1] {
+            true => Ok(()),
+            false => Err(format!("{counts:?} in {log}")),
+        }
+    })
+    .await;
 
     // An ALLOW policy with no rules denies everything.
     mesh.apply(virtual_inbound(false, vec![hcm(&[rules(Action::Allow, vec![])])]))

@@ -25,14 +25,14 @@ struct Pair {
 }
 
 impl Pair {
-    /// `productpage` → `reviews` over HTTP, each with metrics; `extra` goes to both.
-    async fn start(name: &str, app: SocketAddr, extra: &str) -> Pair {
+    /// `productpage` → `reviews` over HTTP, each with metrics and its own extra flags.
+    async fn start(name: &str, app: SocketAddr, server_extra: &str, client_extra: &str) -> Pair {
         let pki = Pki::new("observability", name);
         let (cc, ck) = pki.svid("cluster.local", "productpage");
         let (sc, sk) = pki.svid("cluster.local", "reviews");
         let server = Sidecar::start(args(&format!(
             "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol http --metrics 127.0.0.1:0 \
-             --cluster east {extra}",
+             --cluster east {server_extra}",
             p(&sc),
             p(&sk),
             p(&pki.ca())
@@ -40,7 +40,7 @@ impl Pair {
         .unwrap();
         let client = Sidecar::start(args(&format!(
             "--outbound 127.0.0.1:0={} --cert {} --key {} --ca {} --protocol http --metrics 127.0.0.1:0 \
-             --cluster west {extra}",
+             --cluster west {client_extra}",
             server.bound.inbound.unwrap(),
             p(&cc),
             p(&ck),
@@ -58,7 +58,7 @@ impl Pair {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_duration_and_sizes_are_histograms_with_istios_labels_and_buckets() {
     let (app, _) = support::http_app(|_| "r".repeat(1500)).await;
-    let pair = Pair::start("histograms", app, "").await;
+    let pair = Pair::start("histograms", app, "", "").await;
     let body = "q".repeat(200);
     let answer = send(
         pair.client.bound.outbound.unwrap(),
@@ -146,7 +146,7 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_context_reaches_the_application_as_a_child_span_with_a_request_id() {
-    let pair = Pair::start("trace", trace_echo().await, "--mtls PERMISSIVE").await;
+    let pair = Pair::start("trace", trace_echo().await, "--mtls PERMISSIVE", "").await;
     let outbound = pair.client.bound.outbound.unwrap();
 
     // W3C: same trace and flags, a new parent id per hop, tracestate untouched.
@@ -201,4 +201,68 @@ async fn trace_context_reaches_the_application_as_a_child_span_with_a_request_id
     );
     assert_eq!(got["x-b3-parentspanid"], CALLER_SPAN, "{got:?}");
     assert!(!got.contains_key("traceparent"), "a B3 trace is not given W3C headers");
+}
+
+/// Polls `path` until it holds `n` lines, and returns them.
+async fn log_lines(path: &Path, n: usize) -> Vec<String> {
+    support::poll(std::time::Duration::from_secs(10), || async {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        match lines.len() >= n {
+            true => Ok(lines),
+            false => Err(format!(
+                "{} has {} lines, want {n}: {text:?}",
+                path.display(),
+                lines.len()
+            )),
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_side_writes_an_access_log_line_in_envoys_format() {
+    let (app, _) = support::http_app(|_| "hello".to_owned()).await;
+    let dir = std::env::temp_dir().join(format!("isthmus-access-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
+    let pair = Pair::start(
+        "access-log",
+        app,
+        &format!("--access-log {}", p(&server_log)),
+        &format!("--access-log {} --access-log-format json", p(&client_log)),
+    )
+    .await;
+    let answer = exchange(
+        pair.client.bound.outbound.unwrap(),
+        "GET /reviews/1?x=y HTTP/1.1\r\nhost: reviews:9080\r\nuser-agent: curl/8.5\r\nx-request-id: req-1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.body, "hello");
+
+    let server = log_lines(&server_log, 1).await;
+    let envoy = regex::Regex::new(&format!(
+        r#"^\[\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z\] "GET /reviews/1\?x=y HTTP/2" 200 - 0 5 \d+ - "-" "curl/8\.5" "req-1" "reviews:9080" "{}"$"#,
+        regex::escape(&app.to_string())
+    ))
+    .unwrap();
+    assert!(envoy.is_match(&server[0]), "{:?}", server[0]);
+
+    let client = log_lines(&client_log, 1).await;
+    let inbound = pair.server.bound.inbound.unwrap();
+    for field in [
+        r#""method":"GET""#.to_owned(),
+        r#""path":"/reviews/1?x=y""#.to_owned(),
+        r#""protocol":"HTTP/1.1""#.to_owned(),
+        r#""response_code":200"#.to_owned(),
+        r#""response_flags":"-""#.to_owned(),
+        r#""bytes_sent":5"#.to_owned(),
+        r#""request_id":"req-1""#.to_owned(),
+        r#""x_forwarded_for":null"#.to_owned(),
+        format!(r#""upstream_host":"{inbound}""#),
+    ] {
+        assert!(client[0].contains(&field), "{field} not in {:?}", client[0]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
