@@ -39,6 +39,7 @@ use crate::authz::{self, Attributes, HttpAttributes};
 use crate::drain;
 use crate::http::{self, Leased, ReplyBody};
 use crate::metered::Metered;
+use crate::otlp::{Exporter, Kind};
 use crate::peer_authentication::MtlsMode;
 use crate::pool::{self, MarkedConnector};
 use crate::telemetry::{ConnectionLabels, RbacScope, RequestLabels, RequestSize, Telemetry};
@@ -80,6 +81,8 @@ pub struct Inbound {
     pub drain: drain::Watch,
     /// Where requests are logged, if anywhere.
     pub access_log: Option<Arc<AccessLog>>,
+    /// Where spans go, if anywhere.
+    pub otlp: Option<Exporter>,
     /// Keep-alive connections to the application (HTTP ports).
     pub app_pool: Client<MarkedConnector, Incoming>,
 }
@@ -329,7 +332,8 @@ impl Inbound {
         if let Some(v) = xfcc {
             headers.insert("x-forwarded-client-cert", v);
         }
-        crate::trace::hop(headers);
+        let span = crate::trace::hop(headers);
+        let span = self.otlp.as_ref().map(|o| o.start(span, Kind::Server, &req));
         let verdict = self.request_verdict(&req, peer);
         let mut log = self.access_log.as_ref().map(|l| l.start(&req));
         if !verdict.logged.is_empty() {
@@ -350,13 +354,15 @@ impl Inbound {
         if let Some(policy) = verdict.denied_by {
             tracing::info!(policy, source, method = %req.method(), path = req.uri().path(), "RBAC: request denied");
             let log = log.map(|l| l.answered(403, "-", None));
-            return http::recorded(self.telemetry.request(&labels, 403, size).logged(log), denied());
+            let exchange = self.telemetry.request(&labels, 403, size).logged(log);
+            return http::recorded(exchange.traced(span.map(|s| s.answered(403))), denied());
         }
         match self.app_pool.request(http::to_http1(req, app)).await {
             Ok(resp) => {
                 let code = resp.status().as_u16();
                 let log = log.map(|l| l.answered(code, "-", Some(app)));
                 let exchange = self.telemetry.request(&labels, code, size).logged(log);
+                let exchange = exchange.traced(span.map(|s| s.answered(code)));
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
@@ -367,6 +373,7 @@ impl Inbound {
                     .upstream_failure("inbound", pool::http1_failure_reason(&e));
                 let log = log.map(|l| l.answered(503, http::failure_flags(&e), Some(app)));
                 let exchange = self.telemetry.request(&labels, 503, size).logged(log);
+                let exchange = exchange.traced(span.map(|s| s.answered(503)));
                 http::recorded(exchange, http::unavailable_after(&e))
             }
         }

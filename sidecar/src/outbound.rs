@@ -41,6 +41,7 @@ use crate::destinations::Destinations;
 use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
+use crate::otlp::{Exporter, Kind, Started};
 use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
 use crate::telemetry::{ConnectionLabels, Exchange, RequestLabels, RequestSize, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
@@ -347,6 +348,8 @@ pub struct HttpHop {
     pub drain: drain::Watch,
     /// Where requests are logged, if anywhere (set before the hop is shared).
     pub access_log: Option<Arc<AccessLog>>,
+    /// Where spans go, if anywhere (set before the hop is shared).
+    pub otlp: Option<Exporter>,
 }
 
 impl HttpHop {
@@ -370,6 +373,7 @@ impl HttpHop {
             telemetry,
             drain,
             access_log: None,
+            otlp: None,
         }
     }
 
@@ -413,7 +417,8 @@ impl HttpHop {
         mut req: Request<Incoming>,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
-        crate::trace::hop(req.headers_mut());
+        let span = crate::trace::hop(req.headers_mut());
+        let span = self.otlp.as_ref().map(|o| o.start(span, Kind::Client, &req));
         let protocol = http::request_protocol(req.headers());
         let size = RequestSize::of(&req);
         let log = self.access_log.as_ref().map(|l| l.start(&req));
@@ -430,6 +435,7 @@ impl HttpHop {
                     size,
                     host: outbound.upstream.addr,
                     log,
+                    span,
                 };
                 match self.h2.send(&outbound.upstream, &outbound.tls, req, None).await {
                     Ok(sent) => self.answer(sent, &what, l4),
@@ -437,7 +443,7 @@ impl HttpHop {
                 }
             }
             Route::Captured(captured, original) => {
-                self.forward_captured(captured, *original, req, (protocol, size, log), l4)
+                self.forward_captured(captured, *original, req, (protocol, size, log, span), l4)
                     .await
             }
         }
@@ -451,7 +457,7 @@ impl HttpHop {
         captured: &Captured,
         original: SocketAddr,
         req: Request<Incoming>,
-        (protocol, size, log): (&'static str, RequestSize, Option<Pending>),
+        (protocol, size, log, span): (&'static str, RequestSize, Option<Pending>, Option<Started>),
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
         let table = captured.table.load_full();
@@ -479,6 +485,7 @@ impl HttpHop {
                 size,
                 host: endpoint.address,
                 log: log.clone(),
+                span: span.clone(),
             };
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
                 return self.plain(endpoint.address, req, &what, l4).await;
@@ -595,7 +602,11 @@ impl HttpHop {
             protocol: what.protocol,
         };
         let log = what.log.clone().map(|l| l.answered(code, flags, Some(what.host)));
-        self.telemetry.request(&labels, code, what.size).logged(log)
+        let span = what.span.clone().map(|s| s.answered(code));
+        self.telemetry
+            .request(&labels, code, what.size)
+            .logged(log)
+            .traced(span)
     }
 }
 
@@ -608,6 +619,7 @@ struct Upstream<'a> {
     /// The endpoint's address (`%UPSTREAM_HOST%`).
     host: SocketAddr,
     log: Option<Pending>,
+    span: Option<Started>,
 }
 
 /// An HTTP/1.1 request as HTTP/2: `host` becomes `:authority`, and the hop-by-hop headers

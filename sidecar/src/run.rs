@@ -159,6 +159,10 @@ pub struct RunArgs {
     /// by an AUDIT policy).
     #[arg(long, value_enum, default_value = "all", requires = "access_log")]
     pub access_log_filter: AccessLogFilter,
+    /// Export a span per HTTP request and hop over OTLP/HTTP (JSON) to this collector, e.g.
+    /// http://127.0.0.1:4318 (spans are POSTed to /v1/traces).
+    #[arg(long, value_name = "URL")]
+    pub otlp: Option<String>,
     /// Data-plane threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
@@ -300,6 +304,14 @@ impl Sidecar {
             )),
             None => None,
         };
+        let (otlp, otlp_sending) = match &args.otlp {
+            Some(url) => {
+                let (exporter, sending) =
+                    crate::otlp::Exporter::new(url, &args.service).with_context(|| format!("--otlp {url}"))?;
+                (Some(exporter), Some(sending))
+            }
+            None => (None, None),
+        };
         let http_hop = |mark| {
             (protocol == Protocol::Http).then(|| {
                 let settings = pool::Settings {
@@ -316,6 +328,7 @@ impl Sidecar {
                     watch.clone(),
                 );
                 hop.access_log = access_log.clone();
+                hop.otlp = otlp.clone();
                 Arc::new(hop)
             })
         };
@@ -413,6 +426,7 @@ impl Sidecar {
                 telemetry: telemetry.clone(),
                 drain: watch.clone(),
                 access_log: access_log.clone(),
+                otlp: otlp.clone(),
                 app_pool: pool::http1_client(
                     MarkedConnector {
                         mark: None,
@@ -456,7 +470,14 @@ impl Sidecar {
             }),
             None => None,
         };
-        if metrics_listener.is_some() || ca_client.is_some() || bundle_source.is_some() || xds.is_some() {
+        // The exporters' queue ends when the data plane's exporters are gone.
+        drop(otlp);
+        if metrics_listener.is_some()
+            || ca_client.is_some()
+            || bundle_source.is_some()
+            || xds.is_some()
+            || otlp_sending.is_some()
+        {
             let trusted = bundles.clone();
             let telemetry = telemetry.clone();
             let watch = watch.clone();
@@ -485,6 +506,9 @@ impl Sidecar {
                                         }
                                     },
                                 ));
+                            }
+                            if let Some(sending) = otlp_sending {
+                                tokio::spawn(sending.run());
                             }
                             if let Some(source) = bundle_source {
                                 let t = telemetry.clone();

@@ -153,12 +153,20 @@ pub struct Exchange {
     bytes: u64,
     /// The access log line written when the response ends.
     log: Option<crate::access_log::Answered>,
+    /// The span that ends with the response.
+    span: Option<crate::otlp::Started>,
 }
 
 impl Exchange {
     /// Counts `n` more bytes of the response.
     pub fn add(&mut self, n: usize) {
         self.bytes += n as u64;
+    }
+
+    /// Ends `span` when the response ends.
+    pub fn traced(mut self, span: Option<crate::otlp::Started>) -> Self {
+        self.span = span;
+        self
     }
 
     /// Writes `line` to the access log when the response ends.
@@ -175,6 +183,9 @@ impl Drop for Exchange {
         self.size.observe(self.bytes as f64);
         if let Some(line) = self.log.take() {
             line.write(self.bytes, elapsed);
+        }
+        if let Some(span) = self.span.take() {
+            span.end();
         }
     }
 }
@@ -347,6 +358,7 @@ impl Telemetry {
             size: self.response_sizes.with_label_values(&values),
             bytes: 0,
             log: None,
+            span: None,
         }
     }
 

@@ -52,10 +52,10 @@ fn header_value(s: String) -> HeaderValue {
 }
 
 /// What a sidecar does to a request's headers as it passes: an id if it has none, and
-/// this hop's span.
-pub fn hop(headers: &mut HeaderMap) {
+/// this hop's span, which it returns.
+pub fn hop(headers: &mut HeaderMap) -> Span {
     ensure_request_id(headers);
-    child_span(headers);
+    child_span(headers)
 }
 
 /// Gives the request an `x-request-id` if it has none.
@@ -98,17 +98,36 @@ fn b3_child(b3: &str, span: &str) -> Option<String> {
     })
 }
 
+/// This hop's span: what a tracer is told of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    /// 32 hex digits (a 64-bit B3 trace id is padded on the left, as Zipkin does).
+    pub trace_id: String,
+    /// 16 hex digits.
+    pub span_id: String,
+    /// The caller's span, None for a trace started here.
+    pub parent_id: Option<String>,
+}
+
+fn trace_id_128(t: &str) -> String {
+    format!("{t:0>32}")
+}
+
 /// Makes this hop's span a child of the caller's in every format the request carries, or
-/// starts a trace when it carries none.
-fn child_span(headers: &mut HeaderMap) {
+/// starts a trace when it carries none; returns the span. Where formats disagree, W3C's
+/// context names the parent, then B3's.
+fn child_span(headers: &mut HeaderMap) -> Span {
     let span = span_id();
     let text = |h: &HeaderMap, n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let mut carried = false;
+    // (trace, parent) of the first format that carried a context.
+    let mut context: Option<(String, Option<String>)> = None;
     if let Some(tp) = text(headers, &TRACEPARENT) {
         match w3c_child(&tp, &span) {
             Some(child) => {
+                let mut parts = tp.trim().split('-').skip(1);
+                let (trace, parent) = (parts.next().unwrap_or_default(), parts.next().map(str::to_owned));
+                context = Some((trace.to_owned(), parent));
                 headers.insert(TRACEPARENT, header_value(child));
-                carried = true;
             }
             // An invalid traceparent makes its tracestate meaningless too (W3C §4.3).
             None => {
@@ -117,18 +136,23 @@ fn child_span(headers: &mut HeaderMap) {
             }
         }
     }
-    if text(headers, &B3_TRACE_ID).is_some_and(|t| is_hex(&t, 32) || is_hex(&t, 16)) {
-        match text(headers, &B3_SPAN_ID).filter(|s| is_hex(s, 16)) {
-            Some(parent) => headers.insert(B3_PARENT_SPAN_ID, header_value(parent)),
+    if let Some(trace) = text(headers, &B3_TRACE_ID).filter(|t| is_hex(t, 32) || is_hex(t, 16)) {
+        let parent = text(headers, &B3_SPAN_ID).filter(|s| is_hex(s, 16));
+        match &parent {
+            Some(parent) => headers.insert(B3_PARENT_SPAN_ID, header_value(parent.clone())),
             None => headers.remove(B3_PARENT_SPAN_ID),
         };
         headers.insert(B3_SPAN_ID, header_value(span.clone()));
-        carried = true;
+        context.get_or_insert((trace_id_128(&trace), parent));
     }
     if let Some(b3) = text(headers, &B3) {
         match b3_child(&b3, &span) {
             Some(child) => {
-                carried |= child.contains('-');
+                if child.contains('-') {
+                    let mut parts = b3.trim().split('-');
+                    let trace = trace_id_128(parts.next().unwrap_or_default());
+                    context.get_or_insert((trace, parts.next().map(str::to_owned)));
+                }
                 headers.insert(B3, header_value(child));
             }
             None => {
@@ -136,17 +160,26 @@ fn child_span(headers: &mut HeaderMap) {
             }
         }
     }
-    if !carried {
-        let trace = hex(&rand::random::<u128>().max(1).to_be_bytes());
-        // Sampling was decided upstream if anywhere; a new trace is sampled, as Envoy's
-        // default of 100% (Istio lowers it in its mesh config, which we do not read).
-        headers.insert(TRACEPARENT, header_value(format!("00-{trace}-{span}-01")));
-        headers.insert(B3_TRACE_ID, header_value(trace));
-        headers.insert(B3_SPAN_ID, header_value(span));
-        headers.remove(B3_PARENT_SPAN_ID);
-        if !headers.contains_key(B3_SAMPLED) {
-            headers.insert(B3_SAMPLED, HeaderValue::from_static("1"));
+    let (trace_id, parent_id) = match context {
+        Some(c) => c,
+        None => {
+            let trace = hex(&rand::random::<u128>().max(1).to_be_bytes());
+            // Sampling was decided upstream if anywhere; a new trace is sampled, as Envoy's
+            // default of 100% (Istio lowers it in its mesh config, which we do not read).
+            headers.insert(TRACEPARENT, header_value(format!("00-{trace}-{span}-01")));
+            headers.insert(B3_TRACE_ID, header_value(trace.clone()));
+            headers.insert(B3_SPAN_ID, header_value(span.clone()));
+            headers.remove(B3_PARENT_SPAN_ID);
+            if !headers.contains_key(B3_SAMPLED) {
+                headers.insert(B3_SAMPLED, HeaderValue::from_static("1"));
+            }
+            (trace, None)
         }
+    };
+    Span {
+        trace_id,
+        span_id: span,
+        parent_id,
     }
 }
 
@@ -184,8 +217,11 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         h.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
-        child_span(&mut h);
+        let span = child_span(&mut h);
+        assert_eq!(span.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         let tp: Vec<&str> = get(&h, "traceparent").split('-').collect();
+        assert_eq!(tp[2], span.span_id);
         assert_eq!((tp[0], tp[1], tp[3]), ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01"));
         assert!(is_hex(tp[2], 16) && tp[2] != "00f067aa0ba902b7");
         assert_eq!(get(&h, "tracestate"), "congo=t61rcWkgMzE");
@@ -206,8 +242,10 @@ mod tests {
             B3,
             HeaderValue::from_static("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90"),
         );
-        child_span(&mut h);
+        let returned = child_span(&mut h);
         let span = get(&h, "x-b3-spanid").to_owned();
+        assert_eq!(returned.span_id, span);
+        assert_eq!(returned.parent_id.as_deref(), Some("e457b5a2e4d86bd1"));
         assert_eq!(get(&h, "x-b3-parentspanid"), "e457b5a2e4d86bd1");
         assert_eq!(get(&h, "x-b3-traceid"), "80f198ee56343ba864fe8b2a57d3eff7");
         assert_eq!(get(&h, "x-b3-sampled"), "1");
@@ -226,7 +264,7 @@ mod tests {
             HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
         );
         h.insert(TRACESTATE, HeaderValue::from_static("x=y"));
-        child_span(&mut h);
+        assert_eq!(child_span(&mut h).parent_id, None);
         let tp: Vec<&str> = get(&h, "traceparent").split('-').collect();
         assert_eq!(tp[1], get(&h, "x-b3-traceid"));
         assert_eq!(tp[2], get(&h, "x-b3-spanid"));

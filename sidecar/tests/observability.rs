@@ -266,3 +266,76 @@ async fn each_side_writes_an_access_log_line_in_envoys_format() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An OTLP/HTTP collector: keeps the body of every POST to /v1/traces.
+async fn collector() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::BodyExt;
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    let (addr, _) = support::accept_each(move |stream| {
+        let kept = kept.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let kept = kept.clone();
+                async move {
+                    let path = req.uri().path().to_owned();
+                    let body = req.into_body().collect().await?.to_bytes();
+                    if path == "/v1/traces" {
+                        kept.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                    }
+                    Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await;
+    (addr, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hop_exports_a_span_whose_parent_is_the_hop_before() {
+    let (otlp, bodies) = collector().await;
+    let flag = format!("--otlp http://{otlp}");
+    let pair = Pair::start("otlp", trace_echo().await, &flag, &flag).await;
+    let got = seen(
+        &exchange(
+            pair.client.bound.outbound.unwrap(),
+            &format!("GET /r HTTP/1.1\r\nhost: reviews\r\ntraceparent: 00-{TRACE}-{CALLER_SPAN}-01"),
+        )
+        .await
+        .unwrap()
+        .body,
+    );
+    let app_parent = got["traceparent"].split('-').nth(2).unwrap().to_owned();
+    let span = regex::Regex::new(&format!(
+        r#""traceId":"{TRACE}","spanId":"([0-9a-f]{{16}})","parentSpanId":"([0-9a-f]*)","name":"[^"]*","kind":(\d)"#
+    ))
+    .unwrap();
+    // (kind, span, parent) of every span of the trace.
+    let spans = support::poll(std::time::Duration::from_secs(10), || async {
+        let bodies = bodies.lock().unwrap().concat();
+        let spans: Vec<(String, String, String)> = span
+            .captures_iter(&bodies)
+            .map(|c| (c[3].to_owned(), c[1].to_owned(), c[2].to_owned()))
+            .collect();
+        match spans.len() {
+            2 => Ok(spans),
+            _ => Err(format!("want 2 spans, got {bodies}")),
+        }
+    })
+    .await;
+    let client = spans
+        .iter()
+        .find(|s| s.0 == "3")
+        .expect("a client span from the outbound side");
+    let server = spans
+        .iter()
+        .find(|s| s.0 == "2")
+        .expect("a server span from the inbound side");
+    assert_eq!(client.2, CALLER_SPAN, "the outbound span's parent is the caller's");
+    assert_eq!(server.2, client.1, "the inbound span's parent is the outbound span");
+    assert_eq!(server.1, app_parent, "the application's parent is the inbound span");
+}
