@@ -184,11 +184,12 @@ impl Inbound {
             return false;
         };
         let attributes = peer.attributes(None);
-        let mut checks = vec![&authorization.connection];
-        if self.protocol == Protocol::Tcp {
-            checks.push(&authorization.request);
-        }
-        for chain in checks.into_iter().filter(|c| !c.filters.is_empty()) {
+        let tcp_port = self.protocol == Protocol::Tcp;
+        let checks = [
+            Some(&authorization.connection),
+            tcp_port.then_some(&authorization.request),
+        ];
+        for chain in checks.into_iter().flatten().filter(|c| !c.filters.is_empty()) {
             let verdict = chain.check(&attributes);
             self.telemetry.rbac(RbacScope::Tcp, &verdict);
             if !verdict.logged.is_empty() {

@@ -443,8 +443,13 @@ impl HttpHop {
                 }
             }
             Route::Captured(captured, original) => {
-                self.forward_captured(captured, *original, req, (protocol, size, log, span), l4)
-                    .await
+                let observed = Observed {
+                    protocol,
+                    size,
+                    log,
+                    span,
+                };
+                self.forward_captured(captured, *original, req, observed, l4).await
             }
         }
     }
@@ -457,9 +462,15 @@ impl HttpHop {
         captured: &Captured,
         original: SocketAddr,
         req: Request<Incoming>,
-        (protocol, size, log, span): (&'static str, RequestSize, Option<Pending>, Option<Started>),
+        observed: Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
+        let Observed {
+            protocol,
+            size,
+            log,
+            span,
+        } = observed;
         let table = captured.table.load_full();
         let Some(upstream) = table.route(original) else {
             // The route went away since this connection began.
@@ -608,6 +619,15 @@ impl HttpHop {
             .logged(log)
             .traced(span)
     }
+}
+
+/// What is recorded of a request whatever its upstream: metric labels and size, its access
+/// log line and its span.
+struct Observed {
+    protocol: &'static str,
+    size: RequestSize,
+    log: Option<Pending>,
+    span: Option<Started>,
 }
 
 /// What a request is going to, for its labels.

@@ -276,6 +276,19 @@ mod tests {
         assert!(sampling_only.contains_key(TRACEPARENT));
     }
 
+    #[test]
+    fn a_64_bit_b3_trace_id_is_widened_for_the_span_only() {
+        let mut h = HeaderMap::new();
+        h.insert(B3, HeaderValue::from_static("a3ce929d0e0e4736-00f067aa0ba902b7-1"));
+        let span = child_span(&mut h);
+        assert_eq!(span.trace_id, "0000000000000000a3ce929d0e0e4736");
+        assert_eq!(span.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(
+            get(&h, "b3"),
+            format!("a3ce929d0e0e4736-{}-1-00f067aa0ba902b7", span.span_id)
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn any_valid_traceparent_keeps_its_trace_and_flags(trace in "[0-9a-f]{31}[1-9a-f]", parent in "[0-9a-f]{15}[1-9a-f]", flags in "[0-9a-f]{2}") {
