@@ -160,7 +160,9 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "all", requires = "access_log")]
     pub access_log_filter: AccessLogFilter,
     /// Export a span per HTTP request and hop over OTLP/HTTP (JSON) to this collector, e.g.
-    /// http://127.0.0.1:4318 (spans are POSTed to /v1/traces).
+    /// http://127.0.0.1:4318 (spans are POSTed to /v1/traces). Like the controller's, this
+    /// connection carries no mark: under capture, leave the collector out of it
+    /// (`sidecar init --exclude-outbound-ports 4318`, or its CIDR).
     #[arg(long, value_name = "URL")]
     pub otlp: Option<String>,
     /// Data-plane threads.
