@@ -458,4 +458,12 @@ async fn a_denied_tcp_connection_is_closed_at_once_and_counted() {
         1,
         "only the allowed caller reached the application"
     );
+
+    // A port carried as TCP whose chain has only HTTP RBAC filters is checked once per
+    // connection: an empty ALLOW shuts everyone out.
+    mesh.apply(virtual_inbound(false, vec![hcm(&[rules(Action::Allow, vec![])])]))
+        .await;
+    assert_eq!(ping(&foreign).await, b"");
+    metric_reaches(mesh.metrics(), "envoy_tcp_rbac_denied", &[], 2.0).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
