@@ -163,9 +163,11 @@ async fn proxy(i: usize, addr: String, seen: mpsc::UnboundedSender<(usize, u64, 
         };
         tx.send(first).await.unwrap();
         let opened = async {
+            // A full push of every endpoint is one message of several MiB.
             let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
                 .await
-                .ok()?;
+                .ok()?
+                .max_decoding_message_size(256 << 20);
             client
                 .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
@@ -177,7 +179,12 @@ async fn proxy(i: usize, addr: String, seen: mpsc::UnboundedSender<(usize, u64, 
             None => panic!("proxy {i} could not connect"),
         }
     };
-    while let Ok(Some(r)) = resp.message().await {
+    loop {
+        let r = match resp.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => panic!("proxy {i}: the stream failed: {e}"),
+        };
         let ack = DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),

@@ -98,6 +98,10 @@ enum Command {
         /// How often the manifest directory is checked for changes.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
+        /// MiB of xDS responses on their way to proxies (sent, not yet ACKed) at once: what
+        /// bounds memory when many proxies connect together. Responses under 64 KiB never wait.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+        push_budget_mib: u32,
         #[command(flatten)]
         ca: CaArgs,
         #[command(flatten)]
@@ -442,9 +446,11 @@ fn main() -> anyhow::Result<()> {
             remote_secrets_from,
             sync_timeout,
             interval,
+            push_budget_mib,
             ca,
             writeback: wb,
         } => {
+            let push_budget = push_budget_mib as usize * (1 << 20);
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let mesh = MeshConfig {
                 // The identities clusters verify their servers against.
@@ -563,7 +569,9 @@ fn main() -> anyhow::Result<()> {
                         .await
                         .with_context(|| format!("cannot listen on {}", ca.secure))?;
                     secure.push_str(&format!(" secure={}", listener.local_addr()?));
-                    let ads = XdsServer::with_metrics(rx.clone(), metrics.clone()).with_bundles(bundles.clone());
+                    let ads = XdsServer::with_metrics(rx.clone(), metrics.clone())
+                        .with_bundles(bundles.clone())
+                        .with_push_budget(push_budget);
                     let server = tonic::transport::Server::builder()
                         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
                         .add_service(AggregatedDiscoveryServiceServer::new(ads))
@@ -646,7 +654,9 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                 });
-                let server = XdsServer::with_metrics(rx, metrics).with_bundles(bundles);
+                let server = XdsServer::with_metrics(rx, metrics)
+                    .with_bundles(bundles)
+                    .with_push_budget(push_budget);
                 let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
                 let serve = tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(server))

@@ -45,7 +45,9 @@ use crate::metrics::Metrics;
 use crate::model::{ClusterModel, MeshConfig, ServiceKey};
 use crate::outbound::{self, VipConflict, VipTable};
 use crate::trust::BundleSet;
+use budget::{PushBudget, Reservation};
 
+pub mod budget;
 pub mod grpc;
 pub mod listener;
 pub mod mtls;
@@ -409,7 +411,11 @@ pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     bundles: watch::Receiver<Arc<BundleSet>>,
     metrics: Metrics,
+    budget: PushBudget,
 }
+
+/// The bytes of responses in flight to proxies at once ([`budget`]) when not told otherwise.
+pub const DEFAULT_PUSH_BUDGET: usize = 64 << 20;
 
 impl XdsServer {
     /// Serves whatever `snapshots` holds, pushing on every change.
@@ -425,7 +431,14 @@ impl XdsServer {
             snapshots,
             bundles,
             metrics,
+            budget: PushBudget::new(DEFAULT_PUSH_BUDGET),
         }
+    }
+
+    /// Bounds the bytes of responses sent and not yet answered to `bytes` ([`budget`]).
+    pub fn with_push_budget(mut self, bytes: usize) -> Self {
+        self.budget = PushBudget::new(bytes);
+        self
     }
 
     /// Also serves trust bundles over SDS, pushing on every change.
@@ -453,6 +466,8 @@ impl AggregatedDiscoveryService for XdsServer {
             snapshots: self.snapshots.clone(),
             bundles: self.bundles.clone(),
             metrics: self.metrics.clone(),
+            budget: self.budget.clone(),
+            in_flight: None,
             tx,
             proxy: None,
             types: HashMap::new(),
@@ -472,6 +487,8 @@ impl AggregatedDiscoveryService for XdsServer {
             snapshots: self.snapshots.clone(),
             bundles: self.bundles.clone(),
             metrics: self.metrics.clone(),
+            budget: self.budget.clone(),
+            in_flight: None,
             tx,
             proxy: None,
             types: HashMap::new(),
@@ -547,6 +564,32 @@ async fn drive<S: XdsStream>(mut s: S, mut inbound: tonic::Streaming<S::Request>
     s.metrics().connected.dec();
 }
 
+/// A stream's one response that holds push budget until the proxy answers it.
+#[derive(Debug)]
+struct InFlight {
+    type_url: String,
+    nonce: String,
+    _reservation: Reservation,
+}
+
+impl InFlight {
+    /// Whether `type_url`/`nonce` (a request's) answers this response.
+    fn answered_by(&self, type_url: &str, nonce: &str) -> bool {
+        self.type_url == type_url && self.nonce == nonce
+    }
+}
+
+/// Gives the stream's reservation back, then waits for room for `len` bytes: a stream holds
+/// one reservation at most, so one that waits holds none ([`budget`]).
+async fn reserve(in_flight: &mut Option<InFlight>, budget: &PushBudget, type_url: &str, nonce: &str, len: usize) {
+    *in_flight = None;
+    *in_flight = budget.reserve(len).await.map(|r| InFlight {
+        type_url: type_url.to_owned(),
+        nonce: nonce.to_owned(),
+        _reservation: r,
+    });
+}
+
 /// Who is on the other end, from the first request's node.
 #[derive(Debug, Clone)]
 struct Proxy {
@@ -568,6 +611,8 @@ struct AdsStream {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     bundles: watch::Receiver<Arc<BundleSet>>,
     metrics: Metrics,
+    budget: PushBudget,
+    in_flight: Option<InFlight>,
     tx: mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>,
     proxy: Option<Proxy>,
     types: HashMap<String, TypeState>,
@@ -602,6 +647,13 @@ impl AdsStream {
                 let _ = self.tx.send(Ok(resp)).await;
             }
             return Ok(());
+        }
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.answered_by(&req.type_url, &req.response_nonce))
+        {
+            self.in_flight = None;
         }
         let state = self.types.entry(req.type_url.clone()).or_default();
         if !req.response_nonce.is_empty() {
@@ -657,17 +709,16 @@ impl AdsStream {
         };
         let wildcard = state.names.is_empty() && generator.wildcard_on_empty();
         let wanted = |name: &str| wildcard || state.names.iter().any(|n| n == name);
-        let resources: Vec<Any> = all
-            .iter()
-            .filter(|e| wanted(&e.name))
-            .map(|e| e.resource.clone())
-            .collect();
+        let chosen: Vec<&Encoded> = all.iter().filter(|e| wanted(&e.name)).collect();
         self.nonce += 1;
         state.last_nonce = self.nonce.to_string();
         state.sent_version = Some(snapshot.version);
+        // Room first, copies after: a stream waiting for budget must not hold its copy.
+        let size = chosen.iter().map(|e| e.resource.value.len()).sum();
+        reserve(&mut self.in_flight, &self.budget, type_url, &state.last_nonce, size).await;
         let resp = DiscoveryResponse {
             version_info: version.to_string(),
-            resources,
+            resources: chosen.into_iter().map(|e| e.resource.clone()).collect(),
             type_url: type_url.to_owned(),
             nonce: state.last_nonce.clone(),
             ..Default::default()
@@ -695,6 +746,8 @@ struct DeltaAds {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     bundles: watch::Receiver<Arc<BundleSet>>,
     metrics: Metrics,
+    budget: PushBudget,
+    in_flight: Option<InFlight>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>,
     /// The proxy's view, from the first request's node.
     proxy: Option<ProxyView>,
@@ -712,6 +765,13 @@ impl DeltaAds {
             let view = ProxyView::of(node);
             tracing::info!(proxy = node.id, ?view, "delta xDS stream opened");
             self.proxy = Some(view);
+        }
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.answered_by(&req.type_url, &req.response_nonce))
+        {
+            self.in_flight = None;
         }
         let generator = self.proxy.as_ref().map_or(Generator::Envoy, |p| p.generator);
         let first = !self.types.contains_key(&req.type_url);
@@ -781,17 +841,13 @@ impl DeltaAds {
             .filter(|e| state.wildcard || state.names.contains(&e.name))
             .map(|e| (e.name.as_str(), e))
             .collect();
-        let mut changed = Vec::new();
-        for (name, e) in &current {
-            if state.sent.get(*name) != Some(&e.version) {
-                changed.push(Resource {
-                    name: name.to_string(),
-                    version: e.version.clone(),
-                    resource: Some(e.resource.clone()),
-                    ..Default::default()
-                });
-                state.sent.insert(name.to_string(), e.version.clone());
-            }
+        let mut changed: Vec<&Encoded> = current
+            .values()
+            .filter(|e| state.sent.get(&e.name) != Some(&e.version))
+            .copied()
+            .collect();
+        for e in &changed {
+            state.sent.insert(e.name.clone(), e.version.clone());
         }
         let mut removed: Vec<String> = state
             .sent
@@ -810,9 +866,20 @@ impl DeltaAds {
         state.answered = true;
         self.nonce += 1;
         state.last_nonce = self.nonce.to_string();
+        // Room first, copies after: a stream waiting for budget must not hold its copy.
+        let size = changed.iter().map(|e| e.resource.value.len()).sum();
+        reserve(&mut self.in_flight, &self.budget, type_url, &state.last_nonce, size).await;
         let resp = DeltaDiscoveryResponse {
             system_version_info: version.to_string(),
-            resources: changed,
+            resources: changed
+                .into_iter()
+                .map(|e| Resource {
+                    name: e.name.clone(),
+                    version: e.version.clone(),
+                    resource: Some(e.resource.clone()),
+                    ..Default::default()
+                })
+                .collect(),
             type_url: type_url.to_owned(),
             removed_resources: removed,
             nonce: state.last_nonce.clone(),
