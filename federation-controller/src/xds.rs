@@ -1050,6 +1050,7 @@ mod tests {
                 instances,
                 vips: vec![],
                 gateways,
+                security: Default::default(),
             }),
             false,
         )]
