@@ -49,6 +49,7 @@ use crate::trust::BundleSet;
 pub mod grpc;
 pub mod listener;
 pub mod mtls;
+pub mod rbac;
 
 /// Type URL of listeners.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
