@@ -107,7 +107,7 @@ impl PolicyTargetReference {
 
 /// A policy as the model keeps it: where it lives, when it was made (the oldest
 /// wins a tie, as in Istio) and its spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Named<S> {
     pub namespace: String,
     pub name: String,

@@ -47,6 +47,7 @@ use crate::outbound::{self, VipConflict, VipTable};
 use crate::trust::BundleSet;
 
 pub mod grpc;
+pub mod inbound;
 pub mod listener;
 pub mod mtls;
 pub mod rbac;

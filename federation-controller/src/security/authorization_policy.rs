@@ -222,6 +222,19 @@ fn paths(field: &str, values: &[String]) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Whether `policy` applies to `workload`'s sidecar: by its selector (none or an
+/// empty one: every workload) in the workload's namespace, or in the root
+/// namespace for every namespace. A policy attached by `targetRef(s)` is for
+/// gateways and waypoints, never for a sidecar.
+pub fn applies_to(policy: &super::Named<AuthorizationPolicySpec>, workload: &super::Workload) -> bool {
+    let spec = &policy.spec;
+    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+        return false;
+    }
+    (policy.namespace == workload.namespace || policy.namespace == super::ROOT_NAMESPACE)
+        && spec.selector.as_ref().is_none_or(|s| s.matches(&workload.labels))
+}
+
 impl Source {
     fn is_empty(&self) -> bool {
         self == &Source::default()
