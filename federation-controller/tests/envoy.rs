@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use support::{Controller, cluster, cluster_with_ips, scratch, two_networks};
+use support::{Controller, cluster, cluster_with_ips, free_port, scratch, two_networks};
 
 /// Stands for istio-agent's SDS server on the proxy's node: the workload's SVID
 /// as `default` and its trust domain's root as `ROOTCA`, made for the test.
@@ -236,6 +236,8 @@ fn envoy_follows(api_type: &str, name: &str) {
     let xds = controller.xds;
     let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
 
+    // Not Istio's 15006: tests run side by side on one host.
+    let inbound = free_port();
     // The bootstrap istio-agent writes for a sidecar, reduced to ADS for
     // listeners and clusters and the agent's SDS.
     let bootstrap = format!(
@@ -243,7 +245,8 @@ fn envoy_follows(api_type: &str, name: &str) {
   "node": {{
     "id": "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local",
     "cluster": "productpage.default",
-    "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default"}}
+    "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
+                 "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
   }},
   "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
   "dynamic_resources": {{
@@ -344,6 +347,10 @@ fn envoy_follows(api_type: &str, name: &str) {
     // for reviews means nothing in cluster1.
     let listeners = wait_admin(&admin, "/listeners", |b| b.contains("10.96.1.12_9080::10.96.1.12:9080"));
     assert!(!listeners.contains("10.96.2.12"), "{listeners}");
+    // And the sidecar's inbound listener, bound where its ProxyConfig says.
+    wait_admin(&admin, "/listeners", |b| {
+        b.contains(&format!("virtualInbound::0.0.0.0:{inbound}"))
+    });
     let stats = http_get(&admin, "/stats").unwrap();
     assert!(
         stat(&stats, "listener_manager.lds.update_success").unwrap() >= 1,

@@ -147,6 +147,104 @@ impl Inbound {
     }
 }
 
+/// What a sidecar's node says of its workload, in Istio's node metadata:
+/// `NAMESPACE`, `LABELS` (a Struct of strings) and ProxyConfig's
+/// `proxyInboundListenPort` (in `PROXY_CONFIG`); its address is the second field
+/// of its id (`sidecar~10.1.2.3~pod.ns~ns.svc.cluster.local`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SidecarNode {
+    pub namespace: String,
+    /// None when the node does not say: the pod at its address tells.
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+    pub address: Option<std::net::IpAddr>,
+    pub listen_port: u16,
+}
+
+impl SidecarNode {
+    /// The sidecar `node` is; None for gateways (`router~…`) and nodes that are no Istio proxy.
+    pub fn of(node: &core::Node) -> Option<SidecarNode> {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        let mut id = node.id.split('~');
+        if id.next() != Some("sidecar") {
+            return None;
+        }
+        let address = id.next().and_then(|ip| ip.parse().ok());
+        let pod_namespace = id.next().and_then(|p| p.split_once('.')).map(|(_, ns)| ns.to_owned());
+        let fields = node.metadata.as_ref().map(|m| &m.fields);
+        let field = |k: &str| fields.and_then(|f| f.get(k)).and_then(|v| v.kind.as_ref());
+        let namespace = super::node_metadata(node, "NAMESPACE")
+            .or(pod_namespace)
+            .unwrap_or_else(|| "default".into());
+        let labels = match field("LABELS") {
+            Some(Kind::StructValue(s)) => Some(
+                s.fields
+                    .iter()
+                    .filter_map(|(k, v)| match &v.kind {
+                        Some(Kind::StringValue(v)) => Some((k.clone(), v.clone())),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let listen_port = match field("PROXY_CONFIG") {
+            Some(Kind::StructValue(s)) => match s.fields.get("proxyInboundListenPort").and_then(|v| v.kind.as_ref()) {
+                Some(Kind::NumberValue(n)) => u16::try_from(*n as i64).ok(),
+                Some(Kind::StringValue(n)) => n.parse().ok(),
+                _ => None,
+            },
+            _ => None,
+        };
+        Some(SidecarNode {
+            namespace,
+            labels,
+            address,
+            listen_port: listen_port.filter(|p| *p != 0).unwrap_or(DEFAULT_PORT),
+        })
+    }
+
+    /// The inbound side of this sidecar among `models` (the proxy's own cluster,
+    /// or every cluster when it names none served): its pod found by address,
+    /// the policies of those clusters (one per namespace and name).
+    pub fn inbound(&self, models: &[&crate::model::ClusterModel], trust_domain: &str) -> Inbound {
+        let pod = self.address.and_then(|ip| {
+            models.iter().find_map(|m| {
+                let w = &m.security.workloads;
+                w.binary_search_by(|w| w.address.cmp(&Some(ip))).ok().map(|i| &w[i])
+            })
+        });
+        let workload = Workload {
+            namespace: self.namespace.clone(),
+            labels: self
+                .labels
+                .clone()
+                .or_else(|| pod.map(|p| p.labels.clone()))
+                .unwrap_or_default(),
+            // What the listener is made of, so that replicas share it.
+            address: None,
+            ports: pod.map(|p| p.ports.clone()).unwrap_or_default(),
+        };
+        let mut authorization: Vec<&Named<AuthorizationPolicySpec>> = Vec::new();
+        let mut peer: Vec<Named<PeerAuthenticationSpec>> = Vec::new();
+        for m in models {
+            for p in &m.security.authorization_policies {
+                if !authorization
+                    .iter()
+                    .any(|q| (&q.namespace, &q.name) == (&p.namespace, &p.name))
+                {
+                    authorization.push(p);
+                }
+            }
+            for p in &m.security.peer_authentications {
+                if !peer.iter().any(|q| (&q.namespace, &q.name) == (&p.namespace, &p.name)) {
+                    peer.push(p.clone());
+                }
+            }
+        }
+        Inbound::select(workload, &authorization, &peer, trust_domain, self.listen_port)
+    }
+}
+
 fn listener_filter_of(name: &str, config: envoy_types::pb::google::protobuf::Any) -> ListenerFilter {
     ListenerFilter {
         name: name.into(),

@@ -96,6 +96,15 @@ pub fn eventually<T>(what: &str, patience: std::time::Duration, mut f: impl FnMu
     }
 }
 
+/// A port nothing listens on now (the OS's next ephemeral one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("isthmus-fc-{name}-{}", std::process::id()));
