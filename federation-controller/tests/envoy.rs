@@ -481,55 +481,100 @@ const ALLOW_NOTHING: &str = "apiVersion: security.istio.io/v1\nkind: Authorizati
 const ALLOW_GET: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-get, namespace: default}\n\
 spec: {selector: {matchLabels: {app: httpbin}}, rules: [{to: [{operation: {methods: [GET]}}]}]}\n";
 
+/// httpbin's sidecar: Envoy following our controller over `dir`, whose cluster1
+/// holds httpbin and `policies` (in `cluster1/policies.yaml`).
+struct HttpbinSidecar {
+    dir: std::path::PathBuf,
+    policies: std::path::PathBuf,
+    /// Where the inbound listener is bound (and httpbin's service sends).
+    inbound: u16,
+    admin: String,
+    _envoy: Killed,
+    _controller: Controller,
+}
+
+impl HttpbinSidecar {
+    fn start(name: &str, policies: &str) -> HttpbinSidecar {
+        let dir = scratch(name);
+        let inbound = free_port();
+        httpbin(&dir, inbound);
+        let policies_path = dir.join("cluster1/policies.yaml");
+        std::fs::write(&policies_path, policies).unwrap();
+        let controller = Controller::serve(&dir);
+        let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/httpbin").start();
+        let backend = workload();
+        // httpbin's sidecar; no LABELS: the pod at its address is found in cluster1.
+        let bootstrap = format!(
+            r#"{{
+      "node": {{
+        "id": "sidecar~10.241.0.30~httpbin-1.default~default.svc.cluster.local",
+        "cluster": "httpbin.default",
+        "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
+                     "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
+      }},
+      "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
+      "dynamic_resources": {{
+        "ads_config": {{"api_type": "GRPC", "transport_api_version": "V3",
+                        "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
+        "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
+        "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
+      }},
+      "static_resources": {{"clusters": [{xds_grpc}, {sds_grpc}, {{
+        "name": "inbound|{inbound}||", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {{"cluster_name": "inbound|{inbound}||", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
+          {{"socket_address": {{"address": "127.0.0.1", "port_value": {backend_port}}}}}}}}}]}}]}}
+      }}]}}
+    }}"#,
+            xds_grpc = grpc_cluster("xds-grpc", controller.xds),
+            sds_grpc = grpc_cluster("sds-grpc", sds),
+            backend_port = backend.port(),
+        );
+        let (envoy, admin) = start_envoy(&dir, &bootstrap);
+        HttpbinSidecar {
+            dir,
+            policies: policies_path,
+            inbound,
+            admin,
+            _envoy: envoy,
+            _controller: controller,
+        }
+    }
+
+    /// The listeners Envoy holds once virtualInbound is active and `ok` holds.
+    fn active_inbound(&self, ok: impl Fn(&str) -> bool) -> String {
+        let bound = format!("virtualInbound::0.0.0.0:{}", self.inbound);
+        wait_admin(&self.admin, "/listeners", |b| b.contains(&bound));
+        wait_admin(&self.admin, "/config_dump?resource=dynamic_listeners", |b| {
+            b.contains("\"active_state\"") && b.contains("virtualInbound") && ok(b)
+        })
+    }
+
+    /// Envoy rejected none of our listener updates.
+    fn assert_no_listener_rejected(&self) {
+        let stats = http_get(&self.admin, "/stats").unwrap();
+        assert_eq!(
+            stat(&stats, "listener_manager.lds.update_rejected"),
+            Some(0),
+            "Envoy NACKed our inbound listener: {}",
+            std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for HttpbinSidecar {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn envoy_accepts_and_enforces_our_inbound_rbac() {
-    let dir = scratch("envoy-rbac");
-    let inbound = free_port();
-    httpbin(&dir, inbound);
-    let policies = dir.join("cluster1/policies.yaml");
-    std::fs::write(
-        &policies,
-        [integration_authz_a().as_str(), DENY_ADMIN, ALLOW_NOTHING].join("\n---\n"),
-    )
-    .unwrap();
-    let controller = Controller::serve(&dir);
-    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/httpbin").start();
-    let backend = workload();
-    // httpbin's sidecar; no LABELS: the pod at its address is found in cluster1.
-    let bootstrap = format!(
-        r#"{{
-  "node": {{
-    "id": "sidecar~10.241.0.30~httpbin-1.default~default.svc.cluster.local",
-    "cluster": "httpbin.default",
-    "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
-                 "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
-  }},
-  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
-  "dynamic_resources": {{
-    "ads_config": {{"api_type": "GRPC", "transport_api_version": "V3",
-                    "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
-    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
-    "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
-  }},
-  "static_resources": {{"clusters": [{xds_grpc}, {sds_grpc}, {{
-    "name": "inbound|{inbound}||", "type": "STATIC", "connect_timeout": "1s",
-    "load_assignment": {{"cluster_name": "inbound|{inbound}||", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
-      {{"socket_address": {{"address": "127.0.0.1", "port_value": {backend_port}}}}}}}}}]}}]}}
-  }}]}}
-}}"#,
-        xds_grpc = grpc_cluster("xds-grpc", controller.xds),
-        sds_grpc = grpc_cluster("sds-grpc", sds),
-        backend_port = backend.port(),
+    let sidecar = HttpbinSidecar::start(
+        "envoy-rbac",
+        &[integration_authz_a().as_str(), DENY_ADMIN, ALLOW_NOTHING].join("\n---\n"),
     );
-    let (envoy, admin) = start_envoy(&dir, &bootstrap);
-
     // Accepted, active (its TLS chains have the agent's secrets), with every policy.
-    wait_admin(&admin, "/listeners", |b| {
-        b.contains(&format!("virtualInbound::0.0.0.0:{inbound}"))
-    });
-    let dump = wait_admin(&admin, "/config_dump?resource=dynamic_listeners", |b| {
-        b.contains("\"active_state\"") && b.contains("virtualInbound")
-    });
+    let dump = sidecar.active_inbound(|_| true);
     for want in [
         "envoy.filters.http.rbac",
         "envoy.filters.network.rbac",
@@ -543,14 +588,8 @@ fn envoy_accepts_and_enforces_our_inbound_rbac() {
     ] {
         assert!(dump.contains(want), "no {want} in Envoy's listeners:\n{dump}");
     }
-    let stats = http_get(&admin, "/stats").unwrap();
-    assert_eq!(
-        stat(&stats, "listener_manager.lds.update_rejected"),
-        Some(0),
-        "Envoy NACKed our inbound listener: {}",
-        std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
-    );
-    let addr = format!("127.0.0.1:{inbound}");
+    sidecar.assert_no_listener_rejected();
+    let addr = format!("127.0.0.1:{}", sidecar.inbound);
     // Istio's deny-policy denies every method.
     let denied = support::eventually("a request through the sidecar", Duration::from_secs(10), || {
         request(&addr, "GET", "/ok")
@@ -558,7 +597,7 @@ fn envoy_accepts_and_enforces_our_inbound_rbac() {
     assert_eq!(denied, (403, "RBAC: access denied".to_owned()));
 
     // Only GET allowed, /admin denied: what a user sees, once Envoy has the new listener.
-    std::fs::write(&policies, [DENY_ADMIN, ALLOW_GET].join("\n---\n")).unwrap();
+    std::fs::write(&sidecar.policies, [DENY_ADMIN, ALLOW_GET].join("\n---\n")).unwrap();
     let allowed = support::eventually("GET to be allowed", Duration::from_secs(20), || {
         request(&addr, "GET", "/ok").filter(|(status, _)| *status == 200)
     });
@@ -573,8 +612,26 @@ fn envoy_accepts_and_enforces_our_inbound_rbac() {
         Some((403, "RBAC: access denied".to_owned())),
         "not allowed by the only ALLOW policy"
     );
-    let stats = http_get(&admin, "/stats").unwrap();
-    assert_eq!(stat(&stats, "listener_manager.lds.update_rejected"), Some(0));
-    drop(envoy);
-    std::fs::remove_dir_all(&dir).unwrap();
+    sidecar.assert_no_listener_rejected();
+}
+
+/// Every AuthorizationPolicy and PeerAuthentication Istio accepts (its validation
+/// examples: wildcards, path templates, claims, every `when` attribute) selects
+/// httpbin and is taken by Envoy, on HTTP and TCP chains.
+#[test]
+fn envoy_accepts_the_rbac_of_every_valid_istio_example() {
+    let dir = std::env::var("ISTIO_EXAMPLES").unwrap_or_else(|_| "/work/shared/conformance/istio-examples".into());
+    let read = |f: &str| std::fs::read_to_string(std::path::Path::new(&dir).join(f)).unwrap();
+    let policies = [
+        read("validation/authz-valid.yaml"),
+        read("validation/peerauth-valid.yaml"),
+    ]
+    .join("\n---\n");
+    let sidecar = HttpbinSidecar::start("envoy-rbac-valid", &policies);
+    let dump = sidecar.active_inbound(|b| b.contains("ns[default]-policy[full]-rule[0]"));
+    assert!(
+        dump.contains("ns[default]-policy[service-account-and-namespace-principal-split]-rule[0]"),
+        "{dump}"
+    );
+    sidecar.assert_no_listener_rejected();
 }
