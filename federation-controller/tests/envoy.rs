@@ -30,20 +30,23 @@ use support::{Controller, cluster, cluster_with_ips, free_port, scratch, two_net
 #[derive(Clone)]
 struct LocalAgent {
     secrets: Vec<Secret>,
+    /// The CA of the agent's root, to make peers' certificates.
+    issuer: std::sync::Arc<rcgen::Issuer<'static, rcgen::KeyPair>>,
 }
 
 impl LocalAgent {
     fn new(identity: &str) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::default();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: a leaf named like its issuer looks self-signed to BoringSSL.
+        ca.distinguished_name = rcgen::DistinguishedName::new();
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "local agent root");
         let root = ca.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let mut leaf = CertificateParams::default();
-        leaf.subject_alt_names = vec![SanType::URI(identity.try_into().unwrap())];
-        let svid = leaf.signed_by(&key, &issuer).unwrap();
+        let issuer = std::sync::Arc::new(Issuer::new(ca, ca_key));
+        let (svid, key) = svid(&issuer, identity);
         let inline = |pem: String| {
             Some(DataSource {
                 specifier: Some(data_source::Specifier::InlineBytes(pem.into_bytes())),
@@ -67,7 +70,13 @@ impl LocalAgent {
                 })),
             },
         ];
-        Self { secrets }
+        Self { secrets, issuer }
+    }
+
+    /// A certificate for `identity` under the agent's root and its key, as PEM.
+    fn issue(&self, identity: &str) -> (String, String) {
+        let (cert, key) = svid(&self.issuer, identity);
+        (cert.pem(), key.serialize_pem())
     }
 
     /// Serves on an ephemeral port from a thread of its own, for the test's life.
@@ -91,6 +100,16 @@ impl LocalAgent {
         });
         addr
     }
+}
+
+/// An X.509 SVID for `identity` (its only URI SAN) from `issuer`.
+fn svid(issuer: &rcgen::Issuer<'static, rcgen::KeyPair>, identity: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.subject_alt_names = vec![SanType::URI(identity.try_into().unwrap())];
+    (leaf.signed_by(&key, issuer).unwrap(), key)
 }
 
 type Responses<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
@@ -489,6 +508,8 @@ struct HttpbinSidecar {
     /// Where the inbound listener is bound (and httpbin's service sends).
     inbound: u16,
     admin: String,
+    /// The agent handing Envoy its SVID and root; it makes peers' certificates too.
+    agent: LocalAgent,
     _envoy: Killed,
     _controller: Controller,
 }
@@ -501,7 +522,8 @@ impl HttpbinSidecar {
         let policies_path = dir.join("cluster1/policies.yaml");
         std::fs::write(&policies_path, policies).unwrap();
         let controller = Controller::serve(&dir);
-        let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/httpbin").start();
+        let agent = LocalAgent::new("spiffe://cluster.local/ns/default/sa/httpbin");
+        let sds = agent.clone().start();
         let backend = workload();
         // httpbin's sidecar; no LABELS: the pod at its address is found in cluster1.
         let bootstrap = format!(
@@ -535,6 +557,7 @@ impl HttpbinSidecar {
             policies: policies_path,
             inbound,
             admin,
+            agent,
             _envoy: envoy,
             _controller: controller,
         }
@@ -634,4 +657,74 @@ fn envoy_accepts_the_rbac_of_every_valid_istio_example() {
         "{dump}"
     );
     sidecar.assert_no_listener_rejected();
+}
+
+/// An HTTP request over mTLS as the peer `identity` (a certificate under the
+/// agent's root), with `openssl s_client`; the answer's status and body, or None
+/// when the handshake or connection fails.
+fn mtls_request(sidecar: &HttpbinSidecar, identity: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let (cert, key) = sidecar.agent.issue(identity);
+    let name = identity.replace(['/', ':'], "_");
+    let (cert_path, key_path) = (
+        sidecar.dir.join(format!("{name}.crt")),
+        sidecar.dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{}", sidecar.inbound),
+        ])
+        .arg("-cert")
+        .arg(&cert_path)
+        .arg("-key")
+        .arg(&key_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl");
+    let mut stdin = child.stdin.take().unwrap();
+    // A failed write is a closed connection: what the answer (none) will say.
+    let _ = write!(
+        stdin,
+        "GET {path} HTTP/1.1\r\nHost: httpbin\r\nConnection: close\r\n\r\n"
+    );
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text.get(9..12)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// STRICT mTLS refuses plaintext; over mTLS, a principal of another (federated)
+/// trust domain that a policy names is let in, and the local one it does not name
+/// is denied.
+#[test]
+fn envoy_enforces_strict_mtls_and_principals_of_other_trust_domains() {
+    const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRICT}}\n";
+    const ALLOW_FEDERATED: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-federated, namespace: default}\n\
+spec: {selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {principals: [other-domain/ns/x/sa/y]}}]}]}\n";
+    let sidecar = HttpbinSidecar::start("envoy-mtls", &[STRICT, ALLOW_FEDERATED].join("\n---\n"));
+    let dump = sidecar.active_inbound(|b| b.contains("ns[default]-policy[allow-federated]-rule[0]"));
+    assert!(!dump.contains("raw_buffer"), "STRICT: no plaintext chain\n{dump}");
+    sidecar.assert_no_listener_rejected();
+    assert_eq!(
+        request(&format!("127.0.0.1:{}", sidecar.inbound), "GET", "/ok"),
+        None,
+        "plaintext is refused"
+    );
+    let federated = support::eventually("the federated peer let in", Duration::from_secs(10), || {
+        mtls_request(&sidecar, "spiffe://other-domain/ns/x/sa/y", "/ok").filter(|(s, _)| *s == 200)
+    });
+    assert_eq!(federated.1, "hello from httpbin");
+    assert_eq!(
+        mtls_request(&sidecar, "spiffe://cluster.local/ns/default/sa/sleep", "/ok"),
+        Some((403, "RBAC: access denied".to_owned())),
+        "a local peer the policy does not name"
+    );
 }
