@@ -152,6 +152,16 @@ impl ClusterSecurity {
             |p| (&p.metadata, &p.spec),
             |s| s.validate(),
         );
+        let custom = authorization_policies
+            .iter()
+            .filter(|p| p.spec.action == authorization_policy::Action::Custom);
+        for p in custom {
+            tracing::warn!(
+                namespace = p.namespace,
+                policy = p.name,
+                "CUSTOM authorization (an external authorizer) is not supported: every request it selects is denied"
+            );
+        }
         ClusterSecurity {
             authorization_policies,
             peer_authentications,

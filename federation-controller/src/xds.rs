@@ -5,6 +5,8 @@
 //! ([`listener`]); clusters and endpoints carry Istio's auto-mTLS ([`mtls`]).
 //! Proxyless gRPC clients get the shapes they accept instead, and routes
 //! (RDS) ([`grpc`]): each proxy has a [`Generator`], as in Istio.
+//! A sidecar also gets its workload's inbound listener ([`inbound`]), with
+//! Istio's AuthorizationPolicy as RBAC filters ([`rbac`]).
 //!
 //! Each proxy gets its own view: its network and cluster come from Istio's node
 //! metadata (`NETWORK`, `CLUSTER_ID`), so an Istio-style Envoy bootstrap works

@@ -95,11 +95,7 @@ fn build(policies: &[&Named<AuthorizationPolicySpec>], action: RbacAction, for_t
     for p in policies {
         let name = |i: usize| format!("ns[{}]-policy[{}]-rule[{i}]", p.namespace, p.name);
         if p.spec.action == Action::Custom {
-            tracing::warn!(
-                namespace = p.namespace,
-                policy = p.name,
-                "CUSTOM authorization (an external authorizer) is not supported: denying every request it selects"
-            );
+            // Said once per model where it is read (crate::security::ClusterSecurity::build).
             rbac.policies.insert(name(0), match_everything());
             continue;
         }
