@@ -34,8 +34,6 @@ pub const HTTP_RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.h
 /// The network RBAC filter's name and config type.
 pub const NETWORK_RBAC: &str = "envoy.filters.network.rbac";
 pub const NETWORK_RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
-/// The filter metadata istio's authn filter leaves request principals and claims under.
-const AUTHN_FILTER: &str = "istio_authn";
 const SPIFFE: &str = "spiffe://";
 /// Istio's stand-in for "the local trust domain" in principals.
 const CLUSTER_LOCAL: &str = "cluster.local";
@@ -131,11 +129,12 @@ enum Attr<'a> {
     SourceNamespace,
     SourceIp,
     RemoteIp,
-    ServiceAccount { policy_namespace: &'a str },
+    ServiceAccount {
+        policy_namespace: &'a str,
+    },
     TrustDomain,
-    RequestPrincipal,
-    AuthnMetadata(&'static str),
-    Claim(&'a str),
+    /// A request's JWT principal, audiences, presenter or claims.
+    RequestAuth,
     RequestHeader(&'a str),
     // Permissions.
     Host,
@@ -200,7 +199,7 @@ fn fields<'a>(rule: &'a Rule, policy_namespace: &'a str) -> (Vec<Vec<Field<'a>>>
                                 &s.not_service_accounts,
                             ),
                             field(Attr::SourcePrincipal, &s.principals, &s.not_principals),
-                            field(Attr::RequestPrincipal, &s.request_principals, &s.not_request_principals),
+                            field(Attr::RequestAuth, &s.request_principals, &s.not_request_principals),
                             field(Attr::SourceNamespace, &s.namespaces, &s.not_namespaces),
                             field(Attr::RemoteIp, &s.remote_ip_blocks, &s.not_remote_ip_blocks),
                             field(Attr::SourceIp, &s.ip_blocks, &s.not_ip_blocks),
@@ -253,17 +252,15 @@ fn when_attr(key: &str) -> (Attr<'_>, bool) {
         "source.namespace" => (Attr::SourceNamespace, true),
         "source.principal" => (Attr::SourcePrincipal, true),
         "source.trustDomain" => (Attr::TrustDomain, true),
-        "request.auth.principal" => (Attr::RequestPrincipal, true),
-        "request.auth.audiences" => (Attr::AuthnMetadata("request.auth.audiences"), true),
-        "request.auth.presenter" => (Attr::AuthnMetadata("request.auth.presenter"), true),
+        "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => (Attr::RequestAuth, true),
         "destination.ip" => (Attr::DestinationIp, false),
         "destination.port" => (Attr::DestinationPort, false),
         "connection.sni" => (Attr::Sni, false),
         _ => {
             if let Some(h) = bracket("request.headers") {
                 (Attr::RequestHeader(h), true)
-            } else if let Some(c) = bracket("request.auth.claims") {
-                (Attr::Claim(c), true)
+            } else if bracket("request.auth.claims").is_some() {
+                (Attr::RequestAuth, true)
             } else {
                 // `experimental.envoy.filters.NAME[KEY]` (validation admits no other key).
                 let rest = key.strip_prefix("experimental.").unwrap_or(key);
@@ -457,25 +454,16 @@ fn principal_of(attr: Attr<'_>, v: &str, for_tcp: bool, td: &str) -> Result<Vec<
         Attr::TrustDomain => vec![authenticated(trust_domain_matcher(v))],
         Attr::SourceIp => vec![principal_id(principal::Identifier::DirectRemoteIp(cidr(v)))],
         Attr::RemoteIp => vec![principal_id(principal::Identifier::RemoteIp(cidr(v)))],
-        Attr::RequestPrincipal => {
-            http_only("requestPrincipals")?;
-            let m = metadata(AUTHN_FILTER, &["request.auth.principal"], value_string(string(v, "")));
-            vec![principal_id(principal::Identifier::SourcedMetadata(dynamic(m)))]
-        }
-        Attr::AuthnMetadata(key) => {
+        Attr::RequestAuth => {
             http_only("request.auth")?;
-            vec![principal_id(principal::Identifier::SourcedMetadata(dynamic(
-                list_metadata(AUTHN_FILTER, &[key], string(v, "")),
-            )))]
-        }
-        Attr::Claim(claim) => {
-            http_only("request.auth.claims")?;
-            // `claims[a][b]` is the nested claim a.b.
-            let mut path = vec!["request.auth.claims"];
-            path.extend(claim.split("]["));
-            vec![principal_id(principal::Identifier::SourcedMetadata(dynamic(
-                list_metadata(AUTHN_FILTER, &path, string(v, "")),
-            )))]
+            // Istio matches these on the metadata its JWT filter leaves under
+            // `istio_authn`. This controller serves no RequestAuthentication, so no
+            // request carries any and such a matcher could never match: said directly,
+            // so our sidecar (which reads no metadata) enforces it instead of refusing
+            // the listener.
+            vec![principal_id(principal::Identifier::NotId(Box::new(principal_id(
+                principal::Identifier::Any(true),
+            ))))]
         }
         Attr::RequestHeader(name) => {
             http_only("request.headers")?;
@@ -831,6 +819,28 @@ mod tests {
         assert_eq!(
             header.identifier,
             Some(principal::Identifier::Header(header_matcher("x-user", "bob")))
+        );
+    }
+
+    #[test]
+    fn without_request_authentication_a_request_principal_never_matches() {
+        // "Deny requests without a JWT": with no JWT accepted here, every request.
+        let p = named(
+            "foo",
+            "jwt",
+            "action: DENY\nrules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]",
+        );
+        let c = configs(&[&p], false, "cluster.local");
+        let policy = &only(&c, RbacAction::Deny).policies["ns[foo]-policy[jwt]-rule[0]"];
+        let never = principal_id(principal::Identifier::NotId(Box::new(principal_id(
+            principal::Identifier::Any(true),
+        ))));
+        let not = single_or(and_ids(single_or(&policy.principals)));
+        assert_eq!(
+            not.identifier,
+            Some(principal::Identifier::NotId(Box::new(principal_id(
+                principal::Identifier::OrIds(principal::Set { ids: vec![never] })
+            ))))
         );
     }
 }
