@@ -14,6 +14,7 @@
 //! [`xds`] turns into each sidecar's inbound listener.
 
 pub mod ca;
+pub mod cluster_clients;
 pub mod federation;
 pub mod kube_source;
 pub mod manifests;

@@ -35,13 +35,15 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::access_log::{AccessLog, Pending};
 use crate::capture;
 use crate::destinations::Destinations;
 use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
+use crate::otlp::{Exporter, Kind, Started};
 use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
-use crate::telemetry::{ConnectionLabels, RequestLabels, TcpCounters, Telemetry};
+use crate::telemetry::{ConnectionLabels, Exchange, RequestLabels, RequestSize, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
 
 /// One explicit outbound route: everything accepted goes to `upstream.addr`.
@@ -344,6 +346,10 @@ pub struct HttpHop {
     pub self_id: SpiffeId,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
+    /// Where requests are logged, if anywhere (set before the hop is shared).
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Where spans go, if anywhere (set before the hop is shared).
+    pub otlp: Option<Exporter>,
 }
 
 impl HttpHop {
@@ -366,6 +372,8 @@ impl HttpHop {
             self_id,
             telemetry,
             drain,
+            access_log: None,
+            otlp: None,
         }
     }
 
@@ -403,8 +411,17 @@ impl HttpHop {
         }
     }
 
-    async fn forward(&self, route: &Route, req: Request<Incoming>, l4: &OnceLock<TcpCounters>) -> Response<ReplyBody> {
+    async fn forward(
+        &self,
+        route: &Route,
+        mut req: Request<Incoming>,
+        l4: &OnceLock<TcpCounters>,
+    ) -> Response<ReplyBody> {
+        let span = crate::trace::hop(req.headers_mut());
+        let span = self.otlp.as_ref().map(|o| o.start(span, Kind::Client, &req));
         let protocol = http::request_protocol(req.headers());
+        let size = RequestSize::of(&req);
+        let log = self.access_log.as_ref().map(|l| l.start(&req));
         match route {
             Route::Fixed(outbound) => {
                 let req = match to_h2(req, outbound.upstream.addr) {
@@ -415,13 +432,25 @@ impl HttpHop {
                     service: &outbound.service,
                     cluster: None,
                     protocol,
+                    size,
+                    host: outbound.upstream.addr,
+                    log,
+                    span,
                 };
                 match self.h2.send(&outbound.upstream, &outbound.tls, req, None).await {
                     Ok(sent) => self.answer(sent, &what, l4),
                     Err(e) => self.failed(e, &what),
                 }
             }
-            Route::Captured(captured, original) => self.forward_captured(captured, *original, req, protocol, l4).await,
+            Route::Captured(captured, original) => {
+                let observed = Observed {
+                    protocol,
+                    size,
+                    log,
+                    span,
+                };
+                self.forward_captured(captured, *original, req, observed, l4).await
+            }
         }
     }
 
@@ -433,9 +462,15 @@ impl HttpHop {
         captured: &Captured,
         original: SocketAddr,
         req: Request<Incoming>,
-        protocol: &'static str,
+        observed: Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
+        let Observed {
+            protocol,
+            size,
+            log,
+            span,
+        } = observed;
         let table = captured.table.load_full();
         let Some(upstream) = table.route(original) else {
             // The route went away since this connection began.
@@ -458,6 +493,10 @@ impl HttpHop {
                 service: &upstream.service,
                 cluster: endpoint.cluster.as_deref(),
                 protocol,
+                size,
+                host: endpoint.address,
+                log: log.clone(),
+                span: span.clone(),
             };
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
                 return self.plain(endpoint.address, req, &what, l4).await;
@@ -517,21 +556,17 @@ impl HttpHop {
         match self.plain.request(req).await {
             Ok(resp) => {
                 l4.get_or_init(|| self.telemetry.connection(&labels));
-                self.count(labels, what.protocol, resp.status().as_u16());
+                let exchange = self.count(labels, what, resp.status().as_u16(), "-");
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(Leased::new(body, ())))
+                Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
             }
             Err(e) => {
                 let reason = pool::http1_failure_reason(&e);
                 tracing::debug!(upstream = %addr, error = %e, "plaintext upstream failed");
                 self.telemetry.upstream_failure("outbound", reason);
-                self.count(labels, what.protocol, 503);
-                http::unavailable(if e.is_connect() {
-                    CONNECT_FAILURE
-                } else {
-                    CONNECTION_TERMINATION
-                })
+                let exchange = self.count(labels, what, 503, http::failure_flags(&e));
+                http::recorded(exchange, http::unavailable_after(&e))
             }
         }
     }
@@ -547,16 +582,16 @@ impl HttpHop {
             mutual_tls: true,
         };
         l4.get_or_init(|| self.telemetry.connection(&labels));
-        self.count(labels, what.protocol, response.status().as_u16());
+        let exchange = self.count(labels, what, response.status().as_u16(), "-");
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
-        Response::from_parts(parts, Either::Left(Leased::new(body, lease)))
+        Response::from_parts(parts, Either::Left(Leased::new(body, lease).measured(exchange)))
     }
 
     fn failed(&self, e: SendError, what: &Upstream<'_>) -> Response<ReplyBody> {
-        let (reason, text) = match &e {
-            SendError::Connect(e, _) => (e.reason(), CONNECT_FAILURE),
-            SendError::Reset(_) => ("reset", CONNECTION_TERMINATION),
+        let (reason, text, flags) = match &e {
+            SendError::Connect(e, _) => (e.reason(), CONNECT_FAILURE, "UF"),
+            SendError::Reset(_) => ("reset", CONNECTION_TERMINATION, "UC"),
         };
         tracing::debug!(service = what.service, error = %e, "upstream failed before headers");
         self.telemetry.upstream_failure("outbound", reason);
@@ -568,13 +603,31 @@ impl HttpHop {
             peer_cluster: what.cluster,
             mutual_tls: false,
         };
-        self.count(labels, what.protocol, 503);
-        http::unavailable(text)
+        http::recorded(self.count(labels, what, 503, flags), http::unavailable(text))
     }
 
-    fn count(&self, connection: ConnectionLabels<'_>, protocol: &'static str, code: u16) {
-        self.telemetry.request(&RequestLabels { connection, protocol }, code);
+    /// Counts the request and sets up its access log line (`flags`: Envoy's response flags).
+    fn count(&self, connection: ConnectionLabels<'_>, what: &Upstream<'_>, code: u16, flags: &'static str) -> Exchange {
+        let labels = RequestLabels {
+            connection,
+            protocol: what.protocol,
+        };
+        let log = what.log.clone().map(|l| l.answered(code, flags, Some(what.host)));
+        let span = what.span.clone().map(|s| s.answered(code));
+        self.telemetry
+            .request(&labels, code, what.size)
+            .logged(log)
+            .traced(span)
     }
+}
+
+/// What is recorded of a request whatever its upstream: metric labels and size, its access
+/// log line and its span.
+struct Observed {
+    protocol: &'static str,
+    size: RequestSize,
+    log: Option<Pending>,
+    span: Option<Started>,
 }
 
 /// What a request is going to, for its labels.
@@ -582,6 +635,11 @@ struct Upstream<'a> {
     service: &'a str,
     cluster: Option<&'a str>,
     protocol: &'static str,
+    size: RequestSize,
+    /// The endpoint's address (`%UPSTREAM_HOST%`).
+    host: SocketAddr,
+    log: Option<Pending>,
+    span: Option<Started>,
 }
 
 /// An HTTP/1.1 request as HTTP/2: `host` becomes `:authority`, and the hop-by-hop headers

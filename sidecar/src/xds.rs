@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -19,6 +19,7 @@ use mesh_vocab::spiffe::SpiffeId;
 use prost::Message;
 
 use crate::destinations::{BadResource, Destinations};
+use crate::virtual_inbound::{InboundPolicy, VIRTUAL_INBOUND};
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -31,6 +32,11 @@ pub struct Identity {
     pub ip: std::net::IpAddr,
     pub network: String,
     pub cluster: String,
+    /// The workload's labels: Istio's `LABELS` node metadata, which selects the policies
+    /// that apply to it.
+    pub labels: Vec<(String, String)>,
+    /// `Node.locality` (region, zone, subzone), for locality-aware endpoints.
+    pub locality: Option<Locality>,
 }
 
 impl Identity {
@@ -52,25 +58,37 @@ impl Identity {
                     ("CLUSTER_ID".to_owned(), s(&self.cluster)),
                     ("NAMESPACE".to_owned(), s(ns)),
                     ("SERVICE_ACCOUNT".to_owned(), s(sa)),
+                    (
+                        "LABELS".to_owned(),
+                        Value {
+                            kind: Some(Kind::StructValue(Struct {
+                                fields: self.labels.iter().map(|(k, v)| (k.clone(), s(v))).collect(),
+                            })),
+                        },
+                    ),
                 ]
                 .into(),
             }),
+            locality: self.locality.clone(),
             ..Default::default()
         }
     }
 }
 
 /// Follows the controller at `address` (`http://host:15010`) forever; `updated` is called
-/// with the number of routable listeners after every table swapped in.
+/// with the number of routable listeners after every table swapped in. With `inbound`, the
+/// `virtualInbound` listener's policy is swapped in there too (when the controller serves
+/// one; otherwise what is there, the flags' policy, stays).
 pub async fn follow(
     address: String,
     identity: Identity,
     table: Arc<ArcSwap<Destinations>>,
+    inbound: Option<Arc<ArcSwap<InboundPolicy>>>,
     updated: impl Fn(usize, bool),
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&address, &identity, &table, &updated).await {
+        match session(&address, &identity, &table, inbound.as_deref(), &updated).await {
             Ok(()) => tracing::warn!(controller = address, "xDS stream ended; keeping the last routes"),
             Err(e) => tracing::warn!(controller = address, error = %e, "xDS unavailable; keeping the last routes"),
         }
@@ -86,6 +104,8 @@ struct Received {
     clusters: Vec<Cluster>,
     assignments: HashMap<String, ClusterLoadAssignment>,
     versions: HashMap<&'static str, String>,
+    /// The policy of the last accepted `virtualInbound`.
+    inbound: Option<Arc<InboundPolicy>>,
 }
 
 fn decode_all<M: Message + Default>(resp: &DiscoveryResponse) -> Result<Vec<M>, BadResource> {
@@ -108,10 +128,17 @@ impl Received {
             clusters: self.clusters.clone(),
             assignments: self.assignments.clone(),
             versions: HashMap::new(),
+            inbound: self.inbound.clone(),
         };
         let kind = match resp.type_url.as_str() {
             LISTENER_TYPE => {
                 next.listeners = decode_all(resp)?;
+                next.inbound = InboundPolicy::from_listeners(&next.listeners)
+                    .map_err(|e| BadResource {
+                        resource: VIRTUAL_INBOUND.to_owned(),
+                        problem: e.to_string(),
+                    })?
+                    .map(Arc::new);
                 LISTENER_TYPE
             }
             CLUSTER_TYPE => {
@@ -132,6 +159,7 @@ impl Received {
         self.listeners = next.listeners;
         self.clusters = next.clusters;
         self.assignments = next.assignments;
+        self.inbound = next.inbound;
         self.versions.insert(kind, resp.version_info.clone());
         Ok(Some(table))
     }
@@ -151,6 +179,7 @@ async fn session(
     address: &str,
     identity: &Identity,
     table: &ArcSwap<Destinations>,
+    inbound: Option<&ArcSwap<InboundPolicy>>,
     updated: &impl Fn(usize, bool),
 ) -> Result<(), crate::ads::Error> {
     let first = [CLUSTER_TYPE, LISTENER_TYPE]
@@ -174,6 +203,10 @@ async fn session(
             Ok(Some(next)) => {
                 let routes = next.listeners.len();
                 table.store(Arc::new(next));
+                if let (Some(slot), Some(policy), LISTENER_TYPE) = (inbound, &received.inbound, resp.type_url.as_str())
+                {
+                    slot.store(policy.clone());
+                }
                 updated(routes, true);
                 tracing::debug!(
                     type_url = resp.type_url,
