@@ -483,12 +483,8 @@ fn httpbin(dir: &std::path::Path, port: u16) {
     let d = dir.join("cluster1");
     std::fs::create_dir_all(&d).unwrap();
     let objects = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: httpbin, namespace: default}}\nspec: {{clusterIP: 10.96.1.30, ports: [{{name: http, port: 8000}}]}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: httpbin-1, namespace: default, labels: {{app: httpbin, security.istio.io/tlsMode: istio}}}}\n\
-         spec: {{serviceAccountName: httpbin, containers: [{{name: app}}]}}\nstatus: {{podIP: 10.241.0.30}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: httpbin-1, namespace: default, labels: {{kubernetes.io/service-name: httpbin}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{{addresses: [10.241.0.30], targetRef: {{kind: Pod, name: httpbin-1}}}}]\n"
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n{}",
+        support::httpbin_yaml("default", "10.96.1.30", "10.241.0.30", &[("http", 8000, port)])
     );
     std::fs::write(d.join("objects.yaml"), objects).unwrap();
 }

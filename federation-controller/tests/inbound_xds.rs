@@ -3,6 +3,8 @@
 //! address), while proxies with the same workload share one encoding and the
 //! outbound listeners stay the same for all.
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,25 +20,7 @@ use federation_controller::xds::{LISTENER_TYPE, ProxyView, Snapshot};
 use mesh_vocab::ClusterId;
 use prost::Message;
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: httpbin, namespace: foo}
-spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 8000}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: httpbin-1, namespace: foo, labels: {app: httpbin}}
-spec: {containers: [{name: app}]}
-status: {podIP: 10.241.0.20}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: httpbin-1, namespace: foo, labels: {kubernetes.io/service-name: httpbin}}
-addressType: IPv4
-ports: [{name: http, port: 80}]
-endpoints: [{addresses: [10.241.0.20], targetRef: {kind: Pod, name: httpbin-1}}]
----
+const POLICIES: &str = r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: httpbin-get-only, namespace: foo}
@@ -52,7 +36,9 @@ spec: {mtls: {mode: STRICT}}
 
 fn snapshot() -> Snapshot {
     let mut o = ClusterObjects::default();
-    o.add_yaml(Path::new("c1.yaml"), CLUSTER).unwrap();
+    let workload = support::httpbin_yaml("foo", "10.96.0.20", "10.241.0.20", &[("http", 8000, 80)]);
+    o.add_yaml(Path::new("c1/workload.yaml"), &workload).unwrap();
+    o.add_yaml(Path::new("c1/policies.yaml"), POLICIES).unwrap();
     let id = ClusterId::new("c1");
     let model = ClusterModel::build(&id, &o, &MeshConfig::default());
     Snapshot::new(
