@@ -72,7 +72,7 @@ fn examples(file: &str) -> String {
 async fn the_sidecar_compiles_our_listener_for_istios_policies() {
     // Istio's ALLOW and DENY testdata, a namespace's STRICT, a port's PERMISSIVE.
     let port_level = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: db, namespace: default}\n\
-spec: {selector: {matchLabels: {app: httpbin}}, portLevelMtls: {'5432': {mode: PERMISSIVE}}}\n";
+spec: {selector: {matchLabels: {app: httpbin}}, portLevelMtls: {'5432': {mode: PERMISSIVE}, '9000': {mode: DISABLE}}}\n";
     let strict = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRICT}}\n";
     let policies = [
         examples("testdata/integration-authz-a.yaml").as_str(),
@@ -83,6 +83,7 @@ spec: {selector: {matchLabels: {app: httpbin}}, portLevelMtls: {'5432': {mode: P
     let p = sidecar_view(&policies).await;
     assert_eq!(p.mode_for(80), Some(MtlsMode::Strict), "the HTTP port");
     assert_eq!(p.mode_for(5432), Some(MtlsMode::Permissive), "portLevelMtls");
+    assert_eq!(p.mode_for(9000), Some(MtlsMode::Disable), "portLevelMtls");
     assert_eq!(p.mode_for(9999), Some(MtlsMode::Strict), "any other port");
 
     // Istio's PERMISSIVE testdata, with principals, namespaces, IPs, hosts, ports and

@@ -4,8 +4,8 @@
 //!
 //! Per inbound port (the target ports its services send to, and the ports of its
 //! `portLevelMtls`) a TLS chain (`destination_port`, `transport_protocol: tls`),
-//! which terminates mesh mTLS, and, where the port's mode allows plaintext
-//! (PERMISSIVE, DISABLE), a `raw_buffer` chain; then the same pair without a port
+//! which terminates mesh mTLS (none under DISABLE), and, where the port's mode
+//! allows plaintext (PERMISSIVE, DISABLE), a `raw_buffer` chain; then the same pair without a port
 //! for every other port. An HTTP port's chains hold an HTTP connection manager
 //! whose RBAC filters see requests; the rest hold network RBAC filters before a
 //! TCP proxy. Envoy picks the chain by port first, so a plaintext connection to a
@@ -253,7 +253,9 @@ fn listener_filter_of(name: &str, config: envoy_types::pb::google::protobuf::Any
     }
 }
 
-/// A port's chains: mTLS always, plaintext where `mode` allows it.
+/// A port's chains: mTLS unless `mode` is DISABLE, plaintext where it allows it.
+/// (Under DISABLE Istio terminates no mTLS; a `raw_buffer` chain alone is how the
+/// sidecar reads DISABLE.)
 fn pair(name: &str, port: Option<u16>, mode: MtlsMode, filters: Vec<Filter>) -> Vec<FilterChain> {
     let chain = |transport: &str| FilterChain {
         name: format!("{name}|{transport}"),
@@ -273,7 +275,7 @@ fn pair(name: &str, port: Option<u16>, mode: MtlsMode, filters: Vec<Filter>) -> 
             &mtls::downstream_tls(),
         ))),
     });
-    let mut out = vec![tls];
+    let mut out = if mode == MtlsMode::Disable { vec![] } else { vec![tls] };
     if mode.allows_plaintext() {
         out.push(chain(RAW_BUFFER));
     }
@@ -516,13 +518,6 @@ mod tests {
                     vec![deny, allow]
                 ),
                 (
-                    "inbound|9000|tls".into(),
-                    Some(9000),
-                    "tls".into(),
-                    tcp(),
-                    vec![deny, allow]
-                ),
-                (
                     "inbound|9000|raw_buffer".into(),
                     Some(9000),
                     "raw_buffer".into(),
@@ -537,7 +532,7 @@ mod tests {
                     vec![deny, allow]
                 ),
             ],
-            "STRICT mesh-wide: plaintext only on the ports that allow it"
+            "STRICT mesh-wide: plaintext only on the ports that allow it; DISABLE terminates no mTLS"
         );
         assert!(
             l.filter_chains[0].transport_socket.is_some(),
