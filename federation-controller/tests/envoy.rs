@@ -493,6 +493,8 @@ fn httpbin(dir: &std::path::Path, port: u16) {
 const DENY_ADMIN: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-admin, namespace: default}\n\
 spec: {action: DENY, selector: {matchLabels: {app: httpbin}}, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}\n";
 const ALLOW_NOTHING: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: default}\nspec: {action: ALLOW}\n";
+/// A policy Istio refuses (its `bad-mode` example): refused alone, the rest still served.
+const REFUSED: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: bad-mode, namespace: default}\nspec: {mtls: {mode: BLAH}}\n";
 const ALLOW_GET: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-get, namespace: default}\n\
 spec: {selector: {matchLabels: {app: httpbin}}, rules: [{to: [{operation: {methods: [GET]}}]}]}\n";
 
@@ -590,7 +592,7 @@ impl Drop for HttpbinSidecar {
 fn envoy_accepts_and_enforces_our_inbound_rbac() {
     let sidecar = HttpbinSidecar::start(
         "envoy-rbac",
-        &[integration_authz_a().as_str(), DENY_ADMIN, ALLOW_NOTHING].join("\n---\n"),
+        &[integration_authz_a().as_str(), DENY_ADMIN, ALLOW_NOTHING, REFUSED].join("\n---\n"),
     );
     // Accepted, active (its TLS chains have the agent's secrets), with every policy.
     let dump = sidecar.active_inbound(|_| true);
