@@ -114,6 +114,7 @@ fn models(a: &Args, change: u32) -> Vec<(Arc<ClusterModel>, bool)> {
                     instances,
                     vips: vec![],
                     gateways,
+                    security: Default::default(),
                 }),
                 false,
             )

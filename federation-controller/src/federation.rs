@@ -238,6 +238,7 @@ mod tests {
                         instances,
                         vips: vec![],
                         gateways,
+                        security: Default::default(),
                     }
                 })
                 .collect()
@@ -370,6 +371,7 @@ mod tests {
                 address: GatewayAddress::Ip([100, 64, 0, 1].into()),
                 port: 15443,
             }],
+            security: Default::default(),
         };
         let c2 = ClusterModel {
             cluster: ClusterId::new("c2"),
@@ -391,6 +393,7 @@ mod tests {
                     port: 15443,
                 },
             ],
+            security: Default::default(),
         };
         let endpoints = |resolved: &Resolved| -> Vec<String> {
             let v = view_for(
@@ -452,6 +455,7 @@ mod tests {
                 address: GatewayAddress::Hostname("lb.example.com".into()),
                 port: 15443,
             }],
+            security: Default::default(),
         };
         let endpoints = |resolved: &Resolved| -> Vec<String> {
             view_for(&NetworkId::new("n1"), &[(&c2, false)], &MeshConfig::default(), resolved)

@@ -19,6 +19,7 @@ use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
 use crate::objects::{ClusterObjects, ServiceExport};
+use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
 /// What a cluster source reports.
 #[derive(Debug, Clone)]
@@ -46,6 +47,12 @@ enum Any {
     ServiceExport(Box<Event<ServiceExport>>),
     /// The cluster does not serve `ServiceExport` (no MCS CRD): it exports nothing.
     NoServiceExports,
+    AuthorizationPolicy(Box<Event<AuthorizationPolicy>>),
+    PeerAuthentication(Box<Event<PeerAuthentication>>),
+    /// The cluster does not serve AuthorizationPolicy (no Istio CRDs): none.
+    NoAuthorizationPolicies,
+    /// Nor PeerAuthentication.
+    NoPeerAuthentications,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -100,6 +107,14 @@ impl<K: Resource + Clone> Kind<K> {
         }
     }
 
+    /// The kind is not served: there are none. Returns whether that changed anything.
+    fn none(&mut self) -> bool {
+        let changed = !self.synced || !self.objects.is_empty();
+        self.objects.clear();
+        self.synced = true;
+        changed
+    }
+
     fn all(&self) -> Vec<K> {
         self.objects.values().cloned().collect()
     }
@@ -128,6 +143,24 @@ fn service_exports(client: &Client) -> BoxStream<'static, Result<Any, watcher::E
         .boxed()
 }
 
+/// Watches an Istio security kind; like [`service_exports`], a cluster without
+/// Istio's CRDs has none, and still syncs.
+fn istio_security<K>(
+    client: &Client,
+    wrap: fn(Box<Event<K>>) -> Any,
+    none: fn() -> Any,
+) -> BoxStream<'static, Result<Any, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    watch::<K>(client, wrap)
+        .map(move |r| match r {
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => Ok(none()),
+            other => other,
+        })
+        .boxed()
+}
+
 /// Watches one cluster until `tx` is closed.
 pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
     let mut events = stream::select_all([
@@ -137,7 +170,10 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         watch::<Pod>(&client, Any::Pod),
         watch::<Node>(&client, Any::Node),
         service_exports(&client),
+        istio_security(&client, Any::AuthorizationPolicy, || Any::NoAuthorizationPolicies),
+        istio_security(&client, Any::PeerAuthentication, || Any::NoPeerAuthentications),
     ]);
+    let (mut authz, mut peer_authn) = (Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -176,11 +212,11 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::Pod(e)) => changed |= pods.apply(*e),
                 Ok(Any::Node(e)) => changed |= nodes.apply(*e),
                 Ok(Any::ServiceExport(e)) => changed |= exports.apply(*e),
-                Ok(Any::NoServiceExports) => {
-                    changed |= !exports.synced || !exports.objects.is_empty();
-                    exports.objects.clear();
-                    exports.synced = true;
-                }
+                Ok(Any::NoServiceExports) => changed |= exports.none(),
+                Ok(Any::AuthorizationPolicy(e)) => changed |= authz.apply(*e),
+                Ok(Any::PeerAuthentication(e)) => changed |= peer_authn.apply(*e),
+                Ok(Any::NoAuthorizationPolicies) => changed |= authz.none(),
+                Ok(Any::NoPeerAuthentications) => changed |= peer_authn.none(),
                 Err(e) => {
                     failing = true;
                     tracing::warn!(cluster = %id, error = %e, "watch failed; retrying");
@@ -191,7 +227,14 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             }
             next = futures_util::FutureExt::now_or_never(events.next()).flatten();
         }
-        let synced = ns.synced && svc.synced && eps.synced && pods.synced && nodes.synced && exports.synced;
+        let synced = ns.synced
+            && svc.synced
+            && eps.synced
+            && pods.synced
+            && nodes.synced
+            && exports.synced
+            && authz.synced
+            && peer_authn.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -200,6 +243,9 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 pods: pods.all(),
                 nodes: nodes.all(),
                 service_exports: exports.all(),
+                authorization_policies: authz.all(),
+                peer_authentications: peer_authn.all(),
+                refused: Vec::new(),
             };
             if tx.send(Update::Objects(id.clone(), objects)).await.is_err() {
                 return;

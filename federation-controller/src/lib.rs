@@ -10,6 +10,8 @@
 //! On the way, [`resolve`] gives gateways known only by host name their
 //! addresses. [`writeback`] writes into each cluster the ServiceEntries and ServiceImports
 //! of what other clusters export. Beside that flow, [`ca`] issues the workloads' SVIDs.
+//! [`security`] reads Istio's AuthorizationPolicy and PeerAuthentication, which
+//! [`xds`] turns into each sidecar's inbound listener.
 
 pub mod ca;
 pub mod cluster_clients;
@@ -24,6 +26,7 @@ pub mod publisher;
 pub mod registry;
 pub mod remote_secrets;
 pub mod resolve;
+pub mod security;
 pub mod trust;
 pub mod writeback;
 pub mod xds;

@@ -126,6 +126,8 @@ pub struct ClusterModel {
     /// The ClusterIPs of every TCP service port, sorted.
     pub vips: Vec<ServiceVip>,
     pub gateways: Vec<Gateway>,
+    /// Security policies and workloads, for inbound listeners.
+    pub security: crate::security::ClusterSecurity,
 }
 
 fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
@@ -333,11 +335,13 @@ impl ClusterModel {
         instances.sort_by(|a, b| (&a.service, a.address, a.target_port).cmp(&(&b.service, b.address, b.target_port)));
         gateways.sort();
         gateways.dedup();
+        let security = crate::security::ClusterSecurity::build(objects, &instances);
         ClusterModel {
             cluster: cluster.clone(),
             instances,
             vips,
             gateways,
+            security,
         }
     }
 }

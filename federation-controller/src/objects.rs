@@ -12,6 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_vocab::manifest::{self, ManifestError};
 use serde::{Deserialize, Serialize};
 
+use crate::security::{AuthorizationPolicy, PeerAuthentication};
+
 /// An MCS `ServiceExport` (`multicluster.x-k8s.io/v1alpha1`): the Service of the same
 /// namespace and name is exported to the cluster set. k8s-openapi has no MCS types, and
 /// federation reads only the name, so the spec (empty in v1alpha1) and status are not kept.
@@ -53,6 +55,11 @@ pub struct ClusterObjects {
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
     pub service_exports: Vec<ServiceExport>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// Security documents Istio would refuse: each is left out, and the rest of the
+    /// file still read, as an API server would have refused just that one.
+    pub refused: Vec<ManifestError>,
 }
 
 /// A document of a kind federation does not read (yet); kept so callers can say so.
@@ -96,6 +103,18 @@ impl ClusterObjects {
                     ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => {
                         self.service_exports.push(manifest::typed(file, n, &prefix, item)?)
                     }
+                    ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+                        match security_policy(file, n, &prefix, item, |p: &AuthorizationPolicy| p.spec.validate()) {
+                            Ok(p) => self.authorization_policies.push(p),
+                            Err(e) => self.refused.push(e),
+                        }
+                    }
+                    ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+                        match security_policy(file, n, &prefix, item, |p: &PeerAuthentication| p.spec.validate()) {
+                            Ok(p) => self.peer_authentications.push(p),
+                            Err(e) => self.refused.push(e),
+                        }
+                    }
                     _ => skipped.push(Skipped {
                         document: n,
                         api_version,
@@ -106,6 +125,19 @@ impl ClusterObjects {
         }
         Ok(skipped)
     }
+}
+
+/// Reads one security document and checks it as Istio would.
+fn security_policy<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    n: usize,
+    prefix: &str,
+    item: serde_json::Value,
+    validate: impl Fn(&T) -> Result<(), crate::security::Invalid>,
+) -> Result<T, ManifestError> {
+    let p: T = manifest::typed(file, n, prefix, item)?;
+    validate(&p).map_err(|e| ManifestError::field(file, n, format!("{prefix}{}", e.field), e.message))?;
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -166,6 +198,63 @@ items:
         assert_eq!(
             e,
             "x.yaml: document 1: field `kind`: every object needs apiVersion and kind"
+        );
+    }
+}
+
+#[cfg(test)]
+mod security_tests {
+    use super::*;
+    use crate::security::authorization_policy::Action;
+
+    #[test]
+    fn reads_istio_security_kinds_of_both_versions_and_refuses_bad_ones_one_by_one() {
+        let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-post, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: DENY
+  rules: [{to: [{operation: {methods: [POST]}}]}]
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: bad, namespace: foo}
+spec: {mtls: {mode: BLAH}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad, namespace: foo}
+spec: {rules: [{from: [{source: {serviceAccounts: [a], namespaces: [b]}}]}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo}
+"#;
+        let mut o = ClusterObjects::default();
+        let skipped = o.add_yaml(Path::new("c1/policies.yaml"), yaml).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(o.namespaces.len(), 1, "the rest of the file is read");
+        assert_eq!(o.authorization_policies.len(), 1);
+        assert_eq!(o.authorization_policies[0].spec.action, Action::Deny);
+        assert_eq!(o.peer_authentications.len(), 1);
+        let refused: Vec<String> = o.refused.iter().map(ToString::to_string).collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused[0]
+                .starts_with(r#"c1/policies.yaml: document 3: field `spec.mtls.mode`: Unsupported value: "BLAH""#),
+            "{}",
+            refused[0]
+        );
+        assert_eq!(
+            refused[1],
+            "c1/policies.yaml: document 4: field `spec.rules[0].from[0].source`: Cannot set serviceAccounts with namespaces or principals"
         );
     }
 }

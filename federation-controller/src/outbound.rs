@@ -185,6 +185,7 @@ mod tests {
                 })
                 .collect(),
             gateways: vec![],
+            security: Default::default(),
         }
     }
 

@@ -117,6 +117,7 @@ mod tests {
             instances: vec![],
             vips: vec![],
             gateways: vec![],
+            security: Default::default(),
         }
     }
 

@@ -342,6 +342,7 @@ mod tests {
                 address,
                 port: 15443,
             }],
+            security: Default::default(),
         };
         Snapshot::new(
             1,

@@ -5,6 +5,8 @@
 //! ([`listener`]); clusters and endpoints carry Istio's auto-mTLS ([`mtls`]).
 //! Proxyless gRPC clients get the shapes they accept instead, and routes
 //! (RDS) ([`grpc`]): each proxy has a [`Generator`], as in Istio.
+//! A sidecar also gets its workload's inbound listener ([`inbound`]), with
+//! Istio's AuthorizationPolicy as RBAC filters ([`rbac`]).
 //!
 //! Each proxy gets its own view: its network and cluster come from Istio's node
 //! metadata (`NETWORK`, `CLUSTER_ID`), so an Istio-style Envoy bootstrap works
@@ -49,8 +51,10 @@ use budget::{PushBudget, Reservation};
 
 pub mod budget;
 pub mod grpc;
+pub mod inbound;
 pub mod listener;
 pub mod mtls;
+pub mod rbac;
 
 /// Type URL of listeners.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -89,8 +93,15 @@ pub struct Snapshot {
     identities: std::sync::OnceLock<Arc<Identities>>,
 }
 
-/// What encoded resources are shared by: (network, cluster, generator, type URL).
-type CacheKey = (NetworkId, Option<ClusterId>, Generator, String);
+/// What encoded resources are shared by: (network, cluster, generator, type URL,
+/// and for a sidecar's listeners what its inbound listener is made of).
+type CacheKey = (
+    NetworkId,
+    Option<ClusterId>,
+    Generator,
+    String,
+    Option<inbound::Inbound>,
+);
 
 /// Per service port, the SPIFFE IDs that may answer for it.
 type Identities = BTreeMap<ServiceKey, Vec<SpiffeId>>;
@@ -103,6 +114,8 @@ pub struct ProxyView {
     /// Its cluster (`CLUSTER_ID`): what a ClusterIP means to it.
     pub cluster: Option<ClusterId>,
     pub generator: Generator,
+    /// A sidecar (not a gateway): it gets an inbound listener for its workload.
+    pub sidecar: Option<inbound::SidecarNode>,
 }
 
 impl ProxyView {
@@ -114,6 +127,7 @@ impl ProxyView {
                 .filter(|c| !c.is_empty())
                 .map(ClusterId::new),
             generator: Generator::of(node),
+            sidecar: inbound::SidecarNode::of(node).filter(|_| Generator::of(node) == Generator::Envoy),
         }
     }
 
@@ -123,6 +137,7 @@ impl ProxyView {
             network: network.clone(),
             cluster: None,
             generator: Generator::Envoy,
+            sidecar: None,
         }
     }
 }
@@ -197,17 +212,31 @@ impl Snapshot {
             (Generator::Envoy, LISTENER_TYPE) => self.served_cluster(proxy.cluster.as_ref()),
             _ => None,
         };
+        let inbound = match (&proxy.sidecar, type_url) {
+            (Some(node), LISTENER_TYPE) => Some(self.inbound(node, cluster.as_ref())),
+            _ => None,
+        };
         let cell = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((network.clone(), cluster.clone(), generator, type_url.to_owned()))
+            .entry((
+                network.clone(),
+                cluster.clone(),
+                generator,
+                type_url.to_owned(),
+                inbound.clone(),
+            ))
             .or_default()
             .clone();
         cell.get_or_init(|| async {
             let mut list: Vec<Encoded> = self
                 .resources(type_url, network, cluster.as_ref(), generator)
                 .into_iter()
+                .chain(inbound.as_ref().map(|i| {
+                    let l = i.listener();
+                    (l.name.clone(), any(LISTENER_TYPE, &l), stable_hash(i))
+                }))
                 .map(|(name, resource, version)| Encoded {
                     name,
                     resource,
@@ -219,6 +248,18 @@ impl Snapshot {
         })
         .await
         .clone()
+    }
+
+    /// What the inbound listener of the sidecar `node` in `cluster` (a served one,
+    /// or None: then every cluster's policies) is made of.
+    fn inbound(&self, node: &inbound::SidecarNode, cluster: Option<&ClusterId>) -> inbound::Inbound {
+        let models: Vec<&ClusterModel> = self
+            .clusters
+            .iter()
+            .map(|(m, _)| m.as_ref())
+            .filter(|m| cluster.is_none_or(|c| &m.cluster == c))
+            .collect();
+        node.inbound(&models, &self.mesh.trust_domain)
     }
 
     /// This snapshot with the gateway addresses `resolved`.
@@ -1117,6 +1158,7 @@ mod tests {
                 instances,
                 vips: vec![],
                 gateways,
+                security: Default::default(),
             }),
             false,
         )]

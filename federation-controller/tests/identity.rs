@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sidecar::run::{RunArgs, Sidecar};
-use support::{Controller, scratch, two_networks};
+use support::{Controller, free_port, scratch, two_networks};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -204,14 +204,6 @@ async fn rotation_under_load_fails_no_request() {
         "{last}"
     );
     assert_ne!(last, first, "requests after a rotation present the renewed SVID");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A trust domain: its CA (made up front, so its root is known before any controller

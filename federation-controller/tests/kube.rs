@@ -44,6 +44,15 @@ async fn until_addresses(rx: &mut mpsc::Receiver<Update>, want: &[&str]) -> Opti
     model
 }
 
+/// A client of `api`, through its kubeconfig as a user would reach it.
+async fn client_of(api: &FakeApi) -> kube::Client {
+    let kubeconfig = Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
 #[tokio::test]
 async fn lists_watches_relists_after_410_and_resumes_after_a_dropped_watch() {
     let api = FakeApi::start().await;
@@ -59,11 +68,7 @@ async fn lists_watches_relists_after_410_and_resumes_after_a_dropped_watch() {
     api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}));
     api.apply(slice(&["10.241.0.1", "10.241.0.2"]));
 
-    let kubeconfig = Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    let client = kube::Client::try_from(config).unwrap();
+    let client = client_of(&api).await;
     let (tx, mut rx) = mpsc::channel(16);
     let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
 
@@ -212,4 +217,51 @@ async fn serve_with_a_kubeconfig_serves_that_cluster_over_xds_and_follows_it() {
         .unwrap();
     assert_eq!(addresses(&pushed), ["10.241.0.1", "10.241.0.7"]);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Istio's security kinds are watched like the rest: a cluster without Istio's
+/// CRDs still syncs (it has no policies), and once they are installed the
+/// watchers pick its policies up.
+#[tokio::test]
+async fn security_policies_are_watched_once_istios_crds_are_installed() {
+    let api = FakeApi::start().await;
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
+    let client = client_of(&api).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
+    let mut next_model = async || loop {
+        let update = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+            .await
+            .expect("an update")
+            .unwrap();
+        if let Update::Objects(id, objects) = update {
+            return ClusterModel::build(&id, &objects, &MeshConfig::default());
+        }
+    };
+    let first = next_model().await;
+    assert_eq!(
+        first.security,
+        Default::default(),
+        "no Istio CRDs: no policies, and synced"
+    );
+
+    api.install_crds();
+    api.apply(
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-post", "namespace": "default"},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}}),
+    );
+    api.apply(
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "istio-system"}, "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    let model = loop {
+        let m = next_model().await;
+        if m.security.authorization_policies.len() == 1 && m.security.peer_authentications.len() == 1 {
+            break m;
+        }
+    };
+    assert_eq!(model.security.authorization_policies[0].name, "deny-post");
+    assert_eq!(model.security.peer_authentications[0].namespace, "istio-system");
+    source.abort();
 }

@@ -226,19 +226,23 @@ async fn sigterm_stops_the_controller_even_with_streams_open() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The listeners of an LDS response: "name address:port -> cluster".
+/// The virtual outbound listeners of an LDS response: "name address:port -> cluster"
+/// (a sidecar's virtualInbound is tests/inbound_xds.rs's and envoy.rs's).
 fn listeners(resp: &DiscoveryResponse) -> Vec<String> {
     assert_eq!(resp.type_url, LDS);
-    let mut out: Vec<String> = resp.resources.iter().map(listener).collect();
+    let mut out: Vec<String> = resp.resources.iter().filter_map(listener).collect();
     out.sort();
     out
 }
 
-/// One listener: "name address:port -> cluster".
-fn listener(r: &envoy_types::pb::google::protobuf::Any) -> String {
+/// One virtual outbound listener: "name address:port -> cluster"; None for the inbound one.
+fn listener(r: &envoy_types::pb::google::protobuf::Any) -> Option<String> {
     use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
     use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
     let l = Listener::decode(r.value.as_slice()).unwrap();
+    if l.name == "virtualInbound" {
+        return None;
+    }
     let Some(address::Address::SocketAddress(sa)) = l.address.unwrap().address else {
         panic!("a socket address")
     };
@@ -253,7 +257,7 @@ fn listener(r: &envoy_types::pb::google::protobuf::Any) -> String {
     let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = tcp.cluster_specifier else {
         panic!("a cluster")
     };
-    format!("{} {}:{} -> {c}", l.name, sa.address, port)
+    Some(format!("{} {}:{} -> {c}", l.name, sa.address, port))
 }
 
 /// The URI SANs the first cluster of a CDS response verifies its servers against.
@@ -413,7 +417,11 @@ async fn delta_lds_is_a_wildcard_and_names_a_withdrawn_cluster_ip() {
     let first = next_delta(&mut responses).await;
     let mut names: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["10.96.1.12_9080"], "its own cluster's VIP for reviews");
+    assert_eq!(
+        names,
+        ["10.96.1.12_9080", "virtualInbound"],
+        "its own cluster's VIP for reviews, and its inbound listener"
+    );
     tx.send(DeltaDiscoveryRequest {
         type_url: LDS.into(),
         response_nonce: first.nonce.clone(),
@@ -431,7 +439,7 @@ async fn delta_lds_is_a_wildcard_and_names_a_withdrawn_cluster_ip() {
     let added: Vec<String> = removal
         .resources
         .iter()
-        .map(|r| listener(r.resource.as_ref().unwrap()))
+        .filter_map(|r| listener(r.resource.as_ref().unwrap()))
         .collect();
     assert_eq!(added, [format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}")]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -532,7 +540,7 @@ async fn delta_clients_of_clusters_sharing_a_service_range_follow_their_own_clus
         let mut l: Vec<String> = first
             .resources
             .iter()
-            .map(|r| listener(r.resource.as_ref().unwrap()))
+            .filter_map(|r| listener(r.resource.as_ref().unwrap()))
             .collect();
         l.sort();
         got.push(l);
@@ -570,7 +578,7 @@ async fn delta_clients_of_clusters_sharing_a_service_range_follow_their_own_clus
     let mut changed: Vec<String> = change
         .resources
         .iter()
-        .map(|r| listener(r.resource.as_ref().unwrap()))
+        .filter_map(|r| listener(r.resource.as_ref().unwrap()))
         .collect();
     changed.sort();
     assert_eq!(

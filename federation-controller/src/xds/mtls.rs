@@ -16,8 +16,8 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, SdsSecretConfig, SubjectAltNameMatcher, UpstreamTlsContext,
-    common_tls_context, subject_alt_name_matcher,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, SubjectAltNameMatcher,
+    UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
@@ -114,6 +114,23 @@ pub fn upstream_tls(key: &ServiceKey, identities: &[SpiffeId]) -> UpstreamTlsCon
             )),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// The mTLS server context of a sidecar's inbound side: the workload's SVID, and
+/// a client certificate required under the trust domain's roots (who the client
+/// is, the RBAC filters decide).
+pub fn downstream_tls() -> DownstreamTlsContext {
+    DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds_secret(WORKLOAD_SECRET)],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds_secret(ROOT_SECRET)),
+            ),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
         ..Default::default()
     }
 }

@@ -71,6 +71,18 @@ const CRD_KINDS: &[(&str, &str, &str, &str)] = &[
         "ServiceEntryList",
         "networking.istio.io/v1",
     ),
+    (
+        "/apis/security.istio.io/v1/authorizationpolicies",
+        "AuthorizationPolicy",
+        "AuthorizationPolicyList",
+        "security.istio.io/v1",
+    ),
+    (
+        "/apis/security.istio.io/v1/peerauthentications",
+        "PeerAuthentication",
+        "PeerAuthenticationList",
+        "security.istio.io/v1",
+    ),
 ];
 
 /// A request path as (collection path, namespace, name): `/api/v1/namespaces/NS/secrets`
@@ -266,7 +278,8 @@ impl FakeApi {
         }
     }
 
-    /// Serves the CRD kinds from now on (MCS ServiceExport/ServiceImport, Istio ServiceEntry).
+    /// Serves the CRD kinds from now on (MCS ServiceExport/ServiceImport, Istio ServiceEntry,
+    /// AuthorizationPolicy, PeerAuthentication).
     pub fn install_crds(&self) {
         self.state.lock().unwrap().crds = true;
     }

@@ -51,6 +51,31 @@ pub fn cluster_with_ips(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&
     std::fs::write(d.join("objects.yaml"), y).unwrap();
 }
 
+/// An `httpbin` workload in `ns`: its Service on ClusterIP `vip` with `ports` (name,
+/// service port, target port), its sidecar'd pod `httpbin-1` (`app: httpbin`, service
+/// account `httpbin`) at `pod_ip`, and the EndpointSlice joining them.
+pub fn httpbin_yaml(ns: &str, vip: &str, pod_ip: &str, ports: &[(&str, u16, u16)]) -> String {
+    let service_ports: Vec<String> = ports
+        .iter()
+        .map(|(n, p, _)| format!("{{name: {n}, port: {p}}}"))
+        .collect();
+    let slice_ports: Vec<String> = ports
+        .iter()
+        .map(|(n, _, t)| format!("{{name: {n}, port: {t}}}"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: httpbin, namespace: {ns}}}\n\
+         spec: {{clusterIP: {vip}, ports: [{}]}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: httpbin-1, namespace: {ns}, labels: {{app: httpbin, security.istio.io/tlsMode: istio}}}}\n\
+         spec: {{serviceAccountName: httpbin, containers: [{{name: app}}]}}\nstatus: {{podIP: {pod_ip}}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: httpbin-1, namespace: {ns}, labels: {{kubernetes.io/service-name: httpbin}}}}\n\
+         addressType: IPv4\nports: [{}]\nendpoints: [{{addresses: [{pod_ip}], targetRef: {{kind: Pod, name: httpbin-1}}}}]\n",
+        service_ports.join(", "),
+        slice_ports.join(", "),
+    )
+}
+
 /// The layout most tests use: cluster1 on network1 with one sidecar'd `reviews`
 /// pod (10.241.0.10), cluster2 on network2 with two (10.242.0.10-11), each network
 /// with its east-west gateway (100.64.0.1, 100.64.0.2).
@@ -112,6 +137,15 @@ pub fn eventually<T>(what: &str, patience: std::time::Duration, mut f: impl FnMu
         assert!(std::time::Instant::now() < deadline, "timed out: {what}");
         std::thread::park_timeout(std::time::Duration::from_millis(20));
     }
+}
+
+/// A port nothing listens on now (the OS's next ephemeral one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fresh scratch directory for one test.
