@@ -779,8 +779,38 @@ struct DeltaType {
     /// Name → version (a hash of the encoded resource) the client has been sent.
     sent: HashMap<String, String>,
     last_nonce: String,
+    /// The first nonce of the last push, which went out in parts of [`DELTA_PART`]: the
+    /// proxy answers each part, and a NACK of any of them counts.
+    first_nonce: u64,
     /// Sent its first response: later empty diffs need no answer.
     answered: bool,
+}
+
+/// The most resource bytes one delta response carries; a larger push goes out in several.
+/// gRPC keeps each stream's encode buffer as large as its largest message, so a
+/// thousand proxies each sent every endpoint in one message would hold GiBs between
+/// pushes (measured); in parts they hold this much each. A resource larger than this is a
+/// part of its own.
+pub const DELTA_PART: usize = 128 << 10;
+
+/// Splits `resources` (in order) into runs of at most [`DELTA_PART`] bytes, each at least one.
+fn parts<'a>(resources: &[&'a Encoded]) -> Vec<Vec<&'a Encoded>> {
+    let mut out: Vec<Vec<&Encoded>> = Vec::new();
+    let mut size = 0;
+    for &e in resources {
+        let len = e.resource.value.len();
+        match out.last_mut() {
+            Some(part) if size + len <= DELTA_PART => {
+                part.push(e);
+                size += len;
+            }
+            _ => {
+                out.push(vec![e]);
+                size = len;
+            }
+        }
+    }
+    out
 }
 
 struct DeltaAds {
@@ -817,7 +847,12 @@ impl DeltaAds {
         let generator = self.proxy.as_ref().map_or(Generator::Envoy, |p| p.generator);
         let first = !self.types.contains_key(&req.type_url);
         let state = self.types.entry(req.type_url.clone()).or_default();
-        if !req.response_nonce.is_empty() && req.response_nonce == state.last_nonce {
+        // Nonces are this stream's counter: the last push's parts are first..=last.
+        let answers_last_push = match (req.response_nonce.parse::<u64>(), state.last_nonce.parse::<u64>()) {
+            (Ok(n), Ok(last)) => (state.first_nonce..=last).contains(&n),
+            _ => false,
+        };
+        if !req.response_nonce.is_empty() && answers_last_push {
             if let Some(err) = &req.error_detail {
                 // Keep what was sent as sent: resending the same thing would only be
                 // refused again. The next change sends what changed.
@@ -827,7 +862,7 @@ impl DeltaAds {
                     error = err.message,
                     "delta NACK: the proxy keeps its last good config"
                 );
-            } else {
+            } else if req.response_nonce == state.last_nonce {
                 let snapshot = self.snapshots.borrow().clone();
                 self.metrics
                     .convergence
@@ -905,29 +940,40 @@ impl DeltaAds {
         }
         changed.sort_by(|a, b| a.name.cmp(&b.name));
         state.answered = true;
-        self.nonce += 1;
+        let parts = parts(&changed);
+        let count = parts.len().max(1) as u64; // removals alone still make one response
+        state.first_nonce = self.nonce + 1;
+        self.nonce += count;
         state.last_nonce = self.nonce.to_string();
-        // Room first, copies after: a stream waiting for budget must not hold its copy.
+        // Room first, copies after: a stream waiting for budget must not hold its copy. The
+        // push holds it until the proxy answers its last part.
         let size = changed.iter().map(|e| e.resource.value.len()).sum();
         reserve(&mut self.in_flight, &self.budget, type_url, &state.last_nonce, size).await;
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: version.to_string(),
-            resources: changed
-                .into_iter()
-                .map(|e| Resource {
-                    name: e.name.clone(),
-                    version: e.version.clone(),
-                    resource: Some(e.resource.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: type_url.to_owned(),
-            removed_resources: removed,
-            nonce: state.last_nonce.clone(),
-            ..Default::default()
-        };
-        self.metrics.push(type_url);
-        self.tx.send(Ok(resp)).await.map_err(|_| ())
+        let mut removed = Some(removed);
+        let mut parts = parts.into_iter();
+        for nonce in state.first_nonce..=self.nonce {
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: version.to_string(),
+                resources: parts
+                    .next()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|e| Resource {
+                        name: e.name.clone(),
+                        version: e.version.clone(),
+                        resource: Some(e.resource.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                type_url: type_url.to_owned(),
+                removed_resources: removed.take().unwrap_or_default(),
+                nonce: nonce.to_string(),
+                ..Default::default()
+            };
+            self.metrics.push(type_url);
+            self.tx.send(Ok(resp)).await.map_err(|_| ())?;
+        }
+        Ok(())
     }
 }
 
@@ -1176,6 +1222,33 @@ mod tests {
             );
         }
         out
+    }
+
+    #[test]
+    fn a_large_delta_push_goes_out_in_parts_of_bounded_size_and_none_empty() {
+        let encoded = |name: &str, len: usize| Encoded {
+            name: name.into(),
+            resource: Any {
+                type_url: ENDPOINT_TYPE.into(),
+                value: vec![0; len],
+            },
+            version: "v".into(),
+        };
+        let list = [
+            encoded("a", 100 << 10),
+            encoded("b", 20 << 10),
+            encoded("c", 20 << 10),
+            encoded("d", 300 << 10),
+            encoded("e", 1),
+        ];
+        let refs: Vec<&Encoded> = list.iter().collect();
+        let names: Vec<Vec<&str>> = parts(&refs)
+            .iter()
+            .map(|p| p.iter().map(|e| e.name.as_str()).collect())
+            .collect();
+        // a+b fit in 128 KiB, c would not; d is larger than a part and goes alone.
+        assert_eq!(names, [vec!["a", "b"], vec!["c"], vec!["d"], vec!["e"]]);
+        assert!(parts(&[]).is_empty());
     }
 
     #[tokio::test]
