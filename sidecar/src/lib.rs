@@ -17,6 +17,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod peer_authentication;
 pub mod pool;
+pub mod route;
 pub mod run;
 pub mod socket;
 pub mod splice;
