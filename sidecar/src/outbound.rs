@@ -13,7 +13,9 @@
 //! ([`crate::pool::H2Pool`]), so a new client connection costs no handshake upstream.
 //! Captured HTTP traffic chooses its endpoint per request, as Envoy's router does: a
 //! keep-alive client spreads its requests over the endpoints instead of pinning one, and
-//! each request sees the latest table.
+//! each request sees the latest table. A captured connection to an HTTP listener (an
+//! `http_connection_manager`) goes through the HTTP hop whatever `--protocol` says, and
+//! each of its requests is routed by its route configuration ([`router`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -35,12 +37,14 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 
+mod router;
+
 use crate::capture;
-use crate::destinations::Destinations;
+use crate::destinations::{self, Destinations};
 use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
-use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
+use crate::pool::{self, H2Pool, Key, MarkedConnector, Outgoing, SendError, Sent};
 use crate::telemetry::{ConnectionLabels, RequestLabels, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
 
@@ -177,6 +181,9 @@ impl Hop<'_> {
 /// Endpoints tried per captured connection before giving up.
 const CONNECT_ATTEMPTS: usize = 3;
 
+/// The identities a server may prove, and whether HTTP/2 is spoken to it.
+type ConfigKey = (Vec<SpiffeId>, bool);
+
 /// Captured outbound traffic, routed by original destination.
 pub struct Captured {
     /// The routing table, swapped whole by the xDS client.
@@ -193,10 +200,14 @@ pub struct Captured {
     pub handshake_timeout: Duration,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
-    /// One client configuration per set of expected server identities, built once.
-    configs: Mutex<HashMap<Vec<SpiffeId>, Arc<ClientConfig>>>,
-    /// `--protocol http`: requests over pooled HTTP/2; `None` carries bytes.
-    pub http: Option<Arc<HttpHop>>,
+    /// One client configuration per set of expected server identities and whether it
+    /// carries HTTP/2, built once.
+    configs: Mutex<HashMap<ConfigKey, Arc<ClientConfig>>>,
+    /// The HTTP hop: every connection to an HTTP listener, and with `--protocol http` those
+    /// to TCP listeners too.
+    pub http: Arc<HttpHop>,
+    /// `--protocol http`: a TCP listener's connections are carried as HTTP requests too.
+    pub http_everywhere: bool,
 }
 
 impl Captured {
@@ -214,7 +225,8 @@ impl Captured {
         handshake_timeout: Duration,
         telemetry: Telemetry,
         drain: drain::Watch,
-        http: Option<Arc<HttpHop>>,
+        http: Arc<HttpHop>,
+        http_everywhere: bool,
     ) -> Self {
         Self {
             table,
@@ -230,20 +242,23 @@ impl Captured {
             drain,
             configs: Mutex::new(HashMap::new()),
             http,
+            http_everywhere,
         }
     }
 
-    fn config_for(&self, identities: &[SpiffeId]) -> Arc<ClientConfig> {
+    /// The client configuration for `identities`; `h2` for the HTTP hop's pooled HTTP/2.
+    fn config_for(&self, identities: &[SpiffeId], h2: bool) -> Arc<ClientConfig> {
         let mut configs = self.configs.lock().expect("config cache poisoned");
         configs
-            .entry(identities.to_vec())
+            .entry((identities.to_vec(), h2))
             .or_insert_with(|| {
                 let expected = if identities.is_empty() {
                     ExpectedPeer::Any
                 } else {
                     ExpectedPeer::OneOf(identities.to_vec())
                 };
-                tls::client_config(self.svid.clone(), self.bundles.clone(), expected, self.alpn)
+                let alpn = if h2 { Alpn::H2 } else { self.alpn };
+                tls::client_config(self.svid.clone(), self.bundles.clone(), expected, alpn)
             })
             .clone()
     }
@@ -260,11 +275,20 @@ impl Captured {
         if original == self.listen || original.port() == self.listen.port() && original.ip().is_loopback() {
             return self.telemetry.refused("outbound", "loop");
         }
+        self.carry_to(client, original).await;
+    }
+
+    /// Carries a captured connection whose original destination is `original`, as its
+    /// listener says: HTTP listeners through the HTTP hop, TCP ones as bytes (or as HTTP
+    /// with `--protocol http`), unknown destinations passed through.
+    pub async fn carry_to(self: Arc<Self>, client: TcpStream, original: SocketAddr) {
         let table = self.table.load_full();
-        if let Some(hop) = &self.http
-            && table.route(original).is_some()
-        {
-            return hop.clone().serve(client, Route::Captured(self.clone(), original)).await;
+        if table.http_listener(original).is_some() || self.http_everywhere && table.route(original).is_some() {
+            return self
+                .http
+                .clone()
+                .serve(client, Route::Captured(self.clone(), original))
+                .await;
         }
         let Some(upstream) = table.route(original) else {
             let service = original.ip().to_string();
@@ -303,7 +327,8 @@ impl Captured {
                     let Ok(sni) = ServerName::try_from(mesh.sni.clone()) else {
                         return self.telemetry.upstream_failure("outbound", "bad_sni");
                     };
-                    hop.mtls(client, stream, sni, self.config_for(&mesh.identities)).await;
+                    hop.mtls(client, stream, sni, self.config_for(&mesh.identities, false))
+                        .await;
                 }
                 _ => hop.plain(client, stream).await,
             }
@@ -340,7 +365,7 @@ pub struct HttpHop {
     /// Spreads requests over the lanes of endpoints that stand for several pods.
     next_lane: AtomicU32,
     /// Endpoints outside the mesh.
-    pub plain: Client<MarkedConnector, Incoming>,
+    pub plain: Client<MarkedConnector, Outgoing>,
     pub self_id: SpiffeId,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
@@ -403,12 +428,17 @@ impl HttpHop {
         }
     }
 
-    async fn forward(&self, route: &Route, req: Request<Incoming>, l4: &OnceLock<TcpCounters>) -> Response<ReplyBody> {
+    async fn forward(
+        self: &Arc<Self>,
+        route: &Route,
+        req: Request<Incoming>,
+        l4: &OnceLock<TcpCounters>,
+    ) -> Response<ReplyBody> {
         let protocol = http::request_protocol(req.headers());
         match route {
             Route::Fixed(outbound) => {
                 let req = match to_h2(req, outbound.upstream.addr) {
-                    Some(req) => req,
+                    Some(req) => req.map(Either::Left),
                     None => return http::bad_request("invalid host header\n"),
                 };
                 let what = Upstream {
@@ -421,13 +451,16 @@ impl HttpHop {
                     Err(e) => self.failed(e, &what),
                 }
             }
-            Route::Captured(captured, original) => self.forward_captured(captured, *original, req, protocol, l4).await,
+            Route::Captured(captured, original) => {
+                if captured.table.load().http_listener(*original).is_some() {
+                    return self.forward_routed(captured, *original, req, protocol, l4).await;
+                }
+                self.forward_captured(captured, *original, req, protocol, l4).await
+            }
         }
     }
 
-    /// Captured: chooses an endpoint for this request. A request moves on to another
-    /// endpoint only while no connection could be made (nothing of it was sent); once it
-    /// went out, its answer or failure is final.
+    /// Captured on a TCP listener with `--protocol http`: the listener's one cluster.
     async fn forward_captured(
         &self,
         captured: &Captured,
@@ -442,29 +475,51 @@ impl HttpHop {
             self.telemetry.upstream_failure("outbound", "no_route");
             return http::unavailable(CONNECT_FAILURE);
         };
-        let mut req = match to_h2(req, original) {
-            Some(req) => req,
+        let req = match to_h2(req, original) {
+            Some(req) => req.map(Either::Left),
             None => return http::bad_request("invalid host header\n"),
         };
+        let attempt = self.send_to(captured, upstream, req, &[]).await;
+        self.deliver(attempt, upstream, protocol, l4)
+    }
+
+    /// Sends `req` to one endpoint of `upstream`, avoiding those in `avoid` while another
+    /// is left. A request moves on to another endpoint only while no connection could be
+    /// made (nothing of it was sent); once it went out, its answer or failure is this
+    /// attempt's.
+    async fn send_to(
+        &self,
+        captured: &Captured,
+        upstream: &destinations::Upstream,
+        mut req: Request<Outgoing>,
+        avoid: &[usize],
+    ) -> Attempt {
         let mut tried: Vec<usize> = Vec::new();
         while tried.len() < CONNECT_ATTEMPTS.min(upstream.endpoints.len()) {
-            let Some(i) = upstream.balancer.pick(|i| !tried.contains(&i)) else {
+            let fresh = |i: usize| !tried.contains(&i);
+            let Some(i) = upstream
+                .balancer
+                .pick(|i| fresh(i) && !avoid.contains(&i))
+                .or_else(|| upstream.balancer.pick(fresh))
+            else {
                 break;
             };
             tried.push(i);
             let endpoint = &upstream.endpoints[i];
             let _active = upstream.balancer.open(i);
-            let what = Upstream {
-                service: &upstream.service,
-                cluster: endpoint.cluster.as_deref(),
-                protocol,
-            };
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
-                return self.plain(endpoint.address, req, &what, l4).await;
+                let result = self.plain.request(http::to_http1(req, endpoint.address)).await;
+                return Attempt {
+                    endpoint: Some(i),
+                    result: result.map(Answered::Plain).map_err(Unanswered::Plain),
+                };
             };
             let Ok(sni) = ServerName::try_from(mesh.sni.clone()) else {
                 self.telemetry.upstream_failure("outbound", "bad_sni");
-                return http::unavailable(CONNECT_FAILURE);
+                return Attempt {
+                    endpoint: Some(i),
+                    result: Err(Unanswered::Unreachable),
+                };
             };
             let lanes = pool::lanes_for(endpoint.weight);
             let key = Key {
@@ -478,35 +533,51 @@ impl HttpHop {
             let max_requests = (lanes > 1).then_some(pool::REQUESTS_PER_GATEWAY_CONNECTION);
             match self
                 .h2
-                .send(&key, &captured.config_for(&mesh.identities), req, max_requests)
+                .send(&key, &captured.config_for(&mesh.identities, true), req, max_requests)
                 .await
             {
-                Ok(sent) => return self.answer(sent, &what, l4),
+                Ok(sent) => {
+                    return Attempt {
+                        endpoint: Some(i),
+                        result: Ok(Answered::Mesh(sent)),
+                    };
+                }
                 Err(SendError::Connect(e, unsent)) => {
                     tracing::debug!(error = %e, "endpoint unreachable; trying another");
                     self.telemetry.upstream_failure("outbound", e.reason());
                     req = *unsent;
                 }
-                Err(e) => return self.failed(e, &what),
+                Err(e) => {
+                    return Attempt {
+                        endpoint: Some(i),
+                        result: Err(Unanswered::Mesh(e)),
+                    };
+                }
             }
         }
         if upstream.endpoints.is_empty() {
             self.telemetry.upstream_failure("outbound", "no_healthy_upstream");
         }
-        http::unavailable(CONNECT_FAILURE)
+        Attempt {
+            endpoint: tried.last().copied(),
+            result: Err(Unanswered::Unreachable),
+        }
     }
 
-    /// An endpoint outside the mesh: the request as HTTP/1.1 on a pooled keep-alive
-    /// connection, in plaintext.
-    async fn plain(
+    /// The client's answer for an attempt, counted.
+    fn deliver(
         &self,
-        addr: SocketAddr,
-        req: Request<Incoming>,
-        what: &Upstream<'_>,
+        attempt: Attempt,
+        upstream: &destinations::Upstream,
+        protocol: &'static str,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
-        let req = http::to_http1(req, addr);
-        let labels = ConnectionLabels {
+        let what = Upstream {
+            service: &upstream.service,
+            cluster: attempt.endpoint.and_then(|i| upstream.endpoints[i].cluster.as_deref()),
+            protocol,
+        };
+        let plain_labels = ConnectionLabels {
             reporter: "source",
             source_principal: self.self_id.as_str(),
             destination_principal: "unknown",
@@ -514,25 +585,28 @@ impl HttpHop {
             peer_cluster: what.cluster,
             mutual_tls: false,
         };
-        match self.plain.request(req).await {
-            Ok(resp) => {
-                l4.get_or_init(|| self.telemetry.connection(&labels));
-                self.count(labels, what.protocol, resp.status().as_u16());
+        match attempt.result {
+            Ok(Answered::Mesh(sent)) => self.answer(sent, &what, l4),
+            Err(Unanswered::Mesh(e)) => self.failed(e, &what),
+            Ok(Answered::Plain(resp)) => {
+                l4.get_or_init(|| self.telemetry.connection(&plain_labels));
+                self.count(plain_labels, what.protocol, resp.status().as_u16());
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(Leased::new(body, ())))
             }
-            Err(e) => {
+            Err(Unanswered::Plain(e)) => {
                 let reason = pool::http1_failure_reason(&e);
-                tracing::debug!(upstream = %addr, error = %e, "plaintext upstream failed");
+                tracing::debug!(service = what.service, error = %e, "plaintext upstream failed");
                 self.telemetry.upstream_failure("outbound", reason);
-                self.count(labels, what.protocol, 503);
+                self.count(plain_labels, what.protocol, 503);
                 http::unavailable(if e.is_connect() {
                     CONNECT_FAILURE
                 } else {
                     CONNECTION_TERMINATION
                 })
             }
+            Err(Unanswered::Unreachable) => http::unavailable(CONNECT_FAILURE),
         }
     }
 
@@ -575,6 +649,29 @@ impl HttpHop {
     fn count(&self, connection: ConnectionLabels<'_>, protocol: &'static str, code: u16) {
         self.telemetry.request(&RequestLabels { connection, protocol }, code);
     }
+}
+
+/// One attempt at one endpoint, not yet counted.
+struct Attempt {
+    /// The endpoint it went to (the last one tried, when none could be reached).
+    endpoint: Option<usize>,
+    result: Result<Answered, Unanswered>,
+}
+
+/// Response headers from upstream.
+enum Answered {
+    /// Over pooled HTTP/2 in mutual TLS.
+    Mesh(Sent),
+    /// From an endpoint outside the mesh.
+    Plain(Response<Incoming>),
+}
+
+/// Why an attempt got no response headers.
+enum Unanswered {
+    /// No endpoint could be connected to, or there is none: nothing was sent.
+    Unreachable,
+    Mesh(SendError),
+    Plain(hyper_util::client::legacy::Error),
 }
 
 /// What a request is going to, for its labels.

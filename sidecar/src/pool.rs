@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::{Request, Response, Uri};
@@ -37,6 +39,10 @@ use tokio::time::Instant;
 
 use crate::capture;
 use crate::tls::{self, Svid, SvidSlot};
+
+/// A request body upstream: the client's, streamed, or one held in memory so that it can
+/// be sent again (a retry, a mirror).
+pub type Outgoing = Either<Incoming, Full<Bytes>>;
 
 /// What one pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -103,10 +109,27 @@ impl ConnectError {
 pub enum SendError {
     /// No connection: nothing was sent, and the request is handed back.
     #[error("{0}")]
-    Connect(ConnectError, Box<Request<Incoming>>),
+    Connect(ConnectError, Box<Request<Outgoing>>),
     /// The request went out, then the stream or the connection failed before headers.
     #[error("upstream reset before headers: {0}")]
     Reset(hyper::Error),
+}
+
+impl SendError {
+    /// The upstream refused the stream (HTTP/2 `REFUSED_STREAM`): it promises that it did
+    /// not act on the request, so even a non-idempotent one may be sent again.
+    pub fn refused_stream(&self) -> bool {
+        let Self::Reset(e) = self else { return false };
+        // h2's error is only reachable as text: h2 is hyper's dependency, not ours.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = source {
+            if s.to_string().contains("refused stream before processing") {
+                return true;
+            }
+            source = s.source();
+        }
+        false
+    }
 }
 
 /// An answer from upstream, with what the caller needs to report it.
@@ -158,7 +181,7 @@ struct SlotState {
 #[derive(Clone)]
 struct Conn {
     id: u64,
-    sender: http2::SendRequest<Incoming>,
+    sender: http2::SendRequest<Outgoing>,
     peer: Arc<str>,
     busy: Arc<Busy>,
     /// The SVID current when it was made: once ours rotates, new requests go on a new
@@ -235,7 +258,7 @@ impl H2Pool {
         &self,
         key: &Key,
         tls: &Arc<ClientConfig>,
-        req: Request<Incoming>,
+        req: Request<Outgoing>,
         max_requests: Option<u64>,
     ) -> Result<Sent, SendError> {
         let conn = match self.checkout(key, tls, None, max_requests).await {
@@ -523,7 +546,12 @@ impl tower_service::Service<Uri> for MarkedConnector {
 const MAX_IDLE_PER_ADDRESS: usize = 64;
 
 /// A keep-alive HTTP/1.1 client pooling per `IP:port` (the request's URI authority).
-pub fn http1_client(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, Incoming> {
+pub fn http1_client<B>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(idle_timeout)

@@ -1,0 +1,313 @@
+//! Envoy's router for a captured connection to an HTTP listener: each request is looked
+//! up in the listener's route configuration ([`crate::route`]) and carried as its route
+//! says — injected faults first, then a direct answer, a redirect, or a forward to one of
+//! the route's clusters with its rewrites and header mutations, within the route's timeout,
+//! retried by its retry policy, and copied to its mirrors.
+//!
+//! A request body is held in memory (up to [`BUFFER_LIMIT`], Envoy's default
+//! `per_request_buffer_limit_bytes`) only when a retry or a mirror may need it again; a
+//! larger or unbounded body streams, and is then never sent twice.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Incoming};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION};
+use hyper::http::request::Parts;
+use hyper::{Request, Response, StatusCode, Uri};
+
+use super::{Answered, Attempt, Captured, HttpHop, Unanswered, to_h2};
+use crate::destinations::{Destinations, Upstream};
+use crate::http::{self, ReplyBody};
+use crate::pool::Outgoing;
+use crate::route::action::{Action, Forward, Target};
+use crate::route::fault::{ABORT_BODY, Abort};
+use crate::route::mirror::{Mirror, shadow_authority};
+use crate::route::retry::{Outcome, RetryPolicy};
+use crate::route::{RouteTable, Selected};
+use crate::telemetry::TcpCounters;
+
+/// The most of a request body held for retries and mirrors.
+pub const BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// Envoy's body when the route's timeout or the last attempt's per-try timeout expires.
+pub const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
+
+/// An answer of our own.
+fn local(status: StatusCode, body: Bytes) -> Response<ReplyBody> {
+    let text = !body.is_empty();
+    let mut resp = Response::new(Either::Right(Full::new(body)));
+    *resp.status_mut() = status;
+    if text {
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp
+}
+
+/// A copy of a request's head with `body`.
+fn copy(parts: &Parts, body: Outgoing) -> Request<Outgoing> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// The body, read whole when it is known to fit the buffer; `Err` when the client's body
+/// failed while being read.
+async fn buffered(body: Incoming, wanted: bool) -> Result<Either<Incoming, Bytes>, hyper::Error> {
+    if !wanted {
+        return Ok(Either::Left(body));
+    }
+    if body.is_end_stream() {
+        return Ok(Either::Right(Bytes::new()));
+    }
+    match body.size_hint().upper() {
+        Some(n) if n <= BUFFER_LIMIT => Ok(Either::Right(body.collect().await?.to_bytes())),
+        _ => Ok(Either::Left(body)),
+    }
+}
+
+/// How an attempt ended, as a retry policy judges it.
+fn outcome(attempt: &Attempt) -> Outcome<'_> {
+    match &attempt.result {
+        Ok(Answered::Mesh(sent)) => Outcome::Response(sent.response.status(), sent.response.headers()),
+        Ok(Answered::Plain(resp)) => Outcome::Response(resp.status(), resp.headers()),
+        Err(Unanswered::Unreachable) => Outcome::ConnectFailure,
+        Err(Unanswered::Mesh(e)) if e.refused_stream() => Outcome::RefusedStream,
+        Err(Unanswered::Mesh(crate::pool::SendError::Connect(..))) => Outcome::ConnectFailure,
+        Err(Unanswered::Plain(e)) if e.is_connect() => Outcome::ConnectFailure,
+        Err(Unanswered::Mesh(_) | Unanswered::Plain(_)) => Outcome::Reset,
+    }
+}
+
+/// An attempt that outlived its per-try timeout, or the one that ended first.
+enum Tried {
+    Done(Attempt),
+    TimedOut,
+}
+
+impl HttpHop {
+    /// Routes one request that arrived on the HTTP listener at `original`.
+    pub(super) async fn forward_routed(
+        self: &Arc<Self>,
+        captured: &Arc<Captured>,
+        original: SocketAddr,
+        req: Request<Incoming>,
+        protocol: &'static str,
+        l4: &OnceLock<TcpCounters>,
+    ) -> Response<ReplyBody> {
+        let table = captured.table.load_full();
+        let routes: Option<&RouteTable> = table
+            .http_listener(original)
+            .and_then(|name| table.routes.get(name))
+            .map(|t| &**t);
+        let (parts, body) = req.into_parts();
+        let Some(selected) = routes.and_then(|t| t.select(&parts)) else {
+            // Envoy's `NR`: no route, an empty 404.
+            return local(StatusCode::NOT_FOUND, Bytes::new());
+        };
+        if let Some(fault) = &selected.route.fault {
+            let drawn = fault.draw();
+            if let Some(delay) = drawn.delay {
+                tokio::time::sleep(delay).await;
+            }
+            match drawn.abort {
+                Some(Abort::Http(status)) => return local(status, Bytes::from_static(ABORT_BODY.as_bytes())),
+                Some(Abort::Grpc(code)) => {
+                    let mut resp = local(StatusCode::OK, Bytes::new());
+                    let headers = resp.headers_mut();
+                    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                    headers.insert("grpc-status", HeaderValue::from(code));
+                    headers.insert("grpc-message", HeaderValue::from_static(ABORT_BODY));
+                    return resp;
+                }
+                None => {}
+            }
+        }
+        let (target, mut resp) = match &selected.route.action {
+            Action::Direct { status, body } => (None, local(*status, body.clone())),
+            Action::Redirect(r) => {
+                let mut resp = local(r.status(), Bytes::new());
+                if let Ok(location) = HeaderValue::try_from(r.location(&parts)) {
+                    resp.headers_mut().insert(LOCATION, location);
+                }
+                (None, resp)
+            }
+            Action::Forward(f) => {
+                let target = f.pick();
+                let resp = self
+                    .forward_to(
+                        captured, &table, selected, f, target, parts, body, original, protocol, l4,
+                    )
+                    .await;
+                (Some(target), resp)
+            }
+        };
+        selected.response_headers(target, resp.headers_mut());
+        resp
+    }
+
+    /// Carries a request to `target`, one of `forward`'s clusters.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_to(
+        self: &Arc<Self>,
+        captured: &Arc<Captured>,
+        table: &Arc<Destinations>,
+        selected: Selected<'_>,
+        forward: &Forward,
+        target: &Target,
+        mut parts: Parts,
+        body: Incoming,
+        original: SocketAddr,
+        protocol: &'static str,
+        l4: &OnceLock<TcpCounters>,
+    ) -> Response<ReplyBody> {
+        let Some(upstream) = table.upstreams.get(&target.cluster) else {
+            // Envoy's `cluster_not_found_response_code` default: an empty 503.
+            self.telemetry.upstream_failure("outbound", "cluster_not_found");
+            return local(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
+        };
+        let path = forward.path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+        let Ok(uri) = Uri::try_from(path) else {
+            return http::bad_request("the rewritten path is not a path\n");
+        };
+        parts.uri = uri;
+        if let Some(host) = target.host_rewrite.as_ref().or(forward.host_rewrite.as_ref())
+            && let Ok(value) = HeaderValue::try_from(host.as_str())
+        {
+            parts.headers.insert(HOST, value);
+        }
+        selected.request_headers(Some(target), &mut parts.headers);
+        let Some(req) = to_h2(Request::from_parts(parts, ()), original) else {
+            return http::bad_request("invalid host header\n");
+        };
+        let (parts, ()) = req.into_parts();
+        let wanted = forward.retry.is_some() || !forward.mirrors.is_empty();
+        let body = match buffered(body, wanted).await {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::debug!(error = %e, "client body failed while buffered");
+                return http::bad_request("incomplete request body\n");
+            }
+        };
+        if let Either::Right(bytes) = &body {
+            for mirror in forward.mirrors.iter().filter(|m| m.fraction.sample()) {
+                self.mirror(captured, table, mirror, &parts, bytes.clone());
+            }
+        }
+        let attempts = self.attempts(captured, upstream, forward.retry.as_ref(), &parts, body);
+        let tried = match forward.timeout {
+            Some(timeout) => tokio::time::timeout(timeout, attempts).await.unwrap_or(Tried::TimedOut),
+            None => attempts.await,
+        };
+        match tried {
+            Tried::Done(attempt) => self.deliver(attempt, upstream, protocol, l4),
+            Tried::TimedOut => {
+                self.telemetry.upstream_failure("outbound", "timeout");
+                local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Bytes::from_static(UPSTREAM_TIMEOUT.as_bytes()),
+                )
+            }
+        }
+    }
+
+    /// The first attempt and the retries the policy allows, each within its per-try
+    /// timeout, with Envoy's backoff between them; what the last one got.
+    async fn attempts(
+        &self,
+        captured: &Captured,
+        upstream: &Upstream,
+        retry: Option<&RetryPolicy>,
+        parts: &Parts,
+        body: Either<Incoming, Bytes>,
+    ) -> Tried {
+        let (mut streaming, replay) = match body {
+            Either::Left(stream) => (Some(stream), None),
+            Either::Right(bytes) => (None, Some(bytes)),
+        };
+        let mut avoid = Vec::new();
+        let mut retries = 0;
+        loop {
+            let body = match (&replay, streaming.take()) {
+                (Some(bytes), _) => Either::Right(Full::new(bytes.clone())),
+                (None, Some(stream)) => Either::Left(stream),
+                (None, None) => unreachable!("a streamed body is sent once: the loop ends after its attempt"),
+            };
+            let send = self.send_to(captured, upstream, copy(parts, body), &avoid);
+            let tried = match retry.and_then(|r| r.per_try_timeout) {
+                Some(per_try) => tokio::time::timeout(per_try, send)
+                    .await
+                    .map_or(Tried::TimedOut, Tried::Done),
+                None => Tried::Done(send.await),
+            };
+            let Some(policy) = retry.filter(|r| replay.is_some() && retries < r.num_retries) else {
+                return tried;
+            };
+            let (retriable, endpoint) = match &tried {
+                Tried::Done(attempt) => (policy.retriable(parts, outcome(attempt)), attempt.endpoint),
+                Tried::TimedOut => (policy.retriable(parts, Outcome::PerTryTimeout), None),
+            };
+            if !retriable {
+                return tried;
+            }
+            if policy.previous_hosts
+                && let Some(i) = endpoint
+            {
+                avoid.push(i);
+            }
+            retries += 1;
+            tracing::debug!(service = upstream.service, retries, "retrying");
+            tokio::time::sleep(policy.backoff(retries)).await;
+        }
+    }
+
+    /// Sends a copy to `mirror`'s cluster in the background; its answer is dropped.
+    fn mirror(
+        self: &Arc<Self>,
+        captured: &Arc<Captured>,
+        table: &Arc<Destinations>,
+        mirror: &Mirror,
+        parts: &Parts,
+        body: Bytes,
+    ) {
+        let mut req = copy(parts, Either::Right(Full::new(body)));
+        if let Some(authority) = req.uri().authority().map(shadow_authority) {
+            let mut uri = req.uri().clone().into_parts();
+            uri.authority = Some(authority);
+            if let Ok(uri) = Uri::from_parts(uri) {
+                *req.uri_mut() = uri;
+            }
+        }
+        let (hop, captured, table, cluster) = (self.clone(), captured.clone(), table.clone(), mirror.cluster.clone());
+        tokio::spawn(async move {
+            let Some(upstream) = table.upstreams.get(&cluster) else {
+                return hop.telemetry.upstream_failure("outbound", "mirror_cluster_not_found");
+            };
+            if let Attempt { result: Err(_), .. } = hop.send_to(&captured, upstream, req, &[]).await {
+                tracing::debug!(cluster, "mirrored request failed");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_answers_carry_text_only_when_they_have_a_body() {
+        let empty = local(StatusCode::NOT_FOUND, Bytes::new());
+        assert!(empty.headers().get(CONTENT_TYPE).is_none());
+        let text = local(
+            StatusCode::GATEWAY_TIMEOUT,
+            Bytes::from_static(UPSTREAM_TIMEOUT.as_bytes()),
+        );
+        assert_eq!(text.headers()[CONTENT_TYPE], "text/plain");
+    }
+}
