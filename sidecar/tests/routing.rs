@@ -1,0 +1,649 @@
+//! Istio's VirtualService behaviour through a real sidecar routing table: a mock control
+//! plane (a real tonic ADS server fed from the test) serves listeners, routes, clusters and
+//! endpoints to the sidecar's own xDS client, and captured connections to a service VIP —
+//! handed to the captured path with their original destination, as capture would — reach
+//! real HTTP servers on 127.0.0.1 as the routes say.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::route_action::{ClusterSpecifier, RequestMirrorPolicy};
+use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, retry_policy, route, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, Rds, http_connection_manager,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prost::Message;
+use sidecar::destinations::Destinations;
+use sidecar::outbound::{Captured, HttpHop};
+use sidecar::tls::{Alpn, Svid, SvidSlot, TrustBundles};
+use sidecar::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use support::control_plane::ControlPlane;
+use support::{Pki, poll};
+use tokio::net::TcpListener;
+
+const HOST: &str = "reviews.default.svc.cluster.local";
+const ROUTE_NAME: &str = "reviews.default.svc.cluster.local:9080";
+const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+
+/// The service's VIP: never bound, only ever an original destination.
+fn vip() -> SocketAddr {
+    "10.242.255.10:9080".parse().unwrap()
+}
+
+fn subset(name: &str) -> String {
+    format!("outbound|9080|{name}|{HOST}")
+}
+
+fn sock(addr: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(addr.port()))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Istio's outbound HTTP listener for the VIP.
+fn http_listener() -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: "outbound_10.242.255.10_9080".into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: None,
+            route_config_name: ROUTE_NAME.into(),
+        })),
+        ..Default::default()
+    };
+    Listener {
+        name: "10.242.255.10_9080".into(),
+        address: Some(sock(vip())),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(Any {
+                    type_url: HCM_TYPE.into(),
+                    value: hcm.encode_to_vec(),
+                })),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn assignment(name: &str, endpoints: &[SocketAddr]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: endpoints
+                .iter()
+                .map(|a| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(sock(*a)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn prefix(p: &str) -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix(p.into())),
+        ..Default::default()
+    }
+}
+
+fn forward(r#match: RouteMatch, action: RouteAction) -> Route {
+    Route {
+        r#match: Some(r#match),
+        action: Some(route::Action::Route(action)),
+        ..Default::default()
+    }
+}
+
+fn to(cluster: &str) -> RouteAction {
+    RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    }
+}
+
+fn routes(routes: Vec<Route>) -> RouteConfiguration {
+    RouteConfiguration {
+        name: ROUTE_NAME.into(),
+        virtual_hosts: vec![VirtualHost {
+            name: ROUTE_NAME.into(),
+            domains: vec!["*".into()],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn percent(numerator: u32) -> Option<FractionalPercent> {
+    Some(FractionalPercent {
+        numerator,
+        denominator: 0,
+    })
+}
+
+/// What a backend does with each request.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// `200` with its name.
+    Answer,
+    /// `503`, as an overloaded or broken pod does.
+    Fail,
+    /// Never answers.
+    Hang,
+}
+
+/// An HTTP/1.1 server named `name`, counting its requests and keeping the authorities
+/// they carried.
+struct Backend {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    authorities: Arc<Mutex<Vec<String>>>,
+}
+
+async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let authorities = Arc::new(Mutex::new(Vec::new()));
+    let (h, a) = (hits.clone(), authorities.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (h, a) = (h.clone(), a.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (h, a) = (h.clone(), a.clone());
+                    async move {
+                        h.fetch_add(1, Ordering::Relaxed);
+                        let host = req.headers().get("host").map(|v| v.to_str().unwrap().to_owned());
+                        a.lock().unwrap().push(host.unwrap_or_default());
+                        let status = match behaviour {
+                            Behaviour::Answer => 200,
+                            Behaviour::Fail => 503,
+                            Behaviour::Hang => std::future::pending().await,
+                        };
+                        let resp = hyper::Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(name)))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Backend {
+        addr,
+        hits,
+        authorities,
+    }
+}
+
+/// A sidecar's captured outbound path following the control plane, and an address whose
+/// connections it takes as captured ones to the VIP.
+struct Sidecar {
+    table: Arc<ArcSwap<Destinations>>,
+    entry: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Sidecar {
+    async fn start(pki: &Pki, control: &ControlPlane) -> Sidecar {
+        let (cert, key) = pki.svid("cluster.local", "productpage");
+        let svid = Svid::from_files(&cert, &key).unwrap();
+        let self_id = svid.id().clone();
+        let svid = SvidSlot::new(svid);
+        let telemetry = sidecar::telemetry::Telemetry::for_cluster("cluster1");
+        let (trigger, watch) = sidecar::drain::channel();
+        // The drain trigger lives as long as the test.
+        std::mem::forget(trigger);
+        let settings = sidecar::pool::Settings {
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(30),
+            mark: None,
+        };
+        let hop = Arc::new(HttpHop::new(
+            settings,
+            svid.clone(),
+            self_id.clone(),
+            telemetry.clone(),
+            watch.clone(),
+        ));
+        let table = Arc::new(ArcSwap::from_pointee(Destinations::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let entry = listener.local_addr().unwrap();
+        let captured = Arc::new(Captured::new(
+            table.clone(),
+            svid,
+            TrustBundles::new(),
+            Alpn::Tcp,
+            None,
+            entry,
+            self_id.clone(),
+            Duration::from_secs(2),
+            Duration::from_secs(2),
+            telemetry,
+            watch,
+            hop,
+            false,
+        ));
+        let identity = sidecar::xds::Identity {
+            id: self_id,
+            ip: "127.0.0.1".parse().unwrap(),
+            network: "network1".into(),
+            cluster: "cluster1".into(),
+        };
+        tokio::spawn(sidecar::xds::follow(
+            control.address.clone(),
+            identity,
+            table.clone(),
+            |_, _| {},
+        ));
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(captured.clone().carry_to(stream, vip()));
+            }
+        });
+        Sidecar {
+            table,
+            entry,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// One request through the sidecar: status, body and response headers.
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String, hyper::HeaderMap) {
+        let mut req = hyper::Request::builder()
+            .uri(format!("http://{}{path}", self.entry))
+            .header("host", "reviews:9080");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned(), headers)
+    }
+
+    /// The control plane serves `config` for `clusters` (name → backends), in xDS order;
+    /// returns once this sidecar's table has the routes and every cluster's endpoints.
+    async fn serve(
+        &self,
+        control: &mut ControlPlane,
+        config: RouteConfiguration,
+        clusters: &[(&str, Vec<SocketAddr>)],
+    ) {
+        control.push(LISTENER_TYPE, "1", &[http_listener()]).await;
+        control.push(ROUTE_TYPE, "1", &[config]).await;
+        let cds: Vec<Cluster> = clusters.iter().map(|(n, _)| cluster(n)).collect();
+        control.push(CLUSTER_TYPE, "1", &cds).await;
+        let eds: Vec<ClusterLoadAssignment> = clusters.iter().map(|(n, eps)| assignment(n, eps)).collect();
+        control.push(ENDPOINT_TYPE, "1", &eds).await;
+        poll(Duration::from_secs(10), || async {
+            let t = self.table.load();
+            let ready = t.routes.contains_key(ROUTE_NAME)
+                && clusters
+                    .iter()
+                    .all(|(c, _)| t.upstreams.get(*c).is_some_and(|u| !u.endpoints.is_empty()));
+            if ready {
+                Ok(())
+            } else {
+                Err(format!("table not ready: {:?}", t.routes.keys()))
+            }
+        })
+        .await
+    }
+}
+
+async fn setup(name: &str) -> (Pki, ControlPlane, Sidecar) {
+    let pki = Pki::new("routing", name);
+    let control = ControlPlane::start().await;
+    let sidecar = Sidecar::start(&pki, &control).await;
+    (pki, control, sidecar)
+}
+
+/// Counts of each answer's body over `n` requests.
+async fn spread(sidecar: &Sidecar, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let (status, body, _) = sidecar.get("/reviews/1", headers).await;
+        *counts.entry(format!("{status} {body}")).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_subscribes_to_the_routes_its_listeners_name_and_nacks_a_bad_one() {
+    let (_pki, mut control, sidecar) = setup("rds").await;
+    let v1 = backend("v1", Behaviour::Answer).await;
+    control.push(LISTENER_TYPE, "1", &[http_listener()]).await;
+    let rds = control
+        .request_where(ROUTE_TYPE, |r| !r.resource_names.is_empty())
+        .await;
+    assert_eq!(rds.resource_names, [ROUTE_NAME]);
+    let bad = routes(vec![Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::SafeRegex(
+                envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                    regex: "(".into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(to(&subset("v1")))),
+        ..Default::default()
+    }]);
+    control.push(ROUTE_TYPE, "2", &[bad]).await;
+    let nack = control.request_where(ROUTE_TYPE, |r| r.error_detail.is_some()).await;
+    assert!(nack.error_detail.unwrap().message.contains(ROUTE_NAME));
+    assert_eq!(nack.resource_names, [ROUTE_NAME]);
+    // No route configuration yet: Envoy's 404 for a request no route takes.
+    assert_eq!(sidecar.get("/", &[]).await.0, 404);
+
+    sidecar
+        .serve(
+            &mut control,
+            routes(vec![forward(prefix("/"), to(&subset("v1")))]),
+            &[(&subset("v1"), vec![v1.addr])],
+        )
+        .await;
+    let ack = control
+        .request_where(ROUTE_TYPE, |r| r.version_info == "1" && r.error_detail.is_none())
+        .await;
+    assert_eq!(ack.resource_names, [ROUTE_NAME]);
+    assert_eq!(sidecar.get("/", &[]).await.1, "v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_subsets_split_90_10_and_a_header_match_picks_the_b_side() {
+    let (_pki, mut control, sidecar) = setup("weights").await;
+    let (v1, v2) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("v2", Behaviour::Answer).await,
+    );
+    let jason = HeaderMatcher {
+        name: "end-user".into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact("jason".into())),
+            ignore_case: false,
+        })),
+        ..Default::default()
+    };
+    let split = RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: [("v1", 90), ("v2", 10)]
+                .iter()
+                .map(|(n, w)| ClusterWeight {
+                    name: subset(n),
+                    weight: Some(UInt32Value { value: *w }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let config = routes(vec![
+        forward(
+            RouteMatch {
+                headers: vec![jason],
+                ..prefix("/")
+            },
+            to(&subset("v2")),
+        ),
+        forward(prefix("/"), split),
+    ]);
+    sidecar
+        .serve(
+            &mut control,
+            config,
+            &[(&subset("v1"), vec![v1.addr]), (&subset("v2"), vec![v2.addr])],
+        )
+        .await;
+
+    let n = 1_000;
+    let counts = spread(&sidecar, n, &[]).await;
+    let to_v1 = counts.get("200 v1").copied().unwrap_or(0);
+    assert_eq!(to_v1 + counts.get("200 v2").copied().unwrap_or(0), n, "{counts:?}");
+    // 90% of 1 000 is 900, σ ≈ 9.5: six σ either side.
+    assert!((843..=957).contains(&to_v1), "{counts:?}");
+
+    let ab = spread(&sidecar, 50, &[("end-user", "jason")]).await;
+    assert_eq!(ab, HashMap::from([("200 v2".to_owned(), 50)]), "jason always sees v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_abort_their_share_and_delay_by_their_fixed_time() {
+    let (_pki, mut control, sidecar) = setup("faults").await;
+    let v1 = backend("v1", Behaviour::Answer).await;
+    let fault = |f: HttpFault| {
+        HashMap::from([(
+            "envoy.filters.http.fault".to_owned(),
+            Any {
+                type_url: FAULT_TYPE.into(),
+                value: f.encode_to_vec(),
+            },
+        )])
+    };
+    let abort = HttpFault {
+        abort: Some(FaultAbort {
+            percentage: percent(30),
+            error_type: Some(fault_abort::ErrorType::HttpStatus(503)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let delay = HttpFault {
+        delay: Some(FaultDelay {
+            percentage: percent(100),
+            fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(
+                envoy_types::pb::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 300_000_000,
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    let config = routes(vec![
+        Route {
+            typed_per_filter_config: fault(delay),
+            ..forward(prefix("/slow"), to(&subset("v1")))
+        },
+        Route {
+            typed_per_filter_config: fault(abort),
+            ..forward(prefix("/"), to(&subset("v1")))
+        },
+    ]);
+    sidecar
+        .serve(&mut control, config, &[(&subset("v1"), vec![v1.addr])])
+        .await;
+
+    let n = 600;
+    let counts = spread(&sidecar, n, &[]).await;
+    let aborted = counts.get("503 fault filter abort").copied().unwrap_or(0);
+    assert_eq!(aborted + counts.get("200 v1").copied().unwrap_or(0), n, "{counts:?}");
+    // 30% of 600 is 180, σ ≈ 11.2: six σ either side.
+    assert!((113..=247).contains(&aborted), "{counts:?}");
+    assert_eq!(
+        v1.hits.load(Ordering::Relaxed),
+        n - aborted,
+        "an aborted request never leaves"
+    );
+
+    let started = tokio::time::Instant::now();
+    let (status, body, _) = sidecar.get("/slow", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "v1"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_turn_a_failing_endpoint_into_no_client_errors_and_a_timeout_is_a_504() {
+    let (_pki, mut control, sidecar) = setup("retries").await;
+    let (broken, healthy) = (
+        backend("broken", Behaviour::Fail).await,
+        backend("v1", Behaviour::Answer).await,
+    );
+    let stuck = backend("stuck", Behaviour::Hang).await;
+    // Istio's default retry policy.
+    let istio_default = RetryPolicy {
+        retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        retriable_status_codes: vec![503],
+        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: None,
+        }],
+        ..Default::default()
+    };
+    let config = routes(vec![
+        forward(
+            prefix("/stuck"),
+            RouteAction {
+                timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 200_000_000,
+                }),
+                ..to(&subset("stuck"))
+            },
+        ),
+        forward(
+            prefix("/"),
+            RouteAction {
+                retry_policy: Some(istio_default),
+                ..to(&subset("v1"))
+            },
+        ),
+    ]);
+    sidecar
+        .serve(
+            &mut control,
+            config,
+            &[
+                (&subset("v1"), vec![broken.addr, healthy.addr]),
+                (&subset("stuck"), vec![stuck.addr]),
+            ],
+        )
+        .await;
+
+    let n = 100;
+    let counts = spread(&sidecar, n, &[]).await;
+    assert_eq!(counts, HashMap::from([("200 v1".to_owned(), n)]));
+    assert!(broken.hits.load(Ordering::Relaxed) > 0, "the broken endpoint was tried");
+    assert_eq!(healthy.hits.load(Ordering::Relaxed), n);
+
+    let (status, body, _) = sidecar.get("/stuck", &[]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_receives_copies_with_a_shadow_authority() {
+    let (_pki, mut control, sidecar) = setup("mirror").await;
+    let (v1, shadow) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("shadow", Behaviour::Fail).await,
+    );
+    let config = routes(vec![forward(
+        prefix("/"),
+        RouteAction {
+            request_mirror_policies: vec![RequestMirrorPolicy {
+                cluster: subset("v2"),
+                runtime_fraction: Some(envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent {
+                    default_value: percent(100),
+                    runtime_key: String::new(),
+                }),
+                ..Default::default()
+            }],
+            ..to(&subset("v1"))
+        },
+    )]);
+    sidecar
+        .serve(
+            &mut control,
+            config,
+            &[(&subset("v1"), vec![v1.addr]), (&subset("v2"), vec![shadow.addr])],
+        )
+        .await;
+
+    let n = 20;
+    // The shadow answers 503; the caller never sees it.
+    assert_eq!(
+        spread(&sidecar, n, &[]).await,
+        HashMap::from([("200 v1".to_owned(), n)])
+    );
+    poll(Duration::from_secs(5), || async {
+        match shadow.hits.load(Ordering::Relaxed) {
+            h if h == n => Ok(()),
+            h => Err(format!("{h} copies of {n}")),
+        }
+    })
+    .await;
+    let authorities = shadow.authorities.lock().unwrap().clone();
+    assert!(
+        authorities.iter().all(|a| a == "reviews-shadow:9080"),
+        "{authorities:?}"
+    );
+    assert!(v1.authorities.lock().unwrap().iter().all(|a| a == "reviews:9080"));
+}
