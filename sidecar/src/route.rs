@@ -237,7 +237,7 @@ impl Selected<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
     use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
     use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
     use envoy_types::pb::envoy::config::route::v3::{RouteAction, RouteMatch, route};
@@ -330,15 +330,7 @@ mod tests {
 
     #[test]
     fn header_levels_and_errors_name_the_resource_and_route() {
-        let set = |k: &str, v: &str| HeaderValueOption {
-            header: Some(HeaderValue {
-                key: k.into(),
-                value: v.into(),
-                ..Default::default()
-            }),
-            append_action: 2,
-            ..Default::default()
-        };
+        let set = |k, v| headers::tests::option(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd);
         let mut route = to("/", "c");
         route.request_headers_to_add = vec![set("x-level", "route"), set("x-route", "1")];
         let mut host = vhost("v", &["*"], vec![route]);

@@ -179,20 +179,28 @@ enum Behaviour {
     Hang,
 }
 
-/// An HTTP/1.1 server named `name`, counting its requests and keeping the authorities
-/// they carried.
+/// What a backend saw of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    host: String,
+    path: String,
+    /// `x-route`, which routes add.
+    tag: Option<String>,
+}
+
+/// An HTTP/1.1 server named `name`, counting its requests and keeping what they carried.
 struct Backend {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
-    authorities: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
-    let authorities = Arc::new(Mutex::new(Vec::new()));
-    let (h, a) = (hits.clone(), authorities.clone());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (h, a) = (hits.clone(), seen.clone());
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
@@ -202,8 +210,12 @@ async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
                     let (h, a) = (h.clone(), a.clone());
                     async move {
                         h.fetch_add(1, Ordering::Relaxed);
-                        let host = req.headers().get("host").map(|v| v.to_str().unwrap().to_owned());
-                        a.lock().unwrap().push(host.unwrap_or_default());
+                        let header = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
+                        a.lock().unwrap().push(Seen {
+                            host: header("host").unwrap_or_default(),
+                            path: req.uri().to_string(),
+                            tag: header("x-route"),
+                        });
                         let status = match behaviour {
                             Behaviour::Answer => 200,
                             Behaviour::Fail => 503,
@@ -222,11 +234,7 @@ async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
             });
         }
     });
-    Backend {
-        addr,
-        hits,
-        authorities,
-    }
+    Backend { addr, hits, seen }
 }
 
 /// A sidecar's captured outbound path following the control plane, and an address whose
@@ -303,9 +311,15 @@ impl Sidecar {
         }
     }
 
-    /// One request through the sidecar: status, body and response headers.
+    /// One GET through the sidecar: status, body and response headers.
     async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String, hyper::HeaderMap) {
+        self.request("GET", path, headers).await
+    }
+
+    /// One request through the sidecar: status, body and response headers.
+    async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, hyper::HeaderMap) {
         let mut req = hyper::Request::builder()
+            .method(method)
             .uri(format!("http://{}{path}", self.entry))
             .header("host", "reviews:9080");
         for (k, v) in headers {
@@ -640,10 +654,116 @@ async fn a_mirror_receives_copies_with_a_shadow_authority() {
         }
     })
     .await;
-    let authorities = shadow.authorities.lock().unwrap().clone();
-    assert!(
-        authorities.iter().all(|a| a == "reviews-shadow:9080"),
-        "{authorities:?}"
+    let copies = shadow.seen.lock().unwrap().clone();
+    assert!(copies.iter().all(|s| s.host == "reviews-shadow:9080"), "{copies:?}");
+    assert!(v1.seen.lock().unwrap().iter().all(|s| s.host == "reviews:9080"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_that_reached_the_upstream_is_never_sent_twice() {
+    let (_pki, mut control, sidecar) = setup("idempotent").await;
+    let broken = backend("broken", Behaviour::Fail).await;
+    let retry = RetryPolicy {
+        retry_on: "5xx".into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        ..Default::default()
+    };
+    let config = routes(vec![forward(
+        prefix("/"),
+        RouteAction {
+            retry_policy: Some(retry),
+            ..to(&subset("v1"))
+        },
+    )]);
+    sidecar
+        .serve(&mut control, config, &[(&subset("v1"), vec![broken.addr])])
+        .await;
+    assert_eq!(sidecar.get("/", &[]).await.0, 503);
+    assert_eq!(
+        broken.hits.load(Ordering::Relaxed),
+        3,
+        "a GET: the first attempt and two retries"
     );
-    assert!(v1.authorities.lock().unwrap().iter().all(|a| a == "reviews:9080"));
+    assert_eq!(sidecar.request("POST", "/", &[]).await.0, 503);
+    assert_eq!(broken.hits.load(Ordering::Relaxed), 4, "a POST went out once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_redirects_direct_answers_and_headers_are_as_the_routes_say() {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, HeaderValue, HeaderValueOption, data_source};
+    use envoy_types::pb::envoy::config::route::v3::redirect_action::PathRewriteSpecifier;
+    use envoy_types::pb::envoy::config::route::v3::route_action::HostRewriteSpecifier;
+    use envoy_types::pb::envoy::config::route::v3::{DirectResponseAction, RedirectAction};
+    let (_pki, mut control, sidecar) = setup("actions").await;
+    let v1 = backend("v1", Behaviour::Answer).await;
+    let set = |k: &str, v: &str| HeaderValueOption {
+        header: Some(HeaderValue {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        }),
+        append_action: 2,
+        ..Default::default()
+    };
+    let config = routes(vec![
+        Route {
+            r#match: Some(prefix("/old")),
+            action: Some(route::Action::Redirect(RedirectAction {
+                path_rewrite_specifier: Some(PathRewriteSpecifier::PathRedirect("/new".into())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        Route {
+            r#match: Some(prefix("/teapot")),
+            action: Some(route::Action::DirectResponse(DirectResponseAction {
+                status: 418,
+                body: Some(DataSource {
+                    specifier: Some(data_source::Specifier::InlineString("short and stout".into())),
+                    ..Default::default()
+                }),
+                body_format: None,
+            })),
+            ..Default::default()
+        },
+        Route {
+            request_headers_to_add: vec![set("x-route", "api")],
+            response_headers_to_add: vec![set("x-served", "routed")],
+            ..forward(
+                prefix("/api/v1"),
+                RouteAction {
+                    prefix_rewrite: "/v2".into(),
+                    host_rewrite_specifier: Some(HostRewriteSpecifier::HostRewriteLiteral("ratings:9080".into())),
+                    ..to(&subset("v1"))
+                },
+            )
+        },
+    ]);
+    sidecar
+        .serve(&mut control, config, &[(&subset("v1"), vec![v1.addr])])
+        .await;
+
+    let (status, _, headers) = sidecar.get("/old/page?x=1", &[]).await;
+    assert_eq!(status, 301);
+    assert_eq!(headers["location"], "http://reviews:9080/new?x=1");
+    let (status, body, _) = sidecar.get("/teapot", &[]).await;
+    assert_eq!((status, body.as_str()), (418, "short and stout"));
+    let (status, body, headers) = sidecar.get("/api/v1/users?id=7", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "v1"));
+    assert_eq!(headers["x-served"], "routed");
+    let seen = v1.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [Seen {
+            host: "ratings:9080".into(),
+            path: "/v2/users?id=7".into(),
+            tag: Some("api".into()),
+        }]
+    );
+    assert_eq!(sidecar.get("/elsewhere", &[]).await.0, 404, "no route: Envoy's 404");
+    assert_eq!(
+        v1.hits.load(Ordering::Relaxed),
+        1,
+        "only the forwarded request left the sidecar"
+    );
 }

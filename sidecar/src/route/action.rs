@@ -24,6 +24,9 @@ use super::matcher::{self, Matcher};
 use super::mirror::Mirror;
 use super::retry::RetryPolicy;
 
+/// Envoy's route timeout when a route gives none.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A route's action.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -44,7 +47,7 @@ pub struct Forward {
     rewrite: Option<PathRewrite>,
     /// `host_rewrite_literal`.
     pub host_rewrite: Option<Authority>,
-    /// The whole request's bound (0 is none, as Istio's default).
+    /// The whole request's bound: Envoy's 15 s when unset, none when 0 (Istio's default).
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub mirrors: Vec<Mirror>,
@@ -215,11 +218,10 @@ impl Forward {
             Some(HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(authority(h)?),
             _ => None,
         };
-        let timeout = r
-            .timeout
-            .map(|t| super::duration(&t, "timeout"))
-            .transpose()?
-            .filter(|t| !t.is_zero());
+        let timeout = match &r.timeout {
+            Some(t) => Some(super::duration(t, "timeout")?).filter(|t| !t.is_zero()),
+            None => Some(DEFAULT_TIMEOUT),
+        };
         Ok(Self {
             targets,
             total_weight,
@@ -434,6 +436,7 @@ mod tests {
             &m,
         );
         assert_eq!(f.path("/api/v1/users?x=1"), "/v2/users?x=1");
+        assert_eq!(f.timeout, Some(Duration::from_secs(15)), "Envoy's default");
         let f = forward(
             RouteAction {
                 regex_rewrite: Some(RegexMatchAndSubstitute {
@@ -448,6 +451,14 @@ mod tests {
             &m,
         );
         assert_eq!(f.path("/service/foo/v1/api?q=1"), "/v1/api/instance/foo?q=1");
+        let f = forward(
+            RouteAction {
+                timeout: Some(envoy_types::pb::google::protobuf::Duration { seconds: 0, nanos: 0 }),
+                ..weighted(&[1])
+            },
+            &m,
+        );
+        assert_eq!(f.timeout, None, "0 is no timeout");
     }
 
     #[test]

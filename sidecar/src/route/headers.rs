@@ -80,11 +80,12 @@ pub struct HeaderPolicy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::HeaderValue as EnvoyHeader;
 
-    fn option(k: &str, v: &str, action: HeaderAppendAction) -> HeaderValueOption {
+    /// Adds header `k: v` by `action`.
+    pub(in crate::route) fn option(k: &str, v: &str, action: HeaderAppendAction) -> HeaderValueOption {
         HeaderValueOption {
             header: Some(EnvoyHeader {
                 key: k.into(),
