@@ -36,7 +36,8 @@ use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
 use mesh_vocab::spiffe::SpiffeId;
 use prost::Message;
 
-use crate::balance::{Balancer, Policy};
+use crate::balance::Balancer;
+use crate::cluster::{Breaker, ClusterPolicy, Health, Reply};
 use crate::route::RouteTable;
 
 const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -92,6 +93,23 @@ pub struct Upstream {
     pub tls: Option<MeshTls>,
     pub endpoints: Vec<Endpoint>,
     pub balancer: Balancer,
+    /// Outlier detection, when the cluster asks for it.
+    pub health: Option<Health>,
+    pub breaker: Breaker,
+}
+
+impl Upstream {
+    /// Whether endpoint `i` may be chosen now (not ejected as an outlier).
+    pub fn usable(&self, i: usize) -> bool {
+        self.health.as_ref().is_none_or(|h| h.usable(i, self.endpoints.len()))
+    }
+
+    /// Tells outlier detection how a request to endpoint `i` ended.
+    pub fn record(&self, i: usize, reply: Reply) {
+        if let Some(h) = &self.health {
+            h.record(i, reply);
+        }
+    }
 }
 
 /// The whole table.
@@ -132,6 +150,22 @@ impl Destinations {
         names
     }
 
+    /// Carries each endpoint's outlier health over from `old` (matched by cluster and
+    /// address), so that a new table does not give a failing endpoint a fresh start.
+    pub fn inherit_health(&self, old: &Destinations) {
+        for (name, up) in &self.upstreams {
+            let (Some(health), Some(before)) = (&up.health, old.upstreams.get(name)) else {
+                continue;
+            };
+            let Some(old_health) = &before.health else { continue };
+            for (to, e) in up.endpoints.iter().enumerate() {
+                if let Some(from) = before.endpoints.iter().position(|o| o.address == e.address) {
+                    health.inherit(to, old_health, from);
+                }
+            }
+        }
+    }
+
     /// Compiles the route configurations among `configs` that HTTP listeners name.
     pub fn with_routes(mut self, configs: &HashMap<String, RouteConfiguration>) -> Result<Self, BadResource> {
         for name in self.route_names() {
@@ -167,11 +201,17 @@ impl Destinations {
                 None => Vec::new(),
             };
             let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+            let policy = ClusterPolicy::of(c)?;
             let upstream = Upstream {
                 name: c.name.clone(),
                 service: service_of(&c.name),
                 tls,
-                balancer: Balancer::new(Policy::RoundRobin, &weights),
+                balancer: Balancer::new(policy.lb, &weights),
+                health: policy
+                    .outlier
+                    .clone()
+                    .map(|(p, counted)| Health::new(p, counted, endpoints.len())),
+                breaker: Breaker::new(&policy),
                 endpoints,
             };
             table.upstreams.insert(c.name.clone(), Arc::new(upstream));
@@ -513,6 +553,37 @@ pub(crate) mod tests {
         }
         let e = Destinations::build(&[inline], &[], &HashMap::new()).unwrap_err();
         assert_eq!(e.resource, "10.242.255.12_80");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_stays_out_across_a_new_table() {
+        use crate::cluster::Reply;
+        use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+        let c = Cluster {
+            name: CLUSTER.into(),
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx: Some(UInt32Value { value: 1 }),
+                max_ejection_percent: Some(UInt32Value { value: 50 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let eps = || {
+            assignment(
+                CLUSTER,
+                vec![endpoint("10.0.0.1", 80, 1, false), endpoint("10.0.0.2", 80, 1, false)],
+            )
+        };
+        let old = Destinations::build(&[], std::slice::from_ref(&c), &eps()).unwrap();
+        old.upstreams[CLUSTER].record(1, Reply::Status(hyper::StatusCode::BAD_GATEWAY));
+        assert!(!old.upstreams[CLUSTER].usable(1));
+        // The next table lists the endpoints the other way round.
+        let mut reordered = eps();
+        reordered.get_mut(CLUSTER).unwrap().endpoints[0].lb_endpoints.reverse();
+        let new = Destinations::build(&[], &[c], &reordered).unwrap();
+        new.inherit_health(&old);
+        let up = &new.upstreams[CLUSTER];
+        assert!(!up.usable(0) && up.usable(1), "10.0.0.2 is still out");
     }
 
     fn auto_mtls_cluster(name: &str, sans: &[&str]) -> Cluster {

@@ -7,6 +7,7 @@ pub mod ads;
 pub mod balance;
 pub mod capture;
 pub mod client_hello;
+pub mod cluster;
 pub mod destinations;
 pub mod drain;
 pub mod http;

@@ -40,6 +40,7 @@ use tokio::net::{TcpListener, TcpStream};
 mod router;
 
 use crate::capture;
+use crate::cluster::Reply;
 use crate::destinations::{self, Destinations};
 use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
@@ -496,7 +497,8 @@ impl HttpHop {
     ) -> Attempt {
         let mut tried: Vec<usize> = Vec::new();
         while tried.len() < CONNECT_ATTEMPTS.min(upstream.endpoints.len()) {
-            let fresh = |i: usize| !tried.contains(&i);
+            // Outliers are left out; then endpoints an earlier attempt used, while others remain.
+            let fresh = |i: usize| !tried.contains(&i) && upstream.usable(i);
             let Some(i) = upstream
                 .balancer
                 .pick(|i| fresh(i) && !avoid.contains(&i))
@@ -509,6 +511,10 @@ impl HttpHop {
             let _active = upstream.balancer.open(i);
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
                 let result = self.plain.request(http::to_http1(req, endpoint.address)).await;
+                upstream.record(
+                    i,
+                    result.as_ref().map_or(Reply::NoAnswer, |r| Reply::Status(r.status())),
+                );
                 return Attempt {
                     endpoint: Some(i),
                     result: result.map(Answered::Plain).map_err(Unanswered::Plain),
@@ -537,6 +543,7 @@ impl HttpHop {
                 .await
             {
                 Ok(sent) => {
+                    upstream.record(i, Reply::Status(sent.response.status()));
                     return Attempt {
                         endpoint: Some(i),
                         result: Ok(Answered::Mesh(sent)),
@@ -545,9 +552,11 @@ impl HttpHop {
                 Err(SendError::Connect(e, unsent)) => {
                     tracing::debug!(error = %e, "endpoint unreachable; trying another");
                     self.telemetry.upstream_failure("outbound", e.reason());
+                    upstream.record(i, Reply::NoAnswer);
                     req = *unsent;
                 }
                 Err(e) => {
+                    upstream.record(i, Reply::NoAnswer);
                     return Attempt {
                         endpoint: Some(i),
                         result: Err(Unanswered::Mesh(e)),

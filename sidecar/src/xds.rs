@@ -208,6 +208,7 @@ async fn session(
         let error = match received.accept(&resp) {
             Ok(Some(next)) => {
                 let routes = next.routable();
+                next.inherit_health(&table.load());
                 table.store(Arc::new(next));
                 updated(routes, true);
                 tracing::debug!(

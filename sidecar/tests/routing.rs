@@ -241,6 +241,7 @@ async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
 /// connections it takes as captured ones to the VIP.
 struct Sidecar {
     table: Arc<ArcSwap<Destinations>>,
+    telemetry: sidecar::telemetry::Telemetry,
     entry: SocketAddr,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -281,7 +282,7 @@ impl Sidecar {
             self_id.clone(),
             Duration::from_secs(2),
             Duration::from_secs(2),
-            telemetry,
+            telemetry.clone(),
             watch,
             hop,
             false,
@@ -306,6 +307,7 @@ impl Sidecar {
         });
         Sidecar {
             table,
+            telemetry,
             entry,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
@@ -342,20 +344,20 @@ impl Sidecar {
         &self,
         control: &mut ControlPlane,
         config: RouteConfiguration,
-        clusters: &[(&str, Vec<SocketAddr>)],
+        clusters: &[(Cluster, Vec<SocketAddr>)],
     ) {
         control.push(LISTENER_TYPE, "1", &[http_listener()]).await;
         control.push(ROUTE_TYPE, "1", &[config]).await;
-        let cds: Vec<Cluster> = clusters.iter().map(|(n, _)| cluster(n)).collect();
+        let cds: Vec<Cluster> = clusters.iter().map(|(c, _)| c.clone()).collect();
         control.push(CLUSTER_TYPE, "1", &cds).await;
-        let eds: Vec<ClusterLoadAssignment> = clusters.iter().map(|(n, eps)| assignment(n, eps)).collect();
+        let eds: Vec<ClusterLoadAssignment> = clusters.iter().map(|(c, eps)| assignment(&c.name, eps)).collect();
         control.push(ENDPOINT_TYPE, "1", &eds).await;
         poll(Duration::from_secs(10), || async {
             let t = self.table.load();
             let ready = t.routes.contains_key(ROUTE_NAME)
                 && clusters
                     .iter()
-                    .all(|(c, _)| t.upstreams.get(*c).is_some_and(|u| !u.endpoints.is_empty()));
+                    .all(|(c, _)| t.upstreams.get(&c.name).is_some_and(|u| !u.endpoints.is_empty()));
             if ready {
                 Ok(())
             } else {
@@ -416,7 +418,7 @@ async fn the_sidecar_subscribes_to_the_routes_its_listeners_name_and_nacks_a_bad
         .serve(
             &mut control,
             routes(vec![forward(prefix("/"), to(&subset("v1")))]),
-            &[(&subset("v1"), vec![v1.addr])],
+            &[(cluster(&subset("v1")), vec![v1.addr])],
         )
         .await;
     let ack = control
@@ -469,7 +471,10 @@ async fn weighted_subsets_split_90_10_and_a_header_match_picks_the_b_side() {
         .serve(
             &mut control,
             config,
-            &[(&subset("v1"), vec![v1.addr]), (&subset("v2"), vec![v2.addr])],
+            &[
+                (cluster(&subset("v1")), vec![v1.addr]),
+                (cluster(&subset("v2")), vec![v2.addr]),
+            ],
         )
         .await;
 
@@ -528,7 +533,7 @@ async fn faults_abort_their_share_and_delay_by_their_fixed_time() {
         },
     ]);
     sidecar
-        .serve(&mut control, config, &[(&subset("v1"), vec![v1.addr])])
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![v1.addr])])
         .await;
 
     let n = 600;
@@ -596,8 +601,8 @@ async fn retries_turn_a_failing_endpoint_into_no_client_errors_and_a_timeout_is_
             &mut control,
             config,
             &[
-                (&subset("v1"), vec![broken.addr, healthy.addr]),
-                (&subset("stuck"), vec![stuck.addr]),
+                (cluster(&subset("v1")), vec![broken.addr, healthy.addr]),
+                (cluster(&subset("stuck")), vec![stuck.addr]),
             ],
         )
         .await;
@@ -637,7 +642,10 @@ async fn a_mirror_receives_copies_with_a_shadow_authority() {
         .serve(
             &mut control,
             config,
-            &[(&subset("v1"), vec![v1.addr]), (&subset("v2"), vec![shadow.addr])],
+            &[
+                (cluster(&subset("v1")), vec![v1.addr]),
+                (cluster(&subset("v2")), vec![shadow.addr]),
+            ],
         )
         .await;
 
@@ -676,7 +684,7 @@ async fn a_post_that_reached_the_upstream_is_never_sent_twice() {
         },
     )]);
     sidecar
-        .serve(&mut control, config, &[(&subset("v1"), vec![broken.addr])])
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![broken.addr])])
         .await;
     assert_eq!(sidecar.get("/", &[]).await.0, 503);
     assert_eq!(
@@ -740,7 +748,7 @@ async fn rewrites_redirects_direct_answers_and_headers_are_as_the_routes_say() {
         },
     ]);
     sidecar
-        .serve(&mut control, config, &[(&subset("v1"), vec![v1.addr])])
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![v1.addr])])
         .await;
 
     let (status, _, headers) = sidecar.get("/old/page?x=1", &[]).await;
@@ -766,4 +774,82 @@ async fn rewrites_redirects_direct_answers_and_headers_are_as_the_routes_say() {
         1,
         "only the forwarded request left the sidecar"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_gateway_errors_eject_an_endpoint() {
+    use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+    let (_pki, mut control, sidecar) = setup("outlier").await;
+    let (broken, healthy) = (
+        backend("broken", Behaviour::Fail).await,
+        backend("v1", Behaviour::Answer).await,
+    );
+    // Istio's `consecutiveGatewayErrors: 2`, no retries: only ejection keeps errors away.
+    let outlier = OutlierDetection {
+        consecutive_5xx: Some(UInt32Value { value: 0 }),
+        enforcing_consecutive_5xx: Some(UInt32Value { value: 0 }),
+        consecutive_gateway_failure: Some(UInt32Value { value: 2 }),
+        enforcing_consecutive_gateway_failure: Some(UInt32Value { value: 100 }),
+        max_ejection_percent: Some(UInt32Value { value: 50 }),
+        ..Default::default()
+    };
+    let c = Cluster {
+        outlier_detection: Some(outlier),
+        ..cluster(&subset("v1"))
+    };
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar
+        .serve(&mut control, config, &[(c, vec![broken.addr, healthy.addr])])
+        .await;
+    let counts = spread(&sidecar, 40, &[]).await;
+    assert_eq!(counts.get("503 broken"), Some(&2), "{counts:?}");
+    assert_eq!(counts.get("200 v1"), Some(&38), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_requests_are_turned_away_and_counted() {
+    use envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers;
+    use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+    let (_pki, mut control, sidecar) = setup("breaker").await;
+    let stuck = backend("stuck", Behaviour::Hang).await;
+    let c = Cluster {
+        circuit_breakers: Some(CircuitBreakers {
+            thresholds: vec![Thresholds {
+                max_requests: Some(UInt32Value { value: 1 }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..cluster(&subset("v1"))
+    };
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar.serve(&mut control, config, &[(c, vec![stuck.addr])]).await;
+    let sidecar = Arc::new(sidecar);
+    let first = {
+        let sidecar = sidecar.clone();
+        tokio::spawn(async move { sidecar.get("/", &[]).await })
+    };
+    poll(Duration::from_secs(5), || async {
+        match stuck.hits.load(Ordering::Relaxed) {
+            1 => Ok(()),
+            h => Err(format!("{h} requests in flight")),
+        }
+    })
+    .await;
+    let (status, body, headers) = sidecar.get("/", &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+    );
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert_eq!(stuck.hits.load(Ordering::Relaxed), 1, "the overflow never left");
+    let metrics = sidecar.telemetry.render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains(r#"reason="upstream_rq_pending_overflow""#) && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    first.abort();
 }

@@ -35,6 +35,9 @@ pub const BUFFER_LIMIT: u64 = 64 * 1024;
 /// Envoy's body when the route's timeout or the last attempt's per-try timeout expires.
 pub const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 
+/// Envoy's text for a request the circuit breaker turned away.
+pub const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+
 /// An answer of our own.
 fn local(status: StatusCode, body: Bytes) -> Response<ReplyBody> {
     let text = !body.is_empty();
@@ -172,6 +175,15 @@ impl HttpHop {
             self.telemetry.upstream_failure("outbound", "cluster_not_found");
             return local(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
         };
+        // Counted until its response headers arrive.
+        let Some(_in_flight) = upstream.breaker.request() else {
+            self.telemetry
+                .upstream_failure("outbound", "upstream_rq_pending_overflow");
+            let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(OVERFLOW.as_bytes()));
+            resp.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            return resp;
+        };
         let path = forward.path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
         let Ok(uri) = Uri::try_from(path) else {
             return http::bad_request("the rewritten path is not a path\n");
@@ -233,6 +245,8 @@ impl HttpHop {
         };
         let mut avoid = Vec::new();
         let mut retries = 0;
+        // The retry in flight, counted against the cluster's `max_retries`.
+        let mut _retrying = None;
         loop {
             let body = match (&replay, streaming.take()) {
                 (Some(bytes), _) => Either::Right(Full::new(bytes.clone())),
@@ -256,6 +270,12 @@ impl HttpHop {
             if !retriable {
                 return tried;
             }
+            let Some(slot) = upstream.breaker.retry() else {
+                self.telemetry
+                    .upstream_failure("outbound", "upstream_rq_retry_overflow");
+                return tried;
+            };
+            _retrying = Some(slot);
             if policy.previous_hosts
                 && let Some(i) = endpoint
             {
