@@ -72,6 +72,7 @@ impl ClusterPolicy {
             Ok(LbPolicy::RoundRobin) => Policy::RoundRobin,
             Ok(LbPolicy::LeastRequest) => Policy::LeastConn,
             Ok(LbPolicy::Random) => Policy::Random,
+            Ok(LbPolicy::RingHash) => Policy::RingHash,
             Ok(other) => return Err(bad(format!("lb_policy {} is not supported", other.as_str_name()))),
             Err(_) => return Err(bad(format!("lb_policy {} is unknown", c.lb_policy))),
         };
@@ -240,6 +241,8 @@ mod tests {
         assert_eq!(outlier.base_ejection_time, Duration::from_secs(60));
         assert_eq!(outlier.max_ejection_percent, 50);
         assert_eq!((p.max_requests, p.max_retries), (10, DEFAULT_MAX_RETRIES));
+        c.lb_policy = LbPolicy::RingHash as i32;
+        assert_eq!(ClusterPolicy::of(&c).unwrap().lb, Policy::RingHash);
         c.lb_policy = LbPolicy::Maglev as i32;
         assert_eq!(ClusterPolicy::of(&c).unwrap_err().resource, "outbound|9080|v1|reviews");
         let plain = ClusterPolicy::of(&Cluster::default()).unwrap();

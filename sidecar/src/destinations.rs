@@ -36,7 +36,7 @@ use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
 use mesh_vocab::spiffe::SpiffeId;
 use prost::Message;
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Policy};
 use crate::cluster::{Breaker, ClusterPolicy, Health, Reply};
 use crate::route::RouteTable;
 
@@ -206,7 +206,13 @@ impl Destinations {
                 name: c.name.clone(),
                 service: service_of(&c.name),
                 tls,
-                balancer: Balancer::new(policy.lb, &weights),
+                balancer: match policy.lb {
+                    Policy::RingHash => {
+                        let keys: Vec<String> = endpoints.iter().map(|e| e.address.to_string()).collect();
+                        Balancer::ring(&weights, &keys)
+                    }
+                    lb => Balancer::new(lb, &weights),
+                },
                 health: policy
                     .outlier
                     .clone()

@@ -398,6 +398,7 @@ impl HttpHop {
     /// Serves one client connection's HTTP/1.1 (keep-alive) until it closes or, once
     /// draining starts, until its request in progress is answered.
     async fn serve(self: Arc<Self>, client: TcpStream, route: Route) {
+        let client_ip = client.peer_addr().ok().map(|a| ClientIp(a.ip()));
         let (io, bytes) = Metered::new(client);
         let route = Arc::new(route);
         // The L4 counters, labelled by the first request's upstream (a connection's requests
@@ -406,7 +407,10 @@ impl HttpHop {
         let drain = self.drain.clone();
         let hop = self.clone();
         let l4_in = l4.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            if let Some(ip) = client_ip {
+                req.extensions_mut().insert(ip);
+            }
             let (hop, route, l4) = (hop.clone(), route.clone(), l4_in.clone());
             async move { Ok::<_, Infallible>(hop.forward(&route, req, &l4).await) }
         });
@@ -480,7 +484,7 @@ impl HttpHop {
             Some(req) => req.map(Either::Left),
             None => return http::bad_request("invalid host header\n"),
         };
-        let attempt = self.send_to(captured, upstream, req, &[]).await;
+        let attempt = self.send_to(captured, upstream, req, &[], None).await;
         self.deliver(attempt, upstream, protocol, l4)
     }
 
@@ -494,6 +498,7 @@ impl HttpHop {
         upstream: &destinations::Upstream,
         mut req: Request<Outgoing>,
         avoid: &[usize],
+        hash: Option<u64>,
     ) -> Attempt {
         let mut tried: Vec<usize> = Vec::new();
         while tried.len() < CONNECT_ATTEMPTS.min(upstream.endpoints.len()) {
@@ -501,8 +506,8 @@ impl HttpHop {
             let fresh = |i: usize| !tried.contains(&i) && upstream.usable(i);
             let Some(i) = upstream
                 .balancer
-                .pick(|i| fresh(i) && !avoid.contains(&i))
-                .or_else(|| upstream.balancer.pick(fresh))
+                .pick_for(hash, |i| fresh(i) && !avoid.contains(&i))
+                .or_else(|| upstream.balancer.pick_for(hash, fresh))
             else {
                 break;
             };
@@ -659,6 +664,10 @@ impl HttpHop {
         self.telemetry.request(&RequestLabels { connection, protocol }, code);
     }
 }
+
+/// The client's address, carried with each of its requests for hash policies on it.
+#[derive(Debug, Clone, Copy)]
+struct ClientIp(std::net::IpAddr);
 
 /// One attempt at one endpoint, not yet counted.
 struct Attempt {

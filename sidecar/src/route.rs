@@ -9,10 +9,12 @@
 //! - [`action`]: what it does with them (clusters by weight, rewrites, redirect, direct answer).
 //! - [`headers`]: header mutations at each level.
 //! - [`fault`]: injected delays and aborts. [`retry`]: retry policies. [`mirror`]: shadowing.
+//! - [`hash`]: what keys a request to an endpoint of a ring-hash cluster.
 
 pub mod action;
 pub mod fault;
 pub mod fraction;
+pub mod hash;
 pub mod headers;
 pub mod matcher;
 pub mod mirror;

@@ -853,3 +853,44 @@ async fn requests_beyond_max_requests_are_turned_away_and_counted() {
     );
     first.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistent_hash_keeps_each_user_on_one_endpoint() {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
+    use envoy_types::pb::envoy::config::route::v3::route_action::HashPolicy;
+    use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::{Header, PolicySpecifier};
+    let (_pki, mut control, sidecar) = setup("hash").await;
+    let backends = [
+        backend("a", Behaviour::Answer).await,
+        backend("b", Behaviour::Answer).await,
+        backend("c", Behaviour::Answer).await,
+    ];
+    let c = Cluster {
+        lb_policy: LbPolicy::RingHash as i32,
+        ..cluster(&subset("v1"))
+    };
+    let by_user = HashPolicy {
+        terminal: false,
+        policy_specifier: Some(PolicySpecifier::Header(Header {
+            header_name: "x-user".into(),
+            regex_rewrite: None,
+        })),
+    };
+    let config = routes(vec![forward(
+        prefix("/"),
+        RouteAction {
+            hash_policy: vec![by_user],
+            ..to(&subset("v1"))
+        },
+    )]);
+    let addrs = backends.iter().map(|b| b.addr).collect();
+    sidecar.serve(&mut control, config, &[(c, addrs)]).await;
+    let mut served_by = HashMap::new();
+    for user in 0..30 {
+        let name = format!("user-{user}");
+        let seen = spread(&sidecar, 5, &[("x-user", &name)]).await;
+        assert_eq!(seen.len(), 1, "{name} moved between endpoints: {seen:?}");
+        *served_by.entry(seen.into_keys().next().unwrap()).or_insert(0) += 1;
+    }
+    assert!(served_by.len() > 1, "30 users all on one endpoint: {served_by:?}");
+}

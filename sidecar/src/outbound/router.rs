@@ -18,7 +18,7 @@ use hyper::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Uri};
 
-use super::{Answered, Attempt, Captured, HttpHop, Unanswered, to_h2};
+use super::{Answered, Attempt, Captured, ClientIp, HttpHop, Unanswered, to_h2};
 use crate::destinations::{Destinations, Upstream};
 use crate::http::{self, ReplyBody};
 use crate::pool::Outgoing;
@@ -184,6 +184,8 @@ impl HttpHop {
                 .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
             return resp;
         };
+        let client = parts.extensions.get::<ClientIp>().map(|c| c.0);
+        let hash = forward.hash.hash(&parts, client);
         let path = forward.path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
         let Ok(uri) = Uri::try_from(path) else {
             return http::bad_request("the rewritten path is not a path\n");
@@ -212,7 +214,7 @@ impl HttpHop {
                 self.mirror(captured, table, mirror, &parts, bytes.clone());
             }
         }
-        let attempts = self.attempts(captured, upstream, forward.retry.as_ref(), &parts, body);
+        let attempts = self.attempts(captured, upstream, forward.retry.as_ref(), &parts, body, hash);
         let tried = match forward.timeout {
             Some(timeout) => tokio::time::timeout(timeout, attempts).await.unwrap_or(Tried::TimedOut),
             None => attempts.await,
@@ -238,6 +240,7 @@ impl HttpHop {
         retry: Option<&RetryPolicy>,
         parts: &Parts,
         body: Either<Incoming, Bytes>,
+        hash: Option<u64>,
     ) -> Tried {
         let (mut streaming, replay) = match body {
             Either::Left(stream) => (Some(stream), None),
@@ -253,7 +256,7 @@ impl HttpHop {
                 (None, Some(stream)) => Either::Left(stream),
                 (None, None) => unreachable!("a streamed body is sent once: the loop ends after its attempt"),
             };
-            let send = self.send_to(captured, upstream, copy(parts, body), &avoid);
+            let send = self.send_to(captured, upstream, copy(parts, body), &avoid, hash);
             let tried = match retry.and_then(|r| r.per_try_timeout) {
                 Some(per_try) => tokio::time::timeout(per_try, send)
                     .await
@@ -309,7 +312,7 @@ impl HttpHop {
             let Some(upstream) = table.upstreams.get(&cluster) else {
                 return hop.telemetry.upstream_failure("outbound", "mirror_cluster_not_found");
             };
-            if let Attempt { result: Err(_), .. } = hop.send_to(&captured, upstream, req, &[]).await {
+            if let Attempt { result: Err(_), .. } = hop.send_to(&captured, upstream, req, &[], None).await {
                 tracing::debug!(cluster, "mirrored request failed");
             }
         });

@@ -19,6 +19,7 @@ use rand::Rng;
 use regex::Regex;
 
 use super::Invalid;
+use super::hash::HashPolicy;
 use super::headers::{HeaderPolicy, Mutations};
 use super::matcher::{self, Matcher};
 use super::mirror::Mirror;
@@ -51,6 +52,8 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub mirrors: Vec<Mirror>,
+    /// What keys the request on a ring-hash cluster.
+    pub hash: HashPolicy,
 }
 
 /// One cluster a request may go to.
@@ -234,6 +237,7 @@ impl Forward {
                 .iter()
                 .map(Mirror::compile)
                 .collect::<Result<_, _>>()?,
+            hash: HashPolicy::compile(&r.hash_policy)?,
         })
     }
 
