@@ -131,6 +131,11 @@ impl Health {
         (n - ejected) * 100 < n * PANIC_THRESHOLD_PERCENT || self.detector.is_available(i)
     }
 
+    /// Whether endpoint `i` is ejected now, panic or not.
+    pub fn ejected(&self, i: usize) -> bool {
+        !self.detector.is_available(i)
+    }
+
     /// Records how a request to endpoint `i` ended.
     pub fn record(&self, i: usize, result: Reply) {
         let failed = match (result, self.counted) {

@@ -38,6 +38,7 @@ use prost::Message;
 
 use crate::balance::{Balancer, Policy};
 use crate::cluster::{Breaker, ClusterPolicy, Health, Reply};
+use crate::priority::{self, Level};
 use crate::route::RouteTable;
 
 const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -82,6 +83,8 @@ pub struct Endpoint {
     pub mtls: bool,
     /// The cluster that runs it (Istio's endpoint metadata), for metrics.
     pub cluster: Option<String>,
+    /// Its EDS priority level (0 first), for locality failover.
+    pub priority: u32,
 }
 
 /// One upstream cluster, ready to route to.
@@ -96,12 +99,38 @@ pub struct Upstream {
     /// Outlier detection, when the cluster asks for it.
     pub health: Option<Health>,
     pub breaker: Breaker,
+    /// EDS `overprovisioning_factor`, in percent.
+    pub overprovisioning: u32,
 }
 
 impl Upstream {
     /// Whether endpoint `i` may be chosen now (not ejected as an outlier).
     pub fn usable(&self, i: usize) -> bool {
         self.health.as_ref().is_none_or(|h| h.usable(i, self.endpoints.len()))
+    }
+
+    /// The priority level a request goes to now, when the endpoints have several.
+    pub fn level(&self) -> Option<u32> {
+        let mut levels: Vec<Level> = Vec::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let healthy = usize::from(!self.health.as_ref().is_some_and(|h| h.ejected(i)));
+            match levels.iter_mut().find(|l| l.priority == e.priority) {
+                Some(l) => {
+                    l.healthy += healthy;
+                    l.total += 1;
+                }
+                None => levels.push(Level {
+                    priority: e.priority,
+                    healthy,
+                    total: 1,
+                }),
+            }
+        }
+        if levels.len() < 2 {
+            return None;
+        }
+        levels.sort_by_key(|l| l.priority);
+        priority::choose(&levels, self.overprovisioning)
     }
 
     /// Tells outlier detection how a request to endpoint `i` ended.
@@ -200,6 +229,10 @@ impl Destinations {
                 Some(cla) => endpoints(cla, tls.as_ref())?,
                 None => Vec::new(),
             };
+            let overprovisioning = assignments
+                .get(&c.name)
+                .and_then(|cla| cla.policy.as_ref()?.overprovisioning_factor)
+                .map_or(priority::DEFAULT_OVERPROVISIONING, |f| f.value.max(1));
             let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
             let policy = ClusterPolicy::of(c)?;
             let upstream = Upstream {
@@ -218,6 +251,7 @@ impl Destinations {
                     .clone()
                     .map(|(p, counted)| Health::new(p, counted, endpoints.len())),
                 breaker: Breaker::new(&policy),
+                overprovisioning,
                 endpoints,
             };
             table.upstreams.insert(c.name.clone(), Arc::new(upstream));
@@ -417,6 +451,7 @@ fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<E
                 weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
                 mtls,
                 cluster: meta("istio").remove("cluster"),
+                priority: locality.priority,
             });
         }
     }

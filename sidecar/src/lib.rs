@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod peer_authentication;
 pub mod pool;
+pub mod priority;
 pub mod route;
 pub mod run;
 pub mod socket;

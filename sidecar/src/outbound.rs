@@ -501,12 +501,16 @@ impl HttpHop {
         hash: Option<u64>,
     ) -> Attempt {
         let mut tried: Vec<usize> = Vec::new();
+        let level = upstream.level();
         while tried.len() < CONNECT_ATTEMPTS.min(upstream.endpoints.len()) {
-            // Outliers are left out; then endpoints an earlier attempt used, while others remain.
+            // Outliers are left out, and endpoints an earlier attempt used while others
+            // remain; the request's priority level while it has endpoints left.
             let fresh = |i: usize| !tried.contains(&i) && upstream.usable(i);
+            let in_level = |i: usize| level.is_none_or(|p| upstream.endpoints[i].priority == p);
             let Some(i) = upstream
                 .balancer
-                .pick_for(hash, |i| fresh(i) && !avoid.contains(&i))
+                .pick_for(hash, |i| fresh(i) && in_level(i) && !avoid.contains(&i))
+                .or_else(|| upstream.balancer.pick_for(hash, |i| fresh(i) && in_level(i)))
                 .or_else(|| upstream.balancer.pick_for(hash, fresh))
             else {
                 break;

@@ -894,3 +894,61 @@ async fn a_consistent_hash_keeps_each_user_on_one_endpoint() {
     }
     assert!(served_by.len() > 1, "30 users all on one endpoint: {served_by:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_zero_takes_everything_until_it_is_ejected_then_the_next_takes_over() {
+    use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+    let (_pki, mut control, sidecar) = setup("priority").await;
+    let local = backend("local", Behaviour::Answer).await;
+    let broken = backend("broken", Behaviour::Fail).await;
+    let remote = backend("remote", Behaviour::Answer).await;
+    let c = Cluster {
+        outlier_detection: Some(OutlierDetection {
+            consecutive_5xx: Some(UInt32Value { value: 1 }),
+            max_ejection_percent: Some(UInt32Value { value: 100 }),
+            ..Default::default()
+        }),
+        ..cluster(&subset("v1"))
+    };
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar
+        .serve(&mut control, config, &[(c, vec![local.addr, remote.addr])])
+        .await;
+    // The controller's locality failover: the local endpoint first, the remote one next.
+    let failover = |first: SocketAddr| {
+        let mut cla = assignment(&subset("v1"), &[first]);
+        cla.endpoints.push(LocalityLbEndpoints {
+            priority: 1,
+            ..assignment(&subset("v1"), &[remote.addr]).endpoints.remove(0)
+        });
+        cla
+    };
+    let table = sidecar.table.clone();
+    let until_first_is = |first: SocketAddr| {
+        let table = table.clone();
+        poll(Duration::from_secs(5), move || {
+            let t = table.load_full();
+            async move {
+                let eps = &t.upstreams[&subset("v1")].endpoints;
+                match eps.iter().find(|e| e.priority == 0) {
+                    Some(e) if e.address == first && eps.len() == 2 => Ok(()),
+                    other => Err(format!("priority 0 is {other:?}")),
+                }
+            }
+        })
+    };
+    control.push(ENDPOINT_TYPE, "2", &[failover(local.addr)]).await;
+    until_first_is(local.addr).await;
+    let counts = spread(&sidecar, 20, &[]).await;
+    assert_eq!(
+        counts,
+        HashMap::from([("200 local".to_owned(), 20)]),
+        "priority 1 waits"
+    );
+
+    control.push(ENDPOINT_TYPE, "3", &[failover(broken.addr)]).await;
+    until_first_is(broken.addr).await;
+    let counts = spread(&sidecar, 20, &[]).await;
+    assert_eq!(counts.get("503 broken"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("200 remote"), Some(&19), "{counts:?}");
+}
