@@ -457,8 +457,13 @@ impl HttpHop {
                 }
             }
             Route::Captured(captured, original) => {
-                if captured.table.load().http_listener(*original).is_some() {
-                    return self.forward_routed(captured, *original, req, protocol, l4).await;
+                let table = captured.table.load_full();
+                if table.http_listener(*original).is_some() {
+                    let resp = self
+                        .forward_routed(captured, &table, *original, req, protocol, l4)
+                        .await;
+                    self.count_local(&resp, &table, *original, protocol);
+                    return resp;
                 }
                 self.forward_captured(captured, *original, req, protocol, l4).await
             }

@@ -547,6 +547,17 @@ async fn faults_abort_their_share_and_delay_by_their_fixed_time() {
         n - aborted,
         "an aborted request never leaves"
     );
+    // Aborts are counted as the upstream's answers are, by their code.
+    let metrics = sidecar.telemetry.render();
+    let aborts = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total")
+                && l.contains(r#"response_code="503""#)
+                && l.contains(&format!(r#"destination_service="{HOST}""#))
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(aborts.ends_with(&format!(" {aborted}")), "{aborts}");
 
     let started = tokio::time::Instant::now();
     let (status, body, _) = sidecar.get("/slow", &[]).await;

@@ -20,14 +20,14 @@ use hyper::{Request, Response, StatusCode, Uri};
 
 use super::{Answered, Attempt, Captured, ClientIp, HttpHop, Unanswered, to_h2};
 use crate::destinations::{Destinations, Upstream};
-use crate::http::{self, ReplyBody};
+use crate::http::ReplyBody;
 use crate::pool::Outgoing;
 use crate::route::action::{Action, Forward, Target};
 use crate::route::fault::{ABORT_BODY, Abort};
 use crate::route::mirror::{Mirror, shadow_authority};
 use crate::route::retry::{Outcome, RetryPolicy};
 use crate::route::{RouteTable, Selected};
-use crate::telemetry::TcpCounters;
+use crate::telemetry::{ConnectionLabels, TcpCounters};
 
 /// The most of a request body held for retries and mirrors.
 pub const BUFFER_LIMIT: u64 = 64 * 1024;
@@ -38,11 +38,16 @@ pub const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 /// Envoy's text for a request the circuit breaker turned away.
 pub const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
+/// Marks an answer of our own, so that it is counted as Envoy counts local replies.
+#[derive(Debug, Clone, Copy)]
+struct LocalReply;
+
 /// An answer of our own.
 fn local(status: StatusCode, body: Bytes) -> Response<ReplyBody> {
     let text = !body.is_empty();
     let mut resp = Response::new(Either::Right(Full::new(body)));
     *resp.status_mut() = status;
+    resp.extensions_mut().insert(LocalReply);
     if text {
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -95,16 +100,43 @@ enum Tried {
 }
 
 impl HttpHop {
+    /// Counts an answer of our own (no route, a fault, a direct answer, an overflow…) in
+    /// `istio_requests_total`, as the upstream's answers are counted when they arrive.
+    pub(super) fn count_local(
+        &self,
+        resp: &Response<ReplyBody>,
+        table: &Destinations,
+        original: SocketAddr,
+        protocol: &'static str,
+    ) {
+        if resp.extensions().get::<LocalReply>().is_none() {
+            return;
+        }
+        // Istio's route configuration names are `HOST:PORT`.
+        let service = table
+            .http_listener(original)
+            .map(|name| name.rsplit_once(':').map_or(name, |(host, _)| host));
+        let labels = ConnectionLabels {
+            reporter: "source",
+            source_principal: self.self_id.as_str(),
+            destination_principal: "unknown",
+            destination_service: service.unwrap_or("unknown"),
+            peer_cluster: None,
+            mutual_tls: false,
+        };
+        self.count(labels, protocol, resp.status().as_u16());
+    }
+
     /// Routes one request that arrived on the HTTP listener at `original`.
     pub(super) async fn forward_routed(
         self: &Arc<Self>,
         captured: &Arc<Captured>,
+        table: &Arc<Destinations>,
         original: SocketAddr,
         req: Request<Incoming>,
         protocol: &'static str,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
-        let table = captured.table.load_full();
         let routes: Option<&RouteTable> = table
             .http_listener(original)
             .and_then(|name| table.routes.get(name))
@@ -145,7 +177,7 @@ impl HttpHop {
                 let target = f.pick();
                 let resp = self
                     .forward_to(
-                        captured, &table, selected, f, target, parts, body, original, protocol, l4,
+                        captured, table, selected, f, target, parts, body, original, protocol, l4,
                     )
                     .await;
                 (Some(target), resp)
@@ -188,7 +220,10 @@ impl HttpHop {
         let hash = forward.hash.hash(&parts, client);
         let path = forward.path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
         let Ok(uri) = Uri::try_from(path) else {
-            return http::bad_request("the rewritten path is not a path\n");
+            return local(
+                StatusCode::BAD_REQUEST,
+                Bytes::from_static(b"the rewritten path is not a path\n"),
+            );
         };
         parts.uri = uri;
         if let Some(host) = target.host_rewrite.as_ref().or(forward.host_rewrite.as_ref())
@@ -198,7 +233,7 @@ impl HttpHop {
         }
         selected.request_headers(Some(target), &mut parts.headers);
         let Some(req) = to_h2(Request::from_parts(parts, ()), original) else {
-            return http::bad_request("invalid host header\n");
+            return local(StatusCode::BAD_REQUEST, Bytes::from_static(b"invalid host header\n"));
         };
         let (parts, ()) = req.into_parts();
         let wanted = forward.retry.is_some() || !forward.mirrors.is_empty();
@@ -206,7 +241,10 @@ impl HttpHop {
             Ok(body) => body,
             Err(e) => {
                 tracing::debug!(error = %e, "client body failed while buffered");
-                return http::bad_request("incomplete request body\n");
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    Bytes::from_static(b"incomplete request body\n"),
+                );
             }
         };
         if let Either::Right(bytes) = &body {
