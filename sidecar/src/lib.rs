@@ -5,6 +5,7 @@
 
 pub mod ads;
 pub mod balance;
+pub mod body;
 pub mod capture;
 pub mod client_hello;
 pub mod cluster;

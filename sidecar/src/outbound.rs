@@ -39,13 +39,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod router;
 
+use crate::body::{Outgoing, Resumed};
 use crate::capture;
 use crate::cluster::Reply;
 use crate::destinations::{self, Destinations};
 use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
-use crate::pool::{self, H2Pool, Key, MarkedConnector, Outgoing, SendError, Sent};
+use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
 use crate::telemetry::{ConnectionLabels, RequestLabels, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
 
@@ -443,7 +444,7 @@ impl HttpHop {
         match route {
             Route::Fixed(outbound) => {
                 let req = match to_h2(req, outbound.upstream.addr) {
-                    Some(req) => req.map(Either::Left),
+                    Some(req) => req.map(Resumed::streamed),
                     None => return http::bad_request("invalid host header\n"),
                 };
                 let what = Upstream {
@@ -486,7 +487,7 @@ impl HttpHop {
             return http::unavailable(CONNECT_FAILURE);
         };
         let req = match to_h2(req, original) {
-            Some(req) => req.map(Either::Left),
+            Some(req) => req.map(Resumed::streamed),
             None => return http::bad_request("invalid host header\n"),
         };
         let attempt = self.send_to(captured, upstream, req, &[], None).await;

@@ -23,8 +23,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::{Request, Response, Uri};
@@ -37,12 +35,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::body::Outgoing;
 use crate::capture;
 use crate::tls::{self, Svid, SvidSlot};
-
-/// A request body upstream: the client's, streamed, or one held in memory so that it can
-/// be sent again (a retry, a mirror).
-pub type Outgoing = Either<Incoming, Full<Bytes>>;
 
 /// What one pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

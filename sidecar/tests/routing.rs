@@ -186,6 +186,8 @@ struct Seen {
     path: String,
     /// `x-route`, which routes add.
     tag: Option<String>,
+    /// Bytes of body.
+    body: usize,
 }
 
 /// An HTTP/1.1 server named `name`, counting its requests and keeping what they carried.
@@ -211,11 +213,13 @@ async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
                     async move {
                         h.fetch_add(1, Ordering::Relaxed);
                         let header = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
-                        a.lock().unwrap().push(Seen {
-                            host: header("host").unwrap_or_default(),
-                            path: req.uri().to_string(),
-                            tag: header("x-route"),
-                        });
+                        let (host, path, tag) = (
+                            header("host").unwrap_or_default(),
+                            req.uri().to_string(),
+                            header("x-route"),
+                        );
+                        let body = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
+                        a.lock().unwrap().push(Seen { host, path, tag, body });
                         let status = match behaviour {
                             Behaviour::Answer => 200,
                             Behaviour::Fail => 503,
@@ -678,9 +682,9 @@ async fn a_mirror_receives_copies_with_a_shadow_authority() {
     assert!(v1.seen.lock().unwrap().iter().all(|s| s.host == "reviews:9080"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_post_that_reached_the_upstream_is_never_sent_twice() {
-    let (_pki, mut control, sidecar) = setup("idempotent").await;
+/// A sidecar whose one endpoint always answers 503, behind a route retrying 5xx twice.
+async fn failing_behind_retries(name: &str) -> (Pki, ControlPlane, Sidecar, Backend) {
+    let (pki, mut control, sidecar) = setup(name).await;
     let broken = backend("broken", Behaviour::Fail).await;
     let retry = RetryPolicy {
         retry_on: "5xx".into(),
@@ -697,6 +701,12 @@ async fn a_post_that_reached_the_upstream_is_never_sent_twice() {
     sidecar
         .serve(&mut control, config, &[(cluster(&subset("v1")), vec![broken.addr])])
         .await;
+    (pki, control, sidecar, broken)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_that_reached_the_upstream_is_never_sent_twice() {
+    let (_pki, _control, sidecar, broken) = failing_behind_retries("idempotent").await;
     assert_eq!(sidecar.get("/", &[]).await.0, 503);
     assert_eq!(
         broken.hits.load(Ordering::Relaxed),
@@ -777,6 +787,7 @@ async fn rewrites_redirects_direct_answers_and_headers_are_as_the_routes_say() {
             host: "ratings:9080".into(),
             path: "/v2/users?id=7".into(),
             tag: Some("api".into()),
+            body: 0,
         }]
     );
     assert_eq!(sidecar.get("/elsewhere", &[]).await.0, 404, "no route: Envoy's 404");
@@ -962,4 +973,32 @@ async fn priority_zero_takes_everything_until_it_is_ejected_then_the_next_takes_
     let counts = spread(&sidecar, 20, &[]).await;
     assert_eq!(counts.get("503 broken"), Some(&1), "{counts:?}");
     assert_eq!(counts.get("200 remote"), Some(&19), "{counts:?}");
+}
+
+/// A chunked PUT of `len` bytes on a connection of its own; the status it got.
+async fn chunked_put(sidecar: &Sidecar, len: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    let head = "PUT /upload HTTP/1.1\r\nhost: reviews:9080\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    for chunk in vec![b'x'; len].chunks(4096) {
+        s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.unwrap();
+        s.write_all(chunk).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    reply[9..12].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_is_held_for_retries_up_to_64_kib_and_streamed_once_beyond() {
+    let (_pki, _control, sidecar, broken) = failing_behind_retries("held").await;
+    assert_eq!(chunked_put(&sidecar, 10 * 1024).await, 503);
+    let bodies: Vec<usize> = broken.seen.lock().unwrap().iter().map(|s| s.body).collect();
+    assert_eq!(bodies, [10 * 1024; 3], "held, and sent whole three times");
+    assert_eq!(chunked_put(&sidecar, 100 * 1024).await, 503);
+    let bodies: Vec<usize> = broken.seen.lock().unwrap().iter().map(|s| s.body).collect();
+    assert_eq!(bodies[3..], [100 * 1024], "too large to hold: sent whole, once");
 }

@@ -6,22 +6,22 @@
 //!
 //! A request body is held in memory (up to [`BUFFER_LIMIT`], Envoy's default
 //! `per_request_buffer_limit_bytes`) only when a retry or a mirror may need it again; a
-//! larger or unbounded body streams, and is then never sent twice.
+//! larger one streams on from where holding stopped, and is then never sent twice.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body, Incoming};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Uri};
 
 use super::{Answered, Attempt, Captured, ClientIp, HttpHop, Unanswered, to_h2};
+use crate::body::{self, Held, Outgoing, Resumed};
 use crate::destinations::{Destinations, Upstream};
 use crate::http::ReplyBody;
-use crate::pool::Outgoing;
 use crate::route::action::{Action, Forward, Target};
 use crate::route::fault::{ABORT_BODY, Abort};
 use crate::route::mirror::{Mirror, shadow_authority};
@@ -65,19 +65,16 @@ fn copy(parts: &Parts, body: Outgoing) -> Request<Outgoing> {
     req
 }
 
-/// The body, read whole when it is known to fit the buffer; `Err` when the client's body
-/// failed while being read.
-async fn buffered(body: Incoming, wanted: bool) -> Result<Either<Incoming, Bytes>, hyper::Error> {
+/// The body, held when a retry or a mirror may want it again and it fits the buffer;
+/// `Err` when the client's body failed while being read.
+async fn buffered(body: Incoming, wanted: bool) -> Result<Either<Outgoing, Bytes>, hyper::Error> {
     if !wanted {
-        return Ok(Either::Left(body));
+        return Ok(Either::Left(Resumed::streamed(body)));
     }
-    if body.is_end_stream() {
-        return Ok(Either::Right(Bytes::new()));
-    }
-    match body.size_hint().upper() {
-        Some(n) if n <= BUFFER_LIMIT => Ok(Either::Right(body.collect().await?.to_bytes())),
-        _ => Ok(Either::Left(body)),
-    }
+    Ok(match body::hold(body, BUFFER_LIMIT).await? {
+        Held::Whole(bytes) => Either::Right(bytes),
+        Held::TooLarge(streamed) => Either::Left(streamed),
+    })
 }
 
 /// How an attempt ended, as a retry policy judges it.
@@ -277,7 +274,7 @@ impl HttpHop {
         upstream: &Upstream,
         retry: Option<&RetryPolicy>,
         parts: &Parts,
-        body: Either<Incoming, Bytes>,
+        body: Either<Outgoing, Bytes>,
         hash: Option<u64>,
     ) -> Tried {
         let (mut streaming, replay) = match body {
@@ -291,7 +288,7 @@ impl HttpHop {
         loop {
             let body = match (&replay, streaming.take()) {
                 (Some(bytes), _) => Either::Right(Full::new(bytes.clone())),
-                (None, Some(stream)) => Either::Left(stream),
+                (None, Some(stream)) => stream,
                 (None, None) => unreachable!("a streamed body is sent once: the loop ends after its attempt"),
             };
             let send = self.send_to(captured, upstream, copy(parts, body), &avoid, hash);
