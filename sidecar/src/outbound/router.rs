@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -34,6 +35,10 @@ pub const BUFFER_LIMIT: u64 = 64 * 1024;
 
 /// Envoy's body when the route's timeout or the last attempt's per-try timeout expires.
 pub const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
+
+/// How long a mirrored copy may wait for its answer when the route has no timeout: copies
+/// run in the background, and a shadow that never answers must not pile them up.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Envoy's text for a request the circuit breaker turned away.
 pub const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
@@ -246,7 +251,8 @@ impl HttpHop {
         };
         if let Either::Right(bytes) = &body {
             for mirror in forward.mirrors.iter().filter(|m| m.fraction.sample()) {
-                self.mirror(captured, table, mirror, &parts, bytes.clone());
+                let bound = forward.timeout.unwrap_or(MIRROR_TIMEOUT);
+                self.mirror(captured, table, mirror, &parts, bytes.clone(), bound);
             }
         }
         let attempts = self.attempts(captured, upstream, forward.retry.as_ref(), &parts, body, hash);
@@ -325,7 +331,8 @@ impl HttpHop {
         }
     }
 
-    /// Sends a copy to `mirror`'s cluster in the background; its answer is dropped.
+    /// Sends a copy to `mirror`'s cluster in the background, waiting at most `bound` for
+    /// its answer, which is dropped.
     fn mirror(
         self: &Arc<Self>,
         captured: &Arc<Captured>,
@@ -333,6 +340,7 @@ impl HttpHop {
         mirror: &Mirror,
         parts: &Parts,
         body: Bytes,
+        bound: Duration,
     ) {
         let mut req = copy(parts, Either::Right(Full::new(body)));
         if let Some(authority) = req.uri().authority().map(shadow_authority) {
@@ -347,8 +355,9 @@ impl HttpHop {
             let Some(upstream) = table.upstreams.get(&cluster) else {
                 return hop.telemetry.upstream_failure("outbound", "mirror_cluster_not_found");
             };
-            if let Attempt { result: Err(_), .. } = hop.send_to(&captured, upstream, req, &[], None).await {
-                tracing::debug!(cluster, "mirrored request failed");
+            match tokio::time::timeout(bound, hop.send_to(&captured, upstream, req, &[], None)).await {
+                Ok(Attempt { result: Ok(_), .. }) => {}
+                Ok(Attempt { result: Err(_), .. }) | Err(_) => tracing::debug!(cluster, "mirrored request failed"),
             }
         });
     }
