@@ -95,7 +95,7 @@ fn outcome(attempt: &Attempt) -> Outcome<'_> {
     }
 }
 
-/// An attempt that outlived its per-try timeout, or the one that ended first.
+/// How an attempt ended: with a result, or cut off by its timeout.
 enum Tried {
     Done(Attempt),
     TimedOut,
