@@ -20,6 +20,7 @@ pub mod outlier;
 pub mod peer_authentication;
 pub mod pool;
 pub mod priority;
+pub mod rewind;
 pub mod route;
 pub mod run;
 pub mod socket;

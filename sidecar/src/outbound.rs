@@ -8,8 +8,8 @@
 //! passed through untouched, as Istio's `PassthroughCluster` does.
 //!
 //! With `--protocol tcp` each client connection is carried in its own mTLS connection, byte
-//! for byte. With `--protocol http` ([`HttpHop`]) the application's HTTP/1.1 is served
-//! here and each request goes over a pooled HTTP/2 connection inside mTLS
+//! for byte. With `--protocol http` ([`HttpHop`]) the application's HTTP/1.1 (or h2c) is
+//! served here and each request goes over a pooled HTTP/2 connection inside mTLS
 //! ([`crate::pool::H2Pool`]), so a new client connection costs no handshake upstream.
 //! Captured HTTP traffic chooses its endpoint per request, as Envoy's router does: a
 //! keep-alive client spreads its requests over the endpoints instead of pinning one, and
@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -31,10 +32,11 @@ use hyper::header::HOST;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod router;
@@ -47,6 +49,7 @@ use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
+use crate::rewind::Rewind;
 use crate::telemetry::{ConnectionLabels, RequestLabels, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
 
@@ -396,16 +399,25 @@ impl HttpHop {
         }
     }
 
-    /// Serves one client connection's HTTP/1.1 (keep-alive) until it closes or, once
-    /// draining starts, until its request in progress is answered.
+    /// Serves one client connection — HTTP/1.1 (keep-alive), or HTTP/2 when it opens with
+    /// HTTP/2's preface (h2c with prior knowledge, as gRPC clients speak), as Envoy's codec
+    /// `AUTO` does — until it closes or, once draining starts, until its requests in
+    /// progress are answered.
     async fn serve(self: Arc<Self>, client: TcpStream, route: Route) {
         let client_ip = client.peer_addr().ok().map(|a| ClientIp(a.ip()));
-        let (io, bytes) = Metered::new(client);
+        let (mut io, bytes) = Metered::new(client);
+        let drain = self.drain.clone();
+        let first = tokio::select! {
+            first = read_preface(&mut io) => first,
+            () = drain.signaled() => return,
+        };
+        let Ok(first) = first else { return };
+        let h2 = first.as_ref() == H2_PREFACE;
+        let io = TokioIo::new(Rewind::new(first, io));
         let route = Arc::new(route);
         // The L4 counters, labelled by the first request's upstream (a connection's requests
         // may reach several endpoints; Istio's sidecars do the same).
         let l4: Arc<OnceLock<TcpCounters>> = Arc::default();
-        let drain = self.drain.clone();
         let hop = self.clone();
         let l4_in = l4.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -415,14 +427,14 @@ impl HttpHop {
             let (hop, route, l4) = (hop.clone(), route.clone(), l4_in.clone());
             async move { Ok::<_, Infallible>(hop.forward(&route, req, &l4).await) }
         });
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
-        let mut conn = std::pin::pin!(conn);
-        let ended = tokio::select! {
-            ended = conn.as_mut() => ended,
-            () = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
+        let ended = if h2 {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service);
+            until_drained(conn, &drain, |c| c.graceful_shutdown()).await
+        } else {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         };
         if let Err(e) = ended {
             tracing::debug!(error = %e, "outbound HTTP client connection ended with an error");
@@ -672,6 +684,38 @@ impl HttpHop {
 
     fn count(&self, connection: ConnectionLabels<'_>, protocol: &'static str, code: u16) {
         self.telemetry.request(&RequestLabels { connection, protocol }, code);
+    }
+}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes until they are, or cannot be, HTTP/2's preface.
+async fn read_preface(io: &mut (impl AsyncRead + Unpin)) -> std::io::Result<bytes::Bytes> {
+    let mut first = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; H2_PREFACE.len()];
+    while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
+        let n = io.read(&mut chunk[..H2_PREFACE.len() - first.len()]).await?;
+        if n == 0 {
+            break;
+        }
+        first.extend_from_slice(&chunk[..n]);
+    }
+    Ok(bytes::Bytes::from(first))
+}
+
+/// Runs a served connection; once draining starts, lets its requests in progress finish.
+async fn until_drained<C>(conn: C, drain: &drain::Watch, shutdown: impl FnOnce(Pin<&mut C>)) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = drain.signaled() => {
+            shutdown(conn.as_mut());
+            conn.await
+        }
     }
 }
 

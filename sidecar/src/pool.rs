@@ -31,12 +31,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::Outgoing;
 use crate::capture;
+use crate::rewind::Rewind;
 use crate::tls::{self, Svid, SvidSlot};
 
 /// What one pooled connection is for.
@@ -388,10 +389,7 @@ impl H2Pool {
             Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
         };
         first.truncate(n);
-        let stream = Rewind {
-            first: Some(bytes::Bytes::from(first)),
-            inner: stream,
-        };
+        let stream = Rewind::new(bytes::Bytes::from(first), stream);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -446,52 +444,6 @@ impl H2Pool {
                 slots.remove(key);
             }
         }
-    }
-}
-
-/// A stream whose first bytes were already read: they are read again first.
-struct Rewind<S> {
-    first: Option<bytes::Bytes>,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if let Some(mut first) = self.first.take() {
-            let n = first.len().min(buf.remaining());
-            buf.put_slice(&first.split_to(n));
-            if !first.is_empty() {
-                self.first = Some(first);
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -1002,3 +1002,55 @@ async fn a_chunked_body_is_held_for_retries_up_to_64_kib_and_streamed_once_beyon
     let bodies: Vec<usize> = broken.seen.lock().unwrap().iter().map(|s| s.body).collect();
     assert_eq!(bodies[3..], [100 * 1024], "too large to hold: sent whole, once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_client_such_as_grpc_is_served_and_routed_too() {
+    let (_pki, mut control, sidecar) = setup("h2c").await;
+    let (v1, v2) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("v2", Behaviour::Answer).await,
+    );
+    let grpc = HeaderMatcher {
+        name: "content-type".into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Prefix("application/grpc".into())),
+            ignore_case: false,
+        })),
+        ..Default::default()
+    };
+    let config = routes(vec![
+        forward(
+            RouteMatch {
+                headers: vec![grpc],
+                ..prefix("/")
+            },
+            to(&subset("v2")),
+        ),
+        forward(prefix("/"), to(&subset("v1"))),
+    ]);
+    let clusters = [
+        (cluster(&subset("v1")), vec![v1.addr]),
+        (cluster(&subset("v2")), vec![v2.addr]),
+    ];
+    sidecar.serve(&mut control, config, &clusters).await;
+
+    let tcp = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for (content_type, want) in [("application/grpc", "v2"), ("text/plain", "v1")] {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("http://reviews:9080/reviews.Reviews/Get")
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, want, "{content_type}");
+    }
+    let seen = v2.seen.lock().unwrap().clone();
+    assert_eq!((seen[0].host.as_str(), seen[0].body), ("reviews:9080", 5));
+}

@@ -227,6 +227,13 @@ impl HttpHop {
                 Bytes::from_static(b"the rewritten path is not a path\n"),
             );
         };
+        // An HTTP/2 client's authority is in its URI, which the rewritten path replaces.
+        if !parts.headers.contains_key(HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::try_from(authority.as_str())
+        {
+            parts.headers.insert(HOST, value);
+        }
         parts.uri = uri;
         if let Some(host) = target.host_rewrite.as_ref().or(forward.host_rewrite.as_ref())
             && let Ok(value) = HeaderValue::try_from(host.as_str())
