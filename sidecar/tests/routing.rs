@@ -188,6 +188,8 @@ struct Seen {
     tag: Option<String>,
     /// Bytes of body.
     body: usize,
+    /// `x-forwarded-client-cert`: who called, as a receiving sidecar says.
+    xfcc: Option<String>,
 }
 
 /// An HTTP/1.1 server named `name`, counting its requests and keeping what they carried.
@@ -218,8 +220,15 @@ async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
                             req.uri().to_string(),
                             header("x-route"),
                         );
+                        let xfcc = header("x-forwarded-client-cert");
                         let body = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
-                        a.lock().unwrap().push(Seen { host, path, tag, body });
+                        a.lock().unwrap().push(Seen {
+                            host,
+                            path,
+                            tag,
+                            body,
+                            xfcc,
+                        });
                         let status = match behaviour {
                             Behaviour::Answer => 200,
                             Behaviour::Fail => 503,
@@ -276,10 +285,16 @@ impl Sidecar {
         let table = Arc::new(ArcSwap::from_pointee(Destinations::default()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let entry = listener.local_addr().unwrap();
+        let bundles = TrustBundles::new();
+        let roots = std::fs::read(pki.ca()).unwrap();
+        bundles.set(
+            "cluster.local",
+            sidecar::tls::bundle::Bundle::from_pem("cluster.local", &roots).unwrap(),
+        );
         let captured = Arc::new(Captured::new(
             table.clone(),
             svid,
-            TrustBundles::new(),
+            bundles,
             Alpn::Tcp,
             None,
             entry,
@@ -788,6 +803,7 @@ async fn rewrites_redirects_direct_answers_and_headers_are_as_the_routes_say() {
             path: "/v2/users?id=7".into(),
             tag: Some("api".into()),
             body: 0,
+            xfcc: None,
         }]
     );
     assert_eq!(sidecar.get("/elsewhere", &[]).await.0, 404, "no route: Envoy's 404");
@@ -1053,4 +1069,83 @@ async fn an_h2c_client_such_as_grpc_is_served_and_routed_too() {
     }
     let seen = v2.seen.lock().unwrap().clone();
     assert_eq!((seen[0].host.as_str(), seen[0].body), ("reviews:9080", 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
+    use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context,
+        subject_alt_name_matcher,
+    };
+    const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+    let (pki, mut control, sidecar) = setup("mtls").await;
+    let (v1, v2) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("v2", Behaviour::Answer).await,
+    );
+    // v2's pod, behind its own sidecar (STRICT mTLS, HTTP).
+    let (cert, key) = pki.svid("cluster.local", "reviews");
+    let line = format!(
+        "--inbound 127.0.0.1:0={} --cert {} --key {} --ca {} --protocol http --mtls STRICT",
+        v2.addr,
+        cert.display(),
+        key.display(),
+        pki.ca().display()
+    );
+    let server =
+        sidecar::run::Sidecar::start(sidecar::run::RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
+    let tls = UpstreamTlsContext {
+        sni: format!("outbound_.9080_.v2_.{HOST}"),
+        common_tls_context: Some(CommonTlsContext {
+            validation_context_type: Some(common_tls_context::ValidationContextType::ValidationContext(
+                CertificateValidationContext {
+                    match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                        san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                        matcher: Some(StringMatcher {
+                            match_pattern: Some(string_matcher::MatchPattern::Exact(SERVER_ID.into())),
+                            ignore_case: false,
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mesh = Cluster {
+        transport_socket: Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
+                type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext".into(),
+                value: tls.encode_to_vec(),
+            })),
+        }),
+        ..cluster(&subset("v2"))
+    };
+    let config = routes(vec![
+        forward(prefix("/v2"), to(&subset("v2"))),
+        forward(prefix("/"), to(&subset("v1"))),
+    ]);
+    let clusters = [
+        (cluster(&subset("v1")), vec![v1.addr]),
+        (mesh, vec![server.bound.inbound.unwrap()]),
+    ];
+    sidecar.serve(&mut control, config, &clusters).await;
+
+    for _ in 0..5 {
+        assert_eq!(sidecar.get("/v2/reviews", &[]).await.1, "v2");
+        assert_eq!(sidecar.get("/v1/reviews", &[]).await.1, "v1");
+    }
+    // v2 learnt its caller from its sidecar; v1, outside the mesh, was called in plaintext.
+    let seen = v2.seen.lock().unwrap().clone();
+    let caller = "URI=spiffe://cluster.local/ns/default/sa/productpage";
+    assert!(
+        seen.iter()
+            .all(|s| s.xfcc.as_deref().is_some_and(|x| x.ends_with(caller))),
+        "{seen:?}"
+    );
+    assert!(v1.seen.lock().unwrap().iter().all(|s| s.xfcc.is_none()));
 }
