@@ -413,6 +413,24 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// A prefix takes exactly the paths that start with it, and ignoring case takes
+        /// them in any case.
+        #[test]
+        fn a_prefix_takes_what_starts_with_it(prefix in "/[a-zA-Z0-9/]{0,8}", rest in "[a-zA-Z0-9/]{0,8}", other in "/[a-zA-Z0-9/]{0,16}") {
+            let m = Matcher::compile(&on_path(route_match::PathSpecifier::Prefix(prefix.clone()))).unwrap();
+            let get = |p: &str| parts("GET", p, &[]);
+            let longer = format!("{prefix}{rest}");
+            proptest::prop_assert!(m.matches(&get(&longer)));
+            proptest::prop_assert_eq!(m.matches(&get(&other)), other.starts_with(&prefix));
+            let mut insensitive = on_path(route_match::PathSpecifier::Prefix(prefix.to_ascii_uppercase()));
+            insensitive.case_sensitive = Some(BoolValue { value: false });
+            let m = Matcher::compile(&insensitive).unwrap();
+            let lower = format!("{}{rest}", prefix.to_ascii_lowercase());
+            proptest::prop_assert!(m.matches(&get(&lower)));
+        }
+    }
+
     #[test]
     fn query_parameters() {
         use query_parameter_matcher::QueryParameterMatchSpecifier as Q;
