@@ -1149,3 +1149,22 @@ async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
     );
     assert!(v1.seen.lock().unwrap().iter().all(|s| s.xfcc.is_none()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_applications_envoy_headers_set_its_own_retries_and_timeout() {
+    let (_pki, _control, sidecar, broken) = failing_behind_retries("envoy-headers").await;
+    assert_eq!(sidecar.get("/", &[("x-envoy-max-retries", "0")]).await.0, 503);
+    assert_eq!(broken.hits.load(Ordering::Relaxed), 1, "no retry asked for");
+    assert_eq!(sidecar.get("/", &[("x-envoy-max-retries", "1")]).await.0, 503);
+    assert_eq!(broken.hits.load(Ordering::Relaxed), 3, "one retry");
+
+    let (_pki, mut control, sidecar) = setup("envoy-timeout").await;
+    let stuck = backend("stuck", Behaviour::Hang).await;
+    // No timeout on the route: Envoy's 15 s would apply.
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![stuck.addr])])
+        .await;
+    let (status, body, _) = sidecar.get("/", &[("x-envoy-upstream-rq-timeout-ms", "100")]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+}

@@ -26,7 +26,7 @@ use crate::http::ReplyBody;
 use crate::route::action::{Action, Forward, Target};
 use crate::route::fault::{ABORT_BODY, Abort};
 use crate::route::mirror::{Mirror, shadow_authority};
-use crate::route::retry::{Outcome, RetryPolicy};
+use crate::route::retry::{MAX_RETRIES_HEADER, Outcome, PER_TRY_TIMEOUT_HEADER, RETRY_ON_HEADER, RetryPolicy};
 use crate::route::{RouteTable, Selected};
 use crate::telemetry::{ConnectionLabels, TcpCounters};
 
@@ -39,6 +39,10 @@ pub const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 /// How long a mirrored copy may wait for its answer when the route has no timeout: copies
 /// run in the background, and a shadow that never answers must not pile them up.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Envoy's request header by which a (trusted) application bounds its own request, in
+/// milliseconds (0 is none), instead of the route's timeout.
+const TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
 
 /// Envoy's text for a request the circuit breaker turned away.
 pub const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
@@ -218,6 +222,25 @@ impl HttpHop {
                 .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
             return resp;
         };
+        // The application's own say on timeouts and retries, for this hop only.
+        let retry = RetryPolicy::for_request(forward.retry.as_ref(), &parts.headers);
+        let timeout = match parts
+            .headers
+            .get(TIMEOUT_HEADER)
+            .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+        {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => forward.timeout,
+        };
+        for name in [
+            TIMEOUT_HEADER,
+            RETRY_ON_HEADER,
+            MAX_RETRIES_HEADER,
+            PER_TRY_TIMEOUT_HEADER,
+        ] {
+            parts.headers.remove(name);
+        }
         let client = parts.extensions.get::<ClientIp>().map(|c| c.0);
         let hash = forward.hash.hash(&parts, client);
         let path = forward.path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
@@ -245,7 +268,7 @@ impl HttpHop {
             return local(StatusCode::BAD_REQUEST, Bytes::from_static(b"invalid host header\n"));
         };
         let (parts, ()) = req.into_parts();
-        let wanted = forward.retry.is_some() || !forward.mirrors.is_empty();
+        let wanted = retry.is_some() || !forward.mirrors.is_empty();
         let body = match buffered(body, wanted).await {
             Ok(body) => body,
             Err(e) => {
@@ -258,12 +281,12 @@ impl HttpHop {
         };
         if let Either::Right(bytes) = &body {
             for mirror in forward.mirrors.iter().filter(|m| m.fraction.sample()) {
-                let bound = forward.timeout.unwrap_or(MIRROR_TIMEOUT);
+                let bound = timeout.unwrap_or(MIRROR_TIMEOUT);
                 self.mirror(captured, table, mirror, &parts, bytes.clone(), bound);
             }
         }
-        let attempts = self.attempts(captured, upstream, forward.retry.as_ref(), &parts, body, hash);
-        let tried = match forward.timeout {
+        let attempts = self.attempts(captured, upstream, retry.as_ref(), &parts, body, hash);
+        let tried = match timeout {
             Some(timeout) => tokio::time::timeout(timeout, attempts).await.unwrap_or(Tried::TimedOut),
             None => attempts.await,
         };

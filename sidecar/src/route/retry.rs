@@ -36,6 +36,39 @@ struct RetryOn {
     grpc_unavailable: bool,
 }
 
+impl RetryOn {
+    /// Adds the conditions of a `retry_on` list; an unknown one is an error unless
+    /// `lenient` (a request's own header, which Envoy reads leniently).
+    fn add(&mut self, list: &str, lenient: bool) -> Result<(), Invalid> {
+        for cond in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            let flag = match cond {
+                "5xx" => &mut self.five_xx,
+                "gateway-error" => &mut self.gateway_error,
+                "connect-failure" => &mut self.connect_failure,
+                "refused-stream" => &mut self.refused_stream,
+                "retriable-4xx" => &mut self.retriable_4xx,
+                "reset" => &mut self.reset,
+                "retriable-status-codes" => &mut self.retriable_status_codes,
+                "cancelled" => &mut self.grpc_cancelled,
+                "deadline-exceeded" => &mut self.grpc_deadline_exceeded,
+                "internal" => &mut self.grpc_internal,
+                "resource-exhausted" => &mut self.grpc_resource_exhausted,
+                "unavailable" => &mut self.grpc_unavailable,
+                _ if lenient => continue,
+                other => return Err(Invalid(format!("retry policy: unknown retry_on condition {other:?}"))),
+            };
+            *flag = true;
+        }
+        Ok(())
+    }
+}
+
+/// Envoy's request headers by which a (trusted) application adjusts the retries of its
+/// own request; they are for this hop and are not sent on.
+pub const RETRY_ON_HEADER: &str = "x-envoy-retry-on";
+pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
+pub const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
+
 /// How one attempt ended.
 #[derive(Debug, Clone, Copy)]
 pub enum Outcome<'a> {
@@ -85,24 +118,7 @@ impl RetryPolicy {
     /// rather than silently never retried.
     pub fn compile(p: &EnvoyRetryPolicy) -> Result<Self, Invalid> {
         let mut on = RetryOn::default();
-        for cond in p.retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-            let flag = match cond {
-                "5xx" => &mut on.five_xx,
-                "gateway-error" => &mut on.gateway_error,
-                "connect-failure" => &mut on.connect_failure,
-                "refused-stream" => &mut on.refused_stream,
-                "retriable-4xx" => &mut on.retriable_4xx,
-                "reset" => &mut on.reset,
-                "retriable-status-codes" => &mut on.retriable_status_codes,
-                "cancelled" => &mut on.grpc_cancelled,
-                "deadline-exceeded" => &mut on.grpc_deadline_exceeded,
-                "internal" => &mut on.grpc_internal,
-                "resource-exhausted" => &mut on.grpc_resource_exhausted,
-                "unavailable" => &mut on.grpc_unavailable,
-                other => return Err(Invalid(format!("retry policy: unknown retry_on condition {other:?}"))),
-            };
-            *flag = true;
-        }
+        on.add(&p.retry_on, false)?;
         let retriable_status_codes = p
             .retriable_status_codes
             .iter()
@@ -136,6 +152,30 @@ impl RetryPolicy {
             base_interval,
             max_interval,
         })
+    }
+
+    /// The route's policy as the request's own headers adjust it, as Envoy does:
+    /// `x-envoy-retry-on` adds conditions (and makes a policy of one retry where the route
+    /// had none), `x-envoy-max-retries` sets the number of retries of a policy, and
+    /// `x-envoy-upstream-rq-per-try-timeout-ms` its per-try timeout.
+    pub fn for_request(route: Option<&RetryPolicy>, headers: &HeaderMap) -> Option<RetryPolicy> {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let number = |name: &str| text(name).and_then(|v| v.trim().parse::<u64>().ok());
+        let mut policy = match (route, text(RETRY_ON_HEADER)) {
+            (Some(p), _) => p.clone(),
+            (None, Some(_)) => RetryPolicy::compile(&EnvoyRetryPolicy::default()).expect("the empty policy compiles"),
+            (None, None) => return None,
+        };
+        if let Some(list) = text(RETRY_ON_HEADER) {
+            policy.on.add(list, true).expect("lenient");
+        }
+        if let Some(n) = number(MAX_RETRIES_HEADER) {
+            policy.num_retries = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        if let Some(ms) = number(PER_TRY_TIMEOUT_HEADER) {
+            policy.per_try_timeout = Some(Duration::from_millis(ms)).filter(|d| !d.is_zero());
+        }
+        Some(policy)
     }
 
     /// Whether a request ended this way is attempted again (budget aside).
@@ -281,6 +321,26 @@ mod tests {
         assert!(p("reset").retriable(&get, Outcome::Reset));
         assert!(!p("connect-failure").retriable(&get, Outcome::Reset));
         assert!(RetryPolicy::compile(&policy("5xx,bogus")).is_err());
+    }
+
+    #[test]
+    fn a_requests_own_headers_adjust_the_policy() {
+        let get = req("GET");
+        let mut h = HeaderMap::new();
+        assert!(RetryPolicy::for_request(None, &h).is_none());
+        h.insert(RETRY_ON_HEADER, HeaderValue::from_static("5xx,not-a-condition"));
+        let p = RetryPolicy::for_request(None, &h).unwrap();
+        assert_eq!(p.num_retries, 1, "Envoy's default");
+        assert!(p.retriable(&get, Outcome::Reset));
+        h.insert(MAX_RETRIES_HEADER, HeaderValue::from_static("4"));
+        h.insert(PER_TRY_TIMEOUT_HEADER, HeaderValue::from_static("250"));
+        let route = RetryPolicy::compile(&policy("connect-failure")).unwrap();
+        let p = RetryPolicy::for_request(Some(&route), &h).unwrap();
+        assert_eq!(
+            (p.num_retries, p.per_try_timeout),
+            (4, Some(Duration::from_millis(250)))
+        );
+        assert!(p.retriable(&get, Outcome::Reset) && p.retriable(&get, Outcome::ConnectFailure));
     }
 
     #[test]
