@@ -1,6 +1,7 @@
 //! What a CDS cluster says about using its endpoints (Istio's DestinationRule
 //! `trafficPolicy`): the load-balancing policy, passive outlier detection on consecutive
-//! 5xx or gateway errors, and the circuit breaker's request and retry limits.
+//! 5xx or gateway errors (and, when split, on consecutive local-origin failures — no
+//! answer at all — of their own), and the circuit breaker's request and retry limits.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use hyper::StatusCode;
 
 use crate::balance::Policy;
 use crate::destinations::BadResource;
-use crate::outlier::{OutlierDetector, OutlierPolicy};
+use crate::outlier::{OutlierDetector, OutlierPolicy, Verdict};
 
 /// Envoy's circuit-breaker defaults.
 const DEFAULT_MAX_REQUESTS: u32 = 1024;
@@ -42,9 +43,18 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterPolicy {
     pub lb: Policy,
-    pub outlier: Option<(OutlierPolicy, Counted)>,
+    pub outlier: Option<Outlier>,
     pub max_requests: u32,
     pub max_retries: u32,
+}
+
+/// A cluster's outlier detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outlier {
+    /// Ejection on answers (and, unless split, on no answer too).
+    pub external: Option<(OutlierPolicy, Counted)>,
+    /// `split_external_local_origin_errors`: ejection on no answer, on a streak of its own.
+    pub local_origin: Option<OutlierPolicy>,
 }
 
 fn seconds(d: Option<&ProtoDuration>, default: Duration) -> Duration {
@@ -77,19 +87,8 @@ impl ClusterPolicy {
             Err(_) => return Err(bad(format!("lb_policy {} is unknown", c.lb_policy))),
         };
         let outlier = c.outlier_detection.as_ref().and_then(|o| {
-            // Envoy enforces 5xx ejection by default and gateway-failure ejection only when
-            // asked; Istio sets one of the two enforcing percentages to 100.
-            let five_xx = value(o.enforcing_consecutive_5xx.as_ref(), 100) > 0;
-            let gateway = value(o.enforcing_consecutive_gateway_failure.as_ref(), 0) > 0;
-            let (threshold, counted) = if five_xx {
-                (value(o.consecutive_5xx.as_ref(), 5), Counted::ServerErrors)
-            } else if gateway {
-                (value(o.consecutive_gateway_failure.as_ref(), 5), Counted::GatewayErrors)
-            } else {
-                return None;
-            };
             let defaults = OutlierPolicy::default();
-            let policy = OutlierPolicy {
+            let policy = |threshold: u32| OutlierPolicy {
                 consecutive_failures: threshold.max(1),
                 base_ejection_time: seconds(o.base_ejection_time.as_ref(), defaults.base_ejection_time),
                 max_ejection_time: seconds(o.max_ejection_time.as_ref(), defaults.max_ejection_time),
@@ -97,7 +96,24 @@ impl ClusterPolicy {
                 max_ejection_percent: u8::try_from(value(o.max_ejection_percent.as_ref(), 10).min(100))
                     .expect("at most 100"),
             };
-            Some((policy, counted))
+            // Envoy enforces 5xx ejection by default and gateway-failure ejection only when
+            // asked; Istio sets one of the two enforcing percentages to 100.
+            let five_xx = value(o.enforcing_consecutive_5xx.as_ref(), 100) > 0;
+            let gateway = value(o.enforcing_consecutive_gateway_failure.as_ref(), 0) > 0;
+            let external = if five_xx {
+                Some((policy(value(o.consecutive_5xx.as_ref(), 5)), Counted::ServerErrors))
+            } else if gateway {
+                Some((
+                    policy(value(o.consecutive_gateway_failure.as_ref(), 5)),
+                    Counted::GatewayErrors,
+                ))
+            } else {
+                None
+            };
+            let local_origin = (o.split_external_local_origin_errors
+                && value(o.enforcing_consecutive_local_origin_failure.as_ref(), 100) > 0)
+                .then(|| policy(value(o.consecutive_local_origin_failure.as_ref(), 5)));
+            (external.is_some() || local_origin.is_some()).then_some(Outlier { external, local_origin })
         });
         let thresholds = c.circuit_breakers.as_ref().and_then(|b| b.thresholds.first());
         Ok(Self {
@@ -112,48 +128,80 @@ impl ClusterPolicy {
 /// Passive health of one cluster's endpoints.
 #[derive(Debug)]
 pub struct Health {
-    detector: OutlierDetector,
-    counted: Counted,
+    external: Option<(OutlierDetector, Counted)>,
+    local_origin: Option<OutlierDetector>,
+    /// Local-origin failures are on a streak of their own, not counted as 5xx.
+    split: bool,
+}
+
+fn note(verdict: Verdict, i: usize) {
+    if let Verdict::Ejected(time) = verdict {
+        tracing::info!(endpoint = i, ejected_for = ?time, "outlier ejected");
+    }
 }
 
 impl Health {
     /// All `n` endpoints healthy.
-    pub fn new(policy: OutlierPolicy, counted: Counted, n: usize) -> Self {
+    pub fn new(outlier: Outlier, n: usize) -> Self {
         Self {
-            detector: OutlierDetector::new(policy, n),
-            counted,
+            split: outlier.local_origin.is_some(),
+            external: outlier
+                .external
+                .map(|(p, counted)| (OutlierDetector::new(p, n), counted)),
+            local_origin: outlier.local_origin.map(|p| OutlierDetector::new(p, n)),
         }
+    }
+
+    fn detectors(&self) -> impl Iterator<Item = &OutlierDetector> {
+        self.external.iter().map(|(d, _)| d).chain(self.local_origin.iter())
     }
 
     /// Whether endpoint `i` may be chosen: not ejected, or too few are left to be choosy.
     pub fn usable(&self, i: usize, n: usize) -> bool {
-        let ejected = self.detector.ejected_count();
-        (n - ejected) * 100 < n * PANIC_THRESHOLD_PERCENT || self.detector.is_available(i)
+        let ejected = (0..n).filter(|&j| self.ejected(j)).count();
+        (n - ejected) * 100 < n * PANIC_THRESHOLD_PERCENT || !self.ejected(i)
     }
 
     /// Whether endpoint `i` is ejected now, panic or not.
     pub fn ejected(&self, i: usize) -> bool {
-        !self.detector.is_available(i)
+        self.detectors().any(|d| !d.is_available(i))
     }
 
     /// Records how a request to endpoint `i` ended.
     pub fn record(&self, i: usize, result: Reply) {
-        let failed = match (result, self.counted) {
+        if let (Reply::NoAnswer, true) = (result, self.split) {
+            if let Some(local) = &self.local_origin {
+                note(local.record_failure(i), i);
+            }
+            return;
+        }
+        if let Some(local) = &self.local_origin {
+            // An answer: the endpoint could be reached.
+            local.record_success(i);
+        }
+        let Some((detector, counted)) = &self.external else {
+            return;
+        };
+        let failed = match (result, counted) {
             (Reply::NoAnswer, _) => true,
             (Reply::Status(s), Counted::ServerErrors) => s.is_server_error(),
             (Reply::Status(s), Counted::GatewayErrors) => matches!(s.as_u16(), 502..=504),
         };
-        if !failed {
-            return self.detector.record_success(i);
-        }
-        if let crate::outlier::Verdict::Ejected(time) = self.detector.record_failure(i) {
-            tracing::info!(endpoint = i, ejected_for = ?time, "outlier ejected");
+        if failed {
+            note(detector.record_failure(i), i);
+        } else {
+            detector.record_success(i);
         }
     }
 
     /// Carries endpoint `from`'s health in `old` over to our endpoint `to`.
     pub fn inherit(&self, to: usize, old: &Health, from: usize) {
-        self.detector.inherit(to, &old.detector, from);
+        if let (Some((new, _)), Some((before, _))) = (&self.external, &old.external) {
+            new.inherit(to, before, from);
+        }
+        if let (Some(new), Some(before)) = (&self.local_origin, &old.local_origin) {
+            new.inherit(to, before, from);
+        }
     }
 }
 
@@ -240,7 +288,7 @@ mod tests {
         };
         let p = ClusterPolicy::of(&c).unwrap();
         assert_eq!(p.lb, Policy::LeastConn);
-        let (outlier, counted) = p.outlier.clone().unwrap();
+        let (outlier, counted) = p.outlier.clone().unwrap().external.unwrap();
         assert_eq!(counted, Counted::GatewayErrors);
         assert_eq!(outlier.consecutive_failures, 3);
         assert_eq!(outlier.base_ejection_time, Duration::from_secs(60));
@@ -262,7 +310,13 @@ mod tests {
             max_ejection_percent: 100,
             ..OutlierPolicy::default()
         };
-        let h = Health::new(policy, Counted::GatewayErrors, 4);
+        let h = Health::new(
+            Outlier {
+                external: Some((policy, Counted::GatewayErrors)),
+                local_origin: None,
+            },
+            4,
+        );
         h.record(0, Reply::Status(StatusCode::INTERNAL_SERVER_ERROR));
         h.record(0, Reply::Status(StatusCode::INTERNAL_SERVER_ERROR));
         assert!(h.usable(0, 4), "a 500 is not a gateway error");
@@ -282,6 +336,32 @@ mod tests {
             h.usable(1, 4) && h.usable(3, 4),
             "one of four left: panic, all are used"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn split_local_origin_failures_are_a_streak_of_their_own() {
+        let c = Cluster {
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx: u(3),
+                split_external_local_origin_errors: true,
+                consecutive_local_origin_failure: u(2),
+                max_ejection_percent: u(100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let h = Health::new(ClusterPolicy::of(&c).unwrap().outlier.unwrap(), 4);
+        // Two 500s and a connection failure: neither streak is long enough.
+        h.record(0, Reply::Status(StatusCode::INTERNAL_SERVER_ERROR));
+        h.record(0, Reply::Status(StatusCode::INTERNAL_SERVER_ERROR));
+        h.record(0, Reply::NoAnswer);
+        assert!(!h.ejected(0));
+        h.record(0, Reply::NoAnswer);
+        assert!(h.ejected(0), "two local-origin failures in a row");
+        h.record(1, Reply::NoAnswer);
+        h.record(1, Reply::Status(StatusCode::OK));
+        h.record(1, Reply::NoAnswer);
+        assert!(!h.ejected(1), "an answer ends the local-origin streak");
     }
 
     #[test]

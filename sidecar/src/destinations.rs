@@ -246,10 +246,7 @@ impl Destinations {
                     }
                     lb => Balancer::new(lb, &weights),
                 },
-                health: policy
-                    .outlier
-                    .clone()
-                    .map(|(p, counted)| Health::new(p, counted, endpoints.len())),
+                health: policy.outlier.clone().map(|o| Health::new(o, endpoints.len())),
                 breaker: Breaker::new(&policy),
                 overprovisioning,
                 endpoints,
