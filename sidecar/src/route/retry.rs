@@ -63,10 +63,13 @@ impl RetryOn {
     }
 }
 
-/// Envoy's request headers by which a (trusted) application adjusts the retries of its
-/// own request; they are for this hop and are not sent on.
+// Envoy's request headers by which a (trusted) application adjusts the retries of its own
+// request; they are for this hop and are not sent on.
+/// Retry conditions added to the route's.
 pub const RETRY_ON_HEADER: &str = "x-envoy-retry-on";
+/// The number of retries.
 pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
+/// Each attempt's timeout, in milliseconds.
 pub const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
 
 /// How one attempt ended.
