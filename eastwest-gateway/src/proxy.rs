@@ -6,6 +6,7 @@
 //! because it holds no certificate of the workloads.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -162,6 +163,7 @@ async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str>
     .await
     .map_err(|_| "handshake_timeout")??;
     let sni = hello.server_name.as_deref().ok_or("no_sni")?;
+    let (pinned, sni) = mesh_vocab::sni::unpin(sni);
     let route = shared.routes.load().get(sni).cloned().ok_or_else(|| {
         tracing::debug!(sni, "unknown SNI");
         "unknown_sni"
@@ -172,7 +174,7 @@ async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str>
 
     route.active.inc();
     let _active = scopeguard(|| route.active.dec());
-    let (mut up, i) = connect(&route, shared).await?;
+    let (mut up, i) = connect(&route, pinned, shared).await?;
     let endpoint = &route.endpoints[i];
     let _counted = route.balancer.open(i);
     let counters = &endpoint.counters;
@@ -237,15 +239,33 @@ async fn read_hello(s: &TcpStream, buf: &mut Vec<u8>, max: usize) -> Result<Clie
 }
 
 /// Connects to an endpoint of `route`, trying up to `--connect-attempts` different
-/// healthy ones, and feeds each outcome to outlier detection.
-async fn connect(route: &Route, shared: &Shared) -> Result<(TcpStream, usize), &'static str> {
-    let attempts = shared.settings.connect_attempts as usize;
+/// healthy ones, and feeds each outcome to outlier detection. A caller that pinned one
+/// endpoint gets that one or nothing: it balances and ejects by endpoint itself, so trying
+/// another for it would hide the failure from the one who decides.
+async fn connect(
+    route: &Route,
+    pinned: Option<SocketAddr>,
+    shared: &Shared,
+) -> Result<(TcpStream, usize), &'static str> {
+    let attempts = match pinned {
+        Some(_) => 1,
+        None => shared.settings.connect_attempts as usize,
+    };
     let mut tried: Vec<usize> = Vec::new();
     while tried.len() < attempts {
-        let Some(i) = route
-            .balancer
-            .pick(|i| route.outlier.is_available(i) && !tried.contains(&i))
-        else {
+        let next = match pinned {
+            Some(addr) => Some(
+                route
+                    .endpoints
+                    .iter()
+                    .position(|e| e.addr == addr)
+                    .ok_or("unknown_endpoint")?,
+            ),
+            None => route
+                .balancer
+                .pick(|i| route.outlier.is_available(i) && !tried.contains(&i)),
+        };
+        let Some(i) = next else {
             break;
         };
         tried.push(i);

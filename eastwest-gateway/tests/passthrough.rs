@@ -22,6 +22,18 @@ fn routes_file(dir: &std::path::Path, endpoints: &[std::net::SocketAddr], extra:
     path
 }
 
+/// The address of a backend that was started and stopped: it refuses from now on.
+async fn dead_backend(pki: &Pki) -> std::net::SocketAddr {
+    let dead = Backend::start(pki, "dead").await;
+    let addr = dead.addr;
+    dead.stop();
+    eventually(Duration::from_secs(5), "dead port refuses", || async {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    addr
+}
+
 #[tokio::test]
 async fn tls_passes_through_and_the_backend_sees_the_client_identity() {
     let Setup { pki, gw, .. } = Setup::new(&[]).await;
@@ -98,14 +110,7 @@ async fn half_close_reaches_the_backend_and_its_answer_comes_back() {
 async fn a_dead_endpoint_is_skipped_and_ejected() {
     let pki = Pki::new();
     let live = Backend::start(&pki, "live").await;
-    let dead = Backend::start(&pki, "dead").await;
-    let dead_addr = dead.addr;
-    dead.stop();
-    // The dead port refuses from now on.
-    eventually(Duration::from_secs(5), "dead port refuses", || async {
-        TcpStream::connect(dead_addr).await.is_err()
-    })
-    .await;
+    let dead_addr = dead_backend(&pki).await;
     let outlier =
         "outlierDetection: {consecutiveLocalOriginFailures: 1, baseEjectionTime: 60s, maxEjectionPercent: 50}\n";
     let file = routes_file(pki.dir.path(), &[dead_addr, live.addr], outlier);
@@ -140,6 +145,38 @@ async fn a_dead_endpoint_is_skipped_and_ejected() {
     let eps = &dump["routes"][0]["endpoints"];
     assert_eq!(eps[0]["healthy"], false, "{dump}");
     assert_eq!(eps[1]["healthy"], true);
+}
+
+#[tokio::test]
+async fn a_pinned_name_reaches_that_endpoint_only_and_never_another() {
+    let pki = Pki::new();
+    let b1 = Backend::start(&pki, "b1").await;
+    let b2 = Backend::start(&pki, "b2").await;
+    let dead_addr = dead_backend(&pki).await;
+    let file = routes_file(pki.dir.path(), &[b1.addr, b2.addr, dead_addr], "");
+    let gw = GatewayProcess::start(pki.dir.path(), &["--config", file.to_str().unwrap()]);
+    let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
+
+    // Unpinned, the gateway balances (and skips the dead one); pinned, every call lands on b2.
+    let pinned = mesh_vocab::sni::pin(b2.addr, SNI);
+    for _ in 0..10 {
+        let call = Call::open(gw.listen, &client, &pinned).await.unwrap();
+        assert!(call.greeting.starts_with("hello b2 "), "{}", call.greeting);
+    }
+    // A pinned endpoint that is down is not replaced by a live one: the caller, who pinned
+    // it, sees the failure and ejects it.
+    let to_dead = mesh_vocab::sni::pin(dead_addr, SNI);
+    assert!(Call::open(gw.listen, &client, &to_dead).await.is_err());
+    gw.wait_rejected("upstream_connect_failed", 1.0).await;
+    // An endpoint the gateway does not know for that name is refused.
+    let elsewhere = mesh_vocab::sni::pin("10.9.9.9:9080".parse().unwrap(), SNI);
+    assert!(Call::open(gw.listen, &client, &elsewhere).await.is_err());
+    gw.wait_rejected("unknown_endpoint", 1.0).await;
+    assert_eq!(
+        gw.metric("istio_tcp_connections_opened_total", &[]).await,
+        Some(10.0),
+        "only the ten pinned calls to b2 reached a backend"
+    );
 }
 
 #[tokio::test]

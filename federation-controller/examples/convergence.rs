@@ -8,8 +8,11 @@
 //! delta ADS streams, each subscribing to every cluster and its endpoints and
 //! ACKing what it gets. It times the full initial push, then K changes of one
 //! endpoint each: from publishing the new state until each proxy has received
-//! it. CPU and RSS are the whole process's, in-process clients included, so
-//! they bound the controller's from above. Every wait is bounded.
+//! it. The proxies run in a child process (this example re-run with
+//! `--clients ADDR`), so CPU, RSS and peak RSS are the controller's alone: the
+//! proxies' decoded copies of every endpoint would otherwise dwarf it. Both
+//! processes stamp events with CLOCK_MONOTONIC, which they share. Every wait is
+//! bounded.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -30,6 +33,8 @@ const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
 struct Args {
+    /// Set in the child: the server to connect the proxies to.
+    clients_of: Option<String>,
     clusters: usize,
     endpoints: usize,
     proxies: usize,
@@ -39,6 +44,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
+        clients_of: None,
         clusters: 10,
         endpoints: 1000,
         proxies: 100,
@@ -47,6 +53,10 @@ fn args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--clients" {
+            a.clients_of = Some(it.next().expect("--clients needs an address"));
+            continue;
+        }
         let v: usize = it
             .next()
             .and_then(|v| v.parse().ok())
@@ -127,9 +137,20 @@ fn node(i: usize) -> Node {
     }
 }
 
+/// Nanoseconds on CLOCK_MONOTONIC, the same clock in both processes.
+fn now_ns() -> u64 {
+    // SAFETY: clock_gettime only fills the struct it is given.
+    let t = unsafe {
+        let mut t: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t);
+        t
+    };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// One proxy: subscribes to all clusters and their endpoints, ACKs, and reports
-/// the system version of every endpoint update it receives.
-async fn proxy(i: usize, addr: String, seen: mpsc::UnboundedSender<(usize, u64, Instant)>) {
+/// the system version of every endpoint update it receives, and when.
+async fn proxy(i: usize, addr: String, seen: mpsc::UnboundedSender<(usize, u64, u64)>) {
     // A thousand connects at once can meet a full accept queue: retry, bounded.
     let mut attempt = 0;
     let (tx, mut resp) = loop {
@@ -173,7 +194,7 @@ async fn proxy(i: usize, addr: String, seen: mpsc::UnboundedSender<(usize, u64, 
             let _ = tx.send(sub).await;
         } else {
             let _ = tx.send(ack).await;
-            let _ = seen.send((i, r.system_version_info.parse().unwrap_or(0), Instant::now()));
+            let _ = seen.send((i, r.system_version_info.parse().unwrap_or(0), now_ns()));
         }
     }
 }
@@ -182,13 +203,62 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-fn rss_mib() -> f64 {
+/// A `/proc/self/status` figure in MiB: `VmRSS` now, `VmHWM` the peak so far.
+fn status_mib(field: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
+}
+
+fn memory() -> String {
+    format!(
+        "controller RSS {:.0} MiB (peak {:.0} MiB)",
+        status_mib("VmRSS"),
+        status_mib("VmHWM")
+    )
+}
+
+/// The child: P proxies against the server at `addr`, one line per endpoint update on
+/// stdout (`proxy version ns`), until the parent goes away.
+async fn clients(addr: String, proxies: usize) {
+    use std::io::Write;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    for i in 0..proxies {
+        tokio::spawn(proxy(i, addr.clone(), seen_tx.clone()));
+    }
+    let mut out = std::io::stdout().lock();
+    while let Some((i, v, at)) = seen.recv().await {
+        if writeln!(out, "{i} {v} {at}").and_then(|()| out.flush()).is_err() {
+            return; // the parent is gone
+        }
+    }
+}
+
+/// Starts the child with the proxies; their updates arrive on the returned channel.
+fn spawn_clients(addr: &str, proxies: usize) -> (std::process::Child, mpsc::UnboundedReceiver<(usize, u64, u64)>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--clients", addr, "--proxies", &proxies.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the clients' process starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let f: Vec<u64> = line.split(' ').filter_map(|x| x.parse().ok()).collect();
+            if let [i, v, at] = f[..]
+                && tx.send((i as usize, v, at)).is_err()
+            {
+                return;
+            }
+        }
+    });
+    (child, rx)
 }
 
 fn cpu_secs() -> f64 {
@@ -218,6 +288,9 @@ fn raise_fd_limit() {
 async fn main() {
     raise_fd_limit();
     let a = args();
+    if let Some(addr) = a.clients_of.clone() {
+        return clients(addr, a.proxies).await;
+    }
     let total = a.clusters * a.endpoints;
     println!(
         "clusters={} endpoints/cluster={} (total {total}) services={} proxies={} changes={}",
@@ -242,11 +315,8 @@ async fn main() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let (cpu0, t0) = (cpu_secs(), Instant::now());
-    for i in 0..a.proxies {
-        tokio::spawn(proxy(i, addr.clone(), seen_tx.clone()));
-    }
+    let (mut child, mut seen) = spawn_clients(&addr, a.proxies);
     // Full push: every proxy has received endpoints at version 1.
     let mut synced = vec![false; a.proxies];
     let mut left = a.proxies;
@@ -264,10 +334,10 @@ async fn main() {
     let full = t0.elapsed();
     let cpu_full = cpu_secs() - cpu0;
     println!(
-        "full push to all proxies: {:.0} ms, CPU {:.2} s, RSS {:.0} MiB",
+        "full push to all proxies: {:.0} ms, controller CPU {:.2} s, {}",
         full.as_secs_f64() * 1e3,
         cpu_full,
-        rss_mib()
+        memory()
     );
 
     let mut lat = Vec::new();
@@ -277,10 +347,10 @@ async fn main() {
         while seen.try_recv().is_ok() {}
         version += 1;
         let clusters = models(&a, k * 100_000); // the sources' work, not the server's: not timed
-        let started = Instant::now();
+        let started = now_ns();
         tx.send(Arc::new(Snapshot::new(
             version,
-            started,
+            Instant::now(),
             clusters,
             MeshConfig::default(),
         )))
@@ -300,20 +370,22 @@ async fn main() {
             } else if v >= version && !got[i] {
                 got[i] = true;
                 left -= 1;
-                lat.push(at - started);
+                lat.push(Duration::from_nanos(at.saturating_sub(started)));
             }
         }
     }
     let cpu_changes = cpu_secs() - cpu1;
     lat.sort();
     println!(
-        "one-endpoint change -> every affected proxy ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} changes; pushes to unaffected proxies: {needless}; CPU {:.1} ms per change; RSS {:.0} MiB",
+        "one-endpoint change -> every affected proxy ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} changes; pushes to unaffected proxies: {needless}; controller CPU {:.1} ms per change; {}",
         a.proxies.div_ceil(2),
         pct(&lat, 0.5).as_secs_f64() * 1e3,
         pct(&lat, 0.99).as_secs_f64() * 1e3,
         lat.last().unwrap().as_secs_f64() * 1e3,
         a.changes,
         cpu_changes * 1e3 / a.changes as f64,
-        rss_mib()
+        memory()
     );
+    let _ = child.kill();
+    let _ = child.wait();
 }

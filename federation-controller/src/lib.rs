@@ -12,6 +12,7 @@
 //! of what other clusters export. Beside that flow, [`ca`] issues the workloads' SVIDs.
 
 pub mod ca;
+pub mod cluster_clients;
 pub mod federation;
 pub mod kube_source;
 pub mod manifests;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use federation_controller::cluster_clients::ClusterClients;
 use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
 use federation_controller::registry::Freshness;
@@ -228,8 +229,16 @@ struct CaParts {
     root_pem: String,
 }
 
-/// The clusters whose API servers review service-account tokens, the own cluster first.
-type ReviewClusters = Vec<(ClusterId, kube::Client)>;
+/// The clusters read in Kubernetes mode.
+struct KubeClients {
+    /// Those given with `--kubeconfig`, the own cluster first.
+    given: Vec<(ClusterId, kube::Client)>,
+    /// Those and the remote secrets' clusters, as they come and go.
+    current: ClusterClients,
+}
+
+/// The clusters whose API servers review service-account tokens, and the home cluster.
+type ReviewClusters = Option<(ClusterId, ClusterClients)>;
 
 /// The CA service and the TLS identity of the secure port, when `--ca-dir` is given.
 fn certificate_authority(
@@ -246,7 +255,7 @@ fn certificate_authority(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64),
     );
-    let root_pem = authority.root_pem().to_owned();
+    let root_pem = authority.trust_roots_pem();
     let signer = ca::Signer {
         authority,
         default_ttl: args.svid_ttl,
@@ -257,8 +266,7 @@ fn certificate_authority(
     let ips = [std::net::IpAddr::from([127, 0, 0, 1])];
     let (chain, key) = signer.serving_certificate(&own, &args.serving_names, &ips)?;
     let mut authenticator = ca::Authenticator::new(ca::bootstrap::BootstrapKey::load_or_create(dir)?);
-    if let Some((home, _)) = clusters.first() {
-        let home = home.clone();
+    if let Some((home, clusters)) = clusters {
         tracing::info!(%home, audiences = ?args.token_audiences, "service-account tokens reviewed");
         authenticator = authenticator.with_token_review(ca::token_review::TokenReviewer::new(
             clusters,
@@ -344,7 +352,8 @@ fn parse_kubeconfig(s: &str) -> Result<(String, String), String> {
 
 /// Starts a Kubernetes source per `--kubeconfig` (and per remote secret of
 /// `remote_secrets_from`), all feeding one publisher. Returns the clusters' clients, the
-/// own cluster (`remote_secrets_from`, else the first) first.
+/// own cluster (`remote_secrets_from`, else the first) first, and the current set with the
+/// remote secrets' clusters.
 async fn kube_sources(
     kubeconfigs: &[(String, String)],
     remote_secrets_from: Option<String>,
@@ -352,10 +361,11 @@ async fn kube_sources(
     mesh: MeshConfig,
     tx: tokio::sync::watch::Sender<Arc<Snapshot>>,
     inventory: Option<tokio::sync::watch::Sender<Arc<writeback::kube::Inventory>>>,
-) -> anyhow::Result<ReviewClusters> {
+) -> anyhow::Result<KubeClients> {
     use kube::config::{KubeConfigOptions, Kubeconfig};
     let mut seen = std::collections::BTreeSet::new();
-    let mut clients = ReviewClusters::new();
+    let mut clients = Vec::new();
+    let current = ClusterClients::default();
     let (updates_tx, updates) = tokio::sync::mpsc::channel(64);
     for (cluster, file) in kubeconfigs {
         anyhow::ensure!(
@@ -379,10 +389,12 @@ async fn kube_sources(
                 client.clone(),
                 "istio-system".into(),
                 updates_tx.clone(),
+                current.clone(),
                 refused,
             ));
         }
         clients.push((ClusterId::new(cluster), client.clone()));
+        current.insert(ClusterId::new(cluster), client.clone());
         tokio::spawn(kube_source::run(ClusterId::new(cluster), client, updates_tx.clone()));
     }
     if let Some(c) = &remote_secrets_from {
@@ -403,7 +415,10 @@ async fn kube_sources(
     if let Some(own) = &remote_secrets_from {
         clients.sort_by_key(|(c, _)| c.as_str() != own);
     }
-    Ok(clients)
+    Ok(KubeClients {
+        given: clients,
+        current,
+    })
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -465,7 +480,7 @@ fn main() -> anyhow::Result<()> {
                             tokio::spawn(writeback::dir::run(dir.clone(), out, domain, interval, m));
                         }
                         tokio::spawn(manifests::watch(dir, mesh, interval, tx));
-                        ReviewClusters::new()
+                        None
                     }
                     None if wb.writeback => {
                         let (inv_tx, inv_rx) = tokio::sync::watch::channel(Arc::default());
@@ -491,15 +506,15 @@ fn main() -> anyhow::Result<()> {
                             ..writeback::lease::Config::new(identity)
                         };
                         let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
-                        let elector =
-                            tokio::spawn(writeback::lease::run(clients[0].1.clone(), lease.clone(), leader_tx));
+                        let own = clients.given[0].1.clone();
+                        let elector = tokio::spawn(writeback::lease::run(own.clone(), lease.clone(), leader_tx));
                         let ready = writeback::kube::Readiness {
                             expected,
                             deadline: tokio::time::Instant::now() + sync_timeout,
                         };
                         let resync = std::time::Duration::from_secs(30);
                         let writer = tokio::spawn(writeback::kube::run(
-                            clients.clone(),
+                            clients.current.clone(),
                             inv_rx,
                             leader_rx,
                             domain,
@@ -507,11 +522,14 @@ fn main() -> anyhow::Result<()> {
                             resync,
                             wb_metrics,
                         ));
-                        lease_holder = Some((elector, writer, clients[0].1.clone(), lease));
-                        clients
+                        lease_holder = Some((elector, writer, own, lease));
+                        Some(clients)
                     }
-                    None => kube_sources(&source.kubeconfigs, remote_secrets_from, &metrics, mesh, tx, None).await?,
+                    None => {
+                        Some(kube_sources(&source.kubeconfigs, remote_secrets_from, &metrics, mesh, tx, None).await?)
+                    }
                 };
+                let clusters: ReviewClusters = clusters.and_then(|c| Some((c.given.first()?.0.clone(), c.current)));
                 let started = std::time::Instant::now();
                 let synced = rx.clone();
                 let debug = rx.clone();

@@ -22,6 +22,7 @@ use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::cluster_clients::ClusterClients;
 use crate::kube_source::{self, Update};
 
 /// The label that marks a remote secret.
@@ -59,13 +60,15 @@ struct Remote {
 }
 
 /// Watches remote secrets in `namespace` of the primary cluster and runs a
-/// Kubernetes source per remote cluster, all feeding `updates`. `refused` is
-/// called for every refusal.
+/// Kubernetes source per remote cluster, all feeding `updates`, keeping each remote
+/// cluster's client in `clients` while its secret lasts. `refused` is called for every
+/// refusal.
 pub async fn run(
     own: ClusterId,
     primary: Client,
     namespace: String,
     updates: mpsc::Sender<Update>,
+    clients: ClusterClients,
     refused: impl Fn(&Refusal) + Send + 'static,
 ) {
     let api = Api::<Secret>::namespaced(primary, &namespace);
@@ -119,6 +122,7 @@ pub async fn run(
         for c in gone {
             if let Some(r) = remotes.remove(&c) {
                 r.task.abort();
+                clients.remove(&c);
                 tracing::info!(cluster = %c, secret = r.secret, "remote cluster removed");
                 if updates.send(Update::Removed(c)).await.is_err() {
                     return;
@@ -148,6 +152,7 @@ pub async fn run(
                     Ok(client) => {
                         // Make before break: the new watch starts first; the cluster's
                         // last state serves until the new one has synced.
+                        clients.insert(cluster.clone(), client.clone());
                         let task = tokio::spawn(kube_source::run(cluster.clone(), client, updates.clone()));
                         let old = remotes.insert(
                             cluster.clone(),

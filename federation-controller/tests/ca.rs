@@ -173,18 +173,7 @@ async fn clusters_with_intermediates_from_one_root_trust_each_other() {
     let dir = scratch("ca-mesh");
     two_networks(&dir.join("clusters"));
     let mesh = dir.join("mesh-ca");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
-        .args([
-            "ca",
-            "init-mesh",
-            "--out",
-            mesh.to_str().unwrap(),
-            "--clusters",
-            "east,west",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    init_mesh(&mesh, "east,west");
     let root = mesh.join("root-cert.pem");
     let root_before = std::fs::read(&root).unwrap();
 
@@ -206,18 +195,7 @@ async fn clusters_with_intermediates_from_one_root_trust_each_other() {
     }
     // Running it again to add a cluster keeps the root and the existing clusters.
     let east_key = std::fs::read(mesh.join("east/ca-key.pem")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
-        .args([
-            "ca",
-            "init-mesh",
-            "--out",
-            mesh.to_str().unwrap(),
-            "--clusters",
-            "east,west,north",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    init_mesh(&mesh, "east,west,north");
     assert_eq!(std::fs::read(&root).unwrap(), root_before);
     assert_eq!(std::fs::read(mesh.join("east/ca-key.pem")).unwrap(), east_key);
     assert!(mesh.join("north/cert-chain.pem").exists());
@@ -251,4 +229,75 @@ fn a_half_plugged_ca_directory_is_refused_with_what_is_missing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("has ca-cert.pem but not ca-key.pem"), "{err}");
+}
+
+/// `ca init-mesh --out OUT --clusters CLUSTERS`, which must succeed.
+fn init_mesh(out: &Path, clusters: &str) {
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
+        .args([
+            "ca",
+            "init-mesh",
+            "--out",
+            out.to_str().unwrap(),
+            "--clusters",
+            clusters,
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
+
+#[tokio::test]
+async fn during_a_root_rotation_both_roots_are_trusted_and_each_cluster_signs_under_its_own() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = scratch("ca-rotate");
+    two_networks(&dir.join("clusters"));
+    let (old, new) = (dir.join("old-root"), dir.join("new-root"));
+    init_mesh(&old, "east,west");
+    init_mesh(&new, "west");
+    // The middle of a rotation: every cluster's root-cert.pem holds both roots; east still
+    // signs with its intermediate from the old root, west already with one from the new.
+    let both = [old.join("root-cert.pem"), new.join("root-cert.pem")]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<String>();
+    let both_file = dir.join("both-roots.pem");
+    std::fs::write(&both_file, &both).unwrap();
+    let (east, west) = (old.join("east"), new.join("west"));
+    for ca_dir in [&east, &west] {
+        std::fs::write(ca_dir.join("root-cert.pem"), &both).unwrap();
+    }
+
+    for (ca_dir, own_root) in [(&east, old.join("root-cert.pem")), (&west, new.join("root-cert.pem"))] {
+        let controller = serve_with_ca(&dir.join("clusters"), ca_dir);
+        let svid = client(&controller, &both_file, token(ca_dir, REVIEWS), REVIEWS)
+            .fetch()
+            .await
+            .unwrap();
+        // Its chain ends at the root that issued its cluster's intermediate, and verifies
+        // against that root alone.
+        let intermediate = rustls_pki_types::CertificateDer::from_pem_file(ca_dir.join("ca-cert.pem")).unwrap();
+        assert_eq!(verify_against(&svid, &[intermediate], &own_root).as_str(), REVIEWS);
+
+        // What the controller's sidecars are told to trust, over SDS: both roots, so east's
+        // and west's workloads accept each other throughout the rotation.
+        let bundles = TrustBundles::new();
+        let source = sidecar::tls::sds::BundleSource {
+            address: format!("https://{}", controller.secure.unwrap()),
+            server_name: "istiod.istio-system.svc".into(),
+            roots_pem: both.clone().into_bytes(),
+            node: envoy_types::pb::envoy::config::core::v3::Node {
+                id: "sidecar~10.0.0.9~reviews.default~default.svc.cluster.local".into(),
+                ..Default::default()
+            },
+            keep: vec![],
+        };
+        let follow = tokio::spawn(sidecar::tls::sds::follow(source, bundles.clone(), |_| {}));
+        let roots = support::until("no trust bundle over SDS", Duration::from_secs(20), || {
+            bundles.for_domain("cluster.local").map(|b| b.roots().len())
+        })
+        .await;
+        follow.abort();
+        assert_eq!(roots, 2, "{} serves one root of the two", ca_dir.display());
+    }
 }

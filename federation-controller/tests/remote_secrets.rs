@@ -8,24 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::Controller;
-use support::kube_api::FakeApi;
-
-fn base64(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in bytes.chunks(3) {
-        let n =
-            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                T[(n >> (18 - 6 * i)) as usize & 63] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
+use support::kube_api::{FakeApi, remote_secret};
 
 /// An API server with `reviews` at the given addresses.
 async fn cluster(addresses: &[&str]) -> FakeApi {
@@ -40,16 +23,6 @@ async fn cluster(addresses: &[&str]) -> FakeApi {
         "metadata": {"name": "reviews-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "reviews"}},
         "addressType": "IPv4", "ports": [{"name": "http", "port": 9080}], "endpoints": eps}));
     api
-}
-
-fn secret(name: &str, clusters: &[(&str, &FakeApi)]) -> Value {
-    let data: serde_json::Map<String, Value> = clusters
-        .iter()
-        .map(|(c, api)| (c.to_string(), json!(base64(api.kubeconfig().as_bytes()))))
-        .collect();
-    json!({"apiVersion": "v1", "kind": "Secret",
-           "metadata": {"name": name, "namespace": "istio-system", "labels": {"istio/multiCluster": "true"}},
-           "data": data})
 }
 
 /// cluster → instances, as /debug/clusterz shows them.
@@ -102,10 +75,10 @@ async fn remote_secrets_add_rotate_refuse_and_delete_without_a_restart() {
         cluster(&["10.242.0.2", "10.242.0.3"]).await,
     );
     // Present before the first list, and to be ignored: no label, or another namespace.
-    let mut unlabelled = secret("not-a-remote-secret", &[("cluster3", &remote_a)]);
+    let mut unlabelled = remote_secret("not-a-remote-secret", &[("cluster3", &remote_a)]);
     unlabelled["metadata"]["labels"] = json!({});
     primary.apply(unlabelled);
-    let mut elsewhere = secret("in-default", &[("cluster4", &remote_a)]);
+    let mut elsewhere = remote_secret("in-default", &[("cluster4", &remote_a)]);
     elsewhere["metadata"]["namespace"] = json!("default");
     primary.apply(elsewhere);
     let dir = support::scratch("remote-secrets");
@@ -121,11 +94,17 @@ async fn remote_secrets_add_rotate_refuse_and_delete_without_a_restart() {
     until(&c, "cluster1 synced", |s| has(s, "cluster1", 1), any).await;
 
     // Add: the secret's cluster is watched and served.
-    primary.apply(secret("istio-remote-secret-cluster2", &[("cluster2", &remote_a)]));
+    primary.apply(remote_secret(
+        "istio-remote-secret-cluster2",
+        &[("cluster2", &remote_a)],
+    ));
     until(&c, "cluster2 added", |s| has(s, "cluster2", 1), any).await;
 
     // Rotate to other credentials (here: another server): the cluster never leaves meanwhile.
-    primary.apply(secret("istio-remote-secret-cluster2", &[("cluster2", &remote_b)]));
+    primary.apply(remote_secret(
+        "istio-remote-secret-cluster2",
+        &[("cluster2", &remote_b)],
+    ));
     until(
         &c,
         "cluster2 rotated",
@@ -135,8 +114,8 @@ async fn remote_secrets_add_rotate_refuse_and_delete_without_a_restart() {
     .await;
 
     // A second secret claiming cluster2, and one claiming our own ID: refused, nothing changes.
-    primary.apply(secret("someone-else", &[("cluster2", &remote_a)]));
-    primary.apply(secret("loop", &[("cluster1", &remote_a)]));
+    primary.apply(remote_secret("someone-else", &[("cluster2", &remote_a)]));
+    primary.apply(remote_secret("loop", &[("cluster1", &remote_a)]));
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     while c.metric("isthmus_controller_remote_cluster_refusals_total", &[]) != Some(2.0) {

@@ -15,7 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use sidecar::tls::bundle::Bundle;
 use sidecar::tls::csr::{CaClient, CsrError};
 use sidecar::tls::{TrustBundles, peer_identity};
-use support::kube_api::FakeApi;
+use support::kube_api::{FakeApi, remote_secret};
 use support::{Controller, scratch};
 
 const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
@@ -258,4 +258,51 @@ async fn an_api_server_that_is_down_or_slow_makes_the_ca_unavailable_not_the_cal
         .await
         .unwrap();
     assert_eq!(verified_id(&chain, &ca_dir), REVIEWS);
+}
+
+#[tokio::test]
+async fn a_remote_secrets_cluster_reviews_its_own_pods_tokens_from_when_the_secret_comes_until_it_goes() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = scratch("token-review-remote");
+    let primary = FakeApi::start().await;
+    let remote = FakeApi::start().await;
+    // The remote cluster's own API server is the only one that knows its pods' tokens.
+    remote.add_service_account_token("remote-reviews-token", "default", "reviews", &["istio-ca"]);
+    let ca_dir = dir.join("ca");
+    let controller = serve(
+        &ca_dir,
+        &[format!("primary={}", kubeconfig(&dir, "primary", &primary))],
+        &["--remote-secrets-from", "primary"],
+    );
+    let ask = || create_certificate(&controller, &ca_dir, "remote-reviews-token", REVIEWS, Some("remote"));
+    let status = refused(ask().await);
+    assert!(status.message().contains("\"remote\""), "before its secret: {status:?}");
+
+    // `istioctl create-remote-secret` output applied to the primary: no restart.
+    primary.apply(remote_secret("istio-remote-secret-remote", &[("remote", &remote)]));
+    let chain = support::until_ok(
+        "the remote cluster's token reviewed",
+        std::time::Duration::from_secs(20),
+        ask,
+    )
+    .await;
+    assert_eq!(verified_id(&chain, &ca_dir), REVIEWS);
+    assert_eq!(remote.token_reviews(), 1, "reviewed by the remote cluster's API server");
+    assert_eq!(primary.token_reviews(), 0);
+
+    // The secret deleted: the cluster's tokens prove nothing any more, cached or not.
+    primary.delete("Secret", "istio-system", "istio-remote-secret-remote");
+    let status = support::until_ok(
+        "the remote cluster forgotten",
+        std::time::Duration::from_secs(20),
+        || async {
+            match ask().await {
+                Ok(_) => Err(()),
+                Err(status) => Ok(status),
+            }
+        },
+    )
+    .await;
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("\"remote\""), "{status:?}");
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::kube_api::FakeApi;
+use support::kube_api::{FakeApi, remote_secret};
 use support::{Controller, eventually, until};
 
 fn service_yaml(name: &str, port: u16) -> String {
@@ -285,6 +285,48 @@ async fn kube_mode_writes_ours_leaves_theirs_and_collects_garbage() {
             .is_some()
     );
     assert_eq!(c2.object("ServiceImport", "default", "details").unwrap(), before);
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_secrets_cluster_gets_the_service_entries_it_needs_without_a_restart() {
+    let (primary, remote) = (cluster().await, cluster().await);
+    primary.apply(service("reviews"));
+    primary.apply(export("reviews"));
+    let dir = support::scratch("wb-remote");
+    let controller = Controller::start(&[
+        "--kubeconfig",
+        &kubeconfig(&dir, "cluster1", &primary, "a"),
+        "--remote-secrets-from",
+        "cluster1",
+        "--writeback",
+        "--leader-identity",
+        "replica-a",
+        "--lease-renew",
+        "200ms",
+    ]);
+    let patience = Duration::from_secs(15);
+    until("the lease taken", patience, || {
+        controller
+            .metric("isthmus_controller_leader", &[])
+            .filter(|l| *l == 1.0)
+    })
+    .await;
+    assert!(remote.objects("ServiceEntry").is_empty());
+
+    // The remote cluster joins through its secret: it is read, and written to.
+    primary.apply(remote_secret("istio-remote-secret-cluster2", &[("cluster2", &remote)]));
+    let se = until("reviews' ServiceEntry in the remote cluster", patience, || {
+        remote.object("ServiceEntry", "default", "isthmus-reviews-default")
+    })
+    .await;
+    assert_eq!(se["metadata"]["labels"]["source.isthmus.io/cluster1"], "true");
+    until("reviews' ServiceImport in the remote cluster", patience, || {
+        remote.object("ServiceImport", "default", "reviews")
+    })
+    .await;
+    assert!(primary.objects("ServiceEntry").is_empty(), "the exporter gets nothing");
     drop(controller);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -6,10 +6,12 @@
 //! [`process`]es, recording all of it in the [`state`] file that
 //! [`down`] takes apart. [`probe`]s run from inside the lab's namespaces.
 //!
-//! On a [`running`] lab: [`traffic`] drives requests from a client pod ([`load`]),
+//! On a [`running`] lab: [`apply`] adds and removes objects (Istio config) as `kubectl` would,
+//! [`traffic`] drives requests from a client pod ([`load`]),
 //! [`status`] asks every part how it is, and [`drill`] injects a failure under load and
 //! measures what it cost, with an HTML [`report`].
 
+pub mod apply;
 pub mod demo_app;
 pub mod down;
 pub mod drill;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use lab::plan::Plan;
 use std::time::Duration;
 
-use lab::{DEFAULT_STATE_DIR, demo_app, down, drill, status, topologies, traffic, up};
+use lab::{DEFAULT_STATE_DIR, apply, demo_app, down, drill, status, topologies, traffic, up};
 
 #[derive(Parser)]
 #[command(
@@ -99,6 +99,11 @@ enum LabCommand {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Adds or updates objects (Istio config, Services, …) in the lab's clusters, as
+    /// `kubectl apply -f` does, and waits until the controllers serve them
+    Apply(ObjectsArgs),
+    /// Removes the objects of a file that `lab apply` added
+    Delete(ObjectsArgs),
     /// Clusters, controllers and their sync state, gateways, endpoints, sidecars' SVIDs
     Status {
         /// One JSON object instead of the tables
@@ -107,6 +112,19 @@ enum LabCommand {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+}
+
+/// The objects `lab apply` and `lab delete` work on.
+#[derive(clap::Args)]
+struct ObjectsArgs {
+    /// A multi-document YAML file, `-` for standard input (repeatable)
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// The cluster to work in (repeatable) [default: every primary cluster]
+    #[arg(long)]
+    cluster: Vec<String>,
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -175,6 +193,12 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Lab {
+            command: LabCommand::Apply(a),
+        } => apply::run(&a.state_dir, &a.files, &a.cluster, false, &mut std::io::stdout()),
+        Command::Lab {
+            command: LabCommand::Delete(a),
+        } => apply::run(&a.state_dir, &a.files, &a.cluster, true, &mut std::io::stdout()),
         Command::Lab {
             command: LabCommand::Status { json, state_dir },
         } => status::status(&state_dir).and_then(|s| {

@@ -4,8 +4,15 @@
 //! east-west gateway with this name as SNI; the gateway routes on it without
 //! terminating TLS. No subset is an empty field:
 //! `outbound_.9080_._.reviews.default.svc.cluster.local`.
+//!
+//! Isthmus adds one form of its own, [`pin`]: an extra first label that asks the gateway
+//! for one endpoint of the service (`ep-10-1-2-3.outbound_.9080_._.reviews…`). Istio
+//! collapses a remote network into its gateway (istio/istio#52435), so its sidecars cannot
+//! eject one bad pod behind a gateway; with a pinned name, a sidecar balances over, and
+//! ejects, the remote endpoints themselves. Only our gateways accept it.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::hostname::{Hostname, HostnameError};
 
@@ -143,8 +150,90 @@ impl std::str::FromStr for IstioSni {
     }
 }
 
+/// The first label of a pinned name.
+const PIN: &str = "ep-";
+
+/// `sni` pinned to the endpoint at `addr` (a pod's address and target port: pods that share
+/// an address, on the host network, differ by port): `ep-10-1-2-3-9080.` (IPv4, dots as
+/// dashes) or `ep-<32 hex digits>-9080.` (IPv6) before it. Both are DNS labels, so the name
+/// is still one a TLS client may send.
+pub fn pin(addr: SocketAddr, sni: &str) -> String {
+    match addr.ip() {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            format!("{PIN}{a}-{b}-{c}-{d}-{}.{sni}", addr.port())
+        }
+        IpAddr::V6(v6) => format!("{PIN}{:032x}-{}.{sni}", u128::from(v6), addr.port()),
+    }
+}
+
+/// Splits a pinned name into the endpoint it asks for and the name it pins; a name that is
+/// not pinned (or whose pin does not spell an address) comes back whole.
+pub fn unpin(sni: &str) -> (Option<SocketAddr>, &str) {
+    let pinned = sni.split_once('.').and_then(|(label, rest)| {
+        let (addr, port) = label.strip_prefix(PIN)?.rsplit_once('-')?;
+        let port = parse_port(port).ok()?;
+        let ip = if addr.len() == 32 && addr.bytes().all(|b| b.is_ascii_hexdigit()) {
+            IpAddr::V6(Ipv6Addr::from(u128::from_str_radix(addr, 16).ok()?))
+        } else {
+            let octets: Vec<u8> = addr
+                .split('-')
+                // One spelling per octet, as `pin` prints it: no sign, no leading zero.
+                .map(|o| {
+                    let canonical =
+                        !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()) && !(o.len() > 1 && o.starts_with('0'));
+                    canonical.then(|| o.parse().ok()).flatten()
+                })
+                .collect::<Option<_>>()?;
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(octets).ok()?))
+        };
+        Some((SocketAddr::new(ip, port), rest))
+    });
+    match pinned {
+        Some((addr, rest)) => (Some(addr), rest),
+        None => (None, sni),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pinned_name_carries_one_endpoint_before_the_name_it_pins() {
+        use super::{pin, unpin};
+        let sni = "outbound_.9080_._.reviews.default.svc.cluster.local";
+        for addr in [
+            "10.1.2.3:9080",
+            "0.0.0.0:1",
+            "255.255.255.255:65535",
+            "[fd00::1:2]:8080",
+            "[::]:80",
+        ] {
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            let pinned = pin(addr, sni);
+            assert!(pinned.split('.').next().unwrap().len() <= 63, "{pinned}");
+            assert_eq!(unpin(&pinned), (Some(addr), sni), "{pinned}");
+        }
+        assert_eq!(
+            pin("10.1.2.3:9080".parse().unwrap(), sni),
+            format!("ep-10-1-2-3-9080.{sni}")
+        );
+        // Not pins: returned whole, so the gateway treats them as any other name.
+        for whole in [
+            sni,
+            "ep-10-1-2-80.x",
+            "ep-10-1-2-300-80.x",
+            "ep-010-1-2-3-80.x",
+            "ep-10-1-2-3-0.x",
+            "ep-10-1-2-3.x",
+            "ep-.x",
+            "ep-10-1-2-3-80",
+            "epx-1-2-3-4-80.x",
+            "ep-+1-2-3-4-80.x",
+        ] {
+            assert_eq!(unpin(whole), (None, whole), "{whole}");
+        }
+    }
+
     #[test]
     fn istio_cluster_names_become_snis() {
         use super::IstioSni;

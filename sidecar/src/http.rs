@@ -13,6 +13,10 @@ use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use std::net::SocketAddr;
 
+use bytes::Buf;
+
+use crate::telemetry::Exchange;
+
 /// The body of every answer a sidecar gives its client: the upstream's, or our own.
 pub type ReplyBody = Either<Leased<Incoming>, Full<Bytes>>;
 
@@ -31,6 +35,29 @@ pub fn unavailable(text: &'static str) -> Response<ReplyBody> {
     *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// The 503 for a request a pooled HTTP/1.1 connection failed: Envoy's text for a connect
+/// failure or for a connection that went away after the request was sent.
+pub fn unavailable_after(e: &hyper_util::client::legacy::Error) -> Response<ReplyBody> {
+    unavailable(if e.is_connect() {
+        CONNECT_FAILURE
+    } else {
+        CONNECTION_TERMINATION
+    })
+}
+
+/// Envoy's response flag for a failed pooled HTTP/1.1 request: `UF` (connection failure)
+/// or `UC` (connection termination).
+pub fn failure_flags(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if e.is_connect() { "UF" } else { "UC" }
+}
+
+/// One of our own answers (`body` is what it carries), recorded in the request metrics at
+/// once: it is complete as it leaves.
+pub fn recorded(mut exchange: Exchange, resp: Response<ReplyBody>) -> Response<ReplyBody> {
+    exchange.add(resp.body().size_hint().exact().unwrap_or_default() as usize);
     resp
 }
 
@@ -85,6 +112,8 @@ pub fn request_protocol(headers: &HeaderMap) -> &'static str {
 pub struct Leased<B> {
     inner: B,
     guard: Option<Box<dyn Send + Sync>>,
+    /// The response's measure for the request metrics, recorded when the body ends.
+    exchange: Option<Exchange>,
 }
 
 impl<B> Leased<B> {
@@ -93,7 +122,14 @@ impl<B> Leased<B> {
         Self {
             inner,
             guard: Some(Box::new(guard)),
+            exchange: None,
         }
+    }
+
+    /// Counts the body's bytes into `exchange`, which is recorded once the body ends.
+    pub fn measured(mut self, exchange: Exchange) -> Self {
+        self.exchange = Some(exchange);
+        self
     }
 }
 
@@ -103,8 +139,17 @@ impl<B: Body + Unpin> Body for Leased<B> {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            self.guard = None;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(e), Some(data)) = (self.exchange.as_mut(), frame.data_ref()) {
+                    e.add(data.remaining());
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => {
+                self.guard = None;
+                self.exchange = None;
+            }
+            Poll::Pending => {}
         }
         polled
     }

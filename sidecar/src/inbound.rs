@@ -3,6 +3,12 @@
 //! `x-forwarded-client-cert`, as Envoy does for Istio (SANITIZE_SET: a client cannot forge
 //! the header, it is always replaced).
 //!
+//! Every connection lands on a chain of the [`InboundPolicy`] (swapped whole when the
+//! controller sends a new `virtualInbound`): the chain decides whether plaintext is taken,
+//! and its RBAC filters are checked once per connection and, on HTTP ports, per request. A
+//! denied request gets Envoy's `403 RBAC: access denied`; a denied connection is closed
+//! at once. Both are counted.
+//!
 //! On HTTP ports a caller that negotiated `istio-h2` (or `h2`) is served HTTP/2 — what our
 //! own outbound side pools and multiplexes — and one that negotiated `istio-http/1.1` (or
 //! nothing, in plaintext) HTTP/1.1. Either way each request goes to the application over a
@@ -24,13 +30,21 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+
+use crate::access_log::{AccessLog, Pending};
+use crate::authz::{self, Attributes, HttpAttributes};
 use crate::drain;
-use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
+use crate::http::{self, Leased, ReplyBody};
 use crate::metered::Metered;
-use crate::peer_authentication::{MtlsMode, Policy};
+use crate::otlp::{Exporter, Kind};
+use crate::peer_authentication::MtlsMode;
 use crate::pool::{self, MarkedConnector};
-use crate::telemetry::{ConnectionLabels, RequestLabels, Telemetry};
+use crate::telemetry::{ConnectionLabels, RbacScope, RequestLabels, RequestSize, Telemetry};
 use crate::tls;
+use crate::virtual_inbound::{InboundPolicy, Transport};
 
 /// How the application's port is spoken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +64,8 @@ pub struct Inbound {
     /// Connections arrive redirected by iptables (see [`crate::capture`]).
     pub captured: bool,
     pub protocol: Protocol,
-    pub policy: Policy,
+    /// PeerAuthentication and authorization, swapped whole on every xDS update.
+    pub policy: Arc<ArcSwap<InboundPolicy>>,
     /// TLS with our SVID, requiring a client SVID.
     pub tls: Arc<ServerConfig>,
     /// Our identity: `By=` in XFCC, and the destination principal in metrics.
@@ -64,6 +79,10 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
+    /// Where requests are logged, if anywhere.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Where spans go, if anywhere.
+    pub otlp: Option<Exporter>,
     /// Keep-alive connections to the application (HTTP ports).
     pub app_pool: Client<MarkedConnector, Incoming>,
 }
@@ -93,15 +112,20 @@ impl Inbound {
 
     async fn handle(self: Arc<Self>, client: TcpStream) {
         let _ = client.set_nodelay(true);
-        let app = if self.captured {
+        let (app, destination) = if self.captured {
             match crate::capture::original_dst(&client) {
-                Ok(original) => SocketAddr::new(self.app.ip(), original.port()),
+                Ok(original) => (SocketAddr::new(self.app.ip(), original.port()), original),
                 Err(_) => return self.telemetry.refused("inbound", "no_original_dst"),
             }
         } else {
-            self.app
+            (self.app, self.app)
         };
-        let mode = self.policy.mode_for(app.port());
+        let Ok(remote) = client.peer_addr() else {
+            return;
+        };
+        let Some(mode) = self.policy.load().mode_for(app.port()) else {
+            return self.telemetry.refused("inbound", "no_filter_chain");
+        };
         let tls = match mode {
             MtlsMode::Disable => false,
             MtlsMode::Permissive => self.first_byte(&client, self.sniff_timeout).await == Some(TLS_HANDSHAKE),
@@ -112,7 +136,14 @@ impl Inbound {
             },
         };
         if !tls {
-            return self.forward(client, None, app, false).await;
+            let peer = Peer {
+                caller: None,
+                transport: Transport::Plaintext,
+                remote,
+                destination,
+                server_name: None,
+            };
+            return self.forward(client, peer, app, false).await;
         }
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let stream = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(client)).await {
@@ -126,24 +157,63 @@ impl Inbound {
         };
         let (_, session) = stream.get_ref();
         let h2 = matches!(session.alpn_protocol(), Some(b"istio-h2" | b"h2"));
-        let peer = tls::proven_identity(session.peer_certificates());
+        let id = tls::proven_identity(session.peer_certificates());
         let hash = session.peer_certificates().and_then(|c| c.first()).map(|leaf| {
             let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf);
             digest.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>()
         });
-        let caller = peer.map(|id| Caller {
-            id,
-            cert_hash: hash.unwrap_or_default(),
-        });
-        self.forward(stream, caller, app, h2).await;
+        let peer = Peer {
+            caller: id.map(|id| Caller {
+                id,
+                cert_hash: hash.unwrap_or_default(),
+            }),
+            transport: Transport::MutualTls,
+            remote,
+            destination,
+            server_name: session.server_name().map(str::to_owned),
+        };
+        self.forward(stream, peer, app, h2).await;
     }
 
-    async fn forward<S>(self: Arc<Self>, mut client: S, caller: Option<Caller>, app: SocketAddr, h2: bool)
+    /// The connection-level RBAC: the chain's network filters, and on a TCP port its HTTP
+    /// filters too (a TCP port has no requests to check them against later).
+    fn connection_allowed(&self, peer: &Peer) -> bool {
+        let policy = self.policy.load();
+        let Some(authorization) = policy.authorization(peer.destination.port(), peer.transport) else {
+            self.telemetry.refused("inbound", "no_filter_chain");
+            return false;
+        };
+        let attributes = peer.attributes(None);
+        let tcp_port = self.protocol == Protocol::Tcp;
+        let checks = [
+            Some(&authorization.connection),
+            tcp_port.then_some(&authorization.request),
+        ];
+        for chain in checks.into_iter().flatten().filter(|c| !c.filters.is_empty()) {
+            let verdict = chain.check(&attributes);
+            self.telemetry.rbac(RbacScope::Tcp, &verdict);
+            if !verdict.logged.is_empty() {
+                tracing::info!(policies = ?verdict.logged, source = ?peer.principal(), remote = %peer.remote, "RBAC audit: connection");
+            }
+            if let Some(policy) = verdict.denied_by {
+                tracing::info!(policy, source = ?peer.principal(), remote = %peer.remote, "RBAC: connection denied");
+                self.telemetry.refused("inbound", "rbac_access_denied");
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn forward<S>(self: Arc<Self>, mut client: S, peer: Peer, app: SocketAddr, h2: bool)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        if !self.connection_allowed(&peer) {
+            // Dropping the stream closes it at once, before any byte reaches the application.
+            return;
+        }
         if self.protocol == Protocol::Http {
-            return self.serve_http(client, caller, app, h2).await;
+            return self.serve_http(client, peer, app, h2).await;
         }
         let mut app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(app)).await {
             Ok(Ok(s)) => s,
@@ -151,15 +221,14 @@ impl Inbound {
             Err(_) => return self.telemetry.upstream_failure("inbound", "connect_timeout"),
         };
         let _ = app.set_nodelay(true);
-        let source = caller.as_ref().map_or("unknown", |c| c.id.as_str());
         let counters = self.telemetry.connection(&ConnectionLabels {
             reporter: "destination",
-            source_principal: source,
+            source_principal: peer.principal().unwrap_or("unknown"),
             destination_principal: self.self_id.as_str(),
             destination_service: &self.service,
             // Istio learns it from metadata exchange, which we do not speak.
             peer_cluster: None,
-            mutual_tls: caller.is_some(),
+            mutual_tls: peer.caller.is_some(),
         });
         if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
             counters.received.inc_by(up);
@@ -170,29 +239,27 @@ impl Inbound {
     /// Serves HTTP/2 or HTTP/1.1 from `client` until it closes or, once draining starts,
     /// until its requests in progress are answered (HTTP/2 callers get a GOAWAY, so their
     /// pools move to a new connection).
-    async fn serve_http<S>(self: Arc<Self>, client: S, caller: Option<Caller>, app: SocketAddr, h2: bool)
+    async fn serve_http<S>(self: Arc<Self>, client: S, peer: Peer, app: SocketAddr, h2: bool)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let source: Arc<str> = caller
-            .as_ref()
-            .map_or_else(|| Arc::from("unknown"), |c| Arc::from(c.id.as_str()));
-        let mutual_tls = caller.is_some();
+        let mutual_tls = peer.caller.is_some();
         let counters = self.telemetry.connection(&ConnectionLabels {
             reporter: "destination",
-            source_principal: &source,
+            source_principal: peer.principal().unwrap_or("unknown"),
             destination_principal: self.self_id.as_str(),
             destination_service: &self.service,
             peer_cluster: None,
             mutual_tls,
         });
-        let xfcc = caller.map(|c| c.xfcc(&self.self_id));
+        let xfcc = peer.caller.as_ref().map(|c| c.xfcc(&self.self_id));
+        let peer = Arc::new(peer);
         let (io, bytes) = Metered::new(client);
         let io = TokioIo::new(io);
         let me = self.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (me, xfcc, source) = (me.clone(), xfcc.clone(), source.clone());
-            async move { Ok::<_, Infallible>(me.to_app(req, app, xfcc, &source, mutual_tls).await) }
+            let (me, xfcc, peer) = (me.clone(), xfcc.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(me.to_app(req, app, xfcc, &peer).await) }
         });
         let drain = self.drain.clone();
         let ended = if h2 {
@@ -226,6 +293,28 @@ impl Inbound {
         counters.sent.inc_by(written);
     }
 
+    /// The request-level RBAC, against the policy of now: an update applies to the next
+    /// request even on a long-lived pooled connection.
+    fn request_verdict(&self, req: &Request<Incoming>, peer: &Peer) -> authz::Verdict {
+        let policy = self.policy.load();
+        let Some(authorization) = policy.authorization(peer.destination.port(), peer.transport) else {
+            return authz::Verdict {
+                denied_by: Some(String::new()),
+                ..Default::default()
+            };
+        };
+        let http = HttpAttributes {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+        };
+        let verdict = authorization.request.check(&peer.attributes(Some(http)));
+        if !authorization.request.filters.is_empty() {
+            self.telemetry.rbac(RbacScope::Http, &verdict);
+        }
+        verdict
+    }
+
     /// One request to the application, with the `x-forwarded-client-cert` we vouch for in
     /// place of any the caller sent.
     async fn to_app(
@@ -233,14 +322,24 @@ impl Inbound {
         mut req: Request<Incoming>,
         app: SocketAddr,
         xfcc: Option<HeaderValue>,
-        source: &str,
-        mutual_tls: bool,
+        peer: &Peer,
     ) -> Response<ReplyBody> {
         let protocol = http::request_protocol(req.headers());
+        let size = RequestSize::of(&req);
+        let source = peer.principal().unwrap_or("unknown");
+        let mutual_tls = peer.caller.is_some();
         let headers = req.headers_mut();
         headers.remove("x-forwarded-client-cert");
         if let Some(v) = xfcc {
             headers.insert("x-forwarded-client-cert", v);
+        }
+        let span = crate::trace::hop(headers);
+        let span = self.otlp.as_ref().map(|o| o.start(span, Kind::Server, &req));
+        let verdict = self.request_verdict(&req, peer);
+        let mut log = self.access_log.as_ref().map(|l| l.start(&req));
+        if !verdict.logged.is_empty() {
+            tracing::info!(policies = ?verdict.logged, source, method = %req.method(), path = req.uri().path(), "RBAC audit: request");
+            log = log.map(Pending::audited);
         }
         let labels = RequestLabels {
             connection: ConnectionLabels {
@@ -253,24 +352,68 @@ impl Inbound {
             },
             protocol,
         };
+        if let Some(policy) = verdict.denied_by {
+            tracing::info!(policy, source, method = %req.method(), path = req.uri().path(), "RBAC: request denied");
+            let log = log.map(|l| l.answered(403, "-", None));
+            let exchange = self.telemetry.request(&labels, 403, size).logged(log);
+            return http::recorded(exchange.traced(span.map(|s| s.answered(403))), denied());
+        }
         match self.app_pool.request(http::to_http1(req, app)).await {
             Ok(resp) => {
-                self.telemetry.request(&labels, resp.status().as_u16());
+                let code = resp.status().as_u16();
+                let log = log.map(|l| l.answered(code, "-", Some(app)));
+                let exchange = self.telemetry.request(&labels, code, size).logged(log);
+                let exchange = exchange.traced(span.map(|s| s.answered(code)));
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(Leased::new(body, ())))
+                Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "application did not answer");
                 self.telemetry
                     .upstream_failure("inbound", pool::http1_failure_reason(&e));
-                self.telemetry.request(&labels, 503);
-                http::unavailable(if e.is_connect() {
-                    CONNECT_FAILURE
-                } else {
-                    CONNECTION_TERMINATION
-                })
+                let log = log.map(|l| l.answered(503, http::failure_flags(&e), Some(app)));
+                let exchange = self.telemetry.request(&labels, 503, size).logged(log);
+                let exchange = exchange.traced(span.map(|s| s.answered(503)));
+                http::recorded(exchange, http::unavailable_after(&e))
             }
+        }
+    }
+}
+
+/// Envoy's answer to a request RBAC denied.
+fn denied() -> Response<ReplyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        authz::DENIED_BODY.as_bytes(),
+    ))));
+    *resp.status_mut() = hyper::StatusCode::FORBIDDEN;
+    resp.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// Who is on the other end of a connection, and where it was going: what RBAC sees.
+struct Peer {
+    caller: Option<Caller>,
+    transport: Transport,
+    remote: SocketAddr,
+    /// The original destination (the application's address and port).
+    destination: SocketAddr,
+    server_name: Option<String>,
+}
+
+impl Peer {
+    fn principal(&self) -> Option<&str> {
+        self.caller.as_ref().map(|c| c.id.as_str())
+    }
+
+    fn attributes<'a>(&'a self, http: Option<HttpAttributes<'a>>) -> Attributes<'a> {
+        Attributes {
+            principal: self.principal(),
+            remote: self.remote.ip(),
+            destination: self.destination,
+            server_name: self.server_name.as_deref(),
+            http,
         }
     }
 }

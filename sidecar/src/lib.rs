@@ -3,7 +3,9 @@
 //! The east-west gateway is built from these same pieces; the sidecar binary adds the
 //! workload's identity (`tls`) and mutual TLS on every hop.
 
+pub mod access_log;
 pub mod ads;
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod capture;
@@ -14,7 +16,9 @@ pub mod drain;
 pub mod http;
 pub mod http_endpoint;
 pub mod inbound;
+pub mod json;
 pub mod metered;
+pub mod otlp;
 pub mod outbound;
 pub mod outlier;
 pub mod peer_authentication;
@@ -27,4 +31,6 @@ pub mod socket;
 pub mod splice;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
+pub mod virtual_inbound;
 pub mod xds;

@@ -41,6 +41,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod router;
 
+use crate::access_log::{AccessLog, Pending};
 use crate::body::{Outgoing, Resumed};
 use crate::capture;
 use crate::cluster::Reply;
@@ -48,9 +49,10 @@ use crate::destinations::{self, Destinations};
 use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
+use crate::otlp::{Exporter, Kind, Started};
 use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
 use crate::rewind::Rewind;
-use crate::telemetry::{ConnectionLabels, RequestLabels, TcpCounters, Telemetry};
+use crate::telemetry::{ConnectionLabels, Exchange, RequestLabels, RequestSize, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
 
 /// One explicit outbound route: everything accepted goes to `upstream.addr`.
@@ -374,6 +376,10 @@ pub struct HttpHop {
     pub self_id: SpiffeId,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
+    /// Where requests are logged, if anywhere (set before the hop is shared).
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Where spans go, if anywhere (set before the hop is shared).
+    pub otlp: Option<Exporter>,
 }
 
 impl HttpHop {
@@ -396,6 +402,8 @@ impl HttpHop {
             self_id,
             telemetry,
             drain,
+            access_log: None,
+            otlp: None,
         }
     }
 
@@ -449,10 +457,14 @@ impl HttpHop {
     async fn forward(
         self: &Arc<Self>,
         route: &Route,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
+        let span = crate::trace::hop(req.headers_mut());
+        let span = self.otlp.as_ref().map(|o| o.start(span, Kind::Client, &req));
         let protocol = http::request_protocol(req.headers());
+        let size = RequestSize::of(&req);
+        let log = self.access_log.as_ref().map(|l| l.start(&req));
         match route {
             Route::Fixed(outbound) => {
                 let req = match to_h2(req, outbound.upstream.addr) {
@@ -463,6 +475,10 @@ impl HttpHop {
                     service: &outbound.service,
                     cluster: None,
                     protocol,
+                    size,
+                    host: outbound.upstream.addr,
+                    log,
+                    span,
                 };
                 match self.h2.send(&outbound.upstream, &outbound.tls, req, None).await {
                     Ok(sent) => self.answer(sent, &what, l4),
@@ -470,15 +486,20 @@ impl HttpHop {
                 }
             }
             Route::Captured(captured, original) => {
+                let observed = Observed {
+                    protocol,
+                    size,
+                    log,
+                    span,
+                };
                 let table = captured.table.load_full();
                 if table.http_listener(*original).is_some() {
                     let resp = self
-                        .forward_routed(captured, &table, *original, req, protocol, l4)
+                        .forward_routed(captured, &table, *original, req, &observed, l4)
                         .await;
-                    self.count_local(&resp, &table, *original, protocol);
-                    return resp;
+                    return self.count_local(resp, &table, *original, &observed);
                 }
-                self.forward_captured(captured, *original, req, protocol, l4).await
+                self.forward_captured(captured, *original, req, observed, l4).await
             }
         }
     }
@@ -489,7 +510,7 @@ impl HttpHop {
         captured: &Captured,
         original: SocketAddr,
         req: Request<Incoming>,
-        protocol: &'static str,
+        observed: Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
         let table = captured.table.load_full();
@@ -503,7 +524,7 @@ impl HttpHop {
             None => return http::bad_request("invalid host header\n"),
         };
         let attempt = self.send_to(captured, upstream, req, &[], None).await;
-        self.deliver(attempt, upstream, protocol, l4)
+        self.deliver(attempt, upstream, &observed, l4)
     }
 
     /// Sends `req` to one endpoint of `upstream`, avoiding those in `avoid` while another
@@ -605,13 +626,18 @@ impl HttpHop {
         &self,
         attempt: Attempt,
         upstream: &destinations::Upstream,
-        protocol: &'static str,
+        observed: &Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
+        let endpoint = attempt.endpoint.map(|i| &upstream.endpoints[i]);
         let what = Upstream {
             service: &upstream.service,
-            cluster: attempt.endpoint.and_then(|i| upstream.endpoints[i].cluster.as_deref()),
-            protocol,
+            cluster: endpoint.and_then(|e| e.cluster.as_deref()),
+            protocol: observed.protocol,
+            size: observed.size,
+            host: endpoint.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |e| e.address),
+            log: observed.log.clone(),
+            span: observed.span.clone(),
         };
         let plain_labels = ConnectionLabels {
             reporter: "source",
@@ -626,21 +652,17 @@ impl HttpHop {
             Err(Unanswered::Mesh(e)) => self.failed(e, &what),
             Ok(Answered::Plain(resp)) => {
                 l4.get_or_init(|| self.telemetry.connection(&plain_labels));
-                self.count(plain_labels, what.protocol, resp.status().as_u16());
+                let exchange = self.count(plain_labels, &what, resp.status().as_u16(), "-");
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(Leased::new(body, ())))
+                Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
             }
             Err(Unanswered::Plain(e)) => {
                 let reason = pool::http1_failure_reason(&e);
                 tracing::debug!(service = what.service, error = %e, "plaintext upstream failed");
                 self.telemetry.upstream_failure("outbound", reason);
-                self.count(plain_labels, what.protocol, 503);
-                http::unavailable(if e.is_connect() {
-                    CONNECT_FAILURE
-                } else {
-                    CONNECTION_TERMINATION
-                })
+                let exchange = self.count(plain_labels, &what, 503, http::failure_flags(&e));
+                http::recorded(exchange, http::unavailable_after(&e))
             }
             Err(Unanswered::Unreachable) => http::unavailable(CONNECT_FAILURE),
         }
@@ -657,16 +679,16 @@ impl HttpHop {
             mutual_tls: true,
         };
         l4.get_or_init(|| self.telemetry.connection(&labels));
-        self.count(labels, what.protocol, response.status().as_u16());
+        let exchange = self.count(labels, what, response.status().as_u16(), "-");
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
-        Response::from_parts(parts, Either::Left(Leased::new(body, lease)))
+        Response::from_parts(parts, Either::Left(Leased::new(body, lease).measured(exchange)))
     }
 
     fn failed(&self, e: SendError, what: &Upstream<'_>) -> Response<ReplyBody> {
-        let (reason, text) = match &e {
-            SendError::Connect(e, _) => (e.reason(), CONNECT_FAILURE),
-            SendError::Reset(_) => ("reset", CONNECTION_TERMINATION),
+        let (reason, text, flags) = match &e {
+            SendError::Connect(e, _) => (e.reason(), CONNECT_FAILURE, "UF"),
+            SendError::Reset(_) => ("reset", CONNECTION_TERMINATION, "UC"),
         };
         tracing::debug!(service = what.service, error = %e, "upstream failed before headers");
         self.telemetry.upstream_failure("outbound", reason);
@@ -678,12 +700,21 @@ impl HttpHop {
             peer_cluster: what.cluster,
             mutual_tls: false,
         };
-        self.count(labels, what.protocol, 503);
-        http::unavailable(text)
+        http::recorded(self.count(labels, what, 503, flags), http::unavailable(text))
     }
 
-    fn count(&self, connection: ConnectionLabels<'_>, protocol: &'static str, code: u16) {
-        self.telemetry.request(&RequestLabels { connection, protocol }, code);
+    /// Counts the request and sets up its access log line (`flags`: Envoy's response flags).
+    fn count(&self, connection: ConnectionLabels<'_>, what: &Upstream<'_>, code: u16, flags: &'static str) -> Exchange {
+        let labels = RequestLabels {
+            connection,
+            protocol: what.protocol,
+        };
+        let log = what.log.clone().map(|l| l.answered(code, flags, Some(what.host)));
+        let span = what.span.clone().map(|s| s.answered(code));
+        self.telemetry
+            .request(&labels, code, what.size)
+            .logged(log)
+            .traced(span)
     }
 }
 
@@ -746,11 +777,25 @@ enum Unanswered {
     Plain(hyper_util::client::legacy::Error),
 }
 
+/// What is recorded of a request whatever its upstream: metric labels and size, its access
+/// log line and its span.
+struct Observed {
+    protocol: &'static str,
+    size: RequestSize,
+    log: Option<Pending>,
+    span: Option<Started>,
+}
+
 /// What a request is going to, for its labels.
 struct Upstream<'a> {
     service: &'a str,
     cluster: Option<&'a str>,
     protocol: &'static str,
+    size: RequestSize,
+    /// The endpoint's address (`%UPSTREAM_HOST%`).
+    host: SocketAddr,
+    log: Option<Pending>,
+    span: Option<Started>,
 }
 
 /// An HTTP/1.1 request as HTTP/2: `host` becomes `:authority`, and the hop-by-hop headers

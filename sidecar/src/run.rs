@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls_pki_types::ServerName;
 
+use crate::access_log::{AccessLog, Filter as AccessLogFilter, Format as AccessLogFormat};
 use crate::destinations::Destinations;
 use crate::drain;
 use crate::http_endpoint::{self, Reply};
@@ -27,6 +28,8 @@ use crate::telemetry::Telemetry;
 use crate::tls::bundle::Bundle;
 use crate::tls::csr::{CaClient, CsrError};
 use crate::tls::{Alpn, ExpectedPeer, Svid, SvidSlot, TrustBundles};
+use crate::virtual_inbound::InboundPolicy;
+use envoy_types::pb::envoy::config::core::v3::Locality;
 
 /// `LISTEN=TARGET`: an address pair.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +45,28 @@ fn parse_hop(s: &str) -> Result<Hop, String> {
     let listen = l.parse().map_err(|_| format!("{l:?} is not an address:port"))?;
     let target = t.parse().map_err(|_| format!("{t:?} is not an address:port"))?;
     Ok(Hop { listen, target })
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?}: the label has no key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn parse_locality(s: &str) -> Result<Locality, String> {
+    let mut parts = s.split('/');
+    let mut next = || parts.next().unwrap_or_default().to_owned();
+    let locality = Locality {
+        region: next(),
+        zone: next(),
+        sub_zone: next(),
+    };
+    if locality.region.is_empty() || s.split('/').count() > 3 {
+        return Err(format!("{s:?}: expected REGION[/ZONE[/SUBZONE]]"));
+    }
+    Ok(locality)
 }
 
 fn parse_bundle(s: &str) -> Result<(String, PathBuf), String> {
@@ -124,6 +149,22 @@ pub struct RunArgs {
     /// Serve Prometheus metrics (`/stats/prometheus`) here, e.g. 127.0.0.1:15090.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Write an access log line per HTTP request here (`-`: stdout); off by default.
+    #[arg(long, value_name = "PATH|-")]
+    pub access_log: Option<PathBuf>,
+    /// The access log's format: Envoy's default text, or JSON with Istio's keys.
+    #[arg(long, value_enum, default_value = "text", requires = "access_log")]
+    pub access_log_format: AccessLogFormat,
+    /// Which requests are logged: all, or errors (status ≥ 400, a response flag, or marked
+    /// by an AUDIT policy).
+    #[arg(long, value_enum, default_value = "all", requires = "access_log")]
+    pub access_log_filter: AccessLogFilter,
+    /// Export a span per HTTP request and hop over OTLP/HTTP (JSON) to this collector, e.g.
+    /// http://127.0.0.1:4318 (spans are POSTed to /v1/traces). Like the controller's, this
+    /// connection carries no mark: under capture, leave the collector out of it
+    /// (`sidecar init --exclude-outbound-ports 4318`, or its CIDR).
+    #[arg(long, value_name = "URL")]
+    pub otlp: Option<String>,
     /// Data-plane threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
@@ -156,6 +197,13 @@ pub struct RunArgs {
     /// Our cluster.
     #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster: String,
+    /// One of the workload's labels (repeatable), sent as Istio's `LABELS` node metadata:
+    /// the controller selects the AuthorizationPolicies and PeerAuthentications that apply.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Our locality, `REGION/ZONE/SUBZONE` (zone and subzone optional), as `Node.locality`.
+    #[arg(long, value_name = "REGION/ZONE/SUBZONE", value_parser = parse_locality)]
+    pub locality: Option<Locality>,
     /// Our pod's IP, for the xDS node ID.
     #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
     pub pod_ip: std::net::IpAddr,
@@ -251,6 +299,21 @@ impl Sidecar {
         } else {
             Alpn::Tcp
         };
+        let access_log = match &args.access_log {
+            Some(path) => Some(Arc::new(
+                AccessLog::open(path, args.access_log_format, args.access_log_filter)
+                    .with_context(|| format!("--access-log {}", path.display()))?,
+            )),
+            None => None,
+        };
+        let (otlp, otlp_sending) = match &args.otlp {
+            Some(url) => {
+                let (exporter, sending) =
+                    crate::otlp::Exporter::new(url, &args.service).with_context(|| format!("--otlp {url}"))?;
+                (Some(exporter), Some(sending))
+            }
+            None => (None, None),
+        };
         let make_hop = |mark| {
             let settings = pool::Settings {
                 connect_timeout: args.connect_timeout,
@@ -258,13 +321,16 @@ impl Sidecar {
                 idle_timeout: args.idle_timeout,
                 mark,
             };
-            Arc::new(HttpHop::new(
+            let mut hop = HttpHop::new(
                 settings,
                 svid.clone(),
                 self_id.clone(),
                 telemetry.clone(),
                 watch.clone(),
-            ))
+            );
+            hop.access_log = access_log.clone();
+            hop.otlp = otlp.clone();
+            Arc::new(hop)
         };
         let http_hop = |mark| (protocol == Protocol::Http).then(|| make_hop(mark));
         if let Some(hop) = args.outbound {
@@ -330,6 +396,12 @@ impl Sidecar {
                 outbound::serve_captured(l, captured.clone())
             })?;
         }
+        // The flags' PeerAuthentication until (unless) the controller serves `virtualInbound`.
+        let mut flags_policy = Policy::uniform(args.mtls);
+        flags_policy.ports.extend(args.port_mtls.iter().copied());
+        let inbound_policy = Arc::new(ArcSwap::from_pointee(InboundPolicy::from_peer_authentication(
+            &flags_policy,
+        )));
         let inbound_hop = match (args.inbound, args.capture) {
             (Some(hop), _) => Some((hop, false)),
             (None, true) => Some((
@@ -343,13 +415,11 @@ impl Sidecar {
             (None, false) => None,
         };
         if let Some((hop, captured)) = inbound_hop {
-            let mut policy = Policy::uniform(args.mtls);
-            policy.ports.extend(args.port_mtls.iter().copied());
             let inbound = Arc::new(Inbound {
                 app: hop.target,
                 captured,
                 protocol,
-                policy,
+                policy: inbound_policy.clone(),
                 tls: crate::tls::server_config(svid.clone(), bundles.clone()),
                 self_id: self_id.clone(),
                 service: args.service.clone(),
@@ -358,6 +428,8 @@ impl Sidecar {
                 connect_timeout: args.connect_timeout,
                 telemetry: telemetry.clone(),
                 drain: watch.clone(),
+                access_log: access_log.clone(),
+                otlp: otlp.clone(),
                 app_pool: pool::http1_client(
                     MarkedConnector {
                         mark: None,
@@ -378,8 +450,10 @@ impl Sidecar {
                 ip: args.pod_ip,
                 network: args.network.clone(),
                 cluster: args.cluster.clone(),
+                labels: args.labels.clone(),
+                locality: args.locality.clone(),
             };
-            (address, identity, table.clone())
+            (address, identity, table.clone(), inbound_policy.clone())
         });
         let metrics_listener = match args.metrics {
             Some(addr) => {
@@ -399,7 +473,14 @@ impl Sidecar {
             }),
             None => None,
         };
-        if metrics_listener.is_some() || ca_client.is_some() || bundle_source.is_some() || xds.is_some() {
+        // The exporters' queue ends when the data plane's exporters are gone.
+        drop(otlp);
+        if metrics_listener.is_some()
+            || ca_client.is_some()
+            || bundle_source.is_some()
+            || xds.is_some()
+            || otlp_sending.is_some()
+        {
             let trusted = bundles.clone();
             let telemetry = telemetry.clone();
             let watch = watch.clone();
@@ -413,14 +494,24 @@ impl Sidecar {
                             .build()
                             .expect("runtime");
                         rt.block_on(async move {
-                            if let Some((address, identity, table)) = xds {
+                            if let Some((address, identity, table, inbound)) = xds {
                                 let t = telemetry.clone();
-                                tokio::spawn(crate::xds::follow(address, identity, table, move |routes, ok| {
-                                    t.xds_routes.set(routes as i64);
-                                    if !ok {
-                                        t.xds_rejects.inc();
-                                    }
-                                }));
+                                let inbound = Some(inbound);
+                                tokio::spawn(crate::xds::follow(
+                                    address,
+                                    identity,
+                                    table,
+                                    inbound,
+                                    move |routes, ok| {
+                                        t.xds_routes.set(routes as i64);
+                                        if !ok {
+                                            t.xds_rejects.inc();
+                                        }
+                                    },
+                                ));
+                            }
+                            if let Some(sending) = otlp_sending {
+                                tokio::spawn(sending.run());
                             }
                             if let Some(source) = bundle_source {
                                 let t = telemetry.clone();

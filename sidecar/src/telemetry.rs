@@ -4,7 +4,11 @@
 //! `connection_security_policy` says what really protected the connection (`mutual_tls` or
 //! `none`), never what was configured.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 const TCP_LABELS: &[&str] = &[
     "reporter",
@@ -28,6 +32,16 @@ const REQUEST_LABELS: &[&str] = &[
     "response_code",
 ];
 
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+/// Istio's buckets for `istio_request_bytes` and `istio_response_bytes`: powers of ten
+/// from 1 to 10^8.
+const SIZE_BUCKETS: [f64; 9] = [1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
 /// Every metric the sidecar exports.
 #[derive(Clone)]
 pub struct Telemetry {
@@ -39,9 +53,14 @@ pub struct Telemetry {
     sent: IntCounterVec,
     received: IntCounterVec,
     requests: IntCounterVec,
+    durations: HistogramVec,
+    request_sizes: HistogramVec,
+    response_sizes: HistogramVec,
     refused: IntCounterVec,
     upstream_failures: IntCounterVec,
     open: IntGauge,
+    /// RBAC outcomes, `[http, tcp]` × [`RBAC_OUTCOMES`].
+    rbac: [[IntCounter; 5]; 2],
     /// Pooled HTTP/2 connections to upstream sidecars open now.
     pub pooled_upstreams: IntGauge,
     /// Unix time at which the current SVID expires.
@@ -54,6 +73,20 @@ pub struct Telemetry {
     pub xds_routes: IntGauge,
     /// xDS updates refused (NACKed); the last good table kept serving.
     pub xds_rejects: IntCounter,
+}
+
+/// RBAC outcomes, as Envoy's `rbac.allowed`, `rbac.denied`, `rbac.shadow_allowed` and
+/// `rbac.shadow_denied` stats (plus `logged` for LOG/AUDIT matches, which Envoy only marks
+/// in its access log), exported as `envoy_http_rbac_*` and `envoy_tcp_rbac_*`.
+const RBAC_OUTCOMES: [&str; 5] = ["allowed", "denied", "shadow_allowed", "shadow_denied", "logged"];
+
+/// Where an RBAC check ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RbacScope {
+    /// A request, by the HTTP connection manager's filters.
+    Http = 0,
+    /// A connection, by network filters.
+    Tcp = 1,
 }
 
 /// What labels one connection's counters.
@@ -84,6 +117,77 @@ fn code_str(code: u16, buf: &mut [u8; 3]) -> &str {
     buf[1] = b'0' + (code / 10 % 10) as u8;
     buf[2] = b'0' + (code % 10) as u8;
     std::str::from_utf8(buf).expect("ASCII digits")
+}
+
+/// When a request arrived and how big it is, taken before it is sent on.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestSize {
+    pub started: Instant,
+    /// Headers (name, value and the four bytes of `: ` and CRLF each) and body as declared
+    /// by `content-length` (a streamed body of unknown length counts as what its size hint
+    /// promises), Envoy's `request.total_size` as near as it can be known up front.
+    pub bytes: u64,
+}
+
+impl RequestSize {
+    /// Measures `req` as it arrives, now.
+    pub fn of<B: hyper::body::Body>(req: &hyper::Request<B>) -> Self {
+        let headers: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+        let body = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or_else(|| req.body().size_hint().lower());
+        Self {
+            started: Instant::now(),
+            bytes: headers as u64 + body,
+        }
+    }
+}
+
+/// The measure of one response in flight; dropped when it ends.
+pub struct Exchange {
+    started: Instant,
+    duration: Histogram,
+    size: Histogram,
+    bytes: u64,
+    /// The access log line written when the response ends.
+    log: Option<crate::access_log::Answered>,
+    /// The span that ends with the response.
+    span: Option<crate::otlp::Started>,
+}
+
+impl Exchange {
+    /// Counts `n` more bytes of the response.
+    pub fn add(&mut self, n: usize) {
+        self.bytes += n as u64;
+    }
+
+    /// Ends `span` when the response ends.
+    pub fn traced(mut self, span: Option<crate::otlp::Started>) -> Self {
+        self.span = span;
+        self
+    }
+
+    /// Writes `line` to the access log when the response ends.
+    pub fn logged(mut self, line: Option<crate::access_log::Answered>) -> Self {
+        self.log = line;
+        self
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        self.duration.observe(elapsed.as_secs_f64() * 1000.0);
+        self.size.observe(self.bytes as f64);
+        if let Some(line) = self.log.take() {
+            line.write(self.bytes, elapsed);
+        }
+        if let Some(span) = self.span.take() {
+            span.end();
+        }
+    }
 }
 
 /// The counters of one connection, resolved once at its start.
@@ -123,6 +227,12 @@ impl Telemetry {
             registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), REQUEST_LABELS)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry.register(Box::new(g.clone())).expect("unique metric");
@@ -156,6 +266,13 @@ impl Telemetry {
                 TCP_LABELS,
             ),
             requests: counter("istio_requests_total", "HTTP requests answered", REQUEST_LABELS),
+            durations: histogram(
+                "istio_request_duration_milliseconds",
+                "From the request's arrival to the last byte of its response",
+                &DURATION_BUCKETS_MS,
+            ),
+            request_sizes: histogram("istio_request_bytes", "Request size: headers and body", &SIZE_BUCKETS),
+            response_sizes: histogram("istio_response_bytes", "Response size: headers and body", &SIZE_BUCKETS),
             refused: counter(
                 "isthmus_sidecar_refused_connections_total",
                 "Connections refused before reaching the application or upstream, by side and reason",
@@ -167,6 +284,14 @@ impl Telemetry {
                 &["side", "reason"],
             ),
             open: gauge("isthmus_sidecar_open_connections", "Connections open now"),
+            rbac: ["http", "tcp"].map(|scope| {
+                RBAC_OUTCOMES.map(|outcome| {
+                    total(
+                        &format!("envoy_{scope}_rbac_{outcome}"),
+                        &format!("{scope} RBAC checks: {outcome}"),
+                    )
+                })
+            }),
             pooled_upstreams: gauge(
                 "isthmus_sidecar_pooled_upstream_connections",
                 "Pooled HTTP/2 connections in mTLS to upstream sidecars open now",
@@ -202,40 +327,44 @@ impl Telemetry {
         }
     }
 
-    /// Counts one answered request (ours or the upstream's) under `istio_requests_total`.
-    pub fn request(&self, r: &RequestLabels<'_>, code: u16) {
-        let l = &r.connection;
+    /// The values of [`TCP_LABELS`], which start [`REQUEST_LABELS`] too.
+    fn connection_values<'a>(&'a self, l: &ConnectionLabels<'a>) -> [&'a str; 7] {
         let (source_cluster, destination_cluster) = self.clusters(l);
-        let mut buf = [0; 3];
-        let code = code_str(code, &mut buf);
-        self.requests
-            .with_label_values(&[
-                l.reporter,
-                l.source_principal,
-                source_cluster,
-                l.destination_principal,
-                l.destination_service,
-                destination_cluster,
-                if l.mutual_tls { "mutual_tls" } else { "none" },
-                r.protocol,
-                code,
-            ])
-            .inc();
-    }
-
-    /// Counts a connection as opened and returns its counters; dropping them counts the close.
-    pub fn connection(&self, l: &ConnectionLabels<'_>) -> TcpCounters {
-        let policy = if l.mutual_tls { "mutual_tls" } else { "none" };
-        let (source_cluster, destination_cluster) = self.clusters(l);
-        let values = [
+        [
             l.reporter,
             l.source_principal,
             source_cluster,
             l.destination_principal,
             l.destination_service,
             destination_cluster,
-            policy,
-        ];
+            if l.mutual_tls { "mutual_tls" } else { "none" },
+        ]
+    }
+
+    /// Counts one answered request (ours or the upstream's) under `istio_requests_total`,
+    /// records its size, and returns the measure of its response: dropping it (when the
+    /// response body ends) records the duration and the response size.
+    pub fn request(&self, r: &RequestLabels<'_>, code: u16, request: RequestSize) -> Exchange {
+        let mut buf = [0; 3];
+        let [a, b, c, d, e, f, g] = self.connection_values(&r.connection);
+        let values = [a, b, c, d, e, f, g, r.protocol, code_str(code, &mut buf)];
+        self.requests.with_label_values(&values).inc();
+        self.request_sizes
+            .with_label_values(&values)
+            .observe(request.bytes as f64);
+        Exchange {
+            started: request.started,
+            duration: self.durations.with_label_values(&values),
+            size: self.response_sizes.with_label_values(&values),
+            bytes: 0,
+            log: None,
+            span: None,
+        }
+    }
+
+    /// Counts a connection as opened and returns its counters; dropping them counts the close.
+    pub fn connection(&self, l: &ConnectionLabels<'_>) -> TcpCounters {
+        let values = self.connection_values(l);
         self.opened.with_label_values(&values).inc();
         self.open.inc();
         TcpCounters {
@@ -243,6 +372,17 @@ impl Telemetry {
             sent: self.sent.with_label_values(&values),
             received: self.received.with_label_values(&values),
             open: self.open.clone(),
+        }
+    }
+
+    /// Counts one RBAC check's outcome.
+    pub fn rbac(&self, scope: RbacScope, verdict: &crate::authz::Verdict) {
+        let c = &self.rbac[scope as usize];
+        c[usize::from(!verdict.allowed())].inc();
+        c[2].inc_by(verdict.shadow_allowed as u64);
+        c[3].inc_by(verdict.shadow_denied as u64);
+        if !verdict.logged.is_empty() {
+            c[4].inc();
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
@@ -20,6 +20,7 @@ use mesh_vocab::spiffe::SpiffeId;
 use prost::Message;
 
 use crate::destinations::{BadResource, Destinations};
+use crate::virtual_inbound::{InboundPolicy, VIRTUAL_INBOUND};
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -34,6 +35,11 @@ pub struct Identity {
     pub ip: std::net::IpAddr,
     pub network: String,
     pub cluster: String,
+    /// The workload's labels: Istio's `LABELS` node metadata, which selects the policies
+    /// that apply to it.
+    pub labels: Vec<(String, String)>,
+    /// `Node.locality` (region, zone, subzone), for locality-aware endpoints.
+    pub locality: Option<Locality>,
 }
 
 impl Identity {
@@ -55,25 +61,37 @@ impl Identity {
                     ("CLUSTER_ID".to_owned(), s(&self.cluster)),
                     ("NAMESPACE".to_owned(), s(ns)),
                     ("SERVICE_ACCOUNT".to_owned(), s(sa)),
+                    (
+                        "LABELS".to_owned(),
+                        Value {
+                            kind: Some(Kind::StructValue(Struct {
+                                fields: self.labels.iter().map(|(k, v)| (k.clone(), s(v))).collect(),
+                            })),
+                        },
+                    ),
                 ]
                 .into(),
             }),
+            locality: self.locality.clone(),
             ..Default::default()
         }
     }
 }
 
 /// Follows the controller at `address` (`http://host:15010`) forever; `updated` is called
-/// with the number of routable listeners after every table swapped in.
+/// with the number of routable listeners after every table swapped in. With `inbound`, the
+/// `virtualInbound` listener's policy is swapped in there too (when the controller serves
+/// one; otherwise what is there, the flags' policy, stays).
 pub async fn follow(
     address: String,
     identity: Identity,
     table: Arc<ArcSwap<Destinations>>,
+    inbound: Option<Arc<ArcSwap<InboundPolicy>>>,
     updated: impl Fn(usize, bool),
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&address, &identity, &table, &updated).await {
+        match session(&address, &identity, &table, inbound.as_deref(), &updated).await {
             Ok(()) => tracing::warn!(controller = address, "xDS stream ended; keeping the last routes"),
             Err(e) => tracing::warn!(controller = address, error = %e, "xDS unavailable; keeping the last routes"),
         }
@@ -92,6 +110,8 @@ struct Received {
     /// The route configurations the current listeners name.
     route_names: Vec<String>,
     versions: HashMap<&'static str, String>,
+    /// The policy of the last accepted `virtualInbound`.
+    inbound: Option<Arc<InboundPolicy>>,
 }
 
 fn decode_all<M: Message + Default>(resp: &DiscoveryResponse) -> Result<Vec<M>, BadResource> {
@@ -116,10 +136,17 @@ impl Received {
             routes: self.routes.clone(),
             route_names: Vec::new(),
             versions: HashMap::new(),
+            inbound: self.inbound.clone(),
         };
         let kind = match resp.type_url.as_str() {
             LISTENER_TYPE => {
                 next.listeners = decode_all(resp)?;
+                next.inbound = InboundPolicy::from_listeners(&next.listeners)
+                    .map_err(|e| BadResource {
+                        resource: VIRTUAL_INBOUND.to_owned(),
+                        problem: e.to_string(),
+                    })?
+                    .map(Arc::new);
                 LISTENER_TYPE
             }
             CLUSTER_TYPE => {
@@ -151,6 +178,7 @@ impl Received {
         self.assignments = next.assignments;
         self.routes = next.routes;
         self.route_names = next.route_names;
+        self.inbound = next.inbound;
         self.versions.insert(kind, resp.version_info.clone());
         Ok(Some(table))
     }
@@ -187,6 +215,7 @@ async fn session(
     address: &str,
     identity: &Identity,
     table: &ArcSwap<Destinations>,
+    inbound: Option<&ArcSwap<InboundPolicy>>,
     updated: &impl Fn(usize, bool),
 ) -> Result<(), crate::ads::Error> {
     let first = [CLUSTER_TYPE, LISTENER_TYPE]
@@ -211,6 +240,10 @@ async fn session(
                 let routes = next.routable();
                 next.inherit_health(&table.load());
                 table.store(Arc::new(next));
+                if let (Some(slot), Some(policy), LISTENER_TYPE) = (inbound, &received.inbound, resp.type_url.as_str())
+                {
+                    slot.store(policy.clone());
+                }
                 updated(routes, true);
                 tracing::debug!(
                     type_url = resp.type_url,

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use sidecar::run::{RunArgs, Sidecar};
-use support::{Pki, poll};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use support::scrape as metrics;
+use support::{Pki, exchange, poll};
+use tokio::net::TcpListener;
 
 fn args(line: &str) -> RunArgs {
     RunArgs::from_words(line.split_whitespace()).unwrap()
@@ -52,33 +52,16 @@ async fn http_app() -> SocketAddr {
     addr
 }
 
-/// One HTTP/1.1 GET with an optional forged XFCC; returns the body.
+/// One HTTP/1.1 GET with an optional forged XFCC; returns the body of a 200.
 async fn get(addr: SocketAddr, forged_xfcc: Option<&str>) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(addr).await?;
     let extra = forged_xfcc
-        .map(|v| format!("x-forwarded-client-cert: {v}\r\n"))
+        .map(|v| format!("\r\nx-forwarded-client-cert: {v}"))
         .unwrap_or_default();
-    s.write_all(format!("GET / HTTP/1.1\r\nhost: reviews\r\n{extra}connection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
-    let (head, body) = out
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no answer: {out:?}")))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(head.to_owned()));
+    let answer = exchange(addr, &format!("GET / HTTP/1.1\r\nhost: reviews{extra}")).await?;
+    match answer.status {
+        200 => Ok(answer.body),
+        _ => Err(std::io::Error::other(answer.head)),
     }
-    Ok(body.to_owned())
-}
-
-async fn metrics(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// Polls the metrics until `line` (a metric with labels) shows `value`, or fails at a deadline.

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sidecar::run::{RunArgs, Sidecar};
-use support::{Pki, poll};
+use support::metric_reaches as counted;
+use support::{Pki, exchange, poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -115,55 +116,11 @@ async fn echo_app() -> SocketAddr {
 
 /// One GET on a new connection (optionally with a forged XFCC); returns status and body.
 async fn get(addr: SocketAddr, forged_xfcc: Option<&str>) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr).await?;
     let extra = forged_xfcc
-        .map(|v| format!("x-forwarded-client-cert: {v}\r\n"))
+        .map(|v| format!("\r\nx-forwarded-client-cert: {v}"))
         .unwrap_or_default();
-    s.write_all(format!("GET / HTTP/1.1\r\nhost: reviews:9080\r\n{extra}connection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
-    let (head, body) = out
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no answer: {out:?}")))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(head.to_owned()))?;
-    Ok((status, body.to_owned()))
-}
-
-async fn metrics(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-/// The sum of the series of `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Polls the metrics until `name{labels}` sums to `want`, or fails at a deadline.
-async fn counted(addr: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64) {
-    poll(Duration::from_secs(10), || async {
-        let text = metrics(addr).await;
-        let got = sample(&text, name, labels);
-        match got == want {
-            true => Ok(()),
-            false => Err(format!("{name}{labels:?} is {got}, want {want}:\n{text}")),
-        }
-    })
-    .await
+    let answer = exchange(addr, &format!("GET / HTTP/1.1\r\nhost: reviews:9080{extra}")).await?;
+    Ok((answer.status, answer.body))
 }
 
 fn assert_vouched(body: &str) {

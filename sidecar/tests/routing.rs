@@ -311,11 +311,14 @@ impl Sidecar {
             ip: "127.0.0.1".parse().unwrap(),
             network: "network1".into(),
             cluster: "cluster1".into(),
+            labels: vec![],
+            locality: None,
         };
         tokio::spawn(sidecar::xds::follow(
             control.address.clone(),
             identity,
             table.clone(),
+            None,
             |_, _| {},
         ));
         tokio::spawn(async move {

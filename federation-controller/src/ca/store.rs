@@ -49,8 +49,11 @@ pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     /// PEM certificates from the signing certificate up to, not including, the root.
     chain: Vec<String>,
-    /// PEM of the trust domain's root.
+    /// PEM of the root our chain hangs from.
     root: String,
+    /// PEM of every root in `root-cert.pem`: during a root rotation the old and the new,
+    /// both trusted, while clusters move from one to the other.
+    roots: Vec<String>,
     not_after: SystemTime,
 }
 
@@ -164,6 +167,36 @@ fn pem_certs(path: &Path, text: &str) -> Result<Vec<String>, CaError> {
     Ok(blocks)
 }
 
+/// The root in `roots` that issued `cert` (PEM): by key identifier where both carry one
+/// (a renewed root may keep its old name), else by name.
+fn issuing_root(cert: &str, roots: &[String]) -> Option<String> {
+    use x509_parser::extensions::ParsedExtension;
+    let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).ok();
+    let cert_der = der(cert)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&cert_der).ok()?;
+    let authority_key = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.as_ref().map(|k| k.0.to_vec()),
+        _ => None,
+    });
+    roots
+        .iter()
+        .find(|r| {
+            let Some(root_der) = der(r) else { return false };
+            let Ok((_, root)) = x509_parser::parse_x509_certificate(&root_der) else {
+                return false;
+            };
+            let subject_key = root.extensions().iter().find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0.to_vec()),
+                _ => None,
+            });
+            match (&authority_key, subject_key) {
+                (Some(aki), Some(ski)) => *aki == ski,
+                _ => root.subject() == cert.issuer(),
+            }
+        })
+        .cloned()
+}
+
 impl Authority {
     /// Loads the CA from `dir`, or makes a self-signed root for `trust_domain` there when
     /// the directory holds no CA files at all.
@@ -231,10 +264,10 @@ impl Authority {
             SystemTime::UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
         let self_signed = parsed.subject() == parsed.issuer();
         let root_path = dir.join(ROOT_CERT);
-        let root = if root_path.exists() {
-            pem_certs(&root_path, &read(&root_path)?)?.remove(0)
+        let roots = if root_path.exists() {
+            pem_certs(&root_path, &read(&root_path)?)?
         } else if self_signed {
-            pem_certs(&cert_path, &cert_pem)?.remove(0)
+            pem_certs(&cert_path, &cert_pem)?
         } else {
             return Err(CaError::Partial {
                 dir: dir.to_owned(),
@@ -243,26 +276,39 @@ impl Authority {
             });
         };
         // cert-chain.pem is Istio's chain from the signing certificate up to the root;
-        // keep everything below the root.
+        // keep everything below the roots.
         let chain_path = dir.join(CERT_CHAIN);
         let mut chain = if chain_path.exists() {
             pem_certs(&chain_path, &read(&chain_path)?)?
         } else {
             pem_certs(&cert_path, &cert_pem)?
         };
-        chain.retain(|c| c != &root);
+        chain.retain(|c| !roots.contains(c));
+        let top = chain.last().map_or(cert_pem.as_str(), String::as_str);
+        let root = issuing_root(top, &roots).ok_or_else(|| {
+            invalid(
+                &root_path,
+                format!("holds no root that issued the top of the chain in {CERT_CHAIN} (or {CA_CERT})"),
+            )
+        })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| invalid(&cert_path, e))?;
         Ok(Authority {
             issuer,
             chain,
             root,
+            roots,
             not_after,
         })
     }
 
-    /// The trust domain's root, PEM.
+    /// The root this CA's chain hangs from, PEM: the end of every chain it signs.
     pub fn root_pem(&self) -> &str {
         &self.root
+    }
+
+    /// Every root of the trust domain, PEM: what peers must trust (two during a rotation).
+    pub fn trust_roots_pem(&self) -> String {
+        self.roots.concat()
     }
 
     /// Certificates between a leaf and the root, PEM, nearest first.

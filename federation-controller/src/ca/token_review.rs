@@ -6,7 +6,6 @@
 //! them: an authenticator that is not audience-aware would otherwise accept a token minted
 //! for some other service, which could then be replayed to us.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
@@ -15,6 +14,7 @@ use mesh_vocab::ClusterId;
 use mesh_vocab::spiffe::SpiffeId;
 
 use super::review_cache::{DEFAULT_TTL, ReviewCache};
+use crate::cluster_clients::ClusterClients;
 
 /// Istio's default token audience (`TOKEN_AUDIENCES`).
 pub const ISTIO_CA_AUDIENCE: &str = "istio-ca";
@@ -58,7 +58,9 @@ impl ReviewRefusal {
 
 /// Reviews service-account tokens with the API servers of the clusters we read.
 pub struct TokenReviewer {
-    clusters: BTreeMap<ClusterId, kube::Client>,
+    /// Current as remote secrets come and go: a remote cluster's pods are reviewed by
+    /// their own API server from the moment its secret is read.
+    clusters: ClusterClients,
     /// Whose API server reviews a caller that names no cluster (istiod: its own cluster).
     home: ClusterId,
     audiences: Vec<String>,
@@ -70,7 +72,7 @@ pub struct TokenReviewer {
 impl std::fmt::Debug for TokenReviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenReviewer")
-            .field("clusters", &self.clusters.keys().collect::<Vec<_>>())
+            .field("clusters", &self.clusters)
             .field("home", &self.home)
             .field("audiences", &self.audiences)
             .field("timeout", &self.timeout)
@@ -81,14 +83,14 @@ impl std::fmt::Debug for TokenReviewer {
 impl TokenReviewer {
     /// Reviews with `clusters`' API servers; `home` must be one of them.
     pub fn new(
-        clusters: impl IntoIterator<Item = (ClusterId, kube::Client)>,
+        clusters: ClusterClients,
         home: ClusterId,
         audiences: Vec<String>,
         trust_domain: &str,
         timeout: Duration,
     ) -> Self {
         Self {
-            clusters: clusters.into_iter().collect(),
+            clusters,
             home,
             audiences,
             trust_domain: trust_domain.to_owned(),
@@ -107,6 +109,8 @@ impl TokenReviewer {
             .clusters
             .get(&cluster)
             .ok_or_else(|| ReviewRefusal::UnknownCluster(cluster.to_string()))?;
+        // A cached answer stands only while the cluster is still one we read (checked
+        // above): a removed remote secret ends the trust in its tokens at once.
         if let Some(id) = self.cache.get(cluster.as_str(), token, Instant::now()) {
             return Ok(id);
         }
@@ -121,7 +125,7 @@ impl TokenReviewer {
             cluster: cluster.clone(),
             message,
         };
-        let api = Api::<TokenReview>::all(client.clone());
+        let api = Api::<TokenReview>::all(client);
         let answer = tokio::time::timeout(self.timeout, api.create(&PostParams::default(), &review))
             .await
             .map_err(|_| failed(format!("no answer within {:?}", self.timeout)))?

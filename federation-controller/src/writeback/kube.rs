@@ -14,6 +14,7 @@ use mesh_vocab::ClusterId;
 use tokio::sync::{mpsc, watch};
 
 use super::{ISTHMUS, Kind, MANAGED_BY, Object, WritebackMetrics, desired, is_ours};
+use crate::cluster_clients::ClusterClients;
 use crate::kube_source::Update;
 use crate::objects::ClusterObjects;
 
@@ -182,9 +183,10 @@ pub struct Readiness {
 /// Writes into `targets` while `leader` is true: at every inventory change, on becoming
 /// leader, and every `resync` (which also repairs objects someone changed or deleted).
 /// Only clusters that have synced are written to: whether one has a Service of its own
-/// decides what it gets.
+/// decides what it gets. `targets` is current: a remote secret's cluster is written to
+/// from its first sync until its secret goes.
 pub async fn run(
-    targets: Vec<(ClusterId, Client)>,
+    targets: ClusterClients,
     mut inventory: watch::Receiver<Arc<Inventory>>,
     mut leader: watch::Receiver<bool>,
     domain: String,
@@ -200,9 +202,11 @@ pub async fn run(
         if is_leader && trusted {
             let want = desired(&inv, &domain);
             let round = async {
-                for (cluster, client) in targets.iter().filter(|(c, _)| inv.contains_key(c)) {
+                for cluster in targets.ids().iter().filter(|c| inv.contains_key(*c)) {
+                    // Gone since the round began (its secret deleted): nothing to write with.
+                    let Some(client) = targets.get(cluster) else { continue };
                     let objects = want.get(cluster).map(Vec::as_slice).unwrap_or_default();
-                    reconcile(client, cluster, objects, &metrics).await;
+                    reconcile(&client, cluster, objects, &metrics).await;
                 }
             };
             // A round can take long (the client retries an unavailable API server with

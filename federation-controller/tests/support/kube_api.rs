@@ -734,3 +734,19 @@ fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response<BoxBody<Bytes, Infalli
         .body(body.boxed())
         .unwrap()
 }
+
+/// A remote secret as `istioctl create-remote-secret` makes it: in `istio-system`, labelled
+/// `istio/multiCluster: "true"`, a data key per cluster whose value is its kubeconfig.
+pub fn remote_secret(name: &str, clusters: &[(&str, &FakeApi)]) -> Value {
+    use base64::Engine;
+    let data: serde_json::Map<String, Value> = clusters
+        .iter()
+        .map(|(c, api)| {
+            let kubeconfig = base64::engine::general_purpose::STANDARD.encode(api.kubeconfig());
+            (c.to_string(), json!(kubeconfig))
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": name, "namespace": "istio-system", "labels": {"istio/multiCluster": "true"}},
+           "data": data})
+}

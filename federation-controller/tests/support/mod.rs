@@ -84,6 +84,24 @@ pub async fn until_true(what: &str, patience: std::time::Duration, mut f: impl F
     until(what, patience, || f().then_some(())).await
 }
 
+/// [`until`] for checks that are themselves asynchronous (a request): polls `f` until it
+/// is `Ok`, and fails with the last error at the deadline.
+pub async fn until_ok<T, E: std::fmt::Debug, Fut: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    patience: std::time::Duration,
+    mut f: impl FnMut() -> Fut,
+) -> T {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "timed out: {what}: {e:?}"),
+        }
+        tick.tick().await;
+    }
+}
+
 /// [`until`] for synchronous tests.
 pub fn eventually<T>(what: &str, patience: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + patience;

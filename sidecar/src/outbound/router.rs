@@ -19,7 +19,7 @@ use hyper::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Uri};
 
-use super::{Answered, Attempt, Captured, ClientIp, HttpHop, Unanswered, to_h2};
+use super::{Answered, Attempt, Captured, ClientIp, HttpHop, Observed, Unanswered, to_h2};
 use crate::body::{self, Held, Outgoing, Resumed};
 use crate::destinations::{Destinations, Upstream};
 use crate::http::ReplyBody;
@@ -47,20 +47,27 @@ const TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
 /// Envoy's text for a request the circuit breaker turned away.
 pub const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
-/// Marks an answer of our own, so that it is counted as Envoy counts local replies.
+/// Marks an answer of our own, so that it is counted as Envoy counts local replies, with
+/// Envoy's response flags for its access log (`NR` no route, `FI` fault abort, …).
 #[derive(Debug, Clone, Copy)]
-struct LocalReply;
+struct LocalReply(&'static str);
 
 /// An answer of our own.
 fn local(status: StatusCode, body: Bytes) -> Response<ReplyBody> {
     let text = !body.is_empty();
     let mut resp = Response::new(Either::Right(Full::new(body)));
     *resp.status_mut() = status;
-    resp.extensions_mut().insert(LocalReply);
+    resp.extensions_mut().insert(LocalReply("-"));
     if text {
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
+    resp
+}
+
+/// `resp`, flagged as Envoy flags such an answer.
+fn flagged(mut resp: Response<ReplyBody>, flags: &'static str) -> Response<ReplyBody> {
+    resp.extensions_mut().insert(LocalReply(flags));
     resp
 }
 
@@ -107,30 +114,41 @@ enum Tried {
 
 impl HttpHop {
     /// Counts an answer of our own (no route, a fault, a direct answer, an overflow…) in
-    /// `istio_requests_total`, as the upstream's answers are counted when they arrive.
+    /// the request metrics and the access log, as the upstream's answers are counted when
+    /// they arrive; others pass as they are.
     pub(super) fn count_local(
         &self,
-        resp: &Response<ReplyBody>,
+        resp: Response<ReplyBody>,
         table: &Destinations,
         original: SocketAddr,
-        protocol: &'static str,
-    ) {
-        if resp.extensions().get::<LocalReply>().is_none() {
-            return;
-        }
+        observed: &Observed,
+    ) -> Response<ReplyBody> {
+        let Some(&LocalReply(flags)) = resp.extensions().get::<LocalReply>() else {
+            return resp;
+        };
         // Istio's route configuration names are `HOST:PORT`.
         let service = table
             .http_listener(original)
             .map(|name| name.rsplit_once(':').map_or(name, |(host, _)| host));
+        let what = super::Upstream {
+            service: service.unwrap_or("unknown"),
+            cluster: None,
+            protocol: observed.protocol,
+            size: observed.size,
+            host: SocketAddr::from(([0, 0, 0, 0], 0)),
+            log: observed.log.clone(),
+            span: observed.span.clone(),
+        };
         let labels = ConnectionLabels {
             reporter: "source",
             source_principal: self.self_id.as_str(),
             destination_principal: "unknown",
-            destination_service: service.unwrap_or("unknown"),
+            destination_service: what.service,
             peer_cluster: None,
             mutual_tls: false,
         };
-        self.count(labels, protocol, resp.status().as_u16());
+        let exchange = self.count(labels, &what, resp.status().as_u16(), flags);
+        crate::http::recorded(exchange, resp)
     }
 
     /// Routes one request that arrived on the HTTP listener at `original`.
@@ -140,7 +158,7 @@ impl HttpHop {
         table: &Arc<Destinations>,
         original: SocketAddr,
         req: Request<Incoming>,
-        protocol: &'static str,
+        observed: &Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
         let routes: Option<&RouteTable> = table
@@ -150,7 +168,7 @@ impl HttpHop {
         let (parts, body) = req.into_parts();
         let Some(selected) = routes.and_then(|t| t.select(&parts)) else {
             // Envoy's `NR`: no route, an empty 404.
-            return local(StatusCode::NOT_FOUND, Bytes::new());
+            return flagged(local(StatusCode::NOT_FOUND, Bytes::new()), "NR");
         };
         if let Some(fault) = &selected.route.fault {
             let drawn = fault.draw();
@@ -158,14 +176,16 @@ impl HttpHop {
                 tokio::time::sleep(delay).await;
             }
             match drawn.abort {
-                Some(Abort::Http(status)) => return local(status, Bytes::from_static(ABORT_BODY.as_bytes())),
+                Some(Abort::Http(status)) => {
+                    return flagged(local(status, Bytes::from_static(ABORT_BODY.as_bytes())), "FI");
+                }
                 Some(Abort::Grpc(code)) => {
                     let mut resp = local(StatusCode::OK, Bytes::new());
                     let headers = resp.headers_mut();
                     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
                     headers.insert("grpc-status", HeaderValue::from(code));
                     headers.insert("grpc-message", HeaderValue::from_static(ABORT_BODY));
-                    return resp;
+                    return flagged(resp, "FI");
                 }
                 None => {}
             }
@@ -183,7 +203,7 @@ impl HttpHop {
                 let target = f.pick();
                 let resp = self
                     .forward_to(
-                        captured, table, selected, f, target, parts, body, original, protocol, l4,
+                        captured, table, selected, f, target, parts, body, original, observed, l4,
                     )
                     .await;
                 (Some(target), resp)
@@ -205,13 +225,13 @@ impl HttpHop {
         mut parts: Parts,
         body: Incoming,
         original: SocketAddr,
-        protocol: &'static str,
+        observed: &Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
         let Some(upstream) = table.upstreams.get(&target.cluster) else {
             // Envoy's `cluster_not_found_response_code` default: an empty 503.
             self.telemetry.upstream_failure("outbound", "cluster_not_found");
-            return local(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
+            return flagged(local(StatusCode::SERVICE_UNAVAILABLE, Bytes::new()), "NC");
         };
         // Counted until its response headers arrive.
         let Some(_in_flight) = upstream.breaker.request() else {
@@ -220,7 +240,7 @@ impl HttpHop {
             let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(OVERFLOW.as_bytes()));
             resp.headers_mut()
                 .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-            return resp;
+            return flagged(resp, "UO");
         };
         // The application's own say on timeouts and retries, for this hop only.
         let retry = RetryPolicy::for_request(forward.retry.as_ref(), &parts.headers);
@@ -291,13 +311,14 @@ impl HttpHop {
             None => attempts.await,
         };
         match tried {
-            Tried::Done(attempt) => self.deliver(attempt, upstream, protocol, l4),
+            Tried::Done(attempt) => self.deliver(attempt, upstream, observed, l4),
             Tried::TimedOut => {
                 self.telemetry.upstream_failure("outbound", "timeout");
-                local(
+                let resp = local(
                     StatusCode::GATEWAY_TIMEOUT,
                     Bytes::from_static(UPSTREAM_TIMEOUT.as_bytes()),
-                )
+                );
+                flagged(resp, "UT")
             }
         }
     }
