@@ -1,4 +1,5 @@
-//! Choosing an endpoint: weighted round robin, least connections, random.
+//! Choosing an endpoint: weighted round robin, least connections, random, and a
+//! consistent-hash ring (Envoy's `RING_HASH`) for requests that carry a hash.
 //!
 //! A balancer knows only indices, weights and how many connections each index
 //! holds; whether an index may be chosen now (outlier ejection, an attempt that
@@ -18,6 +19,9 @@ pub enum Policy {
     LeastConn,
     /// Weighted random (`RANDOM`).
     Random,
+    /// A consistent-hash ring (Istio's `consistentHash`, Envoy's `RING_HASH`): a request's
+    /// hash picks the endpoint; one without a hash is placed at random.
+    RingHash,
 }
 
 impl Policy {
@@ -27,6 +31,7 @@ impl Policy {
             Policy::RoundRobin => "ROUND_ROBIN",
             Policy::LeastConn => "LEAST_CONN",
             Policy::Random => "RANDOM",
+            Policy::RingHash => "RING_HASH",
         }
     }
 
@@ -36,6 +41,7 @@ impl Policy {
             "ROUND_ROBIN" | "UNSPECIFIED" => Some(Policy::RoundRobin),
             "LEAST_CONN" | "LEAST_REQUEST" => Some(Policy::LeastConn),
             "RANDOM" => Some(Policy::Random),
+            "RING_HASH" => Some(Policy::RingHash),
             _ => None,
         }
     }
@@ -43,6 +49,24 @@ impl Policy {
 
 /// The longest weighted round-robin schedule; larger weight sums are scaled down.
 const MAX_SCHEDULE: u64 = 4096;
+
+/// Envoy's `minimum_ring_size`: points on a hash ring, shared out by weight.
+const RING_SIZE: u64 = 1024;
+
+/// A 64-bit hash that is the same in every process (FNV-1a, then a finalizer that spreads
+/// FNV's low bits), so that every sidecar puts a key on the same endpoint.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
 
 /// Picks endpoints among a fixed list by weight.
 #[derive(Debug)]
@@ -53,9 +77,39 @@ pub struct Balancer {
     schedule: Vec<u32>,
     next: AtomicUsize,
     active: Vec<AtomicU32>,
+    /// Ring hash: (point, index), sorted by point.
+    ring: Vec<(u64, u32)>,
 }
 
 impl Balancer {
+    /// A ring-hash balancer whose endpoints are placed by `keys` (their addresses), so an
+    /// endpoint keeps its place on the ring when others come and go.
+    pub fn ring(weights: &[u32], keys: &[String]) -> Self {
+        let mut b = Self::new(Policy::Random, weights);
+        b.policy = Policy::RingHash;
+        let total: u64 = b.weights.iter().map(|&w| u64::from(w)).sum();
+        for (i, (w, key)) in b.weights.iter().zip(keys).enumerate() {
+            let points = (RING_SIZE * u64::from(*w)).div_ceil(total.max(1)).max(1);
+            for n in 0..points {
+                b.ring.push((stable_hash(format!("{key}_{n}").as_bytes()), i as u32));
+            }
+        }
+        b.ring.sort_unstable();
+        b
+    }
+
+    /// Chooses for a request with `hash`: on a ring, the first eligible endpoint at or after
+    /// the hash's point; otherwise as [`Balancer::pick`].
+    pub fn pick_for(&self, hash: Option<u64>, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        let (Some(hash), false) = (hash, self.ring.is_empty()) else {
+            return self.pick(eligible);
+        };
+        let start = self.ring.partition_point(|(point, _)| *point < hash);
+        (0..self.ring.len())
+            .map(|k| self.ring[(start + k) % self.ring.len()].1 as usize)
+            .find(|&i| eligible(i))
+    }
+
     /// A balancer over endpoints with these weights (0 is taken as 1).
     pub fn new(policy: Policy, weights: &[u32]) -> Self {
         let weights: Vec<u32> = weights.iter().map(|&w| w.max(1)).collect();
@@ -77,6 +131,7 @@ impl Balancer {
             weights,
             schedule,
             next: AtomicUsize::new(start),
+            ring: Vec::new(),
         }
     }
 
@@ -105,7 +160,7 @@ impl Balancer {
         match self.policy {
             Policy::RoundRobin => self.pick_round_robin(eligible),
             Policy::LeastConn => self.pick_least_conn(eligible),
-            Policy::Random => self.pick_random(eligible),
+            Policy::Random | Policy::RingHash => self.pick_random(eligible),
         }
     }
 
@@ -266,6 +321,31 @@ mod tests {
         // Expected 10,000 / 30,000; 6 sigma is about ±520.
         assert!((9_400..10_600).contains(&c[0]), "{c:?}");
         assert_eq!(b.pick(|i| i == 0), Some(0));
+    }
+
+    #[test]
+    fn a_ring_keeps_a_key_on_its_endpoint_and_moves_only_the_gone_endpoints_keys() {
+        let keys: Vec<String> = (1..=4).map(|i| format!("10.0.0.{i}:80")).collect();
+        let ring = Balancer::ring(&[1, 1, 1, 1], &keys);
+        let placed: Vec<usize> = (0..2_000u64)
+            .map(|k| ring.pick_for(Some(stable_hash(&k.to_be_bytes())), |_| true).unwrap())
+            .collect();
+        let mut share = [0usize; 4];
+        placed.iter().for_each(|&i| share[i] += 1);
+        assert!(share.iter().all(|&c| (250..=750).contains(&c)), "{share:?}");
+        // Endpoint 2 goes: only its keys move, and not to one neighbour alone.
+        let without: Vec<usize> = (0..2_000u64)
+            .map(|k| ring.pick_for(Some(stable_hash(&k.to_be_bytes())), |i| i != 2).unwrap())
+            .collect();
+        for (before, after) in placed.iter().zip(&without) {
+            if *before != 2 {
+                assert_eq!(before, after);
+            }
+        }
+        // The same key, another process: the same endpoint.
+        let again = Balancer::ring(&[1, 1, 1, 1], &keys);
+        assert_eq!(again.pick_for(Some(42), |_| true), ring.pick_for(Some(42), |_| true));
+        assert!(ring.pick_for(None, |_| true).is_some(), "no hash: placed at random");
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //!
 //! - A listener `VIP_PORT` (address VIP:port, a `tcp_proxy` to cluster C) says that a
 //!   connection whose original destination is VIP:port belongs to C.
+//! - A listener whose filter is an `http_connection_manager` says that such a connection
+//!   carries HTTP, each request routed by the route configuration it names (RDS), compiled
+//!   into a [`RouteTable`].
 //! - Cluster C says how to speak to its endpoints: Istio's auto-mTLS is a transport-socket
 //!   match on `tlsMode: istio` whose TLS context names the SNI to send and the SPIFFE IDs
 //!   the server may prove; endpoints without that metadata are spoken to in plaintext.
@@ -20,6 +23,10 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{TransportSocket, address, socket_address, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager,
+};
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
@@ -30,8 +37,13 @@ use mesh_vocab::spiffe::SpiffeId;
 use prost::Message;
 
 use crate::balance::{Balancer, Policy};
+use crate::cluster::{Breaker, ClusterPolicy, Health, Reply};
+use crate::priority::{self, Level};
+use crate::route::RouteTable;
 
 const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const UPSTREAM_TLS_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 /// The endpoint-metadata key Envoy matches transport sockets on.
 pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
@@ -71,6 +83,8 @@ pub struct Endpoint {
     pub mtls: bool,
     /// The cluster that runs it (Istio's endpoint metadata), for metrics.
     pub cluster: Option<String>,
+    /// Its EDS priority level (0 first), for locality failover.
+    pub priority: u32,
 }
 
 /// One upstream cluster, ready to route to.
@@ -82,20 +96,113 @@ pub struct Upstream {
     pub tls: Option<MeshTls>,
     pub endpoints: Vec<Endpoint>,
     pub balancer: Balancer,
+    /// Outlier detection, when the cluster asks for it.
+    pub health: Option<Health>,
+    pub breaker: Breaker,
+    /// EDS `overprovisioning_factor`, in percent.
+    pub overprovisioning: u32,
+}
+
+impl Upstream {
+    /// Whether endpoint `i` may be chosen now (not ejected as an outlier).
+    pub fn usable(&self, i: usize) -> bool {
+        self.health.as_ref().is_none_or(|h| h.usable(i, self.endpoints.len()))
+    }
+
+    /// The priority level a request goes to now, when the endpoints have several.
+    pub fn level(&self) -> Option<u32> {
+        let mut levels: Vec<Level> = Vec::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let healthy = usize::from(!self.health.as_ref().is_some_and(|h| h.ejected(i)));
+            match levels.iter_mut().find(|l| l.priority == e.priority) {
+                Some(l) => {
+                    l.healthy += healthy;
+                    l.total += 1;
+                }
+                None => levels.push(Level {
+                    priority: e.priority,
+                    healthy,
+                    total: 1,
+                }),
+            }
+        }
+        if levels.len() < 2 {
+            return None;
+        }
+        levels.sort_by_key(|l| l.priority);
+        priority::choose(&levels, self.overprovisioning)
+    }
+
+    /// Tells outlier detection how a request to endpoint `i` ended.
+    pub fn record(&self, i: usize, reply: Reply) {
+        if let Some(h) = &self.health {
+            h.record(i, reply);
+        }
+    }
 }
 
 /// The whole table.
 #[derive(Debug, Default)]
 pub struct Destinations {
-    /// Original destination → cluster name.
+    /// Original destination → cluster name, for `tcp_proxy` listeners.
     pub listeners: HashMap<SocketAddr, String>,
+    /// Original destination → route configuration name, for HTTP listeners.
+    pub http_listeners: HashMap<SocketAddr, String>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
+    /// The route configurations HTTP listeners name, compiled; one not received yet is
+    /// missing, and its listener's requests find no route (404), as Envoy's once its
+    /// listener stops warming.
+    pub routes: HashMap<String, Arc<RouteTable>>,
 }
 
 impl Destinations {
-    /// The upstream a connection to `original` belongs to, if any.
+    /// The upstream a TCP connection to `original` belongs to, if any.
     pub fn route(&self, original: SocketAddr) -> Option<&Arc<Upstream>> {
         self.upstreams.get(self.listeners.get(&original)?)
+    }
+
+    /// The route configuration name of the HTTP listener at `original`, if it is one.
+    pub fn http_listener(&self, original: SocketAddr) -> Option<&str> {
+        self.http_listeners.get(&original).map(String::as_str)
+    }
+
+    /// How many listeners route anything.
+    pub fn routable(&self) -> usize {
+        self.listeners.len() + self.http_listeners.len()
+    }
+
+    /// The route configurations the HTTP listeners name (what to ask RDS for), sorted.
+    pub fn route_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.http_listeners.values().cloned().collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Carries each endpoint's outlier health over from `old` (matched by cluster and
+    /// address), so that a new table does not give a failing endpoint a fresh start.
+    pub fn inherit_health(&self, old: &Destinations) {
+        for (name, up) in &self.upstreams {
+            let (Some(health), Some(before)) = (&up.health, old.upstreams.get(name)) else {
+                continue;
+            };
+            let Some(old_health) = &before.health else { continue };
+            for (to, e) in up.endpoints.iter().enumerate() {
+                if let Some(from) = before.endpoints.iter().position(|o| o.address == e.address) {
+                    health.inherit(to, old_health, from);
+                }
+            }
+        }
+    }
+
+    /// Compiles the route configurations among `configs` that HTTP listeners name.
+    pub fn with_routes(mut self, configs: &HashMap<String, RouteConfiguration>) -> Result<Self, BadResource> {
+        for name in self.route_names() {
+            if let Some(rc) = configs.get(&name) {
+                self.routes.insert(name, Arc::new(RouteTable::compile(rc)?));
+            }
+        }
+        Ok(self)
     }
 
     /// Builds the table; clusters without a load assignment yet have no endpoints.
@@ -106,8 +213,14 @@ impl Destinations {
     ) -> Result<Destinations, BadResource> {
         let mut table = Destinations::default();
         for l in listeners {
-            if let Some((addr, cluster)) = listener_route(l)? {
-                table.listeners.insert(addr, cluster);
+            match listener_route(l)? {
+                Some((addr, Listening::Tcp(cluster))) => {
+                    table.listeners.insert(addr, cluster);
+                }
+                Some((addr, Listening::Http(route))) => {
+                    table.http_listeners.insert(addr, route);
+                }
+                None => {}
             }
         }
         for c in clusters {
@@ -116,12 +229,26 @@ impl Destinations {
                 Some(cla) => endpoints(cla, tls.as_ref())?,
                 None => Vec::new(),
             };
+            let overprovisioning = assignments
+                .get(&c.name)
+                .and_then(|cla| cla.policy.as_ref()?.overprovisioning_factor)
+                .map_or(priority::DEFAULT_OVERPROVISIONING, |f| f.value.max(1));
             let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+            let policy = ClusterPolicy::of(c)?;
             let upstream = Upstream {
                 name: c.name.clone(),
                 service: service_of(&c.name),
                 tls,
-                balancer: Balancer::new(Policy::RoundRobin, &weights),
+                balancer: match policy.lb {
+                    Policy::RingHash => {
+                        let keys: Vec<String> = endpoints.iter().map(|e| e.address.to_string()).collect();
+                        Balancer::ring(&weights, &keys)
+                    }
+                    lb => Balancer::new(lb, &weights),
+                },
+                health: policy.outlier.clone().map(|o| Health::new(o, endpoints.len())),
+                breaker: Breaker::new(&policy),
+                overprovisioning,
                 endpoints,
             };
             table.upstreams.insert(c.name.clone(), Arc::new(upstream));
@@ -142,9 +269,17 @@ fn decode_any<M: Message + Default>(resource: &str, any: &Any, type_url: &str) -
     M::decode(any.value.as_slice()).map_err(|e| bad(resource, format!("undecodable {type_url}: {e}")))
 }
 
-/// VIP:port → cluster for a listener that is a plain TCP proxy to one cluster; other
-/// listeners (HTTP routes, inbound) are not ours to route by here.
-fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, String)>, BadResource> {
+/// What a listener does with its connections.
+enum Listening {
+    /// A `tcp_proxy` to this cluster.
+    Tcp(String),
+    /// An HTTP connection manager routing by this RDS route configuration.
+    Http(String),
+}
+
+/// VIP:port → what to do, for a listener that is a TCP proxy to one cluster or an HTTP
+/// connection manager on RDS; other listeners (inbound) are not ours to route by here.
+fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, Listening)>, BadResource> {
     let Some(address::Address::SocketAddress(sa)) = l.address.as_ref().and_then(|a| a.address.as_ref()) else {
         return Ok(None);
     };
@@ -161,12 +296,31 @@ fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, String)>, BadResou
             let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                 continue;
             };
-            if any.type_url != TCP_PROXY_TYPE {
-                continue;
-            }
-            let proxy: TcpProxy = decode_any(&l.name, any, TCP_PROXY_TYPE)?;
-            if let Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) = proxy.cluster_specifier {
-                return Ok(Some((SocketAddr::new(ip, port), cluster)));
+            let addr = SocketAddr::new(ip, port);
+            match any.type_url.as_str() {
+                TCP_PROXY_TYPE => {
+                    let proxy: TcpProxy = decode_any(&l.name, any, TCP_PROXY_TYPE)?;
+                    if let Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) = proxy.cluster_specifier {
+                        return Ok(Some((addr, Listening::Tcp(cluster))));
+                    }
+                }
+                HCM_TYPE => {
+                    let hcm: HttpConnectionManager = decode_any(&l.name, any, HCM_TYPE)?;
+                    return match hcm.route_specifier {
+                        Some(http_connection_manager::RouteSpecifier::Rds(rds))
+                            if !rds.route_config_name.is_empty() =>
+                        {
+                            Ok(Some((addr, Listening::Http(rds.route_config_name))))
+                        }
+                        // Istio's outbound listeners always use RDS; an inline or scoped table
+                        // is refused rather than routed some other way.
+                        _ => Err(bad(
+                            &l.name,
+                            "an HTTP connection manager must name an RDS route configuration",
+                        )),
+                    };
+                }
+                _ => {}
             }
         }
     }
@@ -294,6 +448,7 @@ fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<E
                 weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
                 mtls,
                 cluster: meta("istio").remove("cluster"),
+                priority: locality.priority,
             });
         }
     }
@@ -301,7 +456,7 @@ fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<E
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
     use envoy_types::pb::envoy::config::core::v3::{Address, Metadata, SocketAddress};
@@ -346,24 +501,127 @@ mod tests {
         }
     }
 
+    /// A listener at `vip:port` with one filter.
+    fn one_filter(vip: &str, port: u32, filter: &str, config: Any) -> Listener {
+        Listener {
+            name: format!("{vip}_{port}"),
+            address: Some(sock(vip, port)),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: filter.into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(config)),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
     fn listener(vip: &str, port: u32, cluster: &str) -> Listener {
         let proxy = TcpProxy {
             stat_prefix: cluster.into(),
             cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
             ..Default::default()
         };
-        Listener {
-            name: format!("{vip}_{port}"),
-            address: Some(sock(vip, port)),
-            filter_chains: vec![FilterChain {
-                filters: vec![Filter {
-                    name: "envoy.filters.network.tcp_proxy".into(),
-                    config_type: Some(filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &proxy))),
+        one_filter(
+            vip,
+            port,
+            "envoy.filters.network.tcp_proxy",
+            any(TCP_PROXY_TYPE, &proxy),
+        )
+    }
+
+    /// Istio's outbound HTTP listener: an HCM on RDS route `HOST:PORT`.
+    pub(crate) fn http_listener(vip: &str, port: u32, route: &str) -> Listener {
+        use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds;
+        let hcm = HttpConnectionManager {
+            stat_prefix: format!("outbound_{vip}_{port}"),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                config_source: None,
+                route_config_name: route.into(),
+            })),
+            ..Default::default()
+        };
+        one_filter(
+            vip,
+            port,
+            "envoy.filters.network.http_connection_manager",
+            any(HCM_TYPE, &hcm),
+        )
+    }
+
+    #[test]
+    fn an_http_listener_routes_by_its_route_configuration() {
+        use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+        let route = "reviews.default.svc.cluster.local:9080";
+        let table = Destinations::build(
+            &[
+                listener("10.242.255.10", 9080, CLUSTER),
+                http_listener("10.242.255.11", 9080, route),
+            ],
+            &[],
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(table.routable(), 2);
+        assert!(
+            table.route("10.242.255.11:9080".parse().unwrap()).is_none(),
+            "not a TCP listener"
+        );
+        assert_eq!(table.http_listener("10.242.255.11:9080".parse().unwrap()), Some(route));
+        assert_eq!(table.route_names(), [route]);
+        let configs = HashMap::from([(
+            route.to_owned(),
+            RouteConfiguration {
+                name: route.into(),
+                virtual_hosts: vec![VirtualHost {
+                    name: route.into(),
+                    domains: vec!["*".into()],
+                    ..Default::default()
                 }],
                 ..Default::default()
-            }],
-            ..Default::default()
+            },
+        )]);
+        let table = table.with_routes(&configs).unwrap();
+        assert_eq!(table.routes[route].name, route);
+
+        let mut inline = http_listener("10.242.255.12", 80, route);
+        if let Some(filter::ConfigType::TypedConfig(a)) = &mut inline.filter_chains[0].filters[0].config_type {
+            a.value = HttpConnectionManager::default().encode_to_vec();
         }
+        let e = Destinations::build(&[inline], &[], &HashMap::new()).unwrap_err();
+        assert_eq!(e.resource, "10.242.255.12_80");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_stays_out_across_a_new_table() {
+        use crate::cluster::Reply;
+        use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+        let c = Cluster {
+            name: CLUSTER.into(),
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx: Some(UInt32Value { value: 1 }),
+                max_ejection_percent: Some(UInt32Value { value: 50 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let eps = || {
+            assignment(
+                CLUSTER,
+                vec![endpoint("10.0.0.1", 80, 1, false), endpoint("10.0.0.2", 80, 1, false)],
+            )
+        };
+        let old = Destinations::build(&[], std::slice::from_ref(&c), &eps()).unwrap();
+        old.upstreams[CLUSTER].record(1, Reply::Status(hyper::StatusCode::BAD_GATEWAY));
+        assert!(!old.upstreams[CLUSTER].usable(1));
+        // The next table lists the endpoints the other way round.
+        let mut reordered = eps();
+        reordered.get_mut(CLUSTER).unwrap().endpoints[0].lb_endpoints.reverse();
+        let new = Destinations::build(&[], &[c], &reordered).unwrap();
+        new.inherit_health(&old);
+        let up = &new.upstreams[CLUSTER];
+        assert!(!up.usable(0) && up.usable(1), "10.0.0.2 is still out");
     }
 
     fn auto_mtls_cluster(name: &str, sans: &[&str]) -> Cluster {

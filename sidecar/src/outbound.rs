@@ -8,16 +8,19 @@
 //! passed through untouched, as Istio's `PassthroughCluster` does.
 //!
 //! With `--protocol tcp` each client connection is carried in its own mTLS connection, byte
-//! for byte. With `--protocol http` ([`HttpHop`]) the application's HTTP/1.1 is served
-//! here and each request goes over a pooled HTTP/2 connection inside mTLS
+//! for byte. With `--protocol http` ([`HttpHop`]) the application's HTTP/1.1 (or h2c) is
+//! served here and each request goes over a pooled HTTP/2 connection inside mTLS
 //! ([`crate::pool::H2Pool`]), so a new client connection costs no handshake upstream.
 //! Captured HTTP traffic chooses its endpoint per request, as Envoy's router does: a
 //! keep-alive client spreads its requests over the endpoints instead of pinning one, and
-//! each request sees the latest table.
+//! each request sees the latest table. A captured connection to an HTTP listener (an
+//! `http_connection_manager`) goes through the HTTP hop whatever `--protocol` says, and
+//! each of its requests is routed by its route configuration ([`router`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -29,20 +32,26 @@ use hyper::header::HOST;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod router;
+
 use crate::access_log::{AccessLog, Pending};
+use crate::body::{Outgoing, Resumed};
 use crate::capture;
-use crate::destinations::Destinations;
+use crate::cluster::Reply;
+use crate::destinations::{self, Destinations};
 use crate::drain;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::otlp::{Exporter, Kind, Started};
 use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
+use crate::rewind::Rewind;
 use crate::telemetry::{ConnectionLabels, Exchange, RequestLabels, RequestSize, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
 
@@ -179,6 +188,9 @@ impl Hop<'_> {
 /// Endpoints tried per captured connection before giving up.
 const CONNECT_ATTEMPTS: usize = 3;
 
+/// The identities a server may prove, and whether HTTP/2 is spoken to it.
+type ConfigKey = (Vec<SpiffeId>, bool);
+
 /// Captured outbound traffic, routed by original destination.
 pub struct Captured {
     /// The routing table, swapped whole by the xDS client.
@@ -195,10 +207,14 @@ pub struct Captured {
     pub handshake_timeout: Duration,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
-    /// One client configuration per set of expected server identities, built once.
-    configs: Mutex<HashMap<Vec<SpiffeId>, Arc<ClientConfig>>>,
-    /// `--protocol http`: requests over pooled HTTP/2; `None` carries bytes.
-    pub http: Option<Arc<HttpHop>>,
+    /// One client configuration per set of expected server identities and whether it
+    /// carries HTTP/2, built once.
+    configs: Mutex<HashMap<ConfigKey, Arc<ClientConfig>>>,
+    /// The HTTP hop: every connection to an HTTP listener, and with `--protocol http` those
+    /// to TCP listeners too.
+    pub http: Arc<HttpHop>,
+    /// `--protocol http`: a TCP listener's connections are carried as HTTP requests too.
+    pub http_everywhere: bool,
 }
 
 impl Captured {
@@ -216,7 +232,8 @@ impl Captured {
         handshake_timeout: Duration,
         telemetry: Telemetry,
         drain: drain::Watch,
-        http: Option<Arc<HttpHop>>,
+        http: Arc<HttpHop>,
+        http_everywhere: bool,
     ) -> Self {
         Self {
             table,
@@ -232,20 +249,23 @@ impl Captured {
             drain,
             configs: Mutex::new(HashMap::new()),
             http,
+            http_everywhere,
         }
     }
 
-    fn config_for(&self, identities: &[SpiffeId]) -> Arc<ClientConfig> {
+    /// The client configuration for `identities`; `h2` for the HTTP hop's pooled HTTP/2.
+    fn config_for(&self, identities: &[SpiffeId], h2: bool) -> Arc<ClientConfig> {
         let mut configs = self.configs.lock().expect("config cache poisoned");
         configs
-            .entry(identities.to_vec())
+            .entry((identities.to_vec(), h2))
             .or_insert_with(|| {
                 let expected = if identities.is_empty() {
                     ExpectedPeer::Any
                 } else {
                     ExpectedPeer::OneOf(identities.to_vec())
                 };
-                tls::client_config(self.svid.clone(), self.bundles.clone(), expected, self.alpn)
+                let alpn = if h2 { Alpn::H2 } else { self.alpn };
+                tls::client_config(self.svid.clone(), self.bundles.clone(), expected, alpn)
             })
             .clone()
     }
@@ -262,11 +282,20 @@ impl Captured {
         if original == self.listen || original.port() == self.listen.port() && original.ip().is_loopback() {
             return self.telemetry.refused("outbound", "loop");
         }
+        self.carry_to(client, original).await;
+    }
+
+    /// Carries a captured connection whose original destination is `original`, as its
+    /// listener says: HTTP listeners through the HTTP hop, TCP ones as bytes (or as HTTP
+    /// with `--protocol http`), unknown destinations passed through.
+    pub async fn carry_to(self: Arc<Self>, client: TcpStream, original: SocketAddr) {
         let table = self.table.load_full();
-        if let Some(hop) = &self.http
-            && table.route(original).is_some()
-        {
-            return hop.clone().serve(client, Route::Captured(self.clone(), original)).await;
+        if table.http_listener(original).is_some() || self.http_everywhere && table.route(original).is_some() {
+            return self
+                .http
+                .clone()
+                .serve(client, Route::Captured(self.clone(), original))
+                .await;
         }
         let Some(upstream) = table.route(original) else {
             let service = original.ip().to_string();
@@ -305,7 +334,8 @@ impl Captured {
                     let Ok(sni) = ServerName::try_from(mesh.sni.clone()) else {
                         return self.telemetry.upstream_failure("outbound", "bad_sni");
                     };
-                    hop.mtls(client, stream, sni, self.config_for(&mesh.identities)).await;
+                    hop.mtls(client, stream, sni, self.config_for(&mesh.identities, false))
+                        .await;
                 }
                 _ => hop.plain(client, stream).await,
             }
@@ -342,7 +372,7 @@ pub struct HttpHop {
     /// Spreads requests over the lanes of endpoints that stand for several pods.
     next_lane: AtomicU32,
     /// Endpoints outside the mesh.
-    pub plain: Client<MarkedConnector, Incoming>,
+    pub plain: Client<MarkedConnector, Outgoing>,
     pub self_id: SpiffeId,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
@@ -377,29 +407,42 @@ impl HttpHop {
         }
     }
 
-    /// Serves one client connection's HTTP/1.1 (keep-alive) until it closes or, once
-    /// draining starts, until its request in progress is answered.
+    /// Serves one client connection — HTTP/1.1 (keep-alive), or HTTP/2 when it opens with
+    /// HTTP/2's preface (h2c with prior knowledge, as gRPC clients speak), as Envoy's codec
+    /// `AUTO` does — until it closes or, once draining starts, until its requests in
+    /// progress are answered.
     async fn serve(self: Arc<Self>, client: TcpStream, route: Route) {
-        let (io, bytes) = Metered::new(client);
+        let client_ip = client.peer_addr().ok().map(|a| ClientIp(a.ip()));
+        let (mut io, bytes) = Metered::new(client);
+        let drain = self.drain.clone();
+        let first = tokio::select! {
+            first = read_preface(&mut io) => first,
+            () = drain.signaled() => return,
+        };
+        let Ok(first) = first else { return };
+        let h2 = first.as_ref() == H2_PREFACE;
+        let io = TokioIo::new(Rewind::new(first, io));
         let route = Arc::new(route);
         // The L4 counters, labelled by the first request's upstream (a connection's requests
         // may reach several endpoints; Istio's sidecars do the same).
         let l4: Arc<OnceLock<TcpCounters>> = Arc::default();
-        let drain = self.drain.clone();
         let hop = self.clone();
         let l4_in = l4.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            if let Some(ip) = client_ip {
+                req.extensions_mut().insert(ip);
+            }
             let (hop, route, l4) = (hop.clone(), route.clone(), l4_in.clone());
             async move { Ok::<_, Infallible>(hop.forward(&route, req, &l4).await) }
         });
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
-        let mut conn = std::pin::pin!(conn);
-        let ended = tokio::select! {
-            ended = conn.as_mut() => ended,
-            () = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
+        let ended = if h2 {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service);
+            until_drained(conn, &drain, |c| c.graceful_shutdown()).await
+        } else {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         };
         if let Err(e) = ended {
             tracing::debug!(error = %e, "outbound HTTP client connection ended with an error");
@@ -412,7 +455,7 @@ impl HttpHop {
     }
 
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         route: &Route,
         mut req: Request<Incoming>,
         l4: &OnceLock<TcpCounters>,
@@ -425,7 +468,7 @@ impl HttpHop {
         match route {
             Route::Fixed(outbound) => {
                 let req = match to_h2(req, outbound.upstream.addr) {
-                    Some(req) => req,
+                    Some(req) => req.map(Resumed::streamed),
                     None => return http::bad_request("invalid host header\n"),
                 };
                 let what = Upstream {
@@ -449,14 +492,19 @@ impl HttpHop {
                     log,
                     span,
                 };
+                let table = captured.table.load_full();
+                if table.http_listener(*original).is_some() {
+                    let resp = self
+                        .forward_routed(captured, &table, *original, req, &observed, l4)
+                        .await;
+                    return self.count_local(resp, &table, *original, &observed);
+                }
                 self.forward_captured(captured, *original, req, observed, l4).await
             }
         }
     }
 
-    /// Captured: chooses an endpoint for this request. A request moves on to another
-    /// endpoint only while no connection could be made (nothing of it was sent); once it
-    /// went out, its answer or failure is final.
+    /// Captured on a TCP listener with `--protocol http`: the listener's one cluster.
     async fn forward_captured(
         &self,
         captured: &Captured,
@@ -465,45 +513,67 @@ impl HttpHop {
         observed: Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
-        let Observed {
-            protocol,
-            size,
-            log,
-            span,
-        } = observed;
         let table = captured.table.load_full();
         let Some(upstream) = table.route(original) else {
             // The route went away since this connection began.
             self.telemetry.upstream_failure("outbound", "no_route");
             return http::unavailable(CONNECT_FAILURE);
         };
-        let mut req = match to_h2(req, original) {
-            Some(req) => req,
+        let req = match to_h2(req, original) {
+            Some(req) => req.map(Resumed::streamed),
             None => return http::bad_request("invalid host header\n"),
         };
+        let attempt = self.send_to(captured, upstream, req, &[], None).await;
+        self.deliver(attempt, upstream, &observed, l4)
+    }
+
+    /// Sends `req` to one endpoint of `upstream`, avoiding those in `avoid` while another
+    /// is left. A request moves on to another endpoint only while no connection could be
+    /// made (nothing of it was sent); once it went out, its answer or failure is this
+    /// attempt's.
+    async fn send_to(
+        &self,
+        captured: &Captured,
+        upstream: &destinations::Upstream,
+        mut req: Request<Outgoing>,
+        avoid: &[usize],
+        hash: Option<u64>,
+    ) -> Attempt {
         let mut tried: Vec<usize> = Vec::new();
+        let level = upstream.level();
         while tried.len() < CONNECT_ATTEMPTS.min(upstream.endpoints.len()) {
-            let Some(i) = upstream.balancer.pick(|i| !tried.contains(&i)) else {
+            // Outliers are left out, and endpoints an earlier attempt used while others
+            // remain; the request's priority level while it has endpoints left.
+            let fresh = |i: usize| !tried.contains(&i) && upstream.usable(i);
+            let in_level = |i: usize| level.is_none_or(|p| upstream.endpoints[i].priority == p);
+            let Some(i) = upstream
+                .balancer
+                .pick_for(hash, |i| fresh(i) && in_level(i) && !avoid.contains(&i))
+                .or_else(|| upstream.balancer.pick_for(hash, |i| fresh(i) && in_level(i)))
+                .or_else(|| upstream.balancer.pick_for(hash, fresh))
+            else {
                 break;
             };
             tried.push(i);
             let endpoint = &upstream.endpoints[i];
             let _active = upstream.balancer.open(i);
-            let what = Upstream {
-                service: &upstream.service,
-                cluster: endpoint.cluster.as_deref(),
-                protocol,
-                size,
-                host: endpoint.address,
-                log: log.clone(),
-                span: span.clone(),
-            };
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
-                return self.plain(endpoint.address, req, &what, l4).await;
+                let result = self.plain.request(http::to_http1(req, endpoint.address)).await;
+                upstream.record(
+                    i,
+                    result.as_ref().map_or(Reply::NoAnswer, |r| Reply::Status(r.status())),
+                );
+                return Attempt {
+                    endpoint: Some(i),
+                    result: result.map(Answered::Plain).map_err(Unanswered::Plain),
+                };
             };
             let Ok(sni) = ServerName::try_from(mesh.sni.clone()) else {
                 self.telemetry.upstream_failure("outbound", "bad_sni");
-                return http::unavailable(CONNECT_FAILURE);
+                return Attempt {
+                    endpoint: Some(i),
+                    result: Err(Unanswered::Unreachable),
+                };
             };
             let lanes = pool::lanes_for(endpoint.weight);
             let key = Key {
@@ -517,35 +587,59 @@ impl HttpHop {
             let max_requests = (lanes > 1).then_some(pool::REQUESTS_PER_GATEWAY_CONNECTION);
             match self
                 .h2
-                .send(&key, &captured.config_for(&mesh.identities), req, max_requests)
+                .send(&key, &captured.config_for(&mesh.identities, true), req, max_requests)
                 .await
             {
-                Ok(sent) => return self.answer(sent, &what, l4),
+                Ok(sent) => {
+                    upstream.record(i, Reply::Status(sent.response.status()));
+                    return Attempt {
+                        endpoint: Some(i),
+                        result: Ok(Answered::Mesh(sent)),
+                    };
+                }
                 Err(SendError::Connect(e, unsent)) => {
                     tracing::debug!(error = %e, "endpoint unreachable; trying another");
                     self.telemetry.upstream_failure("outbound", e.reason());
+                    upstream.record(i, Reply::NoAnswer);
                     req = *unsent;
                 }
-                Err(e) => return self.failed(e, &what),
+                Err(e) => {
+                    upstream.record(i, Reply::NoAnswer);
+                    return Attempt {
+                        endpoint: Some(i),
+                        result: Err(Unanswered::Mesh(e)),
+                    };
+                }
             }
         }
         if upstream.endpoints.is_empty() {
             self.telemetry.upstream_failure("outbound", "no_healthy_upstream");
         }
-        http::unavailable(CONNECT_FAILURE)
+        Attempt {
+            endpoint: tried.last().copied(),
+            result: Err(Unanswered::Unreachable),
+        }
     }
 
-    /// An endpoint outside the mesh: the request as HTTP/1.1 on a pooled keep-alive
-    /// connection, in plaintext.
-    async fn plain(
+    /// The client's answer for an attempt, counted.
+    fn deliver(
         &self,
-        addr: SocketAddr,
-        req: Request<Incoming>,
-        what: &Upstream<'_>,
+        attempt: Attempt,
+        upstream: &destinations::Upstream,
+        observed: &Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
-        let req = http::to_http1(req, addr);
-        let labels = ConnectionLabels {
+        let endpoint = attempt.endpoint.map(|i| &upstream.endpoints[i]);
+        let what = Upstream {
+            service: &upstream.service,
+            cluster: endpoint.and_then(|e| e.cluster.as_deref()),
+            protocol: observed.protocol,
+            size: observed.size,
+            host: endpoint.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |e| e.address),
+            log: observed.log.clone(),
+            span: observed.span.clone(),
+        };
+        let plain_labels = ConnectionLabels {
             reporter: "source",
             source_principal: self.self_id.as_str(),
             destination_principal: "unknown",
@@ -553,21 +647,24 @@ impl HttpHop {
             peer_cluster: what.cluster,
             mutual_tls: false,
         };
-        match self.plain.request(req).await {
-            Ok(resp) => {
-                l4.get_or_init(|| self.telemetry.connection(&labels));
-                let exchange = self.count(labels, what, resp.status().as_u16(), "-");
+        match attempt.result {
+            Ok(Answered::Mesh(sent)) => self.answer(sent, &what, l4),
+            Err(Unanswered::Mesh(e)) => self.failed(e, &what),
+            Ok(Answered::Plain(resp)) => {
+                l4.get_or_init(|| self.telemetry.connection(&plain_labels));
+                let exchange = self.count(plain_labels, &what, resp.status().as_u16(), "-");
                 let (mut parts, body) = resp.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
             }
-            Err(e) => {
+            Err(Unanswered::Plain(e)) => {
                 let reason = pool::http1_failure_reason(&e);
-                tracing::debug!(upstream = %addr, error = %e, "plaintext upstream failed");
+                tracing::debug!(service = what.service, error = %e, "plaintext upstream failed");
                 self.telemetry.upstream_failure("outbound", reason);
-                let exchange = self.count(labels, what, 503, http::failure_flags(&e));
+                let exchange = self.count(plain_labels, &what, 503, http::failure_flags(&e));
                 http::recorded(exchange, http::unavailable_after(&e))
             }
+            Err(Unanswered::Unreachable) => http::unavailable(CONNECT_FAILURE),
         }
     }
 
@@ -619,6 +716,65 @@ impl HttpHop {
             .logged(log)
             .traced(span)
     }
+}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes until they are, or cannot be, HTTP/2's preface.
+async fn read_preface(io: &mut (impl AsyncRead + Unpin)) -> std::io::Result<bytes::Bytes> {
+    let mut first = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; H2_PREFACE.len()];
+    while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
+        let n = io.read(&mut chunk[..H2_PREFACE.len() - first.len()]).await?;
+        if n == 0 {
+            break;
+        }
+        first.extend_from_slice(&chunk[..n]);
+    }
+    Ok(bytes::Bytes::from(first))
+}
+
+/// Runs a served connection; once draining starts, lets its requests in progress finish.
+async fn until_drained<C>(conn: C, drain: &drain::Watch, shutdown: impl FnOnce(Pin<&mut C>)) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = drain.signaled() => {
+            shutdown(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
+/// The client's address, carried with each of its requests for hash policies on it.
+#[derive(Debug, Clone, Copy)]
+struct ClientIp(std::net::IpAddr);
+
+/// One attempt at one endpoint, not yet counted.
+struct Attempt {
+    /// The endpoint it went to (the last one tried, when none could be reached).
+    endpoint: Option<usize>,
+    result: Result<Answered, Unanswered>,
+}
+
+/// Response headers from upstream.
+enum Answered {
+    /// Over pooled HTTP/2 in mutual TLS.
+    Mesh(Sent),
+    /// From an endpoint outside the mesh.
+    Plain(Response<Incoming>),
+}
+
+/// Why an attempt got no response headers.
+enum Unanswered {
+    /// No endpoint could be connected to, or there is none: nothing was sent.
+    Unreachable,
+    Mesh(SendError),
+    Plain(hyper_util::client::legacy::Error),
 }
 
 /// What is recorded of a request whatever its upstream: metric labels and size, its access

@@ -31,11 +31,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::body::Outgoing;
 use crate::capture;
+use crate::rewind::Rewind;
 use crate::tls::{self, Svid, SvidSlot};
 
 /// What one pooled connection is for.
@@ -103,10 +105,27 @@ impl ConnectError {
 pub enum SendError {
     /// No connection: nothing was sent, and the request is handed back.
     #[error("{0}")]
-    Connect(ConnectError, Box<Request<Incoming>>),
+    Connect(ConnectError, Box<Request<Outgoing>>),
     /// The request went out, then the stream or the connection failed before headers.
     #[error("upstream reset before headers: {0}")]
     Reset(hyper::Error),
+}
+
+impl SendError {
+    /// The upstream refused the stream (HTTP/2 `REFUSED_STREAM`): it promises that it did
+    /// not act on the request, so even a non-idempotent one may be sent again.
+    pub fn refused_stream(&self) -> bool {
+        let Self::Reset(e) = self else { return false };
+        // h2's error is only reachable as text: h2 is hyper's dependency, not ours.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = source {
+            if s.to_string().contains("refused stream before processing") {
+                return true;
+            }
+            source = s.source();
+        }
+        false
+    }
 }
 
 /// An answer from upstream, with what the caller needs to report it.
@@ -158,7 +177,7 @@ struct SlotState {
 #[derive(Clone)]
 struct Conn {
     id: u64,
-    sender: http2::SendRequest<Incoming>,
+    sender: http2::SendRequest<Outgoing>,
     peer: Arc<str>,
     busy: Arc<Busy>,
     /// The SVID current when it was made: once ours rotates, new requests go on a new
@@ -235,7 +254,7 @@ impl H2Pool {
         &self,
         key: &Key,
         tls: &Arc<ClientConfig>,
-        req: Request<Incoming>,
+        req: Request<Outgoing>,
         max_requests: Option<u64>,
     ) -> Result<Sent, SendError> {
         let conn = match self.checkout(key, tls, None, max_requests).await {
@@ -370,10 +389,7 @@ impl H2Pool {
             Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
         };
         first.truncate(n);
-        let stream = Rewind {
-            first: Some(bytes::Bytes::from(first)),
-            inner: stream,
-        };
+        let stream = Rewind::new(bytes::Bytes::from(first), stream);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -431,52 +447,6 @@ impl H2Pool {
     }
 }
 
-/// A stream whose first bytes were already read: they are read again first.
-struct Rewind<S> {
-    first: Option<bytes::Bytes>,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if let Some(mut first) = self.first.take() {
-            let n = first.len().min(buf.remaining());
-            buf.put_slice(&first.split_to(n));
-            if !first.is_empty() {
-                self.first = Some(first);
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Completes once the connection has had no request in flight for `timeout`.
 async fn until_idle(busy: &Busy, timeout: Duration) {
     loop {
@@ -523,7 +493,12 @@ impl tower_service::Service<Uri> for MarkedConnector {
 const MAX_IDLE_PER_ADDRESS: usize = 64;
 
 /// A keep-alive HTTP/1.1 client pooling per `IP:port` (the request's URI authority).
-pub fn http1_client(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, Incoming> {
+pub fn http1_client<B>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(idle_timeout)

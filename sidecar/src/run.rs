@@ -314,26 +314,25 @@ impl Sidecar {
             }
             None => (None, None),
         };
-        let http_hop = |mark| {
-            (protocol == Protocol::Http).then(|| {
-                let settings = pool::Settings {
-                    connect_timeout: args.connect_timeout,
-                    handshake_timeout: args.handshake_timeout,
-                    idle_timeout: args.idle_timeout,
-                    mark,
-                };
-                let mut hop = HttpHop::new(
-                    settings,
-                    svid.clone(),
-                    self_id.clone(),
-                    telemetry.clone(),
-                    watch.clone(),
-                );
-                hop.access_log = access_log.clone();
-                hop.otlp = otlp.clone();
-                Arc::new(hop)
-            })
+        let make_hop = |mark| {
+            let settings = pool::Settings {
+                connect_timeout: args.connect_timeout,
+                handshake_timeout: args.handshake_timeout,
+                idle_timeout: args.idle_timeout,
+                mark,
+            };
+            let mut hop = HttpHop::new(
+                settings,
+                svid.clone(),
+                self_id.clone(),
+                telemetry.clone(),
+                watch.clone(),
+            );
+            hop.access_log = access_log.clone();
+            hop.otlp = otlp.clone();
+            Arc::new(hop)
         };
+        let http_hop = |mark| (protocol == Protocol::Http).then(|| make_hop(mark));
         if let Some(hop) = args.outbound {
             let identities: Vec<SpiffeId> = args
                 .peer_ids
@@ -387,7 +386,9 @@ impl Sidecar {
                 args.handshake_timeout,
                 telemetry.clone(),
                 watch.clone(),
-                http_hop(Some(args.mark)),
+                // HTTP listeners need it whatever the protocol flag says.
+                make_hop(Some(args.mark)),
+                protocol == Protocol::Http,
             ));
             let listener = listen(addr)?;
             bound.outbound = Some(listener.local_addr()?);

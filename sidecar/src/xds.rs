@@ -1,6 +1,6 @@
 //! The sidecar's xDS client: one ADS stream (state of the world) to the controller for
-//! listeners, clusters and their endpoints, turned into [`Destinations`] and swapped in
-//! whole. A response that cannot be used is NACKed and the last good table keeps serving;
+//! listeners, the route configurations their HTTP connection managers name (RDS), clusters
+//! and their endpoints, turned into [`Destinations`] and swapped in whole. A response that cannot be used is NACKed and the last good table keeps serving;
 //! when the controller is away the table stays as it was while the client reconnects.
 
 use std::collections::HashMap;
@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
@@ -24,6 +25,8 @@ use crate::virtual_inbound::{InboundPolicy, VIRTUAL_INBOUND};
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// RDS: the route configurations HTTP listeners name.
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
 /// Who we are to the controller: Istio's sidecar node, so its per-network view applies.
 #[derive(Debug, Clone)]
@@ -103,6 +106,9 @@ struct Received {
     listeners: Vec<Listener>,
     clusters: Vec<Cluster>,
     assignments: HashMap<String, ClusterLoadAssignment>,
+    routes: HashMap<String, RouteConfiguration>,
+    /// The route configurations the current listeners name.
+    route_names: Vec<String>,
     versions: HashMap<&'static str, String>,
     /// The policy of the last accepted `virtualInbound`.
     inbound: Option<Arc<InboundPolicy>>,
@@ -127,6 +133,8 @@ impl Received {
             listeners: self.listeners.clone(),
             clusters: self.clusters.clone(),
             assignments: self.assignments.clone(),
+            routes: self.routes.clone(),
+            route_names: Vec::new(),
             versions: HashMap::new(),
             inbound: self.inbound.clone(),
         };
@@ -153,12 +161,23 @@ impl Received {
                 }
                 ENDPOINT_TYPE
             }
+            ROUTE_TYPE => {
+                for rc in decode_all::<RouteConfiguration>(resp)? {
+                    next.routes.insert(rc.name.clone(), rc);
+                }
+                ROUTE_TYPE
+            }
             _ => return Ok(None),
         };
         let table = Destinations::build(&next.listeners, &next.clusters, &next.assignments)?;
+        next.route_names = table.route_names();
+        next.routes.retain(|name, _| next.route_names.contains(name));
+        let table = table.with_routes(&next.routes)?;
         self.listeners = next.listeners;
         self.clusters = next.clusters;
         self.assignments = next.assignments;
+        self.routes = next.routes;
+        self.route_names = next.route_names;
         self.inbound = next.inbound;
         self.versions.insert(kind, resp.version_info.clone());
         Ok(Some(table))
@@ -173,6 +192,23 @@ impl Received {
         names.sort();
         names
     }
+
+    /// The names a resource-named type (EDS, RDS) is subscribed to; `None` for the others.
+    fn names(&self, type_url: &str) -> Option<Vec<String>> {
+        match type_url {
+            ENDPOINT_TYPE => Some(self.cluster_names()),
+            ROUTE_TYPE => Some(self.route_names.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A type whose resources we ask for by name: what we asked for last and the last nonce it
+/// answered with, so that a request for new names doubles as the ACK of that response.
+#[derive(Default)]
+struct Named {
+    names: Option<Vec<String>>,
+    nonce: String,
 }
 
 async fn session(
@@ -196,12 +232,13 @@ async fn session(
     } = crate::ads::open(address, None, first).await?;
     tracing::info!(controller = address, "xDS connected");
     let mut received = Received::default();
-    let mut eds_names: Option<Vec<String>> = None;
-    let mut eds_nonce = String::new();
+    let mut named: HashMap<&'static str, Named> =
+        HashMap::from([(ENDPOINT_TYPE, Named::default()), (ROUTE_TYPE, Named::default())]);
     while let Some(resp) = responses.message().await? {
         let error = match received.accept(&resp) {
             Ok(Some(next)) => {
-                let routes = next.listeners.len();
+                let routes = next.routable();
+                next.inherit_health(&table.load());
                 table.store(Arc::new(next));
                 if let (Some(slot), Some(policy), LISTENER_TYPE) = (inbound, &received.inbound, resp.type_url.as_str())
                 {
@@ -219,7 +256,7 @@ async fn session(
             Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "NACK; keeping the last routes");
-                updated(table.load().listeners.len(), false);
+                updated(table.load().routable(), false);
                 Some(Status {
                     code: 3,
                     message: e.to_string(),
@@ -227,35 +264,128 @@ async fn session(
                 })
             }
         };
-        if resp.type_url == ENDPOINT_TYPE {
-            eds_nonce = resp.nonce.clone();
+        if let Some(sub) = named.get_mut(resp.type_url.as_str()) {
+            sub.nonce = resp.nonce.clone();
         }
         tx.send(DiscoveryRequest {
             version_info: received.version(&resp.type_url),
             response_nonce: resp.nonce.clone(),
             type_url: resp.type_url.clone(),
-            resource_names: if resp.type_url == ENDPOINT_TYPE {
-                received.cluster_names()
-            } else {
-                vec![]
-            },
+            resource_names: received.names(&resp.type_url).unwrap_or_default(),
             error_detail: error,
             ..Default::default()
         })
         .await?;
-        let names = received.cluster_names();
-        if resp.type_url == CLUSTER_TYPE && eds_names.as_ref() != Some(&names) {
-            // A new set of names; with the last EDS nonce it doubles as that ACK.
-            tx.send(DiscoveryRequest {
-                version_info: received.version(ENDPOINT_TYPE),
-                response_nonce: eds_nonce.clone(),
-                type_url: ENDPOINT_TYPE.into(),
-                resource_names: names.clone(),
-                ..Default::default()
-            })
-            .await?;
-            eds_names = Some(names);
+        for (type_url, sub) in &mut named {
+            let names = received.names(type_url).unwrap_or_default();
+            // Routes are asked for once a listener names one: an empty first request
+            // would read as a wildcard. Clusters' endpoints are asked for after the first CDS.
+            let first_ready = match *type_url {
+                ROUTE_TYPE => !names.is_empty(),
+                _ => resp.type_url == CLUSTER_TYPE,
+            };
+            let changed = match &sub.names {
+                Some(old) => *old != names,
+                None => first_ready,
+            };
+            if changed {
+                tx.send(DiscoveryRequest {
+                    version_info: received.version(type_url),
+                    response_nonce: sub.nonce.clone(),
+                    type_url: (*type_url).into(),
+                    resource_names: names.clone(),
+                    ..Default::default()
+                })
+                .await?;
+                sub.names = Some(names);
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
+    use envoy_types::pb::envoy::config::route::v3::{RouteMatch, VirtualHost};
+    use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
+    use envoy_types::pb::google::protobuf::Any;
+
+    const ROUTE: &str = "reviews.default.svc.cluster.local:9080";
+
+    fn response<M: Message>(type_url: &str, version: &str, resources: &[M]) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: version.into(),
+            type_url: type_url.into(),
+            resources: resources
+                .iter()
+                .map(|m| Any {
+                    type_url: type_url.into(),
+                    value: m.encode_to_vec(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn routes(regex: &str) -> RouteConfiguration {
+        RouteConfiguration {
+            name: ROUTE.into(),
+            virtual_hosts: vec![VirtualHost {
+                name: ROUTE.into(),
+                domains: vec!["*".into()],
+                routes: vec![envoy_types::pb::envoy::config::route::v3::Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(PathSpecifier::SafeRegex(RegexMatcher {
+                            regex: regex.into(),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }),
+                    action: Some(
+                        envoy_types::pb::envoy::config::route::v3::route::Action::DirectResponse(
+                            envoy_types::pb::envoy::config::route::v3::DirectResponseAction {
+                                status: 204,
+                                ..Default::default()
+                            },
+                        ),
+                    ),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn route_configurations_follow_the_listeners_and_a_bad_one_is_refused() {
+        let mut received = Received::default();
+        let lds = response(
+            LISTENER_TYPE,
+            "1",
+            &[crate::destinations::tests::http_listener("10.242.255.11", 9080, ROUTE)],
+        );
+        let table = received.accept(&lds).unwrap().unwrap();
+        assert!(table.routes.is_empty(), "not received yet");
+        assert_eq!(received.names(ROUTE_TYPE), Some(vec![ROUTE.to_owned()]));
+
+        let bad = response(ROUTE_TYPE, "2", &[routes("(")]);
+        let e = received.accept(&bad).unwrap_err();
+        assert_eq!(e.resource, ROUTE);
+        assert_eq!(received.version(ROUTE_TYPE), "", "the NACKed version is not taken");
+
+        let good = response(ROUTE_TYPE, "3", &[routes("/.*")]);
+        let table = received.accept(&good).unwrap().unwrap();
+        assert!(table.routes.contains_key(ROUTE));
+        assert_eq!(received.version(ROUTE_TYPE), "3");
+
+        // The listener goes: so does its route configuration.
+        let table = received
+            .accept(&response::<Listener>(LISTENER_TYPE, "4", &[]))
+            .unwrap()
+            .unwrap();
+        assert!(table.routes.is_empty() && received.names(ROUTE_TYPE) == Some(vec![]));
+    }
 }

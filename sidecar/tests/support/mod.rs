@@ -1,9 +1,11 @@
-//! What the sidecar's end-to-end tests share: a test CA that writes SVIDs to files, and a
-//! poller that waits for a condition with a deadline.
+//! What the sidecar's end-to-end tests share: a test CA that writes SVIDs to files, a
+//! poller that waits for a condition with a deadline, and a mock control plane
+//! ([`control_plane`]).
 
 #![allow(dead_code)] // each test file uses its own part
 
 pub mod ads;
+pub mod control_plane;
 
 use std::path::PathBuf;
 use std::time::Duration;

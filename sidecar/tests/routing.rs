@@ -1,0 +1,1173 @@
+//! Istio's VirtualService behaviour through a real sidecar routing table: a mock control
+//! plane (a real tonic ADS server fed from the test) serves listeners, routes, clusters and
+//! endpoints to the sidecar's own xDS client, and captured connections to a service VIP —
+//! handed to the captured path with their original destination, as capture would — reach
+//! real HTTP servers on 127.0.0.1 as the routes say.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::route_action::{ClusterSpecifier, RequestMirrorPolicy};
+use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, retry_policy, route, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, Rds, http_connection_manager,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prost::Message;
+use sidecar::destinations::Destinations;
+use sidecar::outbound::{Captured, HttpHop};
+use sidecar::tls::{Alpn, Svid, SvidSlot, TrustBundles};
+use sidecar::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use support::control_plane::ControlPlane;
+use support::{Pki, poll};
+use tokio::net::TcpListener;
+
+const HOST: &str = "reviews.default.svc.cluster.local";
+const ROUTE_NAME: &str = "reviews.default.svc.cluster.local:9080";
+const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+
+/// The service's VIP: never bound, only ever an original destination.
+fn vip() -> SocketAddr {
+    "10.242.255.10:9080".parse().unwrap()
+}
+
+fn subset(name: &str) -> String {
+    format!("outbound|9080|{name}|{HOST}")
+}
+
+fn sock(addr: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(addr.port()))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Istio's outbound HTTP listener for the VIP.
+fn http_listener() -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: "outbound_10.242.255.10_9080".into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: None,
+            route_config_name: ROUTE_NAME.into(),
+        })),
+        ..Default::default()
+    };
+    Listener {
+        name: "10.242.255.10_9080".into(),
+        address: Some(sock(vip())),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(Any {
+                    type_url: HCM_TYPE.into(),
+                    value: hcm.encode_to_vec(),
+                })),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn assignment(name: &str, endpoints: &[SocketAddr]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: endpoints
+                .iter()
+                .map(|a| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(sock(*a)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn prefix(p: &str) -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix(p.into())),
+        ..Default::default()
+    }
+}
+
+fn forward(r#match: RouteMatch, action: RouteAction) -> Route {
+    Route {
+        r#match: Some(r#match),
+        action: Some(route::Action::Route(action)),
+        ..Default::default()
+    }
+}
+
+fn to(cluster: &str) -> RouteAction {
+    RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    }
+}
+
+fn routes(routes: Vec<Route>) -> RouteConfiguration {
+    RouteConfiguration {
+        name: ROUTE_NAME.into(),
+        virtual_hosts: vec![VirtualHost {
+            name: ROUTE_NAME.into(),
+            domains: vec!["*".into()],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn percent(numerator: u32) -> Option<FractionalPercent> {
+    Some(FractionalPercent {
+        numerator,
+        denominator: 0,
+    })
+}
+
+/// What a backend does with each request.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// `200` with its name.
+    Answer,
+    /// `503`, as an overloaded or broken pod does.
+    Fail,
+    /// Never answers.
+    Hang,
+}
+
+/// What a backend saw of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    host: String,
+    path: String,
+    /// `x-route`, which routes add.
+    tag: Option<String>,
+    /// Bytes of body.
+    body: usize,
+    /// `x-forwarded-client-cert`: who called, as a receiving sidecar says.
+    xfcc: Option<String>,
+}
+
+/// An HTTP/1.1 server named `name`, counting its requests and keeping what they carried.
+struct Backend {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (h, a) = (hits.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (h, a) = (h.clone(), a.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (h, a) = (h.clone(), a.clone());
+                    async move {
+                        h.fetch_add(1, Ordering::Relaxed);
+                        let header = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
+                        let (host, path, tag) = (
+                            header("host").unwrap_or_default(),
+                            req.uri().to_string(),
+                            header("x-route"),
+                        );
+                        let xfcc = header("x-forwarded-client-cert");
+                        let body = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
+                        a.lock().unwrap().push(Seen {
+                            host,
+                            path,
+                            tag,
+                            body,
+                            xfcc,
+                        });
+                        let status = match behaviour {
+                            Behaviour::Answer => 200,
+                            Behaviour::Fail => 503,
+                            Behaviour::Hang => std::future::pending().await,
+                        };
+                        let resp = hyper::Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(name)))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Backend { addr, hits, seen }
+}
+
+/// A sidecar's captured outbound path following the control plane, and an address whose
+/// connections it takes as captured ones to the VIP.
+struct Sidecar {
+    table: Arc<ArcSwap<Destinations>>,
+    telemetry: sidecar::telemetry::Telemetry,
+    entry: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Sidecar {
+    async fn start(pki: &Pki, control: &ControlPlane) -> Sidecar {
+        let (cert, key) = pki.svid("cluster.local", "productpage");
+        let svid = Svid::from_files(&cert, &key).unwrap();
+        let self_id = svid.id().clone();
+        let svid = SvidSlot::new(svid);
+        let telemetry = sidecar::telemetry::Telemetry::for_cluster("cluster1");
+        let (trigger, watch) = sidecar::drain::channel();
+        // The drain trigger lives as long as the test.
+        std::mem::forget(trigger);
+        let settings = sidecar::pool::Settings {
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(30),
+            mark: None,
+        };
+        let hop = Arc::new(HttpHop::new(
+            settings,
+            svid.clone(),
+            self_id.clone(),
+            telemetry.clone(),
+            watch.clone(),
+        ));
+        let table = Arc::new(ArcSwap::from_pointee(Destinations::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let entry = listener.local_addr().unwrap();
+        let bundles = TrustBundles::new();
+        let roots = std::fs::read(pki.ca()).unwrap();
+        bundles.set(
+            "cluster.local",
+            sidecar::tls::bundle::Bundle::from_pem("cluster.local", &roots).unwrap(),
+        );
+        let captured = Arc::new(Captured::new(
+            table.clone(),
+            svid,
+            bundles,
+            Alpn::Tcp,
+            None,
+            entry,
+            self_id.clone(),
+            Duration::from_secs(2),
+            Duration::from_secs(2),
+            telemetry.clone(),
+            watch,
+            hop,
+            false,
+        ));
+        let identity = sidecar::xds::Identity {
+            id: self_id,
+            ip: "127.0.0.1".parse().unwrap(),
+            network: "network1".into(),
+            cluster: "cluster1".into(),
+            labels: vec![],
+            locality: None,
+        };
+        tokio::spawn(sidecar::xds::follow(
+            control.address.clone(),
+            identity,
+            table.clone(),
+            None,
+            |_, _| {},
+        ));
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(captured.clone().carry_to(stream, vip()));
+            }
+        });
+        Sidecar {
+            table,
+            telemetry,
+            entry,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// One GET through the sidecar: status, body and response headers.
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String, hyper::HeaderMap) {
+        self.request("GET", path, headers).await
+    }
+
+    /// One request through the sidecar: status, body and response headers.
+    async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, hyper::HeaderMap) {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.entry))
+            .header("host", "reviews:9080");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned(), headers)
+    }
+
+    /// The control plane serves `config` for `clusters` (name → backends), in xDS order;
+    /// returns once this sidecar's table has the routes and every cluster's endpoints.
+    async fn serve(
+        &self,
+        control: &mut ControlPlane,
+        config: RouteConfiguration,
+        clusters: &[(Cluster, Vec<SocketAddr>)],
+    ) {
+        control.push(LISTENER_TYPE, "1", &[http_listener()]).await;
+        control.push(ROUTE_TYPE, "1", &[config]).await;
+        let cds: Vec<Cluster> = clusters.iter().map(|(c, _)| c.clone()).collect();
+        control.push(CLUSTER_TYPE, "1", &cds).await;
+        let eds: Vec<ClusterLoadAssignment> = clusters.iter().map(|(c, eps)| assignment(&c.name, eps)).collect();
+        control.push(ENDPOINT_TYPE, "1", &eds).await;
+        poll(Duration::from_secs(10), || async {
+            let t = self.table.load();
+            let ready = t.routes.contains_key(ROUTE_NAME)
+                && clusters
+                    .iter()
+                    .all(|(c, _)| t.upstreams.get(&c.name).is_some_and(|u| !u.endpoints.is_empty()));
+            if ready {
+                Ok(())
+            } else {
+                Err(format!("table not ready: {:?}", t.routes.keys()))
+            }
+        })
+        .await
+    }
+}
+
+async fn setup(name: &str) -> (Pki, ControlPlane, Sidecar) {
+    let pki = Pki::new("routing", name);
+    let control = ControlPlane::start().await;
+    let sidecar = Sidecar::start(&pki, &control).await;
+    (pki, control, sidecar)
+}
+
+/// Counts of each answer's body over `n` requests.
+async fn spread(sidecar: &Sidecar, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let (status, body, _) = sidecar.get("/reviews/1", headers).await;
+        *counts.entry(format!("{status} {body}")).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_subscribes_to_the_routes_its_listeners_name_and_nacks_a_bad_one() {
+    let (_pki, mut control, sidecar) = setup("rds").await;
+    let v1 = backend("v1", Behaviour::Answer).await;
+    control.push(LISTENER_TYPE, "1", &[http_listener()]).await;
+    let rds = control
+        .request_where(ROUTE_TYPE, |r| !r.resource_names.is_empty())
+        .await;
+    assert_eq!(rds.resource_names, [ROUTE_NAME]);
+    let bad = routes(vec![Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::SafeRegex(
+                envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                    regex: "(".into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(to(&subset("v1")))),
+        ..Default::default()
+    }]);
+    control.push(ROUTE_TYPE, "2", &[bad]).await;
+    let nack = control.request_where(ROUTE_TYPE, |r| r.error_detail.is_some()).await;
+    assert!(nack.error_detail.unwrap().message.contains(ROUTE_NAME));
+    assert_eq!(nack.resource_names, [ROUTE_NAME]);
+    // No route configuration yet: Envoy's 404 for a request no route takes.
+    assert_eq!(sidecar.get("/", &[]).await.0, 404);
+
+    sidecar
+        .serve(
+            &mut control,
+            routes(vec![forward(prefix("/"), to(&subset("v1")))]),
+            &[(cluster(&subset("v1")), vec![v1.addr])],
+        )
+        .await;
+    let ack = control
+        .request_where(ROUTE_TYPE, |r| r.version_info == "1" && r.error_detail.is_none())
+        .await;
+    assert_eq!(ack.resource_names, [ROUTE_NAME]);
+    assert_eq!(sidecar.get("/", &[]).await.1, "v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_subsets_split_90_10_and_a_header_match_picks_the_b_side() {
+    let (_pki, mut control, sidecar) = setup("weights").await;
+    let (v1, v2) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("v2", Behaviour::Answer).await,
+    );
+    let jason = HeaderMatcher {
+        name: "end-user".into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact("jason".into())),
+            ignore_case: false,
+        })),
+        ..Default::default()
+    };
+    let split = RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: [("v1", 90), ("v2", 10)]
+                .iter()
+                .map(|(n, w)| ClusterWeight {
+                    name: subset(n),
+                    weight: Some(UInt32Value { value: *w }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let config = routes(vec![
+        forward(
+            RouteMatch {
+                headers: vec![jason],
+                ..prefix("/")
+            },
+            to(&subset("v2")),
+        ),
+        forward(prefix("/"), split),
+    ]);
+    sidecar
+        .serve(
+            &mut control,
+            config,
+            &[
+                (cluster(&subset("v1")), vec![v1.addr]),
+                (cluster(&subset("v2")), vec![v2.addr]),
+            ],
+        )
+        .await;
+
+    let n = 1_000;
+    let counts = spread(&sidecar, n, &[]).await;
+    let to_v1 = counts.get("200 v1").copied().unwrap_or(0);
+    assert_eq!(to_v1 + counts.get("200 v2").copied().unwrap_or(0), n, "{counts:?}");
+    // 90% of 1 000 is 900, σ ≈ 9.5: six σ either side.
+    assert!((843..=957).contains(&to_v1), "{counts:?}");
+
+    let ab = spread(&sidecar, 50, &[("end-user", "jason")]).await;
+    assert_eq!(ab, HashMap::from([("200 v2".to_owned(), 50)]), "jason always sees v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_abort_their_share_and_delay_by_their_fixed_time() {
+    let (_pki, mut control, sidecar) = setup("faults").await;
+    let v1 = backend("v1", Behaviour::Answer).await;
+    let fault = |f: HttpFault| {
+        HashMap::from([(
+            "envoy.filters.http.fault".to_owned(),
+            Any {
+                type_url: FAULT_TYPE.into(),
+                value: f.encode_to_vec(),
+            },
+        )])
+    };
+    let abort = HttpFault {
+        abort: Some(FaultAbort {
+            percentage: percent(30),
+            error_type: Some(fault_abort::ErrorType::HttpStatus(503)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let delay = HttpFault {
+        delay: Some(FaultDelay {
+            percentage: percent(100),
+            fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(
+                envoy_types::pb::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 300_000_000,
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    let config = routes(vec![
+        Route {
+            typed_per_filter_config: fault(delay),
+            ..forward(prefix("/slow"), to(&subset("v1")))
+        },
+        Route {
+            typed_per_filter_config: fault(abort),
+            ..forward(prefix("/"), to(&subset("v1")))
+        },
+    ]);
+    sidecar
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![v1.addr])])
+        .await;
+
+    let n = 600;
+    let counts = spread(&sidecar, n, &[]).await;
+    let aborted = counts.get("503 fault filter abort").copied().unwrap_or(0);
+    assert_eq!(aborted + counts.get("200 v1").copied().unwrap_or(0), n, "{counts:?}");
+    // 30% of 600 is 180, σ ≈ 11.2: six σ either side.
+    assert!((113..=247).contains(&aborted), "{counts:?}");
+    assert_eq!(
+        v1.hits.load(Ordering::Relaxed),
+        n - aborted,
+        "an aborted request never leaves"
+    );
+    // Aborts are counted as the upstream's answers are, by their code.
+    let metrics = sidecar.telemetry.render();
+    let aborts = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total")
+                && l.contains(r#"response_code="503""#)
+                && l.contains(&format!(r#"destination_service="{HOST}""#))
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(aborts.ends_with(&format!(" {aborted}")), "{aborts}");
+
+    let started = tokio::time::Instant::now();
+    let (status, body, _) = sidecar.get("/slow", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "v1"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_turn_a_failing_endpoint_into_no_client_errors_and_a_timeout_is_a_504() {
+    let (_pki, mut control, sidecar) = setup("retries").await;
+    let (broken, healthy) = (
+        backend("broken", Behaviour::Fail).await,
+        backend("v1", Behaviour::Answer).await,
+    );
+    let stuck = backend("stuck", Behaviour::Hang).await;
+    // Istio's default retry policy.
+    let istio_default = RetryPolicy {
+        retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        retriable_status_codes: vec![503],
+        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: None,
+        }],
+        ..Default::default()
+    };
+    let config = routes(vec![
+        forward(
+            prefix("/stuck"),
+            RouteAction {
+                timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 200_000_000,
+                }),
+                ..to(&subset("stuck"))
+            },
+        ),
+        forward(
+            prefix("/"),
+            RouteAction {
+                retry_policy: Some(istio_default),
+                ..to(&subset("v1"))
+            },
+        ),
+    ]);
+    sidecar
+        .serve(
+            &mut control,
+            config,
+            &[
+                (cluster(&subset("v1")), vec![broken.addr, healthy.addr]),
+                (cluster(&subset("stuck")), vec![stuck.addr]),
+            ],
+        )
+        .await;
+
+    let n = 100;
+    let counts = spread(&sidecar, n, &[]).await;
+    assert_eq!(counts, HashMap::from([("200 v1".to_owned(), n)]));
+    assert!(broken.hits.load(Ordering::Relaxed) > 0, "the broken endpoint was tried");
+    assert_eq!(healthy.hits.load(Ordering::Relaxed), n);
+
+    let (status, body, _) = sidecar.get("/stuck", &[]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_receives_copies_with_a_shadow_authority() {
+    let (_pki, mut control, sidecar) = setup("mirror").await;
+    let (v1, shadow) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("shadow", Behaviour::Fail).await,
+    );
+    let config = routes(vec![forward(
+        prefix("/"),
+        RouteAction {
+            request_mirror_policies: vec![RequestMirrorPolicy {
+                cluster: subset("v2"),
+                runtime_fraction: Some(envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent {
+                    default_value: percent(100),
+                    runtime_key: String::new(),
+                }),
+                ..Default::default()
+            }],
+            ..to(&subset("v1"))
+        },
+    )]);
+    sidecar
+        .serve(
+            &mut control,
+            config,
+            &[
+                (cluster(&subset("v1")), vec![v1.addr]),
+                (cluster(&subset("v2")), vec![shadow.addr]),
+            ],
+        )
+        .await;
+
+    let n = 20;
+    // The shadow answers 503; the caller never sees it.
+    assert_eq!(
+        spread(&sidecar, n, &[]).await,
+        HashMap::from([("200 v1".to_owned(), n)])
+    );
+    poll(Duration::from_secs(5), || async {
+        match shadow.hits.load(Ordering::Relaxed) {
+            h if h == n => Ok(()),
+            h => Err(format!("{h} copies of {n}")),
+        }
+    })
+    .await;
+    let copies = shadow.seen.lock().unwrap().clone();
+    assert!(copies.iter().all(|s| s.host == "reviews-shadow:9080"), "{copies:?}");
+    assert!(v1.seen.lock().unwrap().iter().all(|s| s.host == "reviews:9080"));
+}
+
+/// A sidecar whose one endpoint always answers 503, behind a route retrying 5xx twice.
+async fn failing_behind_retries(name: &str) -> (Pki, ControlPlane, Sidecar, Backend) {
+    let (pki, mut control, sidecar) = setup(name).await;
+    let broken = backend("broken", Behaviour::Fail).await;
+    let retry = RetryPolicy {
+        retry_on: "5xx".into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        ..Default::default()
+    };
+    let config = routes(vec![forward(
+        prefix("/"),
+        RouteAction {
+            retry_policy: Some(retry),
+            ..to(&subset("v1"))
+        },
+    )]);
+    sidecar
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![broken.addr])])
+        .await;
+    (pki, control, sidecar, broken)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_that_reached_the_upstream_is_never_sent_twice() {
+    let (_pki, _control, sidecar, broken) = failing_behind_retries("idempotent").await;
+    assert_eq!(sidecar.get("/", &[]).await.0, 503);
+    assert_eq!(
+        broken.hits.load(Ordering::Relaxed),
+        3,
+        "a GET: the first attempt and two retries"
+    );
+    assert_eq!(sidecar.request("POST", "/", &[]).await.0, 503);
+    assert_eq!(broken.hits.load(Ordering::Relaxed), 4, "a POST went out once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_redirects_direct_answers_and_headers_are_as_the_routes_say() {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, HeaderValue, HeaderValueOption, data_source};
+    use envoy_types::pb::envoy::config::route::v3::redirect_action::PathRewriteSpecifier;
+    use envoy_types::pb::envoy::config::route::v3::route_action::HostRewriteSpecifier;
+    use envoy_types::pb::envoy::config::route::v3::{DirectResponseAction, RedirectAction};
+    let (_pki, mut control, sidecar) = setup("actions").await;
+    let v1 = backend("v1", Behaviour::Answer).await;
+    let set = |k: &str, v: &str| HeaderValueOption {
+        header: Some(HeaderValue {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        }),
+        append_action: 2,
+        ..Default::default()
+    };
+    let config = routes(vec![
+        Route {
+            r#match: Some(prefix("/old")),
+            action: Some(route::Action::Redirect(RedirectAction {
+                path_rewrite_specifier: Some(PathRewriteSpecifier::PathRedirect("/new".into())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        Route {
+            r#match: Some(prefix("/teapot")),
+            action: Some(route::Action::DirectResponse(DirectResponseAction {
+                status: 418,
+                body: Some(DataSource {
+                    specifier: Some(data_source::Specifier::InlineString("short and stout".into())),
+                    ..Default::default()
+                }),
+                body_format: None,
+            })),
+            ..Default::default()
+        },
+        Route {
+            request_headers_to_add: vec![set("x-route", "api")],
+            response_headers_to_add: vec![set("x-served", "routed")],
+            ..forward(
+                prefix("/api/v1"),
+                RouteAction {
+                    prefix_rewrite: "/v2".into(),
+                    host_rewrite_specifier: Some(HostRewriteSpecifier::HostRewriteLiteral("ratings:9080".into())),
+                    ..to(&subset("v1"))
+                },
+            )
+        },
+    ]);
+    sidecar
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![v1.addr])])
+        .await;
+
+    let (status, _, headers) = sidecar.get("/old/page?x=1", &[]).await;
+    assert_eq!(status, 301);
+    assert_eq!(headers["location"], "http://reviews:9080/new?x=1");
+    let (status, body, _) = sidecar.get("/teapot", &[]).await;
+    assert_eq!((status, body.as_str()), (418, "short and stout"));
+    let (status, body, headers) = sidecar.get("/api/v1/users?id=7", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "v1"));
+    assert_eq!(headers["x-served"], "routed");
+    let seen = v1.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [Seen {
+            host: "ratings:9080".into(),
+            path: "/v2/users?id=7".into(),
+            tag: Some("api".into()),
+            body: 0,
+            xfcc: None,
+        }]
+    );
+    assert_eq!(sidecar.get("/elsewhere", &[]).await.0, 404, "no route: Envoy's 404");
+    assert_eq!(
+        v1.hits.load(Ordering::Relaxed),
+        1,
+        "only the forwarded request left the sidecar"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_gateway_errors_eject_an_endpoint() {
+    use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+    let (_pki, mut control, sidecar) = setup("outlier").await;
+    let (broken, healthy) = (
+        backend("broken", Behaviour::Fail).await,
+        backend("v1", Behaviour::Answer).await,
+    );
+    // Istio's `consecutiveGatewayErrors: 2`, no retries: only ejection keeps errors away.
+    let outlier = OutlierDetection {
+        consecutive_5xx: Some(UInt32Value { value: 0 }),
+        enforcing_consecutive_5xx: Some(UInt32Value { value: 0 }),
+        consecutive_gateway_failure: Some(UInt32Value { value: 2 }),
+        enforcing_consecutive_gateway_failure: Some(UInt32Value { value: 100 }),
+        max_ejection_percent: Some(UInt32Value { value: 50 }),
+        ..Default::default()
+    };
+    let c = Cluster {
+        outlier_detection: Some(outlier),
+        ..cluster(&subset("v1"))
+    };
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar
+        .serve(&mut control, config, &[(c, vec![broken.addr, healthy.addr])])
+        .await;
+    let counts = spread(&sidecar, 40, &[]).await;
+    assert_eq!(counts.get("503 broken"), Some(&2), "{counts:?}");
+    assert_eq!(counts.get("200 v1"), Some(&38), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_requests_are_turned_away_and_counted() {
+    use envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers;
+    use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+    let (_pki, mut control, sidecar) = setup("breaker").await;
+    let stuck = backend("stuck", Behaviour::Hang).await;
+    let c = Cluster {
+        circuit_breakers: Some(CircuitBreakers {
+            thresholds: vec![Thresholds {
+                max_requests: Some(UInt32Value { value: 1 }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..cluster(&subset("v1"))
+    };
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar.serve(&mut control, config, &[(c, vec![stuck.addr])]).await;
+    let sidecar = Arc::new(sidecar);
+    let first = {
+        let sidecar = sidecar.clone();
+        tokio::spawn(async move { sidecar.get("/", &[]).await })
+    };
+    poll(Duration::from_secs(5), || async {
+        match stuck.hits.load(Ordering::Relaxed) {
+            1 => Ok(()),
+            h => Err(format!("{h} requests in flight")),
+        }
+    })
+    .await;
+    let (status, body, headers) = sidecar.get("/", &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+    );
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert_eq!(stuck.hits.load(Ordering::Relaxed), 1, "the overflow never left");
+    let metrics = sidecar.telemetry.render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains(r#"reason="upstream_rq_pending_overflow""#) && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    first.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistent_hash_keeps_each_user_on_one_endpoint() {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
+    use envoy_types::pb::envoy::config::route::v3::route_action::HashPolicy;
+    use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::{Header, PolicySpecifier};
+    let (_pki, mut control, sidecar) = setup("hash").await;
+    let backends = [
+        backend("a", Behaviour::Answer).await,
+        backend("b", Behaviour::Answer).await,
+        backend("c", Behaviour::Answer).await,
+    ];
+    let c = Cluster {
+        lb_policy: LbPolicy::RingHash as i32,
+        ..cluster(&subset("v1"))
+    };
+    let by_user = HashPolicy {
+        terminal: false,
+        policy_specifier: Some(PolicySpecifier::Header(Header {
+            header_name: "x-user".into(),
+            regex_rewrite: None,
+        })),
+    };
+    let config = routes(vec![forward(
+        prefix("/"),
+        RouteAction {
+            hash_policy: vec![by_user],
+            ..to(&subset("v1"))
+        },
+    )]);
+    let addrs = backends.iter().map(|b| b.addr).collect();
+    sidecar.serve(&mut control, config, &[(c, addrs)]).await;
+    let mut served_by = HashMap::new();
+    for user in 0..30 {
+        let name = format!("user-{user}");
+        let seen = spread(&sidecar, 5, &[("x-user", &name)]).await;
+        assert_eq!(seen.len(), 1, "{name} moved between endpoints: {seen:?}");
+        *served_by.entry(seen.into_keys().next().unwrap()).or_insert(0) += 1;
+    }
+    assert!(served_by.len() > 1, "30 users all on one endpoint: {served_by:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_zero_takes_everything_until_it_is_ejected_then_the_next_takes_over() {
+    use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+    let (_pki, mut control, sidecar) = setup("priority").await;
+    let local = backend("local", Behaviour::Answer).await;
+    let broken = backend("broken", Behaviour::Fail).await;
+    let remote = backend("remote", Behaviour::Answer).await;
+    let c = Cluster {
+        outlier_detection: Some(OutlierDetection {
+            consecutive_5xx: Some(UInt32Value { value: 1 }),
+            max_ejection_percent: Some(UInt32Value { value: 100 }),
+            ..Default::default()
+        }),
+        ..cluster(&subset("v1"))
+    };
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar
+        .serve(&mut control, config, &[(c, vec![local.addr, remote.addr])])
+        .await;
+    // The controller's locality failover: the local endpoint first, the remote one next.
+    let failover = |first: SocketAddr| {
+        let mut cla = assignment(&subset("v1"), &[first]);
+        cla.endpoints.push(LocalityLbEndpoints {
+            priority: 1,
+            ..assignment(&subset("v1"), &[remote.addr]).endpoints.remove(0)
+        });
+        cla
+    };
+    let table = sidecar.table.clone();
+    let until_first_is = |first: SocketAddr| {
+        let table = table.clone();
+        poll(Duration::from_secs(5), move || {
+            let t = table.load_full();
+            async move {
+                let eps = &t.upstreams[&subset("v1")].endpoints;
+                match eps.iter().find(|e| e.priority == 0) {
+                    Some(e) if e.address == first && eps.len() == 2 => Ok(()),
+                    other => Err(format!("priority 0 is {other:?}")),
+                }
+            }
+        })
+    };
+    control.push(ENDPOINT_TYPE, "2", &[failover(local.addr)]).await;
+    until_first_is(local.addr).await;
+    let counts = spread(&sidecar, 20, &[]).await;
+    assert_eq!(
+        counts,
+        HashMap::from([("200 local".to_owned(), 20)]),
+        "priority 1 waits"
+    );
+
+    control.push(ENDPOINT_TYPE, "3", &[failover(broken.addr)]).await;
+    until_first_is(broken.addr).await;
+    let counts = spread(&sidecar, 20, &[]).await;
+    assert_eq!(counts.get("503 broken"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("200 remote"), Some(&19), "{counts:?}");
+}
+
+/// A chunked PUT of `len` bytes on a connection of its own; the status it got.
+async fn chunked_put(sidecar: &Sidecar, len: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    let head = "PUT /upload HTTP/1.1\r\nhost: reviews:9080\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    for chunk in vec![b'x'; len].chunks(4096) {
+        s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.unwrap();
+        s.write_all(chunk).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    reply[9..12].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_is_held_for_retries_up_to_64_kib_and_streamed_once_beyond() {
+    let (_pki, _control, sidecar, broken) = failing_behind_retries("held").await;
+    assert_eq!(chunked_put(&sidecar, 10 * 1024).await, 503);
+    let bodies: Vec<usize> = broken.seen.lock().unwrap().iter().map(|s| s.body).collect();
+    assert_eq!(bodies, [10 * 1024; 3], "held, and sent whole three times");
+    assert_eq!(chunked_put(&sidecar, 100 * 1024).await, 503);
+    let bodies: Vec<usize> = broken.seen.lock().unwrap().iter().map(|s| s.body).collect();
+    assert_eq!(bodies[3..], [100 * 1024], "too large to hold: sent whole, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_client_such_as_grpc_is_served_and_routed_too() {
+    let (_pki, mut control, sidecar) = setup("h2c").await;
+    let (v1, v2) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("v2", Behaviour::Answer).await,
+    );
+    let grpc = HeaderMatcher {
+        name: "content-type".into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Prefix("application/grpc".into())),
+            ignore_case: false,
+        })),
+        ..Default::default()
+    };
+    let config = routes(vec![
+        forward(
+            RouteMatch {
+                headers: vec![grpc],
+                ..prefix("/")
+            },
+            to(&subset("v2")),
+        ),
+        forward(prefix("/"), to(&subset("v1"))),
+    ]);
+    let clusters = [
+        (cluster(&subset("v1")), vec![v1.addr]),
+        (cluster(&subset("v2")), vec![v2.addr]),
+    ];
+    sidecar.serve(&mut control, config, &clusters).await;
+
+    let tcp = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for (content_type, want) in [("application/grpc", "v2"), ("text/plain", "v1")] {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("http://reviews:9080/reviews.Reviews/Get")
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, want, "{content_type}");
+    }
+    let seen = v2.seen.lock().unwrap().clone();
+    assert_eq!((seen[0].host.as_str(), seen[0].body), ("reviews:9080", 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
+    use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context,
+        subject_alt_name_matcher,
+    };
+    const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+    let (pki, mut control, sidecar) = setup("mtls").await;
+    let (v1, v2) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("v2", Behaviour::Answer).await,
+    );
+    // v2's pod, behind its own sidecar (STRICT mTLS, HTTP).
+    let (cert, key) = pki.svid("cluster.local", "reviews");
+    let line = format!(
+        "--inbound 127.0.0.1:0={} --cert {} --key {} --ca {} --protocol http --mtls STRICT",
+        v2.addr,
+        cert.display(),
+        key.display(),
+        pki.ca().display()
+    );
+    let server =
+        sidecar::run::Sidecar::start(sidecar::run::RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
+    let tls = UpstreamTlsContext {
+        sni: format!("outbound_.9080_.v2_.{HOST}"),
+        common_tls_context: Some(CommonTlsContext {
+            validation_context_type: Some(common_tls_context::ValidationContextType::ValidationContext(
+                CertificateValidationContext {
+                    match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                        san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                        matcher: Some(StringMatcher {
+                            match_pattern: Some(string_matcher::MatchPattern::Exact(SERVER_ID.into())),
+                            ignore_case: false,
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mesh = Cluster {
+        transport_socket: Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
+                type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext".into(),
+                value: tls.encode_to_vec(),
+            })),
+        }),
+        ..cluster(&subset("v2"))
+    };
+    let config = routes(vec![
+        forward(prefix("/v2"), to(&subset("v2"))),
+        forward(prefix("/"), to(&subset("v1"))),
+    ]);
+    let clusters = [
+        (cluster(&subset("v1")), vec![v1.addr]),
+        (mesh, vec![server.bound.inbound.unwrap()]),
+    ];
+    sidecar.serve(&mut control, config, &clusters).await;
+
+    for _ in 0..5 {
+        assert_eq!(sidecar.get("/v2/reviews", &[]).await.1, "v2");
+        assert_eq!(sidecar.get("/v1/reviews", &[]).await.1, "v1");
+    }
+    // v2 learnt its caller from its sidecar; v1, outside the mesh, was called in plaintext.
+    let seen = v2.seen.lock().unwrap().clone();
+    let caller = "URI=spiffe://cluster.local/ns/default/sa/productpage";
+    assert!(
+        seen.iter()
+            .all(|s| s.xfcc.as_deref().is_some_and(|x| x.ends_with(caller))),
+        "{seen:?}"
+    );
+    assert!(v1.seen.lock().unwrap().iter().all(|s| s.xfcc.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_applications_envoy_headers_set_its_own_retries_and_timeout() {
+    let (_pki, _control, sidecar, broken) = failing_behind_retries("envoy-headers").await;
+    assert_eq!(sidecar.get("/", &[("x-envoy-max-retries", "0")]).await.0, 503);
+    assert_eq!(broken.hits.load(Ordering::Relaxed), 1, "no retry asked for");
+    assert_eq!(sidecar.get("/", &[("x-envoy-max-retries", "1")]).await.0, 503);
+    assert_eq!(broken.hits.load(Ordering::Relaxed), 3, "one retry");
+
+    let (_pki, mut control, sidecar) = setup("envoy-timeout").await;
+    let stuck = backend("stuck", Behaviour::Hang).await;
+    // No timeout on the route: Envoy's 15 s would apply.
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![stuck.addr])])
+        .await;
+    let (status, body, _) = sidecar.get("/", &[("x-envoy-upstream-rq-timeout-ms", "100")]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+}
