@@ -100,5 +100,12 @@ pub fn prepare(ctx: &Context) -> anyhow::Result<(String, Vec<String>)> {
     ]
     .map(String::from)
     .into();
+    // What the controller selects policy and routes by (Istio's LABELS and locality), the
+    // same labels the pod carries in the cluster's manifests.
+    let mut args: Vec<String> = args;
+    for (k, v) in [("app", p.app.as_str()), ("version", p.version.as_str())] {
+        args.extend(["--label".into(), format!("{k}={v}")]);
+    }
+    args.extend(["--locality".into(), format!("{}/{}", c.region, c.zone)]);
     Ok((format!("{} {} sidecar", c.name, p.name), args))
 }
