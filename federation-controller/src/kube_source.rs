@@ -18,13 +18,15 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
+use crate::networking::{DestinationRule, ServiceEntry, VirtualService};
 use crate::objects::{ClusterObjects, ServiceExport};
 
 /// What a cluster source reports.
 #[derive(Debug, Clone)]
 pub enum Update {
     /// Every object of the cluster, after the initial sync and after each change.
-    Objects(ClusterId, ClusterObjects),
+    /// (Boxed: a cluster's objects dwarf the other variants.)
+    Objects(ClusterId, Box<ClusterObjects>),
     /// The watches are healthy though nothing changed: the cluster is not silent.
     Alive(ClusterId),
     /// The cluster left the mesh (its remote secret was deleted): prune it.
@@ -44,8 +46,20 @@ enum Any {
     Pod(Box<Event<Pod>>),
     Node(Box<Event<Node>>),
     ServiceExport(Box<Event<ServiceExport>>),
-    /// The cluster does not serve `ServiceExport` (no MCS CRD): it exports nothing.
-    NoServiceExports,
+    VirtualService(Box<Event<VirtualService>>),
+    DestinationRule(Box<Event<DestinationRule>>),
+    ServiceEntry(Box<Event<ServiceEntry>>),
+    /// The cluster does not serve this optional kind (its CRD is not installed): it has none.
+    Missing(Optional),
+}
+
+/// The kinds a cluster may not serve at all, because they come with a CRD.
+#[derive(Debug, Clone, Copy)]
+enum Optional {
+    ServiceExport,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -116,16 +130,32 @@ where
         .boxed()
 }
 
-/// Watches `ServiceExport`s. Most clusters have no MCS CRD installed: the list's `404`
-/// means "no exports", so the cluster still syncs; the watcher keeps retrying with
-/// backoff, and picks exports up once the CRD is installed.
-fn service_exports(client: &Client) -> BoxStream<'static, Result<Any, watcher::Error>> {
-    watch::<ServiceExport>(client, Any::ServiceExport)
-        .map(|r| match r {
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => Ok(Any::NoServiceExports),
+/// Watches a kind that comes with a CRD (MCS `ServiceExport`, Istio's networking
+/// kinds). Many clusters lack it: the list's `404` means "none of these", so the
+/// cluster still syncs; the watcher keeps retrying with backoff, and picks the
+/// objects up once the CRD is installed.
+fn optional<K>(
+    client: &Client,
+    wrap: fn(Box<Event<K>>) -> Any,
+    kind: Optional,
+) -> BoxStream<'static, Result<Any, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    watch::<K>(client, wrap)
+        .map(move |r| match r {
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => Ok(Any::Missing(kind)),
             other => other,
         })
         .boxed()
+}
+
+/// A kind found missing: it has no objects, and counts as listed.
+fn missing<K>(kind: &mut Kind<K>) -> bool {
+    let changed = !kind.synced || !kind.objects.is_empty();
+    kind.objects.clear();
+    kind.synced = true;
+    changed
 }
 
 /// Watches one cluster until `tx` is closed.
@@ -136,8 +166,12 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         watch::<EndpointSlice>(&client, Any::EndpointSlice),
         watch::<Pod>(&client, Any::Pod),
         watch::<Node>(&client, Any::Node),
-        service_exports(&client),
+        optional::<ServiceExport>(&client, Any::ServiceExport, Optional::ServiceExport),
+        optional::<VirtualService>(&client, Any::VirtualService, Optional::VirtualService),
+        optional::<DestinationRule>(&client, Any::DestinationRule, Optional::DestinationRule),
+        optional::<ServiceEntry>(&client, Any::ServiceEntry, Optional::ServiceEntry),
     ]);
+    let (mut vs, mut dr, mut se) = (Kind::new(), Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -176,10 +210,16 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::Pod(e)) => changed |= pods.apply(*e),
                 Ok(Any::Node(e)) => changed |= nodes.apply(*e),
                 Ok(Any::ServiceExport(e)) => changed |= exports.apply(*e),
-                Ok(Any::NoServiceExports) => {
-                    changed |= !exports.synced || !exports.objects.is_empty();
-                    exports.objects.clear();
-                    exports.synced = true;
+                Ok(Any::VirtualService(e)) => changed |= vs.apply(*e),
+                Ok(Any::DestinationRule(e)) => changed |= dr.apply(*e),
+                Ok(Any::ServiceEntry(e)) => changed |= se.apply(*e),
+                Ok(Any::Missing(kind)) => {
+                    changed |= match kind {
+                        Optional::ServiceExport => missing(&mut exports),
+                        Optional::VirtualService => missing(&mut vs),
+                        Optional::DestinationRule => missing(&mut dr),
+                        Optional::ServiceEntry => missing(&mut se),
+                    }
                 }
                 Err(e) => {
                     failing = true;
@@ -191,7 +231,15 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             }
             next = futures_util::FutureExt::now_or_never(events.next()).flatten();
         }
-        let synced = ns.synced && svc.synced && eps.synced && pods.synced && nodes.synced && exports.synced;
+        let synced = ns.synced
+            && svc.synced
+            && eps.synced
+            && pods.synced
+            && nodes.synced
+            && exports.synced
+            && vs.synced
+            && dr.synced
+            && se.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -200,8 +248,15 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 pods: pods.all(),
                 nodes: nodes.all(),
                 service_exports: exports.all(),
+                ..Default::default()
             };
-            if tx.send(Update::Objects(id.clone(), objects)).await.is_err() {
+            // The API server ran Istio's webhook only if istiod is installed: check
+            // here too, and leave out (and report) what Istio would refuse.
+            let objects = objects.with_networking(vs.all(), dr.all(), se.all());
+            for e in &objects.refused {
+                tracing::warn!(cluster = %id, error = %e, "Istio config refused");
+            }
+            if tx.send(Update::Objects(id.clone(), Box::new(objects))).await.is_err() {
                 return;
             }
         }

@@ -17,6 +17,7 @@ pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod networking;
 pub mod objects;
 pub mod outbound;
 pub mod publisher;

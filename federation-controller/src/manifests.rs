@@ -95,6 +95,9 @@ pub fn snapshot(dir: &Path, mesh: &MeshConfig, version: u64) -> Result<Snapshot,
         for (file, s) in &c.skipped {
             tracing::debug!(cluster = %id, file = %file.display(), document = s.document, kind = %s.kind, "not read (yet)");
         }
+        for e in &c.objects.refused {
+            tracing::error!(cluster = %id, "{e}; the rest keeps serving");
+        }
         registry.update(ClusterModel::build(id, &c.objects, mesh), now);
     }
     Ok(Snapshot::new(
