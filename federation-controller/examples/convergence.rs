@@ -104,6 +104,7 @@ fn models(a: &Args, change: u32) -> Vec<(Arc<ClusterModel>, bool)> {
                     instances,
                     vips: vec![],
                     gateways,
+                    traffic: Default::default(),
                 }),
                 false,
             )

@@ -24,6 +24,7 @@ pub mod publisher;
 pub mod registry;
 pub mod remote_secrets;
 pub mod resolve;
+pub mod routing;
 pub mod trust;
 pub mod writeback;
 pub mod xds;

@@ -355,10 +355,20 @@ fn envoy_follows(api_type: &str, name: &str) {
         "Envoy NACKed our listeners"
     );
     assert_eq!(stat(&stats, "listener_manager.total_listeners_warming"), Some(0));
+    // reviews' port is named `http`: its listener routes over RDS, and the
+    // routes (no VirtualService) send everything to the service's cluster.
     let dump = http_get(&admin, "/config_dump?resource=dynamic_listeners").unwrap();
     assert!(
-        dump.contains(&format!("\"cluster\": \"{reviews}\"")) && dump.contains("\"bind_to_port\": false"),
+        dump.contains("\"route_config_name\": \"reviews.default.svc.cluster.local:9080\"")
+            && dump.contains("\"bind_to_port\": false"),
         "{dump}"
+    );
+    let routes = wait_admin(&admin, "/config_dump?resource=dynamic_route_configs", |b| {
+        b.contains(&format!("\"cluster\": \"{reviews}\""))
+    });
+    assert!(
+        routes.contains("retriable-status-codes"),
+        "Istio's default retries: {routes}"
     );
 
     // Changes reach Envoy without a restart: a pod more in cluster2, a ClusterIP
