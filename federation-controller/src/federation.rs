@@ -128,7 +128,9 @@ pub type SubsetLabels = (SubsetKey, BTreeMap<String, String>);
 
 /// [`view_for`] per subset: `subsets` names each with the labels its instances
 /// carry. Another network's gateway stands for as many endpoints as match there,
-/// since the gateway sends the subset's SNI to the same subset on its side.
+/// since the gateway sends the subset's SNI to the same subset on its side. Every
+/// subset has an entry, empty when nothing matches: a proxy holding the subset's
+/// cluster must be told it has no endpoints rather than left waiting for them.
 pub fn subset_view_for(
     network: &NetworkId,
     clusters: &[(&ClusterModel, bool)],
@@ -140,7 +142,7 @@ pub fn subset_view_for(
     for s in subsets {
         by_service.entry(&s.0.service).or_default().push(s);
     }
-    federate(network, clusters, mesh, resolved, |i| {
+    let mut view = federate(network, clusters, mesh, resolved, |i| {
         by_service
             .get(&i.service)
             .into_iter()
@@ -148,7 +150,11 @@ pub fn subset_view_for(
             .filter(|(_, labels)| labels.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
             .map(|(key, _)| key.clone())
             .collect()
-    })
+    });
+    for (key, _) in subsets {
+        view.entry(key.clone()).or_default();
+    }
+    view
 }
 
 /// The federation of every instance under each key `keys_of` files it under.

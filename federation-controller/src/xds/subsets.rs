@@ -149,5 +149,19 @@ spec:
                 ("outbound|9080|v2|reviews.default.svc.cluster.local".to_owned(), 2),
             ]
         );
+        let mut none = routing.subsets([&reviews()]);
+        none[0].1.insert("version".into(), "v9".into());
+        let view = federation::subset_view_for(
+            &NetworkId::new("n1"),
+            &[(&m, false)],
+            &Default::default(),
+            &Default::default(),
+            &none,
+        );
+        assert_eq!(
+            view.values().map(Vec::len).collect::<Vec<_>>(),
+            [0, 2],
+            "a subset nothing matches is there, empty"
+        );
     }
 }
