@@ -1436,4 +1436,75 @@ mod tests {
             "the sidecar'd pod and n2's gateway are mTLS; the plain pod is not"
         );
     }
+
+    fn snapshot_with(yaml: &str) -> Snapshot {
+        let mut objects = crate::objects::ClusterObjects::default();
+        objects.add_yaml(std::path::Path::new("c1/istio.yaml"), yaml).unwrap();
+        assert!(objects.refused.is_empty(), "{:?}", objects.refused);
+        let mut m = (*clusters(1)[0].0).clone();
+        let mut traffic = crate::model::Traffic {
+            virtual_services: objects.virtual_services,
+            destination_rules: objects.destination_rules,
+            ..Default::default()
+        };
+        traffic.protocols.insert(reviews(), crate::model::Protocol::Http);
+        m.traffic = Arc::new(traffic);
+        Snapshot::new(
+            1,
+            std::time::Instant::now(),
+            vec![(Arc::new(m), false)],
+            MeshConfig::default(),
+        )
+    }
+
+    fn proxy(namespace: &str, app: &str) -> ProxyView {
+        ProxyView {
+            namespace: Some(namespace.into()),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ..ProxyView::envoy(&NetworkId::new("n1"))
+        }
+    }
+
+    /// The clusters the first route of each `proxy`'s reviews routes sends to.
+    async fn first_route_cluster(snap: &Snapshot, proxy: &ProxyView) -> String {
+        use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
+        let set = snap.encoded(proxy, ROUTE_TYPE).await;
+        let rc = set
+            .iter()
+            .find(|e| e.name == "reviews.default.svc.cluster.local:9080")
+            .unwrap();
+        let rc = RouteConfiguration::decode(rc.resource.value.as_slice()).unwrap();
+        let Some(route::Action::Route(a)) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!("a route")
+        };
+        match &a.cluster_specifier {
+            Some(route_action::ClusterSpecifier::Cluster(c)) => c.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_that_match_on_the_source_are_made_per_proxy_and_others_are_shared() {
+        let snap = snapshot_with(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{sourceLabels: {app: productpage}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route: [{destination: {host: reviews, subset: v1}}]\n",
+        );
+        assert_eq!(
+            first_route_cluster(&snap, &proxy("default", "productpage")).await,
+            "outbound|9080|v2|reviews.default.svc.cluster.local"
+        );
+        assert_eq!(
+            first_route_cluster(&snap, &proxy("default", "ratings")).await,
+            "outbound|9080|v1|reviews.default.svc.cluster.local",
+            "not served the productpage's routes from the cache"
+        );
+        let shared = snapshot_with(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v1}}]}]}\n",
+        );
+        let a = shared.encoded(&proxy("default", "productpage"), ROUTE_TYPE).await;
+        let b = shared.encoded(&proxy("test", "ratings"), ROUTE_TYPE).await;
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "without source matches every proxy shares one encoding"
+        );
+    }
 }
