@@ -123,6 +123,21 @@ impl Routing {
         })
     }
 
+    /// Whether some DestinationRule makes balancing locality-aware (outlier
+    /// detection anywhere in it), so endpoints must be made per proxy locality.
+    pub fn locality_aware(&self) -> bool {
+        self.destination_rules.values().any(|dr| {
+            let policies = dr
+                .spec
+                .traffic_policy
+                .iter()
+                .chain(dr.spec.subsets.iter().filter_map(|s| s.traffic_policy.as_ref()));
+            policies.into_iter().any(|p| {
+                p.outlier_detection.is_some() || p.port_level_settings.iter().any(|pl| pl.outlier_detection.is_some())
+            })
+        })
+    }
+
     /// The subsets of the service ports `keys`, with the labels their endpoints carry.
     pub fn subsets<'a>(&self, keys: impl IntoIterator<Item = &'a ServiceKey>) -> Vec<SubsetLabels> {
         let mut out = Vec::new();

@@ -45,13 +45,15 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::federation::{self, Resolved, View};
 use crate::metrics::Metrics;
-use crate::model::{ClusterModel, MeshConfig, ServiceKey};
+use crate::model::{ClusterModel, Locality, MeshConfig, ServiceKey};
+use crate::networking::destination_rule::effective_policy;
 use crate::outbound::{self, VipConflict, VipTable};
 use crate::routing::Routing;
 use crate::trust::BundleSet;
 
 pub mod grpc;
 pub mod listener;
+pub mod locality;
 pub mod mtls;
 pub mod policy;
 pub mod routes;
@@ -97,13 +99,20 @@ pub struct Snapshot {
 }
 
 /// What encoded resources are shared by: (network, cluster, generator, type URL,
-/// requester). The requester (namespace, labels) is part of the key only for routes,
-/// and only while some VirtualService matches on `sourceLabels`/`sourceNamespace`:
-/// otherwise every proxy gets the same routes.
-type CacheKey = (NetworkId, Option<ClusterId>, Generator, String, Option<Source>);
+/// what of the proxy itself they depend on). The last is set only where needed,
+/// so proxies share one encoding whenever they can.
+type CacheKey = (NetworkId, Option<ClusterId>, Generator, String, Option<PerProxy>);
 
-/// A proxy's namespace and labels, as route matches see them.
-type Source = (Option<String>, BTreeMap<String, String>);
+/// What of the proxy itself resources may depend on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PerProxy {
+    /// Routes, while some VirtualService matches on `sourceLabels`/`sourceNamespace`:
+    /// the proxy's namespace and labels.
+    Source(Option<String>, BTreeMap<String, String>),
+    /// Endpoints, while some DestinationRule makes balancing locality-aware: the
+    /// proxy's locality.
+    Locality(Locality),
+}
 
 /// Per service port, the SPIFFE IDs that may answer for it.
 type Identities = BTreeMap<ServiceKey, Vec<SpiffeId>>;
@@ -120,6 +129,8 @@ pub struct ProxyView {
     pub namespace: Option<String>,
     /// Its workload's labels (`LABELS`, a Struct of strings), for `sourceLabels` matches.
     pub labels: BTreeMap<String, String>,
+    /// Where it runs (`Node.locality`), for locality-aware endpoints.
+    pub locality: Locality,
 }
 
 impl ProxyView {
@@ -133,6 +144,15 @@ impl ProxyView {
             generator: Generator::of(node),
             namespace: node_metadata(node, "NAMESPACE").filter(|n| !n.is_empty()),
             labels: node_labels(node),
+            locality: node
+                .locality
+                .as_ref()
+                .map(|l| Locality {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                    subzone: l.sub_zone.clone(),
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -144,6 +164,7 @@ impl ProxyView {
             generator: Generator::Envoy,
             namespace: None,
             labels: BTreeMap::new(),
+            locality: Locality::default(),
         }
     }
 
@@ -226,13 +247,26 @@ impl Snapshot {
             (Generator::Envoy, LISTENER_TYPE) => self.served_cluster(proxy.cluster.as_ref()),
             _ => None,
         };
-        let source = (type_url == ROUTE_TYPE && self.routing().depends_on_source())
-            .then(|| (proxy.namespace.clone(), proxy.labels.clone()));
+        let per_proxy = match type_url {
+            ROUTE_TYPE if self.routing().depends_on_source() => {
+                Some(PerProxy::Source(proxy.namespace.clone(), proxy.labels.clone()))
+            }
+            ENDPOINT_TYPE if generator == Generator::Envoy && self.routing().locality_aware() => {
+                Some(PerProxy::Locality(proxy.locality.clone()))
+            }
+            _ => None,
+        };
         let cell = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((network.clone(), cluster.clone(), generator, type_url.to_owned(), source))
+            .entry((
+                network.clone(),
+                cluster.clone(),
+                generator,
+                type_url.to_owned(),
+                per_proxy,
+            ))
             .or_default()
             .clone();
         cell.get_or_init(|| async {
@@ -420,17 +454,35 @@ impl Snapshot {
                     .collect()
             }
             ENDPOINT_TYPE => {
+                let routing = self.routing();
+                // Locality priorities for this proxy where the cluster's policy asks for them.
+                let localize = |c: &mut ClusterLoadAssignment, k: &ServiceKey, subset: Option<&str>| {
+                    let (_, dr) = routing.destination_rule(&k.host)?;
+                    let p = effective_policy(dr, subset, k.port);
+                    if !locality::applies(&p) {
+                        return None;
+                    }
+                    let setting = p.load_balancer.as_ref().and_then(|lb| lb.locality_lb_setting.as_ref());
+                    locality::apply(c, &proxy.locality, setting);
+                    Some((&proxy.locality, serde_json::to_string(&setting).unwrap_or_default()))
+                };
                 let mut out: Vec<(String, Any, String)> = self
                     .shared_view(network)
                     .iter()
                     .map(|(k, eps)| {
-                        let c = load_assignment(cluster_name(k), eps);
-                        (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), stable_hash(&(k, eps)))
+                        let mut c = load_assignment(cluster_name(k), eps);
+                        let local = localize(&mut c, k, None);
+                        (
+                            c.cluster_name.clone(),
+                            any(ENDPOINT_TYPE, &c),
+                            stable_hash(&(k, eps, local)),
+                        )
                     })
                     .collect();
                 let view = self.subset_view(network);
-                out.extend(subsets::load_assignments(&view).map(|(k, c)| {
-                    let version = stable_hash(&(k, &view[k]));
+                out.extend(subsets::load_assignments(&view).map(|(k, mut c)| {
+                    let local = localize(&mut c, &k.service, Some(&k.subset));
+                    let version = stable_hash(&(k, &view[k], local));
                     (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), version)
                 }));
                 out
@@ -1505,6 +1557,51 @@ mod tests {
         assert!(
             Arc::ptr_eq(&a, &b),
             "without source matches every proxy shares one encoding"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_outlier_detection_endpoints_are_prioritised_for_each_proxys_locality() {
+        let mut snap = snapshot_with(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: s0}\nspec: {host: s0, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}}\n",
+        );
+        // s0's instances (every fourth) alternate between two zones.
+        let mut m = (*snap.clusters[0].0).clone();
+        for (i, inst) in m.instances.iter_mut().enumerate() {
+            inst.locality = Locality {
+                region: "eu".into(),
+                zone: format!("eu-{}", i / 4 % 2),
+                subzone: String::new(),
+            };
+        }
+        snap.clusters[0].0 = Arc::new(m);
+        let in_zone = |zone: &str| ProxyView {
+            locality: Locality {
+                region: "eu".into(),
+                zone: zone.into(),
+                subzone: String::new(),
+            },
+            ..ProxyView::envoy(&NetworkId::new("n1"))
+        };
+        let priorities = |set: EncodedSet| {
+            let e = set
+                .iter()
+                .find(|e| e.name == "outbound|80||s0.default.svc.cluster.local")
+                .unwrap();
+            let cla = ClusterLoadAssignment::decode(e.resource.value.as_slice()).unwrap();
+            cla.endpoints
+                .iter()
+                .map(|l| (l.locality.as_ref().unwrap().zone.clone(), l.priority))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            priorities(snap.encoded(&in_zone("eu-0"), ENDPOINT_TYPE).await),
+            [("eu-0".to_owned(), 0), ("eu-1".to_owned(), 1)]
+        );
+        assert_eq!(
+            priorities(snap.encoded(&in_zone("eu-1"), ENDPOINT_TYPE).await),
+            [("eu-0".to_owned(), 1), ("eu-1".to_owned(), 0)],
+            "each locality is served its own priorities, not a cached neighbour's"
         );
     }
 }

@@ -406,6 +406,16 @@ fn envoy_follows(api_type: &str, name: &str) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Every `update_rejected` stat of Envoy's that is not 0: any xDS type or resource it NACKed.
+fn nacks(admin: &str) -> Vec<String> {
+    http_get(admin, "/stats")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// An HTTP/1.1 server on `addr` answering every request with `body`, for the test's life.
 fn answer(addr: std::net::SocketAddr, body: &'static str) -> std::net::SocketAddr {
     use std::io::Write;
@@ -506,12 +516,8 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     let listeners = wait_admin(&admin, "/listeners", |b| {
         b.contains("10.96.1.12_9080") && b.contains("probe::127.0.0.1:")
     });
+    assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
     let stats = http_get(&admin, "/stats").unwrap();
-    let rejected: Vec<&str> = stats
-        .lines()
-        .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
-        .collect();
-    assert!(rejected.is_empty(), "Envoy NACKed: {rejected:?}");
     assert!(
         stats
             .lines()
@@ -550,6 +556,26 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     }
     // 200 draws at 20%: 40 expected, standard deviation under 6.
     assert!((15..=70).contains(&to_v2), "80/20 split, got v1 {to_v1} / v2 {to_v2}");
+
+    // A policy with outlier detection and connection limits (locality-aware
+    // endpoints, circuit breakers) is accepted too, and traffic still flows.
+    std::fs::write(
+        c1.join("bookinfo-destination-rule-all-mtls.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n\
+         \x20 trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 5, interval: 1s, baseEjectionTime: 30s}\n\
+         \x20   connectionPool: {tcp: {maxConnections: 100}, http: {maxRequestsPerConnection: 10}}\n\
+         \x20 subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n",
+    )
+    .unwrap();
+    let active = wait_admin(&admin, "/config_dump?resource=dynamic_active_clusters", |b| {
+        b.contains("outlier_detection") && b.contains("max_requests_per_connection")
+    });
+    assert!(active.contains("circuit_breakers"), "{active}");
+    wait_admin(&admin, "/config_dump?include_eds", |b| {
+        b.contains("overprovisioning_factor")
+    });
+    assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
+    assert!(get().is_some(), "still routed");
     drop(envoy);
     std::fs::remove_dir_all(&dir).unwrap();
 }
