@@ -213,3 +213,65 @@ async fn serve_with_a_kubeconfig_serves_that_cluster_over_xds_and_follows_it() {
     assert_eq!(addresses(&pushed), ["10.241.0.1", "10.241.0.7"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Istio's networking kinds come with CRDs: a cluster without them syncs (none of
+/// these), and once they are installed their objects are watched, an invalid one
+/// refused with Istio's reason and the rest kept.
+#[tokio::test]
+async fn watches_istio_networking_config_once_its_crds_exist() {
+    let api = FakeApi::start().await;
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
+    api.apply(slice(&["10.241.0.1"]));
+    let kubeconfig = Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let (tx, mut rx) = mpsc::channel(16);
+    let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let objects = loop {
+        let update = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("synced without the CRDs")
+            .unwrap();
+        if let Update::Objects(_, objects) = update {
+            break objects;
+        }
+    };
+    assert!(objects.virtual_services.is_empty() && objects.destination_rules.is_empty());
+
+    api.install_crds();
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "reviews", "namespace": "default"},
+        "spec": {"hosts": ["reviews"], "http": [{"route": [
+            {"destination": {"host": "reviews", "subset": "v1"}, "weight": 80},
+            {"destination": {"host": "reviews", "subset": "v2"}, "weight": 20}]}]}}));
+    api.apply(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "bad", "namespace": "default"},
+        "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"warmup": {"minimumPercent": 5.0}}}}}),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let update = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the VirtualService and the refused rule were published")
+            .unwrap();
+        let Update::Objects(_, objects) = update else { continue };
+        if objects.virtual_services.is_empty() || objects.refused.is_empty() {
+            continue;
+        }
+        assert_eq!(objects.virtual_services[0].spec.http[0].route[1].weight, Some(20));
+        assert!(objects.destination_rules.is_empty(), "the invalid rule is left out");
+        let refused = objects.refused[0].to_string();
+        assert!(
+            refused.contains(
+                "DestinationRule default/bad refused: spec.trafficPolicy.loadBalancer.warmup.duration: Required value"
+            ),
+            "{refused}"
+        );
+        break;
+    }
+    source.abort();
+}

@@ -71,6 +71,18 @@ const CRD_KINDS: &[(&str, &str, &str, &str)] = &[
         "ServiceEntryList",
         "networking.istio.io/v1",
     ),
+    (
+        "/apis/networking.istio.io/v1/virtualservices",
+        "VirtualService",
+        "VirtualServiceList",
+        "networking.istio.io/v1",
+    ),
+    (
+        "/apis/networking.istio.io/v1/destinationrules",
+        "DestinationRule",
+        "DestinationRuleList",
+        "networking.istio.io/v1",
+    ),
 ];
 
 /// A request path as (collection path, namespace, name): `/api/v1/namespaces/NS/secrets`
