@@ -44,6 +44,18 @@ async fn until_addresses(rx: &mut mpsc::Receiver<Update>, want: &[&str]) -> Opti
     model
 }
 
+/// The kube source of cluster1, reading `api` through a kubeconfig, and its updates.
+async fn watch_cluster1(api: &FakeApi) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<Update>) {
+    let kubeconfig = Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
+    (source, rx)
+}
+
 #[tokio::test]
 async fn lists_watches_relists_after_410_and_resumes_after_a_dropped_watch() {
     let api = FakeApi::start().await;
@@ -59,13 +71,7 @@ async fn lists_watches_relists_after_410_and_resumes_after_a_dropped_watch() {
     api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}));
     api.apply(slice(&["10.241.0.1", "10.241.0.2"]));
 
-    let kubeconfig = Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    let client = kube::Client::try_from(config).unwrap();
-    let (tx, mut rx) = mpsc::channel(16);
-    let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
+    let (source, mut rx) = watch_cluster1(&api).await;
 
     // Initial sync: published once every kind is listed, ClusterIP and service account included.
     let m = until_addresses(&mut rx, &["10.241.0.1", "10.241.0.2"]).await.unwrap();
@@ -222,13 +228,7 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
     let api = FakeApi::start().await;
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
     api.apply(slice(&["10.241.0.1"]));
-    let kubeconfig = Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    let client = kube::Client::try_from(config).unwrap();
-    let (tx, mut rx) = mpsc::channel(16);
-    let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
+    let (source, mut rx) = watch_cluster1(&api).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let objects = loop {
         let update = tokio::time::timeout_at(deadline, rx.recv())
