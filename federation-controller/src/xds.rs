@@ -463,7 +463,11 @@ impl Snapshot {
                         return None;
                     }
                     let setting = p.load_balancer.as_ref().and_then(|lb| lb.locality_lb_setting.as_ref());
-                    locality::apply(c, &proxy.locality, setting);
+                    let at = locality::Proxy {
+                        locality: &proxy.locality,
+                        network: &proxy.network,
+                    };
+                    locality::apply(c, at, setting);
                     Some((&proxy.locality, serde_json::to_string(&setting).unwrap_or_default()))
                 };
                 let mut out: Vec<(String, Any, String)> = self

@@ -4,12 +4,20 @@
 //! (`Node.locality`) — 0 same subzone, 1 same zone, 2 same region, 3 elsewhere, or
 //! with `failover` rules 3 the named region and 4 the rest — so Envoy spills to the
 //! next level only as the nearer one's healthy share (× 1.4, the overprovisioning
-//! factor) runs out; or, with `distribute`, fixed weights per locality. Pure.
+//! factor) runs out; or, with `distribute`, fixed weights per locality; or, with
+//! `failoverPriority`, by how long a prefix of its labels the endpoints share with
+//! the proxy. Of those labels only the topology ones (network, region, zone,
+//! subzone) can be compared here: federated endpoints carry no pod labels, so any
+//! other label ends the shared prefix. Pure.
 
-use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, cluster_load_assignment};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, LocalityLbEndpoints, cluster_load_assignment,
+};
 use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::value::Kind;
+use mesh_vocab::NetworkId;
 
-use crate::model::Locality;
+use crate::model::{Locality, NETWORK_LABEL};
 use crate::networking::destination_rule::{LocalityLbSetting, TrafficPolicy};
 
 /// Envoy's default overprovisioning factor, stated so the spill-over is explicit.
@@ -32,8 +40,17 @@ pub fn covers(pattern: &str, l: &Locality) -> bool {
         .all(|have| parts.next().is_none_or(|want| want == "*" || want == have.as_str()))
 }
 
-/// Sets priorities (or `distribute` weights) on `cla` for a proxy in `proxy`.
-pub fn apply(cla: &mut ClusterLoadAssignment, proxy: &Locality, setting: Option<&LocalityLbSetting>) {
+/// The proxy a load assignment is made for: where it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Proxy<'a> {
+    pub locality: &'a Locality,
+    pub network: &'a NetworkId,
+}
+
+/// Sets priorities (or `distribute` weights) on `cla` for `proxy`.
+pub fn apply(cla: &mut ClusterLoadAssignment, proxy: Proxy<'_>, setting: Option<&LocalityLbSetting>) {
+    let network = proxy.network;
+    let proxy = proxy.locality;
     let locality = |e: &envoy_types::pb::envoy::config::endpoint::v3::LocalityLbEndpoints| {
         let l = e.locality.clone().unwrap_or_default();
         Locality {
@@ -70,6 +87,10 @@ pub fn apply(cla: &mut ClusterLoadAssignment, proxy: &Locality, setting: Option<
         cla.endpoints = kept;
         return;
     }
+    if let Some(labels) = setting.map(|s| &s.failover_priority).filter(|l| !l.is_empty()) {
+        failover_priority(cla, labels, proxy, network);
+        return;
+    }
     let failover_to = setting.and_then(|s| s.failover.iter().find(|f| f.from == proxy.region).map(|f| &f.to));
     let rank = |l: &Locality| -> u32 {
         if l.region != proxy.region {
@@ -94,6 +115,65 @@ pub fn apply(cla: &mut ClusterLoadAssignment, proxy: &Locality, setting: Option<
     }
 }
 
+/// Istio's `failoverPriority`: an endpoint sharing the proxy's values of all N labels
+/// is priority 0, of the first N-1 priority 1, …, of none priority N (levels present
+/// renumbered from 0). A locality's endpoints on different networks are split apart,
+/// since the network is one of the labels.
+fn failover_priority(cla: &mut ClusterLoadAssignment, labels: &[String], proxy: &Locality, network: &NetworkId) {
+    let endpoint_network = |e: &envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint| -> String {
+        let field = e
+            .metadata
+            .as_ref()
+            .and_then(|m| m.filter_metadata.get(super::ISTIO_METADATA))
+            .and_then(|s| s.fields.get("network"))
+            .and_then(|v| v.kind.as_ref());
+        match field {
+            Some(Kind::StringValue(n)) => n.clone(),
+            _ => String::new(),
+        }
+    };
+    let mut groups: Vec<(u32, LocalityLbEndpoints)> = Vec::new();
+    for group in cla.endpoints.drain(..) {
+        let l = group.locality.clone().unwrap_or_default();
+        let mut by_network: std::collections::BTreeMap<String, Vec<_>> = std::collections::BTreeMap::new();
+        for e in group.lb_endpoints.iter().cloned() {
+            by_network.entry(endpoint_network(&e)).or_default().push(e);
+        }
+        for (net, lb_endpoints) in by_network {
+            let same = |label: &str| match label {
+                NETWORK_LABEL => net == network.as_str(),
+                "topology.kubernetes.io/region" => l.region == proxy.region,
+                "topology.kubernetes.io/zone" => l.zone == proxy.zone,
+                "topology.istio.io/subzone" => l.sub_zone == proxy.subzone,
+                _ => false,
+            };
+            let shared = labels.iter().take_while(|label| same(label)).count();
+            let weight = lb_endpoints
+                .iter()
+                .filter_map(|e| e.load_balancing_weight.map(|w| w.value))
+                .sum();
+            groups.push((
+                (labels.len() - shared) as u32,
+                LocalityLbEndpoints {
+                    lb_endpoints,
+                    load_balancing_weight: Some(UInt32Value { value: weight }),
+                    ..group.clone()
+                },
+            ));
+        }
+    }
+    let mut levels: Vec<u32> = groups.iter().map(|(p, _)| *p).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    cla.endpoints = groups
+        .into_iter()
+        .map(|(p, g)| LocalityLbEndpoints {
+            priority: levels.iter().position(|l| *l == p).unwrap_or_default() as u32,
+            ..g
+        })
+        .collect();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +187,12 @@ mod tests {
             zone: zone.into(),
             subzone: subzone.into(),
         }
+    }
+
+    static N1: std::sync::LazyLock<NetworkId> = std::sync::LazyLock::new(|| NetworkId::new("n1"));
+
+    fn at(locality: &Locality) -> Proxy<'_> {
+        Proxy { locality, network: &N1 }
     }
 
     fn cla(localities: &[Locality]) -> ClusterLoadAssignment {
@@ -134,12 +220,12 @@ mod tests {
             l("eu", "eu-2", ""),
             l("us", "us-1", ""),
         ]);
-        apply(&mut c, &l("eu", "eu-1", "a"), None);
+        apply(&mut c, at(&l("eu", "eu-1", "a")), None);
         let p: Vec<u32> = c.endpoints.iter().map(|e| e.priority).collect();
         assert_eq!(p, [0, 1, 2, 3]);
         assert_eq!(c.policy.unwrap().overprovisioning_factor.unwrap().value, 140);
         let mut c = cla(&[l("eu", "eu-2", ""), l("us", "us-1", "")]);
-        apply(&mut c, &l("eu", "eu-1", "a"), None);
+        apply(&mut c, at(&l("eu", "eu-1", "a")), None);
         let p: Vec<u32> = c.endpoints.iter().map(|e| e.priority).collect();
         assert_eq!(p, [0, 1], "the levels present, numbered from 0");
     }
@@ -154,7 +240,7 @@ mod tests {
             ..Default::default()
         };
         let mut c = cla(&[l("us", "", ""), l("ap", "", ""), l("eu", "eu-1", "")]);
-        apply(&mut c, &l("eu", "eu-1", ""), Some(&setting));
+        apply(&mut c, at(&l("eu", "eu-1", "")), Some(&setting));
         let p: Vec<u32> = c.endpoints.iter().map(|e| e.priority).collect();
         assert_eq!(p, [2, 1, 0]);
     }
@@ -174,7 +260,7 @@ mod tests {
             l("eu", "eu-2", "a"),
             l("us", "", ""),
         ]);
-        apply(&mut c, &l("eu", "eu-1", "a"), Some(&setting));
+        apply(&mut c, at(&l("eu", "eu-1", "a")), Some(&setting));
         let w: Vec<u32> = c
             .endpoints
             .iter()
@@ -184,6 +270,65 @@ mod tests {
             w,
             [40_000, 40_000, 20_000],
             "80 split over eu-1's two subzones; us gets nothing"
+        );
+    }
+
+    #[test]
+    fn failover_priority_ranks_by_the_shared_prefix_of_topology_labels() {
+        use envoy_types::pb::envoy::config::core::v3::Metadata;
+        use envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint;
+        use envoy_types::pb::google::protobuf::{Struct, Value};
+        let on = |net: &str| LbEndpoint {
+            metadata: Some(Metadata {
+                filter_metadata: [(
+                    super::super::ISTIO_METADATA.to_owned(),
+                    Struct {
+                        fields: [(
+                            "network".to_owned(),
+                            Value {
+                                kind: Some(Kind::StringValue(net.into())),
+                            },
+                        )]
+                        .into(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            }),
+            load_balancing_weight: Some(UInt32Value { value: 1 }),
+            ..Default::default()
+        };
+        let mut c = cla(&[l("eu", "eu-1", ""), l("eu", "eu-2", "")]);
+        c.endpoints[0].lb_endpoints = vec![on("n1"), on("n2")];
+        c.endpoints[1].lb_endpoints = vec![on("n1")];
+        let setting = LocalityLbSetting {
+            failover_priority: vec![
+                NETWORK_LABEL.into(),
+                "topology.kubernetes.io/region".into(),
+                "topology.kubernetes.io/zone".into(),
+            ],
+            ..Default::default()
+        };
+        apply(&mut c, at(&l("eu", "eu-1", "")), Some(&setting));
+        let got: Vec<(String, usize, u32)> = c
+            .endpoints
+            .iter()
+            .map(|g| {
+                (
+                    g.locality.as_ref().unwrap().zone.clone(),
+                    g.lb_endpoints.len(),
+                    g.priority,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("eu-1".to_owned(), 1, 0),
+                ("eu-1".to_owned(), 1, 2),
+                ("eu-2".to_owned(), 1, 1)
+            ],
+            "own network and zone first, then own network, then the other network"
         );
     }
 }
