@@ -133,7 +133,9 @@ where
 /// Watches a kind that comes with a CRD (MCS `ServiceExport`, Istio's networking
 /// kinds). Many clusters lack it: the list's `404` means "none of these", so the
 /// cluster still syncs; the watcher keeps retrying with backoff, and picks the
-/// objects up once the CRD is installed.
+/// objects up once the CRD is installed. A `403` (RBAC written before the controller
+/// read this kind) is taken the same way, with a warning, so a cluster whose role does
+/// not grant it still serves its endpoints.
 fn optional<K>(
     client: &Client,
     wrap: fn(Box<Event<K>>) -> Any,
@@ -145,6 +147,10 @@ where
     watch::<K>(client, wrap)
         .map(move |r| match r {
             Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => Ok(Any::Missing(kind)),
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 403 => {
+                tracing::warn!(?kind, reason = %s.message, "not allowed to list this kind: reading none of it");
+                Ok(Any::Missing(kind))
+            }
             other => other,
         })
         .boxed()

@@ -221,11 +221,13 @@ async fn serve_with_a_kubeconfig_serves_that_cluster_over_xds_and_follows_it() {
 }
 
 /// Istio's networking kinds come with CRDs: a cluster without them syncs (none of
-/// these), and once they are installed their objects are watched, an invalid one
-/// refused with Istio's reason and the rest kept.
+/// these), as does one whose RBAC forbids one of them; once they are installed their
+/// objects are watched, an invalid one refused with Istio's reason and the rest kept.
 #[tokio::test]
 async fn watches_istio_networking_config_once_its_crds_exist() {
     let api = FakeApi::start().await;
+    // A role written before the controller read ServiceEntries.
+    api.forbid("ServiceEntry");
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
     api.apply(slice(&["10.241.0.1"]));
     let (source, mut rx) = watch_cluster1(&api).await;
