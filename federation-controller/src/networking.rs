@@ -67,6 +67,15 @@ pub enum ConfigError {
         name: String,
         error: ValidationError,
     },
+    /// An object read from an API server breaks one of Istio's rules (istiod's
+    /// webhook, which would have refused it, is not installed everywhere).
+    #[error("{kind} {name} refused: {error}")]
+    InvalidObject {
+        kind: &'static str,
+        /// `namespace/name`.
+        name: String,
+        error: ValidationError,
+    },
 }
 
 /// One document of Istio's traffic configuration (boxed: the kinds differ much in size).

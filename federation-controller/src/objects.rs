@@ -134,9 +134,7 @@ impl ClusterObjects {
         destination_rules: Vec<DestinationRule>,
         service_entries: Vec<ServiceEntry>,
     ) -> Self {
-        let refuse = |kind: &'static str, meta: &ObjectMeta, error| ConfigError::Invalid {
-            file: std::path::PathBuf::from("<api server>"),
-            document: 0,
+        let refuse = |kind: &'static str, meta: &ObjectMeta, error| ConfigError::InvalidObject {
             kind,
             name: format!(
                 "{}/{}",

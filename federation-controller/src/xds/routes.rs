@@ -158,7 +158,16 @@ fn rule_routes(
     };
     let name = rule.name.clone().unwrap_or_else(|| format!("rule-{i}"));
     let action = action(key, routing, ns, rule, client);
-    let (req_add, req_remove, resp_add, resp_remove) = header_ops(rule.headers.as_ref());
+    let (mut req_add, mut req_remove, mut resp_add, mut resp_remove) = header_ops(rule.headers.as_ref());
+    // A single destination is a plain cluster, not a weighted one: its own header
+    // operations go on the route, after the rule's (as istiod merges them).
+    if let [only] = &rule.route[..] {
+        let (a, b, c, d) = header_ops(only.headers.as_ref());
+        req_add.extend(a);
+        req_remove.extend(b);
+        resp_add.extend(c);
+        resp_remove.extend(d);
+    }
     let mut typed_per_filter_config = HashMap::new();
     if let Some(f) = rule.fault.as_ref().and_then(fault) {
         typed_per_filter_config.insert(FAULT_FILTER.to_owned(), f);
@@ -808,6 +817,15 @@ spec:
             panic!("gRPC only forwards")
         };
         assert!(route_action(only).request_mirror_policies.is_empty());
+    }
+
+    #[test]
+    fn a_single_destinations_headers_go_on_the_route() {
+        let r = routing(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}, headers: {response: {remove: [x-internal]}}}]}]}\n",
+        );
+        let rc = route_config(&key("reviews"), &r, NOBODY, Client::Envoy);
+        assert_eq!(routes(&rc)[0].response_headers_to_remove, ["x-internal"]);
     }
 
     #[test]
