@@ -115,6 +115,7 @@ fn models(a: &Args, change: u32) -> Vec<(Arc<ClusterModel>, bool)> {
                     vips: vec![],
                     gateways,
                     security: Default::default(),
+                    traffic: Default::default(),
                 }),
                 false,
             )

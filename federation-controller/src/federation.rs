@@ -110,31 +110,103 @@ pub fn view_for(
     mesh: &MeshConfig,
     resolved: &Resolved,
 ) -> View {
+    federate(network, clusters, mesh, resolved, |i| vec![i.service.clone()])
+}
+
+/// A subset of a service port's instances: those carrying every label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubsetKey {
+    pub service: ServiceKey,
+    pub subset: String,
+}
+
+/// Per subset, the endpoints for a proxy on one network, sorted.
+pub type SubsetView = BTreeMap<SubsetKey, Vec<LbEndpoint>>;
+
+/// A subset and the labels its endpoints carry.
+pub type SubsetLabels = (SubsetKey, BTreeMap<String, String>);
+
+/// [`view_for`] per subset: `subsets` names each with the labels its instances
+/// carry. Another network's gateway stands for as many endpoints as match there,
+/// since the gateway sends the subset's SNI to the same subset on its side. Every
+/// subset has an entry, empty when nothing matches: a proxy holding the subset's
+/// cluster must be told it has no endpoints rather than left waiting for them.
+pub fn subset_view_for(
+    network: &NetworkId,
+    clusters: &[(&ClusterModel, bool)],
+    mesh: &MeshConfig,
+    resolved: &Resolved,
+    subsets: &[SubsetLabels],
+) -> SubsetView {
+    let mut by_service: BTreeMap<&ServiceKey, Vec<&SubsetLabels>> = BTreeMap::new();
+    for s in subsets {
+        by_service.entry(&s.0.service).or_default().push(s);
+    }
+    let mut view = federate(network, clusters, mesh, resolved, |i| {
+        by_service
+            .get(&i.service)
+            .into_iter()
+            .flatten()
+            .filter(|(_, labels)| labels.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
+            .map(|(key, _)| key.clone())
+            .collect()
+    });
+    for (key, _) in subsets {
+        view.entry(key.clone()).or_default();
+    }
+    view
+}
+
+/// The federation of every instance under each key `keys_of` files it under.
+fn federate<K: Ord + Clone>(
+    network: &NetworkId,
+    clusters: &[(&ClusterModel, bool)],
+    mesh: &MeshConfig,
+    resolved: &Resolved,
+    keys_of: impl Fn(&crate::model::Instance) -> Vec<K>,
+) -> BTreeMap<K, Vec<LbEndpoint>> {
     let gateways = gateways(clusters, mesh, resolved);
-    let mut view: View = BTreeMap::new();
-    // Endpoints behind other networks' gateways, counted per (service, network, locality, stale).
-    let mut behind: BTreeMap<(ServiceKey, NetworkId, Locality, bool), u32> = BTreeMap::new();
+    let mut view: BTreeMap<K, Vec<LbEndpoint>> = BTreeMap::new();
+    let mut behind: Behind<K> = BTreeMap::new();
     for (m, stale) in clusters {
         for i in &m.instances {
-            if i.network == *network {
-                view.entry(i.service.clone()).or_default().push(LbEndpoint {
-                    address: i.address,
-                    port: i.target_port,
-                    weight: 1,
-                    locality: i.locality.clone(),
-                    network: i.network.clone(),
-                    cluster: Some(m.cluster.clone()),
-                    via_gateway: false,
-                    mtls: i.mtls,
-                    stale: *stale,
-                });
-            } else if i.mtls && gateways.contains_key(&i.network) {
-                *behind
-                    .entry((i.service.clone(), i.network.clone(), i.locality.clone(), *stale))
-                    .or_default() += 1;
+            for key in keys_of(i) {
+                if i.network == *network {
+                    view.entry(key).or_default().push(LbEndpoint {
+                        address: i.address,
+                        port: i.target_port,
+                        weight: 1,
+                        locality: i.locality.clone(),
+                        network: i.network.clone(),
+                        cluster: Some(m.cluster.clone()),
+                        via_gateway: false,
+                        mtls: i.mtls,
+                        stale: *stale,
+                    });
+                } else if i.mtls && gateways.contains_key(&i.network) {
+                    *behind
+                        .entry((key, i.network.clone(), i.locality.clone(), *stale))
+                        .or_default() += 1;
+                }
             }
         }
     }
+    spread_over_gateways(&gateways, behind, &mut view);
+    for eps in view.values_mut() {
+        eps.sort();
+    }
+    view
+}
+
+/// Endpoints behind other networks' gateways, counted per (key, network, locality, stale).
+type Behind<K> = BTreeMap<(K, NetworkId, Locality, bool), u32>;
+
+/// Replaces the endpoints counted behind each network by its gateways, weighted.
+fn spread_over_gateways<K: Ord + Clone>(
+    gateways: &BTreeMap<NetworkId, Vec<SocketAddr>>,
+    behind: Behind<K>,
+    view: &mut BTreeMap<K, Vec<LbEndpoint>>,
+) {
     // Where the next remainder goes, per network: small groups (one endpoint in a
     // locality) would otherwise all land on a network's first gateway.
     let mut rotate: BTreeMap<NetworkId, u32> = BTreeMap::new();
@@ -164,10 +236,6 @@ pub fn view_for(
             });
         }
     }
-    for eps in view.values_mut() {
-        eps.sort();
-    }
-    view
 }
 
 #[cfg(test)]
@@ -234,6 +302,7 @@ mod tests {
                         }
                     }
                     ClusterModel {
+                        traffic: Default::default(),
                         cluster: ClusterId::new(format!("c{c}")),
                         instances,
                         vips: vec![],
@@ -363,6 +432,7 @@ mod tests {
             service_account: None,
         };
         let c1 = ClusterModel {
+            traffic: Default::default(),
             cluster: ClusterId::new("c1"),
             instances: vec![inst("n1", [10, 241, 0, 5], true)],
             vips: vec![],
@@ -374,6 +444,7 @@ mod tests {
             security: Default::default(),
         };
         let c2 = ClusterModel {
+            traffic: Default::default(),
             cluster: ClusterId::new("c2"),
             instances: vec![
                 inst("n2", [10, 242, 0, 5], true),
@@ -447,6 +518,7 @@ mod tests {
             service_account: None,
         };
         let c2 = ClusterModel {
+            traffic: Default::default(),
             cluster: ClusterId::new("c2"),
             instances: (1..=4).map(inst).collect(),
             vips: vec![],

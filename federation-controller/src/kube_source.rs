@@ -18,6 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
+use crate::networking::{DestinationRule, ServiceEntry, VirtualService};
 use crate::objects::{ClusterObjects, ServiceExport};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -25,7 +26,8 @@ use crate::security::{AuthorizationPolicy, PeerAuthentication};
 #[derive(Debug, Clone)]
 pub enum Update {
     /// Every object of the cluster, after the initial sync and after each change.
-    Objects(ClusterId, ClusterObjects),
+    /// (Boxed: a cluster's objects dwarf the other variants.)
+    Objects(ClusterId, Box<ClusterObjects>),
     /// The watches are healthy though nothing changed: the cluster is not silent.
     Alive(ClusterId),
     /// The cluster left the mesh (its remote secret was deleted): prune it.
@@ -45,14 +47,24 @@ enum Any {
     Pod(Box<Event<Pod>>),
     Node(Box<Event<Node>>),
     ServiceExport(Box<Event<ServiceExport>>),
-    /// The cluster does not serve `ServiceExport` (no MCS CRD): it exports nothing.
-    NoServiceExports,
     AuthorizationPolicy(Box<Event<AuthorizationPolicy>>),
     PeerAuthentication(Box<Event<PeerAuthentication>>),
-    /// The cluster does not serve AuthorizationPolicy (no Istio CRDs): none.
-    NoAuthorizationPolicies,
-    /// Nor PeerAuthentication.
-    NoPeerAuthentications,
+    VirtualService(Box<Event<VirtualService>>),
+    DestinationRule(Box<Event<DestinationRule>>),
+    ServiceEntry(Box<Event<ServiceEntry>>),
+    /// The cluster does not serve this optional kind (its CRD is not installed): it has none.
+    Missing(Optional),
+}
+
+/// The kinds a cluster may not serve at all, because they come with a CRD.
+#[derive(Debug, Clone, Copy)]
+enum Optional {
+    ServiceExport,
+    AuthorizationPolicy,
+    PeerAuthentication,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -131,31 +143,27 @@ where
         .boxed()
 }
 
-/// Watches `ServiceExport`s. Most clusters have no MCS CRD installed: the list's `404`
-/// means "no exports", so the cluster still syncs; the watcher keeps retrying with
-/// backoff, and picks exports up once the CRD is installed.
-fn service_exports(client: &Client) -> BoxStream<'static, Result<Any, watcher::Error>> {
-    watch::<ServiceExport>(client, Any::ServiceExport)
-        .map(|r| match r {
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => Ok(Any::NoServiceExports),
-            other => other,
-        })
-        .boxed()
-}
-
-/// Watches an Istio security kind; like [`service_exports`], a cluster without
-/// Istio's CRDs has none, and still syncs.
-fn istio_security<K>(
+/// Watches a kind that comes with a CRD (MCS `ServiceExport`, Istio's networking
+/// kinds). Many clusters lack it: the list's `404` means "none of these", so the
+/// cluster still syncs; the watcher keeps retrying with backoff, and picks the
+/// objects up once the CRD is installed. A `403` (RBAC written before the controller
+/// read this kind) is taken the same way, with a warning, so a cluster whose role does
+/// not grant it still serves its endpoints.
+fn optional<K>(
     client: &Client,
     wrap: fn(Box<Event<K>>) -> Any,
-    none: fn() -> Any,
+    kind: Optional,
 ) -> BoxStream<'static, Result<Any, watcher::Error>>
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     watch::<K>(client, wrap)
         .map(move |r| match r {
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => Ok(none()),
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => Ok(Any::Missing(kind)),
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 403 => {
+                tracing::warn!(?kind, reason = %s.message, "not allowed to list this kind: reading none of it");
+                Ok(Any::Missing(kind))
+            }
             other => other,
         })
         .boxed()
@@ -169,11 +177,15 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         watch::<EndpointSlice>(&client, Any::EndpointSlice),
         watch::<Pod>(&client, Any::Pod),
         watch::<Node>(&client, Any::Node),
-        service_exports(&client),
-        istio_security(&client, Any::AuthorizationPolicy, || Any::NoAuthorizationPolicies),
-        istio_security(&client, Any::PeerAuthentication, || Any::NoPeerAuthentications),
+        optional::<ServiceExport>(&client, Any::ServiceExport, Optional::ServiceExport),
+        optional::<AuthorizationPolicy>(&client, Any::AuthorizationPolicy, Optional::AuthorizationPolicy),
+        optional::<PeerAuthentication>(&client, Any::PeerAuthentication, Optional::PeerAuthentication),
+        optional::<VirtualService>(&client, Any::VirtualService, Optional::VirtualService),
+        optional::<DestinationRule>(&client, Any::DestinationRule, Optional::DestinationRule),
+        optional::<ServiceEntry>(&client, Any::ServiceEntry, Optional::ServiceEntry),
     ]);
     let (mut authz, mut peer_authn) = (Kind::new(), Kind::new());
+    let (mut vs, mut dr, mut se) = (Kind::new(), Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -212,11 +224,21 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::Pod(e)) => changed |= pods.apply(*e),
                 Ok(Any::Node(e)) => changed |= nodes.apply(*e),
                 Ok(Any::ServiceExport(e)) => changed |= exports.apply(*e),
-                Ok(Any::NoServiceExports) => changed |= exports.none(),
                 Ok(Any::AuthorizationPolicy(e)) => changed |= authz.apply(*e),
                 Ok(Any::PeerAuthentication(e)) => changed |= peer_authn.apply(*e),
-                Ok(Any::NoAuthorizationPolicies) => changed |= authz.none(),
-                Ok(Any::NoPeerAuthentications) => changed |= peer_authn.none(),
+                Ok(Any::VirtualService(e)) => changed |= vs.apply(*e),
+                Ok(Any::DestinationRule(e)) => changed |= dr.apply(*e),
+                Ok(Any::ServiceEntry(e)) => changed |= se.apply(*e),
+                Ok(Any::Missing(kind)) => {
+                    changed |= match kind {
+                        Optional::ServiceExport => exports.none(),
+                        Optional::AuthorizationPolicy => authz.none(),
+                        Optional::PeerAuthentication => peer_authn.none(),
+                        Optional::VirtualService => vs.none(),
+                        Optional::DestinationRule => dr.none(),
+                        Optional::ServiceEntry => se.none(),
+                    }
+                }
                 Err(e) => {
                     failing = true;
                     tracing::warn!(cluster = %id, error = %e, "watch failed; retrying");
@@ -234,7 +256,10 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             && nodes.synced
             && exports.synced
             && authz.synced
-            && peer_authn.synced;
+            && peer_authn.synced
+            && vs.synced
+            && dr.synced
+            && se.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -245,9 +270,15 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 service_exports: exports.all(),
                 authorization_policies: authz.all(),
                 peer_authentications: peer_authn.all(),
-                refused: Vec::new(),
+                ..Default::default()
             };
-            if tx.send(Update::Objects(id.clone(), objects)).await.is_err() {
+            // The API server ran Istio's webhook only if istiod is installed: check
+            // here too, and leave out (and report) what Istio would refuse.
+            let objects = objects.with_networking(vs.all(), dr.all(), se.all());
+            for e in &objects.refused {
+                tracing::warn!(cluster = %id, error = %e, "Istio config refused");
+            }
+            if tx.send(Update::Objects(id.clone(), Box::new(objects))).await.is_err() {
                 return;
             }
         }

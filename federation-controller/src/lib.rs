@@ -7,6 +7,9 @@
 //! it was last heard from; [`federation`] merges them, purely, into the
 //! endpoints a proxy on a given network should see, and [`outbound`] into which
 //! service each virtual IP stands for in a given cluster; [`xds`] serves both.
+//! Istio's traffic config ([`networking`]: VirtualService, DestinationRule,
+//! ServiceEntry, validated as Istio does) is merged across clusters by [`routing`],
+//! which xDS translates into routes, subset clusters and policies.
 //! On the way, [`resolve`] gives gateways known only by host name their
 //! addresses. [`writeback`] writes into each cluster the ServiceEntries and ServiceImports
 //! of what other clusters export. Beside that flow, [`ca`] issues the workloads' SVIDs.
@@ -20,12 +23,14 @@ pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod networking;
 pub mod objects;
 pub mod outbound;
 pub mod publisher;
 pub mod registry;
 pub mod remote_secrets;
 pub mod resolve;
+pub mod routing;
 pub mod security;
 pub mod trust;
 pub mod writeback;

@@ -96,7 +96,7 @@ pub fn snapshot(dir: &Path, mesh: &MeshConfig, version: u64) -> Result<Snapshot,
             tracing::debug!(cluster = %id, file = %file.display(), document = s.document, kind = %s.kind, "not read (yet)");
         }
         for e in &c.objects.refused {
-            tracing::error!(cluster = %id, "policy refused, the rest is served: {e}");
+            tracing::error!(cluster = %id, "{e}; the rest keeps serving");
         }
         registry.update(ClusterModel::build(id, &c.objects, mesh), now);
     }
@@ -155,5 +155,38 @@ pub async fn watch(dir: PathBuf, mesh: MeshConfig, interval: Duration, tx: watch
         if tx.is_closed() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_istio_document_is_refused_and_the_rest_still_serves() {
+        let dir = std::env::temp_dir().join(format!("isthmus-manifests-refused-{}", std::process::id()));
+        let c1 = dir.join("c1");
+        std::fs::create_dir_all(&c1).unwrap();
+        std::fs::write(
+            c1.join("istio.yaml"),
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: broken}\nspec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}, weight: -1}]}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}]}\n",
+        )
+        .unwrap();
+        let clusters = read_dir(&dir).unwrap();
+        let c = &clusters[&ClusterId::new("c1")];
+        assert_eq!(c.objects.destination_rules.len(), 1, "the valid rule is kept");
+        assert!(c.objects.virtual_services.is_empty());
+        assert_eq!(
+            c.objects.refused[0].to_string(),
+            format!(
+                "{}: document 1: VirtualService default/broken refused: spec.http[0].route[0].weight: weight -1 < 0",
+                c1.join("istio.yaml").display()
+            )
+        );
+        let snap = snapshot(&dir, &MeshConfig::default(), 1).expect("the directory still serves");
+        let host = mesh_vocab::Hostname::parse("reviews.default.svc.cluster.local").unwrap();
+        assert!(snap.routing().destination_rule(&host).is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

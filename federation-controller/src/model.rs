@@ -9,10 +9,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use mesh_vocab::{ClusterId, Hostname, NetworkId};
 
+use crate::networking::{DestinationRule, VirtualService};
 use crate::objects::ClusterObjects;
 
 /// Istio's label naming a pod's, namespace's or gateway Service's network.
@@ -119,7 +121,7 @@ pub struct Gateway {
 }
 
 /// One cluster, distilled.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterModel {
     pub cluster: ClusterId,
     pub instances: Vec<Instance>,
@@ -128,6 +130,57 @@ pub struct ClusterModel {
     pub gateways: Vec<Gateway>,
     /// Security policies and workloads, for inbound listeners.
     pub security: crate::security::ClusterSecurity,
+    /// What L7 routing needs from the cluster.
+    pub traffic: Arc<Traffic>,
+}
+
+/// What a service port speaks, by Istio's rule: its `appProtocol` if set, else its
+/// name's prefix before `-` (`http-web` is HTTP); anything else, unnamed included, is TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Http,
+    /// HTTP/2 with prior knowledge (`http2`, `h2c`, `kubernetes.io/h2c`).
+    Http2,
+    Grpc,
+    GrpcWeb,
+    /// Everything not HTTP: carried as bytes.
+    Tcp,
+}
+
+impl Protocol {
+    /// The protocol of a port named `name` with `app_protocol`.
+    pub fn of_port(name: Option<&str>, app_protocol: Option<&str>) -> Protocol {
+        let word = match app_protocol.filter(|a| !a.is_empty()) {
+            Some(a) => a.to_ascii_lowercase(),
+            None => name
+                .unwrap_or_default()
+                .split('-')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+        };
+        match word.as_str() {
+            "http" => Protocol::Http,
+            "http2" | "h2c" | "kubernetes.io/h2c" => Protocol::Http2,
+            "grpc" => Protocol::Grpc,
+            "grpc-web" => Protocol::GrpcWeb,
+            _ => Protocol::Tcp,
+        }
+    }
+
+    /// Whether the port is routed per request (an HTTP connection manager) rather than per connection.
+    pub fn is_http(self) -> bool {
+        self != Protocol::Tcp
+    }
+}
+
+/// A cluster's L7 routing input: what each service port speaks, and the Istio
+/// traffic config (VirtualServices, DestinationRules) it holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Traffic {
+    pub protocols: BTreeMap<ServiceKey, Protocol>,
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
 }
 
 fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
@@ -257,6 +310,7 @@ impl ClusterModel {
         }
 
         let mut vips = Vec::new();
+        let mut protocols = BTreeMap::new();
         for svc in &objects.services {
             let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             let name = svc.metadata.name.clone().unwrap_or_default();
@@ -277,6 +331,11 @@ impl ClusterModel {
                     continue;
                 }
                 let Ok(port) = u16::try_from(p.port) else { continue };
+                let key = ServiceKey {
+                    host: host.clone(),
+                    port,
+                };
+                protocols.insert(key, Protocol::of_port(p.name.as_deref(), p.app_protocol.as_deref()));
                 for vip in &ips {
                     vips.push(ServiceVip {
                         vip: *vip,
@@ -342,6 +401,11 @@ impl ClusterModel {
             vips,
             gateways,
             security,
+            traffic: Arc::new(Traffic {
+                protocols,
+                virtual_services: objects.virtual_services.clone(),
+                destination_rules: objects.destination_rules.clone(),
+            }),
         }
     }
 }
@@ -442,5 +506,34 @@ status: {loadBalancer: {ingress: [{hostname: gw.example.com}]}}
             .map(|g| format!("{} {}:{}", g.network, g.address, g.port))
             .collect();
         assert_eq!(gws, ["net-pod 100.64.0.1:15443", "net-pod gw.example.com:15443"]);
+        let protocols: Vec<String> = m.traffic.protocols.iter().map(|(k, p)| format!("{k} {p:?}")).collect();
+        assert_eq!(
+            protocols,
+            [
+                "db.default.svc.cluster.local:5432 Tcp",
+                "istio-eastwestgateway.istio-system.svc.cluster.local:15443 Tcp",
+                "ratings.default.svc.cluster.local:9080 Tcp",
+                "reviews.default.svc.cluster.local:9080 Http",
+            ],
+            "the port name decides; unnamed is TCP"
+        );
+    }
+
+    #[test]
+    fn a_ports_protocol_is_its_app_protocol_else_its_name_prefix() {
+        assert_eq!(Protocol::of_port(Some("http-web"), None), Protocol::Http);
+        assert_eq!(Protocol::of_port(Some("grpc"), None), Protocol::Grpc);
+        assert_eq!(
+            Protocol::of_port(Some("tcp-db"), Some("kubernetes.io/h2c")),
+            Protocol::Http2
+        );
+        assert_eq!(
+            Protocol::of_port(Some("http"), Some("tcp")),
+            Protocol::Tcp,
+            "appProtocol wins"
+        );
+        assert_eq!(Protocol::of_port(Some("grpc-web"), Some("grpc-web")), Protocol::GrpcWeb);
+        assert_eq!(Protocol::of_port(Some("web"), None), Protocol::Tcp);
+        assert_eq!(Protocol::of_port(None, None), Protocol::Tcp);
     }
 }

@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_vocab::manifest::{self, ManifestError};
 use serde::{Deserialize, Serialize};
 
+use crate::networking::{self, ConfigError, DestinationRule, NetworkingConfig, ServiceEntry, VirtualService};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
 /// An MCS `ServiceExport` (`multicluster.x-k8s.io/v1alpha1`): the Service of the same
@@ -57,9 +58,13 @@ pub struct ClusterObjects {
     pub service_exports: Vec<ServiceExport>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
-    /// Security documents Istio would refuse: each is left out, and the rest of the
-    /// file still read, as an API server would have refused just that one.
-    pub refused: Vec<ManifestError>,
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
+    pub service_entries: Vec<ServiceEntry>,
+    /// Istio documents refused (invalid), each on its own: the rest of the file and
+    /// every other document still count, as one bad object applied to a cluster
+    /// does not undo the others.
+    pub refused: Vec<ConfigError>,
 }
 
 /// A document of a kind federation does not read (yet); kept so callers can say so.
@@ -72,6 +77,8 @@ pub struct Skipped {
 
 impl ClusterObjects {
     /// Adds the objects of one YAML file; returns the documents of kinds it does not read.
+    /// An invalid Istio document is kept out and recorded in [`Self::refused`]; any
+    /// other document that does not fit its kind fails the file.
     pub fn add_yaml(&mut self, file: &Path, text: &str) -> Result<Vec<Skipped>, ManifestError> {
         let mut skipped = Vec::new();
         for (n, doc) in manifest::documents(file, text)? {
@@ -106,15 +113,21 @@ impl ClusterObjects {
                     ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
                         match security_policy(file, n, &prefix, item, |p: &AuthorizationPolicy| p.spec.validate()) {
                             Ok(p) => self.authorization_policies.push(p),
-                            Err(e) => self.refused.push(e),
+                            Err(e) => self.refused.push(ConfigError::Shape(e)),
                         }
                     }
                     ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
                         match security_policy(file, n, &prefix, item, |p: &PeerAuthentication| p.spec.validate()) {
                             Ok(p) => self.peer_authentications.push(p),
-                            Err(e) => self.refused.push(e),
+                            Err(e) => self.refused.push(ConfigError::Shape(e)),
                         }
                     }
+                    (v, k) if networking::reads(v, k) => match networking::parse(file, n, &prefix, k, item) {
+                        Ok(NetworkingConfig::VirtualService(vs)) => self.virtual_services.push(*vs),
+                        Ok(NetworkingConfig::DestinationRule(dr)) => self.destination_rules.push(*dr),
+                        Ok(NetworkingConfig::ServiceEntry(se)) => self.service_entries.push(*se),
+                        Err(e) => self.refused.push(e),
+                    },
                     _ => skipped.push(Skipped {
                         document: n,
                         api_version,
@@ -140,6 +153,46 @@ fn security_policy<T: serde::de::DeserializeOwned>(
     Ok(p)
 }
 
+impl ClusterObjects {
+    /// These objects plus Istio networking objects read from an API server, each
+    /// validated: an invalid one goes to [`Self::refused`] instead.
+    pub fn with_networking(
+        mut self,
+        virtual_services: Vec<VirtualService>,
+        destination_rules: Vec<DestinationRule>,
+        service_entries: Vec<ServiceEntry>,
+    ) -> Self {
+        let refuse = |kind: &'static str, meta: &ObjectMeta, error| ConfigError::InvalidObject {
+            kind,
+            name: format!(
+                "{}/{}",
+                networking::namespace_of(meta),
+                meta.name.as_deref().unwrap_or_default()
+            ),
+            error,
+        };
+        for vs in virtual_services {
+            match vs.validate() {
+                Ok(()) => self.virtual_services.push(vs),
+                Err(e) => self.refused.push(refuse("VirtualService", &vs.metadata, e)),
+            }
+        }
+        for dr in destination_rules {
+            match dr.validate() {
+                Ok(()) => self.destination_rules.push(dr),
+                Err(e) => self.refused.push(refuse("DestinationRule", &dr.metadata, e)),
+            }
+        }
+        for se in service_entries {
+            match se.validate() {
+                Ok(()) => self.service_entries.push(se),
+                Err(e) => self.refused.push(refuse("ServiceEntry", &se.metadata, e)),
+            }
+        }
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +208,11 @@ spec: {ports: [{name: http, port: 9080}]}
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: x}
+spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
 ---
 apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
@@ -170,13 +228,40 @@ items:
         let skipped = o.add_yaml(Path::new("c1/a.yaml"), yaml).unwrap();
         assert_eq!((o.services.len(), o.namespaces.len(), o.pods.len()), (1, 1, 1));
         assert_eq!(o.service_exports[0].metadata.name.as_deref(), Some("reviews"));
+        assert_eq!(o.virtual_services[0].spec.hosts, ["reviews"]);
         assert_eq!(
             skipped,
             [Skipped {
-                document: 2,
+                document: 3,
                 api_version: "networking.istio.io/v1".into(),
-                kind: "VirtualService".into()
+                kind: "Gateway".into()
             }]
+        );
+    }
+
+    #[test]
+    fn an_invalid_istio_document_is_refused_alone_naming_document_and_field() {
+        let yaml = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: bad, namespace: web}
+spec: {hosts: ["*"]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}]}
+"#;
+        let mut o = ClusterObjects::default();
+        o.add_yaml(Path::new("c1/istio.yaml"), yaml).unwrap();
+        assert_eq!(o.destination_rules.len(), 1, "the valid rule still counts");
+        assert!(o.service_entries.is_empty());
+        let [e] = &o.refused[..] else {
+            panic!("one refused: {:?}", o.refused)
+        };
+        assert_eq!(
+            e.to_string(),
+            "c1/istio.yaml: document 1: ServiceEntry web/bad refused: spec.hosts[0]: hostname cannot be wildcard"
         );
     }
 

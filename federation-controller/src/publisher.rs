@@ -129,7 +129,7 @@ mod tests {
     async fn a_burst_is_published_once_when_it_quiets() {
         let (utx, rx) = start();
         for n in 1..=5 {
-            utx.send(Update::Objects(ClusterId::new("c1"), objects(n)))
+            utx.send(Update::Objects(ClusterId::new("c1"), Box::new(objects(n))))
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -148,7 +148,7 @@ mod tests {
         let (utx, rx) = start();
         let mut published_at = None;
         for n in 1..=40 {
-            utx.send(Update::Objects(ClusterId::new("c1"), objects(n % 7 + 1)))
+            utx.send(Update::Objects(ClusterId::new("c1"), Box::new(objects(n % 7 + 1))))
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -113,6 +113,7 @@ mod tests {
 
     fn model(name: &str) -> ClusterModel {
         ClusterModel {
+            traffic: Default::default(),
             cluster: ClusterId::new(name),
             instances: vec![],
             vips: vec![],

@@ -1,8 +1,11 @@
 //! The xDS server: Envoy's v3 Aggregated Discovery Service, state of the world
-//! and incremental (delta), for listeners (LDS), routes (RDS, to gRPC only),
-//! clusters (CDS), endpoints (EDS) and trust bundles (SDS), so our proxies,
-//! Envoy and proxyless gRPC can all consume it. Listeners map a service's `VIP:port` to its cluster
-//! ([`listener`]); clusters and endpoints carry Istio's auto-mTLS ([`mtls`]).
+//! and incremental (delta), for listeners (LDS), routes (RDS), clusters (CDS),
+//! endpoints (EDS) and trust bundles (SDS), so our proxies, Envoy and proxyless
+//! gRPC can all consume it (docs/l7-xds.md is the contract). Listeners map a
+//! service's `VIP:port` to its cluster, or for an HTTP port to its routes
+//! ([`listener`]); routes come from VirtualServices ([`routes`]); clusters carry
+//! DestinationRules' subsets and policy ([`subsets`], [`policy`]); clusters and
+//! endpoints carry Istio's auto-mTLS ([`mtls`]).
 //! Proxyless gRPC clients get the shapes they accept instead, and routes
 //! (RDS) ([`grpc`]): each proxy has a [`Generator`], as in Istio.
 //! A sidecar also gets its workload's inbound listener ([`inbound`]), with
@@ -44,8 +47,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::federation::{self, Resolved, View};
 use crate::metrics::Metrics;
-use crate::model::{ClusterModel, MeshConfig, ServiceKey};
+use crate::model::{ClusterModel, Locality, MeshConfig, ServiceKey};
+use crate::networking::destination_rule::effective_policy;
 use crate::outbound::{self, VipConflict, VipTable};
+use crate::routing::Routing;
 use crate::trust::BundleSet;
 use budget::{PushBudget, Reservation};
 
@@ -53,12 +58,16 @@ pub mod budget;
 pub mod grpc;
 pub mod inbound;
 pub mod listener;
+pub mod locality;
 pub mod mtls;
+pub mod policy;
 pub mod rbac;
+pub mod routes;
+pub mod subsets;
 
 /// Type URL of listeners.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-/// Type URL of route configurations (served to proxyless gRPC only).
+/// Type URL of route configurations.
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 /// Type URL of clusters.
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -91,17 +100,27 @@ pub struct Snapshot {
     vip_tables: OnceMap<Option<ClusterId>, Arc<std::sync::OnceLock<Arc<VipTable>>>>,
     /// Who may serve each service port, the same for every proxy.
     identities: std::sync::OnceLock<Arc<Identities>>,
+    /// The Istio traffic config of every live cluster, merged.
+    routing: std::sync::OnceLock<Arc<Routing>>,
 }
 
 /// What encoded resources are shared by: (network, cluster, generator, type URL,
-/// and for a sidecar's listeners what its inbound listener is made of).
-type CacheKey = (
-    NetworkId,
-    Option<ClusterId>,
-    Generator,
-    String,
-    Option<inbound::Inbound>,
-);
+/// what of the proxy itself they depend on). The last is set only where needed,
+/// so proxies share one encoding whenever they can.
+type CacheKey = (NetworkId, Option<ClusterId>, Generator, String, Option<PerProxy>);
+
+/// What of the proxy itself resources may depend on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PerProxy {
+    /// Routes, while some VirtualService matches on `sourceLabels`/`sourceNamespace`:
+    /// the proxy's namespace and labels.
+    Source(Option<String>, BTreeMap<String, String>),
+    /// Endpoints, while some DestinationRule makes balancing locality-aware: the
+    /// proxy's locality.
+    Locality(Locality),
+    /// A sidecar's listeners: its inbound listener is made of its workload's policies.
+    Inbound(inbound::Inbound),
+}
 
 /// Per service port, the SPIFFE IDs that may answer for it.
 type Identities = BTreeMap<ServiceKey, Vec<SpiffeId>>;
@@ -116,6 +135,12 @@ pub struct ProxyView {
     pub generator: Generator,
     /// A sidecar (not a gateway): it gets an inbound listener for its workload.
     pub sidecar: Option<inbound::SidecarNode>,
+    /// Its workload's namespace (`NAMESPACE`), for `sourceNamespace` matches.
+    pub namespace: Option<String>,
+    /// Its workload's labels (`LABELS`, a Struct of strings), for `sourceLabels` matches.
+    pub labels: BTreeMap<String, String>,
+    /// Where it runs (`Node.locality`), for locality-aware endpoints.
+    pub locality: Locality,
 }
 
 impl ProxyView {
@@ -128,6 +153,17 @@ impl ProxyView {
                 .map(ClusterId::new),
             generator: Generator::of(node),
             sidecar: inbound::SidecarNode::of(node).filter(|_| Generator::of(node) == Generator::Envoy),
+            namespace: node_metadata(node, "NAMESPACE").filter(|n| !n.is_empty()),
+            labels: node_labels(node),
+            locality: node
+                .locality
+                .as_ref()
+                .map(|l| Locality {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                    subzone: l.sub_zone.clone(),
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -138,6 +174,16 @@ impl ProxyView {
             cluster: None,
             generator: Generator::Envoy,
             sidecar: None,
+            namespace: None,
+            labels: BTreeMap::new(),
+            locality: Locality::default(),
+        }
+    }
+
+    fn requester(&self) -> routes::Requester<'_> {
+        routes::Requester {
+            namespace: self.namespace.as_deref(),
+            labels: &self.labels,
         }
     }
 }
@@ -200,6 +246,7 @@ impl Snapshot {
             views: Default::default(),
             vip_tables: Default::default(),
             identities: Default::default(),
+            routing: Default::default(),
         }
     }
 
@@ -216,6 +263,16 @@ impl Snapshot {
             (Some(node), LISTENER_TYPE) => Some(self.inbound(node, cluster.as_ref())),
             _ => None,
         };
+        let per_proxy = match type_url {
+            LISTENER_TYPE => inbound.clone().map(PerProxy::Inbound),
+            ROUTE_TYPE if self.routing().depends_on_source() => {
+                Some(PerProxy::Source(proxy.namespace.clone(), proxy.labels.clone()))
+            }
+            ENDPOINT_TYPE if generator == Generator::Envoy && self.routing().locality_aware() => {
+                Some(PerProxy::Locality(proxy.locality.clone()))
+            }
+            _ => None,
+        };
         let cell = self
             .cache
             .lock()
@@ -225,13 +282,13 @@ impl Snapshot {
                 cluster.clone(),
                 generator,
                 type_url.to_owned(),
-                inbound.clone(),
+                per_proxy,
             ))
             .or_default()
             .clone();
         cell.get_or_init(|| async {
             let mut list: Vec<Encoded> = self
-                .resources(type_url, network, cluster.as_ref(), generator)
+                .resources(type_url, network, cluster.as_ref(), proxy)
                 .into_iter()
                 .chain(inbound.as_ref().map(|i| {
                     let l = i.listener();
@@ -328,6 +385,40 @@ impl Snapshot {
             .collect()
     }
 
+    /// The merged Istio traffic config, computed once per snapshot.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .get_or_init(|| {
+                let models = self.clusters.iter().map(|(m, _)| m.as_ref());
+                Arc::new(Routing::merge(models, &self.mesh.domain))
+            })
+            .clone()
+    }
+
+    /// The subsets' endpoints a proxy on `network` sees.
+    fn subset_view(&self, network: &NetworkId) -> federation::SubsetView {
+        let view = self.shared_view(network);
+        let subsets = self.routing().subsets(view.keys());
+        let refs: Vec<(&ClusterModel, bool)> = self.clusters.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
+        federation::subset_view_for(network, &refs, &self.mesh, &self.resolved, &subsets)
+    }
+
+    /// The route configurations of every HTTP service port, for `proxy`.
+    fn route_configs(&self, proxy: &ProxyView, client: routes::Client) -> Vec<(String, Any, String)> {
+        let routing = self.routing();
+        routing
+            .http_ports()
+            .map(|k| {
+                let r = routes::route_config(k, &routing, proxy.requester(), client);
+                let resource = any(ROUTE_TYPE, &r);
+                // Route configurations hold no map with more than one entry, so their
+                // bytes are canonical and may stand for the version.
+                let version = stable_hash(&resource.value);
+                (r.name, resource, version)
+            })
+            .collect()
+    }
+
     /// Who may serve each service port, computed once per snapshot.
     fn identities(&self) -> Arc<Identities> {
         self.identities
@@ -348,41 +439,91 @@ impl Snapshot {
         type_url: &str,
         network: &NetworkId,
         proxy_cluster: Option<&ClusterId>,
-        generator: Generator,
+        proxy: &ProxyView,
     ) -> Vec<(String, Any, String)> {
-        if generator == Generator::Grpc {
-            return self.grpc_resources(type_url, network);
+        if proxy.generator == Generator::Grpc {
+            return self.grpc_resources(type_url, network, proxy);
         }
         match type_url {
-            LISTENER_TYPE => self
-                .vip_table(proxy_cluster)
-                .vips
-                .iter()
-                .map(|((vip, port), host)| {
-                    let l = listener::listener(*vip, *port, host);
-                    (l.name.clone(), any(LISTENER_TYPE, &l), stable_hash(&(vip, port, host)))
-                })
-                .collect(),
-            CLUSTER_TYPE => {
-                let identities = self.identities();
-                let td = &self.mesh.trust_domain;
-                self.shared_view(network)
-                    .keys()
-                    .map(|k| {
-                        let ids = identities.get(k).map(Vec::as_slice).unwrap_or_default();
-                        let c = cluster(k, ids);
-                        (c.name.clone(), any(CLUSTER_TYPE, &c), stable_hash(&(k, ids, td)))
+            LISTENER_TYPE => {
+                let routing = self.routing();
+                self.vip_table(proxy_cluster)
+                    .vips
+                    .iter()
+                    .map(|((vip, port), host)| {
+                        let protocol = routing.protocol(&ServiceKey {
+                            host: host.clone(),
+                            port: *port,
+                        });
+                        let l = listener::listener(*vip, *port, host, protocol);
+                        let version = stable_hash(&(vip, port, host, protocol));
+                        (l.name.clone(), any(LISTENER_TYPE, &l), version)
                     })
                     .collect()
             }
-            ENDPOINT_TYPE => self
-                .shared_view(network)
-                .iter()
-                .map(|(k, eps)| {
-                    let c = load_assignment(k, eps);
-                    (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), stable_hash(&(k, eps)))
-                })
-                .collect(),
+            ROUTE_TYPE => self.route_configs(proxy, routes::Client::Envoy),
+            CLUSTER_TYPE => {
+                let identities = self.identities();
+                let routing = self.routing();
+                let td = &self.mesh.trust_domain;
+                self.shared_view(network)
+                    .keys()
+                    .flat_map(|k| {
+                        let ids = identities.get(k).map(Vec::as_slice).unwrap_or_default();
+                        // The rule is part of what a cluster is built from (serde_json of
+                        // BTreeMaps is canonical); a host without one hashes as before.
+                        let rule = routing
+                            .destination_rule(&k.host)
+                            .map(|(ns, dr)| (ns.to_owned(), serde_json::to_string(dr).unwrap_or_default()));
+                        let protocol = routing.protocol(k);
+                        subsets::clusters(k, &routing, ids).into_iter().map(move |c| {
+                            let version = match &rule {
+                                None => stable_hash(&(k, ids, td)),
+                                Some(r) => stable_hash(&(k, ids, td, r, &c.name, protocol)),
+                            };
+                            (c.name.clone(), any(CLUSTER_TYPE, &c), version)
+                        })
+                    })
+                    .collect()
+            }
+            ENDPOINT_TYPE => {
+                let routing = self.routing();
+                // Locality priorities for this proxy where the cluster's policy asks for them.
+                let localize = |c: &mut ClusterLoadAssignment, k: &ServiceKey, subset: Option<&str>| {
+                    let (_, dr) = routing.destination_rule(&k.host)?;
+                    let p = effective_policy(dr, subset, k.port);
+                    if !locality::applies(&p) {
+                        return None;
+                    }
+                    let setting = p.load_balancer.as_ref().and_then(|lb| lb.locality_lb_setting.as_ref());
+                    let at = locality::Proxy {
+                        locality: &proxy.locality,
+                        network: &proxy.network,
+                    };
+                    locality::apply(c, at, setting);
+                    Some((&proxy.locality, serde_json::to_string(&setting).unwrap_or_default()))
+                };
+                let mut out: Vec<(String, Any, String)> = self
+                    .shared_view(network)
+                    .iter()
+                    .map(|(k, eps)| {
+                        let mut c = load_assignment(cluster_name(k), eps);
+                        let local = localize(&mut c, k, None);
+                        (
+                            c.cluster_name.clone(),
+                            any(ENDPOINT_TYPE, &c),
+                            stable_hash(&(k, eps, local)),
+                        )
+                    })
+                    .collect();
+                let view = self.subset_view(network);
+                out.extend(subsets::load_assignments(&view).map(|(k, mut c)| {
+                    let local = localize(&mut c, &k.service, Some(&k.subset));
+                    let version = stable_hash(&(k, &view[k], local));
+                    (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), version)
+                }));
+                out
+            }
             _ => Vec::new(),
         }
     }
@@ -390,7 +531,7 @@ impl Snapshot {
     /// [`Self::resources`] for proxyless gRPC: per service port the proxy's
     /// network sees, its API listener, routes and plaintext cluster, and the
     /// endpoints it can reach without mTLS (none behind a gateway).
-    fn grpc_resources(&self, type_url: &str, network: &NetworkId) -> Vec<(String, Any, String)> {
+    fn grpc_resources(&self, type_url: &str, network: &NetworkId, proxy: &ProxyView) -> Vec<(String, Any, String)> {
         let view = self.shared_view(network);
         match type_url {
             LISTENER_TYPE => view
@@ -400,32 +541,50 @@ impl Snapshot {
                     (l.name.clone(), any(LISTENER_TYPE, &l), stable_hash(&(GRPC_SHAPES, k)))
                 })
                 .collect(),
+            // Every service port a gRPC client can dial has routes, whatever its port's name.
             ROUTE_TYPE => view
                 .keys()
                 .map(|k| {
-                    let r = grpc::route_config(k);
-                    (r.name.clone(), any(ROUTE_TYPE, &r), stable_hash(&(GRPC_SHAPES, k)))
+                    let r = routes::route_config(k, &self.routing(), proxy.requester(), routes::Client::Grpc);
+                    let resource = any(ROUTE_TYPE, &r);
+                    let version = stable_hash(&(GRPC_SHAPES, &resource.value));
+                    (r.name, resource, version)
                 })
                 .collect(),
-            CLUSTER_TYPE => view
-                .keys()
-                .map(|k| {
-                    let c = grpc::cluster(k);
-                    (c.name.clone(), any(CLUSTER_TYPE, &c), stable_hash(&(GRPC_SHAPES, k)))
-                })
-                .collect(),
-            ENDPOINT_TYPE => view
-                .iter()
-                .map(|(k, eps)| {
-                    let direct: Vec<federation::LbEndpoint> = eps.iter().filter(|e| !e.via_gateway).cloned().collect();
-                    let c = load_assignment(k, &direct);
-                    (
-                        c.cluster_name.clone(),
-                        any(ENDPOINT_TYPE, &c),
-                        stable_hash(&(k, &direct)),
-                    )
-                })
-                .collect(),
+            CLUSTER_TYPE => {
+                let routing = self.routing();
+                let subsets = routing.subsets(view.keys());
+                view.keys()
+                    .map(|k| (k, None))
+                    .chain(subsets.iter().map(|(s, _)| (&s.service, Some(s.subset.as_str()))))
+                    .map(|(k, subset)| {
+                        let c = grpc::cluster(k, subset);
+                        (
+                            c.name.clone(),
+                            any(CLUSTER_TYPE, &c),
+                            stable_hash(&(GRPC_SHAPES, k, subset)),
+                        )
+                    })
+                    .collect()
+            }
+            ENDPOINT_TYPE => {
+                let direct = |eps: &[federation::LbEndpoint]| -> Vec<federation::LbEndpoint> {
+                    eps.iter().filter(|e| !e.via_gateway).cloned().collect()
+                };
+                let subset_view = self.subset_view(network);
+                let services = view.iter().map(|(k, eps)| (cluster_name(k), direct(eps)));
+                let subsets = subset_view
+                    .iter()
+                    .map(|(k, eps)| (subset_cluster_name(&k.service, &k.subset), direct(eps)));
+                services
+                    .chain(subsets)
+                    .map(|(name, eps)| {
+                        let version = stable_hash(&(&name, &eps));
+                        let c = load_assignment(name, &eps);
+                        (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), version)
+                    })
+                    .collect()
+            }
             _ => Vec::new(),
         }
     }
@@ -444,6 +603,11 @@ const GRPC_SHAPES: u32 = 1;
 /// Istio's cluster name for a service port (no subset).
 pub fn cluster_name(key: &ServiceKey) -> String {
     format!("outbound|{}||{}", key.port, key.host)
+}
+
+/// Istio's cluster name for a subset of a service port.
+pub fn subset_cluster_name(key: &ServiceKey, subset: &str) -> String {
+    format!("outbound|{}|{subset}|{}", key.port, key.host)
 }
 
 /// The ADS service.
@@ -1075,6 +1239,27 @@ pub(crate) fn any<M: Message>(type_url: &str, m: &M) -> Any {
     }
 }
 
+/// The node's `LABELS` metadata (Istio's: a Struct of strings); other values are left out.
+fn node_labels(node: &core::Node) -> BTreeMap<String, String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(Kind::StructValue(labels)) = node
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("LABELS"))
+        .and_then(|v| v.kind.as_ref())
+    else {
+        return BTreeMap::new();
+    };
+    labels
+        .fields
+        .iter()
+        .filter_map(|(k, v)| match &v.kind {
+            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A string field of the node's metadata (Istio puts NETWORK, CLUSTER_ID, … there).
 fn node_metadata(node: &core::Node, key: &str) -> Option<String> {
     use envoy_types::pb::google::protobuf::value::Kind;
@@ -1110,25 +1295,31 @@ fn endpoint_metadata(e: &federation::LbEndpoint) -> core::Metadata {
     }
 }
 
-/// The EDS cluster of a service port, with auto-mTLS to `identities`.
-fn cluster(key: &ServiceKey, identities: &[mesh_vocab::SpiffeId]) -> Cluster {
+/// The EDS cluster of a service port (or of one of its subsets), with auto-mTLS to `identities`.
+fn cluster(key: &ServiceKey, subset: Option<&str>, identities: &[mesh_vocab::SpiffeId]) -> Cluster {
+    let name = match subset {
+        Some(s) => subset_cluster_name(key, s),
+        None => cluster_name(key),
+    };
     Cluster {
-        name: cluster_name(key),
-        transport_socket_matches: mtls::transport_socket_matches(key, identities),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        // A subset's endpoints are its own (EDS `service_name`); the service's go by its name.
         eds_cluster_config: Some(EdsClusterConfig {
             eds_config: Some(ConfigSource {
                 resource_api_version: ApiVersion::V3 as i32,
                 config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
                 ..Default::default()
             }),
-            service_name: String::new(),
+            service_name: if subset.is_some() { name.clone() } else { String::new() },
         }),
+        name,
+        transport_socket_matches: mtls::transport_socket_matches(key, subset, identities),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         ..Default::default()
     }
 }
 
-fn load_assignment(key: &ServiceKey, eps: &[federation::LbEndpoint]) -> ClusterLoadAssignment {
+/// The endpoints of cluster `cluster_name`, grouped by locality.
+fn load_assignment(cluster_name: String, eps: &[federation::LbEndpoint]) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<&crate::model::Locality, Vec<LbEndpoint>> = BTreeMap::new();
     for e in eps {
         by_locality.entry(&e.locality).or_default().push(LbEndpoint {
@@ -1148,7 +1339,7 @@ fn load_assignment(key: &ServiceKey, eps: &[federation::LbEndpoint]) -> ClusterL
         });
     }
     ClusterLoadAssignment {
-        cluster_name: cluster_name(key),
+        cluster_name,
         endpoints: by_locality
             .into_iter()
             .map(|(l, lb_endpoints)| LocalityLbEndpoints {
@@ -1200,6 +1391,7 @@ mod tests {
         }];
         vec![(
             Arc::new(ClusterModel {
+                traffic: Default::default(),
                 cluster: ClusterId::new("c1"),
                 instances,
                 vips: vec![],
@@ -1290,7 +1482,7 @@ mod tests {
             .iter()
             .map(|sa| mesh_vocab::SpiffeId::workload("example.org", "default", sa).unwrap())
             .collect();
-        let c = cluster(&reviews(), &ids);
+        let c = cluster(&reviews(), None, &ids);
         let [tls, raw] = &c.transport_socket_matches[..] else {
             panic!("two transport sockets")
         };
@@ -1393,7 +1585,7 @@ mod tests {
         assert_eq!(names(&snap.encoded(&grpc1, CLUSTER_TYPE).await), [cluster]);
         assert!(
             snap.encoded(&envoy1, ROUTE_TYPE).await.is_empty(),
-            "Envoy gets no routes"
+            "no HTTP port, no routes"
         );
         let addresses = |set: EncodedSet| {
             let cla = ClusterLoadAssignment::decode(set[0].resource.value.as_slice()).unwrap();
@@ -1470,6 +1662,122 @@ mod tests {
                 ("100.64.0.1".to_owned(), Some("istio".to_owned())),
             ],
             "the sidecar'd pod and n2's gateway are mTLS; the plain pod is not"
+        );
+    }
+
+    fn snapshot_with(yaml: &str) -> Snapshot {
+        let mut objects = crate::objects::ClusterObjects::default();
+        objects.add_yaml(std::path::Path::new("c1/istio.yaml"), yaml).unwrap();
+        assert!(objects.refused.is_empty(), "{:?}", objects.refused);
+        let mut m = (*clusters(1)[0].0).clone();
+        let mut traffic = crate::model::Traffic {
+            virtual_services: objects.virtual_services,
+            destination_rules: objects.destination_rules,
+            ..Default::default()
+        };
+        traffic.protocols.insert(reviews(), crate::model::Protocol::Http);
+        m.traffic = Arc::new(traffic);
+        Snapshot::new(
+            1,
+            std::time::Instant::now(),
+            vec![(Arc::new(m), false)],
+            MeshConfig::default(),
+        )
+    }
+
+    fn proxy(namespace: &str, app: &str) -> ProxyView {
+        ProxyView {
+            namespace: Some(namespace.into()),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ..ProxyView::envoy(&NetworkId::new("n1"))
+        }
+    }
+
+    /// The clusters the first route of each `proxy`'s reviews routes sends to.
+    async fn first_route_cluster(snap: &Snapshot, proxy: &ProxyView) -> String {
+        use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
+        let set = snap.encoded(proxy, ROUTE_TYPE).await;
+        let rc = set
+            .iter()
+            .find(|e| e.name == "reviews.default.svc.cluster.local:9080")
+            .unwrap();
+        let rc = RouteConfiguration::decode(rc.resource.value.as_slice()).unwrap();
+        let Some(route::Action::Route(a)) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!("a route")
+        };
+        match &a.cluster_specifier {
+            Some(route_action::ClusterSpecifier::Cluster(c)) => c.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_that_match_on_the_source_are_made_per_proxy_and_others_are_shared() {
+        let snap = snapshot_with(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{sourceLabels: {app: productpage}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route: [{destination: {host: reviews, subset: v1}}]\n",
+        );
+        assert_eq!(
+            first_route_cluster(&snap, &proxy("default", "productpage")).await,
+            "outbound|9080|v2|reviews.default.svc.cluster.local"
+        );
+        assert_eq!(
+            first_route_cluster(&snap, &proxy("default", "ratings")).await,
+            "outbound|9080|v1|reviews.default.svc.cluster.local",
+            "not served the productpage's routes from the cache"
+        );
+        let shared = snapshot_with(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v1}}]}]}\n",
+        );
+        let a = shared.encoded(&proxy("default", "productpage"), ROUTE_TYPE).await;
+        let b = shared.encoded(&proxy("test", "ratings"), ROUTE_TYPE).await;
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "without source matches every proxy shares one encoding"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_outlier_detection_endpoints_are_prioritised_for_each_proxys_locality() {
+        let mut snap = snapshot_with(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: s0}\nspec: {host: s0, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}}\n",
+        );
+        // s0's instances (every fourth) alternate between two zones.
+        let mut m = (*snap.clusters[0].0).clone();
+        for (i, inst) in m.instances.iter_mut().enumerate() {
+            inst.locality = Locality {
+                region: "eu".into(),
+                zone: format!("eu-{}", i / 4 % 2),
+                subzone: String::new(),
+            };
+        }
+        snap.clusters[0].0 = Arc::new(m);
+        let in_zone = |zone: &str| ProxyView {
+            locality: Locality {
+                region: "eu".into(),
+                zone: zone.into(),
+                subzone: String::new(),
+            },
+            ..ProxyView::envoy(&NetworkId::new("n1"))
+        };
+        let priorities = |set: EncodedSet| {
+            let e = set
+                .iter()
+                .find(|e| e.name == "outbound|80||s0.default.svc.cluster.local")
+                .unwrap();
+            let cla = ClusterLoadAssignment::decode(e.resource.value.as_slice()).unwrap();
+            cla.endpoints
+                .iter()
+                .map(|l| (l.locality.as_ref().unwrap().zone.clone(), l.priority))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            priorities(snap.encoded(&in_zone("eu-0"), ENDPOINT_TYPE).await),
+            [("eu-0".to_owned(), 0), ("eu-1".to_owned(), 1)]
+        );
+        assert_eq!(
+            priorities(snap.encoded(&in_zone("eu-1"), ENDPOINT_TYPE).await),
+            [("eu-0".to_owned(), 1), ("eu-1".to_owned(), 0)],
+            "each locality is served its own priorities, not a cached neighbour's"
         );
     }
 }

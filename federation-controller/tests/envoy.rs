@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use support::{Controller, cluster, cluster_with_ips, free_port, scratch, two_networks};
+use support::{Controller, cluster, cluster_with_ips, eventually, free_port, scratch, two_networks};
 
 /// Stands for istio-agent's SDS server on the proxy's node: the workload's SVID
 /// as `default` and its trust domain's root as `ROOTCA`, made for the test.
@@ -301,6 +301,7 @@ fn envoy_follows(api_type: &str, name: &str) {
     "id": "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local",
     "cluster": "productpage.default",
     "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
+                 "LABELS": {{"app": "productpage"}},
                  "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
   }},
   "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
@@ -388,10 +389,20 @@ fn envoy_follows(api_type: &str, name: &str) {
         "Envoy NACKed our listeners"
     );
     assert_eq!(stat(&stats, "listener_manager.total_listeners_warming"), Some(0));
+    // reviews' port is named `http`: its listener routes over RDS, and the
+    // routes (no VirtualService) send everything to the service's cluster.
     let dump = http_get(&admin, "/config_dump?resource=dynamic_listeners").unwrap();
     assert!(
-        dump.contains(&format!("\"cluster\": \"{reviews}\"")) && dump.contains("\"bind_to_port\": false"),
+        dump.contains("\"route_config_name\": \"reviews.default.svc.cluster.local:9080\"")
+            && dump.contains("\"bind_to_port\": false"),
         "{dump}"
+    );
+    let routes = wait_admin(&admin, "/config_dump?resource=dynamic_route_configs", |b| {
+        b.contains(&format!("\"cluster\": \"{reviews}\""))
+    });
+    assert!(
+        routes.contains("retriable-status-codes"),
+        "Istio's default retries: {routes}"
     );
 
     // Changes reach Envoy without a restart: a pod more in cluster2, a ClusterIP
@@ -725,4 +736,212 @@ spec: {selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {princi
         Some((403, "RBAC: access denied".to_owned())),
         "a local peer the policy does not name"
     );
+}
+
+/// Starts Envoy with the bootstrap istio-agent writes for a sidecar in network1
+/// and cluster1, reduced to ADS (of `api_type`) from `xds` and the agent's SDS at
+/// `sds`, plus the static `listeners` (JSON, may be empty); returns it and its
+/// admin address once it serves.
+fn start_sidecar_envoy(
+    dir: &std::path::Path,
+    api_type: &str,
+    xds: std::net::SocketAddr,
+    sds: std::net::SocketAddr,
+    listeners: &str,
+) -> (Killed, String) {
+    let bootstrap = format!(
+        r#"{{
+  "node": {{
+    "id": "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local",
+    "cluster": "productpage.default",
+    "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
+                  "LABELS": {{"app": "productpage"}}}}
+  }},
+  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
+  "dynamic_resources": {{
+    "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3",
+                    "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
+    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
+    "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
+  }},
+  "static_resources": {{"clusters": [{xds_grpc}, {sds_grpc}], "listeners": [{listeners}]}}
+}}"#,
+        xds_grpc = grpc_cluster("xds-grpc", xds),
+        sds_grpc = grpc_cluster("sds-grpc", sds),
+    );
+    start_envoy(dir, &bootstrap)
+}
+
+/// Every `update_rejected` stat of Envoy's that is not 0: any xDS type or resource it NACKed.
+fn nacks(admin: &str) -> Vec<String> {
+    http_get(admin, "/stats")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An HTTP/1.1 server on `addr` answering every request with `body`, for the test's life.
+fn answer(addr: std::net::SocketAddr, body: &'static str) -> std::net::SocketAddr {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                // Envoy keeps upstream connections alive: answer each request on it.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut chunk) {
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        if conn.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Bookinfo's `reviews` 80/20 between subsets v1 and v2 (Istio's own samples:
+/// destination-rule-all-mtls and virtual-service-reviews-80-20): Envoy accepts the
+/// HTTP listener, routes and subset clusters and endpoints without a NACK, and
+/// really splits requests about 80/20 between two local servers.
+#[test]
+fn envoy_routes_bookinfos_weighted_split_across_subsets() {
+    let dir = scratch("envoy-l7");
+    // The two versions' pods, plaintext (no sidecar), on one port of two addresses.
+    let v1 = answer("127.0.0.2:0".parse().unwrap(), "v1");
+    let v2 = answer(std::net::SocketAddr::new([127, 0, 0, 3].into(), v1.port()), "v2");
+    let c1 = dir.join("cluster1");
+    std::fs::create_dir_all(&c1).unwrap();
+    std::fs::write(
+        c1.join("objects.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec: {{clusterIP: 10.96.1.12, ports: [{{name: http, port: 9080}}]}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-v1, namespace: default, labels: {{app: reviews, version: v1}}}}\nspec: {{containers: [{{name: app}}]}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-v2, namespace: default, labels: {{app: reviews, version: v2}}}}\nspec: {{containers: [{{name: app}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints:\n\
+             - {{addresses: [{ip1}], targetRef: {{kind: Pod, name: reviews-v1}}}}\n\
+             - {{addresses: [{ip2}], targetRef: {{kind: Pod, name: reviews-v2}}}}\n",
+            port = v1.port(),
+            ip1 = v1.ip(),
+            ip2 = v2.ip(),
+        ),
+    )
+    .unwrap();
+    let samples = std::path::Path::new("/work/shared/conformance/istio-examples/samples");
+    for f in [
+        "bookinfo-destination-rule-all-mtls.yaml",
+        "bookinfo-virtual-service-reviews-80-20.yaml",
+    ] {
+        std::fs::copy(samples.join(f), c1.join(f)).unwrap();
+    }
+    let controller = Controller::serve(&dir);
+    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
+    // Stands for the sidecar's capture: a bound listener using the same routes
+    // as reviews' virtual listener (which is never bound).
+    let probe = r#"{"name": "probe", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+      "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "probe",
+        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
+                "route_config_name": "reviews.default.svc.cluster.local:9080"},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+          "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}"#;
+    let (envoy, admin) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, probe);
+
+    let subset = |s: &str| format!("outbound|9080|{s}|reviews.default.svc.cluster.local");
+    let clusters = wait_admin(&admin, "/clusters", |b| {
+        b.contains(&format!("{}::{v1}", subset("v1"))) && b.contains(&format!("{}::{v2}", subset("v2")))
+    });
+    assert!(
+        !clusters.contains(&format!("{}::{v2}", subset("v1"))),
+        "v1's subset holds only v1's pod: {clusters}"
+    );
+    assert!(clusters.contains(&format!("{}::", subset("v3"))) || clusters.contains(&subset("v3")));
+    let routes = wait_admin(&admin, "/config_dump?resource=dynamic_route_configs", |b| {
+        b.contains("weighted_clusters")
+    });
+    assert!(
+        routes.contains(&subset("v1")) && routes.contains(&subset("v2")),
+        "{routes}"
+    );
+    let listeners = wait_admin(&admin, "/listeners", |b| {
+        b.contains("10.96.1.12_9080") && b.contains("probe::127.0.0.1:")
+    });
+    assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
+    let stats = http_get(&admin, "/stats").unwrap();
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("http.probe.rds.") && l.contains("update_success")),
+        "RDS arrived over ADS"
+    );
+
+    let port: u16 = listeners
+        .lines()
+        .find_map(|l| l.strip_prefix("probe::127.0.0.1:"))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap();
+    let get = || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.starts_with("HTTP/1.1 200")
+            .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
+    };
+    // The first request may race the subset endpoints' arrival: wait for one answer.
+    eventually("Envoy routes a request to reviews", Duration::from_secs(20), get);
+    let (mut to_v1, mut to_v2) = (0, 0);
+    for _ in 0..200 {
+        match get().as_deref() {
+            Some("v1") => to_v1 += 1,
+            Some("v2") => to_v2 += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // 200 draws at 20%: 40 expected, standard deviation under 6.
+    assert!((15..=70).contains(&to_v2), "80/20 split, got v1 {to_v1} / v2 {to_v2}");
+
+    // A policy with outlier detection and connection limits (locality-aware
+    // endpoints, circuit breakers) is accepted too, and traffic still flows.
+    std::fs::write(
+        c1.join("bookinfo-destination-rule-all-mtls.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n\
+         \x20 trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 5, interval: 1s, baseEjectionTime: 30s}\n\
+         \x20   connectionPool: {tcp: {maxConnections: 100}, http: {maxRequestsPerConnection: 10}}\n\
+         \x20 subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n",
+    )
+    .unwrap();
+    let active = wait_admin(&admin, "/config_dump?resource=dynamic_active_clusters", |b| {
+        b.contains("outlier_detection") && b.contains("max_requests_per_connection")
+    });
+    assert!(active.contains("circuit_breakers"), "{active}");
+    wait_admin(&admin, "/config_dump?include_eds", |b| {
+        b.contains("overprovisioning_factor")
+    });
+    assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
+    assert!(get().is_some(), "still routed");
+    drop(envoy);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

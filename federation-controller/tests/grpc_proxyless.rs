@@ -69,7 +69,7 @@ impl Drop for Python {
 }
 
 /// cluster1 on network1: `reviews` (ClusterIP, port 9080 named grpc) with a
-/// plaintext pod per (name, IP), all listening on `port`.
+/// plaintext pod per (name, IP), labelled `pod: NAME`, all listening on `port`.
 fn manifests(dir: &Path, port: u16, pods: &[(&str, &str)]) {
     let d = dir.join("cluster1");
     std::fs::create_dir_all(&d).unwrap();
@@ -80,7 +80,7 @@ fn manifests(dir: &Path, port: u16, pods: &[(&str, &str)]) {
     let mut eps = String::new();
     for (pod, ip) in pods {
         y += &format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: default, labels: {{app: reviews}}}}\n\
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: default, labels: {{app: reviews, pod: {pod}}}}}\n\
              spec: {{serviceAccountName: reviews, containers: [{{name: app}}]}}\n"
         );
         eps += &format!("  - {{addresses: [{ip}], targetRef: {{kind: Pod, name: {pod}}}}}\n");
@@ -170,9 +170,9 @@ fn csds(client: &mut Python) -> (BTreeSet<(String, String, String)>, Vec<String>
     (held, endpoints)
 }
 
-#[test]
-fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a_push() {
-    let dir = scratch("grpc-proxyless");
+/// Two gRPC servers, reviews-a on 127.0.0.2 and reviews-b on 127.0.0.3 (one port),
+/// and cluster1's manifests for them under `dir/manifests`.
+fn two_backends(dir: &Path) -> (Python, u16, std::path::PathBuf) {
     let mut servers = Python::start(&["serve", "reviews-a=127.0.0.2", "reviews-b=127.0.0.3"], &[]);
     let port: u16 = servers
         .line()
@@ -187,6 +187,13 @@ fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a
         port,
         &[("reviews-a", "127.0.0.2"), ("reviews-b", "127.0.0.3")],
     );
+    (servers, port, manifest_dir)
+}
+
+#[test]
+fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a_push() {
+    let dir = scratch("grpc-proxyless");
+    let (mut servers, port, manifest_dir) = two_backends(&dir);
     // reviews also runs on network2, reachable from network1 only through its
     // gateway, which only passes mTLS through: nothing gRPC can use yet.
     cluster(&manifest_dir, "cluster2", "network2", 2, &[("reviews-c", "v1", true)]);
@@ -263,6 +270,65 @@ fn a_proxyless_grpc_client_acks_what_it_is_served_balances_over_it_and_follows_a
             "{t} was served"
         );
     }
+    drop(servers.stdin.take());
+}
+
+/// Istio config reaches a real gRPC client: a VirtualService sending everything
+/// to one DestinationRule subset is obeyed, and a fault abort it adds fails the calls.
+#[test]
+fn a_proxyless_grpc_client_follows_virtual_service_subsets_and_faults() {
+    let dir = scratch("grpc-proxyless-l7");
+    let (mut servers, _, manifest_dir) = two_backends(&dir);
+    let istio = |fault: &str| {
+        let y = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\n\
+             spec: {{host: reviews, subsets: [{{name: a, labels: {{pod: reviews-a}}}}, {{name: b, labels: {{pod: reviews-b}}}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\n\
+             spec: {{hosts: [reviews], http: [{{{fault}route: [{{destination: {{host: reviews, subset: b}}, weight: 100}}]}}]}}\n"
+        );
+        let tmp = manifest_dir.join("cluster1/.istio.yaml.tmp");
+        std::fs::write(&tmp, y).unwrap();
+        std::fs::rename(tmp, manifest_dir.join("cluster1/istio.yaml")).unwrap();
+    };
+    istio("");
+    let controller = Controller::serve(&manifest_dir);
+    let bootstrap_file = dir.join("bootstrap.json");
+    bootstrap(&bootstrap_file, controller.xds);
+    let mut client = Python::start(&["client", TARGET], &[("GRPC_XDS_BOOTSTRAP", &bootstrap_file)]);
+
+    call_until(&mut client, 10, "answered by subset b only", |a, e| {
+        e.is_empty() && !a.is_empty() && a.iter().all(|s| s == "reviews-b")
+    });
+    let (answers, errors) = call(&mut client, 20);
+    assert!(
+        errors.is_empty() && answers.iter().all(|s| s == "reviews-b"),
+        "the VirtualService sends everything to subset b: {answers:?}, errors {errors:?}"
+    );
+    let (held, _) = csds(&mut client);
+    assert!(
+        held.iter().any(|(t, n, s)| t.ends_with("Cluster")
+            && n == "outbound|9080|b|reviews.default.svc.cluster.local"
+            && s == "ACKED"),
+        "{held:?}"
+    );
+
+    istio("fault: {abort: {httpStatus: 503, percentage: {value: 100}}}, ");
+    // A round stops at its first failure: an abort of every call fails each round's first.
+    call_until(&mut client, 5, "aborted by the fault", |a, e| {
+        a.is_empty() && !e.is_empty()
+    });
+    for _ in 0..5 {
+        let (answers, errors) = call(&mut client, 5);
+        assert!(
+            answers.is_empty() && errors == ["UNAVAILABLE: Fault injected"],
+            "HTTP 503 is gRPC's UNAVAILABLE, for every call: {answers:?} {errors:?}"
+        );
+    }
+    assert_eq!(
+        controller.metric("pilot_total_xds_rejects", &[]).unwrap_or(0.0),
+        0.0,
+        "the gRPC client NACKed nothing"
+    );
     drop(servers.stdin.take());
 }
 

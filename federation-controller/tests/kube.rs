@@ -44,13 +44,16 @@ async fn until_addresses(rx: &mut mpsc::Receiver<Update>, want: &[&str]) -> Opti
     model
 }
 
-/// A client of `api`, through its kubeconfig as a user would reach it.
-async fn client_of(api: &FakeApi) -> kube::Client {
+/// The kube source of cluster1, reading `api` through a kubeconfig, and its updates.
+async fn watch_cluster1(api: &FakeApi) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<Update>) {
     let kubeconfig = Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap();
-    kube::Client::try_from(config).unwrap()
+    let client = kube::Client::try_from(config).unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
+    (source, rx)
 }
 
 #[tokio::test]
@@ -68,9 +71,7 @@ async fn lists_watches_relists_after_410_and_resumes_after_a_dropped_watch() {
     api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}));
     api.apply(slice(&["10.241.0.1", "10.241.0.2"]));
 
-    let client = client_of(&api).await;
-    let (tx, mut rx) = mpsc::channel(16);
-    let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
+    let (source, mut rx) = watch_cluster1(&api).await;
 
     // Initial sync: published once every kind is listed, ClusterIP and service account included.
     let m = until_addresses(&mut rx, &["10.241.0.1", "10.241.0.2"]).await.unwrap();
@@ -226,9 +227,7 @@ async fn serve_with_a_kubeconfig_serves_that_cluster_over_xds_and_follows_it() {
 async fn security_policies_are_watched_once_istios_crds_are_installed() {
     let api = FakeApi::start().await;
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
-    let client = client_of(&api).await;
-    let (tx, mut rx) = mpsc::channel(16);
-    let source = tokio::spawn(kube_source::run(ClusterId::new("cluster1"), client, tx));
+    let (source, mut rx) = watch_cluster1(&api).await;
     let mut next_model = async || loop {
         let update = tokio::time::timeout(Duration::from_secs(15), rx.recv())
             .await
@@ -263,5 +262,63 @@ async fn security_policies_are_watched_once_istios_crds_are_installed() {
     };
     assert_eq!(model.security.authorization_policies[0].name, "deny-post");
     assert_eq!(model.security.peer_authentications[0].namespace, "istio-system");
+    source.abort();
+}
+
+/// Istio's networking kinds come with CRDs: a cluster without them syncs (none of
+/// these), as does one whose RBAC forbids one of them; once they are installed their
+/// objects are watched, an invalid one refused with Istio's reason and the rest kept.
+#[tokio::test]
+async fn watches_istio_networking_config_once_its_crds_exist() {
+    let api = FakeApi::start().await;
+    // A role written before the controller read ServiceEntries.
+    api.forbid("ServiceEntry");
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
+    api.apply(slice(&["10.241.0.1"]));
+    let (source, mut rx) = watch_cluster1(&api).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let objects = loop {
+        let update = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("synced without the CRDs")
+            .unwrap();
+        if let Update::Objects(_, objects) = update {
+            break objects;
+        }
+    };
+    assert!(objects.virtual_services.is_empty() && objects.destination_rules.is_empty());
+
+    api.install_crds();
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "reviews", "namespace": "default"},
+        "spec": {"hosts": ["reviews"], "http": [{"route": [
+            {"destination": {"host": "reviews", "subset": "v1"}, "weight": 80},
+            {"destination": {"host": "reviews", "subset": "v2"}, "weight": 20}]}]}}));
+    api.apply(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "bad", "namespace": "default"},
+        "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"warmup": {"minimumPercent": 5.0}}}}}),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let update = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the VirtualService and the refused rule were published")
+            .unwrap();
+        let Update::Objects(_, objects) = update else { continue };
+        if objects.virtual_services.is_empty() || objects.refused.is_empty() {
+            continue;
+        }
+        assert_eq!(objects.virtual_services[0].spec.http[0].route[1].weight, Some(20));
+        assert!(objects.destination_rules.is_empty(), "the invalid rule is left out");
+        let refused = objects.refused[0].to_string();
+        assert!(
+            refused.contains(
+                "DestinationRule default/bad refused: spec.trafficPolicy.loadBalancer.warmup.duration: Required value"
+            ),
+            "{refused}"
+        );
+        break;
+    }
     source.abort();
 }

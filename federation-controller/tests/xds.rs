@@ -23,6 +23,10 @@ const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const REVIEWS: &str = "outbound|9080||reviews.default.svc.cluster.local";
+/// The routes of reviews' `http` port, which its listeners name.
+const REVIEWS_ROUTES: &str = "rds:reviews.default.svc.cluster.local:9080";
+/// The same for ratings.
+const RATINGS_ROUTES: &str = "rds:ratings.default.svc.cluster.local:9080";
 
 /// Istio's sidecar node: ID form and metadata keys.
 fn node() -> Node {
@@ -235,9 +239,13 @@ fn listeners(resp: &DiscoveryResponse) -> Vec<String> {
     out
 }
 
-/// One virtual outbound listener: "name address:port -> cluster"; None for the inbound one.
+/// One virtual outbound listener: "name address:port -> cluster" for TCP, "-> rds:ROUTES"
+/// for HTTP; None for the inbound one.
 fn listener(r: &envoy_types::pb::google::protobuf::Any) -> Option<String> {
     use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    };
     use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
     let l = Listener::decode(r.value.as_slice()).unwrap();
     if l.name == "virtualInbound" {
@@ -253,9 +261,18 @@ fn listener(r: &envoy_types::pb::google::protobuf::Any) -> Option<String> {
     let Some(filter::ConfigType::TypedConfig(cfg)) = &l.filter_chains[0].filters[0].config_type else {
         panic!("a typed filter config")
     };
-    let tcp = TcpProxy::decode(cfg.value.as_slice()).unwrap();
-    let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = tcp.cluster_specifier else {
-        panic!("a cluster")
+    let c = if l.filter_chains[0].filters[0].name == "envoy.filters.network.http_connection_manager" {
+        let hcm = HttpConnectionManager::decode(cfg.value.as_slice()).unwrap();
+        let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier else {
+            panic!("routes over RDS")
+        };
+        format!("rds:{}", rds.route_config_name)
+    } else {
+        let tcp = TcpProxy::decode(cfg.value.as_slice()).unwrap();
+        let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = tcp.cluster_specifier else {
+            panic!("a cluster")
+        };
+        c
     };
     Some(format!("{} {}:{} -> {c}", l.name, sa.address, port))
 }
@@ -321,7 +338,7 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
     // nothing in cluster1.
     assert_eq!(
         listeners(&lds),
-        [format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}")]
+        [format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS_ROUTES}")]
     );
     tx.send(ack(&lds, &[])).await.unwrap();
 
@@ -345,8 +362,8 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
     assert_eq!(
         listeners(&pushed),
         [
-            format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}"),
-            format!("fd00:1::12_9080 fd00:1::12:9080 -> {REVIEWS}"),
+            format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS_ROUTES}"),
+            format!("fd00:1::12_9080 fd00:1::12:9080 -> {REVIEWS_ROUTES}"),
         ]
     );
     tx.send(ack(&pushed, &[])).await.unwrap();
@@ -374,7 +391,7 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
         }
     };
     assert!(
-        listeners(&after).contains(&format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}")),
+        listeners(&after).contains(&format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS_ROUTES}")),
         "the smaller host name keeps the address: {:?}",
         listeners(&after)
     );
@@ -441,11 +458,9 @@ async fn delta_lds_is_a_wildcard_and_names_a_withdrawn_cluster_ip() {
         .iter()
         .filter_map(|r| listener(r.resource.as_ref().unwrap()))
         .collect();
-    assert_eq!(added, [format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}")]);
+    assert_eq!(added, [format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS_ROUTES}")]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
-
-const RATINGS: &str = "outbound|9080||ratings.default.svc.cluster.local";
 
 /// Two clusters allocating from one service range: cluster1's `reviews` and
 /// cluster2's `ratings` both have ClusterIP 10.96.0.10 (cluster2's reviews is on
@@ -481,14 +496,14 @@ async fn clusters_sharing_a_service_range_each_send_a_vip_to_their_own_service()
     let controller = Controller::serve(&dir);
     assert_eq!(
         first_listeners(&controller, node_in("network1", Some("cluster1"))).await,
-        [format!("10.96.0.10_9080 10.96.0.10:9080 -> {REVIEWS}")],
+        [format!("10.96.0.10_9080 10.96.0.10:9080 -> {REVIEWS_ROUTES}")],
         "cluster1's 10.96.0.10 is its reviews; cluster2's meaning of it is not lent"
     );
     assert_eq!(
         first_listeners(&controller, node_in("network2", Some("cluster2"))).await,
         [
-            format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS}"),
-            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
+            format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS_ROUTES}"),
+            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS_ROUTES}"),
         ]
     );
     // A node that names no cluster keeps the merged table: one host per
@@ -496,8 +511,8 @@ async fn clusters_sharing_a_service_range_each_send_a_vip_to_their_own_service()
     assert_eq!(
         first_listeners(&controller, node_in("network1", None)).await,
         [
-            format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS}"),
-            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
+            format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS_ROUTES}"),
+            format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS_ROUTES}"),
         ]
     );
     // Nothing clashes within a cluster's view.
@@ -555,10 +570,10 @@ async fn delta_clients_of_clusters_sharing_a_service_range_follow_their_own_clus
     assert_eq!(
         got,
         [
-            vec![format!("10.96.0.10_9080 10.96.0.10:9080 -> {REVIEWS}")],
+            vec![format!("10.96.0.10_9080 10.96.0.10:9080 -> {REVIEWS_ROUTES}")],
             vec![
-                format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS}"),
-                format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS}"),
+                format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS_ROUTES}"),
+                format!("10.96.2.12_9080 10.96.2.12:9080 -> {REVIEWS_ROUTES}"),
             ],
         ]
     );
@@ -585,8 +600,8 @@ async fn delta_clients_of_clusters_sharing_a_service_range_follow_their_own_clus
         (changed, change.removed_resources.clone()),
         (
             vec![
-                format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS}"),
-                format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS}"),
+                format!("10.96.0.10_9080 10.96.0.10:9080 -> {RATINGS_ROUTES}"),
+                format!("10.96.1.12_9080 10.96.1.12:9080 -> {REVIEWS_ROUTES}"),
             ],
             vec![]
         ),

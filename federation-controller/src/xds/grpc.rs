@@ -3,9 +3,9 @@
 //! A gRPC channel to `xds:///reviews.default.svc.cluster.local:9080` asks for the
 //! listener named by its target, `reviews.default.svc.cluster.local:9080`. That
 //! listener is an API listener: an `HttpConnectionManager` whose routes come over
-//! RDS on the same ADS stream, with the router as its last (and only) HTTP
-//! filter. The route configuration, named like the listener, sends everything to
-//! the service port's cluster. Clusters are EDS clusters balanced round robin,
+//! RDS on the same ADS stream, with the fault filter and the router as its HTTP
+//! filters. The route configuration, named like the listener, is the one Envoy
+//! gets ([`super::routes`]), less what gRPC cannot do. Clusters are EDS clusters balanced round robin,
 //! without Envoy's transport socket matches: gRPC only takes TLS from its own
 //! certificate-provider plugins, so these are plaintext. Endpoints are Envoy's,
 //! minus the ones behind another network's gateway, which only passes mTLS through.
@@ -16,13 +16,6 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
 };
 use envoy_types::pb::envoy::config::core::v3::{AggregatedConfigSource, ApiVersion, ConfigSource, Node, config_source};
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
-use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
-};
-use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
-};
 
 use super::{any, cluster_name};
 use crate::model::ServiceKey;
@@ -50,29 +43,10 @@ pub fn listener_name(key: &ServiceKey) -> String {
     format!("{}:{}", key.host, key.port)
 }
 
-/// The API listener of a service port: HTTP, routes over RDS (ADS), the router last.
+/// The API listener of a service port: HTTP, routes over RDS (ADS), faults then the router.
 pub fn listener(key: &ServiceKey) -> Listener {
     let name = listener_name(key);
-    let hcm = HttpConnectionManager {
-        stat_prefix: name.clone(),
-        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-            config_source: Some(ConfigSource {
-                resource_api_version: ApiVersion::V3 as i32,
-                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
-                ..Default::default()
-            }),
-            route_config_name: name.clone(),
-        })),
-        http_filters: vec![HttpFilter {
-            name: ROUTER.into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(
-                ROUTER_TYPE,
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let hcm = super::listener::http_connection_manager(name.clone(), name.clone());
     Listener {
         name,
         api_listener: Some(ApiListener {
@@ -82,44 +56,23 @@ pub fn listener(key: &ServiceKey) -> Listener {
     }
 }
 
-/// The routes of a service port: one virtual host for its names, everything to its cluster.
-pub fn route_config(key: &ServiceKey) -> RouteConfiguration {
-    let name = listener_name(key);
-    RouteConfiguration {
-        virtual_hosts: vec![VirtualHost {
-            name: name.clone(),
-            domains: vec![name.clone(), key.host.to_string()],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                    ..Default::default()
-                }),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster_name(key))),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        name,
-        ..Default::default()
-    }
-}
-
-/// The plaintext EDS cluster of a service port, balanced round robin.
-pub fn cluster(key: &ServiceKey) -> Cluster {
+/// The plaintext EDS cluster of a service port (or of one of its subsets), balanced round robin.
+pub fn cluster(key: &ServiceKey, subset: Option<&str>) -> Cluster {
+    let name = match subset {
+        Some(s) => super::subset_cluster_name(key, s),
+        None => cluster_name(key),
+    };
     Cluster {
-        name: cluster_name(key),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(EdsClusterConfig {
             eds_config: Some(ConfigSource {
                 resource_api_version: ApiVersion::V3 as i32,
                 config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
                 ..Default::default()
             }),
-            service_name: String::new(),
+            service_name: if subset.is_some() { name.clone() } else { String::new() },
         }),
+        name,
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         lb_policy: LbPolicy::RoundRobin as i32,
         ..Default::default()
     }
@@ -128,6 +81,9 @@ pub fn cluster(key: &ServiceKey) -> Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager, http_filter,
+    };
     use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
     use mesh_vocab::Hostname;
     use prost::Message;
@@ -193,38 +149,8 @@ mod tests {
     }
 
     #[test]
-    fn the_route_config_sends_every_path_for_the_service_names_to_its_cluster() {
-        let rc = route_config(&reviews());
-        assert_eq!(rc.name, "reviews.default.svc.cluster.local:9080");
-        let [vh] = &rc.virtual_hosts[..] else {
-            panic!("one virtual host")
-        };
-        assert_eq!(
-            vh.domains,
-            [
-                "reviews.default.svc.cluster.local:9080",
-                "reviews.default.svc.cluster.local"
-            ]
-        );
-        let [r] = &vh.routes[..] else { panic!("one route") };
-        assert_eq!(
-            r.r#match.as_ref().unwrap().path_specifier,
-            Some(route_match::PathSpecifier::Prefix("/".into()))
-        );
-        let Some(route::Action::Route(a)) = &r.action else {
-            panic!("a route action")
-        };
-        assert_eq!(
-            a.cluster_specifier,
-            Some(route_action::ClusterSpecifier::Cluster(
-                "outbound|9080||reviews.default.svc.cluster.local".into()
-            ))
-        );
-    }
-
-    #[test]
     fn the_cluster_is_plaintext_eds_over_ads_round_robin() {
-        let c = cluster(&reviews());
+        let c = cluster(&reviews(), None);
         assert_eq!(c.name, "outbound|9080||reviews.default.svc.cluster.local");
         assert!(c.transport_socket_matches.is_empty() && c.transport_socket.is_none());
         assert_eq!(c.lb_policy, LbPolicy::RoundRobin as i32);

@@ -82,10 +82,11 @@ fn sds_secret(name: &str) -> SdsSecretConfig {
     }
 }
 
-/// The mTLS client context for `key`: SNI `outbound_.<port>_._.<host>` (which an
-/// east-west gateway routes on), the workload's SVID, and a server that must
-/// present one of `identities` under the trust domain's roots.
-pub fn upstream_tls(key: &ServiceKey, identities: &[SpiffeId]) -> UpstreamTlsContext {
+/// The mTLS client context for `key` (and `subset`): SNI `outbound_.<port>_.<subset>_.<host>`
+/// (which an east-west gateway routes on; no subset is an empty field), the
+/// workload's SVID, and a server that must present one of `identities` under the
+/// trust domain's roots.
+pub fn upstream_tls(key: &ServiceKey, subset: Option<&str>, identities: &[SpiffeId]) -> UpstreamTlsContext {
     let sans = identities
         .iter()
         .map(|id| SubjectAltNameMatcher {
@@ -98,7 +99,7 @@ pub fn upstream_tls(key: &ServiceKey, identities: &[SpiffeId]) -> UpstreamTlsCon
         })
         .collect();
     UpstreamTlsContext {
-        sni: format!("outbound_.{}_._.{}", key.port, key.host),
+        sni: format!("outbound_.{}_.{}_.{}", key.port, subset.unwrap_or_default(), key.host),
         common_tls_context: Some(CommonTlsContext {
             alpn_protocols: vec![MTLS_ALPN.into()],
             tls_certificate_sds_secret_configs: vec![sds_secret(WORKLOAD_SECRET)],
@@ -136,7 +137,11 @@ pub fn downstream_tls() -> DownstreamTlsContext {
 }
 
 /// The cluster's two transport sockets: mTLS for `tlsMode: istio` endpoints, plaintext for the rest.
-pub fn transport_socket_matches(key: &ServiceKey, identities: &[SpiffeId]) -> Vec<TransportSocketMatch> {
+pub fn transport_socket_matches(
+    key: &ServiceKey,
+    subset: Option<&str>,
+    identities: &[SpiffeId],
+) -> Vec<TransportSocketMatch> {
     let socket = |name: &str, config| TransportSocket {
         name: name.into(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(config)),
@@ -145,7 +150,10 @@ pub fn transport_socket_matches(key: &ServiceKey, identities: &[SpiffeId]) -> Ve
         TransportSocketMatch {
             name: "tlsMode-istio".into(),
             r#match: Some(tls_mode_istio()),
-            transport_socket: Some(socket(TLS_SOCKET, any(TLS_TYPE, &upstream_tls(key, identities)))),
+            transport_socket: Some(socket(
+                TLS_SOCKET,
+                any(TLS_TYPE, &upstream_tls(key, subset, identities)),
+            )),
         },
         TransportSocketMatch {
             name: "tlsMode-disabled".into(),

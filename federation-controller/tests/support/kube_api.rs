@@ -83,6 +83,18 @@ const CRD_KINDS: &[(&str, &str, &str, &str)] = &[
         "PeerAuthenticationList",
         "security.istio.io/v1",
     ),
+    (
+        "/apis/networking.istio.io/v1/virtualservices",
+        "VirtualService",
+        "VirtualServiceList",
+        "networking.istio.io/v1",
+    ),
+    (
+        "/apis/networking.istio.io/v1/destinationrules",
+        "DestinationRule",
+        "DestinationRuleList",
+        "networking.istio.io/v1",
+    ),
 ];
 
 /// A request path as (collection path, namespace, name): `/api/v1/namespaces/NS/secrets`
@@ -159,6 +171,8 @@ struct State {
     stall_reviews: bool,
     /// Whether the CRD kinds are served.
     crds: bool,
+    /// Kinds the client's role may not read: every request for them gets `403`.
+    forbidden: std::collections::BTreeSet<String>,
     /// While set, every request gets `503` (an API server that is down behind its load balancer).
     unavailable: bool,
     /// Writes received (POST, PUT, DELETE of objects), whatever their answer: (bearer
@@ -268,6 +282,11 @@ impl FakeApi {
         s.log.push((rv, path, ty, obj));
         drop(s);
         let _ = self.changed.send(());
+    }
+
+    /// Answers `403 Forbidden` to every request for `kind`, as RBAC that does not grant it.
+    pub fn forbid(&self, kind: &str) {
+        self.state.lock().unwrap().forbidden.insert(kind.to_owned());
     }
 
     /// While `down`, every request is answered `503` and open watches are cut.
@@ -604,6 +623,12 @@ impl FakeApi {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
+        // Authorization comes first, as in kube-apiserver: a forbidden kind is 403 installed or not.
+        if let Some(k) = KINDS.iter().chain(CRD_KINDS).find(|k| k.0 == path)
+            && self.state.lock().unwrap().forbidden.contains(k.1)
+        {
+            return status(403, "Forbidden", format!("{} is forbidden for this user", k.1));
+        }
         let Some((kind, list_kind, api_version)) = self.served(&path) else {
             return json_response(
                 404,

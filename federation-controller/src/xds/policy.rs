@@ -1,0 +1,183 @@
+//! CDS: a DestinationRule's traffic policy on an Envoy cluster, as
+//! docs/l7-xds.md maps it — balancing (`lb_policy`), outlier detection (and
+//! `minHealthPercent` as the panic threshold), connection-pool limits as circuit
+//! breakers, and `maxRequestsPerConnection` in the upstream HTTP options. Pure.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{CommonLbConfig, LbPolicy};
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, OutlierDetection, circuit_breakers};
+use envoy_types::pb::envoy::config::core::v3::{
+    Http1ProtocolOptions, Http2ProtocolOptions, HttpProtocolOptions as CommonHttpOptions,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+    ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config,
+};
+use envoy_types::pb::envoy::r#type::v3::Percent;
+use envoy_types::pb::google::protobuf::UInt32Value;
+
+use super::any;
+use super::routes::proto_duration;
+use crate::model::Protocol;
+use crate::networking::destination_rule::{SimpleLb, TrafficPolicy};
+
+/// Where Envoy reads a cluster's upstream HTTP options.
+pub const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const HTTP_OPTIONS_TYPE: &str = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// Istio's enforcement of a set outlier condition: every detected outlier is ejected.
+const ENFORCE: UInt32Value = UInt32Value { value: 100 };
+
+/// Applies `policy` to `cluster`, whose port speaks `protocol`.
+pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) {
+    let u32v = |v: u32| Some(UInt32Value { value: v });
+    if let Some(lb) = &policy.load_balancer {
+        cluster.lb_policy = match (lb.simple, &lb.consistent_hash) {
+            (_, Some(_)) => LbPolicy::RingHash,
+            (Some(SimpleLb::LeastConn | SimpleLb::LeastRequest), None) => LbPolicy::LeastRequest,
+            (Some(SimpleLb::Random), None) => LbPolicy::Random,
+            _ => LbPolicy::RoundRobin,
+        } as i32;
+    }
+    if let Some(o) = &policy.outlier_detection {
+        // Istio's deprecated `consecutiveErrors` counted gateway errors.
+        let gateway = o.consecutive_gateway_errors.or(o.consecutive_errors);
+        let enforce = |v: Option<u32>| {
+            Some(if v.is_some_and(|v| v > 0) {
+                ENFORCE
+            } else {
+                UInt32Value { value: 0 }
+            })
+        };
+        cluster.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx_errors.map(|v| UInt32Value { value: v }),
+            enforcing_consecutive_5xx: enforce(o.consecutive_5xx_errors),
+            consecutive_gateway_failure: gateway.map(|v| UInt32Value { value: v }),
+            enforcing_consecutive_gateway_failure: enforce(gateway),
+            split_external_local_origin_errors: o.split_external_local_origin_errors,
+            consecutive_local_origin_failure: o.consecutive_local_origin_failures.map(|v| UInt32Value { value: v }),
+            enforcing_consecutive_local_origin_failure: enforce(o.consecutive_local_origin_failures),
+            interval: o.interval.map(|d| proto_duration(d.0)),
+            base_ejection_time: o.base_ejection_time.map(|d| proto_duration(d.0)),
+            max_ejection_percent: o.max_ejection_percent.map(|v| UInt32Value { value: v }),
+            // Istio turns success-rate ejection off: only the consecutive counts eject.
+            enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            ..Default::default()
+        });
+        if let Some(p) = o.min_health_percent {
+            cluster.common_lb_config = Some(CommonLbConfig {
+                healthy_panic_threshold: Some(Percent { value: f64::from(p) }),
+                ..Default::default()
+            });
+        }
+    }
+    if let Some(pool) = &policy.connection_pool {
+        let tcp = pool.tcp.as_ref();
+        let http = pool.http.as_ref();
+        cluster.circuit_breakers = Some(CircuitBreakers {
+            thresholds: vec![circuit_breakers::Thresholds {
+                max_connections: tcp.and_then(|t| t.max_connections).and_then(u32v),
+                max_pending_requests: http.and_then(|h| h.http1_max_pending_requests).and_then(u32v),
+                max_requests: http.and_then(|h| h.http2_max_requests).and_then(u32v),
+                max_retries: http.and_then(|h| h.max_retries).and_then(u32v),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        if let Some(t) = tcp.and_then(|t| t.connect_timeout) {
+            cluster.connect_timeout = Some(proto_duration(t.0));
+        }
+        let per_connection = http.and_then(|h| h.max_requests_per_connection);
+        let idle = http.and_then(|h| h.idle_timeout);
+        if protocol.is_http() && (per_connection.is_some() || idle.is_some()) {
+            // The options need the upstream protocol too: the port's own.
+            let protocol_config = if protocol == Protocol::Http {
+                explicit_http_config::ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
+            } else {
+                explicit_http_config::ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
+            };
+            let options = HttpProtocolOptions {
+                common_http_protocol_options: Some(CommonHttpOptions {
+                    max_requests_per_connection: per_connection.and_then(u32v),
+                    idle_timeout: idle.map(|d| proto_duration(d.0)),
+                    ..Default::default()
+                }),
+                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                    protocol_config: Some(protocol_config),
+                })),
+                ..Default::default()
+            };
+            cluster.typed_extension_protocol_options =
+                HashMap::from([(HTTP_OPTIONS.to_owned(), any(HTTP_OPTIONS_TYPE, &options))]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::networking::DestinationRule;
+    use prost::Message;
+
+    fn policy(yaml: &str) -> TrafficPolicy {
+        let dr: DestinationRule = serde_saphyr::from_str(yaml).unwrap();
+        dr.validate().unwrap();
+        dr.spec.traffic_policy.unwrap()
+    }
+
+    #[test]
+    fn a_traffic_policy_becomes_balancing_outlier_detection_and_circuit_breakers() {
+        let p = policy(
+            r#"
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool:
+      tcp: {maxConnections: 100}
+      http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 5, maxRetries: 3}
+    outlierDetection: {consecutive5xxErrors: 7, interval: 5m, baseEjectionTime: 15m, maxEjectionPercent: 50, minHealthPercent: 30}
+"#,
+        );
+        let mut c = Cluster::default();
+        apply(&mut c, &p, Protocol::Http);
+        assert_eq!(c.lb_policy, LbPolicy::LeastRequest as i32);
+        let o = c.outlier_detection.unwrap();
+        assert_eq!(o.consecutive_5xx, Some(UInt32Value { value: 7 }));
+        assert_eq!(o.enforcing_consecutive_5xx, Some(ENFORCE));
+        assert_eq!(o.enforcing_consecutive_gateway_failure, Some(UInt32Value { value: 0 }));
+        assert_eq!(o.interval.unwrap().seconds, 300);
+        assert_eq!(o.base_ejection_time.unwrap().seconds, 900);
+        assert_eq!(o.max_ejection_percent, Some(UInt32Value { value: 50 }));
+        assert_eq!(
+            c.common_lb_config.unwrap().healthy_panic_threshold,
+            Some(Percent { value: 30.0 })
+        );
+        let t = &c.circuit_breakers.unwrap().thresholds[0];
+        let v = |x: Option<UInt32Value>| x.map(|v| v.value);
+        assert_eq!(
+            (
+                v(t.max_connections),
+                v(t.max_pending_requests),
+                v(t.max_requests),
+                v(t.max_retries)
+            ),
+            (Some(100), Some(10), Some(1000), Some(3))
+        );
+        let opts = &c.typed_extension_protocol_options[HTTP_OPTIONS];
+        let opts = HttpProtocolOptions::decode(opts.value.as_slice()).unwrap();
+        assert_eq!(
+            opts.common_http_protocol_options.unwrap().max_requests_per_connection,
+            Some(UInt32Value { value: 5 })
+        );
+    }
+
+    #[test]
+    fn consistent_hash_balances_on_a_ring() {
+        let p = policy("spec: {host: r, trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}}");
+        let mut c = Cluster::default();
+        apply(&mut c, &p, Protocol::Http);
+        assert_eq!(c.lb_policy, LbPolicy::RingHash as i32);
+    }
+}
