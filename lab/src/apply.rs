@@ -70,7 +70,13 @@ fn objects(files: &[PathBuf]) -> anyhow::Result<Vec<Object>> {
         } else {
             fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
         };
-        let skipped = ClusterObjects::default().add_yaml(file, &text)?;
+        let mut read = ClusterObjects::default();
+        let skipped = read.add_yaml(file, &text)?;
+        // The controller would leave a refused document out and serve the rest; an apply
+        // refuses the whole input instead, as `kubectl apply` stops at an invalid object.
+        if let Some(e) = read.refused.first() {
+            bail!("{e}");
+        }
         if let Some(s) = skipped.first() {
             bail!(
                 "{}: document {}: kind `{}` of `{}` is not read by the controller",
@@ -294,6 +300,12 @@ mod tests {
         );
         let e = bad.objects().unwrap_err().to_string();
         assert!(e.contains("document 2: field `spec.ports[0].port`"), "{e}");
+        let invalid = Input::new(
+            "invalid",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: default}\nspec: {hosts: ['*.a*']}\n",
+        );
+        let e = invalid.objects().unwrap_err().to_string();
+        assert!(e.contains("VirtualService default/v refused"), "{e}");
         let unread = Input::new("unread", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
         let e = unread.objects().unwrap_err().to_string();
         assert!(
