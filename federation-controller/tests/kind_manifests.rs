@@ -470,7 +470,19 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
         .filter(|r| ["list", "watch"].iter().all(|v| r.verbs.iter().any(|x| x == v)))
         .flat_map(|r| r.resources.iter().flatten().cloned())
         .collect();
-    for r in ["namespaces", "services", "endpointslices", "pods", "nodes"] {
+    for r in [
+        "namespaces",
+        "services",
+        "endpointslices",
+        "pods",
+        "nodes",
+        "serviceexports",
+        "virtualservices",
+        "destinationrules",
+        "serviceentries",
+        "authorizationpolicies",
+        "peerauthentications",
+    ] {
         if !readable.contains(r) {
             problems.push(format!("no ClusterRole lets the controller list and watch {r}"));
         }
