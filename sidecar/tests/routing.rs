@@ -1076,21 +1076,35 @@ async fn an_h2c_client_such_as_grpc_is_served_and_routed_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
+    routed_through_its_sidecar("mtls", "http").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_whose_protocol_flag_says_tcp_serves_http_by_the_callers_alpn() {
+    // The caller's HTTP listener sends pooled HTTP/2 with ALPN `istio-h2`; copying those
+    // bytes to an HTTP/1.1 application would fail every request.
+    routed_through_its_sidecar("mtls-tcp", "tcp").await;
+}
+
+/// Routes `/v2` to a subset behind its own sidecar (`--protocol PROTOCOL`, STRICT mTLS) and
+/// `/` to a plaintext endpoint outside the mesh; both answer, and only the sidecar's
+/// application learns its caller from `x-forwarded-client-cert`.
+async fn routed_through_its_sidecar(name: &str, protocol: &str) {
     use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
         CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context,
         subject_alt_name_matcher,
     };
     const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
-    let (pki, mut control, sidecar) = setup("mtls").await;
+    let (pki, mut control, sidecar) = setup(name).await;
     let (v1, v2) = (
         backend("v1", Behaviour::Answer).await,
         backend("v2", Behaviour::Answer).await,
     );
-    // v2's pod, behind its own sidecar (STRICT mTLS, HTTP).
+    // v2's pod, behind its own sidecar.
     let (cert, key) = pki.svid("cluster.local", "reviews");
     let line = format!(
-        "--inbound 127.0.0.1:0={} --cert {} --key {} --ca {} --protocol http --mtls STRICT",
+        "--inbound 127.0.0.1:0={} --cert {} --key {} --ca {} --protocol {protocol} --mtls STRICT",
         v2.addr,
         cert.display(),
         key.display(),
@@ -1139,8 +1153,10 @@ async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
     sidecar.serve(&mut control, config, &clusters).await;
 
     for _ in 0..5 {
-        assert_eq!(sidecar.get("/v2/reviews", &[]).await.1, "v2");
-        assert_eq!(sidecar.get("/v1/reviews", &[]).await.1, "v1");
+        let (status, body, _) = sidecar.get("/v2/reviews", &[]).await;
+        assert_eq!((status, body.as_str()), (200, "v2"));
+        let (status, body, _) = sidecar.get("/v1/reviews", &[]).await;
+        assert_eq!((status, body.as_str()), (200, "v1"));
     }
     // v2 learnt its caller from its sidecar; v1, outside the mesh, was called in plaintext.
     let seen = v2.seen.lock().unwrap().clone();
