@@ -20,7 +20,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::{TransportSocket, address, socket_address, transport_socket};
+use envoy_types::pb::envoy::config::core::v3::{
+    TrafficDirection, TransportSocket, address, socket_address, transport_socket,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
@@ -40,6 +42,7 @@ use crate::balance::{Balancer, Policy};
 use crate::cluster::{Breaker, ClusterPolicy, Health, Reply};
 use crate::priority::{self, Level};
 use crate::route::RouteTable;
+use crate::virtual_inbound::VIRTUAL_INBOUND;
 
 const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HCM_TYPE: &str =
@@ -278,8 +281,14 @@ enum Listening {
 }
 
 /// VIP:port → what to do, for a listener that is a TCP proxy to one cluster or an HTTP
-/// connection manager on RDS; other listeners (inbound) are not ours to route by here.
+/// connection manager on RDS; other listeners are not ours to route by here. Inbound ones
+/// (`virtualInbound`, see [`crate::virtual_inbound`]) are skipped before their chains are
+/// read: their `tcp_proxy` to `inbound|PORT||` would read as an outbound route for
+/// 0.0.0.0:15006, and their HCMs carry inline route tables that an outbound one refuses.
 fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, Listening)>, BadResource> {
+    if l.traffic_direction == TrafficDirection::Inbound as i32 || l.name == VIRTUAL_INBOUND {
+        return Ok(None);
+    }
     let Some(address::Address::SocketAddress(sa)) = l.address.as_ref().and_then(|a| a.address.as_ref()) else {
         return Ok(None);
     };
@@ -591,6 +600,72 @@ pub(crate) mod tests {
         }
         let e = Destinations::build(&[inline], &[], &HashMap::new()).unwrap_err();
         assert_eq!(e.resource, "10.242.255.12_80");
+    }
+
+    /// The controller's `virtualInbound`: 0.0.0.0:15006, a `tcp_proxy` chain to the
+    /// workload's own port, a portless one to `InboundPassthroughCluster`, and an HTTP
+    /// chain whose HCM carries its route table inline.
+    fn virtual_inbound() -> Listener {
+        use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+        let mut l = listener("0.0.0.0", 15006, "inbound|9080||");
+        l.name = VIRTUAL_INBOUND.into();
+        l.traffic_direction = TrafficDirection::Inbound as i32;
+        let passthrough = listener("0.0.0.0", 15006, "InboundPassthroughCluster");
+        let hcm = HttpConnectionManager {
+            stat_prefix: "inbound_0.0.0.0_9080".into(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+                RouteConfiguration {
+                    name: "inbound|9080||".into(),
+                    virtual_hosts: vec![VirtualHost {
+                        name: "inbound|http|9080".into(),
+                        domains: vec!["*".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        let http = one_filter(
+            "0.0.0.0",
+            15006,
+            "envoy.filters.network.http_connection_manager",
+            any(HCM_TYPE, &hcm),
+        );
+        l.filter_chains.extend(passthrough.filter_chains);
+        l.filter_chains.extend(http.filter_chains);
+        l
+    }
+
+    #[test]
+    fn inbound_listeners_are_never_taken_for_outbound_routes() {
+        let table = Destinations::build(
+            &[virtual_inbound(), listener("10.242.255.10", 9080, CLUSTER)],
+            &[],
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(table.routable(), 1, "only the service's listener routes");
+        let inbound: SocketAddr = "0.0.0.0:15006".parse().unwrap();
+        assert!(table.route(inbound).is_none() && table.http_listener(inbound).is_none());
+        assert!(table.route_names().is_empty(), "nothing to ask RDS for");
+
+        // Either mark is enough: the direction, or the name alone.
+        let mut by_direction = virtual_inbound();
+        by_direction.name = "inbound_0.0.0.0_15006".into();
+        let mut by_name = virtual_inbound();
+        by_name.traffic_direction = TrafficDirection::Unspecified as i32;
+        for l in [by_direction, by_name] {
+            assert_eq!(Destinations::build(&[l], &[], &HashMap::new()).unwrap().routable(), 0);
+        }
+        let mut outbound = virtual_inbound();
+        outbound.name = "0.0.0.0_15006".into();
+        outbound.traffic_direction = TrafficDirection::Outbound as i32;
+        let table = Destinations::build(&[outbound], &[], &HashMap::new()).unwrap();
+        assert_eq!(
+            table.listeners.get(&inbound).map(String::as_str),
+            Some("inbound|9080||")
+        );
     }
 
     #[tokio::test(start_paused = true)]
