@@ -80,6 +80,7 @@ pub struct MeshTls {
 /// One endpoint of a cluster, as this proxy is to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// Where connections go: the pod, or the east-west gateway in front of it.
     pub address: SocketAddr,
     pub weight: u32,
     /// Spoken to inside mutual TLS.
@@ -88,6 +89,28 @@ pub struct Endpoint {
     pub cluster: Option<String>,
     /// Its EDS priority level (0 first), for locality failover.
     pub priority: u32,
+    /// The one pod behind our gateway at `address` that this endpoint is (its
+    /// `istio.endpoint` metadata, `POD_IP:TARGET_PORT`): the gateway is asked for exactly
+    /// that pod by a pinned SNI ([`mesh_vocab::sni::pin`]), so the pod is balanced over
+    /// and ejected on its own. `None`: the address is all there is (a pod, or a gateway
+    /// standing for its whole network).
+    pub pinned: Option<SocketAddr>,
+}
+
+impl Endpoint {
+    /// The SNI to send it in mTLS: the cluster's, pinned to the pod when there is one.
+    pub fn sni(&self, tls: &MeshTls) -> String {
+        match self.pinned {
+            Some(pod) => mesh_vocab::sni::pin(pod, &tls.sni),
+            None => tls.sni.clone(),
+        }
+    }
+
+    /// What tells endpoints apart, in a table and across tables: endpoints pinned behind
+    /// one gateway share its address.
+    pub fn identity(&self) -> (SocketAddr, Option<SocketAddr>) {
+        (self.address, self.pinned)
+    }
 }
 
 /// One upstream cluster, ready to route to.
@@ -183,7 +206,7 @@ impl Destinations {
     }
 
     /// Carries each endpoint's outlier health over from `old` (matched by cluster and
-    /// address), so that a new table does not give a failing endpoint a fresh start.
+    /// [`Endpoint::identity`]), so that a new table does not give a failing endpoint a fresh start.
     pub fn inherit_health(&self, old: &Destinations) {
         for (name, up) in &self.upstreams {
             let (Some(health), Some(before)) = (&up.health, old.upstreams.get(name)) else {
@@ -191,7 +214,7 @@ impl Destinations {
             };
             let Some(old_health) = &before.health else { continue };
             for (to, e) in up.endpoints.iter().enumerate() {
-                if let Some(from) = before.endpoints.iter().position(|o| o.address == e.address) {
+                if let Some(from) = before.endpoints.iter().position(|o| o.identity() == e.identity()) {
                     health.inherit(to, old_health, from);
                 }
             }
@@ -244,7 +267,11 @@ impl Destinations {
                 tls,
                 balancer: match policy.lb {
                     Policy::RingHash => {
-                        let keys: Vec<String> = endpoints.iter().map(|e| e.address.to_string()).collect();
+                        // A pinned endpoint is placed by its pod: its gateway's address is shared.
+                        let keys: Vec<String> = endpoints
+                            .iter()
+                            .map(|e| e.pinned.unwrap_or(e.address).to_string())
+                            .collect();
                         Balancer::ring(&weights, &keys)
                     }
                     lb => Balancer::new(lb, &weights),
@@ -447,6 +474,14 @@ fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<E
                     .unwrap_or_default()
             };
             let socket_match = meta(TRANSPORT_SOCKET_MATCH);
+            let mut istio = meta("istio");
+            let pinned = istio
+                .remove("endpoint")
+                .map(|pod| {
+                    pod.parse::<SocketAddr>()
+                        .map_err(|_| bad(name, format!("endpoint metadata {pod:?} is not POD_IP:TARGET_PORT")))
+                })
+                .transpose()?;
             let mtls = match tls {
                 None => false,
                 Some(MeshTls { when: None, .. }) => true,
@@ -456,8 +491,9 @@ fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<E
                 address: SocketAddr::new(ip, port),
                 weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
                 mtls,
-                cluster: meta("istio").remove("cluster"),
+                cluster: istio.remove("cluster"),
                 priority: locality.priority,
+                pinned,
             });
         }
     }
@@ -819,6 +855,71 @@ pub(crate) mod tests {
         assert!(!up.endpoints[1].mtls, "no tlsMode metadata: plaintext");
         assert!(table.route("10.242.255.10:9081".parse().unwrap()).is_none());
         assert!(table.route("10.242.255.11:9080".parse().unwrap()).is_none());
+    }
+
+    /// An endpoint at our gateway `100.64.0.2:15443` that is the pod `pod` alone.
+    fn pinned(pod: &str) -> LbEndpoint {
+        let mut e = endpoint("100.64.0.2", 15443, 1, true);
+        let metadata = e.metadata.as_mut().unwrap();
+        metadata.filter_metadata.insert(
+            "istio".into(),
+            strings(&[("network", "network2"), ("cluster", "cluster2"), ("endpoint", pod)]),
+        );
+        e
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pods_behind_a_gateway_are_endpoints_of_their_own() {
+        use crate::cluster::Reply;
+        use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+        let mut c = auto_mtls_cluster(CLUSTER, &[]);
+        c.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: Some(UInt32Value { value: 1 }),
+            max_ejection_percent: Some(UInt32Value { value: 50 }),
+            ..Default::default()
+        });
+        let eps = |order: &[&str]| assignment(CLUSTER, order.iter().map(|pod| pinned(pod)).collect());
+        let old =
+            Destinations::build(&[], std::slice::from_ref(&c), &eps(&["10.2.0.7:9080", "10.2.0.8:9080"])).unwrap();
+        let up = &old.upstreams[CLUSTER];
+        let tls = up.tls.as_ref().unwrap();
+        assert_eq!(up.endpoints.len(), 2);
+        assert!(
+            up.endpoints
+                .iter()
+                .all(|e| e.address == "100.64.0.2:15443".parse().unwrap())
+        );
+        assert_eq!(
+            up.endpoints[1].sni(tls),
+            "ep-10-2-0-8-9080.outbound_.9080_._.reviews.default.svc.cluster.local"
+        );
+        assert_eq!(up.endpoints[1].cluster.as_deref(), Some("cluster2"));
+        up.record(1, Reply::Status(hyper::StatusCode::SERVICE_UNAVAILABLE));
+        assert!(
+            up.usable(0) && !up.usable(1),
+            "one pod out, the other behind the same gateway in"
+        );
+
+        // The next table lists them the other way round: health follows the pod.
+        let new =
+            Destinations::build(&[], std::slice::from_ref(&c), &eps(&["10.2.0.8:9080", "10.2.0.7:9080"])).unwrap();
+        new.inherit_health(&old);
+        let up = &new.upstreams[CLUSTER];
+        assert!(!up.usable(0) && up.usable(1), "10.2.0.8 is still out");
+
+        // Without the metadata the gateway is one endpoint standing for its network.
+        let plain = &Destinations::build(
+            &[],
+            std::slice::from_ref(&c),
+            &assignment(CLUSTER, vec![endpoint("100.64.0.2", 15443, 2, true)]),
+        )
+        .unwrap()
+        .upstreams[CLUSTER];
+        assert_eq!(plain.endpoints[0].pinned, None);
+        assert_eq!(plain.endpoints[0].sni(plain.tls.as_ref().unwrap()), tls.sni);
+
+        let e = Destinations::build(&[], &[c], &eps(&["10.2.0.7"])).unwrap_err();
+        assert_eq!(e.resource, CLUSTER);
     }
 
     #[test]
