@@ -20,7 +20,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::{TransportSocket, address, socket_address, transport_socket};
+use envoy_types::pb::envoy::config::core::v3::{
+    TrafficDirection, TransportSocket, address, socket_address, transport_socket,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
@@ -40,6 +42,7 @@ use crate::balance::{Balancer, Policy};
 use crate::cluster::{Breaker, ClusterPolicy, Health, Reply};
 use crate::priority::{self, Level};
 use crate::route::RouteTable;
+use crate::virtual_inbound::VIRTUAL_INBOUND;
 
 const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HCM_TYPE: &str =
@@ -77,6 +80,7 @@ pub struct MeshTls {
 /// One endpoint of a cluster, as this proxy is to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// Where connections go: the pod, or the east-west gateway in front of it.
     pub address: SocketAddr,
     pub weight: u32,
     /// Spoken to inside mutual TLS.
@@ -85,6 +89,28 @@ pub struct Endpoint {
     pub cluster: Option<String>,
     /// Its EDS priority level (0 first), for locality failover.
     pub priority: u32,
+    /// The one pod behind our gateway at `address` that this endpoint is (its
+    /// `istio.endpoint` metadata, `POD_IP:TARGET_PORT`): the gateway is asked for exactly
+    /// that pod by a pinned SNI ([`mesh_vocab::sni::pin`]), so the pod is balanced over
+    /// and ejected on its own. `None`: the address is all there is (a pod, or a gateway
+    /// standing for its whole network).
+    pub pinned: Option<SocketAddr>,
+}
+
+impl Endpoint {
+    /// The SNI to send it in mTLS: the cluster's, pinned to the pod when there is one.
+    pub fn sni(&self, tls: &MeshTls) -> String {
+        match self.pinned {
+            Some(pod) => mesh_vocab::sni::pin(pod, &tls.sni),
+            None => tls.sni.clone(),
+        }
+    }
+
+    /// What tells endpoints apart, in a table and across tables: endpoints pinned behind
+    /// one gateway share its address.
+    pub fn identity(&self) -> (SocketAddr, Option<SocketAddr>) {
+        (self.address, self.pinned)
+    }
 }
 
 /// One upstream cluster, ready to route to.
@@ -180,7 +206,7 @@ impl Destinations {
     }
 
     /// Carries each endpoint's outlier health over from `old` (matched by cluster and
-    /// address), so that a new table does not give a failing endpoint a fresh start.
+    /// [`Endpoint::identity`]), so that a new table does not give a failing endpoint a fresh start.
     pub fn inherit_health(&self, old: &Destinations) {
         for (name, up) in &self.upstreams {
             let (Some(health), Some(before)) = (&up.health, old.upstreams.get(name)) else {
@@ -188,7 +214,7 @@ impl Destinations {
             };
             let Some(old_health) = &before.health else { continue };
             for (to, e) in up.endpoints.iter().enumerate() {
-                if let Some(from) = before.endpoints.iter().position(|o| o.address == e.address) {
+                if let Some(from) = before.endpoints.iter().position(|o| o.identity() == e.identity()) {
                     health.inherit(to, old_health, from);
                 }
             }
@@ -241,7 +267,11 @@ impl Destinations {
                 tls,
                 balancer: match policy.lb {
                     Policy::RingHash => {
-                        let keys: Vec<String> = endpoints.iter().map(|e| e.address.to_string()).collect();
+                        // A pinned endpoint is placed by its pod: its gateway's address is shared.
+                        let keys: Vec<String> = endpoints
+                            .iter()
+                            .map(|e| e.pinned.unwrap_or(e.address).to_string())
+                            .collect();
                         Balancer::ring(&weights, &keys)
                     }
                     lb => Balancer::new(lb, &weights),
@@ -278,8 +308,14 @@ enum Listening {
 }
 
 /// VIP:port → what to do, for a listener that is a TCP proxy to one cluster or an HTTP
-/// connection manager on RDS; other listeners (inbound) are not ours to route by here.
+/// connection manager on RDS; other listeners are not ours to route by here. Inbound ones
+/// (`virtualInbound`, see [`crate::virtual_inbound`]) are skipped before their chains are
+/// read: their `tcp_proxy` to `inbound|PORT||` would read as an outbound route for
+/// 0.0.0.0:15006, and their HCMs carry inline route tables that an outbound one refuses.
 fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, Listening)>, BadResource> {
+    if l.traffic_direction == TrafficDirection::Inbound as i32 || l.name == VIRTUAL_INBOUND {
+        return Ok(None);
+    }
     let Some(address::Address::SocketAddress(sa)) = l.address.as_ref().and_then(|a| a.address.as_ref()) else {
         return Ok(None);
     };
@@ -438,6 +474,14 @@ fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<E
                     .unwrap_or_default()
             };
             let socket_match = meta(TRANSPORT_SOCKET_MATCH);
+            let mut istio = meta("istio");
+            let pinned = istio
+                .remove("endpoint")
+                .map(|pod| {
+                    pod.parse::<SocketAddr>()
+                        .map_err(|_| bad(name, format!("endpoint metadata {pod:?} is not POD_IP:TARGET_PORT")))
+                })
+                .transpose()?;
             let mtls = match tls {
                 None => false,
                 Some(MeshTls { when: None, .. }) => true,
@@ -447,8 +491,9 @@ fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<E
                 address: SocketAddr::new(ip, port),
                 weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
                 mtls,
-                cluster: meta("istio").remove("cluster"),
+                cluster: istio.remove("cluster"),
                 priority: locality.priority,
+                pinned,
             });
         }
     }
@@ -591,6 +636,72 @@ pub(crate) mod tests {
         }
         let e = Destinations::build(&[inline], &[], &HashMap::new()).unwrap_err();
         assert_eq!(e.resource, "10.242.255.12_80");
+    }
+
+    /// The controller's `virtualInbound`: 0.0.0.0:15006, a `tcp_proxy` chain to the
+    /// workload's own port, a portless one to `InboundPassthroughCluster`, and an HTTP
+    /// chain whose HCM carries its route table inline.
+    fn virtual_inbound() -> Listener {
+        use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+        let mut l = listener("0.0.0.0", 15006, "inbound|9080||");
+        l.name = VIRTUAL_INBOUND.into();
+        l.traffic_direction = TrafficDirection::Inbound as i32;
+        let passthrough = listener("0.0.0.0", 15006, "InboundPassthroughCluster");
+        let hcm = HttpConnectionManager {
+            stat_prefix: "inbound_0.0.0.0_9080".into(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+                RouteConfiguration {
+                    name: "inbound|9080||".into(),
+                    virtual_hosts: vec![VirtualHost {
+                        name: "inbound|http|9080".into(),
+                        domains: vec!["*".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        let http = one_filter(
+            "0.0.0.0",
+            15006,
+            "envoy.filters.network.http_connection_manager",
+            any(HCM_TYPE, &hcm),
+        );
+        l.filter_chains.extend(passthrough.filter_chains);
+        l.filter_chains.extend(http.filter_chains);
+        l
+    }
+
+    #[test]
+    fn inbound_listeners_are_never_taken_for_outbound_routes() {
+        let table = Destinations::build(
+            &[virtual_inbound(), listener("10.242.255.10", 9080, CLUSTER)],
+            &[],
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(table.routable(), 1, "only the service's listener routes");
+        let inbound: SocketAddr = "0.0.0.0:15006".parse().unwrap();
+        assert!(table.route(inbound).is_none() && table.http_listener(inbound).is_none());
+        assert!(table.route_names().is_empty(), "nothing to ask RDS for");
+
+        // Either mark is enough: the direction, or the name alone.
+        let mut by_direction = virtual_inbound();
+        by_direction.name = "inbound_0.0.0.0_15006".into();
+        let mut by_name = virtual_inbound();
+        by_name.traffic_direction = TrafficDirection::Unspecified as i32;
+        for l in [by_direction, by_name] {
+            assert_eq!(Destinations::build(&[l], &[], &HashMap::new()).unwrap().routable(), 0);
+        }
+        let mut outbound = virtual_inbound();
+        outbound.name = "0.0.0.0_15006".into();
+        outbound.traffic_direction = TrafficDirection::Outbound as i32;
+        let table = Destinations::build(&[outbound], &[], &HashMap::new()).unwrap();
+        assert_eq!(
+            table.listeners.get(&inbound).map(String::as_str),
+            Some("inbound|9080||")
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -744,6 +855,71 @@ pub(crate) mod tests {
         assert!(!up.endpoints[1].mtls, "no tlsMode metadata: plaintext");
         assert!(table.route("10.242.255.10:9081".parse().unwrap()).is_none());
         assert!(table.route("10.242.255.11:9080".parse().unwrap()).is_none());
+    }
+
+    /// An endpoint at our gateway `100.64.0.2:15443` that is the pod `pod` alone.
+    fn pinned(pod: &str) -> LbEndpoint {
+        let mut e = endpoint("100.64.0.2", 15443, 1, true);
+        let metadata = e.metadata.as_mut().unwrap();
+        metadata.filter_metadata.insert(
+            "istio".into(),
+            strings(&[("network", "network2"), ("cluster", "cluster2"), ("endpoint", pod)]),
+        );
+        e
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pods_behind_a_gateway_are_endpoints_of_their_own() {
+        use crate::cluster::Reply;
+        use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+        let mut c = auto_mtls_cluster(CLUSTER, &[]);
+        c.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: Some(UInt32Value { value: 1 }),
+            max_ejection_percent: Some(UInt32Value { value: 50 }),
+            ..Default::default()
+        });
+        let eps = |order: &[&str]| assignment(CLUSTER, order.iter().map(|pod| pinned(pod)).collect());
+        let old =
+            Destinations::build(&[], std::slice::from_ref(&c), &eps(&["10.2.0.7:9080", "10.2.0.8:9080"])).unwrap();
+        let up = &old.upstreams[CLUSTER];
+        let tls = up.tls.as_ref().unwrap();
+        assert_eq!(up.endpoints.len(), 2);
+        assert!(
+            up.endpoints
+                .iter()
+                .all(|e| e.address == "100.64.0.2:15443".parse().unwrap())
+        );
+        assert_eq!(
+            up.endpoints[1].sni(tls),
+            "ep-10-2-0-8-9080.outbound_.9080_._.reviews.default.svc.cluster.local"
+        );
+        assert_eq!(up.endpoints[1].cluster.as_deref(), Some("cluster2"));
+        up.record(1, Reply::Status(hyper::StatusCode::SERVICE_UNAVAILABLE));
+        assert!(
+            up.usable(0) && !up.usable(1),
+            "one pod out, the other behind the same gateway in"
+        );
+
+        // The next table lists them the other way round: health follows the pod.
+        let new =
+            Destinations::build(&[], std::slice::from_ref(&c), &eps(&["10.2.0.8:9080", "10.2.0.7:9080"])).unwrap();
+        new.inherit_health(&old);
+        let up = &new.upstreams[CLUSTER];
+        assert!(!up.usable(0) && up.usable(1), "10.2.0.8 is still out");
+
+        // Without the metadata the gateway is one endpoint standing for its network.
+        let plain = &Destinations::build(
+            &[],
+            std::slice::from_ref(&c),
+            &assignment(CLUSTER, vec![endpoint("100.64.0.2", 15443, 2, true)]),
+        )
+        .unwrap()
+        .upstreams[CLUSTER];
+        assert_eq!(plain.endpoints[0].pinned, None);
+        assert_eq!(plain.endpoints[0].sni(plain.tls.as_ref().unwrap()), tls.sni);
+
+        let e = Destinations::build(&[], &[c], &eps(&["10.2.0.7"])).unwrap_err();
+        assert_eq!(e.resource, CLUSTER);
     }
 
     #[test]

@@ -9,10 +9,12 @@
 //! denied request gets Envoy's `403 RBAC: access denied`; a denied connection is closed
 //! at once. Both are counted.
 //!
-//! On HTTP ports a caller that negotiated `istio-h2` (or `h2`) is served HTTP/2 — what our
-//! own outbound side pools and multiplexes — and one that negotiated `istio-http/1.1` (or
-//! nothing, in plaintext) HTTP/1.1. Either way each request goes to the application over a
-//! pooled keep-alive HTTP/1.1 connection.
+//! A caller that negotiated `istio-h2` (or `h2`) is served HTTP/2 — what our own outbound
+//! side pools and multiplexes — and one that negotiated `istio-http/1.1` (or `http/1.1`)
+//! HTTP/1.1, whatever `--protocol` says: the caller's outbound side chose that ALPN for
+//! what it carries (a caller's HTTP listener sends pooled HTTP/2 even to a `--protocol tcp`
+//! receiver). Under ALPN `istio` or none, `--protocol` decides: bytes, or HTTP/1.1. Each
+//! request goes to the application over a pooled keep-alive HTTP/1.1 connection.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -49,7 +51,7 @@ use crate::virtual_inbound::{InboundPolicy, Transport};
 /// How the application's port is spoken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// Opaque bytes.
+    /// Opaque bytes, unless the caller's ALPN says it speaks HTTP.
     Tcp,
     /// HTTP (HTTP/1.1 to the application; HTTP/2 or HTTP/1.1 from callers): requests carry
     /// the caller's identity in `x-forwarded-client-cert`.
@@ -85,6 +87,27 @@ pub struct Inbound {
     pub otlp: Option<Exporter>,
     /// Keep-alive connections to the application (HTTP ports).
     pub app_pool: Client<MarkedConnector, Incoming>,
+}
+
+/// How one connection is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// Bytes copied to the application as they come.
+    Bytes,
+    Http1,
+    Http2,
+}
+
+impl Served {
+    /// The caller's ALPN first, then the port's protocol: see the module's documentation.
+    fn of(alpn: Option<&[u8]>, protocol: Protocol) -> Served {
+        match (alpn, protocol) {
+            (Some(b"istio-h2" | b"h2"), _) => Served::Http2,
+            (Some(b"istio-http/1.1" | b"istio-http/1.0" | b"http/1.1"), _) => Served::Http1,
+            (_, Protocol::Http) => Served::Http1,
+            (_, Protocol::Tcp) => Served::Bytes,
+        }
+    }
 }
 
 /// The first byte of every TLS connection: a handshake record. No text protocol starts
@@ -143,7 +166,8 @@ impl Inbound {
                 destination,
                 server_name: None,
             };
-            return self.forward(client, peer, app, false).await;
+            let served = Served::of(None, self.protocol);
+            return self.forward(client, peer, app, served).await;
         }
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let stream = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(client)).await {
@@ -156,7 +180,7 @@ impl Inbound {
             Err(_) => return self.telemetry.refused("inbound", "handshake_timeout"),
         };
         let (_, session) = stream.get_ref();
-        let h2 = matches!(session.alpn_protocol(), Some(b"istio-h2" | b"h2"));
+        let served = Served::of(session.alpn_protocol(), self.protocol);
         let id = tls::proven_identity(session.peer_certificates());
         let hash = session.peer_certificates().and_then(|c| c.first()).map(|leaf| {
             let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf);
@@ -172,22 +196,21 @@ impl Inbound {
             destination,
             server_name: session.server_name().map(str::to_owned),
         };
-        self.forward(stream, peer, app, h2).await;
+        self.forward(stream, peer, app, served).await;
     }
 
-    /// The connection-level RBAC: the chain's network filters, and on a TCP port its HTTP
-    /// filters too (a TCP port has no requests to check them against later).
-    fn connection_allowed(&self, peer: &Peer) -> bool {
+    /// The connection-level RBAC: the chain's network filters, and on a connection carried
+    /// as bytes its HTTP filters too (it has no requests to check them against later).
+    fn connection_allowed(&self, peer: &Peer, served: Served) -> bool {
         let policy = self.policy.load();
         let Some(authorization) = policy.authorization(peer.destination.port(), peer.transport) else {
             self.telemetry.refused("inbound", "no_filter_chain");
             return false;
         };
         let attributes = peer.attributes(None);
-        let tcp_port = self.protocol == Protocol::Tcp;
         let checks = [
             Some(&authorization.connection),
-            tcp_port.then_some(&authorization.request),
+            (served == Served::Bytes).then_some(&authorization.request),
         ];
         for chain in checks.into_iter().flatten().filter(|c| !c.filters.is_empty()) {
             let verdict = chain.check(&attributes);
@@ -204,16 +227,16 @@ impl Inbound {
         true
     }
 
-    async fn forward<S>(self: Arc<Self>, mut client: S, peer: Peer, app: SocketAddr, h2: bool)
+    async fn forward<S>(self: Arc<Self>, mut client: S, peer: Peer, app: SocketAddr, served: Served)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        if !self.connection_allowed(&peer) {
+        if !self.connection_allowed(&peer, served) {
             // Dropping the stream closes it at once, before any byte reaches the application.
             return;
         }
-        if self.protocol == Protocol::Http {
-            return self.serve_http(client, peer, app, h2).await;
+        if served != Served::Bytes {
+            return self.serve_http(client, peer, app, served == Served::Http2).await;
         }
         let mut app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(app)).await {
             Ok(Ok(s)) => s,
@@ -429,5 +452,24 @@ impl Caller {
     fn xfcc(&self, by: &SpiffeId) -> HeaderValue {
         HeaderValue::try_from(format!("By={by};Hash={};URI={}", self.cert_hash, self.id))
             .expect("SPIFFE IDs and hex are valid header text")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_alpn_decides_over_the_ports_protocol() {
+        for protocol in [Protocol::Tcp, Protocol::Http] {
+            assert_eq!(Served::of(Some(b"istio-h2"), protocol), Served::Http2);
+            assert_eq!(Served::of(Some(b"h2"), protocol), Served::Http2);
+            assert_eq!(Served::of(Some(b"istio-http/1.1"), protocol), Served::Http1);
+            assert_eq!(Served::of(Some(b"http/1.1"), protocol), Served::Http1);
+        }
+        assert_eq!(Served::of(Some(b"istio"), Protocol::Tcp), Served::Bytes);
+        assert_eq!(Served::of(None, Protocol::Tcp), Served::Bytes);
+        assert_eq!(Served::of(Some(b"istio"), Protocol::Http), Served::Http1);
+        assert_eq!(Served::of(None, Protocol::Http), Served::Http1);
     }
 }

@@ -331,7 +331,7 @@ impl Captured {
             };
             match (&upstream.tls, endpoint.mtls) {
                 (Some(mesh), true) => {
-                    let Ok(sni) = ServerName::try_from(mesh.sni.clone()) else {
+                    let Ok(sni) = ServerName::try_from(endpoint.sni(mesh)) else {
                         return self.telemetry.upstream_failure("outbound", "bad_sni");
                     };
                     hop.mtls(client, stream, sni, self.config_for(&mesh.identities, false))
@@ -568,14 +568,19 @@ impl HttpHop {
                     result: result.map(Answered::Plain).map_err(Unanswered::Plain),
                 };
             };
-            let Ok(sni) = ServerName::try_from(mesh.sni.clone()) else {
+            let Ok(sni) = ServerName::try_from(endpoint.sni(mesh)) else {
                 self.telemetry.upstream_failure("outbound", "bad_sni");
                 return Attempt {
                     endpoint: Some(i),
                     result: Err(Unanswered::Unreachable),
                 };
             };
-            let lanes = pool::lanes_for(endpoint.weight);
+            // A pinned endpoint is one pod, whatever its weight: its pinned SNI is its own
+            // pool key, and one connection reaches all of it.
+            let lanes = match endpoint.pinned {
+                Some(_) => 1,
+                None => pool::lanes_for(endpoint.weight),
+            };
             let key = Key {
                 addr: endpoint.address,
                 sni,

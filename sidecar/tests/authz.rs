@@ -23,7 +23,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, StringMatcher, pa
 use envoy_types::pb::google::protobuf::{Any, value::Kind};
 use prost::Message;
 use sidecar::run::{RunArgs, Sidecar};
-use support::ads::Ads;
+use sidecar::xds::LISTENER_TYPE;
+use support::control_plane::ControlPlane;
 use support::{Pki, exchange, metric_reaches, poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -188,12 +189,13 @@ fn virtual_inbound(plaintext: bool, filters: Vec<Filter>) -> Listener {
     }
 }
 
-/// The mesh of the test: `reviews` behind its sidecar, following `ads`; callers from our
+/// The mesh of the test: `reviews` behind its sidecar, following `control`; callers from our
 /// trust domain and from a federated one (`cluster2.local`, its own CA).
 struct Mesh {
     home: Pki,
     foreign: Pki,
-    ads: Ads,
+    /// The control plane, and the last LDS version it served.
+    control: tokio::sync::Mutex<(ControlPlane, u64)>,
     server: Sidecar,
 }
 
@@ -201,7 +203,7 @@ impl Mesh {
     async fn start(name: &str, app: SocketAddr, protocol: &str) -> Mesh {
         let home = Pki::new("authz", &format!("{name}-home"));
         let foreign = Pki::new("authz", &format!("{name}-foreign"));
-        let ads = Ads::start().await;
+        let control = ControlPlane::start().await;
         let (sc, sk) = home.svid("cluster.local", "reviews");
         let server = Sidecar::start(args(&format!(
             "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --bundle cluster2.local={} \
@@ -211,14 +213,14 @@ impl Mesh {
             p(&sk),
             p(&home.ca()),
             p(&foreign.ca()),
-            ads.url(),
+            control.address,
             p(&home.dir.join("access.log")),
         )))
         .unwrap();
         Mesh {
             home,
             foreign,
-            ads,
+            control: tokio::sync::Mutex::new((control, 0)),
             server,
         }
     }
@@ -252,10 +254,27 @@ impl Mesh {
         .unwrap()
     }
 
-    /// Serves `listener` and waits until the sidecar ACKed it.
+    /// Serves `listener` as the next LDS version and waits until the sidecar ACKed it.
     async fn apply(&self, listener: Listener) {
-        let version = self.ads.push(vec![listener]);
-        poll(Duration::from_secs(10), || async { self.ads.acked(&version) }).await;
+        let mut control = self.control.lock().await;
+        let (control, version) = &mut *control;
+        *version += 1;
+        control
+            .push_acked(LISTENER_TYPE, &version.to_string(), &[listener])
+            .await;
+    }
+
+    /// Serves `listener` as the next LDS version and returns the sidecar's NACK of it.
+    async fn refused(&self, listener: Listener) -> String {
+        let mut control = self.control.lock().await;
+        let (control, version) = &mut *control;
+        *version += 1;
+        control.push(LISTENER_TYPE, &version.to_string(), &[listener]).await;
+        let nack = control.request_where(LISTENER_TYPE, |r| r.error_detail.is_some());
+        let nack = tokio::time::timeout(Duration::from_secs(10), nack)
+            .await
+            .expect("no NACK within 10 s");
+        nack.error_detail.unwrap().message
     }
 
     fn metrics(&self) -> SocketAddr {
@@ -383,18 +402,12 @@ async fn authorization_policies_decide_what_each_caller_gets() {
             ..Default::default()
         },
     );
-    mesh.ads.push(vec![virtual_inbound(false, vec![hcm(&[bad])])]);
-    poll(Duration::from_secs(10), || async {
-        match mesh.ads.nacks().iter().any(|m| m.contains("CEL")) {
-            true => Ok(()),
-            false => Err(format!("no NACK naming CEL: {:?}", mesh.ads.nacks())),
-        }
-    })
-    .await;
+    let nack = mesh.refused(virtual_inbound(false, vec![hcm(&[bad])])).await;
+    assert!(nack.contains("CEL"), "the NACK names CEL: {nack}");
     assert_eq!(get(&foreign, "/").await.0, 403);
 
     // The node told the controller what selects policies for it.
-    let node = mesh.ads.last_node().unwrap();
+    let node = mesh.control.lock().await.0.last_node().unwrap();
     let labels = match &node.metadata.unwrap().fields["LABELS"].kind {
         Some(Kind::StructValue(s)) => s.fields.clone(),
         other => panic!("LABELS is {other:?}"),

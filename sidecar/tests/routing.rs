@@ -817,25 +817,28 @@ async fn rewrites_redirects_direct_answers_and_headers_are_as_the_routes_say() {
     );
 }
 
+/// Istio's `consecutiveGatewayErrors: N` with `maxEjectionPercent: 50`.
+fn gateway_errors(n: u32) -> envoy_types::pb::envoy::config::cluster::v3::OutlierDetection {
+    envoy_types::pb::envoy::config::cluster::v3::OutlierDetection {
+        consecutive_5xx: Some(UInt32Value { value: 0 }),
+        enforcing_consecutive_5xx: Some(UInt32Value { value: 0 }),
+        consecutive_gateway_failure: Some(UInt32Value { value: n }),
+        enforcing_consecutive_gateway_failure: Some(UInt32Value { value: 100 }),
+        max_ejection_percent: Some(UInt32Value { value: 50 }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_gateway_errors_eject_an_endpoint() {
-    use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
     let (_pki, mut control, sidecar) = setup("outlier").await;
     let (broken, healthy) = (
         backend("broken", Behaviour::Fail).await,
         backend("v1", Behaviour::Answer).await,
     );
-    // Istio's `consecutiveGatewayErrors: 2`, no retries: only ejection keeps errors away.
-    let outlier = OutlierDetection {
-        consecutive_5xx: Some(UInt32Value { value: 0 }),
-        enforcing_consecutive_5xx: Some(UInt32Value { value: 0 }),
-        consecutive_gateway_failure: Some(UInt32Value { value: 2 }),
-        enforcing_consecutive_gateway_failure: Some(UInt32Value { value: 100 }),
-        max_ejection_percent: Some(UInt32Value { value: 50 }),
-        ..Default::default()
-    };
+    // No retries: only ejection keeps errors away.
     let c = Cluster {
-        outlier_detection: Some(outlier),
+        outlier_detection: Some(gateway_errors(2)),
         ..cluster(&subset("v1"))
     };
     let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
@@ -1076,30 +1079,27 @@ async fn an_h2c_client_such_as_grpc_is_served_and_routed_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
+    routed_through_its_sidecar("mtls", "http").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_whose_protocol_flag_says_tcp_serves_http_by_the_callers_alpn() {
+    // The caller's HTTP listener sends pooled HTTP/2 with ALPN `istio-h2`; copying those
+    // bytes to an HTTP/1.1 application would fail every request.
+    routed_through_its_sidecar("mtls-tcp", "tcp").await;
+}
+
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+
+/// A cluster whose endpoints are spoken to in mutual TLS with `sni`, proving [`SERVER_ID`].
+fn mtls_cluster(name: &str, sni: &str) -> Cluster {
     use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
         CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context,
         subject_alt_name_matcher,
     };
-    const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
-    let (pki, mut control, sidecar) = setup("mtls").await;
-    let (v1, v2) = (
-        backend("v1", Behaviour::Answer).await,
-        backend("v2", Behaviour::Answer).await,
-    );
-    // v2's pod, behind its own sidecar (STRICT mTLS, HTTP).
-    let (cert, key) = pki.svid("cluster.local", "reviews");
-    let line = format!(
-        "--inbound 127.0.0.1:0={} --cert {} --key {} --ca {} --protocol http --mtls STRICT",
-        v2.addr,
-        cert.display(),
-        key.display(),
-        pki.ca().display()
-    );
-    let server =
-        sidecar::run::Sidecar::start(sidecar::run::RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
     let tls = UpstreamTlsContext {
-        sni: format!("outbound_.9080_.v2_.{HOST}"),
+        sni: sni.into(),
         common_tls_context: Some(CommonTlsContext {
             validation_context_type: Some(common_tls_context::ValidationContextType::ValidationContext(
                 CertificateValidationContext {
@@ -1118,7 +1118,7 @@ async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
         }),
         ..Default::default()
     };
-    let mesh = Cluster {
+    Cluster {
         transport_socket: Some(TransportSocket {
             name: "envoy.transport_sockets.tls".into(),
             config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
@@ -1126,8 +1126,34 @@ async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
                 value: tls.encode_to_vec(),
             })),
         }),
-        ..cluster(&subset("v2"))
-    };
+        ..cluster(name)
+    }
+}
+
+/// A pod's sidecar in front of `app` (STRICT mTLS, `--protocol PROTOCOL`), proving
+/// [`SERVER_ID`].
+fn receiver(pki: &Pki, app: SocketAddr, protocol: &str) -> sidecar::run::Sidecar {
+    let (cert, key) = pki.svid("cluster.local", "reviews");
+    let line = format!(
+        "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol {protocol} --mtls STRICT",
+        cert.display(),
+        key.display(),
+        pki.ca().display()
+    );
+    sidecar::run::Sidecar::start(sidecar::run::RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap()
+}
+
+/// Routes `/v2` to a subset behind its own sidecar (`--protocol PROTOCOL`, STRICT mTLS) and
+/// `/` to a plaintext endpoint outside the mesh; both answer, and only the sidecar's
+/// application learns its caller from `x-forwarded-client-cert`.
+async fn routed_through_its_sidecar(name: &str, protocol: &str) {
+    let (pki, mut control, sidecar) = setup(name).await;
+    let (v1, v2) = (
+        backend("v1", Behaviour::Answer).await,
+        backend("v2", Behaviour::Answer).await,
+    );
+    let server = receiver(&pki, v2.addr, protocol);
+    let mesh = mtls_cluster(&subset("v2"), &format!("outbound_.9080_.v2_.{HOST}"));
     let config = routes(vec![
         forward(prefix("/v2"), to(&subset("v2"))),
         forward(prefix("/"), to(&subset("v1"))),
@@ -1139,8 +1165,10 @@ async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
     sidecar.serve(&mut control, config, &clusters).await;
 
     for _ in 0..5 {
-        assert_eq!(sidecar.get("/v2/reviews", &[]).await.1, "v2");
-        assert_eq!(sidecar.get("/v1/reviews", &[]).await.1, "v1");
+        let (status, body, _) = sidecar.get("/v2/reviews", &[]).await;
+        assert_eq!((status, body.as_str()), (200, "v2"));
+        let (status, body, _) = sidecar.get("/v1/reviews", &[]).await;
+        assert_eq!((status, body.as_str()), (200, "v1"));
     }
     // v2 learnt its caller from its sidecar; v1, outside the mesh, was called in plaintext.
     let seen = v2.seen.lock().unwrap().clone();
@@ -1151,6 +1179,111 @@ async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
         "{seen:?}"
     );
     assert!(v1.seen.lock().unwrap().iter().all(|s| s.xfcc.is_none()));
+}
+
+/// A stand-in for our east-west gateway: reads each connection's ClientHello without
+/// terminating TLS, and splices the connection to exactly the endpoint its pinned SNI
+/// names, or closes it (as the real gateway does, the caller decides). Returns its address
+/// and the SNIs it was sent.
+async fn pinning_gateway() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let names = Arc::new(Mutex::new(Vec::new()));
+    let seen = names.clone();
+    let (addr, _) = support::accept_each(move |mut caller| {
+        let seen = seen.clone();
+        async move {
+            let mut hello = Vec::new();
+            let sni = loop {
+                let mut chunk = [0; 4096];
+                match caller.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => hello.extend_from_slice(&chunk[..n]),
+                }
+                match sidecar::client_hello::parse(&hello, 16 * 1024) {
+                    Ok(None) => continue,
+                    Ok(Some(h)) => break h.server_name.unwrap_or_default(),
+                    Err(_) => return,
+                }
+            };
+            seen.lock().unwrap().push(sni.clone());
+            let (Some(pod), _) = mesh_vocab::sni::unpin(&sni) else {
+                return;
+            };
+            let Ok(mut upstream) = tokio::net::TcpStream::connect(pod).await else {
+                return;
+            };
+            if upstream.write_all(&hello).await.is_ok() {
+                let _ = tokio::io::copy_bidirectional(&mut caller, &mut upstream).await;
+            }
+        }
+    })
+    .await;
+    (addr, names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_behind_one_gateway_are_balanced_over_and_ejected_one_by_one() {
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let (pki, mut control, sidecar) = setup("pinned").await;
+    let (good, broken) = (
+        backend("good", Behaviour::Answer).await,
+        backend("broken", Behaviour::Fail).await,
+    );
+    // Two pods of another network, each behind its own sidecar, both behind one gateway.
+    let receivers = [receiver(&pki, good.addr, "http"), receiver(&pki, broken.addr, "http")];
+    let pods = receivers.each_ref().map(|p| p.bound.inbound.unwrap());
+    let (gateway, snis) = pinning_gateway().await;
+    let sni = format!("outbound_.9080_._.{HOST}");
+    let c = Cluster {
+        outlier_detection: Some(gateway_errors(2)),
+        ..mtls_cluster(&subset(""), &sni)
+    };
+    let config = routes(vec![forward(prefix("/"), to(&subset("")))]);
+    sidecar
+        .serve(&mut control, config, &[(c, vec![gateway, gateway])])
+        .await;
+    // The controller's EDS for pods behind our gateway: the gateway's address, each with
+    // the pod it is.
+    let mut cla = assignment(&subset(""), &[gateway, gateway]);
+    for (e, pod) in cla.endpoints[0].lb_endpoints.iter_mut().zip(pods) {
+        let value = Value {
+            kind: Some(Kind::StringValue(pod.to_string())),
+        };
+        let istio = Struct {
+            fields: [("endpoint".to_owned(), value)].into(),
+        };
+        e.metadata = Some(Metadata {
+            filter_metadata: [("istio".to_owned(), istio)].into(),
+            ..Default::default()
+        });
+    }
+    control.push(ENDPOINT_TYPE, "2", &[cla]).await;
+    let table = sidecar.table.clone();
+    poll(Duration::from_secs(10), || async {
+        let t = table.load();
+        let pinned: Vec<_> = t.upstreams[&subset("")].endpoints.iter().map(|e| e.pinned).collect();
+        match pinned == pods.map(Some) {
+            true => Ok(()),
+            false => Err(format!("endpoints pinned to {pinned:?}")),
+        }
+    })
+    .await;
+
+    let counts = spread(&sidecar, 40, &[]).await;
+    assert_eq!(counts.get("503 broken"), Some(&2), "{counts:?}");
+    assert_eq!(counts.get("200 good"), Some(&38), "{counts:?}");
+    assert_eq!(
+        broken.hits.load(Ordering::Relaxed),
+        2,
+        "ejected after two gateway errors"
+    );
+    // One pooled connection per pod, each asking the gateway for exactly that pod.
+    let mut asked = snis.lock().unwrap().clone();
+    asked.sort();
+    let mut want: Vec<String> = pods.iter().map(|p| mesh_vocab::sni::pin(*p, &sni)).collect();
+    want.sort();
+    assert_eq!(asked, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,13 @@
 //! A mock control plane the linkerd way: a real tonic ADS server on 127.0.0.1 whose
 //! responses the test feeds through a channel, and whose received requests (subscriptions,
-//! ACKs, NACKs) the test reads from another. One stream at a time: a client that
-//! reconnects gets the channels back.
+//! ACKs, NACKs) the test reads from another. One stream at a time. The last node a client
+//! identified as is kept, since a test that skips requests would miss it.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -30,6 +31,7 @@ pub struct ControlPlane {
     /// Every request the sidecar sent, in order.
     pub requests: mpsc::Receiver<DiscoveryRequest>,
     nonce: u64,
+    last_node: Arc<Mutex<Option<Node>>>,
 }
 
 /// What the next stream takes: the responses to send and where its requests go.
@@ -37,6 +39,7 @@ type Channels = (mpsc::Receiver<DiscoveryResponse>, mpsc::Sender<DiscoveryReques
 
 struct Ads {
     channels: Arc<Mutex<Option<Channels>>>,
+    last_node: Arc<Mutex<Option<Node>>>,
 }
 
 #[tonic::async_trait]
@@ -55,8 +58,12 @@ impl AggregatedDiscoveryService for Ads {
             .take()
             .ok_or_else(|| tonic::Status::unavailable("one stream at a time"))?;
         let mut inbound = request.into_inner();
+        let last_node = self.last_node.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
+                if let Some(node) = &req.node {
+                    *last_node.lock().unwrap() = Some(node.clone());
+                }
                 if requests.send(req).await.is_err() {
                     break;
                 }
@@ -80,8 +87,10 @@ impl ControlPlane {
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (responses, responses_rx) = mpsc::channel(64);
         let (requests_tx, requests) = mpsc::channel(256);
+        let last_node = Arc::new(Mutex::new(None));
         let ads = Ads {
             channels: Arc::new(Mutex::new(Some((responses_rx, requests_tx)))),
+            last_node: last_node.clone(),
         };
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -93,6 +102,7 @@ impl ControlPlane {
             responses,
             requests,
             nonce: 0,
+            last_node,
         }
     }
 
@@ -123,5 +133,22 @@ impl ControlPlane {
                 return req;
             }
         }
+    }
+}
+
+impl ControlPlane {
+    /// Pushes `resources` of `type_url` as `version` and waits (10 s at most) until the
+    /// sidecar ACKed that version.
+    pub async fn push_acked<M: Message>(&mut self, type_url: &str, version: &str, resources: &[M]) {
+        self.push(type_url, version, resources).await;
+        let acked = self.request_where(type_url, |r| r.version_info == version && r.error_detail.is_none());
+        tokio::time::timeout(std::time::Duration::from_secs(10), acked)
+            .await
+            .unwrap_or_else(|_| panic!("{type_url} version {version} not ACKed within 10 s"));
+    }
+
+    /// The last node a client identified as.
+    pub fn last_node(&self) -> Option<Node> {
+        self.last_node.lock().unwrap().clone()
     }
 }

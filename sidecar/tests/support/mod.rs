@@ -4,7 +4,6 @@
 
 #![allow(dead_code)] // each test file uses its own part
 
-pub mod ads;
 pub mod control_plane;
 
 use std::path::PathBuf;
