@@ -291,32 +291,7 @@ fn envoy_follows(api_type: &str, name: &str) {
     let xds = controller.xds;
     let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
 
-    // Not Istio's 15006: tests run side by side on one host.
-    let inbound = free_port();
-    // The bootstrap istio-agent writes for a sidecar, reduced to ADS for
-    // listeners and clusters and the agent's SDS.
-    let bootstrap = format!(
-        r#"{{
-  "node": {{
-    "id": "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local",
-    "cluster": "productpage.default",
-    "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
-                 "LABELS": {{"app": "productpage"}},
-                 "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
-  }},
-  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
-  "dynamic_resources": {{
-    "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3",
-                    "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
-    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
-    "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
-  }},
-  "static_resources": {{"clusters": [{xds_grpc}, {sds_grpc}]}}
-}}"#,
-        xds_grpc = grpc_cluster("xds-grpc", xds),
-        sds_grpc = grpc_cluster("sds-grpc", sds),
-    );
-    let (envoy, admin) = start_envoy(&dir, &bootstrap);
+    let (envoy, admin, inbound) = start_sidecar_envoy(&dir, api_type, xds, sds, "");
 
     let reviews = "outbound|9080||reviews.default.svc.cluster.local";
     // Active (not warming) once the agent's secrets are in.
@@ -738,24 +713,27 @@ spec: {selector: {matchLabels: {app: httpbin}}, rules: [{from: [{source: {princi
     );
 }
 
-/// Starts Envoy with the bootstrap istio-agent writes for a sidecar in network1
-/// and cluster1, reduced to ADS (of `api_type`) from `xds` and the agent's SDS at
-/// `sds`, plus the static `listeners` (JSON, may be empty); returns it and its
-/// admin address once it serves.
+/// Starts Envoy with the bootstrap istio-agent writes for productpage's sidecar in
+/// network1 and cluster1, reduced to ADS (of `api_type`) from `xds` and the agent's SDS
+/// at `sds`, plus the static `listeners` (JSON, may be empty); returns it, its admin
+/// address once it serves, and the port its inbound listener is bound at.
 fn start_sidecar_envoy(
     dir: &std::path::Path,
     api_type: &str,
     xds: std::net::SocketAddr,
     sds: std::net::SocketAddr,
     listeners: &str,
-) -> (Killed, String) {
+) -> (Killed, String, u16) {
+    // Not Istio's 15006: tests run side by side on one host.
+    let inbound = free_port();
     let bootstrap = format!(
         r#"{{
   "node": {{
     "id": "sidecar~10.241.0.20~productpage-1.default~default.svc.cluster.local",
     "cluster": "productpage.default",
     "metadata": {{"NETWORK": "network1", "CLUSTER_ID": "cluster1", "NAMESPACE": "default",
-                  "LABELS": {{"app": "productpage"}}}}
+                  "LABELS": {{"app": "productpage"}},
+                  "PROXY_CONFIG": {{"proxyInboundListenPort": {inbound}}}}}
   }},
   "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
   "dynamic_resources": {{
@@ -769,7 +747,8 @@ fn start_sidecar_envoy(
         xds_grpc = grpc_cluster("xds-grpc", xds),
         sds_grpc = grpc_cluster("sds-grpc", sds),
     );
-    start_envoy(dir, &bootstrap)
+    let (envoy, admin) = start_envoy(dir, &bootstrap);
+    (envoy, admin, inbound)
 }
 
 /// Every `update_rejected` stat of Envoy's that is not 0: any xDS type or resource it NACKed.
@@ -861,7 +840,7 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
                 "route_config_name": "reviews.default.svc.cluster.local:9080"},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
           "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}"#;
-    let (envoy, admin) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, probe);
+    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, probe);
 
     let subset = |s: &str| format!("outbound|9080|{s}|reviews.default.svc.cluster.local");
     let clusters = wait_admin(&admin, "/clusters", |b| {

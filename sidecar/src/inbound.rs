@@ -42,7 +42,7 @@ use crate::drain;
 use crate::http::{self, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::otlp::{Exporter, Kind};
-use crate::peer_authentication::MtlsMode;
+use crate::peer_authentication::{MtlsMode, Policy};
 use crate::pool::{self, MarkedConnector};
 use crate::telemetry::{ConnectionLabels, RbacScope, RequestLabels, RequestSize, Telemetry};
 use crate::tls;
@@ -68,6 +68,9 @@ pub struct Inbound {
     pub protocol: Protocol,
     /// PeerAuthentication and authorization, swapped whole on every xDS update.
     pub policy: Arc<ArcSwap<InboundPolicy>>,
+    /// The modes given on the command line: a port STRICT there stays STRICT whatever
+    /// `policy` says (the workload's own demand; the mesh may tighten it, never loosen it).
+    pub strict_floor: Option<Policy>,
     /// TLS with our SVID, requiring a client SVID.
     pub tls: Arc<ServerConfig>,
     /// Our identity: `By=` in XFCC, and the destination principal in metrics.
@@ -148,6 +151,10 @@ impl Inbound {
         };
         let Some(mode) = self.policy.load().mode_for(app.port()) else {
             return self.telemetry.refused("inbound", "no_filter_chain");
+        };
+        let mode = match &self.strict_floor {
+            Some(floor) if floor.mode_for(app.port()) == MtlsMode::Strict => MtlsMode::Strict,
+            _ => mode,
         };
         let tls = match mode {
             MtlsMode::Disable => false,

@@ -132,9 +132,12 @@ pub struct RunArgs {
     /// Inbound: accept callers on LISTEN, hand their bytes to the application at TARGET.
     #[arg(long, value_name = "LISTEN=TARGET", value_parser = parse_hop)]
     pub inbound: Option<Hop>,
-    /// PeerAuthentication mode of the inbound side.
-    #[arg(long, default_value = "STRICT", value_name = "STRICT|PERMISSIVE|DISABLE")]
-    pub mtls: MtlsMode,
+    /// PeerAuthentication mode of the inbound side. Without a controller's policy it is the
+    /// mode (STRICT when not given); with one, STRICT here keeps the port STRICT whatever the
+    /// mesh's PeerAuthentication says (a workload may demand more than the mesh, never less),
+    /// and the other modes defer to it.
+    #[arg(long, value_name = "STRICT|PERMISSIVE|DISABLE")]
+    pub mtls: Option<MtlsMode>,
     /// A port-level override of the mode (the application's port, as `portLevelMtls`).
     #[arg(long = "port-mtls", value_name = "PORT=MODE", value_parser = parse_port_override)]
     pub port_mtls: Vec<(u16, MtlsMode)>,
@@ -397,8 +400,9 @@ impl Sidecar {
             })?;
         }
         // The flags' PeerAuthentication until (unless) the controller serves `virtualInbound`.
-        let mut flags_policy = Policy::uniform(args.mtls);
+        let mut flags_policy = Policy::uniform(args.mtls.unwrap_or(MtlsMode::Strict));
         flags_policy.ports.extend(args.port_mtls.iter().copied());
+        let strict_floor = (args.mtls.is_some() || !args.port_mtls.is_empty()).then(|| flags_policy.clone());
         let inbound_policy = Arc::new(ArcSwap::from_pointee(InboundPolicy::from_peer_authentication(
             &flags_policy,
         )));
@@ -420,6 +424,7 @@ impl Sidecar {
                 captured,
                 protocol,
                 policy: inbound_policy.clone(),
+                strict_floor,
                 tls: crate::tls::server_config(svid.clone(), bundles.clone()),
                 self_id: self_id.clone(),
                 service: args.service.clone(),
