@@ -1,7 +1,8 @@
 //! What a CDS cluster says about using its endpoints (Istio's DestinationRule
 //! `trafficPolicy`): the load-balancing policy, passive outlier detection on consecutive
 //! 5xx or gateway errors (and, when split, on consecutive local-origin failures — no
-//! answer at all — of their own), and the circuit breaker's request and retry limits.
+//! answer at all — of their own), and the circuit breaker's connection, pending-request,
+//! request and retry limits.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -16,6 +17,8 @@ use crate::destinations::BadResource;
 use crate::outlier::{OutlierDetector, OutlierPolicy, Verdict};
 
 /// Envoy's circuit-breaker defaults.
+const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+const DEFAULT_MAX_PENDING_REQUESTS: u32 = 1024;
 const DEFAULT_MAX_REQUESTS: u32 = 1024;
 const DEFAULT_MAX_RETRIES: u32 = 3;
 /// Envoy's `healthy_panic_threshold` default: below this share of usable endpoints, every
@@ -44,6 +47,8 @@ pub enum Reply {
 pub struct ClusterPolicy {
     pub lb: Policy,
     pub outlier: Option<Outlier>,
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
     pub max_requests: u32,
     pub max_retries: u32,
 }
@@ -119,6 +124,14 @@ impl ClusterPolicy {
         Ok(Self {
             lb,
             outlier,
+            max_connections: value(
+                thresholds.and_then(|t| t.max_connections.as_ref()),
+                DEFAULT_MAX_CONNECTIONS,
+            ),
+            max_pending_requests: value(
+                thresholds.and_then(|t| t.max_pending_requests.as_ref()),
+                DEFAULT_MAX_PENDING_REQUESTS,
+            ),
             max_requests: value(thresholds.and_then(|t| t.max_requests.as_ref()), DEFAULT_MAX_REQUESTS),
             max_retries: value(thresholds.and_then(|t| t.max_retries.as_ref()), DEFAULT_MAX_RETRIES),
         })
@@ -208,48 +221,120 @@ impl Health {
 /// The circuit breaker's counts of one cluster.
 #[derive(Debug)]
 pub struct Breaker {
+    max_connections: u32,
+    max_pending_requests: u32,
     max_requests: u32,
     max_retries: u32,
+    connections: AtomicU32,
+    pending: AtomicU32,
     requests: AtomicU32,
     retries: AtomicU32,
+    /// Woken when a connection slot is given back, for connections waiting for one.
+    freed: tokio::sync::Notify,
 }
 
-/// A request or retry counted against its limit until dropped.
+/// A connection, request or retry counted against its limit until dropped.
 #[derive(Debug)]
-pub struct Slot<'a>(&'a AtomicU32);
+pub struct Slot<'a> {
+    count: &'a AtomicU32,
+    /// Whom to wake when it is given back (connection slots).
+    freed: Option<&'a tokio::sync::Notify>,
+}
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        if let Some(freed) = self.freed {
+            freed.notify_waiters();
+        }
     }
 }
 
-fn take(count: &AtomicU32, max: u32) -> Option<Slot<'_>> {
+fn take<'a>(count: &'a AtomicU32, max: u32, freed: Option<&'a tokio::sync::Notify>) -> Option<Slot<'a>> {
     count
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
         .ok()
-        .map(|_| Slot(count))
+        .map(|_| Slot { count, freed })
+}
+
+/// Why no connection slot could be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectionOverflow {
+    /// `max_connections` were open and `max_pending_requests` already waited for one
+    /// (Envoy's `upstream_rq_pending_overflow`).
+    #[error("too many connections waiting for one of the cluster's connection slots")]
+    Pending,
+    /// No slot was given back within the wait (Envoy's connect timeout).
+    #[error("no connection slot came free in time")]
+    Timeout,
+}
+
+impl ConnectionOverflow {
+    /// The metric reason label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Pending => "upstream_rq_pending_overflow",
+            Self::Timeout => "connect_timeout",
+        }
+    }
 }
 
 impl Breaker {
     /// Limits from the cluster's policy, nothing in flight.
     pub fn new(policy: &ClusterPolicy) -> Self {
         Self {
+            max_connections: policy.max_connections,
+            max_pending_requests: policy.max_pending_requests,
             max_requests: policy.max_requests,
             max_retries: policy.max_retries,
+            connections: AtomicU32::new(0),
+            pending: AtomicU32::new(0),
             requests: AtomicU32::new(0),
             retries: AtomicU32::new(0),
+            freed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// An upstream connection, counted while it is open. At `max_connections` (Envoy's
+    /// `upstream_cx_overflow`, which `overflowed` is told of) the caller waits, as a pending
+    /// request of Envoy's TCP pool does, for one to close — within `wait`, and only while
+    /// fewer than `max_pending_requests` already wait.
+    pub async fn connection(&self, wait: Duration, overflowed: impl FnOnce()) -> Result<Slot<'_>, ConnectionOverflow> {
+        let slot = || take(&self.connections, self.max_connections, Some(&self.freed));
+        if let Some(s) = slot() {
+            return Ok(s);
+        }
+        overflowed();
+        let _pending = self.pending().ok_or(ConnectionOverflow::Pending)?;
+        let waited = tokio::time::timeout(wait, async {
+            loop {
+                let freed = self.freed.notified();
+                let mut freed = std::pin::pin!(freed);
+                // Registered before looking, so a slot given back in between still wakes us.
+                freed.as_mut().enable();
+                if let Some(s) = slot() {
+                    return s;
+                }
+                freed.await;
+            }
+        });
+        waited.await.map_err(|_| ConnectionOverflow::Timeout)
+    }
+
+    /// A request waiting for a connection to become ready, or `None` at
+    /// `max_pending_requests` (Envoy's `upstream_rq_pending_overflow`).
+    pub fn pending(&self) -> Option<Slot<'_>> {
+        take(&self.pending, self.max_pending_requests, None)
     }
 
     /// A request in flight, or `None` at `max_requests` (Envoy's `upstream_rq_pending_overflow`).
     pub fn request(&self) -> Option<Slot<'_>> {
-        take(&self.requests, self.max_requests)
+        take(&self.requests, self.max_requests, None)
     }
 
     /// A retry in flight, or `None` at `max_retries` (Envoy's `upstream_rq_retry_overflow`).
     pub fn retry(&self) -> Option<Slot<'_>> {
-        take(&self.retries, self.max_retries)
+        take(&self.retries, self.max_retries, None)
     }
 }
 
@@ -367,10 +452,9 @@ mod tests {
     #[test]
     fn the_breaker_counts_requests_in_flight() {
         let b = Breaker::new(&ClusterPolicy {
-            lb: Policy::RoundRobin,
-            outlier: None,
             max_requests: 2,
             max_retries: 0,
+            ..ClusterPolicy::of(&Cluster::default()).unwrap()
         });
         let (one, two) = (b.request().unwrap(), b.request().unwrap());
         assert!(b.request().is_none(), "the third overflows");
@@ -378,5 +462,42 @@ mod tests {
         assert!(b.request().is_some());
         drop(two);
         assert!(b.retry().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_beyond_the_limit_wait_for_one_to_close_and_pending_ones_are_bounded() {
+        let b = std::sync::Arc::new(Breaker::new(&ClusterPolicy {
+            max_connections: 1,
+            max_pending_requests: 1,
+            ..ClusterPolicy::of(&Cluster::default()).unwrap()
+        }));
+        let wait = Duration::from_secs(5);
+        let overflows = AtomicU32::new(0);
+        let overflowed = || {
+            overflows.fetch_add(1, Ordering::Relaxed);
+        };
+        let open = b.connection(wait, overflowed).await.unwrap();
+        // The second waits for the first to close…
+        let waiting = {
+            let b = b.clone();
+            tokio::spawn(async move { b.connection(wait, || {}).await.map(drop) })
+        };
+        while b.pending.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // …and a third finds the one pending place taken.
+        assert_eq!(
+            b.connection(wait, overflowed).await.unwrap_err(),
+            ConnectionOverflow::Pending
+        );
+        assert_eq!(overflows.load(Ordering::Relaxed), 1, "upstream_cx_overflow");
+        drop(open);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        // Nobody closes: the wait ends at its bound.
+        let _open = b.connection(wait, || {}).await.unwrap();
+        assert_eq!(
+            b.connection(wait, || {}).await.unwrap_err(),
+            ConnectionOverflow::Timeout
+        );
     }
 }

@@ -311,6 +311,13 @@ impl Captured {
             }
             return;
         };
+        let telemetry = &self.telemetry;
+        let overflowed = || telemetry.upstream_failure("outbound", "upstream_cx_overflow");
+        // Held for as long as the connection is carried.
+        let _connection = match upstream.breaker.connection(self.connect_timeout, overflowed).await {
+            Ok(slot) => slot,
+            Err(e) => return self.telemetry.upstream_failure("outbound", e.reason()),
+        };
         let mut tried: Vec<usize> = Vec::new();
         while tried.len() < CONNECT_ATTEMPTS.min(upstream.endpoints.len()) {
             let Some(i) = upstream.balancer.pick(|i| !tried.contains(&i)) else {
@@ -480,7 +487,7 @@ impl HttpHop {
                     log,
                     span,
                 };
-                match self.h2.send(&outbound.upstream, &outbound.tls, req, None).await {
+                match self.h2.send(&outbound.upstream, &outbound.tls, req, None, ()).await {
                     Ok(sent) => self.answer(sent, &what, l4),
                     Err(e) => self.failed(e, &what),
                 }
@@ -590,11 +597,23 @@ impl HttpHop {
             // Several pods behind one endpoint: a gateway. Fresh connections now and then
             // let it spread this caller over them.
             let max_requests = (lanes > 1).then_some(pool::REQUESTS_PER_GATEWAY_CONNECTION);
-            match self
-                .h2
-                .send(&key, &captured.config_for(&mesh.identities, true), req, max_requests)
-                .await
-            {
+            let pending = match self.h2.ready(&key) {
+                true => None,
+                false => match upstream.breaker.pending() {
+                    Some(place) => Some(place),
+                    None => {
+                        // A limit of the cluster's: another endpoint would not do better.
+                        self.telemetry
+                            .upstream_failure("outbound", "upstream_rq_pending_overflow");
+                        return Attempt {
+                            endpoint: Some(i),
+                            result: Err(Unanswered::Overflow),
+                        };
+                    }
+                },
+            };
+            let config = captured.config_for(&mesh.identities, true);
+            match self.h2.send(&key, &config, req, max_requests, pending).await {
                 Ok(sent) => {
                     upstream.record(i, Reply::Status(sent.response.status()));
                     return Attempt {
@@ -670,6 +689,7 @@ impl HttpHop {
                 http::recorded(exchange, http::unavailable_after(&e))
             }
             Err(Unanswered::Unreachable) => http::unavailable(CONNECT_FAILURE),
+            Err(Unanswered::Overflow) => router::overflow(),
         }
     }
 
@@ -778,6 +798,8 @@ enum Answered {
 enum Unanswered {
     /// No endpoint could be connected to, or there is none: nothing was sent.
     Unreachable,
+    /// The circuit breaker turned it away (`max_pending_requests`): nothing was sent.
+    Overflow,
     Mesh(SendError),
     Plain(hyper_util::client::legacy::Error),
 }

@@ -18,7 +18,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -165,6 +165,8 @@ struct Slot {
     /// Connection attempts made so far; lets requests that queued behind a failed attempt
     /// share its failure instead of each waiting out its own timeout.
     attempts: AtomicU64,
+    /// Holds a connection now (a hint readable without waiting on `state`).
+    ready: AtomicBool,
     state: tokio::sync::Mutex<SlotState>,
 }
 
@@ -249,15 +251,20 @@ impl H2Pool {
     /// is [`SendError::Reset`].
     ///
     /// `max_requests` retires a connection after that many requests (new requests then go
-    /// on a fresh one; those in flight finish where they are).
-    pub async fn send(
+    /// on a fresh one; those in flight finish where they are). `pending` (the request's
+    /// place among those waiting for a connection, see [`H2Pool::ready`]) is given back
+    /// once the request has its connection.
+    pub async fn send<P>(
         &self,
         key: &Key,
         tls: &Arc<ClientConfig>,
         req: Request<Outgoing>,
         max_requests: Option<u64>,
+        pending: P,
     ) -> Result<Sent, SendError> {
-        let conn = match self.checkout(key, tls, None, max_requests).await {
+        let checked_out = self.checkout(key, tls, None, max_requests).await;
+        drop(pending);
+        let conn = match checked_out {
             Ok(conn) => conn,
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
@@ -287,6 +294,13 @@ impl H2Pool {
                 })
             }
         }
+    }
+
+    /// Whether a request for `key` would find a connection made: one that would not is
+    /// Envoy's pending request, which `max_pending_requests` bounds.
+    pub fn ready(&self, key: &Key) -> bool {
+        let slots = self.slots.lock().expect("pool poisoned");
+        slots.get(key).is_some_and(|s| s.ready.load(Ordering::Acquire))
     }
 
     /// The live connection for `key` (not the one numbered `stale`), made if there is none.
@@ -319,6 +333,7 @@ impl H2Pool {
             }
             // Retired, not closed: requests in flight on it finish; it ends once they have.
             state.conn = None;
+            slot.ready.store(false, Ordering::Release);
         }
         if slot.attempts.load(Ordering::Acquire) != seen
             && let Some(failed) = &state.failed
@@ -331,6 +346,7 @@ impl H2Pool {
                 state.failed = None;
                 conn.sent.fetch_add(1, Ordering::AcqRel);
                 state.conn = Some(conn.clone());
+                slot.ready.store(true, Ordering::Release);
                 Ok(conn)
             }
             Err(e) => {
@@ -437,6 +453,7 @@ impl H2Pool {
         let Ok(mut state) = slot.state.try_lock() else { return };
         if state.conn.as_ref().is_some_and(|c| c.id == id) {
             state.conn = None;
+            slot.ready.store(false, Ordering::Release);
         }
         if state.conn.is_none() {
             let mut slots = self.slots.lock().expect("pool poisoned");

@@ -852,18 +852,41 @@ async fn consecutive_gateway_errors_eject_an_endpoint() {
     assert_eq!(counts.get("200 v1"), Some(&38), "{counts:?}");
 }
 
+/// A circuit breaker whose first thresholds are `thresholds`.
+fn breaker(
+    thresholds: envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds,
+) -> Option<envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers> {
+    Some(envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers {
+        thresholds: vec![thresholds],
+        ..Default::default()
+    })
+}
+
+/// The overflow answer Envoy gives, and that it was counted under `reason`.
+fn assert_overflowed(sidecar: &Sidecar, (status, body, headers): (u16, String, hyper::HeaderMap), reason: &str) {
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+    );
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    let metrics = sidecar.telemetry.render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains(&format!(r#"reason="{reason}""#)) && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_max_requests_are_turned_away_and_counted() {
-    use envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers;
     use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
     let (_pki, mut control, sidecar) = setup("breaker").await;
     let stuck = backend("stuck", Behaviour::Hang).await;
     let c = Cluster {
-        circuit_breakers: Some(CircuitBreakers {
-            thresholds: vec![Thresholds {
-                max_requests: Some(UInt32Value { value: 1 }),
-                ..Default::default()
-            }],
+        circuit_breakers: breaker(Thresholds {
+            max_requests: Some(UInt32Value { value: 1 }),
             ..Default::default()
         }),
         ..cluster(&subset("v1"))
@@ -882,22 +905,147 @@ async fn requests_beyond_max_requests_are_turned_away_and_counted() {
         }
     })
     .await;
-    let (status, body, headers) = sidecar.get("/", &[]).await;
-    assert_eq!(status, 503);
-    assert_eq!(
-        body,
-        "upstream connect error or disconnect/reset before headers. reset reason: overflow"
-    );
-    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert_overflowed(&sidecar, sidecar.get("/", &[]).await, "upstream_rq_pending_overflow");
     assert_eq!(stuck.hits.load(Ordering::Relaxed), 1, "the overflow never left");
-    let metrics = sidecar.telemetry.render();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.contains(r#"reason="upstream_rq_pending_overflow""#) && l.ends_with(" 1")),
-        "{metrics}"
-    );
     first.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_a_connection_beyond_max_pending_requests_are_turned_away() {
+    use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+    let (_pki, mut control, sidecar) = setup("pending").await;
+    // A mesh endpoint that takes the connection and never says a word of TLS: requests to
+    // it wait for their connection.
+    let (silent, accepted) = support::accept_each(|s| async move {
+        let _held = s;
+        std::future::pending::<()>().await
+    })
+    .await;
+    let c = Cluster {
+        circuit_breakers: breaker(Thresholds {
+            max_pending_requests: Some(UInt32Value { value: 1 }),
+            ..Default::default()
+        }),
+        ..mtls_cluster(&subset("v1"), &format!("outbound_.9080_.v1_.{HOST}"))
+    };
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    sidecar.serve(&mut control, config, &[(c, vec![silent])]).await;
+    let sidecar = Arc::new(sidecar);
+    let first = {
+        let sidecar = sidecar.clone();
+        tokio::spawn(async move { sidecar.get("/", &[]).await })
+    };
+    poll(Duration::from_secs(5), || async {
+        match accepted.load(Ordering::SeqCst) {
+            1 => Ok(()),
+            n => Err(format!("{n} connections")),
+        }
+    })
+    .await;
+    assert_overflowed(&sidecar, sidecar.get("/", &[]).await, "upstream_rq_pending_overflow");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the overflow never left");
+    first.abort();
+}
+
+/// Istio's outbound TCP listener for the VIP: a `tcp_proxy` to `cluster`.
+fn tcp_listener(cluster: &str) -> Listener {
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+    let proxy = TcpProxy {
+        stat_prefix: cluster.into(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    };
+    Listener {
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(Any {
+                    type_url: "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy".into(),
+                    value: proxy.encode_to_vec(),
+                })),
+            }],
+            ..Default::default()
+        }],
+        ..http_listener()
+    }
+}
+
+/// Writes `ping` on `s` and reads what comes back until four bytes or the end.
+async fn ping(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = s.write_all(b"ping").await;
+    let mut got = Vec::new();
+    let mut four = (&mut *s).take(4);
+    tokio::time::timeout(Duration::from_secs(10), four.read_to_end(&mut got))
+        .await
+        .expect("neither answered nor closed")
+        .ok();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_beyond_max_connections_wait_for_one_to_close_and_pending_ones_are_bounded() {
+    use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+    let (_pki, mut control, sidecar) = setup("max-connections").await;
+    let (echo, accepted) = support::accept_each(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let name = subset("v1");
+    let c = Cluster {
+        circuit_breakers: breaker(Thresholds {
+            max_connections: Some(UInt32Value { value: 1 }),
+            max_pending_requests: Some(UInt32Value { value: 1 }),
+            ..Default::default()
+        }),
+        ..cluster(&name)
+    };
+    control.push(LISTENER_TYPE, "1", &[tcp_listener(&name)]).await;
+    control.push(CLUSTER_TYPE, "1", &[c]).await;
+    control.push(ENDPOINT_TYPE, "1", &[assignment(&name, &[echo])]).await;
+    let table = sidecar.table.clone();
+    poll(Duration::from_secs(10), || async {
+        match table.load().route(vip()) {
+            Some(up) if !up.endpoints.is_empty() => Ok(()),
+            _ => Err("no route to the VIP yet".to_owned()),
+        }
+    })
+    .await;
+
+    let mut first = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    assert_eq!(ping(&mut first).await, b"ping");
+    // The second waits for a connection slot (Envoy's pending request)…
+    let second = tokio::spawn({
+        let entry = sidecar.entry;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(entry).await.unwrap();
+            ping(&mut s).await
+        }
+    });
+    let overflows = |reason: &str| {
+        let metrics = sidecar.telemetry.render();
+        let counted = metrics
+            .lines()
+            .any(|l| l.contains(&format!(r#"reason="{reason}""#)) && l.ends_with(" 1"));
+        match counted {
+            true => Ok(()),
+            false => Err(format!("{reason} not counted once:\n{metrics}")),
+        }
+    };
+    poll(Duration::from_secs(5), || async { overflows("upstream_cx_overflow") }).await;
+    // …so a third finds the one pending place taken and is closed at once.
+    let mut third = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    assert_eq!(ping(&mut third).await, b"", "closed without reaching the upstream");
+    overflows("upstream_rq_pending_overflow").unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection upstream at a time");
+    drop(first);
+    assert_eq!(
+        second.await.unwrap(),
+        b"ping",
+        "the waiting one goes through once the first closed"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

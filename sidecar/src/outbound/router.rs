@@ -71,6 +71,14 @@ fn flagged(mut resp: Response<ReplyBody>, flags: &'static str) -> Response<Reply
     resp
 }
 
+/// Envoy's answer to a request the circuit breaker turned away (`UO`).
+pub(super) fn overflow() -> Response<ReplyBody> {
+    let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(OVERFLOW.as_bytes()));
+    resp.headers_mut()
+        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    flagged(resp, "UO")
+}
+
 /// A copy of a request's head with `body`.
 fn copy(parts: &Parts, body: Outgoing) -> Request<Outgoing> {
     let mut req = Request::new(body);
@@ -98,7 +106,7 @@ fn outcome(attempt: &Attempt) -> Outcome<'_> {
     match &attempt.result {
         Ok(Answered::Mesh(sent)) => Outcome::Response(sent.response.status(), sent.response.headers()),
         Ok(Answered::Plain(resp)) => Outcome::Response(resp.status(), resp.headers()),
-        Err(Unanswered::Unreachable) => Outcome::ConnectFailure,
+        Err(Unanswered::Unreachable | Unanswered::Overflow) => Outcome::ConnectFailure,
         Err(Unanswered::Mesh(e)) if e.refused_stream() => Outcome::RefusedStream,
         Err(Unanswered::Mesh(crate::pool::SendError::Connect(..))) => Outcome::ConnectFailure,
         Err(Unanswered::Plain(e)) if e.is_connect() => Outcome::ConnectFailure,
@@ -237,10 +245,7 @@ impl HttpHop {
         let Some(_in_flight) = upstream.breaker.request() else {
             self.telemetry
                 .upstream_failure("outbound", "upstream_rq_pending_overflow");
-            let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(OVERFLOW.as_bytes()));
-            resp.headers_mut()
-                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-            return flagged(resp, "UO");
+            return overflow();
         };
         // The application's own say on timeouts and retries, for this hop only.
         let retry = RetryPolicy::for_request(forward.retry.as_ref(), &parts.headers);
@@ -355,7 +360,15 @@ impl HttpHop {
                     .map_or(Tried::TimedOut, Tried::Done),
                 None => Tried::Done(send.await),
             };
-            let Some(policy) = retry.filter(|r| replay.is_some() && retries < r.num_retries) else {
+            let overflowed = matches!(
+                &tried,
+                Tried::Done(Attempt {
+                    result: Err(Unanswered::Overflow),
+                    ..
+                })
+            );
+            // Envoy never retries a request its own circuit breaker turned away.
+            let Some(policy) = retry.filter(|r| replay.is_some() && retries < r.num_retries && !overflowed) else {
                 return tried;
             };
             let (retriable, endpoint) = match &tried {
