@@ -64,6 +64,9 @@ impl Gateway {
         } else {
             listen(settings.listen)?
         };
+        // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt per
+        // connection less than setting it on each.
+        socket2::SockRef::from(&data).set_tcp_nodelay(true)?;
         let health = listen(settings.health)?;
         let metrics_l = listen(settings.metrics)?;
         let admin_l = listen(settings.admin)?;

@@ -153,8 +153,8 @@ async fn handle(down: TcpStream, shared: Arc<Shared>, _slot: Slot) {
 
 /// Carries one connection; `Err` is the reason it was closed before reaching an endpoint.
 async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str> {
+    // TCP_NODELAY is already on: accepted sockets inherit it from the listener.
     let settings = &shared.settings;
-    let _ = down.set_nodelay(true);
     let mut buf = Vec::with_capacity(4096.min(settings.max_hello_bytes));
     let hello = tokio::time::timeout(
         settings.handshake_timeout,
