@@ -1,17 +1,18 @@
 //! Wires the gateway together and owns its threads.
 //!
 //! Data-plane work runs on `workers` threads, each a single-threaded runtime
-//! accepting on its own handle of the one listening socket: no work stealing, no
+//! accepting on its own `SO_REUSEPORT` socket of the data port: no work stealing, no
 //! cross-thread wake-ups on the data path. Admin, metrics, readiness and reloads
 //! run on a separate control thread, so they never add latency to traffic.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use sidecar::drain;
 use sidecar::http_endpoint;
-use sidecar::socket::{bind, listen, raise_fd_limit, start_listening};
+use sidecar::socket::{listen, raise_fd_limit, start_listening};
 use tokio::sync::{Notify, watch};
 
 use crate::admin;
@@ -30,6 +31,37 @@ pub struct Bound {
     pub health: SocketAddr,
     pub metrics: SocketAddr,
     pub admin: SocketAddr,
+}
+
+/// The data port's sockets, one per worker, each bound to `addr` with `SO_REUSEPORT`
+/// (and listening unless `listening` is false; see [`start_listening`]).
+///
+/// The kernel spreads new connections over the sockets, so each one wakes only the
+/// worker that owns it; one socket shared by every worker wakes them all, and all but
+/// one find nothing to accept. HAProxy's per-thread listeners and nginx's `reuseport`
+/// do the same. TCP_NODELAY is set here because accepted sockets inherit it: one
+/// setsockopt per connection less than setting it on each.
+fn data_sockets(addr: SocketAddr, workers: usize, listening: bool) -> io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let mut sockets: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        // After the first, the port is the one it got (it differs from `addr`'s when that is 0).
+        let at = sockets.first().map_or(Ok(addr), |s| s.local_addr())?;
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket
+            .bind(&at.into())
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {at}: {e}")))?;
+        let socket: std::net::TcpListener = socket.into();
+        if listening {
+            start_listening(&socket)?;
+        }
+        sockets.push(socket);
+    }
+    Ok(sockets)
 }
 
 /// A running gateway.
@@ -59,16 +91,12 @@ impl Gateway {
         // With routes from the controller, the data port is bound now but listens only once
         // the first routes arrive: until then a connection would be closed unrouted, and a
         // refused connect sends the client to another gateway straight away.
-        let data = if settings.xds.is_some() {
-            bind(settings.listen)?
-        } else {
-            listen(settings.listen)?
-        };
+        let data = data_sockets(settings.listen, settings.workers, settings.xds.is_none())?;
         let health = listen(settings.health)?;
         let metrics_l = listen(settings.metrics)?;
         let admin_l = listen(settings.admin)?;
         let bound = Bound {
-            listen: data.local_addr()?,
+            listen: data[0].local_addr()?,
             health: health.local_addr()?,
             metrics: metrics_l.local_addr()?,
             admin: admin_l.local_addr()?,
@@ -87,8 +115,7 @@ impl Gateway {
         };
         let mut threads = Vec::new();
 
-        for n in 0..shared.settings.workers {
-            let listener = data.try_clone()?;
+        for (n, listener) in data.into_iter().enumerate() {
             let shared = shared.clone();
             let stopped = stopped();
             threads.push(
@@ -115,7 +142,6 @@ impl Gateway {
                     })?,
             );
         }
-        drop(data);
 
         let control = {
             let shared = shared.clone();

@@ -17,7 +17,7 @@ use sidecar::drain;
 use sidecar::outlier::Verdict;
 use sidecar::splice::{self, Observer};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::metrics::{Metrics, TcpCounters};
 use crate::routes::{Route, RouteTable, Sources};
@@ -153,8 +153,8 @@ async fn handle(down: TcpStream, shared: Arc<Shared>, _slot: Slot) {
 
 /// Carries one connection; `Err` is the reason it was closed before reaching an endpoint.
 async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str> {
+    // TCP_NODELAY is already on: accepted sockets inherit it from the listener.
     let settings = &shared.settings;
-    let _ = down.set_nodelay(true);
     let mut buf = Vec::with_capacity(4096.min(settings.max_hello_bytes));
     let hello = tokio::time::timeout(
         settings.handshake_timeout,
@@ -270,9 +270,8 @@ async fn connect(
         };
         tried.push(i);
         let endpoint = &route.endpoints[i];
-        let reason = match tokio::time::timeout(route.connect_timeout, TcpStream::connect(endpoint.addr)).await {
+        let reason = match tokio::time::timeout(route.connect_timeout, dial(endpoint.addr)).await {
             Ok(Ok(up)) => {
-                let _ = up.set_nodelay(true);
                 route.outlier.record_success(i);
                 return Ok((up, i));
             }
@@ -293,6 +292,24 @@ async fn connect(
     } else {
         "upstream_connect_failed"
     })
+}
+
+/// Opens a connection to an endpoint the way HAProxy's `tcp-smart-connect` does.
+///
+/// In pingpong (delayed-ACK) mode from before the SYN, the kernel holds back the bare
+/// ACK that completes the handshake and sends it with the ClientHello written next:
+/// a segment less per connection, and the endpoint accepts a socket whose first bytes
+/// are already there instead of waking once for the ACK and again for the hello. The
+/// kernel leaves that mode when the handshake completes, so the rest of the connection
+/// acknowledges as usual.
+async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_nodelay(true)?;
+    socket2::SockRef::from(&socket).set_tcp_quickack(false)?;
+    socket.connect(addr).await
 }
 
 /// Keeps the Istio byte counters current while bytes flow.
