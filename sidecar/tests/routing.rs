@@ -1139,7 +1139,10 @@ async fn priority_zero_takes_everything_until_it_is_ejected_then_the_next_takes_
     // retry, skipping the host it tried (previous_hosts), lands it on priority 1, as
     // Envoy's would: no request may fail, and at most that one may leave priority 0.
     assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
-    assert!(counts.get("200 local").is_some_and(|n| *n >= 19), "priority 1 waits: {counts:?}");
+    assert!(
+        counts.get("200 local").is_some_and(|n| *n >= 19),
+        "priority 1 waits: {counts:?}"
+    );
     assert!(
         counts.keys().all(|k| k == "200 local" || k == "200 remote"),
         "{counts:?}"
