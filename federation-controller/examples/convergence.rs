@@ -107,6 +107,7 @@ fn models(a: &Args, change: u32) -> Vec<(Arc<ClusterModel>, bool)> {
                 network: network.clone(),
                 address: GatewayAddress::Ip(IpAddr::from([100, 64, (c / 250) as u8, (c % 250) as u8 + 1])),
                 port: 15443,
+                pins_endpoints: false,
             }];
             (
                 Arc::new(ClusterModel {

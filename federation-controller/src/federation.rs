@@ -45,6 +45,9 @@ pub struct LbEndpoint {
     pub mtls: bool,
     /// Comes from a cluster that has gone silent (kept for a bounded time).
     pub stale: bool,
+    /// Behind one of our gateways, one remote endpoint of its own: the pod's address and
+    /// target port, which the proxy pins its SNI to (`mesh_vocab::sni::pin`).
+    pub pinned: Option<SocketAddr>,
 }
 
 /// Per service port, the endpoints for a proxy on one network, sorted.
@@ -80,6 +83,8 @@ pub fn gateways(
             network: net.clone(),
             address: a.clone(),
             port: crate::model::GATEWAY_PORT,
+            // Configured by address: nothing says what it is, so Istio's behaviour.
+            pins_endpoints: false,
         })
     });
     let found = clusters.iter().flat_map(|(m, _)| m.gateways.iter().cloned());
@@ -99,6 +104,21 @@ pub fn gateways(
         gws.dedup();
     }
     out
+}
+
+/// The networks whose every gateway is one of ours (pins endpoints): their endpoints are
+/// listed one by one behind the gateways instead of collapsed into them. One gateway of
+/// another kind (an Istio gateway, or one configured by address) keeps the network
+/// collapsed, since it would refuse a pinned name.
+fn pinning_networks(clusters: &[(&ClusterModel, bool)], mesh: &MeshConfig) -> std::collections::BTreeSet<NetworkId> {
+    let mut all: BTreeMap<&NetworkId, bool> = BTreeMap::new();
+    for g in clusters.iter().flat_map(|(m, _)| m.gateways.iter()) {
+        *all.entry(&g.network).or_insert(true) &= g.pins_endpoints;
+    }
+    all.into_iter()
+        .filter(|(net, pins)| *pins && !mesh.gateways.contains_key(*net))
+        .map(|(net, _)| net.clone())
+        .collect()
 }
 
 /// The endpoints a proxy on `network` should see. `clusters` are the live
@@ -166,6 +186,7 @@ fn federate<K: Ord + Clone>(
     keys_of: impl Fn(&crate::model::Instance) -> Vec<K>,
 ) -> BTreeMap<K, Vec<LbEndpoint>> {
     let gateways = gateways(clusters, mesh, resolved);
+    let pinning = pinning_networks(clusters, mesh);
     let mut view: BTreeMap<K, Vec<LbEndpoint>> = BTreeMap::new();
     let mut behind: Behind<K> = BTreeMap::new();
     for (m, stale) in clusters {
@@ -182,7 +203,25 @@ fn federate<K: Ord + Clone>(
                         via_gateway: false,
                         mtls: i.mtls,
                         stale: *stale,
+                        pinned: None,
                     });
+                } else if i.mtls && pinning.contains(&i.network) {
+                    // One entry per (endpoint, gateway): the proxy balances and ejects the
+                    // remote pods themselves, and may reach each through any gateway.
+                    for g in &gateways[&i.network] {
+                        view.entry(key.clone()).or_default().push(LbEndpoint {
+                            address: g.ip(),
+                            port: g.port(),
+                            weight: 1,
+                            locality: i.locality.clone(),
+                            network: i.network.clone(),
+                            cluster: Some(m.cluster.clone()),
+                            via_gateway: true,
+                            mtls: true,
+                            stale: *stale,
+                            pinned: Some(SocketAddr::new(i.address, i.target_port)),
+                        });
+                    }
                 } else if i.mtls && gateways.contains_key(&i.network) {
                     *behind
                         .entry((key, i.network.clone(), i.locality.clone(), *stale))
@@ -233,6 +272,7 @@ fn spread_over_gateways<K: Ord + Clone>(
                 via_gateway: true,
                 mtls: true,
                 stale,
+                pinned: None,
             });
         }
     }
@@ -279,6 +319,7 @@ mod tests {
                 GatewayAddress::Ip(IpAddr::from([100, 64, net, host]))
             },
             port: 15443,
+            pins_endpoints: false,
         });
         proptest::collection::vec(
             (
@@ -440,6 +481,7 @@ mod tests {
                 network: NetworkId::new("n1"),
                 address: GatewayAddress::Ip([100, 64, 0, 1].into()),
                 port: 15443,
+                pins_endpoints: false,
             }],
             security: Default::default(),
         };
@@ -457,11 +499,13 @@ mod tests {
                     network: NetworkId::new("n2"),
                     address: GatewayAddress::Ip([100, 64, 0, 2].into()),
                     port: 15443,
+                    pins_endpoints: false,
                 },
                 Gateway {
                     network: NetworkId::new("n2"),
                     address: GatewayAddress::Hostname("gw2.example.com".into()),
                     port: 15443,
+                    pins_endpoints: false,
                 },
             ],
             security: Default::default(),
@@ -506,6 +550,66 @@ mod tests {
     }
 
     #[test]
+    fn behind_our_gateways_each_remote_pod_is_an_endpoint_of_its_own_pinned_to_its_address() {
+        let inst = |n: u8, mtls: bool| Instance {
+            service: svc(0),
+            address: IpAddr::from([10, 242, 0, n]),
+            target_port: 8080,
+            network: NetworkId::new("n2"),
+            locality: Locality::default(),
+            mtls,
+            labels: BTreeMap::new(),
+            service_account: None,
+        };
+        let gateway = |last: u8, pins_endpoints: bool| Gateway {
+            network: NetworkId::new("n2"),
+            address: GatewayAddress::Ip([100, 64, 0, last].into()),
+            port: 15443,
+            pins_endpoints,
+        };
+        let c2 = |gateways: Vec<Gateway>| ClusterModel {
+            traffic: Default::default(),
+            cluster: ClusterId::new("c2"),
+            instances: vec![inst(5, true), inst(6, true), inst(7, false)],
+            vips: vec![],
+            gateways,
+            security: Default::default(),
+        };
+        let endpoints = |c: &ClusterModel| -> Vec<String> {
+            view_for(
+                &NetworkId::new("n1"),
+                &[(c, false)],
+                &MeshConfig::default(),
+                &Resolved::new(),
+            )[&svc(0)]
+                .iter()
+                .map(|e| {
+                    let pin = e.pinned.map_or("-".to_owned(), |p| p.to_string());
+                    format!("{}:{} w{} {pin} {:?}", e.address, e.port, e.weight, e.cluster)
+                })
+                .collect()
+        };
+        // Two of our gateways: every mTLS pod through each, pinned; the plaintext pod stays out.
+        let ours = c2(vec![gateway(2, true), gateway(3, true)]);
+        assert_eq!(
+            endpoints(&ours),
+            [
+                "100.64.0.2:15443 w1 10.242.0.5:8080 Some(ClusterId(\"c2\"))",
+                "100.64.0.2:15443 w1 10.242.0.6:8080 Some(ClusterId(\"c2\"))",
+                "100.64.0.3:15443 w1 10.242.0.5:8080 Some(ClusterId(\"c2\"))",
+                "100.64.0.3:15443 w1 10.242.0.6:8080 Some(ClusterId(\"c2\"))",
+            ]
+        );
+        // One gateway that is not ours (it would refuse a pinned name): the network is
+        // collapsed into its gateways, weighted, as Istio does.
+        let mixed = c2(vec![gateway(2, true), gateway(3, false)]);
+        assert_eq!(
+            endpoints(&mixed),
+            ["100.64.0.2:15443 w1 - None", "100.64.0.3:15443 w1 - None"]
+        );
+    }
+
+    #[test]
     fn a_gateway_name_is_every_address_it_resolved_to_sharing_the_weight() {
         let inst = |n: u8| Instance {
             service: svc(0),
@@ -526,6 +630,7 @@ mod tests {
                 network: NetworkId::new("n2"),
                 address: GatewayAddress::Hostname("lb.example.com".into()),
                 port: 15443,
+                pins_endpoints: false,
             }],
             security: Default::default(),
         };

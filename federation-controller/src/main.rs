@@ -750,6 +750,7 @@ fn main() -> anyhow::Result<()> {
                                     "network": e.network.as_str(),
                                     "cluster": e.cluster.as_ref().map(|c| c.as_str()),
                                     "via_gateway": e.via_gateway,
+                                    "pinned": e.pinned.map(|p| p.to_string()),
                                     "locality": format!("{}/{}/{}", e.locality.region, e.locality.zone, e.locality.subzone),
                                     "stale": e.stale,
                                 })
@@ -774,7 +775,11 @@ fn main() -> anyhow::Result<()> {
                             e.weight,
                             e.network.as_str(),
                             e.cluster.as_ref().map_or("-", |c| c.as_str()),
-                            if e.via_gateway { "gateway" } else { "direct" }
+                            match (e.via_gateway, e.pinned) {
+                                (true, Some(pod)) => format!("gateway, pinned to {pod}"),
+                                (true, None) => "gateway".to_owned(),
+                                (false, _) => "direct".to_owned(),
+                            }
                         );
                     }
                 }

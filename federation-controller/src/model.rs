@@ -23,6 +23,10 @@ pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 /// The east-west gateway port (AUTO_PASSTHROUGH).
 pub const GATEWAY_PORT: u16 = 15443;
+/// On a gateway Service: `"true"` says it is our own east-west gateway, which routes an
+/// endpoint-pinned SNI (`mesh_vocab::sni::pin`) to exactly that endpoint, so the
+/// endpoints behind it may be listed one by one (docs/l7-xds.md).
+pub const ENDPOINT_PINNING_LABEL: &str = "networking.isthmus.io/endpoint-pinning";
 
 /// The mesh-wide settings federation needs.
 #[derive(Debug, Clone)]
@@ -118,6 +122,8 @@ pub struct Gateway {
     pub network: NetworkId,
     pub address: GatewayAddress,
     pub port: u16,
+    /// It routes endpoint-pinned SNIs ([`ENDPOINT_PINNING_LABEL`]).
+    pub pins_endpoints: bool,
 }
 
 /// One cluster, distilled.
@@ -383,11 +389,15 @@ impl ClusterModel {
                     .filter_map(|ip| ip.parse().ok())
                     .map(GatewayAddress::Ip),
             );
+            let pins_endpoints = labels_of(&svc.metadata)
+                .get(ENDPOINT_PINNING_LABEL)
+                .is_some_and(|v| v == "true");
             for address in addrs {
                 gateways.push(Gateway {
                     network: NetworkId::new(&network),
                     address,
                     port,
+                    pins_endpoints,
                 });
             }
         }

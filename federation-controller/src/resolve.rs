@@ -342,6 +342,7 @@ mod tests {
                 network: NetworkId::new("n2"),
                 address,
                 port: 15443,
+                pins_endpoints: false,
             }],
             security: Default::default(),
         };

@@ -1285,6 +1285,10 @@ fn endpoint_metadata(e: &federation::LbEndpoint) -> core::Metadata {
     if let Some(c) = &e.cluster {
         fields.insert("cluster".to_owned(), s(c.as_str()));
     }
+    // The pod behind our gateway this entry stands for: the sidecar pins its SNI to it.
+    if let Some(pod) = e.pinned {
+        fields.insert("endpoint".to_owned(), s(&pod.to_string()));
+    }
     let mut filter_metadata = HashMap::from([(ISTIO_METADATA.to_owned(), Struct { fields })]);
     if e.mtls {
         filter_metadata.insert(mtls::TRANSPORT_SOCKET_MATCH.to_owned(), mtls::tls_mode_istio());
@@ -1388,6 +1392,7 @@ mod tests {
             network: NetworkId::new("n1"),
             address: GatewayAddress::Ip([100, 64, 0, 1].into()),
             port: 15443,
+            pins_endpoints: false,
         }];
         vec![(
             Arc::new(ClusterModel {

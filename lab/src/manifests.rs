@@ -101,7 +101,10 @@ pub fn cluster_objects(c: &ClusterPlan) -> Vec<Value> {
     if let Some(gw) = &c.gateway {
         out.push(json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "istio-eastwestgateway", "namespace": "istio-system",
-                         "labels": {"app": "istio-eastwestgateway", NETWORK_LABEL: network}},
+                         // Our gateway: it routes endpoint-pinned names, so the sidecars
+                         // balance over and eject the pods behind it one by one.
+                         "labels": {"app": "istio-eastwestgateway", NETWORK_LABEL: network,
+                                    "networking.isthmus.io/endpoint-pinning": "true"}},
             "spec": {"type": "LoadBalancer", "externalIPs": [gw.transit_ip], "ports": [
                 {"name": "status-port", "port": HEALTH_PORT, "targetPort": HEALTH_PORT},
                 {"name": "tls", "port": GATEWAY_PORT, "targetPort": GATEWAY_PORT},

@@ -880,22 +880,24 @@ fn the_controller_federates_the_manifests_the_lab_writes() {
         .iter()
         .map(|e| {
             format!(
-                "{}:{} w{} {}",
+                "{}:{} w{} {} pinned={}",
                 e["address"].as_str().unwrap(),
                 e["port"],
                 e["weight"],
-                e["locality"].as_str().unwrap()
+                e["locality"].as_str().unwrap(),
+                e["pinned"].as_str().unwrap_or("-")
             )
         })
         .collect();
-    // network1's own pod directly; each other network through its gateway, weighted by the
-    // pods behind it (cluster3 runs v1 and v2), in its cluster's locality.
+    // network1's own pod directly; each other network's pods one by one behind its gateway
+    // (ours: it routes the pinned name to that pod), in its cluster's locality.
     assert_eq!(
         reviews,
         [
-            "10.241.1.1:9080 w1 us-east/us-east-1a/",
-            "100.64.0.2:15443 w1 us-west/us-west-1a/",
-            "100.64.0.3:15443 w2 eu-west/eu-west-1a/",
+            "10.241.1.1:9080 w1 us-east/us-east-1a/ pinned=-",
+            "100.64.0.2:15443 w1 us-west/us-west-1a/ pinned=10.242.1.1:9080",
+            "100.64.0.3:15443 w1 eu-west/eu-west-1a/ pinned=10.243.1.1:9080",
+            "100.64.0.3:15443 w1 eu-west/eu-west-1a/ pinned=10.243.1.2:9080",
         ]
     );
 }
