@@ -1299,8 +1299,9 @@ fn endpoint_metadata(e: &federation::LbEndpoint) -> core::Metadata {
     }
 }
 
-/// The EDS cluster of a service port (or of one of its subsets), with auto-mTLS to `identities`.
-fn cluster(key: &ServiceKey, subset: Option<&str>, identities: &[mesh_vocab::SpiffeId]) -> Cluster {
+/// The EDS cluster of a service port (or of one of its subsets), its endpoints over ADS:
+/// what every generator's cluster is built on.
+pub(crate) fn eds_cluster(key: &ServiceKey, subset: Option<&str>) -> Cluster {
     let name = match subset {
         Some(s) => subset_cluster_name(key, s),
         None => cluster_name(key),
@@ -1316,9 +1317,16 @@ fn cluster(key: &ServiceKey, subset: Option<&str>, identities: &[mesh_vocab::Spi
             service_name: if subset.is_some() { name.clone() } else { String::new() },
         }),
         name,
-        transport_socket_matches: mtls::transport_socket_matches(key, subset, identities),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         ..Default::default()
+    }
+}
+
+/// [`eds_cluster`] with auto-mTLS to `identities`.
+fn cluster(key: &ServiceKey, subset: Option<&str>, identities: &[mesh_vocab::SpiffeId]) -> Cluster {
+    Cluster {
+        transport_socket_matches: mtls::transport_socket_matches(key, subset, identities),
+        ..eds_cluster(key, subset)
     }
 }
 

@@ -173,19 +173,27 @@ pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
         parts.headers.insert(header::HOST, host);
     }
     strip_hop_by_hop(&mut parts.headers);
-    let path = parts
-        .uri
+    parts.uri = absolute(
+        &parts.uri,
+        Authority::try_from(addr.to_string()).expect("an address is an authority"),
+    );
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body)
+}
+
+/// `uri`'s path and query (`/` when it has none) under `http://authority`: the form a
+/// pooled client sends by.
+pub fn absolute(uri: &Uri, authority: Authority) -> Uri {
+    let path = uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.uri = Uri::builder()
+    Uri::builder()
         .scheme(Scheme::HTTP)
-        .authority(Authority::try_from(addr.to_string()).expect("an address is an authority"))
+        .authority(authority)
         .path_and_query(path)
         .build()
-        .expect("scheme, authority and path make a URI");
-    parts.version = Version::HTTP_11;
-    Request::from_parts(parts, body)
+        .expect("scheme, authority and path make a URI")
 }
 
 #[cfg(test)]

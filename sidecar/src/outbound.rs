@@ -29,8 +29,8 @@ use arc_swap::ArcSwap;
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::HOST;
-use hyper::http::uri::{Authority, PathAndQuery, Scheme};
-use hyper::{Request, Response, Uri, Version};
+use hyper::http::uri::Authority;
+use hyper::{Request, Response, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
@@ -844,17 +844,7 @@ fn to_h2<B>(req: Request<B>, fallback: SocketAddr) -> Option<Request<B>> {
     };
     http::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.uri = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        .expect("scheme, authority and path make a URI");
+    parts.uri = http::absolute(&parts.uri, authority);
     parts.version = Version::HTTP_2;
     Some(Request::from_parts(parts, body))
 }

@@ -367,15 +367,15 @@ impl H2Pool {
         };
         let _ = tcp.set_nodelay(true);
         let handshake = tokio_rustls::TlsConnector::from(tls.clone()).connect(key.sni.clone(), tcp);
+        // A refusal during the handshake or in the server's first record, named by its reason.
+        let refused = |e: std::io::Error| ConnectError::Tls {
+            addr: key.addr,
+            reason: tls::refusal_in(&e).map_or("tls_handshake", |r| r.reason()),
+            message: e.to_string(),
+        };
         let mut stream = match tokio::time::timeout(s.handshake_timeout, handshake).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                return Err(ConnectError::Tls {
-                    addr: key.addr,
-                    reason: tls::refusal_in(&e).map_or("tls_handshake", |r| r.reason()),
-                    message: e.to_string(),
-                });
-            }
+            Ok(Err(e)) => return Err(refused(e)),
             Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
         };
         let peer: Arc<str> = tls::proven_identity(stream.get_ref().1.peer_certificates())
@@ -395,13 +395,7 @@ impl H2Pool {
                 });
             }
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                return Err(ConnectError::Tls {
-                    addr: key.addr,
-                    reason: tls::refusal_in(&e).map_or("tls_handshake", |r| r.reason()),
-                    message: e.to_string(),
-                });
-            }
+            Ok(Err(e)) => return Err(refused(e)),
             Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
         };
         first.truncate(n);

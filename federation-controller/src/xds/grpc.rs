@@ -11,13 +11,11 @@
 //! minus the ones behind another network's gateway, which only passes mTLS through.
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
-};
-use envoy_types::pb::envoy::config::core::v3::{AggregatedConfigSource, ApiVersion, ConfigSource, Node, config_source};
+use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
 
-use super::{any, cluster_name};
+use super::any;
 use crate::model::ServiceKey;
 
 /// The node metadata key Istio's gRPC bootstrap sets, and its value for gRPC.
@@ -58,29 +56,17 @@ pub fn listener(key: &ServiceKey) -> Listener {
 
 /// The plaintext EDS cluster of a service port (or of one of its subsets), balanced round robin.
 pub fn cluster(key: &ServiceKey, subset: Option<&str>) -> Cluster {
-    let name = match subset {
-        Some(s) => super::subset_cluster_name(key, s),
-        None => cluster_name(key),
-    };
     Cluster {
-        eds_cluster_config: Some(EdsClusterConfig {
-            eds_config: Some(ConfigSource {
-                resource_api_version: ApiVersion::V3 as i32,
-                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
-                ..Default::default()
-            }),
-            service_name: if subset.is_some() { name.clone() } else { String::new() },
-        }),
-        name,
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         lb_policy: LbPolicy::RoundRobin as i32,
-        ..Default::default()
+        ..super::eds_cluster(key, subset)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+    use envoy_types::pb::envoy::config::core::v3::config_source;
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
         HttpConnectionManager, http_connection_manager, http_filter,
     };
