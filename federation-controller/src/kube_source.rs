@@ -18,7 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
-use crate::networking::{DestinationRule, ServiceEntry, VirtualService};
+use crate::networking::{DestinationRule, ServiceEntry, VirtualService, WorkloadEntry};
 use crate::objects::{ClusterObjects, ServiceExport};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -52,6 +52,7 @@ enum Any {
     VirtualService(Box<Event<VirtualService>>),
     DestinationRule(Box<Event<DestinationRule>>),
     ServiceEntry(Box<Event<ServiceEntry>>),
+    WorkloadEntry(Box<Event<WorkloadEntry>>),
     /// The cluster does not serve this optional kind (its CRD is not installed): it has none.
     Missing(Optional),
 }
@@ -65,6 +66,7 @@ enum Optional {
     VirtualService,
     DestinationRule,
     ServiceEntry,
+    WorkloadEntry,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -183,9 +185,10 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         optional::<VirtualService>(&client, Any::VirtualService, Optional::VirtualService),
         optional::<DestinationRule>(&client, Any::DestinationRule, Optional::DestinationRule),
         optional::<ServiceEntry>(&client, Any::ServiceEntry, Optional::ServiceEntry),
+        optional::<WorkloadEntry>(&client, Any::WorkloadEntry, Optional::WorkloadEntry),
     ]);
     let (mut authz, mut peer_authn) = (Kind::new(), Kind::new());
-    let (mut vs, mut dr, mut se) = (Kind::new(), Kind::new(), Kind::new());
+    let (mut vs, mut dr, mut se, mut we) = (Kind::new(), Kind::new(), Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -229,6 +232,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::VirtualService(e)) => changed |= vs.apply(*e),
                 Ok(Any::DestinationRule(e)) => changed |= dr.apply(*e),
                 Ok(Any::ServiceEntry(e)) => changed |= se.apply(*e),
+                Ok(Any::WorkloadEntry(e)) => changed |= we.apply(*e),
                 Ok(Any::Missing(kind)) => {
                     changed |= match kind {
                         Optional::ServiceExport => exports.none(),
@@ -237,6 +241,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                         Optional::VirtualService => vs.none(),
                         Optional::DestinationRule => dr.none(),
                         Optional::ServiceEntry => se.none(),
+                        Optional::WorkloadEntry => we.none(),
                     }
                 }
                 Err(e) => {
@@ -259,7 +264,8 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             && peer_authn.synced
             && vs.synced
             && dr.synced
-            && se.synced;
+            && se.synced
+            && we.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -274,7 +280,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             };
             // The API server ran Istio's webhook only if istiod is installed: check
             // here too, and leave out (and report) what Istio would refuse.
-            let objects = objects.with_networking(vs.all(), dr.all(), se.all());
+            let objects = objects.with_networking(vs.all(), dr.all(), se.all(), we.all());
             for e in &objects.refused {
                 tracing::warn!(cluster = %id, error = %e, "Istio config refused");
             }

@@ -2,7 +2,8 @@
 //! the ready instances of every service port, with their network, locality,
 //! service account and whether they speak the mesh's mTLS; the virtual IPs
 //! (ClusterIPs) of every service port, where captured traffic to it is headed;
-//! and the east-west gateways of the cluster.
+//! and the east-west gateways of the cluster. Istio's ServiceEntries and
+//! WorkloadEntries add instances and VIPs of their own ([`entries`]).
 //!
 //! Pure: objects in, model out, so it is tested without any cluster.
 
@@ -16,6 +17,8 @@ use mesh_vocab::{ClusterId, Hostname, NetworkId};
 
 use crate::networking::{DestinationRule, VirtualService};
 use crate::objects::ClusterObjects;
+
+mod entries;
 
 /// Istio's label naming a pod's, namespace's or gateway Service's network.
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
@@ -315,6 +318,15 @@ impl ClusterModel {
             }
         }
 
+        instances.extend(entries::instances(
+            objects,
+            &entries::Context {
+                domain: &mesh.domain,
+                network_of: &network_of,
+                locality_of: &locality_of,
+            },
+        ));
+
         let mut vips = Vec::new();
         let mut protocols = BTreeMap::new();
         for svc in &objects.services {
@@ -351,6 +363,7 @@ impl ClusterModel {
                 }
             }
         }
+        entries::vips_and_protocols(objects, &mesh.domain, &mut vips, &mut protocols);
         vips.sort();
         vips.dedup();
 

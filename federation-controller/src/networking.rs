@@ -1,7 +1,8 @@
 //! Istio's traffic configuration (`networking.istio.io`, as `v1`, `v1beta1` or
 //! `v1alpha3`): [`VirtualService`] (how requests to a host are routed),
 //! [`DestinationRule`] (its subsets and traffic policy) and [`ServiceEntry`]
-//! (hosts of the mesh's registry that are no Kubernetes Service). Typed with Istio's
+//! (hosts of the mesh's registry that are no Kubernetes Service) and [`WorkloadEntry`]
+//! (a workload that is no pod). Typed with Istio's
 //! field names, so users' YAML reads as it does for istiod; validated with Istio's
 //! reasons, so a document Istio's API server or webhook refuses is refused here too.
 //!
@@ -19,11 +20,13 @@ pub mod destination_rule;
 pub mod duration;
 pub mod service_entry;
 pub mod virtual_service;
+pub mod workload_entry;
 
 pub use destination_rule::DestinationRule;
 pub use duration::Duration;
 pub use service_entry::ServiceEntry;
 pub use virtual_service::VirtualService;
+pub use workload_entry::WorkloadEntry;
 
 /// The API group of Istio's traffic configuration.
 pub const GROUP: &str = "networking.istio.io";
@@ -84,6 +87,7 @@ pub enum NetworkingConfig {
     VirtualService(Box<VirtualService>),
     DestinationRule(Box<DestinationRule>),
     ServiceEntry(Box<ServiceEntry>),
+    WorkloadEntry(Box<WorkloadEntry>),
 }
 
 /// Whether `api_version`/`kind` is one this module reads.
@@ -92,7 +96,11 @@ pub fn reads(api_version: &str, kind: &str) -> bool {
         .strip_prefix(GROUP)
         .and_then(|v| v.strip_prefix('/'))
         .is_some_and(|v| VERSIONS.contains(&v));
-    version_ok && matches!(kind, "VirtualService" | "DestinationRule" | "ServiceEntry")
+    version_ok
+        && matches!(
+            kind,
+            "VirtualService" | "DestinationRule" | "ServiceEntry" | "WorkloadEntry"
+        )
 }
 
 /// Reads and validates document `document` of `file` (`prefix` names its place
@@ -140,6 +148,10 @@ pub fn parse(
                 DestinationRule::validate,
                 NetworkingConfig::DestinationRule,
             )?,
+        ),
+        "WorkloadEntry" => (
+            "WorkloadEntry",
+            read(at, has_spec, WorkloadEntry::validate, NetworkingConfig::WorkloadEntry)?,
         ),
         _ => (
             "ServiceEntry",
@@ -215,6 +227,7 @@ macro_rules! istio_resource {
 istio_resource!(VirtualService, "VirtualService", "virtualservices");
 istio_resource!(DestinationRule, "DestinationRule", "destinationrules");
 istio_resource!(ServiceEntry, "ServiceEntry", "serviceentries");
+istio_resource!(WorkloadEntry, "WorkloadEntry", "workloadentries");
 
 /// Checks that `value` (a percentage) lies in 0..=100.
 pub(crate) fn percent_in_range(field: &str, value: f64) -> Result<(), ValidationError> {

@@ -12,7 +12,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_vocab::manifest::{self, ManifestError};
 use serde::{Deserialize, Serialize};
 
-use crate::networking::{self, ConfigError, DestinationRule, NetworkingConfig, ServiceEntry, VirtualService};
+use crate::networking::{
+    self, ConfigError, DestinationRule, NetworkingConfig, ServiceEntry, VirtualService, WorkloadEntry,
+};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
 /// An MCS `ServiceExport` (`multicluster.x-k8s.io/v1alpha1`): the Service of the same
@@ -61,6 +63,7 @@ pub struct ClusterObjects {
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     pub service_entries: Vec<ServiceEntry>,
+    pub workload_entries: Vec<WorkloadEntry>,
     /// Istio documents refused (invalid), each on its own: the rest of the file and
     /// every other document still count, as one bad object applied to a cluster
     /// does not undo the others.
@@ -126,6 +129,7 @@ impl ClusterObjects {
                         Ok(NetworkingConfig::VirtualService(vs)) => self.virtual_services.push(*vs),
                         Ok(NetworkingConfig::DestinationRule(dr)) => self.destination_rules.push(*dr),
                         Ok(NetworkingConfig::ServiceEntry(se)) => self.service_entries.push(*se),
+                        Ok(NetworkingConfig::WorkloadEntry(we)) => self.workload_entries.push(*we),
                         Err(e) => self.refused.push(e),
                     },
                     _ => skipped.push(Skipped {
@@ -161,6 +165,7 @@ impl ClusterObjects {
         virtual_services: Vec<VirtualService>,
         destination_rules: Vec<DestinationRule>,
         service_entries: Vec<ServiceEntry>,
+        workload_entries: Vec<WorkloadEntry>,
     ) -> Self {
         let refuse = |kind: &'static str, meta: &ObjectMeta, error| ConfigError::InvalidObject {
             kind,
@@ -187,6 +192,12 @@ impl ClusterObjects {
             match se.validate() {
                 Ok(()) => self.service_entries.push(se),
                 Err(e) => self.refused.push(refuse("ServiceEntry", &se.metadata, e)),
+            }
+        }
+        for we in workload_entries {
+            match we.validate() {
+                Ok(()) => self.workload_entries.push(we),
+                Err(e) => self.refused.push(refuse("WorkloadEntry", &we.metadata, e)),
             }
         }
         self

@@ -480,6 +480,7 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
         "virtualservices",
         "destinationrules",
         "serviceentries",
+        "workloadentries",
         "authorizationpolicies",
         "peerauthentications",
     ] {

@@ -320,5 +320,33 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
         );
         break;
     }
+
+    // A VM joins: a WorkloadEntry the reviews Service selects becomes one of its endpoints.
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "reviews", "namespace": "default"},
+        "spec": {"selector": {"app": "reviews"}, "ports": [{"name": "http", "port": 9080}]}}));
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "reviews-vm", "namespace": "default"},
+        "spec": {"address": "10.9.0.1", "labels": {"app": "reviews"}, "serviceAccount": "reviews"}}));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let update = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the WorkloadEntry was published")
+            .unwrap();
+        let Update::Objects(id, objects) = update else { continue };
+        let model = ClusterModel::build(&id, &objects, &MeshConfig::default());
+        let vm: Vec<String> = model
+            .instances
+            .iter()
+            .filter(|i| i.address.to_string() == "10.9.0.1")
+            .map(|i| format!("{} {} mtls={}", i.service, i.target_port, i.mtls))
+            .collect();
+        if vm.is_empty() {
+            continue;
+        }
+        assert_eq!(vm, ["reviews.default.svc.cluster.local:9080 9080 mtls=true"]);
+        break;
+    }
     source.abort();
 }

@@ -17,6 +17,24 @@ fn view(dir: &Path, network: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// A service's endpoints in a view, one line each: `address:port wWEIGHT via_gateway`.
+fn brief(v: &serde_json::Value, key: &str) -> Vec<String> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} is served: {v}"))
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{} w{} {}",
+                e["address"].as_str().unwrap(),
+                e["port"],
+                e["weight"],
+                e["via_gateway"]
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn a_proxy_on_each_network_sees_local_pods_and_the_other_network_behind_its_gateway() {
     let dir = scratch("two");
@@ -36,22 +54,12 @@ fn a_proxy_on_each_network_sees_local_pods_and_the_other_network_behind_its_gate
     let out = view(&dir, "network1");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let eps = v["reviews.default.svc.cluster.local:9080"].as_array().unwrap();
-    let brief: Vec<String> = eps
-        .iter()
-        .map(|e| {
-            format!(
-                "{}:{} w{} {}",
-                e["address"].as_str().unwrap(),
-                e["port"],
-                e["weight"],
-                e["via_gateway"]
-            )
-        })
-        .collect();
     // Its own pod directly; cluster2's two mTLS pods as one gateway entry of weight 2;
     // the pod without a sidecar is not offered across networks at all.
-    assert_eq!(brief, ["10.241.0.10:9080 w1 false", "100.64.0.2:15443 w2 true"]);
+    assert_eq!(
+        brief(&v, "reviews.default.svc.cluster.local:9080"),
+        ["10.241.0.10:9080 w1 false", "100.64.0.2:15443 w2 true"]
+    );
 
     let out = view(&dir, "network2");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -116,4 +124,45 @@ fn a_gateway_known_by_host_name_is_looked_up_once_and_shown_at_its_addresses() {
         .collect();
     assert!(through.contains(&"127.0.0.1:15443".to_owned()), "{through:?}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A VM's WorkloadEntry is an endpoint of the Service that selects it, crossing
+/// networks through its network's gateway like a pod; a ServiceEntry's STATIC
+/// endpoints are endpoints of its host.
+#[test]
+fn workload_entries_and_service_entry_endpoints_are_served_like_pods() {
+    let dir = scratch("entries");
+    cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
+    cluster(&dir, "cluster2", "network2", 2, &[("reviews-v1-b", "v1", true)]);
+    std::fs::write(
+        dir.join("cluster2/vm.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: default}\n\
+         spec: {selector: {app: ratings}, ports: [{name: http, port: 9080, targetPort: 8080}]}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: ratings-vm, namespace: default}\n\
+         spec: {address: 10.9.0.1, labels: {app: ratings}, serviceAccount: ratings}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cluster1/external.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: payments, namespace: default}\n\
+         spec: {hosts: [payments.example.com], location: MESH_EXTERNAL, resolution: STATIC,\n\
+         ports: [{name: https, number: 443, protocol: TLS}], endpoints: [{address: 192.0.2.7, ports: {https: 8443}}]}\n",
+    )
+    .unwrap();
+
+    let out = view(&dir, "network1");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        brief(&v, "ratings.default.svc.cluster.local:9080"),
+        ["100.64.0.2:15443 w1 true"]
+    );
+    assert_eq!(brief(&v, "payments.example.com:443"), ["192.0.2.7:8443 w1 false"]);
+
+    let out = view(&dir, "network2");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        brief(&v, "ratings.default.svc.cluster.local:9080"),
+        ["10.9.0.1:8080 w1 false"]
+    );
 }

@@ -1,12 +1,14 @@
 //! Istio's `ServiceEntry`: hosts added to the mesh's registry that are no
-//! Kubernetes Service (external APIs, VMs). Read and validated; not yet served
-//! as endpoints.
+//! Kubernetes Service (external APIs, VMs). Read and validated; a STATIC entry's
+//! endpoints, and the workloads its `workloadSelector` picks, are its hosts' endpoints
+//! ([`crate::model`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
+use super::workload_entry::WorkloadEntrySpec;
 use super::{ValidationError, port_in_range};
 
 /// A `ServiceEntry` object.
@@ -30,7 +32,7 @@ pub struct ServiceEntrySpec {
     pub location: Option<Location>,
     pub resolution: Option<Resolution>,
     /// Set (even empty) or not: Istio tells the two apart.
-    pub endpoints: Option<Vec<WorkloadEntry>>,
+    pub endpoints: Option<Vec<WorkloadEntrySpec>>,
     pub workload_selector: Option<WorkloadSelector>,
     pub export_to: Vec<String>,
     pub subject_alt_names: Vec<String>,
@@ -62,20 +64,6 @@ pub enum Resolution {
     Static,
     Dns,
     DnsRoundRobin,
-}
-
-/// One endpoint of a ServiceEntry.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct WorkloadEntry {
-    pub address: Option<String>,
-    /// Port name → the endpoint's port number.
-    pub ports: BTreeMap<String, i64>,
-    pub labels: BTreeMap<String, String>,
-    pub network: Option<String>,
-    pub locality: Option<String>,
-    pub weight: Option<u32>,
-    pub service_account: Option<String>,
 }
 
 /// The pods (or WorkloadEntries) that are the hosts' endpoints.
@@ -171,15 +159,7 @@ impl ServiceEntry {
             ));
         }
         for (i, e) in endpoints.iter().enumerate() {
-            if e.address.is_none() && e.network.is_none() {
-                return Err(ValidationError::new(
-                    format!("spec.endpoints[{i}]"),
-                    "Address is required",
-                ));
-            }
-            for (name, port) in &e.ports {
-                port_in_range(&format!("spec.endpoints[{i}].ports.{name}"), *port)?;
-            }
+            e.validate(&format!("spec.endpoints[{i}]"))?;
         }
         Ok(())
     }

@@ -95,6 +95,12 @@ const CRD_KINDS: &[(&str, &str, &str, &str)] = &[
         "DestinationRuleList",
         "networking.istio.io/v1",
     ),
+    (
+        "/apis/networking.istio.io/v1/workloadentries",
+        "WorkloadEntry",
+        "WorkloadEntryList",
+        "networking.istio.io/v1",
+    ),
 ];
 
 /// A request path as (collection path, namespace, name): `/api/v1/namespaces/NS/secrets`

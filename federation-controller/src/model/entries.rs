@@ -1,0 +1,374 @@
+//! Endpoints that no EndpointSlice lists, as istiod finds them: WorkloadEntries
+//! selected by a Kubernetes Service's selector, and a ServiceEntry's hosts with its
+//! `endpoints` (STATIC resolution) or the workloads (pods and WorkloadEntries) its
+//! `workloadSelector` picks. Also the entries' virtual IPs and port protocols.
+//!
+//! Left out, and said where it matters: entries of DNS resolution (their endpoints are
+//! names, resolved by the proxy in Istio; a proxy here gets addresses only), Unix
+//! sockets, and endpoint weights (an instance has none yet).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_vocab::{Hostname, NetworkId};
+
+use super::{Instance, Locality, Protocol, ServiceKey, ServiceVip, TLS_MODE_LABEL, labels_of};
+use crate::networking::service_entry::{Location, Resolution, ServiceEntry, ServicePort};
+use crate::networking::workload_entry::{Address, WorkloadEntry, WorkloadEntrySpec};
+use crate::networking::{fqdn, namespace_of};
+use crate::objects::ClusterObjects;
+
+/// What the entries need from the rest of the cluster's distillation.
+pub(super) struct Context<'a> {
+    pub domain: &'a str,
+    /// The network of a workload in a namespace that names none itself (namespace label, else the cluster's).
+    pub network_of: &'a dyn Fn(&str, Option<&Pod>) -> NetworkId,
+    /// The locality of a node.
+    pub locality_of: &'a dyn Fn(Option<&str>) -> Locality,
+}
+
+/// Every instance the entries add.
+pub(super) fn instances(objects: &ClusterObjects, cx: &Context<'_>) -> Vec<Instance> {
+    let mut out = Vec::new();
+    for svc in &objects.services {
+        selected_by_service(svc, &objects.workload_entries, cx, &mut out);
+    }
+    for se in &objects.service_entries {
+        service_entry(se, objects, cx, &mut out);
+    }
+    out
+}
+
+/// Whether `labels` hold every pair of `selector` (an empty selector selects nothing,
+/// as for a Service: a Service without a selector has its endpoints made by hand).
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// WorkloadEntries of the Service's namespace that its selector matches, on each of its TCP ports.
+fn selected_by_service(svc: &Service, entries: &[WorkloadEntry], cx: &Context<'_>, out: &mut Vec<Instance>) {
+    let ns = namespace_of(&svc.metadata);
+    let Some(spec) = &svc.spec else { return };
+    let selector = spec.selector.clone().unwrap_or_default();
+    let Ok(host) = Hostname::parse(&fqdn(svc.metadata.name.as_deref().unwrap_or_default(), ns, cx.domain)) else {
+        return;
+    };
+    for we in entries.iter().filter(|we| namespace_of(&we.metadata) == ns) {
+        if !selects(&selector, &we.spec.labels) {
+            continue;
+        }
+        for sp in spec.ports.iter().flatten() {
+            if sp.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let Ok(port) = u16::try_from(sp.port) else { continue };
+            // Istio: a named target port is looked up in the entry's ports; a number is
+            // taken as is; either way the service port when nothing else says.
+            let target = match &sp.target_port {
+                Some(IntOrString::String(name)) => we.spec.port(name),
+                Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                None => None,
+            }
+            .unwrap_or(port);
+            let key = ServiceKey {
+                host: host.clone(),
+                port,
+            };
+            push_workload(out, key, &we.spec, target, ns, cx, we.spec.speaks_mtls());
+        }
+    }
+}
+
+/// A ServiceEntry's instances: its STATIC endpoints, or the workloads it selects.
+fn service_entry(se: &ServiceEntry, objects: &ClusterObjects, cx: &Context<'_>, out: &mut Vec<Instance>) {
+    let ns = namespace_of(&se.metadata);
+    let spec = &se.spec;
+    let external = spec.location == Some(Location::MeshExternal);
+    for key_port in keys(se, cx.domain) {
+        let (key, port) = key_port;
+        match (&spec.endpoints, &spec.workload_selector) {
+            (Some(endpoints), _) if spec.resolution == Some(Resolution::Static) => {
+                for ep in endpoints {
+                    let target = ep.port(&port.name).unwrap_or_else(|| default_target(port));
+                    // Mesh-external endpoints never get mesh mTLS (Istio's MESH_EXTERNAL).
+                    push_workload(out, key.clone(), ep, target, ns, cx, !external && ep.speaks_mtls());
+                }
+            }
+            (None, Some(selector)) => {
+                for we in objects
+                    .workload_entries
+                    .iter()
+                    .filter(|w| namespace_of(&w.metadata) == ns)
+                {
+                    if selects(&selector.labels, &we.spec.labels) {
+                        let target = we.spec.port(&port.name).unwrap_or_else(|| default_target(port));
+                        push_workload(out, key.clone(), &we.spec, target, ns, cx, we.spec.speaks_mtls());
+                    }
+                }
+                for pod in objects.pods.iter().filter(|p| namespace_of(&p.metadata) == ns) {
+                    let labels = labels_of(&pod.metadata);
+                    let ip = pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.as_deref()?.parse::<IpAddr>().ok());
+                    let (true, Some(address)) = (selects(&selector.labels, &labels), ip) else {
+                        continue;
+                    };
+                    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                    out.push(Instance {
+                        service: key.clone(),
+                        address,
+                        target_port: default_target(port),
+                        network: (cx.network_of)(ns, Some(pod)),
+                        locality: (cx.locality_of)(node),
+                        mtls: labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio"),
+                        service_account: Some(
+                            pod.spec
+                                .as_ref()
+                                .and_then(|s| s.service_account_name.clone())
+                                .filter(|sa| !sa.is_empty())
+                                .unwrap_or_else(|| "default".into()),
+                        ),
+                        labels,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every (host, port) of an entry, with the port it came from; wildcard hosts have no instances.
+fn keys<'a>(se: &'a ServiceEntry, domain: &str) -> Vec<(ServiceKey, &'a ServicePort)> {
+    let ns = namespace_of(&se.metadata);
+    let mut out = Vec::new();
+    for h in &se.spec.hosts {
+        let Ok(host) = Hostname::parse(&fqdn(h, ns, domain)) else {
+            continue;
+        };
+        for p in &se.spec.ports {
+            if let Ok(port) = u16::try_from(p.number) {
+                out.push((
+                    ServiceKey {
+                        host: host.clone(),
+                        port,
+                    },
+                    p,
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn default_target(port: &ServicePort) -> u16 {
+    port.target_port
+        .and_then(|t| u16::try_from(t).ok())
+        .unwrap_or(port.number as u16)
+}
+
+fn push_workload(
+    out: &mut Vec<Instance>,
+    service: ServiceKey,
+    we: &WorkloadEntrySpec,
+    target_port: u16,
+    ns: &str,
+    cx: &Context<'_>,
+    mtls: bool,
+) {
+    // Only an address a proxy can dial is an endpoint here.
+    let Address::Ip(address) = we.address() else { return };
+    let network = match we.network.as_deref() {
+        Some(n) if !n.is_empty() => NetworkId::new(n),
+        _ => (cx.network_of)(ns, None),
+    };
+    out.push(Instance {
+        service,
+        address,
+        target_port,
+        network,
+        locality: locality(we.locality.as_deref()),
+        mtls,
+        labels: we.labels.clone(),
+        service_account: Some(
+            we.service_account
+                .clone()
+                .filter(|sa| !sa.is_empty())
+                .unwrap_or_else(|| "default".into()),
+        ),
+    });
+}
+
+/// `region/zone/subzone`, any part may be missing.
+fn locality(s: Option<&str>) -> Locality {
+    let mut parts = s.unwrap_or_default().split('/').map(str::to_owned);
+    Locality {
+        region: parts.next().unwrap_or_default(),
+        zone: parts.next().unwrap_or_default(),
+        subzone: parts.next().unwrap_or_default(),
+    }
+}
+
+/// The entries' virtual IPs (plain addresses; CIDRs match no single VIP) and their
+/// ports' protocols, by Istio's rule on the port's `protocol` and name.
+pub(super) fn vips_and_protocols(
+    objects: &ClusterObjects,
+    domain: &str,
+    vips: &mut Vec<ServiceVip>,
+    protocols: &mut BTreeMap<ServiceKey, Protocol>,
+) {
+    for se in &objects.service_entries {
+        let ips: Vec<IpAddr> = se.spec.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+        for (key, port) in keys(se, domain) {
+            let protocol = Protocol::of_port(Some(&port.name), port.protocol.as_deref());
+            protocols.entry(key.clone()).or_insert(protocol);
+            for vip in &ips {
+                vips.push(ServiceVip {
+                    vip: *vip,
+                    port: key.port,
+                    host: key.host.clone(),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use mesh_vocab::ClusterId;
+
+    use super::super::{ClusterModel, MeshConfig};
+    use crate::objects::ClusterObjects;
+
+    const ENTRIES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: vms, labels: {topology.istio.io/network: net-vm}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: vms}
+spec:
+  selector: {app: ratings}
+  ports:
+    - {name: http, port: 9080, targetPort: web}
+    - {name: tcp-admin, port: 9901, targetPort: 9000}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm1, namespace: vms}
+spec: {address: 10.9.0.1, labels: {app: ratings, version: v3}, ports: {web: 8080}, serviceAccount: ratings, locality: eu/eu-1/rack2}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm2, namespace: vms}
+spec: {address: 10.9.0.2, labels: {app: ratings}, network: net-other}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: other-ns, namespace: default}
+spec: {address: 10.9.0.3, labels: {app: ratings}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: payments, namespace: vms}
+spec:
+  hosts: [payments.example.com]
+  addresses: [240.0.0.10, 240.0.1.0/24]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{name: https, number: 443, protocol: TLS}, {name: http, number: 80, protocol: HTTP, targetPort: 8080}]
+  endpoints:
+    - {address: 192.0.2.7, ports: {https: 8443}, serviceAccount: pay}
+    - {address: pay.example.net}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: vms}
+spec:
+  hosts: [legacy.vms.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{name: http, number: 9080, protocol: HTTP}]
+  workloadSelector: {labels: {version: v3}}
+"#;
+
+    fn model() -> ClusterModel {
+        let mut o = ClusterObjects::default();
+        o.add_yaml(Path::new("c1/entries.yaml"), ENTRIES).unwrap();
+        assert!(o.refused.is_empty(), "{:?}", o.refused);
+        ClusterModel::build(&ClusterId::new("c1"), &o, &MeshConfig::default())
+    }
+
+    fn rows(m: &ClusterModel) -> Vec<String> {
+        m.instances
+            .iter()
+            .map(|i| {
+                format!(
+                    "{} {}:{} {} mtls={} sa={} {}/{}/{}",
+                    i.service,
+                    i.address,
+                    i.target_port,
+                    i.network,
+                    i.mtls,
+                    i.service_account.as_deref().unwrap_or("-"),
+                    i.locality.region,
+                    i.locality.zone,
+                    i.locality.subzone
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn workload_entries_are_endpoints_of_the_services_that_select_them_and_of_selecting_entries() {
+        let m = model();
+        assert_eq!(
+            rows(&m),
+            [
+                "legacy.vms.svc.cluster.local:9080 10.9.0.1:9080 net-vm mtls=true sa=ratings eu/eu-1/rack2",
+                "payments.example.com:80 192.0.2.7:8080 net-vm mtls=false sa=pay //",
+                "payments.example.com:443 192.0.2.7:8443 net-vm mtls=false sa=pay //",
+                "ratings.vms.svc.cluster.local:9080 10.9.0.1:8080 net-vm mtls=true sa=ratings eu/eu-1/rack2",
+                "ratings.vms.svc.cluster.local:9080 10.9.0.2:9080 net-other mtls=false sa=default //",
+                "ratings.vms.svc.cluster.local:9901 10.9.0.1:9000 net-vm mtls=true sa=ratings eu/eu-1/rack2",
+                "ratings.vms.svc.cluster.local:9901 10.9.0.2:9000 net-other mtls=false sa=default //",
+            ],
+            "named target ports through the entry's ports (else the service port); the entry's \
+             network, else its namespace's; MESH_EXTERNAL never mTLS; a name address and another \
+             namespace's entry left out"
+        );
+    }
+
+    #[test]
+    fn a_service_entrys_addresses_are_vips_and_its_port_protocols_count() {
+        let m = model();
+        let vips: Vec<String> = m
+            .vips
+            .iter()
+            .map(|v| format!("{}:{} {}", v.vip, v.port, v.host))
+            .collect();
+        assert_eq!(
+            vips,
+            [
+                "240.0.0.10:80 payments.example.com",
+                "240.0.0.10:443 payments.example.com"
+            ],
+            "a CIDR is no single VIP"
+        );
+        let p = |k: &str| {
+            m.traffic
+                .protocols
+                .iter()
+                .find(|(key, _)| key.to_string() == k)
+                .map(|(_, p)| format!("{p:?}"))
+        };
+        assert_eq!(p("payments.example.com:80").as_deref(), Some("Http"));
+        assert_eq!(p("payments.example.com:443").as_deref(), Some("Tcp"));
+        assert_eq!(p("legacy.vms.svc.cluster.local:9080").as_deref(), Some("Http"));
+    }
+}
