@@ -18,7 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
-use crate::networking::{DestinationRule, ServiceEntry, VirtualService, WorkloadEntry};
+use crate::networking::{DestinationRule, Gateway, ServiceEntry, VirtualService, WorkloadEntry};
 use crate::objects::{ClusterObjects, ServiceExport};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -53,6 +53,7 @@ enum Any {
     DestinationRule(Box<Event<DestinationRule>>),
     ServiceEntry(Box<Event<ServiceEntry>>),
     WorkloadEntry(Box<Event<WorkloadEntry>>),
+    Gateway(Box<Event<Gateway>>),
     /// The cluster does not serve this optional kind (its CRD is not installed): it has none.
     Missing(Optional),
 }
@@ -67,6 +68,7 @@ enum Optional {
     DestinationRule,
     ServiceEntry,
     WorkloadEntry,
+    Gateway,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -186,9 +188,10 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         optional::<DestinationRule>(&client, Any::DestinationRule, Optional::DestinationRule),
         optional::<ServiceEntry>(&client, Any::ServiceEntry, Optional::ServiceEntry),
         optional::<WorkloadEntry>(&client, Any::WorkloadEntry, Optional::WorkloadEntry),
+        optional::<Gateway>(&client, Any::Gateway, Optional::Gateway),
     ]);
     let (mut authz, mut peer_authn) = (Kind::new(), Kind::new());
-    let (mut vs, mut dr, mut se, mut we) = (Kind::new(), Kind::new(), Kind::new(), Kind::new());
+    let (mut vs, mut dr, mut se, mut we, mut gw) = (Kind::new(), Kind::new(), Kind::new(), Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -233,6 +236,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::DestinationRule(e)) => changed |= dr.apply(*e),
                 Ok(Any::ServiceEntry(e)) => changed |= se.apply(*e),
                 Ok(Any::WorkloadEntry(e)) => changed |= we.apply(*e),
+                Ok(Any::Gateway(e)) => changed |= gw.apply(*e),
                 Ok(Any::Missing(kind)) => {
                     changed |= match kind {
                         Optional::ServiceExport => exports.none(),
@@ -242,6 +246,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                         Optional::DestinationRule => dr.none(),
                         Optional::ServiceEntry => se.none(),
                         Optional::WorkloadEntry => we.none(),
+                        Optional::Gateway => gw.none(),
                     }
                 }
                 Err(e) => {
@@ -265,7 +270,8 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             && vs.synced
             && dr.synced
             && se.synced
-            && we.synced;
+            && we.synced
+            && gw.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -280,7 +286,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             };
             // The API server ran Istio's webhook only if istiod is installed: check
             // here too, and leave out (and report) what Istio would refuse.
-            let objects = objects.with_networking(vs.all(), dr.all(), se.all(), we.all());
+            let objects = objects.with_networking(vs.all(), dr.all(), se.all(), we.all(), gw.all());
             for e in &objects.refused {
                 tracing::warn!(cluster = %id, error = %e, "Istio config refused");
             }

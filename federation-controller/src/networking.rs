@@ -1,8 +1,8 @@
 //! Istio's traffic configuration (`networking.istio.io`, as `v1`, `v1beta1` or
 //! `v1alpha3`): [`VirtualService`] (how requests to a host are routed),
 //! [`DestinationRule`] (its subsets and traffic policy) and [`ServiceEntry`]
-//! (hosts of the mesh's registry that are no Kubernetes Service) and [`WorkloadEntry`]
-//! (a workload that is no pod). Typed with Istio's
+//! (hosts of the mesh's registry that are no Kubernetes Service), [`WorkloadEntry`]
+//! (a workload that is no pod) and [`Gateway`] (what a gateway exposes). Typed with Istio's
 //! field names, so users' YAML reads as it does for istiod; validated with Istio's
 //! reasons, so a document Istio's API server or webhook refuses is refused here too.
 //!
@@ -18,12 +18,14 @@ use mesh_vocab::manifest::{self, ManifestError};
 
 pub mod destination_rule;
 pub mod duration;
+pub mod gateway;
 pub mod service_entry;
 pub mod virtual_service;
 pub mod workload_entry;
 
 pub use destination_rule::DestinationRule;
 pub use duration::Duration;
+pub use gateway::Gateway;
 pub use service_entry::ServiceEntry;
 pub use virtual_service::VirtualService;
 pub use workload_entry::WorkloadEntry;
@@ -88,6 +90,7 @@ pub enum NetworkingConfig {
     DestinationRule(Box<DestinationRule>),
     ServiceEntry(Box<ServiceEntry>),
     WorkloadEntry(Box<WorkloadEntry>),
+    Gateway(Box<Gateway>),
 }
 
 /// Whether `api_version`/`kind` is one this module reads.
@@ -99,7 +102,7 @@ pub fn reads(api_version: &str, kind: &str) -> bool {
     version_ok
         && matches!(
             kind,
-            "VirtualService" | "DestinationRule" | "ServiceEntry" | "WorkloadEntry"
+            "VirtualService" | "DestinationRule" | "ServiceEntry" | "WorkloadEntry" | "Gateway"
         )
 }
 
@@ -148,6 +151,10 @@ pub fn parse(
                 DestinationRule::validate,
                 NetworkingConfig::DestinationRule,
             )?,
+        ),
+        "Gateway" => (
+            "Gateway",
+            read(at, has_spec, Gateway::validate, NetworkingConfig::Gateway)?,
         ),
         "WorkloadEntry" => (
             "WorkloadEntry",
@@ -228,6 +235,7 @@ istio_resource!(VirtualService, "VirtualService", "virtualservices");
 istio_resource!(DestinationRule, "DestinationRule", "destinationrules");
 istio_resource!(ServiceEntry, "ServiceEntry", "serviceentries");
 istio_resource!(WorkloadEntry, "WorkloadEntry", "workloadentries");
+istio_resource!(Gateway, "Gateway", "gateways");
 
 /// Checks that `value` (a percentage) lies in 0..=100.
 pub(crate) fn percent_in_range(field: &str, value: f64) -> Result<(), ValidationError> {
@@ -248,6 +256,13 @@ pub(crate) fn port_in_range(field: &str, port: i64) -> Result<(), ValidationErro
     } else {
         Err(ValidationError::new(field, "port must be between 1-65535"))
     }
+}
+
+/// One YAML document as `T`, for this module's unit tests.
+#[cfg(test)]
+pub(crate) fn from_yaml<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+    let (_, doc) = manifest::documents(Path::new("test.yaml"), yaml).unwrap().remove(0);
+    serde_json::from_value(doc).unwrap()
 }
 
 #[cfg(test)]
@@ -272,7 +287,8 @@ mod tests {
         assert!(reads("networking.istio.io/v1", "VirtualService"));
         assert!(reads("networking.istio.io/v1alpha3", "ServiceEntry"));
         assert!(reads("networking.istio.io/v1beta1", "DestinationRule"));
-        assert!(!reads("networking.istio.io/v1", "Gateway"));
+        assert!(reads("networking.istio.io/v1", "Gateway"));
+        assert!(!reads("networking.istio.io/v1", "Sidecar"));
         assert!(!reads("networking.istio.io/v2", "VirtualService"));
     }
 }

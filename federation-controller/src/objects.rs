@@ -13,7 +13,7 @@ use mesh_vocab::manifest::{self, ManifestError};
 use serde::{Deserialize, Serialize};
 
 use crate::networking::{
-    self, ConfigError, DestinationRule, NetworkingConfig, ServiceEntry, VirtualService, WorkloadEntry,
+    self, ConfigError, DestinationRule, Gateway, NetworkingConfig, ServiceEntry, VirtualService, WorkloadEntry,
 };
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -64,6 +64,7 @@ pub struct ClusterObjects {
     pub destination_rules: Vec<DestinationRule>,
     pub service_entries: Vec<ServiceEntry>,
     pub workload_entries: Vec<WorkloadEntry>,
+    pub gateways: Vec<Gateway>,
     /// Istio documents refused (invalid), each on its own: the rest of the file and
     /// every other document still count, as one bad object applied to a cluster
     /// does not undo the others.
@@ -130,6 +131,7 @@ impl ClusterObjects {
                         Ok(NetworkingConfig::DestinationRule(dr)) => self.destination_rules.push(*dr),
                         Ok(NetworkingConfig::ServiceEntry(se)) => self.service_entries.push(*se),
                         Ok(NetworkingConfig::WorkloadEntry(we)) => self.workload_entries.push(*we),
+                        Ok(NetworkingConfig::Gateway(g)) => self.gateways.push(*g),
                         Err(e) => self.refused.push(e),
                     },
                     _ => skipped.push(Skipped {
@@ -166,6 +168,7 @@ impl ClusterObjects {
         destination_rules: Vec<DestinationRule>,
         service_entries: Vec<ServiceEntry>,
         workload_entries: Vec<WorkloadEntry>,
+        gateways: Vec<Gateway>,
     ) -> Self {
         let refuse = |kind: &'static str, meta: &ObjectMeta, error| ConfigError::InvalidObject {
             kind,
@@ -200,6 +203,12 @@ impl ClusterObjects {
                 Err(e) => self.refused.push(refuse("WorkloadEntry", &we.metadata, e)),
             }
         }
+        for g in gateways {
+            match g.validate() {
+                Ok(()) => self.gateways.push(g),
+                Err(e) => self.refused.push(refuse("Gateway", &g.metadata, e)),
+            }
+        }
         self
     }
 }
@@ -222,8 +231,8 @@ metadata: {name: x}
 spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}
 ---
 apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: gw}
+kind: Sidecar
+metadata: {name: default}
 ---
 apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
@@ -245,7 +254,7 @@ items:
             [Skipped {
                 document: 3,
                 api_version: "networking.istio.io/v1".into(),
-                kind: "Gateway".into()
+                kind: "Sidecar".into()
             }]
         );
     }

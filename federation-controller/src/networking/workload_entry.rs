@@ -150,10 +150,7 @@ mod tests {
     use super::*;
 
     fn spec(yaml: &str) -> WorkloadEntrySpec {
-        let (_, doc) = mesh_vocab::manifest::documents(std::path::Path::new("t.yaml"), yaml)
-            .unwrap()
-            .remove(0);
-        serde_json::from_value(doc).unwrap()
+        crate::networking::from_yaml(yaml)
     }
 
     #[test]
