@@ -481,6 +481,7 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
         "destinationrules",
         "serviceentries",
         "workloadentries",
+        "gateways",
         "authorizationpolicies",
         "peerauthentications",
     ] {
