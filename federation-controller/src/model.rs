@@ -275,6 +275,10 @@ impl ClusterModel {
                 let Some(sp) = svc_ports.iter().find(|p| p.name == slice_port.name) else {
                     continue;
                 };
+                // A TCP proxy cannot carry UDP or SCTP (as for the VIPs below).
+                if sp.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                    continue;
+                }
                 let Ok(port) = u16::try_from(sp.port) else { continue };
                 let service = ServiceKey {
                     host: host.clone(),
