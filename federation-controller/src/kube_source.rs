@@ -18,7 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
-use crate::networking::{DestinationRule, ServiceEntry, VirtualService};
+use crate::networking::{DestinationRule, HttpRoute, ServiceEntry, VirtualService};
 use crate::objects::{ClusterObjects, ServiceExport};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -52,6 +52,7 @@ enum Any {
     VirtualService(Box<Event<VirtualService>>),
     DestinationRule(Box<Event<DestinationRule>>),
     ServiceEntry(Box<Event<ServiceEntry>>),
+    HttpRoute(Box<Event<HttpRoute>>),
     /// The cluster does not serve this optional kind (its CRD is not installed): it has none.
     Missing(Optional),
 }
@@ -65,6 +66,7 @@ enum Optional {
     VirtualService,
     DestinationRule,
     ServiceEntry,
+    HttpRoute,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -144,7 +146,8 @@ where
 }
 
 /// Watches a kind that comes with a CRD (MCS `ServiceExport`, Istio's networking
-/// kinds). Many clusters lack it: the list's `404` means "none of these", so the
+/// kinds, Gateway API's `HTTPRoute` — watched as `v1`, which every Gateway API release
+/// since 1.0 serves). Many clusters lack it: the list's `404` means "none of these", so the
 /// cluster still syncs; the watcher keeps retrying with backoff, and picks the
 /// objects up once the CRD is installed. A `403` (RBAC written before the controller
 /// read this kind) is taken the same way, with a warning, so a cluster whose role does
@@ -183,9 +186,10 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         optional::<VirtualService>(&client, Any::VirtualService, Optional::VirtualService),
         optional::<DestinationRule>(&client, Any::DestinationRule, Optional::DestinationRule),
         optional::<ServiceEntry>(&client, Any::ServiceEntry, Optional::ServiceEntry),
+        optional::<HttpRoute>(&client, Any::HttpRoute, Optional::HttpRoute),
     ]);
     let (mut authz, mut peer_authn) = (Kind::new(), Kind::new());
-    let (mut vs, mut dr, mut se) = (Kind::new(), Kind::new(), Kind::new());
+    let (mut vs, mut dr, mut se, mut routes) = (Kind::new(), Kind::new(), Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -229,6 +233,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::VirtualService(e)) => changed |= vs.apply(*e),
                 Ok(Any::DestinationRule(e)) => changed |= dr.apply(*e),
                 Ok(Any::ServiceEntry(e)) => changed |= se.apply(*e),
+                Ok(Any::HttpRoute(e)) => changed |= routes.apply(*e),
                 Ok(Any::Missing(kind)) => {
                     changed |= match kind {
                         Optional::ServiceExport => exports.none(),
@@ -237,6 +242,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                         Optional::VirtualService => vs.none(),
                         Optional::DestinationRule => dr.none(),
                         Optional::ServiceEntry => se.none(),
+                        Optional::HttpRoute => routes.none(),
                     }
                 }
                 Err(e) => {
@@ -259,7 +265,8 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             && peer_authn.synced
             && vs.synced
             && dr.synced
-            && se.synced;
+            && se.synced
+            && routes.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -274,7 +281,9 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             };
             // The API server ran Istio's webhook only if istiod is installed: check
             // here too, and leave out (and report) what Istio would refuse.
-            let objects = objects.with_networking(vs.all(), dr.all(), se.all());
+            let objects = objects
+                .with_networking(vs.all(), dr.all(), se.all())
+                .with_http_routes(routes.all());
             for e in &objects.refused {
                 tracing::warn!(cluster = %id, error = %e, "Istio config refused");
             }

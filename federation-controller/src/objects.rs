@@ -12,7 +12,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_vocab::manifest::{self, ManifestError};
 use serde::{Deserialize, Serialize};
 
-use crate::networking::{self, ConfigError, DestinationRule, NetworkingConfig, ServiceEntry, VirtualService};
+use crate::networking::{
+    self, ConfigError, DestinationRule, HttpRoute, NetworkingConfig, ServiceEntry, VirtualService,
+};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
 /// An MCS `ServiceExport` (`multicluster.x-k8s.io/v1alpha1`): the Service of the same
@@ -61,6 +63,8 @@ pub struct ClusterObjects {
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     pub service_entries: Vec<ServiceEntry>,
+    /// Gateway API HTTPRoutes (those with Service parents route the mesh's traffic).
+    pub http_routes: Vec<HttpRoute>,
     /// Istio documents refused (invalid), each on its own: the rest of the file and
     /// every other document still count, as one bad object applied to a cluster
     /// does not undo the others.
@@ -126,6 +130,7 @@ impl ClusterObjects {
                         Ok(NetworkingConfig::VirtualService(vs)) => self.virtual_services.push(*vs),
                         Ok(NetworkingConfig::DestinationRule(dr)) => self.destination_rules.push(*dr),
                         Ok(NetworkingConfig::ServiceEntry(se)) => self.service_entries.push(*se),
+                        Ok(NetworkingConfig::HttpRoute(r)) => self.http_routes.push(*r),
                         Err(e) => self.refused.push(e),
                     },
                     _ => skipped.push(Skipped {
@@ -187,6 +192,26 @@ impl ClusterObjects {
             match se.validate() {
                 Ok(()) => self.service_entries.push(se),
                 Err(e) => self.refused.push(refuse("ServiceEntry", &se.metadata, e)),
+            }
+        }
+        self
+    }
+
+    /// These objects plus Gateway API HTTPRoutes read from an API server, each
+    /// validated: an invalid one goes to [`Self::refused`] instead.
+    pub fn with_http_routes(mut self, routes: Vec<HttpRoute>) -> Self {
+        for r in routes {
+            match r.validate() {
+                Ok(()) => self.http_routes.push(r),
+                Err(error) => self.refused.push(ConfigError::InvalidObject {
+                    kind: "HTTPRoute",
+                    name: format!(
+                        "{}/{}",
+                        networking::namespace_of(&r.metadata),
+                        r.metadata.name.as_deref().unwrap_or_default()
+                    ),
+                    error,
+                }),
             }
         }
         self

@@ -50,6 +50,11 @@ pub struct HttpRoute {
     pub mirror_percentage: Option<Percent>,
     pub mirrors: Vec<HttpMirrorPolicy>,
     pub headers: Option<Headers>,
+    /// Set only by the Gateway API translation ([`crate::routing::gamma`]): a
+    /// destination that names no usable backend is answered `500`, as the Gateway
+    /// API says, not Envoy's default `503`. No VirtualService field sets it.
+    #[serde(skip)]
+    pub unknown_backend_is_500: bool,
 }
 
 /// The conditions of one match (AND).
@@ -175,6 +180,10 @@ pub struct HttpRedirect {
     pub port: Option<u32>,
     pub scheme: Option<String>,
     pub redirect_code: Option<u32>,
+    /// Set only by the Gateway API translation (`ReplacePrefixMatch`): the path
+    /// redirected to is the request's, rewritten so. No VirtualService field sets it.
+    #[serde(skip)]
+    pub uri_regex_rewrite: Option<RegexRewrite>,
 }
 
 /// A response answered by the proxy itself.
