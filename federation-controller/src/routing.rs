@@ -161,6 +161,19 @@ impl Routing {
             })
     }
 
+    /// Whether a VirtualService's TCP or TLS route depends on who asks, so outbound
+    /// listeners must be made per proxy.
+    pub fn l4_depends_on_source(&self) -> bool {
+        self.virtual_services.values().any(|vs| {
+            vs.spec
+                .tcp
+                .iter()
+                .chain(&vs.spec.tls)
+                .flat_map(|r| &r.r#match)
+                .any(|m| !m.source_labels.is_empty() || m.source_namespace.is_some())
+        })
+    }
+
     /// Whether some DestinationRule makes balancing locality-aware (outlier
     /// detection anywhere in it), so endpoints must be made per proxy locality.
     pub fn locality_aware(&self) -> bool {

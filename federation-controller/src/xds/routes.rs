@@ -261,7 +261,7 @@ fn header_matcher(name: &str, sm: &StringMatch, invert: bool) -> HeaderMatcher {
 }
 
 /// The cluster a destination names: its port, else the port being routed.
-fn destination_cluster(key: &ServiceKey, routing: &Routing, ns: &str, d: &Destination) -> String {
+pub(crate) fn destination_cluster(key: &ServiceKey, routing: &Routing, ns: &str, d: &Destination) -> String {
     let host = routing.fqdn(&d.host, ns);
     let port = d.port.and_then(|p| u16::try_from(p.number).ok()).unwrap_or(key.port);
     let Ok(host) = Hostname::parse(&host) else {
@@ -555,7 +555,7 @@ pub(crate) fn proto_duration(d: std::time::Duration) -> envoy_types::pb::google:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{ClusterModel, Protocol, Traffic};
     use crate::objects::ClusterObjects;
@@ -571,7 +571,8 @@ mod tests {
         }
     }
 
-    fn routing(yaml: &str) -> Routing {
+    /// The routing of one cluster holding `yaml`, where reviews and ratings speak HTTP.
+    pub(crate) fn routing(yaml: &str) -> Routing {
         let mut o = ClusterObjects::default();
         o.add_yaml(Path::new("istio.yaml"), yaml).unwrap();
         assert!(o.refused.is_empty(), "{:?}", o.refused);
