@@ -18,7 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
-use crate::networking::{DestinationRule, Gateway, ServiceEntry, VirtualService, WorkloadEntry};
+use crate::networking::{DestinationRule, Gateway, HttpRoute, ServiceEntry, VirtualService, WorkloadEntry};
 use crate::objects::{ClusterObjects, ServiceExport};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -54,6 +54,7 @@ enum Any {
     ServiceEntry(Box<Event<ServiceEntry>>),
     WorkloadEntry(Box<Event<WorkloadEntry>>),
     Gateway(Box<Event<Gateway>>),
+    HttpRoute(Box<Event<HttpRoute>>),
     /// The cluster does not serve this optional kind (its CRD is not installed): it has none.
     Missing(Optional),
 }
@@ -69,6 +70,7 @@ enum Optional {
     ServiceEntry,
     WorkloadEntry,
     Gateway,
+    HttpRoute,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -148,7 +150,8 @@ where
 }
 
 /// Watches a kind that comes with a CRD (MCS `ServiceExport`, Istio's networking
-/// kinds). Many clusters lack it: the list's `404` means "none of these", so the
+/// kinds, Gateway API's `HTTPRoute` — watched as `v1`, which every Gateway API release
+/// since 1.0 serves). Many clusters lack it: the list's `404` means "none of these", so the
 /// cluster still syncs; the watcher keeps retrying with backoff, and picks the
 /// objects up once the CRD is installed. A `403` (RBAC written before the controller
 /// read this kind) is taken the same way, with a warning, so a cluster whose role does
@@ -189,9 +192,11 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         optional::<ServiceEntry>(&client, Any::ServiceEntry, Optional::ServiceEntry),
         optional::<WorkloadEntry>(&client, Any::WorkloadEntry, Optional::WorkloadEntry),
         optional::<Gateway>(&client, Any::Gateway, Optional::Gateway),
+        optional::<HttpRoute>(&client, Any::HttpRoute, Optional::HttpRoute),
     ]);
     let (mut authz, mut peer_authn) = (Kind::new(), Kind::new());
-    let (mut vs, mut dr, mut se, mut we, mut gw) = (Kind::new(), Kind::new(), Kind::new(), Kind::new(), Kind::new());
+    let (mut vs, mut dr, mut se, mut routes) = (Kind::new(), Kind::new(), Kind::new(), Kind::new());
+    let (mut we, mut gw) = (Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -237,6 +242,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::ServiceEntry(e)) => changed |= se.apply(*e),
                 Ok(Any::WorkloadEntry(e)) => changed |= we.apply(*e),
                 Ok(Any::Gateway(e)) => changed |= gw.apply(*e),
+                Ok(Any::HttpRoute(e)) => changed |= routes.apply(*e),
                 Ok(Any::Missing(kind)) => {
                     changed |= match kind {
                         Optional::ServiceExport => exports.none(),
@@ -247,6 +253,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                         Optional::ServiceEntry => se.none(),
                         Optional::WorkloadEntry => we.none(),
                         Optional::Gateway => gw.none(),
+                        Optional::HttpRoute => routes.none(),
                     }
                 }
                 Err(e) => {
@@ -271,7 +278,8 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             && dr.synced
             && se.synced
             && we.synced
-            && gw.synced;
+            && gw.synced
+            && routes.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -286,7 +294,9 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             };
             // The API server ran Istio's webhook only if istiod is installed: check
             // here too, and leave out (and report) what Istio would refuse.
-            let objects = objects.with_networking(vs.all(), dr.all(), se.all(), we.all(), gw.all());
+            let objects = objects
+                .with_networking(vs.all(), dr.all(), se.all(), we.all(), gw.all())
+                .with_http_routes(routes.all());
             for e in &objects.refused {
                 tracing::warn!(cluster = %id, error = %e, "Istio config refused");
             }

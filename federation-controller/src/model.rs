@@ -190,6 +190,8 @@ pub struct Traffic {
     pub protocols: BTreeMap<ServiceKey, Protocol>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
+    /// Gateway API HTTPRoutes; those with Service parents route like VirtualServices.
+    pub http_routes: Vec<crate::networking::HttpRoute>,
 }
 
 fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
@@ -432,6 +434,7 @@ impl ClusterModel {
                 protocols,
                 virtual_services: objects.virtual_services.clone(),
                 destination_rules: objects.destination_rules.clone(),
+                http_routes: objects.http_routes.clone(),
             }),
         }
     }

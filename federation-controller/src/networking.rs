@@ -2,7 +2,9 @@
 //! `v1alpha3`): [`VirtualService`] (how requests to a host are routed),
 //! [`DestinationRule`] (its subsets and traffic policy) and [`ServiceEntry`]
 //! (hosts of the mesh's registry that are no Kubernetes Service), [`WorkloadEntry`]
-//! (a workload that is no pod) and [`Gateway`] (what a gateway exposes). Typed with Istio's
+//! (a workload that is no pod) and [`Gateway`] (what a gateway exposes); and Gateway
+//! API's [`HttpRoute`] attached to Services (GAMMA), which routes as a VirtualService
+//! does. Typed with Istio's
 //! field names, so users' YAML reads as it does for istiod; validated with Istio's
 //! reasons, so a document Istio's API server or webhook refuses is refused here too.
 //!
@@ -19,6 +21,7 @@ use mesh_vocab::manifest::{self, ManifestError};
 pub mod destination_rule;
 pub mod duration;
 pub mod gateway;
+pub mod http_route;
 pub mod service_entry;
 pub mod virtual_service;
 pub mod workload_entry;
@@ -26,6 +29,7 @@ pub mod workload_entry;
 pub use destination_rule::DestinationRule;
 pub use duration::Duration;
 pub use gateway::Gateway;
+pub use http_route::HttpRoute;
 pub use service_entry::ServiceEntry;
 pub use virtual_service::VirtualService;
 pub use workload_entry::WorkloadEntry;
@@ -91,10 +95,18 @@ pub enum NetworkingConfig {
     ServiceEntry(Box<ServiceEntry>),
     WorkloadEntry(Box<WorkloadEntry>),
     Gateway(Box<Gateway>),
+    HttpRoute(Box<HttpRoute>),
 }
 
 /// Whether `api_version`/`kind` is one this module reads.
 pub fn reads(api_version: &str, kind: &str) -> bool {
+    let gateway_api = api_version
+        .strip_prefix(http_route::GROUP)
+        .and_then(|v| v.strip_prefix('/'))
+        .is_some_and(|v| http_route::VERSIONS.contains(&v));
+    if gateway_api {
+        return kind == "HTTPRoute";
+    }
     let version_ok = api_version
         .strip_prefix(GROUP)
         .and_then(|v| v.strip_prefix('/'))
@@ -160,6 +172,10 @@ pub fn parse(
             "WorkloadEntry",
             read(at, has_spec, WorkloadEntry::validate, NetworkingConfig::WorkloadEntry)?,
         ),
+        "HTTPRoute" => (
+            "HTTPRoute",
+            read(at, has_spec, HttpRoute::validate, NetworkingConfig::HttpRoute)?,
+        ),
         _ => (
             "ServiceEntry",
             read(at, has_spec, ServiceEntry::validate, NetworkingConfig::ServiceEntry)?,
@@ -202,9 +218,13 @@ pub fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
 
-/// Implements `kube::Resource` for one of this module's kinds, so the kube source can watch it.
+/// Implements `kube::Resource` for one of this module's kinds (of Istio's group unless
+/// another is given), so the kube source can watch it.
 macro_rules! istio_resource {
     ($ty:ty, $kind:literal, $plural:literal) => {
+        istio_resource!($ty, GROUP, $kind, $plural);
+    };
+    ($ty:ty, $group:expr, $kind:literal, $plural:literal) => {
         impl kube::Resource for $ty {
             type DynamicType = ();
             type Scope = NamespaceResourceScope;
@@ -213,7 +233,7 @@ macro_rules! istio_resource {
                 $kind.into()
             }
             fn group(_: &()) -> Cow<'_, str> {
-                GROUP.into()
+                $group.into()
             }
             fn version(_: &()) -> Cow<'_, str> {
                 "v1".into()
@@ -236,6 +256,7 @@ istio_resource!(DestinationRule, "DestinationRule", "destinationrules");
 istio_resource!(ServiceEntry, "ServiceEntry", "serviceentries");
 istio_resource!(WorkloadEntry, "WorkloadEntry", "workloadentries");
 istio_resource!(Gateway, "Gateway", "gateways");
+istio_resource!(HttpRoute, http_route::GROUP, "HTTPRoute", "httproutes");
 
 /// Checks that `value` (a percentage) lies in 0..=100.
 pub(crate) fn percent_in_range(field: &str, value: f64) -> Result<(), ValidationError> {
@@ -290,5 +311,9 @@ mod tests {
         assert!(reads("networking.istio.io/v1", "Gateway"));
         assert!(!reads("networking.istio.io/v1", "Sidecar"));
         assert!(!reads("networking.istio.io/v2", "VirtualService"));
+        assert!(reads("gateway.networking.k8s.io/v1", "HTTPRoute"));
+        assert!(reads("gateway.networking.k8s.io/v1beta1", "HTTPRoute"));
+        assert!(!reads("gateway.networking.k8s.io/v1", "Gateway"));
+        assert!(!reads("networking.istio.io/v1", "HTTPRoute"));
     }
 }

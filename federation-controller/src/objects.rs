@@ -13,7 +13,8 @@ use mesh_vocab::manifest::{self, ManifestError};
 use serde::{Deserialize, Serialize};
 
 use crate::networking::{
-    self, ConfigError, DestinationRule, Gateway, NetworkingConfig, ServiceEntry, VirtualService, WorkloadEntry,
+    self, ConfigError, DestinationRule, Gateway, HttpRoute, NetworkingConfig, ServiceEntry, VirtualService,
+    WorkloadEntry,
 };
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -65,6 +66,8 @@ pub struct ClusterObjects {
     pub service_entries: Vec<ServiceEntry>,
     pub workload_entries: Vec<WorkloadEntry>,
     pub gateways: Vec<Gateway>,
+    /// Gateway API HTTPRoutes (those with Service parents route the mesh's traffic).
+    pub http_routes: Vec<HttpRoute>,
     /// Istio documents refused (invalid), each on its own: the rest of the file and
     /// every other document still count, as one bad object applied to a cluster
     /// does not undo the others.
@@ -132,6 +135,7 @@ impl ClusterObjects {
                         Ok(NetworkingConfig::ServiceEntry(se)) => self.service_entries.push(*se),
                         Ok(NetworkingConfig::WorkloadEntry(we)) => self.workload_entries.push(*we),
                         Ok(NetworkingConfig::Gateway(g)) => self.gateways.push(*g),
+                        Ok(NetworkingConfig::HttpRoute(r)) => self.http_routes.push(*r),
                         Err(e) => self.refused.push(e),
                     },
                     _ => skipped.push(Skipped {
@@ -207,6 +211,26 @@ impl ClusterObjects {
             match g.validate() {
                 Ok(()) => self.gateways.push(g),
                 Err(e) => self.refused.push(refuse("Gateway", &g.metadata, e)),
+            }
+        }
+        self
+    }
+
+    /// These objects plus Gateway API HTTPRoutes read from an API server, each
+    /// validated: an invalid one goes to [`Self::refused`] instead.
+    pub fn with_http_routes(mut self, routes: Vec<HttpRoute>) -> Self {
+        for r in routes {
+            match r.validate() {
+                Ok(()) => self.http_routes.push(r),
+                Err(error) => self.refused.push(ConfigError::InvalidObject {
+                    kind: "HTTPRoute",
+                    name: format!(
+                        "{}/{}",
+                        networking::namespace_of(&r.metadata),
+                        r.metadata.name.as_deref().unwrap_or_default()
+                    ),
+                    error,
+                }),
             }
         }
         self

@@ -6,6 +6,12 @@
 //! Several clusters often hold the same object (config applied everywhere):
 //! an object is known by namespace and name, and the first cluster (in cluster
 //! order) that has it wins, so every controller chooses alike. Pure.
+//!
+//! Gateway API HTTPRoutes attached to a Service ([`gamma`]) route that Service's
+//! host; where a VirtualService names the same host too, the HTTPRoutes win, as in
+//! Istio, whose GAMMA routes for a Service take precedence over VirtualServices.
+
+pub mod gamma;
 
 use std::collections::BTreeMap;
 
@@ -14,7 +20,7 @@ use mesh_vocab::Hostname;
 use crate::federation::{SubsetKey, SubsetLabels};
 use crate::model::{ClusterModel, Protocol, ServiceKey};
 use crate::networking::destination_rule::DestinationRuleSpec;
-use crate::networking::virtual_service::VirtualServiceSpec;
+use crate::networking::virtual_service::{HttpRoute, VirtualServiceSpec};
 use crate::networking::{self, DestinationRule, VirtualService};
 
 /// Istio's name for the sidecars as a VirtualService's gateway.
@@ -27,6 +33,8 @@ pub struct Routing {
     virtual_services: BTreeMap<(String, String), VirtualService>,
     destination_rules: BTreeMap<(String, String), DestinationRule>,
     protocols: BTreeMap<ServiceKey, Protocol>,
+    /// The HTTPRoutes' rules, by Service host; in VirtualService form.
+    gamma: BTreeMap<String, gamma::HostRoutes>,
     domain: String,
 }
 
@@ -37,6 +45,7 @@ impl Routing {
             domain: domain.to_owned(),
             ..Default::default()
         };
+        let mut http_routes = BTreeMap::new();
         let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
             (
                 networking::namespace_of(m).to_owned(),
@@ -57,7 +66,15 @@ impl Routing {
             for (k, p) in &m.traffic.protocols {
                 out.protocols.entry(k.clone()).or_insert(*p);
             }
+            for r in &m.traffic.http_routes {
+                http_routes.entry(key(&r.metadata)).or_insert(r);
+            }
         }
+        let protocols = &out.protocols;
+        let known = |host: &str, port: u16| {
+            Hostname::parse(host).is_ok_and(|host| protocols.contains_key(&ServiceKey { host, port }))
+        };
+        out.gamma = gamma::translate(http_routes.into_values(), domain, known);
         out
     }
 
@@ -111,13 +128,47 @@ impl Routing {
         best.map(|(_, ns, spec)| (ns, spec))
     }
 
-    /// Whether any route depends on who asks (`sourceLabels`, `sourceNamespace`),
-    /// so route configurations must be made per proxy rather than shared.
+    /// The HTTP rules sidecars in `namespace` follow to `host`, and the namespace
+    /// their short names are resolved in: the HTTPRoutes attached to its Service
+    /// (the consumer routes of `namespace` if any, else the producer routes),
+    /// else its VirtualService's `http` rules.
+    pub fn http_rules(&self, host: &Hostname, namespace: Option<&str>) -> Option<(&str, &[HttpRoute])> {
+        if let Some(g) = self.gamma.get(host.as_str()) {
+            let consumer = namespace.and_then(|ns| g.consumers.get_key_value(ns));
+            match consumer {
+                Some((ns, rules)) => return Some((ns.as_str(), rules)),
+                // Destinations are fully qualified: the namespace is never read.
+                None if !g.producer.is_empty() => return Some(("", &g.producer)),
+                None => {}
+            }
+        }
+        // A VirtualService of only TCP/TLS routes leaves HTTP to the default route.
+        self.virtual_service(host)
+            .filter(|(_, vs)| !vs.http.is_empty())
+            .map(|(ns, vs)| (ns, &vs.http[..]))
+    }
+
+    /// Whether any route depends on who asks (`sourceLabels`, `sourceNamespace`,
+    /// a consumer HTTPRoute), so route configurations must be made per proxy rather than shared.
     pub fn depends_on_source(&self) -> bool {
+        self.gamma.values().any(|g| !g.consumers.is_empty())
+            || self.virtual_services.values().any(|vs| {
+                vs.spec
+                    .http
+                    .iter()
+                    .flat_map(|r| &r.r#match)
+                    .any(|m| !m.source_labels.is_empty() || m.source_namespace.is_some())
+            })
+    }
+
+    /// Whether a VirtualService's TCP or TLS route depends on who asks, so outbound
+    /// listeners must be made per proxy.
+    pub fn l4_depends_on_source(&self) -> bool {
         self.virtual_services.values().any(|vs| {
             vs.spec
-                .http
+                .tcp
                 .iter()
+                .chain(&vs.spec.tls)
                 .flat_map(|r| &r.r#match)
                 .any(|m| !m.source_labels.is_empty() || m.source_namespace.is_some())
         })

@@ -120,6 +120,9 @@ enum PerProxy {
     Locality(Locality),
     /// A sidecar's listeners: its inbound listener is made of its workload's policies.
     Inbound(inbound::Inbound),
+    /// Listeners, while some VirtualService's TCP/TLS route matches on
+    /// `sourceLabels`/`sourceNamespace`: the inbound listener, namespace and labels.
+    Listeners(Option<inbound::Inbound>, Option<String>, BTreeMap<String, String>),
 }
 
 /// Per service port, the SPIFFE IDs that may answer for it.
@@ -264,6 +267,11 @@ impl Snapshot {
             _ => None,
         };
         let per_proxy = match type_url {
+            LISTENER_TYPE if self.routing().l4_depends_on_source() => Some(PerProxy::Listeners(
+                inbound.clone(),
+                proxy.namespace.clone(),
+                proxy.labels.clone(),
+            )),
             LISTENER_TYPE => inbound.clone().map(PerProxy::Inbound),
             ROUTE_TYPE if self.routing().depends_on_source() => {
                 Some(PerProxy::Source(proxy.namespace.clone(), proxy.labels.clone()))
@@ -455,9 +463,12 @@ impl Snapshot {
                             host: host.clone(),
                             port: *port,
                         });
-                        let l = listener::listener(*vip, *port, host, protocol);
-                        let version = stable_hash(&(vip, port, host, protocol));
-                        (l.name.clone(), any(LISTENER_TYPE, &l), version)
+                        let l = listener::listener(*vip, *port, host, protocol, &routing, proxy.requester());
+                        let resource = any(LISTENER_TYPE, &l);
+                        // Outbound listeners hold no map, so their bytes are canonical
+                        // (and follow the host's TCP/TLS routes).
+                        let version = stable_hash(&resource.value);
+                        (l.name.clone(), resource, version)
                     })
                     .collect()
             }

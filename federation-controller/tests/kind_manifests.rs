@@ -484,6 +484,7 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
         "gateways",
         "authorizationpolicies",
         "peerauthentications",
+        "httproutes",
     ] {
         if !readable.contains(r) {
             problems.push(format!("no ClusterRole lets the controller list and watch {r}"));

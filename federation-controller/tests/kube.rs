@@ -299,6 +299,19 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
         "metadata": {"name": "bad", "namespace": "default"},
         "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"warmup": {"minimumPercent": 5.0}}}}}),
     );
+    api.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "reviews", "namespace": "default"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+            "rules": [{"backendRefs": [{"name": "reviews-v1", "port": 9080, "weight": 90},
+                {"name": "reviews-v2", "port": 9080, "weight": 10}]}]}}),
+    );
+    api.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "portless", "namespace": "default"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+            "rules": [{"backendRefs": [{"name": "reviews-v1"}]}]}}),
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let update = tokio::time::timeout_at(deadline, rx.recv())
@@ -306,12 +319,26 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
             .expect("the VirtualService and the refused rule were published")
             .unwrap();
         let Update::Objects(_, objects) = update else { continue };
-        if objects.virtual_services.is_empty() || objects.refused.is_empty() {
+        if objects.virtual_services.is_empty() || objects.refused.len() < 2 || objects.http_routes.is_empty() {
             continue;
         }
+        assert_eq!(objects.http_routes[0].spec.rules[0].backend_refs[1].weight, Some(10));
+        let refused: Vec<String> = objects.refused.iter().map(ToString::to_string).collect();
+        assert!(
+            refused.contains(
+                &"HTTPRoute default/portless refused: spec.rules[0].backendRefs[0]: Must have port for Service reference"
+                    .to_owned()
+            ),
+            "{refused:?}"
+        );
         assert_eq!(objects.virtual_services[0].spec.http[0].route[1].weight, Some(20));
         assert!(objects.destination_rules.is_empty(), "the invalid rule is left out");
-        let refused = objects.refused[0].to_string();
+        let refused = objects
+            .refused
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
         assert!(
             refused.contains(
                 "DestinationRule default/bad refused: spec.trafficPolicy.loadBalancer.warmup.duration: Required value"

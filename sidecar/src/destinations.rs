@@ -2,7 +2,11 @@
 //! listeners, clusters and endpoints (Istio's shapes), and nothing else.
 //!
 //! - A listener `VIP_PORT` (address VIP:port, a `tcp_proxy` to cluster C) says that a
-//!   connection whose original destination is VIP:port belongs to C.
+//!   connection whose original destination is VIP:port belongs to C; a `tcp_proxy` with
+//!   `weighted_clusters` sends each connection to one of them, chosen by weight. Of
+//!   several filter chains, the one whose `prefix_ranges` hold VIP most narrowly is
+//!   taken, else one without; chains on `server_names` are not (the sidecar does not
+//!   read the application's own ClientHello on the way out).
 //! - A listener whose filter is an `http_connection_manager` says that such a connection
 //!   carries HTTP, each request routed by the route configuration it names (RDS), compiled
 //!   into a [`RouteTable`].
@@ -24,7 +28,7 @@ use envoy_types::pb::envoy::config::core::v3::{
     TrafficDirection, TransportSocket, address, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
-use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager,
@@ -170,8 +174,8 @@ impl Upstream {
 /// The whole table.
 #[derive(Debug, Default)]
 pub struct Destinations {
-    /// Original destination → cluster name, for `tcp_proxy` listeners.
-    pub listeners: HashMap<SocketAddr, String>,
+    /// Original destination → cluster(s), for `tcp_proxy` listeners.
+    pub listeners: HashMap<SocketAddr, TcpClusters>,
     /// Original destination → route configuration name, for HTTP listeners.
     pub http_listeners: HashMap<SocketAddr, String>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
@@ -182,9 +186,10 @@ pub struct Destinations {
 }
 
 impl Destinations {
-    /// The upstream a TCP connection to `original` belongs to, if any.
+    /// The upstream a TCP connection to `original` goes to, if any: among weighted
+    /// clusters, one chosen by weight on each call, so once per connection.
     pub fn route(&self, original: SocketAddr) -> Option<&Arc<Upstream>> {
-        self.upstreams.get(self.listeners.get(&original)?)
+        self.upstreams.get(self.listeners.get(&original)?.pick())
     }
 
     /// The route configuration name of the HTTP listener at `original`, if it is one.
@@ -299,10 +304,43 @@ fn decode_any<M: Message + Default>(resource: &str, any: &Any, type_url: &str) -
     M::decode(any.value.as_slice()).map_err(|e| bad(resource, format!("undecodable {type_url}: {e}")))
 }
 
+/// The cluster(s) of a `tcp_proxy`, with their weights (each at least 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpClusters(Vec<(String, u32)>);
+
+impl TcpClusters {
+    /// One cluster, taking every connection.
+    pub fn one(cluster: impl Into<String>) -> Self {
+        TcpClusters(vec![(cluster.into(), 1)])
+    }
+
+    /// A cluster chosen at random by weight.
+    pub fn pick(&self) -> &str {
+        let total: u64 = self.0.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut at = if self.0.len() > 1 {
+            rand::Rng::random_range(&mut rand::rng(), 0..total)
+        } else {
+            0
+        };
+        for (name, w) in &self.0 {
+            if at < u64::from(*w) {
+                return name;
+            }
+            at -= u64::from(*w);
+        }
+        &self.0[0].0
+    }
+
+    /// The clusters and their weights.
+    pub fn weights(&self) -> &[(String, u32)] {
+        &self.0
+    }
+}
+
 /// What a listener does with its connections.
 enum Listening {
-    /// A `tcp_proxy` to this cluster.
-    Tcp(String),
+    /// A `tcp_proxy` to these clusters.
+    Tcp(TcpClusters),
     /// An HTTP connection manager routing by this RDS route configuration.
     Http(String),
 }
@@ -327,7 +365,7 @@ fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, Listening)>, BadRe
         return Err(bad(&l.name, "no port"));
     };
     let port = u16::try_from(port).map_err(|_| bad(&l.name, format!("port {port} out of range")))?;
-    for chain in &l.filter_chains {
+    for chain in chains_for(l, ip) {
         for f in &chain.filters {
             let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                 continue;
@@ -336,8 +374,23 @@ fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, Listening)>, BadRe
             match any.type_url.as_str() {
                 TCP_PROXY_TYPE => {
                     let proxy: TcpProxy = decode_any(&l.name, any, TCP_PROXY_TYPE)?;
-                    if let Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) = proxy.cluster_specifier {
-                        return Ok(Some((addr, Listening::Tcp(cluster))));
+                    match proxy.cluster_specifier {
+                        Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => {
+                            return Ok(Some((addr, Listening::Tcp(TcpClusters::one(cluster)))));
+                        }
+                        Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                            let weighted: Vec<(String, u32)> = w
+                                .clusters
+                                .into_iter()
+                                .filter(|c| c.weight > 0)
+                                .map(|c| (c.name, c.weight))
+                                .collect();
+                            if weighted.is_empty() {
+                                return Err(bad(&l.name, "tcp_proxy weighted_clusters with no weight"));
+                            }
+                            return Ok(Some((addr, Listening::Tcp(TcpClusters(weighted)))));
+                        }
+                        None => {}
                     }
                 }
                 HCM_TYPE => {
@@ -361,6 +414,54 @@ fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, Listening)>, BadRe
         }
     }
     Ok(None)
+}
+
+/// A listener's chains in the order a connection to `ip` tries them: those whose
+/// `prefix_ranges` hold `ip`, narrowest first, then those without ranges; chains
+/// that need a ClientHello's server name, or whose ranges miss `ip`, never.
+fn chains_for(l: &Listener, ip: IpAddr) -> Vec<&FilterChain> {
+    let mut ranked: Vec<(u32, &FilterChain)> = l
+        .filter_chains
+        .iter()
+        .filter_map(|c| {
+            let Some(m) = &c.filter_chain_match else {
+                return Some((0, c));
+            };
+            if !m.server_names.is_empty() {
+                return None;
+            }
+            if m.prefix_ranges.is_empty() {
+                return Some((0, c));
+            }
+            let narrowest = m
+                .prefix_ranges
+                .iter()
+                .filter_map(|r| {
+                    let len = r.prefix_len.map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
+                    let net: IpAddr = r.address_prefix.parse().ok()?;
+                    in_prefix(ip, net, len).then_some(len + 1)
+                })
+                .max()?;
+            Some((narrowest, c))
+        })
+        .collect();
+    // Stable: equally narrow chains keep the listener's order.
+    ranked.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+    ranked.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Whether `ip` lies in `net/len`.
+fn in_prefix(ip: IpAddr, net: IpAddr, len: u32) -> bool {
+    let (ip, net, bits) = match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)) << 96, u128::from(u32::from(b)) << 96, 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return false,
+    };
+    if len > bits {
+        return false;
+    }
+    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+    ip & mask == net & mask
 }
 
 fn struct_strings(s: &Struct) -> BTreeMap<String, String> {
@@ -576,6 +677,90 @@ pub(crate) mod tests {
         )
     }
 
+    #[test]
+    fn a_tcp_listener_takes_its_narrowest_chain_and_weighs_its_clusters() {
+        use envoy_types::pb::envoy::config::core::v3::CidrRange;
+        use envoy_types::pb::envoy::config::listener::v3::FilterChainMatch;
+        let chain = |m: Option<FilterChainMatch>, spec: tcp_proxy::ClusterSpecifier| FilterChain {
+            filter_chain_match: m,
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(
+                    TCP_PROXY_TYPE,
+                    &TcpProxy {
+                        cluster_specifier: Some(spec),
+                        ..Default::default()
+                    },
+                ))),
+            }],
+            ..Default::default()
+        };
+        let cluster = |c: &str| tcp_proxy::ClusterSpecifier::Cluster(c.into());
+        let range = |ip: &str, len: u32| CidrRange {
+            address_prefix: ip.into(),
+            prefix_len: Some(UInt32Value { value: len }),
+        };
+        let weighted = tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: [("a", 80), ("b", 20), ("none", 0)]
+                .iter()
+                .map(|(n, w)| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: (*n).into(),
+                    weight: *w,
+                    ..Default::default()
+                })
+                .collect(),
+        });
+        let listener_at = |vip: &str| Listener {
+            name: format!("{vip}_5432"),
+            address: Some(sock(vip, 5432)),
+            filter_chains: vec![
+                chain(
+                    Some(FilterChainMatch {
+                        server_names: vec!["db.example.com".into()],
+                        transport_protocol: "tls".into(),
+                        ..Default::default()
+                    }),
+                    cluster("tls"),
+                ),
+                chain(None, weighted.clone()),
+                chain(
+                    Some(FilterChainMatch {
+                        prefix_ranges: vec![range("10.0.0.0", 8)],
+                        ..Default::default()
+                    }),
+                    cluster("wide"),
+                ),
+                chain(
+                    Some(FilterChainMatch {
+                        prefix_ranges: vec![range("10.96.0.0", 16)],
+                        ..Default::default()
+                    }),
+                    cluster("near"),
+                ),
+            ],
+            ..Default::default()
+        };
+        let table = Destinations::build(
+            &[
+                listener_at("10.96.0.20"),
+                listener_at("10.1.0.1"),
+                listener_at("192.168.0.1"),
+            ],
+            &[],
+            &HashMap::new(),
+        )
+        .unwrap();
+        let at = |vip: &str| &table.listeners[&format!("{vip}:5432").parse().unwrap()];
+        assert_eq!(at("10.96.0.20"), &TcpClusters::one("near"), "the narrowest range");
+        assert_eq!(at("10.1.0.1"), &TcpClusters::one("wide"));
+        let split = at("192.168.0.1");
+        assert_eq!(split.weights(), [("a".to_owned(), 80), ("b".to_owned(), 20)]);
+        let n = 10_000;
+        let a = (0..n).filter(|_| split.pick() == "a").count();
+        // 80 % of 10,000: the standard deviation is 40, so ±200 fails once in ~10^6 runs.
+        assert!((7_800..=8_200).contains(&a), "{a} of {n} to a");
+    }
+
     /// Istio's outbound HTTP listener: an HCM on RDS route `HOST:PORT`.
     pub(crate) fn http_listener(vip: &str, port: u32, route: &str) -> Listener {
         use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds;
@@ -698,10 +883,7 @@ pub(crate) mod tests {
         outbound.name = "0.0.0.0_15006".into();
         outbound.traffic_direction = TrafficDirection::Outbound as i32;
         let table = Destinations::build(&[outbound], &[], &HashMap::new()).unwrap();
-        assert_eq!(
-            table.listeners.get(&inbound).map(String::as_str),
-            Some("inbound|9080||")
-        );
+        assert_eq!(table.listeners.get(&inbound), Some(&TcpClusters::one("inbound|9080||")));
     }
 
     #[tokio::test(start_paused = true)]

@@ -50,6 +50,11 @@ pub struct HttpRoute {
     pub mirror_percentage: Option<Percent>,
     pub mirrors: Vec<HttpMirrorPolicy>,
     pub headers: Option<Headers>,
+    /// Set only by the Gateway API translation ([`crate::routing::gamma`]): a
+    /// destination that names no usable backend is answered `500`, as the Gateway
+    /// API says, not Envoy's default `503`. No VirtualService field sets it.
+    #[serde(skip)]
+    pub unknown_backend_is_500: bool,
 }
 
 /// The conditions of one match (AND).
@@ -175,6 +180,10 @@ pub struct HttpRedirect {
     pub port: Option<u32>,
     pub scheme: Option<String>,
     pub redirect_code: Option<u32>,
+    /// Set only by the Gateway API translation (`ReplacePrefixMatch`): the path
+    /// redirected to is the request's, rewritten so. No VirtualService field sets it.
+    #[serde(skip)]
+    pub uri_regex_rewrite: Option<RegexRewrite>,
 }
 
 /// A response answered by the proxy itself.
@@ -278,8 +287,12 @@ pub struct L4Route {
 #[serde(rename_all = "camelCase", default)]
 pub struct L4Match {
     pub port: Option<u32>,
+    /// TLS only: the ClientHello's server names (`*.example.com` wildcards allowed).
     pub sni_hosts: Vec<String>,
+    /// Destination addresses, `a.b.c.d` or `a.b.c.d/len`.
+    pub destination_subnets: Vec<String>,
     pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
 }
 
 impl VirtualService {
@@ -315,9 +328,30 @@ impl VirtualService {
                 if r.route.is_empty() {
                     return Err(ValidationError::new(format!("{f}.route"), "route is required"));
                 }
+                if kind == "tls" && r.r#match.is_empty() {
+                    return Err(ValidationError::new(
+                        format!("{f}.match"),
+                        "TLS route must have at least one match condition",
+                    ));
+                }
                 for (j, m) in r.r#match.iter().enumerate() {
+                    let mf = format!("{f}.match[{j}]");
                     if let Some(p) = m.port {
-                        port_in_range(&format!("{f}.match[{j}].port"), i64::from(p))?;
+                        port_in_range(&format!("{mf}.port"), i64::from(p))?;
+                    }
+                    if kind == "tls" && m.sni_hosts.is_empty() {
+                        return Err(ValidationError::new(
+                            format!("{mf}.sniHosts"),
+                            "TLS match must have at least one SNI host",
+                        ));
+                    }
+                    for (k, subnet) in m.destination_subnets.iter().enumerate() {
+                        if crate::networking::virtual_service::subnet(subnet).is_none() {
+                            return Err(ValidationError::new(
+                                format!("{mf}.destinationSubnets[{k}]"),
+                                format!("{subnet:?} is not a valid IP address or CIDR"),
+                            ));
+                        }
                     }
                 }
                 validate_destinations(&f, &r.route)?;
@@ -526,4 +560,15 @@ pub(crate) fn at_least_1ms(field: &str, d: Duration) -> Result<(), ValidationErr
     } else {
         Err(ValidationError::new(field, "must be a valid duration greater than 1ms"))
     }
+}
+
+/// An address or CIDR (`10.0.0.1`, `10.0.0.0/8`) as (address, prefix length).
+pub fn subnet(s: &str) -> Option<(std::net::IpAddr, u32)> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip.parse::<std::net::IpAddr>().ok()?, Some(len.parse::<u32>().ok()?)),
+        None => (s.parse().ok()?, None),
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = len.unwrap_or(max);
+    (len <= max).then_some((ip, len))
 }

@@ -51,8 +51,9 @@ pub const PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 pub const TLS: &str = "tls";
 pub const RAW_BUFFER: &str = "raw_buffer";
 const HCM: &str = "envoy.filters.network.http_connection_manager";
-const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
-const TLS_INSPECTOR_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+pub(crate) const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+pub(crate) const TLS_INSPECTOR_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
 const ORIGINAL_DST_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
 const DOWNSTREAM_TLS_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
@@ -245,7 +246,7 @@ impl SidecarNode {
     }
 }
 
-fn listener_filter_of(name: &str, config: envoy_types::pb::google::protobuf::Any) -> ListenerFilter {
+pub(crate) fn listener_filter_of(name: &str, config: envoy_types::pb::google::protobuf::Any) -> ListenerFilter {
     ListenerFilter {
         name: name.into(),
         config_type: Some(listener_filter::ConfigType::TypedConfig(config)),

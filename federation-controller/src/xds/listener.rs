@@ -4,26 +4,39 @@
 //! a TCP port the TCP proxy, which names the service port's cluster; for an HTTP
 //! port an HTTP connection manager, whose routes come over RDS as `HOST:PORT`
 //! ([`super::routes`]).
+//!
+//! A TCP port follows its host's VirtualService `tls` and `tcp` routes as Istio's
+//! outbound listeners do: each fitting `tls` match is a chain on its `sniHosts`
+//! (`server_names`, `transport_protocol: tls`, a TLS inspector on the listener), each
+//! fitting `tcp` match with `destinationSubnets` a chain on those `prefix_ranges`; the
+//! first `tcp` route or match without subnets is the chain without a match, and ends
+//! the list; without one, the service port's own cluster is. A chain's `tcp_proxy`
+//! names its one destination's cluster, or `weighted_clusters` for several.
 
 use std::net::IpAddr;
 
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::core::v3::{
     self as core, SocketAddress, TrafficDirection, address, socket_address,
 };
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
-use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use mesh_vocab::Hostname;
 
 use super::grpc::{HCM_TYPE, ROUTER, ROUTER_TYPE};
-use super::routes::{FAULT_FILTER, FAULT_TYPE, route_config_name};
+use super::inbound::{TLS_INSPECTOR, TLS_INSPECTOR_TYPE, listener_filter_of};
+use super::routes::{FAULT_FILTER, FAULT_TYPE, Requester, destination_cluster, route_config_name};
 use super::{any, cluster_name};
 use crate::model::{Protocol, ServiceKey};
+use crate::networking::virtual_service::{HttpRouteDestination, L4Match, subnet};
+use crate::routing::Routing;
 
 /// The HTTP connection manager network filter's name.
 pub const HCM: &str = "envoy.filters.network.http_connection_manager";
@@ -69,30 +82,37 @@ pub fn http_connection_manager(stat_prefix: String, route_config_name: String) -
     }
 }
 
-/// The virtual outbound listener of `vip:port`, which belongs to `host` and speaks `protocol`.
-pub fn listener(vip: IpAddr, port: u16, host: &Hostname, protocol: Protocol) -> Listener {
+/// The virtual outbound listener of `vip:port`, which belongs to `host` and speaks
+/// `protocol`, for the proxy `who` (a TCP route's `sourceLabels`/`sourceNamespace`).
+pub fn listener(
+    vip: IpAddr,
+    port: u16,
+    host: &Hostname,
+    protocol: Protocol,
+    routing: &Routing,
+    who: Requester<'_>,
+) -> Listener {
     let key = ServiceKey {
         host: host.clone(),
         port,
     };
-    let filter = if protocol.is_http() {
+    let filter_chains = if protocol.is_http() {
         let hcm = http_connection_manager(format!("outbound_{vip}_{port}"), route_config_name(&key));
-        Filter {
-            name: HCM.into(),
-            config_type: Some(filter::ConfigType::TypedConfig(any(HCM_TYPE, &hcm))),
-        }
-    } else {
-        let cluster = cluster_name(&key);
-        let tcp = TcpProxy {
-            stat_prefix: cluster.clone(),
-            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)),
+        vec![FilterChain {
+            filters: vec![Filter {
+                name: HCM.into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(HCM_TYPE, &hcm))),
+            }],
             ..Default::default()
-        };
-        Filter {
-            name: TCP_PROXY.into(),
-            config_type: Some(filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &tcp))),
-        }
+        }]
+    } else {
+        tcp_chains(&key, routing, who)
     };
+    let tls_inspector = filter_chains.iter().any(|c| {
+        c.filter_chain_match
+            .as_ref()
+            .is_some_and(|m| !m.server_names.is_empty())
+    });
     Listener {
         name: listener_name(vip, port),
         address: Some(core::Address {
@@ -104,23 +124,154 @@ pub fn listener(vip: IpAddr, port: u16, host: &Hostname, protocol: Protocol) -> 
         }),
         bind_to_port: Some(BoolValue { value: false }),
         traffic_direction: TrafficDirection::Outbound as i32,
-        filter_chains: vec![FilterChain {
-            filters: vec![filter],
-            ..Default::default()
-        }],
+        listener_filters: if tls_inspector {
+            vec![listener_filter_of(
+                TLS_INSPECTOR,
+                any(TLS_INSPECTOR_TYPE, &TlsInspector::default()),
+            )]
+        } else {
+            Vec::new()
+        },
+        filter_chains,
         ..Default::default()
     }
 }
 
+/// A `tcp_proxy` filter: to one cluster, or weighted among several.
+pub fn tcp_proxy_filter(clusters: &[(String, u32)]) -> Filter {
+    let cluster_specifier = match clusters {
+        [(only, _)] => tcp_proxy::ClusterSpecifier::Cluster(only.clone()),
+        many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: many
+                .iter()
+                .map(|(name, weight)| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: name.clone(),
+                    weight: *weight,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+    };
+    let tcp = TcpProxy {
+        stat_prefix: clusters.first().map(|(c, _)| c.clone()).unwrap_or_default(),
+        cluster_specifier: Some(cluster_specifier),
+        ..Default::default()
+    };
+    Filter {
+        name: TCP_PROXY.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &tcp))),
+    }
+}
+
+/// The chains of a TCP service port, from its VirtualService's `tls` and `tcp` routes.
+fn tcp_chains(key: &ServiceKey, routing: &Routing, who: Requester<'_>) -> Vec<FilterChain> {
+    let mut chains: Vec<FilterChain> = Vec::new();
+    let push = |chains: &mut Vec<FilterChain>, m: Option<FilterChainMatch>, clusters: Vec<(String, u32)>| {
+        // Envoy refuses two chains with one match; the first, as in Istio's order, wins.
+        if !clusters.is_empty() && !chains.iter().any(|c| c.filter_chain_match == m) {
+            chains.push(FilterChain {
+                filter_chain_match: m,
+                filters: vec![tcp_proxy_filter(&clusters)],
+                ..Default::default()
+            });
+        }
+    };
+    let mut catch_all = false;
+    if let Some((ns, vs)) = routing.virtual_service(&key.host) {
+        let fits = |m: &&L4Match| {
+            m.port.is_none_or(|p| p == u32::from(key.port))
+                && m.source_labels.iter().all(|(k, v)| who.labels.get(k) == Some(v))
+                && m.source_namespace.as_deref().is_none_or(|n| who.namespace == Some(n))
+        };
+        let clusters = |route: &[HttpRouteDestination]| weighted(key, routing, ns, route);
+        for r in &vs.tls {
+            for m in r.r#match.iter().filter(fits) {
+                let chain_match = FilterChainMatch {
+                    server_names: m.sni_hosts.clone(),
+                    transport_protocol: "tls".into(),
+                    prefix_ranges: prefix_ranges(&m.destination_subnets),
+                    ..Default::default()
+                };
+                push(&mut chains, Some(chain_match), clusters(&r.route));
+            }
+        }
+        for r in &vs.tcp {
+            if catch_all {
+                break;
+            }
+            if r.r#match.is_empty() {
+                push(&mut chains, None, clusters(&r.route));
+                catch_all = true;
+            }
+            for m in r.r#match.iter().filter(fits) {
+                if m.destination_subnets.is_empty() {
+                    push(&mut chains, None, clusters(&r.route));
+                    catch_all = true;
+                    break;
+                }
+                let chain_match = FilterChainMatch {
+                    prefix_ranges: prefix_ranges(&m.destination_subnets),
+                    ..Default::default()
+                };
+                push(&mut chains, Some(chain_match), clusters(&r.route));
+            }
+        }
+    }
+    if !catch_all {
+        push(&mut chains, None, vec![(cluster_name(key), 1)]);
+    }
+    chains
+}
+
+/// The clusters of a TCP/TLS route's destinations and their weights; a single one
+/// weighs whatever it says, several without weight nothing (Istio's rule).
+fn weighted(key: &ServiceKey, routing: &Routing, ns: &str, route: &[HttpRouteDestination]) -> Vec<(String, u32)> {
+    match route {
+        [only] => vec![(destination_cluster(key, routing, ns, &only.destination), 1)],
+        many => many
+            .iter()
+            .filter_map(|d| {
+                let w = u32::try_from(d.weight.unwrap_or(0)).ok().filter(|w| *w > 0)?;
+                Some((destination_cluster(key, routing, ns, &d.destination), w))
+            })
+            .collect(),
+    }
+}
+
+fn prefix_ranges(subnets: &[String]) -> Vec<CidrRange> {
+    subnets
+        .iter()
+        .filter_map(|s| subnet(s))
+        .map(|(ip, len)| CidrRange {
+            address_prefix: ip.to_string(),
+            prefix_len: Some(UInt32Value { value: len }),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::routes::tests::routing;
     use super::*;
     use prost::Message;
+    use std::collections::BTreeMap;
+
+    const NOBODY: Requester<'static> = Requester {
+        namespace: None,
+        labels: &BTreeMap::new(),
+    };
 
     #[test]
     fn a_virtual_outbound_listener_proxies_to_the_service_ports_cluster() {
         let host = Hostname::parse("reviews.default.svc.cluster.local").unwrap();
-        let l = listener("10.96.0.12".parse().unwrap(), 9080, &host, Protocol::Tcp);
+        let l = listener(
+            "10.96.0.12".parse().unwrap(),
+            9080,
+            &host,
+            Protocol::Tcp,
+            &Routing::default(),
+            NOBODY,
+        );
         assert_eq!(l.name, "10.96.0.12_9080");
         let Some(address::Address::SocketAddress(sa)) = l.address.unwrap().address else {
             panic!("a socket address")
@@ -152,7 +303,14 @@ mod tests {
     #[test]
     fn an_http_ports_listener_routes_over_rds_through_fault_and_router() {
         let host = Hostname::parse("reviews.default.svc.cluster.local").unwrap();
-        let l = listener("10.96.0.12".parse().unwrap(), 9080, &host, Protocol::Http);
+        let l = listener(
+            "10.96.0.12".parse().unwrap(),
+            9080,
+            &host,
+            Protocol::Http,
+            &Routing::default(),
+            NOBODY,
+        );
         let [f] = &l.filter_chains[0].filters[..] else {
             panic!("one filter")
         };
@@ -168,5 +326,98 @@ mod tests {
         assert_eq!(rds.route_config_name, "reviews.default.svc.cluster.local:9080");
         let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, [FAULT_FILTER, ROUTER]);
+    }
+
+    fn proxies(chain: &FilterChain) -> TcpProxy {
+        let Some(filter::ConfigType::TypedConfig(cfg)) = &chain.filters[0].config_type else {
+            panic!("a typed config")
+        };
+        TcpProxy::decode(cfg.value.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn tcp_and_tls_routes_become_filter_chains_with_weighted_clusters() {
+        let r = routing(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db]
+  tls:
+  - match: [{port: 5432, sniHosts: [db.example.com]}]
+    route: [{destination: {host: db, subset: tls}}]
+  tcp:
+  - match: [{port: 5432, destinationSubnets: [10.96.0.0/16]}, {port: 9999}]
+    route: [{destination: {host: db, subset: near}}]
+  - match: [{sourceLabels: {app: batch}}]
+    route: [{destination: {host: db, subset: batch}}]
+  - route:
+    - {destination: {host: db, subset: v1}, weight: 80}
+    - {destination: {host: db, subset: v2}, weight: 20}
+    - {destination: {host: db, subset: v3}, weight: 0}
+"#,
+        );
+        assert!(r.l4_depends_on_source());
+        let host = Hostname::parse("db.default.svc.cluster.local").unwrap();
+        let l = listener("10.96.0.20".parse().unwrap(), 5432, &host, Protocol::Tcp, &r, NOBODY);
+        assert_eq!(l.listener_filters[0].name, TLS_INSPECTOR);
+        let [tls, near, rest] = &l.filter_chains[..] else {
+            panic!("three chains: {:?}", l.filter_chains)
+        };
+        let m = tls.filter_chain_match.as_ref().unwrap();
+        assert_eq!(
+            (&m.server_names[..], m.transport_protocol.as_str()),
+            (&["db.example.com".to_owned()][..], "tls")
+        );
+        assert_eq!(
+            proxies(tls).cluster_specifier,
+            Some(tcp_proxy::ClusterSpecifier::Cluster(
+                "outbound|5432|tls|db.default.svc.cluster.local".into()
+            ))
+        );
+        let m = near.filter_chain_match.as_ref().unwrap();
+        assert_eq!(
+            (
+                m.prefix_ranges[0].address_prefix.as_str(),
+                m.prefix_ranges[0].prefix_len
+            ),
+            ("10.96.0.0", Some(UInt32Value { value: 16 }))
+        );
+        assert_eq!(rest.filter_chain_match, None, "the batch route is not this proxy's");
+        let Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) = proxies(rest).cluster_specifier else {
+            panic!("weighted")
+        };
+        let weights: Vec<(&str, u32)> = w.clusters.iter().map(|c| (c.name.as_str(), c.weight)).collect();
+        assert_eq!(
+            weights,
+            [
+                ("outbound|5432|v1|db.default.svc.cluster.local", 80),
+                ("outbound|5432|v2|db.default.svc.cluster.local", 20)
+            ]
+        );
+        let batch: BTreeMap<String, String> = [("app".to_owned(), "batch".to_owned())].into();
+        let who = Requester {
+            namespace: None,
+            labels: &batch,
+        };
+        let l = listener("10.96.0.20".parse().unwrap(), 9999, &host, Protocol::Tcp, &r, who);
+        let [only] = &l.filter_chains[..] else {
+            panic!("port 9999's catch-all ends the list: {:?}", l.filter_chains)
+        };
+        assert_eq!(
+            proxies(only).cluster_specifier,
+            Some(tcp_proxy::ClusterSpecifier::Cluster(
+                "outbound|9999|near|db.default.svc.cluster.local".into()
+            ))
+        );
+        let l = listener("10.96.0.20".parse().unwrap(), 7000, &host, Protocol::Tcp, &r, who);
+        assert_eq!(
+            proxies(&l.filter_chains[0]).cluster_specifier,
+            Some(tcp_proxy::ClusterSpecifier::Cluster(
+                "outbound|7000|batch|db.default.svc.cluster.local".into()
+            )),
+            "the source's own route"
+        );
     }
 }

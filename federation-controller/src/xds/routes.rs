@@ -69,10 +69,9 @@ pub fn route_config_name(key: &ServiceKey) -> String {
 /// The routes of `key` for `who`.
 pub fn route_config(key: &ServiceKey, routing: &Routing, who: Requester<'_>, client: Client) -> RouteConfiguration {
     let name = route_config_name(key);
-    let routes = match routing.virtual_service(&key.host) {
+    let routes = match routing.http_rules(&key.host, who.namespace) {
         None => vec![default_route(key, routing)],
-        Some((ns, vs)) => vs
-            .http
+        Some((ns, http)) => http
             .iter()
             .enumerate()
             .flat_map(|(i, r)| rule_routes(key, routing, ns, i, r, who, client))
@@ -262,7 +261,7 @@ fn header_matcher(name: &str, sm: &StringMatch, invert: bool) -> HeaderMatcher {
 }
 
 /// The cluster a destination names: its port, else the port being routed.
-fn destination_cluster(key: &ServiceKey, routing: &Routing, ns: &str, d: &Destination) -> String {
+pub(crate) fn destination_cluster(key: &ServiceKey, routing: &Routing, ns: &str, d: &Destination) -> String {
     let host = routing.fqdn(&d.host, ns);
     let port = d.port.and_then(|p| u16::try_from(p.number).ok()).unwrap_or(key.port);
     let Ok(host) = Hostname::parse(&host) else {
@@ -281,7 +280,16 @@ fn action(key: &ServiceKey, routing: &Routing, ns: &str, rule: &HttpRoute, clien
         return route::Action::Redirect(RedirectAction {
             host_redirect: r.authority.clone().unwrap_or_default(),
             port_redirect: r.port.unwrap_or_default(),
-            path_rewrite_specifier: r.uri.clone().map(redirect_action::PathRewriteSpecifier::PathRedirect),
+            path_rewrite_specifier: match (&r.uri, &r.uri_regex_rewrite) {
+                (Some(uri), _) => Some(redirect_action::PathRewriteSpecifier::PathRedirect(uri.clone())),
+                (None, Some(rr)) => Some(redirect_action::PathRewriteSpecifier::RegexRewrite(
+                    RegexMatchAndSubstitute {
+                        pattern: Some(regex(&rr.r#match)),
+                        substitution: rr.rewrite.clone(),
+                    },
+                )),
+                (None, None) => None,
+            },
             scheme_rewrite_specifier: r
                 .scheme
                 .clone()
@@ -369,6 +377,11 @@ fn action(key: &ServiceKey, routing: &Routing, ns: &str, rule: &HttpRoute, clien
     };
     route::Action::Route(RouteAction {
         cluster_specifier: Some(cluster_specifier),
+        cluster_not_found_response_code: if rule.unknown_backend_is_500 {
+            route_action::ClusterNotFoundResponseCode::InternalServerError as i32
+        } else {
+            0
+        },
         timeout: Some(proto_duration(rule.timeout.map(|d| d.0).unwrap_or_default())),
         retry_policy,
         prefix_rewrite: rewrite.and_then(|r| r.uri.clone()).unwrap_or_default(),
@@ -542,7 +555,7 @@ pub(crate) fn proto_duration(d: std::time::Duration) -> envoy_types::pb::google:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{ClusterModel, Protocol, Traffic};
     use crate::objects::ClusterObjects;
@@ -558,7 +571,8 @@ mod tests {
         }
     }
 
-    fn routing(yaml: &str) -> Routing {
+    /// The routing of one cluster holding `yaml`, where reviews and ratings speak HTTP.
+    pub(crate) fn routing(yaml: &str) -> Routing {
         let mut o = ClusterObjects::default();
         o.add_yaml(Path::new("istio.yaml"), yaml).unwrap();
         assert!(o.refused.is_empty(), "{:?}", o.refused);
@@ -572,6 +586,7 @@ mod tests {
                 protocols: [(key("reviews"), Protocol::Http), (key("ratings"), Protocol::Http)].into(),
                 virtual_services: o.virtual_services,
                 destination_rules: o.destination_rules,
+                http_routes: o.http_routes,
             }),
         };
         Routing::merge([&m], "cluster.local")
@@ -840,5 +855,70 @@ spec:
             panic!("a cookie hash")
         };
         assert_eq!((c.name.as_str(), c.ttl.unwrap().seconds), ("user", 10));
+    }
+
+    #[test]
+    fn an_httproute_on_the_service_routes_it_instead_of_its_virtual_service() {
+        let r = routing(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v9}}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{headers: [{name: end-user, value: jason}]}]
+    backendRefs: [{name: ratings, port: 9080}]
+  - backendRefs: [{name: reviews, port: 9080, weight: 90}, {name: gone, port: 9080, weight: 10}]
+  - matches: [{path: {value: /old}}]
+    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]
+"#,
+        );
+        let rc = route_config(&key("reviews"), &r, NOBODY, Client::Envoy);
+        let names: Vec<&str> = routes(&rc).iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "default.reviews.2.0",
+                "default.reviews.2.0",
+                "default.reviews.0.0",
+                "default.reviews.1.0"
+            ],
+            "the longer prefix (as an exact and a prefix match), then the header match; the VirtualService is not used"
+        );
+        let Some(route::Action::Redirect(ra)) = &routes(&rc)[1].action else {
+            panic!("a redirect")
+        };
+        let Some(redirect_action::PathRewriteSpecifier::RegexRewrite(rr)) = &ra.path_rewrite_specifier else {
+            panic!("a regex rewrite")
+        };
+        assert_eq!(rr.substitution, "/new\\1");
+        assert_eq!(routes(&rc)[2].r#match.as_ref().unwrap().headers[0].name, "end-user");
+        let split = route_action(&routes(&rc)[3]);
+        assert_eq!(
+            split.cluster_not_found_response_code,
+            route_action::ClusterNotFoundResponseCode::InternalServerError as i32,
+            "a missing backend's share is a 500"
+        );
+        let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &split.cluster_specifier else {
+            panic!("weighted")
+        };
+        let weights: Vec<(&str, u32)> = w
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c.weight.unwrap().value))
+            .collect();
+        assert_eq!(
+            weights,
+            [
+                ("outbound|9080||reviews.default.svc.cluster.local", 90),
+                ("outbound|9080||gone.default.backend-not-found.invalid", 10)
+            ]
+        );
     }
 }

@@ -101,6 +101,12 @@ const CRD_KINDS: &[(&str, &str, &str, &str)] = &[
         "WorkloadEntryList",
         "networking.istio.io/v1",
     ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "HTTPRoute",
+        "HTTPRouteList",
+        "gateway.networking.k8s.io/v1",
+    ),
 ];
 
 /// A request path as (collection path, namespace, name): `/api/v1/namespaces/NS/secrets`
@@ -303,8 +309,8 @@ impl FakeApi {
         }
     }
 
-    /// Serves the CRD kinds from now on (MCS ServiceExport/ServiceImport, Istio ServiceEntry,
-    /// AuthorizationPolicy, PeerAuthentication).
+    /// Serves the CRD kinds from now on (MCS ServiceExport/ServiceImport, Istio's networking
+    /// and security kinds, Gateway API HTTPRoute).
     pub fn install_crds(&self) {
         self.state.lock().unwrap().crds = true;
     }
