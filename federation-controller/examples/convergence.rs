@@ -115,6 +115,7 @@ fn models(a: &Args, change: u32) -> Vec<(Arc<ClusterModel>, bool)> {
                     instances,
                     vips: vec![],
                     gateways,
+                    exposure: Default::default(),
                     security: Default::default(),
                     traffic: Default::default(),
                 }),

@@ -343,6 +343,7 @@ mod tests {
                         }
                     }
                     ClusterModel {
+                        exposure: Default::default(),
                         traffic: Default::default(),
                         cluster: ClusterId::new(format!("c{c}")),
                         instances,
@@ -473,6 +474,7 @@ mod tests {
             service_account: None,
         };
         let c1 = ClusterModel {
+            exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c1"),
             instances: vec![inst("n1", [10, 241, 0, 5], true)],
@@ -486,6 +488,7 @@ mod tests {
             security: Default::default(),
         };
         let c2 = ClusterModel {
+            exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c2"),
             instances: vec![
@@ -568,6 +571,7 @@ mod tests {
             pins_endpoints,
         };
         let c2 = |gateways: Vec<Gateway>| ClusterModel {
+            exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c2"),
             instances: vec![inst(5, true), inst(6, true), inst(7, false)],
@@ -622,6 +626,7 @@ mod tests {
             service_account: None,
         };
         let c2 = ClusterModel {
+            exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c2"),
             instances: (1..=4).map(inst).collect(),

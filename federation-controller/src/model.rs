@@ -137,6 +137,10 @@ pub struct ClusterModel {
     /// The ClusterIPs of every TCP service port, sorted.
     pub vips: Vec<ServiceVip>,
     pub gateways: Vec<Gateway>,
+    /// For each network whose gateway Services here run pods an Istio `Gateway` gives an
+    /// `AUTO_PASSTHROUGH` server on the gateway port: the host patterns it exposes
+    /// (`*.local`, `ns/host`). A network not listed exposes every mTLS service.
+    pub exposure: BTreeMap<NetworkId, Vec<String>>,
     /// Security policies and workloads, for inbound listeners.
     pub security: crate::security::ClusterSecurity,
     /// What L7 routing needs from the cluster.
@@ -196,6 +200,42 @@ pub struct Traffic {
 
 fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
     meta.labels.clone().unwrap_or_default()
+}
+
+/// The hosts Istio `Gateway`s expose through a gateway Service's pods on `port`: those
+/// of every `AUTO_PASSTHROUGH` server on that port of a Gateway whose selector the
+/// Service's own selector (its pods' labels) satisfies. None when no Gateway says.
+fn passthrough_hosts(
+    gateways: &[crate::networking::Gateway],
+    pod_labels: Option<&BTreeMap<String, String>>,
+    port: u16,
+) -> Option<Vec<String>> {
+    let pod_labels = pod_labels?;
+    let mut hosts = None::<Vec<String>>;
+    for g in gateways {
+        let selector = &g.spec.selector;
+        if selector.is_empty() || !selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)) {
+            continue;
+        }
+        let mut servers = g.passthrough_hosts(port).peekable();
+        if servers.peek().is_some() {
+            hosts.get_or_insert_default().extend(servers.map(str::to_owned));
+        }
+    }
+    hosts
+}
+
+impl ClusterModel {
+    /// Whether `network`'s gateways let other networks reach `host` (a service of
+    /// `namespace`): yes unless an Istio Gateway names what they expose and none of
+    /// its hosts match.
+    pub fn exposes(&self, network: &NetworkId, host: &str, namespace: &str) -> bool {
+        self.exposure.get(network).is_none_or(|patterns| {
+            patterns
+                .iter()
+                .any(|p| crate::networking::gateway::host_matches(p, host, namespace))
+        })
+    }
 }
 
 impl ClusterModel {
@@ -374,6 +414,7 @@ impl ClusterModel {
         vips.dedup();
 
         let mut gateways = Vec::new();
+        let mut exposure: BTreeMap<NetworkId, Vec<String>> = BTreeMap::new();
         for svc in &objects.services {
             let Some(network) = labels_of(&svc.metadata).get(NETWORK_LABEL).cloned() else {
                 continue;
@@ -411,6 +452,9 @@ impl ClusterModel {
             let pins_endpoints = labels_of(&svc.metadata)
                 .get(ENDPOINT_PINNING_LABEL)
                 .is_some_and(|v| v == "true");
+            if let Some(hosts) = passthrough_hosts(&objects.gateways, spec.selector.as_ref(), port) {
+                exposure.entry(NetworkId::new(&network)).or_default().extend(hosts);
+            }
             for address in addrs {
                 gateways.push(Gateway {
                     network: NetworkId::new(&network),
@@ -423,12 +467,17 @@ impl ClusterModel {
         instances.sort_by(|a, b| (&a.service, a.address, a.target_port).cmp(&(&b.service, b.address, b.target_port)));
         gateways.sort();
         gateways.dedup();
+        for hosts in exposure.values_mut() {
+            hosts.sort();
+            hosts.dedup();
+        }
         let security = crate::security::ClusterSecurity::build(objects, &instances);
         ClusterModel {
             cluster: cluster.clone(),
             instances,
             vips,
             gateways,
+            exposure,
             security,
             traffic: Arc::new(Traffic {
                 protocols,
@@ -565,5 +614,60 @@ status: {loadBalancer: {ingress: [{hostname: gw.example.com}]}}
         assert_eq!(Protocol::of_port(Some("grpc-web"), Some("grpc-web")), Protocol::GrpcWeb);
         assert_eq!(Protocol::of_port(Some("web"), None), Protocol::Tcp);
         assert_eq!(Protocol::of_port(None, None), Protocol::Tcp);
+    }
+}
+
+#[cfg(test)]
+mod exposure_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn an_auto_passthrough_gateway_names_what_its_network_exposes() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: istio-eastwestgateway, namespace: istio-system, labels: {topology.istio.io/network: net1}}
+spec: {selector: {istio: eastwestgateway, app: gw}, ports: [{name: tls, port: 15443}], externalIPs: [100.64.0.1]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: cross-network-gateway, namespace: istio-system}
+spec:
+  selector: {istio: eastwestgateway}
+  servers:
+    - {port: {number: 15443, name: tls, protocol: TLS}, tls: {mode: AUTO_PASSTHROUGH}, hosts: ["*.svc.cluster.local"]}
+    - {port: {number: 15012, name: tls-istiod, protocol: TLS}, tls: {mode: PASSTHROUGH}, hosts: ["*"]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: other-pods, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 15443, name: tls, protocol: TLS}, tls: {mode: AUTO_PASSTHROUGH}, hosts: ["*"]}]
+"#;
+        let mut o = ClusterObjects::default();
+        o.add_yaml(Path::new("c1/gw.yaml"), yaml).unwrap();
+        assert!(o.refused.is_empty(), "{:?}", o.refused);
+        let m = ClusterModel::build(&ClusterId::new("c1"), &o, &MeshConfig::default());
+        assert_eq!(
+            m.exposure.get(&NetworkId::new("net1")).map(Vec::as_slice),
+            Some(&["*.svc.cluster.local".to_owned()][..]),
+            "only the AUTO_PASSTHROUGH server on the gateway port, of the Gateway selecting its pods"
+        );
+        let net1 = NetworkId::new("net1");
+        assert!(m.exposes(&net1, "reviews.default.svc.cluster.local", "default"));
+        assert!(!m.exposes(&net1, "payments.example.com", "default"));
+        assert!(
+            m.exposes(&NetworkId::new("net2"), "payments.example.com", "default"),
+            "no Gateway says for net2"
+        );
+
+        // Without the Gateway, the network exposes everything (our lab's default).
+        o.gateways.clear();
+        let m = ClusterModel::build(&ClusterId::new("c1"), &o, &MeshConfig::default());
+        assert!(m.exposure.is_empty());
+        assert!(m.exposes(&net1, "payments.example.com", "default"));
     }
 }

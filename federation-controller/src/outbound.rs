@@ -158,6 +158,7 @@ mod tests {
 
     fn model(cluster: &str, vips: &[(&str, [u8; 4])], sas: &[(&str, Option<&str>)]) -> ClusterModel {
         ClusterModel {
+            exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new(cluster),
             instances: sas

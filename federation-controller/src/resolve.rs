@@ -334,6 +334,7 @@ mod tests {
 
     fn snapshot_with(address: GatewayAddress) -> Snapshot {
         let model = ClusterModel {
+            exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c2"),
             instances: vec![],

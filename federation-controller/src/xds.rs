@@ -1415,6 +1415,7 @@ mod tests {
         }];
         vec![(
             Arc::new(ClusterModel {
+                exposure: Default::default(),
                 traffic: Default::default(),
                 cluster: ClusterId::new("c1"),
                 instances,

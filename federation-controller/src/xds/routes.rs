@@ -577,6 +577,7 @@ pub(crate) mod tests {
         o.add_yaml(Path::new("istio.yaml"), yaml).unwrap();
         assert!(o.refused.is_empty(), "{:?}", o.refused);
         let m = ClusterModel {
+            exposure: Default::default(),
             cluster: ClusterId::new("c1"),
             instances: vec![],
             vips: vec![],

@@ -87,6 +87,7 @@ spec:
             service_account: None,
         };
         ClusterModel {
+            exposure: Default::default(),
             cluster: ClusterId::new("c1"),
             instances: vec![instance(1, "v1"), instance(2, "v2"), instance(3, "v2")],
             vips: vec![],
