@@ -9,12 +9,15 @@
 //! On a [`running`] lab: [`apply`] adds and removes objects (Istio config) as `kubectl` would,
 //! [`traffic`] drives requests from a client pod ([`load`]),
 //! [`status`] asks every part how it is, and [`drill`] injects a failure under load and
-//! measures what it cost, with an HTML [`report`].
+//! measures what it cost, with an HTML [`report`]; the transit scenarios run under a
+//! [`drill_policy`] and [`impair`] the transit link (netem, or the lab's WAN emulator).
 
 pub mod apply;
 pub mod demo_app;
 pub mod down;
 pub mod drill;
+pub mod drill_policy;
+pub mod impair;
 pub mod load;
 pub mod manifests;
 pub mod netns;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use lab::plan::Plan;
 use std::time::Duration;
 
-use lab::{DEFAULT_STATE_DIR, apply, demo_app, down, drill, status, topologies, traffic, up};
+use lab::{DEFAULT_STATE_DIR, apply, demo_app, down, drill, impair, status, topologies, traffic, up};
 
 #[derive(Parser)]
 #[command(
@@ -104,6 +104,29 @@ enum LabCommand {
     Apply(ObjectsArgs),
     /// Removes the objects of a file that `lab apply` added
     Delete(ObjectsArgs),
+    /// Delay, jitter or loss on a cluster's transit leg, toward its east-west gateway (tc
+    /// netem where the kernel has it, else the lab's userspace WAN emulator)
+    Impair {
+        /// The cluster whose gateway's leg suffers
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        delay: Duration,
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        jitter: Duration,
+        /// The share of frames lost, e.g. 1% (100%: the leg is cut)
+        #[arg(long, default_value = "0%", value_parser = impair::parse_loss)]
+        loss: f64,
+        /// Take the impairment off instead
+        #[arg(long, conflicts_with_all = ["delay", "jitter", "loss"])]
+        clear: bool,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// The WAN emulator itself, as `lab impair` and the drills start it in the transit
+    /// namespace: relays frames between two links, those toward the gateway impaired
+    #[command(hide = true)]
+    WanRelay(impair::RelayArgs),
     /// Clusters, controllers and their sync state, gateways, endpoints, sidecars' SVIDs
     Status {
         /// One JSON object instead of the tables
@@ -211,6 +234,25 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Lab {
+            command:
+                LabCommand::Impair {
+                    cluster,
+                    delay,
+                    jitter,
+                    loss,
+                    clear,
+                    state_dir,
+                },
+        } => impair::on_lab(
+            &state_dir,
+            &cluster,
+            (!clear).then_some(impair::Impairment { delay, jitter, loss }),
+            &mut std::io::stdout(),
+        ),
+        Command::Lab {
+            command: LabCommand::WanRelay(args),
+        } => impair::relay(&args),
         Command::Drill {
             command: DrillCommand::Failover(args),
         } => match drill::failover(&args, &mut std::io::stdout(), &mut std::io::stderr()) {

@@ -43,6 +43,11 @@ pub fn ip(ns: &str, args: &[&str]) -> Result<(), CommandError> {
     run("ip", &all).map(drop)
 }
 
+/// `ip ARGS` in the calling process's own namespace.
+pub fn ip_here(args: &[&str]) -> Result<(), CommandError> {
+    run("ip", args).map(drop)
+}
+
 /// `PROGRAM ARGS` inside namespace `ns` (`ip netns exec`).
 pub fn exec(ns: &str, program: &str, args: &[&str]) -> Result<String, CommandError> {
     let mut all = vec!["netns", "exec", ns, program];
