@@ -144,7 +144,8 @@ pub struct DrillArgs {
     /// The result as one JSON object on stdout (the table goes to stderr)
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value = crate::DEFAULT_STATE_DIR)]
+    /// [default: /run/isthmus/lab as root, else $TMPDIR/isthmus-lab-UID]
+    #[arg(long, default_value_os_t = crate::default_state_dir(), hide_default_value = true)]
     pub state_dir: PathBuf,
 }
 
@@ -309,6 +310,9 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult>
         bail!("warm-up ({warmup:?}) and failure ({fail_for:?}) leave no time after the heal within --duration");
     }
     let mut lab = Running::open(&args.state_dir)?;
+    if lab.plan.loopback {
+        bail!("drills need the lab's networks to break: this lab runs on loopback (`lab up` without root)");
+    }
     let target = lab.cluster(&args.cluster)?.clone();
     let from = lab.cluster(&args.from)?.clone();
     let (client, _, addr) = running::client_and_service(&from, &args.service)?;

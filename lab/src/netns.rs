@@ -119,8 +119,12 @@ pub fn forwarding(ns: &str) -> Result<(), CommandError> {
 }
 
 /// Moves the calling thread into namespace `ns` for the rest of its life (the netns is a
-/// per-thread property: spawn a thread for it, as [`within`] does).
+/// per-thread property: spawn a thread for it, as [`within`] does). The empty name is the
+/// namespace the thread is in already (a loopback lab's).
 pub fn enter(ns: &str) -> io::Result<()> {
+    if ns.is_empty() {
+        return Ok(());
+    }
     let file = File::open(Path::new("/run/netns").join(ns))?;
     // SAFETY: setns(2) on a valid, open namespace file; it changes only this thread's
     // network namespace.
@@ -131,8 +135,12 @@ pub fn enter(ns: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs `f` on a thread inside namespace `ns` and returns what it returns.
+/// Runs `f` on a thread inside namespace `ns` (the empty name: this one) and returns what it
+/// returns.
 pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    if ns.is_empty() {
+        return Ok(f());
+    }
     let file = File::open(Path::new("/run/netns").join(ns))?;
     std::thread::Builder::new()
         .name(format!("netns {ns}"))

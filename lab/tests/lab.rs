@@ -610,26 +610,97 @@ fn a_failed_step_is_named_and_everything_made_is_removed() {
     std::fs::remove_dir_all(&bins).unwrap();
 }
 
-#[test]
-fn without_root_it_says_it_cannot_build_networks() {
-    require_root();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            ISTHMUS,
-            "lab",
-            "up",
-            "--state-dir",
-        ])
-        .arg(std::env::temp_dir().join(format!("isl-{}-nonroot", std::process::id())))
+/// `isthmus ARGS…` as the unprivileged user `nobody`.
+fn as_nobody(args: &[&str], dir: &Path) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", ISTHMUS])
+        .args(args)
+        .arg("--state-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
         .output()
-        .unwrap();
-    let all = text(&out);
-    assert!(!out.status.success(), "{all}");
-    assert!(all.contains("cannot build the lab's networks without root"), "{all}");
-    assert!(all.contains("loopback simulation"), "{all}");
+        .unwrap()
+}
+
+#[test]
+fn without_root_the_lab_runs_on_loopback_and_says_networks_are_not_enforced() {
+    require_root();
+    let bins = bin_dir().to_str().unwrap().to_owned();
+    let dir = std::env::temp_dir().join(format!("isl-{}-loopback", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let up = as_nobody(&["lab", "up", "--bin-dir", &bins], &dir);
+    let all = text(&up);
+    // Taken down whatever happens next.
+    struct Down<'a>(&'a Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if self.0.join(STATE_FILE).exists() {
+                let _ = as_nobody(&["lab", "down"], self.0);
+            }
+            reap();
+        }
+    }
+    let _down = Down(&dir);
+    assert!(up.status.success(), "{all}");
+    assert!(all.contains("Networks are NOT enforced"), "{all}");
+    assert!(
+        all.contains("is up in") && all.contains("on loopback (networks not enforced)"),
+        "{all}"
+    );
+    // Each productpage reached every cluster over its routes, as itself.
+    for c in ["cluster1", "cluster2", "cluster3"] {
+        let line = all
+            .lines()
+            .find(|l| l.trim().starts_with(&format!("{c} productpage-v1 → routes: ")))
+            .unwrap_or_else(|| panic!("{all}"));
+        for d in ["cluster1", "cluster2", "cluster3"] {
+            assert!(line.contains(&format!("{d} v")), "{c} did not reach {d}: {line}");
+        }
+    }
+    // (Other tests' labs come and go meanwhile, each under its own prefix.)
+    let ours: Vec<String> = netns::list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("isl-cluster"))
+        .collect();
+    assert!(ours.is_empty(), "a loopback lab makes no namespace: {ours:?}");
+    let state: LabState = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE)).unwrap()).unwrap();
+    assert!(state.loopback && state.namespaces.is_empty() && state.links.is_empty());
+
+    let traffic = as_nobody(&["lab", "traffic", "-n", "60", "--json"], &dir);
+    assert!(traffic.status.success(), "{}", text(&traffic));
+    let r: serde_json::Value = serde_json::from_slice(&traffic.stdout).unwrap();
+    assert_eq!((r["sent"].as_u64(), r["failed"].as_u64()), (Some(60), Some(0)), "{r:#}");
+    assert_eq!(r["loopback_routes"].as_array().unwrap().len(), 3, "{r:#}");
+    let by_cluster = r["by_cluster"].as_object().unwrap();
+    assert_eq!(by_cluster.len(), 3, "{r:#}");
+    // Through the gateways: the other clusters' gateways counted cluster1's connections.
+    let status = as_nobody(&["lab", "status", "--json"], &dir);
+    assert!(status.status.success(), "{}", text(&status));
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let clusters = s["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 3);
+    for c in clusters {
+        assert_eq!(c["controller"]["ready"], true, "{c:#}");
+        assert_eq!(c["gateway"]["healthy"], true, "{c:#}");
+        assert!(c["gateway"]["connections_opened"].as_f64().unwrap() > 0.0, "{c:#}");
+        for p in c["pods"].as_array().unwrap() {
+            assert_eq!(p["sidecar_running"], true, "{p}");
+            assert!(p["svid_expiry_unix"].as_i64().is_some(), "{p}");
+        }
+    }
+    // Drills need networks to break.
+    let drill = as_nobody(&["drill", "failover", "--scenario", "gateway-loss"], &dir);
+    assert!(!drill.status.success());
+    assert!(
+        String::from_utf8_lossy(&drill.stderr).contains("runs on loopback"),
+        "{}",
+        text(&drill)
+    );
+
+    let down = as_nobody(&["lab", "down"], &dir);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_nothing_left(&state, &dir, &host_links());
 }
 
 #[test]
