@@ -7,14 +7,23 @@
 //! - `gateway-loss`: SIGKILL of C's east-west gateway; healed by starting it again with the
 //!   command line `lab up` recorded (the new process is recorded in the state file, so
 //!   `lab down` stops it).
-//! - `transit-cut`: `tc qdisc add dev gwK root netem loss 100%` on C's transit leg (the
-//!   transit bridge's port toward C's gateway); where the kernel has no `sch_netem`, the
-//!   same cut by iptables DROP of everything in and out of the gateway's transit link. Healed
-//!   by removing it.
+//! - `transit-cut`: every frame toward C's gateway on its transit leg (the transit bridge's
+//!   port toward it) lost: `tc qdisc add dev gwK root netem loss 100%`, or where the kernel
+//!   has no `sch_netem` the lab's userspace WAN emulator ([`crate::impair`]). Healed by
+//!   removing it.
 //! - `endpoint-loss`: SIGKILL of the service's demo app(s) in C; healed by starting them
 //!   again.
-//! - `latency`: `netem delay 100ms` on C's transit leg (needs `sch_netem`); healed by
-//!   removing it.
+//! - `latency`: `--delay` (100 ms, ± `--jitter`) on C's transit leg, by netem or the WAN
+//!   emulator; healed by removing it.
+//!
+//! Both transit scenarios need traffic that crosses networks: the client's own cluster
+//! serves the service too, and its sidecar would keep the load there. So for them the
+//! drill applies, for its duration, a DestinationRule that spreads the client's requests
+//! over the clusters of the *other* networks (`localityLbSetting.distribute`, with outlier
+//! detection) and a VirtualService retrying a request whose attempt failed or outlived
+//! `--per-try-timeout` on another endpoint, as a user who wants failover between remote
+//! networks would write them (`--own-policy`: use what was applied with `lab apply`
+//! instead); both are deleted afterwards.
 //! - `controller-loss`: SIGKILL of C's controller; the proxies keep their last good config,
 //!   so C's answers are not counted against it. Healed by starting it again.
 //!
@@ -23,7 +32,7 @@
 //!   request slower than `--slow`, after `t_inject`, of requests started before `t_heal`;
 //!   none if the client saw neither.
 //! - *reroute*: among requests started in `[t_inject, t_heal)`, the *bad* ones failed, were
-//!   answered by C (except for `controller-loss`), or took longer than `--slow`. Reroute is the end of the last bad one
+//!   answered by C (except for `controller-loss` and `latency`), or took longer than `--slow`. Reroute is the end of the last bad one
 //!   minus `t_inject` (0 when none was bad); *not rerouted* when a bad one started in the
 //!   last quarter of the failure window (traffic still fails, is slow or goes to C there).
 //! - *recover*: the end of the first request started after `t_heal` that C answered, minus
@@ -40,6 +49,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use mesh_vocab::topology::WorkloadRole;
 
+use crate::impair;
 use crate::load::{self, Percentiles, Sample};
 use crate::netns;
 use crate::plan::{ClusterPlan, HEALTH_PORT};
@@ -105,6 +115,20 @@ pub struct DrillArgs {
     /// `retry_on: reset,connect-failure`); 0 turns them off
     #[arg(long, default_value_t = 1)]
     pub retries: u32,
+    /// The latency scenario's delay toward the failing cluster's gateway
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub delay: Duration,
+    /// ± this much on each frame's delay (order kept)
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub jitter: Duration,
+    /// Transit scenarios: the drill's VirtualService gives every attempt this long before
+    /// it is retried on another endpoint
+    #[arg(long, default_value = "150ms", value_parser = parse_duration)]
+    pub per_try_timeout: Duration,
+    /// Transit scenarios: keep the DestinationRule and VirtualService applied with
+    /// `lab apply` instead of the drill's own (which spread the load over the other networks)
+    #[arg(long)]
+    pub own_policy: bool,
     /// A request slower than this counts as hurt by the failure (detect, reroute)
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub slow: Duration,
@@ -120,7 +144,8 @@ pub struct DrillArgs {
     /// The result as one JSON object on stdout (the table goes to stderr)
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value = crate::DEFAULT_STATE_DIR)]
+    /// [default: /run/isthmus/lab as root, else $TMPDIR/isthmus-lab-UID]
+    #[arg(long, default_value_os_t = crate::default_state_dir(), hide_default_value = true)]
     pub state_dir: PathBuf,
 }
 
@@ -135,10 +160,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a duration (e.g. 250ms, 8s)"))?;
     let secs = match unit {
+        "us" | "µs" => n / 1_000_000.0,
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("`{s}`: the unit must be ms, s or m")),
+        _ => return Err(format!("`{s}`: the unit must be us, ms, s or m")),
     };
     if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
         return Err(format!("`{s}` is out of range"));
@@ -231,8 +257,7 @@ pub const BUCKET: Duration = Duration::from_millis(250);
 enum Injected {
     None,
     Killed(Vec<ProcessRecord>),
-    Netem { ns: String, dev: String },
-    Iptables { ns: String, rules: Vec<Vec<String>> },
+    Impaired(impair::Leg),
 }
 
 /// Set by SIGINT/SIGTERM: the drill heals and stops early.
@@ -251,14 +276,6 @@ fn sleep_until(at: Instant) {
         }
         std::thread::sleep((at - now).min(Duration::from_millis(20)));
     }
-}
-
-fn netem_available(ns: &str, dev: &str) -> bool {
-    let ok = netns::exec(ns, "tc", &["qdisc", "add", "dev", dev, "root", "netem", "delay", "0ms"]).is_ok();
-    if ok {
-        let _ = netns::exec(ns, "tc", &["qdisc", "del", "dev", dev, "root"]);
-    }
-    ok
 }
 
 /// Runs the drill; `Ok(false)` when an SLO was missed.
@@ -293,11 +310,13 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult>
         bail!("warm-up ({warmup:?}) and failure ({fail_for:?}) leave no time after the heal within --duration");
     }
     let mut lab = Running::open(&args.state_dir)?;
+    if lab.plan.loopback {
+        bail!("drills need the lab's networks to break: this lab runs on loopback (`lab up` without root)");
+    }
     let target = lab.cluster(&args.cluster)?.clone();
     let from = lab.cluster(&args.from)?.clone();
     let (client, _, addr) = running::client_and_service(&from, &args.service)?;
     let client = client.clone();
-    let transit = lab.plan.transit.clone();
     // What to break, checked before any load runs.
     let gateway_of = |c: &ClusterPlan| -> anyhow::Result<(String, String)> {
         let Some(gw) = &c.gateway else {
@@ -360,20 +379,34 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult>
             Vec::new()
         }
     };
-    let (gw_ns, leg) = match args.scenario {
-        Scenario::TransitCut | Scenario::Latency => gateway_of(&target)?,
-        _ => Default::default(),
+    let leg = match args.scenario {
+        Scenario::TransitCut | Scenario::Latency => Some(impair::Leg::of(&lab.plan, &target)?),
+        _ => None,
     };
-    let transit_ns = transit.clone().unwrap_or_default();
-    let netem = matches!(args.scenario, Scenario::TransitCut | Scenario::Latency) && {
-        // A qdisc left by an earlier drill that was killed.
-        let _ = netns::exec(&transit_ns, "tc", &["qdisc", "del", "dev", &leg, "root"]);
-        netem_available(&transit_ns, &leg)
+    let impairment = match args.scenario {
+        Scenario::TransitCut => impair::Impairment::CUT,
+        _ => impair::Impairment {
+            delay: args.delay,
+            jitter: args.jitter,
+            loss: 0.0,
+        },
     };
-    if args.scenario == Scenario::Latency && !netem {
-        bail!(
-            "the latency scenario needs tc netem, and this kernel has no sch_netem (`tc qdisc add ... netem` is refused)"
-        );
+    if let Some(leg) = &leg {
+        // Whatever an earlier drill that was killed left on the leg.
+        impair::clear(leg, &lab.state.state.processes)?;
+    }
+    let policy = match (&leg, args.own_policy) {
+        (Some(_), false) => Some(crate::drill_policy::DrillPolicy::apply(
+            &lab,
+            &from,
+            &args.service,
+            args.per_try_timeout,
+            out,
+        )?),
+        _ => None,
+    };
+    if policy.is_some() {
+        crate::drill_policy::await_remote(&from, &client.host.netns, addr, out)?;
     }
 
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -429,7 +462,14 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult>
     sleep_until(t0 + warmup);
     let t_inject = Instant::now();
     let mut injected = Injected::None;
-    let injection = inject(args.scenario, &victims, &transit_ns, &leg, &gw_ns, netem, &mut injected);
+    let injection = inject(
+        args.scenario,
+        &victims,
+        leg.as_ref(),
+        impairment,
+        &mut lab,
+        &mut injected,
+    );
     let injected_text = match &injection {
         Ok(t) => t.clone(),
         Err(e) => format!("FAILED: {e:#}"),
@@ -453,6 +493,10 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult>
         }
     }
     let sidecar_after = sidecar_counters(&client.host.netns);
+    if let Some(p) = policy {
+        p.remove(out)
+            .context("deleting the drill's DestinationRule and VirtualService")?;
+    }
     injection.context("injecting the failure")?;
     let healed_text = healing.context("healing")?.0;
     if INTERRUPTED.load(Ordering::SeqCst) {
@@ -506,14 +550,21 @@ fn sidecar_counters(ns: &str) -> Option<(u64, u64)> {
 fn inject(
     scenario: Scenario,
     victims: &[ProcessRecord],
-    transit_ns: &str,
-    leg: &str,
-    gw_ns: &str,
-    netem: bool,
+    leg: Option<&impair::Leg>,
+    impairment: impair::Impairment,
+    lab: &mut Running,
     injected: &mut Injected,
 ) -> anyhow::Result<String> {
-    match scenario {
-        Scenario::GatewayLoss | Scenario::EndpointLoss | Scenario::ControllerLoss => {
+    match (scenario, leg) {
+        (Scenario::TransitCut | Scenario::Latency, Some(leg)) => {
+            let isthmus = std::env::current_exe().context("this executable, which runs the WAN emulator")?;
+            let running = lab.state.state.processes.clone();
+            let method = impair::apply(leg, impairment, &isthmus, &mut lab.state, &running);
+            // Recorded before it is known to have worked: a half-made impairment is cleared too.
+            *injected = Injected::Impaired(leg.clone());
+            Ok(format!("{} ({})", impairment.describe(), leg.describe(&method?)))
+        }
+        _ => {
             for v in victims {
                 if process::is_running(v) {
                     // SAFETY: kill(2) on a PID checked to be our process (same start time).
@@ -530,56 +581,6 @@ fn inject(
                     .join(", ")
             ))
         }
-        Scenario::TransitCut if netem => {
-            *injected = Injected::Netem {
-                ns: transit_ns.into(),
-                dev: leg.into(),
-            };
-            netns::exec(
-                transit_ns,
-                "tc",
-                &["qdisc", "add", "dev", leg, "root", "netem", "loss", "100%"],
-            )?;
-            Ok(format!("tc qdisc add dev {leg} root netem loss 100% (in {transit_ns})"))
-        }
-        Scenario::TransitCut => {
-            let rules: Vec<Vec<String>> = [["INPUT", "-i"], ["OUTPUT", "-o"], ["FORWARD", "-i"], ["FORWARD", "-o"]]
-                .iter()
-                .map(|[chain, dir]| [*chain, *dir, "transit", "-j", "DROP"].map(String::from).to_vec())
-                .collect();
-            *injected = Injected::Iptables {
-                ns: gw_ns.into(),
-                rules: Vec::new(),
-            };
-            for r in &rules {
-                let mut args = vec!["-I".to_string()];
-                args.push(r[0].clone());
-                args.push("1".into());
-                args.extend(r[1..].iter().cloned());
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                netns::exec(gw_ns, "iptables", &args)?;
-                if let Injected::Iptables { rules: done, .. } = injected {
-                    done.push(r.clone());
-                }
-            }
-            Ok(format!(
-                "iptables DROP of everything in and out of the gateway's transit link (in {gw_ns}): this kernel has no sch_netem for `netem loss 100%`"
-            ))
-        }
-        Scenario::Latency => {
-            *injected = Injected::Netem {
-                ns: transit_ns.into(),
-                dev: leg.into(),
-            };
-            netns::exec(
-                transit_ns,
-                "tc",
-                &["qdisc", "add", "dev", leg, "root", "netem", "delay", "100ms"],
-            )?;
-            Ok(format!(
-                "tc qdisc add dev {leg} root netem delay 100ms (in {transit_ns})"
-            ))
-        }
     }
 }
 
@@ -589,18 +590,14 @@ fn heal(lab: &mut Running, injected: Injected, out: &mut dyn Write) -> anyhow::R
     let t = Instant::now();
     match injected {
         Injected::None => Ok(("nothing to heal".into(), None)),
-        Injected::Netem { ns, dev } => {
-            netns::exec(&ns, "tc", &["qdisc", "del", "dev", &dev, "root"])?;
-            Ok((format!("tc qdisc del dev {dev} root"), None))
-        }
-        Injected::Iptables { ns, rules } => {
-            for r in rules {
-                let mut args = vec!["-D".to_string()];
-                args.extend(r);
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                netns::exec(&ns, "iptables", &args)?;
-            }
-            Ok(("iptables DROP rules removed".into(), None))
+        Injected::Impaired(leg) => {
+            let running = lab.state.state.processes.clone();
+            let how = match impair::clear(&leg, &running)? {
+                Some(impair::Method::Netem) => "netem qdisc deleted",
+                Some(impair::Method::Relay) => "WAN emulator stopped, the leg back on the bridge",
+                None => "nothing was on the leg",
+            };
+            Ok((format!("{how} ({} in {})", leg.dev, leg.transit_ns), None))
         }
         Injected::Killed(victims) => {
             // SIGKILL is not instant: the old one must be gone before its port is bound again.
@@ -730,7 +727,9 @@ fn analyse(args: &DrillArgs, t: Times, mut samples: Vec<Sample>, cx: AnalysisCon
     samples.sort_by_key(|s| s.start);
     let at_c = |s: &Sample| s.landing().is_some_and(|l| l.cluster == cx.target);
     let slow = |s: &Sample| s.latency() > args.slow;
-    let c_counts = args.scenario != Scenario::ControllerLoss;
+    // A lost controller leaves C's proxies serving, and a slowed network still answers: C's
+    // answers count against those only when slow.
+    let c_counts = !matches!(args.scenario, Scenario::ControllerLoss | Scenario::Latency);
     let bad = |s: &Sample| !s.ok() || (c_counts && at_c(s)) || slow(s);
     let phase = |name: &'static str, f: &dyn Fn(&Sample) -> bool| {
         let of: Vec<&Sample> = samples.iter().filter(|s| f(s)).collect();

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use lab::plan::Plan;
 use std::time::Duration;
 
-use lab::{DEFAULT_STATE_DIR, apply, demo_app, down, drill, status, topologies, traffic, up};
+use lab::{apply, demo_app, down, drill, impair, status, topologies, traffic, up};
 
 #[derive(Parser)]
 #[command(
@@ -53,7 +53,8 @@ enum LabCommand {
         /// multi-primary-gateways) or a topology file [default: multi-primary-gateways]
         topology: Option<String>,
         /// Where the record of what was made is kept
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        /// [default: /run/isthmus/lab as root, else $TMPDIR/isthmus-lab-UID]
+        #[arg(long, default_value_os_t = lab::default_state_dir(), hide_default_value = true)]
         state_dir: PathBuf,
         /// Prefix of every namespace the lab makes
         #[arg(long, default_value = "isl")]
@@ -69,7 +70,8 @@ enum LabCommand {
     },
     /// Removes every namespace, link and process the lab made, from its state file
     Down {
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        /// [default: /run/isthmus/lab as root, else $TMPDIR/isthmus-lab-UID]
+        #[arg(long, default_value_os_t = lab::default_state_dir(), hide_default_value = true)]
         state_dir: PathBuf,
     },
     /// Drives requests from a client pod, through its sidecar, to a service's ClusterIP, and
@@ -96,7 +98,8 @@ enum LabCommand {
         /// One JSON object instead of the table
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        /// [default: /run/isthmus/lab as root, else $TMPDIR/isthmus-lab-UID]
+        #[arg(long, default_value_os_t = lab::default_state_dir(), hide_default_value = true)]
         state_dir: PathBuf,
     },
     /// Adds or updates objects (Istio config, Services, …) in the lab's clusters, as
@@ -104,12 +107,37 @@ enum LabCommand {
     Apply(ObjectsArgs),
     /// Removes the objects of a file that `lab apply` added
     Delete(ObjectsArgs),
+    /// Delay, jitter or loss on a cluster's transit leg, toward its east-west gateway (tc
+    /// netem where the kernel has it, else the lab's userspace WAN emulator)
+    Impair {
+        /// The cluster whose gateway's leg suffers
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        delay: Duration,
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        jitter: Duration,
+        /// The share of frames lost, e.g. 1% (100%: the leg is cut)
+        #[arg(long, default_value = "0%", value_parser = impair::parse_loss)]
+        loss: f64,
+        /// Take the impairment off instead
+        #[arg(long, conflicts_with_all = ["delay", "jitter", "loss"])]
+        clear: bool,
+        /// [default: /run/isthmus/lab as root, else $TMPDIR/isthmus-lab-UID]
+        #[arg(long, default_value_os_t = lab::default_state_dir(), hide_default_value = true)]
+        state_dir: PathBuf,
+    },
+    /// The WAN emulator itself, as `lab impair` and the drills start it in the transit
+    /// namespace: relays frames between two links, those toward the gateway impaired
+    #[command(hide = true)]
+    WanRelay(impair::RelayArgs),
     /// Clusters, controllers and their sync state, gateways, endpoints, sidecars' SVIDs
     Status {
         /// One JSON object instead of the tables
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        /// [default: /run/isthmus/lab as root, else $TMPDIR/isthmus-lab-UID]
+        #[arg(long, default_value_os_t = lab::default_state_dir(), hide_default_value = true)]
         state_dir: PathBuf,
     },
 }
@@ -123,7 +151,8 @@ struct ObjectsArgs {
     /// The cluster to work in (repeatable) [default: every primary cluster]
     #[arg(long)]
     cluster: Vec<String>,
-    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    /// [default: /run/isthmus/lab as root, else $TMPDIR/isthmus-lab-UID]
+    #[arg(long, default_value_os_t = lab::default_state_dir(), hide_default_value = true)]
     state_dir: PathBuf,
 }
 
@@ -211,6 +240,25 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Lab {
+            command:
+                LabCommand::Impair {
+                    cluster,
+                    delay,
+                    jitter,
+                    loss,
+                    clear,
+                    state_dir,
+                },
+        } => impair::on_lab(
+            &state_dir,
+            &cluster,
+            (!clear).then_some(impair::Impairment { delay, jitter, loss }),
+            &mut std::io::stdout(),
+        ),
+        Command::Lab {
+            command: LabCommand::WanRelay(args),
+        } => impair::relay(&args),
         Command::Drill {
             command: DrillCommand::Failover(args),
         } => match drill::failover(&args, &mut std::io::stdout(), &mut std::io::stderr()) {
@@ -238,7 +286,12 @@ fn lab_up(
     let topology_arg = topology.clone();
     let topology = topologies::resolve(topology.as_deref())?;
     let source = topologies::source_of(topology_arg.as_deref());
-    let plan = Plan::new(&topology, &prefix)?;
+    // Without root there are no namespaces to build: the same clusters on loopback.
+    let plan = if up::is_root() {
+        Plan::new(&topology, &prefix)?
+    } else {
+        Plan::loopback(&topology, &prefix)?
+    };
     let bin_dir = match bin_dir {
         Some(d) => d,
         None => std::env::current_exe()?

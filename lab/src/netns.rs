@@ -43,6 +43,11 @@ pub fn ip(ns: &str, args: &[&str]) -> Result<(), CommandError> {
     run("ip", &all).map(drop)
 }
 
+/// `ip ARGS` in the calling process's own namespace.
+pub fn ip_here(args: &[&str]) -> Result<(), CommandError> {
+    run("ip", args).map(drop)
+}
+
 /// `PROGRAM ARGS` inside namespace `ns` (`ip netns exec`).
 pub fn exec(ns: &str, program: &str, args: &[&str]) -> Result<String, CommandError> {
     let mut all = vec!["netns", "exec", ns, program];
@@ -114,8 +119,12 @@ pub fn forwarding(ns: &str) -> Result<(), CommandError> {
 }
 
 /// Moves the calling thread into namespace `ns` for the rest of its life (the netns is a
-/// per-thread property: spawn a thread for it, as [`within`] does).
+/// per-thread property: spawn a thread for it, as [`within`] does). The empty name is the
+/// namespace the thread is in already (a loopback lab's).
 pub fn enter(ns: &str) -> io::Result<()> {
+    if ns.is_empty() {
+        return Ok(());
+    }
     let file = File::open(Path::new("/run/netns").join(ns))?;
     // SAFETY: setns(2) on a valid, open namespace file; it changes only this thread's
     // network namespace.
@@ -126,8 +135,12 @@ pub fn enter(ns: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs `f` on a thread inside namespace `ns` and returns what it returns.
+/// Runs `f` on a thread inside namespace `ns` (the empty name: this one) and returns what it
+/// returns.
 pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    if ns.is_empty() {
+        return Ok(f());
+    }
     let file = File::open(Path::new("/run/netns").join(ns))?;
     std::thread::Builder::new()
         .name(format!("netns {ns}"))

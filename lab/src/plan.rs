@@ -17,7 +17,7 @@
 //! network, masqueraded, never back: between networks nothing but the gateways' own
 //! listeners can be reached.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use mesh_vocab::topology::{ControlPlane, Ipv4Cidr, Protocol, TRANSIT_CIDR, Topology, WorkloadRole};
 use mesh_vocab::{ClusterId, NetworkId};
@@ -34,6 +34,9 @@ pub const HEALTH_PORT: u16 = 15021;
 pub const METRICS_PORT: u16 = 15090;
 /// The east-west gateway's passthrough port.
 pub const GATEWAY_PORT: u16 = 15443;
+/// On a loopback lab a pod's application listens this far above its port, which the pod's
+/// sidecar takes.
+pub const LOOPBACK_APP_OFFSET: u16 = 10_000;
 
 /// The lab for one topology.
 #[derive(Debug, Clone)]
@@ -44,6 +47,8 @@ pub struct Plan {
     pub clusters: Vec<ClusterPlan>,
     /// The namespace holding the transit bridge, when any cluster has a gateway.
     pub transit: Option<String>,
+    /// A loopback lab ([`Plan::loopback`]): no namespaces, every address on 127.0.0.0/8.
+    pub loopback: bool,
 }
 
 /// One cluster's namespaces and addresses.
@@ -252,7 +257,52 @@ impl Plan {
             prefix: prefix.into(),
             clusters,
             transit,
+            loopback: false,
         })
+    }
+
+    /// The same lab on loopback, for a user without root: cluster k's addresses in
+    /// `127.k.0.0/16` (its services' in `127.k.255.0/24`) in this machine's own namespace,
+    /// a gateway's one address its transit address too. Nothing separates the networks.
+    pub fn loopback(topology: &Topology, prefix: &str) -> Result<Plan, PlanError> {
+        let mut t = topology.clone();
+        for (i, c) in t.clusters.iter_mut().enumerate() {
+            let k = i as u8 + 1;
+            c.pod_cidr = Ipv4Cidr::new(Ipv4Addr::new(127, k, 0, 0), 16).expect("a /16 at 127.k.0.0");
+            c.service_cidr = Ipv4Cidr::new(Ipv4Addr::new(127, k, 255, 0), 24).expect("a /24 at 127.k.255.0");
+        }
+        let mut plan = Plan::new(&t, prefix)?;
+        for c in &mut plan.clusters {
+            c.node.netns.clear();
+            if let Some(ctl) = &mut c.controller {
+                ctl.netns.clear();
+            }
+            if let Some(gw) = &mut c.gateway {
+                gw.host.netns.clear();
+                gw.transit_ip = gw.host.ip;
+                gw.transit_link.clear();
+            }
+            for p in &mut c.pods {
+                p.host.netns.clear();
+            }
+        }
+        plan.transit = None;
+        plan.loopback = true;
+        Ok(plan)
+    }
+
+    /// Where pod `p`'s application listens, and the namespace to reach it from: its own
+    /// port on the pod's loopback; on a loopback lab, where the sidecar's inbound is not in
+    /// its way (the pod's address, the port + [`LOOPBACK_APP_OFFSET`]).
+    pub fn app_addr(&self, p: &PodPlan) -> (String, SocketAddrV4) {
+        if self.loopback {
+            (
+                String::new(),
+                SocketAddrV4::new(p.host.ip, p.port + LOOPBACK_APP_OFFSET),
+            )
+        } else {
+            (p.host.netns.clone(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.port))
+        }
     }
 
     /// The cluster numbered `number` (1-based).
@@ -279,7 +329,7 @@ impl Plan {
             .map(|p| TransitRoute::PeerNode(p.number))
     }
 
-    /// Every namespace name, in creation order.
+    /// Every namespace name, in creation order (none on loopback).
     pub fn namespaces(&self) -> Vec<String> {
         let mut out = Vec::new();
         for c in &self.clusters {
@@ -287,6 +337,7 @@ impl Plan {
             out.extend(c.hosts().map(|h| h.netns.clone()));
         }
         out.extend(self.transit.clone());
+        out.retain(|n| !n.is_empty());
         out
     }
 }
@@ -298,6 +349,16 @@ pub enum TransitRoute {
     Gateway(Ipv4Addr),
     /// The node of cluster `n` on the same network.
     PeerNode(usize),
+}
+
+impl PodPlan {
+    /// Its SPIFFE ID in `trust_domain`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
 }
 
 impl ClusterPlan {
@@ -417,6 +478,23 @@ mod tests {
         third.name = "ratings".into();
         t.workloads.push(third);
         assert!(matches!(Plan::new(&t, "isl"), Err(PlanError::TooManyServices { .. })));
+    }
+
+    #[test]
+    fn a_loopback_lab_puts_cluster_k_on_127_k_without_namespaces() {
+        let plan = Plan::loopback(&topologies::default_topology(), "isl").unwrap();
+        assert!(plan.loopback && plan.transit.is_none() && plan.namespaces().is_empty());
+        let c2 = plan.cluster(2);
+        assert_eq!(c2.xds, Ipv4Addr::new(127, 2, 0, 2));
+        let gw = c2.gateway.as_ref().unwrap();
+        assert_eq!(
+            (gw.host.ip, gw.transit_ip),
+            (Ipv4Addr::new(127, 2, 0, 3), Ipv4Addr::new(127, 2, 0, 3))
+        );
+        let p = &plan.cluster(3).pods[1];
+        assert_eq!(p.host.ip, Ipv4Addr::new(127, 3, 1, 2));
+        assert_eq!(plan.app_addr(p), (String::new(), "127.3.1.2:19080".parse().unwrap()));
+        assert_eq!(plan.cluster(1).services[0].vip, Ipv4Addr::new(127, 1, 255, 1));
     }
 
     #[test]

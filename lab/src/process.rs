@@ -20,16 +20,22 @@ pub struct Started {
     child: Child,
 }
 
-/// Starts `program args…` in namespace `ns`, its output appended to `log` (a restarted
-/// process continues its predecessor's log).
+/// Starts `program args…` in namespace `ns` (the empty name: this process's own, for a
+/// loopback lab), its output appended to `log` (a restarted process continues its
+/// predecessor's log).
 pub fn start(name: &str, ns: &str, program: &Path, args: &[String], log: &Path) -> io::Result<Started> {
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir)?;
     }
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(program)
+    let mut command = if ns.is_empty() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    };
+    let child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)

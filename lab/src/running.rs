@@ -41,7 +41,11 @@ impl Running {
                 topology.name
             );
         }
-        let plan = Plan::new(&topology, &state.state.prefix)?;
+        let plan = if state.state.loopback {
+            Plan::loopback(&topology, &state.state.prefix)?
+        } else {
+            Plan::new(&topology, &state.state.prefix)?
+        };
         Ok(Running { state, plan })
     }
 

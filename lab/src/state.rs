@@ -22,6 +22,9 @@ pub struct LabState {
     pub source: String,
     /// Set once `lab up` finished every step.
     pub complete: bool,
+    /// Built on loopback, without namespaces (`lab up` without root).
+    #[serde(default)]
+    pub loopback: bool,
     pub namespaces: Vec<String>,
     pub links: Vec<LinkRecord>,
     pub processes: Vec<ProcessRecord>,

@@ -193,8 +193,9 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
         let mut pods = Vec::new();
         for p in &c.pods {
             let app_answering = (p.role == WorkloadRole::Server).then(|| {
-                // Straight to the app's port from the pod itself: loopback is not captured.
-                get(&p.host.netns, SocketAddr::from(([127, 0, 0, 1], p.port)), "/").is_ok_and(|r| r.status == 200)
+                // Straight to the app (from the pod itself: its loopback is not captured).
+                let (ns, app) = lab.plan.app_addr(p);
+                get(&ns, app.into(), "/").is_ok_and(|r| r.status == 200)
             });
             let page = get(
                 node,

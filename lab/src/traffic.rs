@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::load::{self, Percentiles, Sample};
+use crate::loopback;
 use crate::netns;
 use crate::running::{self, Running};
 
@@ -36,6 +37,10 @@ pub struct TrafficReport {
     pub client: String,
     pub service: String,
     pub address: SocketAddr,
+    /// A loopback lab: the client's sidecar routes the requests went round over (the client
+    /// picks; networks are not enforced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loopback_routes: Option<Vec<SocketAddr>>,
     pub requested: usize,
     pub sent: usize,
     pub ok: usize,
@@ -71,6 +76,21 @@ pub fn run(dir: &Path, opts: &TrafficOptions) -> anyhow::Result<TrafficReport> {
         None => &lab.plan.clusters[0],
     };
     let (client, _, addr) = running::client_and_service(cluster, &opts.to)?;
+    // Captured, the sidecar balances what goes to the ClusterIP; on loopback the client
+    // spreads its requests over its routes itself.
+    let routes: Vec<SocketAddr> = if lab.plan.loopback {
+        loopback::routes(&lab.plan, cluster, client)
+            .into_iter()
+            .filter(|r| r.service == opts.to)
+            .map(|r| r.listen)
+            .collect()
+    } else {
+        vec![addr]
+    };
+    if routes.is_empty() {
+        bail!("{} {} has no route to {}", cluster.name, client.name, opts.to);
+    }
+    let routes = Arc::new(routes);
     let ns = client.host.netns.clone();
     let next = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(Mutex::new(Vec::with_capacity(opts.requests)));
@@ -78,14 +98,24 @@ pub fn run(dir: &Path, opts: &TrafficOptions) -> anyhow::Result<TrafficReport> {
     let end = t0 + opts.deadline;
     let workers: Vec<_> = (0..opts.concurrency.min(opts.requests))
         .map(|i| {
-            let (ns, next, samples, n, timeout) =
-                (ns.clone(), next.clone(), samples.clone(), opts.requests, opts.timeout);
+            let (ns, next, samples, n, timeout, routes) = (
+                ns.clone(),
+                next.clone(),
+                samples.clone(),
+                opts.requests,
+                opts.timeout,
+                routes.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("traffic {i}"))
                 .spawn(move || -> std::io::Result<()> {
                     netns::enter(&ns)?;
-                    while Instant::now() < end && next.fetch_add(1, Ordering::SeqCst) < n {
-                        let s = load::request(addr, timeout, 0);
+                    while Instant::now() < end {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= n {
+                            break;
+                        }
+                        let s = load::request(routes[i % routes.len()], timeout, 0);
                         samples.lock().expect("not poisoned").push(s);
                     }
                     Ok(())
@@ -110,6 +140,7 @@ pub fn run(dir: &Path, opts: &TrafficOptions) -> anyhow::Result<TrafficReport> {
         client: client.name.clone(),
         service: opts.to.clone(),
         address: addr,
+        loopback_routes: lab.plan.loopback.then(|| routes.to_vec()),
         requested: opts.requests,
         sent: samples.len(),
         ok,
@@ -151,6 +182,14 @@ pub fn print(r: &TrafficReport, out: &mut impl Write) -> std::io::Result<()> {
             String::new()
         }
     )?;
+    if let Some(routes) = &r.loopback_routes {
+        writeln!(
+            out,
+            "  loopback lab: round robin over {} sidecar routes ({}), chosen by this client, not the mesh; networks not enforced",
+            routes.len(),
+            routes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        )?;
+    }
     writeln!(
         out,
         "  {:<12} {:<8} {:>8} {:>7}",

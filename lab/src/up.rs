@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use mesh_vocab::topology::{TRANSIT_CIDR, WorkloadRole};
 
 use crate::down;
+use crate::loopback;
 use crate::manifests;
 use crate::netns;
 use crate::plan::{
@@ -89,10 +90,12 @@ enum Step {
 fn steps(plan: &Plan, sidecars: bool) -> Vec<Step> {
     let mut s = Vec::new();
     let each = |f: fn(usize) -> Step| plan.clusters.iter().map(move |c| f(c.number));
-    s.extend(each(Step::Node));
-    s.extend(each(Step::Hosts));
+    if !plan.loopback {
+        s.extend(each(Step::Node));
+        s.extend(each(Step::Hosts));
+    }
     for (net, cs) in plan.topology.networks() {
-        if cs.len() > 1 {
+        if cs.len() > 1 && !plan.loopback {
             let numbers = cs
                 .iter()
                 .filter_map(|c| plan.cluster_named(c.name.as_str()).map(|p| p.number))
@@ -133,15 +136,22 @@ struct Build<'a> {
 /// Builds the lab; on failure everything made is taken down again.
 pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
     let plan = &opts.plan;
-    if !is_root() {
-        bail!(
-            "cannot build the lab's networks without root: network namespaces, veths and bridges need it. \
-             Run `isthmus lab up` as root. (A loopback simulation, which could not enforce network separation, is not built yet.)"
-        );
+    if !plan.loopback && !is_root() {
+        bail!("cannot build the lab's networks without root: network namespaces, veths and bridges need it");
     }
-    for tool in ["ip", "sysctl", "iptables"] {
-        netns::run("sh", &["-c", &format!("command -v {tool}")])
-            .with_context(|| format!("`{tool}` is missing (apt-get install -y iproute2 iptables procps)"))?;
+    if plan.loopback {
+        writeln!(
+            out,
+            "NOT ROOT: the lab runs on loopback, cluster k on 127.k.0.0/16 in this machine's own network namespace. \
+             Networks are NOT enforced: any process here can reach any pod, gateway or controller directly. \
+             There is no iptables capture either: each client pod gets one sidecar per route (a pod on its network, \
+             another network's gateway), and the client picks the route. Run as root for separate networks."
+        )?;
+    } else {
+        for tool in ["ip", "sysctl", "iptables"] {
+            netns::run("sh", &["-c", &format!("command -v {tool}")])
+                .with_context(|| format!("`{tool}` is missing (apt-get install -y iproute2 iptables procps)"))?;
+        }
     }
     let mut needed = vec!["federation-controller", "eastwest-gateway", "isthmus"];
     if opts.sidecars {
@@ -169,6 +179,7 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
     catch_interrupts();
     let mut state = StateFile::create(&opts.state_dir, &plan.topology.name, &plan.prefix)?;
     state.state.source = opts.source.clone();
+    state.state.loopback = plan.loopback;
     state.save()?;
     let t0 = Instant::now();
     writeln!(
@@ -225,13 +236,18 @@ pub fn up(opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<()> {
         .sum();
     writeln!(
         out,
-        "lab `{}` is up in {:.1} s: {} namespaces, {} processes using {:.0} MiB. `isthmus lab down{}` removes it all.",
+        "lab `{}` is up in {:.1} s{}: {} namespaces, {} processes using {:.0} MiB. `isthmus lab down{}` removes it all.",
         plan.topology.name,
         t0.elapsed().as_secs_f64(),
+        if plan.loopback {
+            " on loopback (networks not enforced)"
+        } else {
+            ""
+        },
         build.state.state.namespaces.len(),
         build.state.state.processes.len(),
         rss_kib as f64 / 1024.0,
-        if opts.state_dir == Path::new(crate::DEFAULT_STATE_DIR) {
+        if opts.state_dir == crate::default_state_dir() {
             String::new()
         } else {
             format!(" --state-dir {}", opts.state_dir.display())
@@ -305,6 +321,7 @@ impl Build<'_> {
             Step::Gateway(n) => self.gateway(plan.cluster(*n)).map(|_| String::new()),
             Step::Workloads(n) => self.workloads(plan.cluster(*n)).map(|_| String::new()),
             Step::Check => self.check(),
+            Step::Mesh if plan.loopback => self.check_loopback(),
             Step::Mesh => self.check_mesh(),
         }
     }
@@ -556,18 +573,29 @@ impl Build<'_> {
         }
     }
 
+    /// The address a process on `ip` listens on: all of its namespace's, or on a loopback
+    /// lab its own only (every cluster's processes share the machine's).
+    fn bind(&self, ip: std::net::Ipv4Addr) -> std::net::Ipv4Addr {
+        if self.plan.loopback {
+            ip
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED
+        }
+    }
+
     fn controller(&mut self, c: &ClusterPlan) -> anyhow::Result<()> {
         let ctl = c.controller.as_ref().expect("a controller step only for primaries");
+        let at = self.bind(ctl.ip);
         let mut args: Vec<String> = [
             "serve",
             "--manifests",
             &self.opts.state_dir.join("manifests").display().to_string(),
             "--xds",
-            &format!("0.0.0.0:{XDS_PORT}"),
+            &format!("{at}:{XDS_PORT}"),
             "--monitoring",
-            &format!("0.0.0.0:{MONITORING_PORT}"),
+            &format!("{at}:{MONITORING_PORT}"),
             "--secure",
-            &format!("0.0.0.0:{SECURE_PORT}"),
+            &format!("{at}:{SECURE_PORT}"),
             "--ca-dir",
             &self.ca_dir(c).display().to_string(),
             "--trust-domain",
@@ -595,9 +623,10 @@ impl Build<'_> {
 
     fn gateway(&mut self, c: &ClusterPlan) -> anyhow::Result<()> {
         let gw = c.gateway.as_ref().expect("a gateway step only where planned");
+        let at = self.bind(gw.host.ip);
         let args = [
             "--listen",
-            &format!("0.0.0.0:{GATEWAY_PORT}"),
+            &format!("{at}:{GATEWAY_PORT}"),
             "--xds",
             &format!("{}:{XDS_PORT}", c.xds),
             "--network",
@@ -605,11 +634,21 @@ impl Build<'_> {
             "--cluster",
             c.name.as_str(),
             "--health",
-            &format!("0.0.0.0:{HEALTH_PORT}"),
+            &format!("{at}:{HEALTH_PORT}"),
             "--metrics",
-            &format!("0.0.0.0:{METRICS_PORT}"),
+            &format!("{at}:{METRICS_PORT}"),
             "--workers",
             "1",
+            // Its own loopback in its namespace; a loopback lab's gateways share the machine's.
+            "--admin",
+            &format!(
+                "{}:15000",
+                if self.plan.loopback {
+                    gw.host.ip
+                } else {
+                    std::net::Ipv4Addr::LOCALHOST
+                }
+            ),
         ]
         .map(String::from)
         .into();
@@ -625,6 +664,7 @@ impl Build<'_> {
 
     fn workloads(&mut self, c: &ClusterPlan) -> anyhow::Result<()> {
         for p in &c.pods {
+            let (app_ns, app) = self.plan.app_addr(p);
             if self.opts.sidecars {
                 let ctx = sidecar::Context {
                     bin_dir: &self.opts.bin_dir,
@@ -633,17 +673,31 @@ impl Build<'_> {
                     cluster: c,
                     pod: p,
                 };
-                let (name, args) = sidecar::prepare(&ctx)?;
-                let idx = self.start(&name, &p.host.netns, "sidecar", args)?;
-                self.listening(
-                    idx,
-                    &p.host.netns,
-                    SocketAddr::from(([127, 0, 0, 1], sidecar::OUTBOUND_PORT)),
-                )?;
+                let mut sidecars = Vec::new();
+                if !self.plan.loopback {
+                    let listen = SocketAddr::from(([127, 0, 0, 1], sidecar::OUTBOUND_PORT));
+                    sidecars.push((sidecar::prepare(&ctx, sidecar::Mode::Capture)?, listen));
+                } else if p.role == WorkloadRole::Server {
+                    let listen = SocketAddr::new(IpAddr::V4(p.host.ip), p.port);
+                    let mode = sidecar::Mode::Inbound { app: app.into() };
+                    sidecars.push((sidecar::prepare(&ctx, mode)?, listen));
+                } else {
+                    for (i, r) in loopback::routes(self.plan, c, p).iter().enumerate() {
+                        let (name, args) = sidecar::prepare(&ctx, sidecar::Mode::Outbound(r))?;
+                        // The first keeps the pod's sidecar name (`lab status` asks by it).
+                        let name = if i == 0 { name } else { format!("{name} {}", i + 1) };
+                        sidecars.push(((name, args), r.listen));
+                    }
+                }
+                for ((name, args), listen) in sidecars {
+                    let idx = self.start(&name, &p.host.netns, "sidecar", args)?;
+                    self.listening(idx, &p.host.netns, listen)?;
+                }
             }
             if p.role == WorkloadRole::Client {
                 continue;
             }
+            let listen = SocketAddr::new(IpAddr::V4(self.bind(*app.ip())), app.port());
             let args = [
                 "demo-app",
                 "--cluster",
@@ -651,12 +705,12 @@ impl Build<'_> {
                 "--version",
                 &p.version,
                 "--listen",
-                &format!("0.0.0.0:{}", p.port),
+                &listen.to_string(),
             ]
             .map(String::from)
             .into();
             let idx = self.start(&format!("{} {}", c.name, p.name), &p.host.netns, "isthmus", args)?;
-            self.ready(idx, &p.host.netns, SocketAddr::new(IpAddr::V4(p.host.ip), p.port), "/")?;
+            self.ready(idx, &app_ns, app.into(), "/")?;
         }
         Ok(())
     }
@@ -707,10 +761,7 @@ impl Build<'_> {
         let mut lines = Vec::new();
         for c in &self.plan.clusters {
             for client in c.pods.iter().filter(|p| p.role == WorkloadRole::Client) {
-                let me = format!(
-                    "spiffe://{}/ns/{}/sa/{}",
-                    c.trust_domain, client.namespace, client.service_account
-                );
+                let me = client.spiffe_id(&c.trust_domain);
                 for svc in &c.services {
                     // Every pod of the service, as its answer names it: "cluster version".
                     let pods: BTreeSet<String> = self
@@ -737,31 +788,11 @@ impl Build<'_> {
                         if pods.iter().all(|p| seen.contains_key(p)) || Instant::now() >= deadline {
                             break;
                         }
-                        match probe::get(&client.host.netns, addr, "/", Duration::from_secs(2)) {
-                            Ok(r) if r.status == 200 => {
-                                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
-                                if v["caller"] != me.as_str() {
-                                    bail!(
-                                        "{} via {addr} answered {} with caller {}, not {me}",
-                                        svc.name,
-                                        r.body,
-                                        v["caller"]
-                                    );
-                                }
-                                let at = format!(
-                                    "{} {}",
-                                    v["cluster"].as_str().unwrap_or("?"),
-                                    v["version"].as_str().unwrap_or("?")
-                                );
-                                *seen.entry(at).or_default() += 1;
-                            }
-                            Ok(r) => {
-                                failures += 1;
-                                last_error = format!("{} {}", r.status, r.body.trim());
-                            }
+                        match mesh_answer(&client.host.netns, addr, &me)? {
+                            Ok((_, at)) => *seen.entry(at).or_default() += 1,
                             Err(e) => {
                                 failures += 1;
-                                last_error = e.to_string();
+                                last_error = e;
                             }
                         }
                     }
@@ -789,6 +820,73 @@ impl Build<'_> {
             }
         }
         Ok(format!("\n      {}", lines.join("\n      ")))
+    }
+}
+
+impl Build<'_> {
+    /// Loopback: from every client, over each of its routes, requests until the route's
+    /// cluster has answered, each answer naming the client's SPIFFE ID as its caller. (A
+    /// route through a gateway is one pooled connection, and the gateway balances per
+    /// connection: one of the pods behind it answers them all.)
+    fn check_loopback(&mut self) -> anyhow::Result<String> {
+        const PATIENCE: Duration = Duration::from_secs(20);
+        let mut lines = Vec::new();
+        for c in &self.plan.clusters {
+            for client in c.pods.iter().filter(|p| p.role == WorkloadRole::Client) {
+                let me = client.spiffe_id(&c.trust_domain);
+                let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+                for r in loopback::routes(self.plan, c, client) {
+                    let mut answered = false;
+                    let deadline = Instant::now() + PATIENCE;
+                    let mut last = String::new();
+                    while !answered {
+                        interrupted()?;
+                        if Instant::now() >= deadline {
+                            bail!(
+                                "from {} {} over {} to {} ({}): no answer from {}; the last failure: {last}",
+                                c.name,
+                                client.name,
+                                r.listen,
+                                r.target,
+                                r.service,
+                                r.cluster
+                            );
+                        }
+                        match mesh_answer("", r.listen, &me)? {
+                            Ok((cluster, at)) => {
+                                answered = cluster == r.cluster.as_str();
+                                *seen.entry(at).or_default() += 1;
+                            }
+                            Err(e) => {
+                                last = e;
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                }
+                let summary: Vec<String> = seen.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+                lines.push(format!("{} {} → routes: {}", c.name, client.name, summary.join(", ")));
+            }
+        }
+        Ok(format!("\n      {}", lines.join("\n      ")))
+    }
+}
+
+/// `GET /` on `addr` from `ns` through a sidecar: the answering (cluster, "cluster
+/// version"), or why there was none; an answer naming another caller than `me` fails.
+fn mesh_answer(ns: &str, addr: SocketAddr, me: &str) -> anyhow::Result<Result<(String, String), String>> {
+    match probe::get(ns, addr, "/", Duration::from_secs(2)) {
+        Ok(r) if r.status == 200 => {
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+            if v["caller"] != me {
+                bail!("{addr} answered {} with caller {}, not {me}", r.body, v["caller"]);
+            }
+            let cluster = v["cluster"].as_str().unwrap_or("?").to_owned();
+            let at = format!("{cluster} {}", v["version"].as_str().unwrap_or("?"));
+            Ok(Ok((cluster, at)))
+        }
+        Ok(r) => Ok(Err(format!("{} {}", r.status, r.body.trim()))),
+        Err(e) => Ok(Err(e.to_string())),
     }
 }
 

@@ -610,26 +610,97 @@ fn a_failed_step_is_named_and_everything_made_is_removed() {
     std::fs::remove_dir_all(&bins).unwrap();
 }
 
-#[test]
-fn without_root_it_says_it_cannot_build_networks() {
-    require_root();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            ISTHMUS,
-            "lab",
-            "up",
-            "--state-dir",
-        ])
-        .arg(std::env::temp_dir().join(format!("isl-{}-nonroot", std::process::id())))
+/// `isthmus ARGS…` as the unprivileged user `nobody`.
+fn as_nobody(args: &[&str], dir: &Path) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", ISTHMUS])
+        .args(args)
+        .arg("--state-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
         .output()
-        .unwrap();
-    let all = text(&out);
-    assert!(!out.status.success(), "{all}");
-    assert!(all.contains("cannot build the lab's networks without root"), "{all}");
-    assert!(all.contains("loopback simulation"), "{all}");
+        .unwrap()
+}
+
+#[test]
+fn without_root_the_lab_runs_on_loopback_and_says_networks_are_not_enforced() {
+    require_root();
+    let bins = bin_dir().to_str().unwrap().to_owned();
+    let dir = std::env::temp_dir().join(format!("isl-{}-loopback", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let up = as_nobody(&["lab", "up", "--bin-dir", &bins], &dir);
+    let all = text(&up);
+    // Taken down whatever happens next.
+    struct Down<'a>(&'a Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if self.0.join(STATE_FILE).exists() {
+                let _ = as_nobody(&["lab", "down"], self.0);
+            }
+            reap();
+        }
+    }
+    let _down = Down(&dir);
+    assert!(up.status.success(), "{all}");
+    assert!(all.contains("Networks are NOT enforced"), "{all}");
+    assert!(
+        all.contains("is up in") && all.contains("on loopback (networks not enforced)"),
+        "{all}"
+    );
+    // Each productpage reached every cluster over its routes, as itself.
+    for c in ["cluster1", "cluster2", "cluster3"] {
+        let line = all
+            .lines()
+            .find(|l| l.trim().starts_with(&format!("{c} productpage-v1 → routes: ")))
+            .unwrap_or_else(|| panic!("{all}"));
+        for d in ["cluster1", "cluster2", "cluster3"] {
+            assert!(line.contains(&format!("{d} v")), "{c} did not reach {d}: {line}");
+        }
+    }
+    // (Other tests' labs come and go meanwhile, each under its own prefix.)
+    let ours: Vec<String> = netns::list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("isl-cluster"))
+        .collect();
+    assert!(ours.is_empty(), "a loopback lab makes no namespace: {ours:?}");
+    let state: LabState = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE)).unwrap()).unwrap();
+    assert!(state.loopback && state.namespaces.is_empty() && state.links.is_empty());
+
+    let traffic = as_nobody(&["lab", "traffic", "-n", "60", "--json"], &dir);
+    assert!(traffic.status.success(), "{}", text(&traffic));
+    let r: serde_json::Value = serde_json::from_slice(&traffic.stdout).unwrap();
+    assert_eq!((r["sent"].as_u64(), r["failed"].as_u64()), (Some(60), Some(0)), "{r:#}");
+    assert_eq!(r["loopback_routes"].as_array().unwrap().len(), 3, "{r:#}");
+    let by_cluster = r["by_cluster"].as_object().unwrap();
+    assert_eq!(by_cluster.len(), 3, "{r:#}");
+    // Through the gateways: the other clusters' gateways counted cluster1's connections.
+    let status = as_nobody(&["lab", "status", "--json"], &dir);
+    assert!(status.status.success(), "{}", text(&status));
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let clusters = s["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 3);
+    for c in clusters {
+        assert_eq!(c["controller"]["ready"], true, "{c:#}");
+        assert_eq!(c["gateway"]["healthy"], true, "{c:#}");
+        assert!(c["gateway"]["connections_opened"].as_f64().unwrap() > 0.0, "{c:#}");
+        for p in c["pods"].as_array().unwrap() {
+            assert_eq!(p["sidecar_running"], true, "{p}");
+            assert!(p["svid_expiry_unix"].as_i64().is_some(), "{p}");
+        }
+    }
+    // Drills need networks to break.
+    let drill = as_nobody(&["drill", "failover", "--scenario", "gateway-loss"], &dir);
+    assert!(!drill.status.success());
+    assert!(
+        String::from_utf8_lossy(&drill.stderr).contains("runs on loopback"),
+        "{}",
+        text(&drill)
+    );
+
+    let down = as_nobody(&["lab", "down"], &dir);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_nothing_left(&state, &dir, &host_links());
 }
 
 #[test]
@@ -1144,8 +1215,32 @@ spec: {hosts: [reviews], http: [{fault: {abort: {httpStatus: 500, percentage: {v
     });
 }
 
+/// Asserts nothing is left on cluster `n`'s transit leg: no netem qdisc, no WAN emulator
+/// running, no relay veth, the leg back on the transit bridge.
+#[track_caller]
+fn transit_leg_clear(lab: &Lab, n: usize) {
+    let gw = lab.plan.cluster(n).gateway.clone().unwrap();
+    let transit = lab.plan.transit.as_ref().unwrap();
+    let qdisc = netns::exec(transit, "tc", &["qdisc", "show", "dev", &gw.transit_link]).unwrap();
+    assert!(!qdisc.contains("netem"), "{qdisc}");
+    let links = netns::exec(transit, "ip", &["-o", "link", "show"]).unwrap();
+    assert!(!links.contains(&format!("{}-br", gw.transit_link)), "{links}");
+    let leg = links
+        .lines()
+        .find(|l| l.contains(&format!(" {}@", gw.transit_link)))
+        .unwrap();
+    assert!(leg.contains("master br0"), "{leg}");
+    let relays: Vec<_> = lab
+        .state()
+        .processes
+        .into_iter()
+        .filter(|p| p.name.ends_with("transit impairment") && lab::process::is_running(p))
+        .collect();
+    assert!(relays.is_empty(), "{relays:?}");
+}
+
 #[test]
-fn drill_transit_cut_costs_the_connect_timeout_is_not_rerouted_and_heals() {
+fn drill_transit_cut_reroutes_to_the_other_network_and_recovers_after_the_heal() {
     require_root();
     let (lab, _) = Lab::up("multi-primary-gateways", "drill-cut");
     let out = isthmus(
@@ -1155,43 +1250,169 @@ fn drill_transit_cut_costs_the_connect_timeout_is_not_rerouted_and_heals() {
             "failover",
             "--scenario",
             "transit-cut",
+            "--warmup",
+            "2s",
+            "--fail-for",
+            "2s",
+            // The sidecar's pooled connection through the cut leg stalls and carries again
+            // only at TCP's next retransmission after the heal: seconds later.
             "--duration",
-            "6s",
-            "--slo-reroute-ms",
-            "1000",
+            "16s",
             "--json",
         ],
     );
     let r = drill_result(&out);
-    // Dropped packets are not refused, and nothing ejects the dead gateway: requests on the
-    // sidecar's pooled connection through it stall until the link heals (or the client's
-    // 3 s timeout), and a new connection toward it waits out the 1 s connect timeout.
-    // Not rerouted: outlier ejection and per-try timeouts are still to come.
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(r["reroute_ms"].is_null(), "{}", text(&out));
-    let failure = &r["phases"][1];
-    assert!(failure["slow"].as_u64().unwrap() > 0, "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // Under the drill's policy cluster1's requests all cross networks: to cluster2 before the
+    // cut and after the heal, to cluster3 during it.
+    let landed = r["landed"].as_object().unwrap();
+    assert!(landed.keys().all(|k| !k.starts_with("cluster1")), "{}", text(&out));
+    let phases = r["phases"].as_array().unwrap();
+    assert!(phases[0]["to_failing_cluster"].as_u64().unwrap() > 0, "{}", text(&out));
+    // At most what was already on its way when the leg was cut.
+    assert!(phases[1]["to_failing_cluster"].as_u64().unwrap() <= 2, "{}", text(&out));
+    assert!(phases[2]["to_failing_cluster"].as_u64().unwrap() > 0, "{}", text(&out));
+    assert!(r["recover_ms"].as_f64().is_some(), "{}", text(&out));
+    // Rerouted by the mesh's retries: without them a third of the requests during the cut
+    // (cluster2's share) would fail. Not yet zero, and the reroute figure not reliably within
+    // a second: a per-try timeout neither ejects cluster2's endpoint nor keeps the retry off
+    // it, so a request may pick it again and again (README, the lab).
+    let failed = r["failed"].as_u64().unwrap();
+    assert!(failed <= 5, "{failed} failed: {}", text(&out));
+    let failure = &phases[1];
     assert!(
-        failure["latency_ms"]["p99_ms"].as_f64().unwrap() >= 1000.0,
+        failure["latency_ms"]["p50_ms"].as_f64().unwrap() < 100.0,
         "{}",
         text(&out)
     );
-    assert!(r["recover_ms"].as_f64().is_some(), "{}", text(&out));
-    // Healed: no qdisc or DROP rule left on cluster2's transit leg, and traffic crosses again.
+    let injected = r["injected"].as_str().unwrap();
+    assert!(
+        injected.contains("loss 100%") && (injected.contains("netem") || injected.contains("WAN emulator")),
+        "{injected}"
+    );
+    // Healed, and the drill's policy deleted: cluster1's requests are local again too.
+    transit_leg_clear(&lab, 2);
+    traffic_until(&lab, "every cluster answering cluster1 again", |r| {
+        r["failed"] == 0 && r["by_cluster"].as_object().is_some_and(|c| c.len() == 3)
+    });
+    let before = lab.state();
+    let down = lab.down();
+    assert!(down.status.success(), "{}", text(&down));
+    assert_nothing_left(&before, &lab.dir, &host_links());
+}
+
+#[test]
+fn drill_latency_slows_the_requests_through_the_slowed_network_only() {
+    require_root();
+    let (lab, _) = Lab::up("multi-primary-gateways", "drill-lat");
+    let out = isthmus(
+        &lab,
+        &[
+            "drill",
+            "failover",
+            "--scenario",
+            "latency",
+            "--delay",
+            "100ms",
+            "--duration",
+            "6s",
+            "--slo-max-failures",
+            "0",
+            "--json",
+        ],
+    );
+    let r = drill_result(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let at = |phase: usize, p: &str| r["phases"][phase]["latency_ms"][p].as_f64().unwrap();
+    assert!(at(0, "p50_ms") < 50.0 && at(2, "p50_ms") < 50.0, "{}", text(&out));
+    // Only cluster2's share, a third of the requests, is slowed, each by the delay.
+    assert!(at(1, "p90_ms") >= 100.0 && at(1, "p50_ms") < 100.0, "{}", text(&out));
+    // Slow, not lost: nothing was bad enough to count against the reroute.
+    assert_eq!(r["reroute_ms"], 0.0, "{}", text(&out));
+    assert!(
+        r["injected"].as_str().unwrap().contains("delay 100 ms"),
+        "{}",
+        text(&out)
+    );
+    transit_leg_clear(&lab, 2);
+}
+
+/// The time a TCP handshake takes from `ns` to `addr`: the best of three.
+fn handshake(ns: &str, addr: SocketAddr) -> std::io::Result<Duration> {
+    netns::within(ns, move || {
+        (0..3)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                TcpStream::connect_timeout(&addr, Duration::from_millis(600)).map(|_| t.elapsed())
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map(|v| v.into_iter().min().unwrap())
+    })?
+}
+
+#[test]
+fn an_impaired_transit_leg_adds_its_delay_to_round_trips_and_clearing_removes_it() {
+    require_root();
+    let lab = Lab::plain("multi-primary-gateways", "impair");
+    let (ns, _) = lab.pod(1, "productpage-v1");
     let gw = lab.plan.cluster(2).gateway.clone().unwrap();
-    let rules = netns::exec(&gw.host.netns, "iptables", &["-S"]).unwrap();
-    assert!(!rules.contains("transit -j DROP"), "{rules}");
-    let qdisc = netns::exec(
-        lab.plan.transit.as_ref().unwrap(),
-        "tc",
-        &["qdisc", "show", "dev", &gw.transit_link],
-    )
+    let (to_gateway, to_metrics) = (
+        SocketAddr::new(IpAddr::V4(gw.transit_ip), GATEWAY_PORT),
+        SocketAddr::new(IpAddr::V4(gw.transit_ip), lab::plan::METRICS_PORT),
+    );
+    let base = handshake(&ns, to_gateway).unwrap();
+    assert!(base < Duration::from_millis(50), "{base:?}");
+    let impair = |args: &[&str]| {
+        let mut all = vec!["lab", "impair", "--cluster", "cluster2"];
+        all.extend_from_slice(args);
+        let out = isthmus(&lab, &all);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = impair(&["--delay", "100ms"]);
+    assert!(said.contains("delay 100 ms"), "{said}");
+    let slowed = probe::until(Duration::from_secs(5), Duration::from_millis(50), || {
+        match handshake(&ns, to_gateway) {
+            Ok(rtt) if rtt >= Duration::from_millis(100) => Ok(rtt),
+            other => Err(format!("{other:?}")),
+        }
+    })
     .unwrap();
-    assert!(!qdisc.contains("netem"), "{qdisc}");
-    let t = isthmus(&lab, &["lab", "traffic", "-n", "40", "--json"]);
-    assert!(t.status.success(), "{}", text(&t));
-    let t: serde_json::Value = serde_json::from_slice(&t.stdout).unwrap();
-    assert!(t["by_cluster"]["cluster2"].as_u64().unwrap() > 0, "{t:#}");
+    assert!(slowed < base + Duration::from_millis(180), "{slowed:?} (base {base:?})");
+    // A whole HTTP exchange crosses the relay too (larger segments than a handshake).
+    let page = probe::get(&ns, to_metrics, "/stats/prometheus", Duration::from_secs(5)).unwrap();
+    assert_eq!(page.status, 200, "{page:?}");
+    impair(&["--clear"]);
+    transit_leg_clear(&lab, 2);
+    probe::until(Duration::from_secs(5), Duration::from_millis(50), || {
+        match handshake(&ns, to_gateway) {
+            Ok(rtt) if rtt < Duration::from_millis(50) => Ok(rtt),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    // Cut: nothing reaches cluster2's gateway; cleared: everything does again.
+    let said = impair(&["--loss", "100%"]);
+    assert!(said.contains("loss 100%"), "{said}");
+    probe::until(Duration::from_secs(5), Duration::from_millis(50), || {
+        match handshake(&ns, to_gateway) {
+            Err(e) => Ok(e),
+            Ok(rtt) => Err(rtt),
+        }
+    })
+    .unwrap();
+    impair(&["--clear"]);
+    probe::until(Duration::from_secs(5), Duration::from_millis(50), || {
+        handshake(&ns, to_gateway)
+    })
+    .unwrap();
+    // An impairment left on is taken down with the lab.
+    impair(&["--delay", "20ms"]);
+    let before = lab.state();
+    assert!(before.processes.iter().any(|p| p.name == "cluster2 transit impairment"));
+    let down = lab.down();
+    assert!(down.status.success(), "{}", text(&down));
+    assert_nothing_left(&before, &lab.dir, &host_links());
 }
 
 /// Bookinfo's `reviews` pinned to v2 by Istio's own kinds, as a user writes them.
