@@ -563,8 +563,13 @@ impl Snapshot {
     }
 
     /// This snapshot with the gateway addresses `resolved`.
+    /// Nothing computed from the old addresses is kept (what came before, [`Self::after`], is).
     pub fn with_resolved(self, resolved: Arc<Resolved>) -> Self {
-        Self { resolved, ..self }
+        Self {
+            resolved,
+            prior: self.prior,
+            ..Snapshot::new(self.version, self.created, self.clusters, self.mesh)
+        }
     }
 
     /// Whether `other` tells proxies the same thing (versions aside).
