@@ -8,7 +8,10 @@
 //! delta ADS streams, each subscribing to every cluster and its endpoints and
 //! ACKing what it gets. It times the full initial push, then K changes of one
 //! endpoint each: from publishing the new state until each proxy has received
-//! it. The proxies run in a child process (this example re-run with
+//! it. Each state follows the one before (`Snapshot::after`, as the publisher's do),
+//! and holds the unchanged clusters' models as they were, as the registry does; the
+//! controller CPU per change is counted from publishing to convergence, leaving out
+//! the harness's building of the changed model. The proxies run in a child process (this example re-run with
 //! `--clients ADDR`), so CPU, RSS and peak RSS are the controller's alone: the
 //! proxies' decoded copies of every endpoint would otherwise dwarf it. Both
 //! processes stamp events with CLOCK_MONOTONIC, which they share. Every wait is
@@ -73,56 +76,58 @@ fn args() -> Args {
     a
 }
 
-fn models(a: &Args, change: u32) -> Vec<(Arc<ClusterModel>, bool)> {
-    (0..a.clusters)
-        .map(|c| {
-            let network = NetworkId::new(format!("net{}", c % 2));
-            let instances = (0..a.endpoints)
-                .map(|e| {
-                    let s = e % a.services;
-                    // The change: cluster 0's first endpoint moves.
-                    let bump = if c == 0 && e == 0 { change } else { 0 };
-                    Instance {
-                        service: ServiceKey {
-                            host: Hostname::parse(&format!("svc{s}.default.svc.cluster.local")).unwrap(),
-                            port: 9080,
-                        },
-                        address: IpAddr::from(std::net::Ipv4Addr::from(
-                            (10u32 << 24) | ((c as u32) << 17) | (e as u32 + bump),
-                        )),
-                        target_port: 8080,
-                        network: network.clone(),
-                        locality: Locality {
-                            region: "r".into(),
-                            zone: format!("z{}", e % 3),
-                            subzone: String::new(),
-                        },
-                        mtls: true,
-                        labels: BTreeMap::new(),
-                        service_account: None,
-                    }
-                })
-                .collect();
-            let gateways = vec![Gateway {
+/// Every cluster's model, as the registry holds them.
+fn models(a: &Args) -> Vec<(Arc<ClusterModel>, bool)> {
+    (0..a.clusters).map(|c| cluster(a, c, 0)).collect()
+}
+
+/// Cluster `c`'s model; for cluster 0, with its first endpoint moved by `change`.
+fn cluster(a: &Args, c: usize, change: u32) -> (Arc<ClusterModel>, bool) {
+    let network = NetworkId::new(format!("net{}", c % 2));
+    let instances = (0..a.endpoints)
+        .map(|e| {
+            let s = e % a.services;
+            // The change: cluster 0's first endpoint moves.
+            let bump = if c == 0 && e == 0 { change } else { 0 };
+            Instance {
+                service: ServiceKey {
+                    host: Hostname::parse(&format!("svc{s}.default.svc.cluster.local")).unwrap(),
+                    port: 9080,
+                },
+                address: IpAddr::from(std::net::Ipv4Addr::from(
+                    (10u32 << 24) | ((c as u32) << 17) | (e as u32 + bump),
+                )),
+                target_port: 8080,
                 network: network.clone(),
-                address: GatewayAddress::Ip(IpAddr::from([100, 64, (c / 250) as u8, (c % 250) as u8 + 1])),
-                port: 15443,
-                pins_endpoints: false,
-            }];
-            (
-                Arc::new(ClusterModel {
-                    cluster: ClusterId::new(format!("c{c}")),
-                    instances,
-                    vips: vec![],
-                    gateways,
-                    exposure: Default::default(),
-                    security: Default::default(),
-                    traffic: Default::default(),
-                }),
-                false,
-            )
+                locality: Locality {
+                    region: "r".into(),
+                    zone: format!("z{}", e % 3),
+                    subzone: String::new(),
+                },
+                mtls: true,
+                labels: BTreeMap::new(),
+                service_account: None,
+            }
         })
-        .collect()
+        .collect();
+    let gateways = vec![Gateway {
+        network: network.clone(),
+        address: GatewayAddress::Ip(IpAddr::from([100, 64, (c / 250) as u8, (c % 250) as u8 + 1])),
+        port: 15443,
+        pins_endpoints: false,
+    }];
+    (
+        Arc::new(ClusterModel {
+            cluster: ClusterId::new(format!("c{c}")),
+            instances,
+            vips: vec![],
+            gateways,
+            exposure: Default::default(),
+            security: Default::default(),
+            traffic: Default::default(),
+        }),
+        false,
+    )
 }
 
 fn node(i: usize) -> Node {
@@ -311,7 +316,7 @@ async fn main() {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::new(
         version,
         Instant::now(),
-        models(&a, 0),
+        models(&a),
         MeshConfig::default(),
     )));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -353,19 +358,21 @@ async fn main() {
 
     let mut lat = Vec::new();
     let mut needless = 0usize;
-    let cpu1 = cpu_secs();
+    // The controller's CPU from publishing each change until it has converged: the
+    // harness's building of the changed cluster's model (the sources' work) is left out.
+    let mut cpu_changes = 0.0;
     for k in 1..=a.changes as u32 {
         while seen.try_recv().is_ok() {}
         version += 1;
-        let clusters = models(&a, k * 100_000); // the sources' work, not the server's: not timed
+        // The sources' work, not the server's, so not timed: cluster 0's model is built
+        // anew, the others are the registry's, unchanged.
+        let prev = tx.borrow().clone();
+        let mut clusters = prev.clusters.clone();
+        clusters[0] = cluster(&a, 0, k * 100_000);
+        let cpu1 = cpu_secs();
         let started = now_ns();
-        tx.send(Arc::new(Snapshot::new(
-            version,
-            Instant::now(),
-            clusters,
-            MeshConfig::default(),
-        )))
-        .unwrap();
+        let next = Snapshot::new(version, Instant::now(), clusters, MeshConfig::default()).after(&prev);
+        tx.send(Arc::new(next)).unwrap();
         // Affected: proxies on net0, where the moved endpoint is. Proxies on net1
         // reach it through net0's gateway, whose weight did not change.
         let mut got = vec![false; a.proxies];
@@ -384,8 +391,8 @@ async fn main() {
                 lat.push(Duration::from_nanos(at.saturating_sub(started)));
             }
         }
+        cpu_changes += cpu_secs() - cpu1;
     }
-    let cpu_changes = cpu_secs() - cpu1;
     lat.sort();
     println!(
         "one-endpoint change -> every affected proxy ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} changes; pushes to unaffected proxies: {needless}; controller CPU {:.1} ms per change; {}",

@@ -129,7 +129,7 @@ pub async fn watch(dir: PathBuf, mesh: MeshConfig, interval: Duration, tx: watch
         }
         seen = now;
         let current = tx.borrow().clone();
-        match snapshot(&dir, &mesh, current.version + 1) {
+        match snapshot(&dir, &mesh, current.version + 1).map(|s| s.after(&current)) {
             Ok(next) => {
                 last_error = None;
                 let same = next.same_state(&current);

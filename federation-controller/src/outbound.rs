@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use mesh_vocab::{ClusterId, Hostname, SpiffeId};
 
-use crate::model::{ClusterModel, ServiceKey};
+use crate::model::{ClusterModel, Instance, ServiceKey};
 
 /// The outbound listeners of one proxy's view.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,25 +124,34 @@ pub fn identities<'a>(
     clusters: impl IntoIterator<Item = &'a ClusterModel>,
     trust_domain: &str,
 ) -> BTreeMap<ServiceKey, Vec<SpiffeId>> {
-    let mut identities: BTreeMap<ServiceKey, BTreeSet<SpiffeId>> = BTreeMap::new();
+    let mut by_service: BTreeMap<&ServiceKey, Vec<&Instance>> = BTreeMap::new();
     for m in clusters {
         for i in &m.instances {
-            let ids = identities.entry(i.service.clone()).or_default();
-            let (Some(sa), Some((_, ns))) = (&i.service_account, i.service.host.service_and_namespace()) else {
-                continue;
-            };
-            match SpiffeId::workload(trust_domain, ns, sa) {
-                Ok(id) => {
-                    ids.insert(id);
-                }
-                Err(e) => tracing::debug!(service = %i.service, sa, error = %e, "no SPIFFE ID"),
-            }
+            by_service.entry(&i.service).or_default().push(i);
         }
     }
-    identities
+    by_service
         .into_iter()
-        .map(|(k, ids)| (k, ids.into_iter().collect()))
+        .map(|(k, instances)| (k.clone(), identities_of(instances, trust_domain)))
         .collect()
+}
+
+/// [`identities`] of one service port, from its `instances`: their service accounts' SPIFFE
+/// IDs, distinct and sorted.
+pub fn identities_of<'a>(instances: impl IntoIterator<Item = &'a Instance>, trust_domain: &str) -> Vec<SpiffeId> {
+    let mut ids = BTreeSet::new();
+    for i in instances {
+        let (Some(sa), Some((_, ns))) = (&i.service_account, i.service.host.service_and_namespace()) else {
+            continue;
+        };
+        match SpiffeId::workload(trust_domain, ns, sa) {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(e) => tracing::debug!(service = %i.service, sa, error = %e, "no SPIFFE ID"),
+        }
+    }
+    ids.into_iter().collect()
 }
 
 #[cfg(test)]

@@ -214,7 +214,8 @@ async fn run(
             source.clusters.clone(),
             source.mesh.clone(),
         )
-        .with_resolved(Arc::new(resolved));
+        .with_resolved(Arc::new(resolved))
+        .after(&current);
         if !next.same_state(&current) && tx.send(Arc::new(next)).is_err() {
             return;
         }

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::federation::{self, Resolved, View};
+use crate::federation::{self, NetworkView, Resolved, View};
 use crate::metrics::Metrics;
 use crate::model::{ClusterModel, Locality, MeshConfig, ServiceKey};
 use crate::networking::destination_rule::effective_policy;
@@ -93,15 +93,213 @@ pub struct Snapshot {
     /// shared by every proxy with the same: a push to a thousand proxies must not
     /// federate and encode a thousand times. The cluster is part of the key only
     /// where it matters (Envoy's listeners), so the rest is shared per network.
-    cache: OnceMap<CacheKey, Arc<tokio::sync::OnceCell<EncodedSet>>>,
-    /// The federated view per network, shared by both resource types.
-    views: OnceMap<NetworkId, Arc<std::sync::OnceLock<Arc<View>>>>,
+    cache: OnceMap<CacheKey, Arc<tokio::sync::OnceCell<Arc<Built>>>>,
+    /// Federation's input indexed per service port.
+    index: std::sync::OnceLock<Arc<federation::Index>>,
+    /// The federated view per network, shared by every resource type.
+    views: OnceMap<NetworkId, Arc<std::sync::OnceLock<Arc<NetworkView>>>>,
     /// The `VIP:port` table per proxy cluster (None: naming no served cluster).
     vip_tables: OnceMap<Option<ClusterId>, Arc<std::sync::OnceLock<Arc<VipTable>>>>,
     /// Who may serve each service port, the same for every proxy.
     identities: std::sync::OnceLock<Arc<Identities>>,
     /// The Istio traffic config of every live cluster, merged.
     routing: std::sync::OnceLock<Arc<Routing>>,
+    /// What the snapshot before had computed ([`Snapshot::after`]).
+    prior: Option<Arc<Prior>>,
+}
+
+/// What earlier snapshots computed, for a snapshot to reuse what did not change: a
+/// service port whose instances are unchanged keeps its federated endpoints, and a
+/// resource built from the same ones keeps its encoding, so one endpoint change costs
+/// one service. It holds no prior of its own: at most one earlier state is kept.
+#[derive(Debug, Default)]
+struct Prior {
+    index: Option<Arc<federation::Index>>,
+    identities: Option<(String, Arc<Identities>)>,
+    views: HashMap<NetworkId, Aged<Arc<NetworkView>>>,
+    sets: HashMap<CacheKey, Aged<Arc<Built>>>,
+}
+
+/// A carried value, and how many snapshots in a row have not asked for it.
+#[derive(Debug, Clone)]
+struct Aged<V> {
+    age: u8,
+    value: V,
+}
+
+/// How many snapshots a value nobody asks for is carried: enough to outlast a burst of
+/// snapshots replaced before any stream read them, few enough that the views of proxies
+/// gone for good are let go.
+const MAX_AGE: u8 = 3;
+
+impl Prior {
+    /// What `prev` computed, and what it was carrying and did not compute again.
+    fn of(prev: &Snapshot) -> Self {
+        let older = prev.prior.as_deref();
+        Prior {
+            index: prev
+                .index
+                .get()
+                .cloned()
+                .or_else(|| older.and_then(|o| o.index.clone())),
+            identities: prev
+                .identities
+                .get()
+                .map(|ids| (prev.mesh.trust_domain.clone(), ids.clone()))
+                .or_else(|| older.and_then(|o| o.identities.clone())),
+            views: carried(&prev.views, |c| c.get(), older.map(|o| &o.views)),
+            sets: carried(&prev.cache, |c| c.get(), older.map(|o| &o.sets)),
+        }
+    }
+}
+
+/// The values computed in `now`, and those of `older` one snapshot older, while not too old.
+fn carried<K: Clone + Eq + std::hash::Hash, C, V: Clone>(
+    now: &OnceMap<K, Arc<C>>,
+    get: impl Fn(&C) -> Option<&V>,
+    older: Option<&HashMap<K, Aged<V>>>,
+) -> HashMap<K, Aged<V>> {
+    let mut out: HashMap<K, Aged<V>> = older
+        .into_iter()
+        .flatten()
+        .filter(|(_, a)| a.age < MAX_AGE)
+        .map(|(k, a)| {
+            let aged = Aged {
+                age: a.age + 1,
+                value: a.value.clone(),
+            };
+            (k.clone(), aged)
+        })
+        .collect();
+    for (k, cell) in now.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        if let Some(v) = get(cell) {
+            out.insert(
+                k.clone(),
+                Aged {
+                    age: 0,
+                    value: v.clone(),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// One cache entry: the resources, and what each load assignment in it was built from.
+#[derive(Debug, Default)]
+struct Built {
+    set: EncodedSet,
+    sources: HashMap<String, Source>,
+}
+
+/// What a load assignment was built from: federated endpoints (compared by pointer,
+/// which [`NetworkView`] keeps for unchanged services) and the locality setting applied.
+#[derive(Debug, Clone)]
+struct Source {
+    endpoints: Arc<Vec<federation::LbEndpoint>>,
+    local: Option<String>,
+}
+
+/// A resource as built, with what it was built from if that is federated endpoints.
+type Item = (Arc<Encoded>, Option<Source>);
+
+/// Builds one cache entry from the entry the snapshot before had under the same key:
+/// a resource whose inputs are the same is that one, not encoded again.
+struct Reuse<'a> {
+    prior: Option<&'a Built>,
+    by_name: HashMap<&'a str, &'a Arc<Encoded>>,
+}
+
+impl<'a> Reuse<'a> {
+    fn new(prior: Option<&'a Built>) -> Self {
+        let by_name = prior
+            .into_iter()
+            .flat_map(|p| p.set.iter())
+            .map(|e| (e.name.as_str(), e))
+            .collect();
+        Self { prior, by_name }
+    }
+
+    /// The prior resource `name` if it has `version`, else one `encode` makes.
+    fn versioned(&self, name: String, version: String, encode: impl FnOnce() -> Any) -> Item {
+        let e = match self.by_name.get(name.as_str()) {
+            Some(e) if e.version == version => Arc::clone(e),
+            _ => Arc::new(Encoded {
+                resource: encode(),
+                name,
+                version,
+            }),
+        };
+        (e, None)
+    }
+
+    /// The prior resource `name` if it was built from `source`, else one `build` makes
+    /// (the resource and its version): versions of load assignments hash every endpoint,
+    /// which is what reuse spares.
+    fn sourced(&self, name: String, source: Source, build: impl FnOnce() -> (Any, String)) -> Item {
+        let same = self
+            .prior
+            .and_then(|p| p.sources.get(&name))
+            .is_some_and(|s| Arc::ptr_eq(&s.endpoints, &source.endpoints) && s.local == source.local);
+        let e = match self.by_name.get(name.as_str()) {
+            Some(e) if same => Arc::clone(e),
+            _ => {
+                let (resource, version) = build();
+                Arc::new(Encoded {
+                    name,
+                    resource,
+                    version,
+                })
+            }
+        };
+        (e, Some(source))
+    }
+
+    /// The entry of `items`, sorted by name; its set is the prior one itself when every
+    /// resource is, so a stream can tell by pointer that it has nothing to send, and
+    /// otherwise says what changed since the prior one, so a stream that had that one
+    /// looks at nothing else.
+    fn finish(self, mut items: Vec<Item>) -> Built {
+        items.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let sources = items
+            .iter()
+            .filter_map(|(e, s)| Some((e.name.clone(), s.clone()?)))
+            .collect();
+        let list: Vec<Arc<Encoded>> = items.into_iter().map(|(e, _)| e).collect();
+        let Some(prior) = self.prior else {
+            return Built {
+                set: Arc::new(Resources { list, since: None }),
+                sources,
+            };
+        };
+        let changed: Vec<usize> = (0..list.len())
+            .filter(|&i| {
+                let e = &list[i];
+                self.by_name.get(e.name.as_str()).is_none_or(|p| !Arc::ptr_eq(p, e))
+            })
+            .collect();
+        let names: std::collections::HashSet<&str> = list.iter().map(|e| e.name.as_str()).collect();
+        let removed: Vec<String> = prior
+            .set
+            .iter()
+            .filter(|e| !names.contains(e.name.as_str()))
+            .map(|e| e.name.clone())
+            .collect();
+        let set = if changed.is_empty() && removed.is_empty() {
+            prior.set.clone()
+        } else {
+            let since = Since {
+                base: Arc::downgrade(&prior.set),
+                changed,
+                removed,
+            };
+            Arc::new(Resources {
+                list,
+                since: Some(since),
+            })
+        };
+        Built { set, sources }
+    }
 }
 
 /// What encoded resources are shared by: (network, cluster, generator, type URL,
@@ -220,8 +418,43 @@ impl Generator {
 /// Values computed at most once per key and shared.
 type OnceMap<K, V> = std::sync::Mutex<HashMap<K, V>>;
 
-/// Every resource of one type for one network.
-type EncodedSet = Arc<Vec<Encoded>>;
+/// Every resource of one type for one network; resources that did not change are
+/// shared with the snapshot before.
+pub type EncodedSet = Arc<Resources>;
+
+/// Every resource of one type for one network, sorted by name, and what changed since
+/// the set the snapshot before had under the same key.
+#[derive(Debug, Default)]
+pub struct Resources {
+    list: Vec<Arc<Encoded>>,
+    since: Option<Since>,
+}
+
+impl std::ops::Deref for Resources {
+    type Target = [Arc<Encoded>];
+    fn deref(&self) -> &Self::Target {
+        &self.list
+    }
+}
+
+/// How a set differs from the one before it: the resources (positions) new or changed,
+/// and the names gone. It does not keep the one before alive: a stream holding that one
+/// knows it by pointer, and no one else needs it.
+#[derive(Debug)]
+struct Since {
+    base: std::sync::Weak<Resources>,
+    changed: Vec<usize>,
+    removed: Vec<String>,
+}
+
+impl Resources {
+    /// What changed since `base`, if this set says so (`base` is the set before it).
+    fn since(&self, base: &EncodedSet) -> Option<&Since> {
+        self.since
+            .as_ref()
+            .filter(|s| std::ptr::eq(s.base.as_ptr(), Arc::as_ptr(base)))
+    }
+}
 
 /// One resource, encoded, with its content version.
 #[derive(Debug)]
@@ -250,7 +483,18 @@ impl Snapshot {
             vip_tables: Default::default(),
             identities: Default::default(),
             routing: Default::default(),
+            index: Default::default(),
+            prior: None,
         }
+    }
+
+    /// This snapshot, reusing what `prev` (the state it follows) computed: services whose
+    /// inputs did not change keep their federated endpoints and encoded resources, so a
+    /// change costs what changed. Without it a snapshot computes everything anew; either
+    /// way it serves the same.
+    pub fn after(mut self, prev: &Snapshot) -> Self {
+        self.prior = Some(Arc::new(Prior::of(prev)));
+        self
     }
 
     /// Every resource of `type_url` for proxies of `proxy`'s view, sorted by
@@ -281,37 +525,36 @@ impl Snapshot {
             }
             _ => None,
         };
+        let key = (
+            network.clone(),
+            cluster.clone(),
+            generator,
+            type_url.to_owned(),
+            per_proxy,
+        );
+        let prior = self
+            .prior
+            .as_ref()
+            .and_then(|p| p.sets.get(&key))
+            .map(|a| a.value.clone());
         let cell = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((
-                network.clone(),
-                cluster.clone(),
-                generator,
-                type_url.to_owned(),
-                per_proxy,
-            ))
+            .entry(key)
             .or_default()
             .clone();
         cell.get_or_init(|| async {
-            let mut list: Vec<Encoded> = self
-                .resources(type_url, network, cluster.as_ref(), proxy)
-                .into_iter()
-                .chain(inbound.as_ref().map(|i| {
-                    let l = i.listener();
-                    (l.name.clone(), any(LISTENER_TYPE, &l), stable_hash(i))
-                }))
-                .map(|(name, resource, version)| Encoded {
-                    name,
-                    resource,
-                    version,
-                })
-                .collect();
-            list.sort_by(|a, b| a.name.cmp(&b.name));
-            Arc::new(list)
+            let reuse = Reuse::new(prior.as_deref());
+            let mut items = self.resources(type_url, network, cluster.as_ref(), proxy, &reuse);
+            if let Some(i) = &inbound {
+                let l = i.listener();
+                items.push(reuse.versioned(l.name.clone(), stable_hash(i), || any(LISTENER_TYPE, &l)));
+            }
+            Arc::new(reuse.finish(items))
         })
         .await
+        .set
         .clone()
     }
 
@@ -328,8 +571,13 @@ impl Snapshot {
     }
 
     /// This snapshot with the gateway addresses `resolved`.
+    /// Nothing computed from the old addresses is kept (what came before, [`Self::after`], is).
     pub fn with_resolved(self, resolved: Arc<Resolved>) -> Self {
-        Self { resolved, ..self }
+        Self {
+            resolved,
+            prior: self.prior,
+            ..Snapshot::new(self.version, self.created, self.clusters, self.mesh)
+        }
     }
 
     /// Whether `other` tells proxies the same thing (versions aside).
@@ -343,8 +591,25 @@ impl Snapshot {
                 .all(|((a, s), (b, t))| a == b && s == t)
     }
 
-    /// The view of `network`, computed once per snapshot.
-    fn shared_view(&self, network: &NetworkId) -> Arc<View> {
+    /// Federation's input indexed per service port, computed once per snapshot from the
+    /// prior one: clusters whose model is the same are not indexed again.
+    fn index(&self) -> Arc<federation::Index> {
+        self.index
+            .get_or_init(|| {
+                let prior = self.prior.as_ref().and_then(|p| p.index.as_deref());
+                Arc::new(federation::Index::new(
+                    &self.clusters,
+                    &self.mesh,
+                    &self.resolved,
+                    prior,
+                ))
+            })
+            .clone()
+    }
+
+    /// The view of `network`, computed once per snapshot, federating again only the
+    /// service ports whose inputs changed since the prior snapshot's.
+    fn shared_view(&self, network: &NetworkId) -> Arc<NetworkView> {
         let cell = self
             .views
             .lock()
@@ -352,7 +617,14 @@ impl Snapshot {
             .entry(network.clone())
             .or_default()
             .clone();
-        cell.get_or_init(|| Arc::new(self.view(network))).clone()
+        cell.get_or_init(|| {
+            let index = self.index();
+            let routing = self.routing();
+            let prior = self.prior.as_ref().and_then(|p| p.views.get(network));
+            let before = prior.map(|a| a.value.clone()).unwrap_or_default();
+            Arc::new(before.next(network, &index, |k| routing.subsets(std::iter::once(k))))
+        })
+        .clone()
     }
 
     /// `cluster` if it is one this snapshot serves: a node naming another (or
@@ -403,16 +675,8 @@ impl Snapshot {
             .clone()
     }
 
-    /// The subsets' endpoints a proxy on `network` sees.
-    fn subset_view(&self, network: &NetworkId) -> federation::SubsetView {
-        let view = self.shared_view(network);
-        let subsets = self.routing().subsets(view.keys());
-        let refs: Vec<(&ClusterModel, bool)> = self.clusters.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
-        federation::subset_view_for(network, &refs, &self.mesh, &self.resolved, &subsets)
-    }
-
     /// The route configurations of every HTTP service port, for `proxy`.
-    fn route_configs(&self, proxy: &ProxyView, client: routes::Client) -> Vec<(String, Any, String)> {
+    fn route_configs(&self, proxy: &ProxyView, client: routes::Client, reuse: &Reuse) -> Vec<Item> {
         let routing = self.routing();
         routing
             .http_ports()
@@ -422,35 +686,51 @@ impl Snapshot {
                 // Route configurations hold no map with more than one entry, so their
                 // bytes are canonical and may stand for the version.
                 let version = stable_hash(&resource.value);
-                (r.name, resource, version)
+                reuse.versioned(r.name, version, || resource)
             })
             .collect()
     }
 
-    /// Who may serve each service port, computed once per snapshot.
+    /// Who may serve each service port, computed once per snapshot; a service port whose
+    /// instances did not change keeps the prior snapshot's.
     fn identities(&self) -> Arc<Identities> {
         self.identities
             .get_or_init(|| {
-                let models = self.clusters.iter().map(|(m, _)| m.as_ref());
-                Arc::new(outbound::identities(models, &self.mesh.trust_domain))
+                let index = self.index();
+                let td = &self.mesh.trust_domain;
+                let prior = self.prior.as_ref().and_then(|p| {
+                    let (_, ids) = p.identities.as_ref().filter(|(ptd, _)| ptd == td)?;
+                    Some((p.index.as_deref()?, ids))
+                });
+                let ids = index.services().iter().map(|(k, inputs)| {
+                    let kept = prior.and_then(|(pi, ids)| ids.get(k).filter(|_| index.unchanged(k, pi).is_some()));
+                    let ids = match kept {
+                        Some(ids) => ids.clone(),
+                        None => outbound::identities_of(inputs.instances().map(|(_, _, i)| i), td),
+                    };
+                    (k.clone(), ids)
+                });
+                Arc::new(ids.collect())
             })
             .clone()
     }
 
-    /// Every resource of `type_url` for a proxy on `network` (in `proxy_cluster`,
-    /// for listeners): (name, resource, version). The version is taken from the federated input, which is sorted
-    /// and canonical, not from the encoded bytes: protobuf map fields (endpoint
-    /// metadata) encode in hash-map order, so equal resources could encode
-    /// differently and be resent to every proxy on every change.
+    /// Every resource of `type_url` for a proxy on `network` (in `proxy_cluster`, for
+    /// listeners), each the prior snapshot's where `reuse` finds it unchanged. A version is
+    /// taken from what the resource is built from, which is sorted and canonical, not from
+    /// its encoded bytes: protobuf map fields (endpoint metadata) encode in hash-map order,
+    /// so equal resources could encode differently and be resent to every proxy on every
+    /// change.
     fn resources(
         &self,
         type_url: &str,
         network: &NetworkId,
         proxy_cluster: Option<&ClusterId>,
         proxy: &ProxyView,
-    ) -> Vec<(String, Any, String)> {
+        reuse: &Reuse,
+    ) -> Vec<Item> {
         if proxy.generator == Generator::Grpc {
-            return self.grpc_resources(type_url, network, proxy);
+            return self.grpc_resources(type_url, network, proxy, reuse);
         }
         match type_url {
             LISTENER_TYPE => {
@@ -468,11 +748,11 @@ impl Snapshot {
                         // Outbound listeners hold no map, so their bytes are canonical
                         // (and follow the host's TCP/TLS routes).
                         let version = stable_hash(&resource.value);
-                        (l.name.clone(), resource, version)
+                        reuse.versioned(l.name.clone(), version, || resource)
                     })
                     .collect()
             }
-            ROUTE_TYPE => self.route_configs(proxy, routes::Client::Envoy),
+            ROUTE_TYPE => self.route_configs(proxy, routes::Client::Envoy, reuse),
             CLUSTER_TYPE => {
                 let identities = self.identities();
                 let routing = self.routing();
@@ -492,48 +772,55 @@ impl Snapshot {
                                 None => stable_hash(&(k, ids, td)),
                                 Some(r) => stable_hash(&(k, ids, td, r, &c.name, protocol)),
                             };
-                            (c.name.clone(), any(CLUSTER_TYPE, &c), version)
+                            reuse.versioned(c.name.clone(), version, || any(CLUSTER_TYPE, &c))
                         })
                     })
                     .collect()
             }
             ENDPOINT_TYPE => {
                 let routing = self.routing();
-                // Locality priorities for this proxy where the cluster's policy asks for them.
-                let localize = |c: &mut ClusterLoadAssignment, k: &ServiceKey, subset: Option<&str>| {
+                // The locality setting of a cluster's policy, where it asks for locality
+                // priorities; None where it does not.
+                let setting = |k: &ServiceKey, subset: Option<&str>| {
                     let (_, dr) = routing.destination_rule(&k.host)?;
                     let p = effective_policy(dr, subset, k.port);
                     if !locality::applies(&p) {
                         return None;
                     }
-                    let setting = p.load_balancer.as_ref().and_then(|lb| lb.locality_lb_setting.as_ref());
-                    let at = locality::Proxy {
-                        locality: &proxy.locality,
-                        network: &proxy.network,
-                    };
-                    locality::apply(c, at, setting);
-                    Some((&proxy.locality, serde_json::to_string(&setting).unwrap_or_default()))
+                    Some(p.load_balancer.as_ref().and_then(|lb| lb.locality_lb_setting.clone()))
                 };
-                let mut out: Vec<(String, Any, String)> = self
-                    .shared_view(network)
-                    .iter()
-                    .map(|(k, eps)| {
-                        let mut c = load_assignment(cluster_name(k), eps);
-                        let local = localize(&mut c, k, None);
-                        (
-                            c.cluster_name.clone(),
-                            any(ENDPOINT_TYPE, &c),
-                            stable_hash(&(k, eps, local)),
-                        )
+                let at = locality::Proxy {
+                    locality: &proxy.locality,
+                    network: &proxy.network,
+                };
+                let view = self.shared_view(network);
+                let services = view.endpoints().map(|(k, eps)| (k, None, cluster_name(k), eps));
+                let subsets = view
+                    .subset_endpoints()
+                    .map(|(s, eps)| (&s.service, Some(s), subset_cluster_name(&s.service, &s.subset), eps));
+                services
+                    .chain(subsets)
+                    .map(|(k, subset, name, eps)| {
+                        let setting = setting(k, subset.map(|s| s.subset.as_str()));
+                        let local = setting.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default());
+                        let source = Source {
+                            endpoints: eps.clone(),
+                            local: local.clone(),
+                        };
+                        reuse.sourced(name.clone(), source, || {
+                            let mut c = load_assignment(name, eps);
+                            if let Some(s) = &setting {
+                                locality::apply(&mut c, at, s.as_ref());
+                            }
+                            let local = local.map(|l| (&proxy.locality, l));
+                            let version = match subset {
+                                None => stable_hash(&(k, &**eps, local)),
+                                Some(s) => stable_hash(&(s, &**eps, local)),
+                            };
+                            (any(ENDPOINT_TYPE, &c), version)
+                        })
                     })
-                    .collect();
-                let view = self.subset_view(network);
-                out.extend(subsets::load_assignments(&view).map(|(k, mut c)| {
-                    let local = localize(&mut c, &k.service, Some(&k.subset));
-                    let version = stable_hash(&(k, &view[k], local));
-                    (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), version)
-                }));
-                out
+                    .collect()
             }
             _ => Vec::new(),
         }
@@ -542,14 +829,16 @@ impl Snapshot {
     /// [`Self::resources`] for proxyless gRPC: per service port the proxy's
     /// network sees, its API listener, routes and plaintext cluster, and the
     /// endpoints it can reach without mTLS (none behind a gateway).
-    fn grpc_resources(&self, type_url: &str, network: &NetworkId, proxy: &ProxyView) -> Vec<(String, Any, String)> {
+    fn grpc_resources(&self, type_url: &str, network: &NetworkId, proxy: &ProxyView, reuse: &Reuse) -> Vec<Item> {
         let view = self.shared_view(network);
         match type_url {
             LISTENER_TYPE => view
                 .keys()
                 .map(|k| {
                     let l = grpc::listener(k);
-                    (l.name.clone(), any(LISTENER_TYPE, &l), stable_hash(&(GRPC_SHAPES, k)))
+                    reuse.versioned(l.name.clone(), stable_hash(&(GRPC_SHAPES, k)), || {
+                        any(LISTENER_TYPE, &l)
+                    })
                 })
                 .collect(),
             // Every service port a gRPC client can dial has routes, whatever its port's name.
@@ -559,40 +848,37 @@ impl Snapshot {
                     let r = routes::route_config(k, &self.routing(), proxy.requester(), routes::Client::Grpc);
                     let resource = any(ROUTE_TYPE, &r);
                     let version = stable_hash(&(GRPC_SHAPES, &resource.value));
-                    (r.name, resource, version)
+                    reuse.versioned(r.name, version, || resource)
                 })
                 .collect(),
-            CLUSTER_TYPE => {
-                let routing = self.routing();
-                let subsets = routing.subsets(view.keys());
-                view.keys()
-                    .map(|k| (k, None))
-                    .chain(subsets.iter().map(|(s, _)| (&s.service, Some(s.subset.as_str()))))
-                    .map(|(k, subset)| {
-                        let c = grpc::cluster(k, subset);
-                        (
-                            c.name.clone(),
-                            any(CLUSTER_TYPE, &c),
-                            stable_hash(&(GRPC_SHAPES, k, subset)),
-                        )
-                    })
-                    .collect()
-            }
+            CLUSTER_TYPE => view
+                .keys()
+                .map(|k| (k, None))
+                .chain(view.subsets().map(|(s, _)| (&s.service, Some(s.subset.as_str()))))
+                .map(|(k, subset)| {
+                    let c = grpc::cluster(k, subset);
+                    let version = stable_hash(&(GRPC_SHAPES, k, subset));
+                    reuse.versioned(c.name.clone(), version, || any(CLUSTER_TYPE, &c))
+                })
+                .collect(),
             ENDPOINT_TYPE => {
-                let direct = |eps: &[federation::LbEndpoint]| -> Vec<federation::LbEndpoint> {
-                    eps.iter().filter(|e| !e.via_gateway).cloned().collect()
-                };
-                let subset_view = self.subset_view(network);
-                let services = view.iter().map(|(k, eps)| (cluster_name(k), direct(eps)));
-                let subsets = subset_view
-                    .iter()
-                    .map(|(k, eps)| (subset_cluster_name(&k.service, &k.subset), direct(eps)));
+                let services = view.endpoints().map(|(k, eps)| (cluster_name(k), eps));
+                let subsets = view
+                    .subset_endpoints()
+                    .map(|(k, eps)| (subset_cluster_name(&k.service, &k.subset), eps));
                 services
                     .chain(subsets)
                     .map(|(name, eps)| {
-                        let version = stable_hash(&(&name, &eps));
-                        let c = load_assignment(name, &eps);
-                        (c.cluster_name.clone(), any(ENDPOINT_TYPE, &c), version)
+                        let source = Source {
+                            endpoints: eps.clone(),
+                            local: None,
+                        };
+                        reuse.sourced(name.clone(), source, || {
+                            let direct: Vec<federation::LbEndpoint> =
+                                eps.iter().filter(|e| !e.via_gateway).cloned().collect();
+                            let version = stable_hash(&(&name, &direct));
+                            (any(ENDPOINT_TYPE, &load_assignment(name, &direct)), version)
+                        })
                     })
                     .collect()
             }
@@ -602,8 +888,7 @@ impl Snapshot {
 
     /// The endpoints a proxy on `network` sees.
     pub fn view(&self, network: &NetworkId) -> View {
-        let refs: Vec<(&ClusterModel, bool)> = self.clusters.iter().map(|(m, s)| (m.as_ref(), *s)).collect();
-        federation::view_for(network, &refs, &self.mesh, &self.resolved)
+        self.shared_view(network).view()
     }
 }
 
@@ -821,6 +1106,8 @@ struct TypeState {
     last_nonce: String,
     sent_version: Option<u64>,
     acked_version: Option<String>,
+    /// The set last sent for these names: the same set again has nothing new.
+    sent_set: Option<EncodedSet>,
 }
 
 struct AdsStream {
@@ -905,6 +1192,7 @@ impl AdsStream {
             }
         }
         state.names = req.resource_names.clone();
+        state.sent_set = None;
         self.send(&req.type_url)
             .await
             .map_err(|_| tonic::Status::cancelled("client gone"))
@@ -923,9 +1211,13 @@ impl AdsStream {
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
+        if state.sent_set.as_ref().is_some_and(|s| Arc::ptr_eq(s, &all)) {
+            return Ok(()); // nothing of this type changed: the proxy has it all
+        }
+        state.sent_set = Some(all.clone());
         let wildcard = state.names.is_empty() && generator.wildcard_on_empty();
         let wanted = |name: &str| wildcard || state.names.iter().any(|n| n == name);
-        let chosen: Vec<&Encoded> = all.iter().filter(|e| wanted(&e.name)).collect();
+        let chosen: Vec<&Encoded> = all.iter().filter(|e| wanted(&e.name)).map(|e| &**e).collect();
         self.nonce += 1;
         state.last_nonce = self.nonce.to_string();
         state.sent_version = Some(snapshot.version);
@@ -959,6 +1251,9 @@ struct DeltaType {
     first_nonce: u64,
     /// Sent its first response: later empty diffs need no answer.
     answered: bool,
+    /// The set `sent` was last brought up to date with: while the snapshot serves the same
+    /// set (nothing of the type changed for this proxy), there is nothing to compare.
+    synced: Option<EncodedSet>,
 }
 
 /// The most resource bytes one delta response carries; a larger push goes out in several.
@@ -1069,6 +1364,7 @@ impl DeltaAds {
         let changed_subscription =
             first || !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
         if changed_subscription {
+            state.synced = None;
             self.send(&req.type_url)
                 .await
                 .map_err(|_| tonic::Status::cancelled("client gone"))?;
@@ -1087,25 +1383,57 @@ impl DeltaAds {
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
-        let current: HashMap<&str, &Encoded> = all
-            .iter()
-            .filter(|e| state.wildcard || state.names.contains(&e.name))
-            .map(|e| (e.name.as_str(), e))
-            .collect();
-        let mut changed: Vec<&Encoded> = current
-            .values()
-            .filter(|e| state.sent.get(&e.name) != Some(&e.version))
-            .copied()
-            .collect();
+        if state.answered && state.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, &all)) {
+            return Ok(());
+        }
+        let wanted = |e: &Encoded| state.wildcard || state.names.contains(&e.name);
+        // `sent` holds exactly the synced set's wanted resources: when this set says what
+        // changed since that one, only those need a look.
+        let since = state
+            .synced
+            .as_ref()
+            .and_then(|s| all.since(s))
+            .filter(|_| state.answered);
+        let (mut changed, mut removed): (Vec<&Encoded>, Vec<String>) = match since {
+            Some(since) => {
+                let changed = since
+                    .changed
+                    .iter()
+                    .map(|&i| &*all[i])
+                    .filter(|e| wanted(e) && state.sent.get(&e.name) != Some(&e.version))
+                    .collect();
+                let removed = since
+                    .removed
+                    .iter()
+                    .filter(|n| state.sent.contains_key(*n))
+                    .cloned()
+                    .collect();
+                (changed, removed)
+            }
+            None => {
+                let current: HashMap<&str, &Encoded> = all
+                    .iter()
+                    .filter(|e| wanted(e))
+                    .map(|e| (e.name.as_str(), &**e))
+                    .collect();
+                let changed = current
+                    .values()
+                    .filter(|e| state.sent.get(&e.name) != Some(&e.version))
+                    .copied()
+                    .collect();
+                let removed = state
+                    .sent
+                    .keys()
+                    .filter(|n| !current.contains_key(n.as_str()))
+                    .cloned()
+                    .collect();
+                (changed, removed)
+            }
+        };
+        state.synced = Some(all.clone());
         for e in &changed {
             state.sent.insert(e.name.clone(), e.version.clone());
         }
-        let mut removed: Vec<String> = state
-            .sent
-            .keys()
-            .filter(|n| !current.contains_key(n.as_str()))
-            .cloned()
-            .collect();
         removed.sort();
         for n in &removed {
             state.sent.remove(n);
@@ -1216,7 +1544,8 @@ async fn current(
 ) -> (EncodedSet, u64) {
     if type_url == SECRET_TYPE {
         let set = bundles.borrow().clone();
-        (Arc::new(set.encoded()), set.sequence)
+        let list = set.encoded().into_iter().map(Arc::new).collect();
+        (Arc::new(Resources { list, since: None }), set.sequence)
     } else {
         (snapshot.encoded(view, type_url).await, snapshot.version)
     }
@@ -1804,5 +2133,206 @@ mod tests {
             [("eu-0".to_owned(), 1), ("eu-1".to_owned(), 0)],
             "each locality is served its own priorities, not a cached neighbour's"
         );
+    }
+
+    /// Every resource a few kinds of proxy are served, decoded so that equal resources
+    /// compare equal whatever order their maps encoded in: (type, name, version, resource).
+    async fn served(snap: &Snapshot) -> Vec<(String, String, String, String)> {
+        use envoy_types::pb::envoy::config::listener::v3::Listener;
+        use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+        let zone = |z: &str| Locality {
+            region: "eu".into(),
+            zone: z.into(),
+            subzone: String::new(),
+        };
+        let proxies = [
+            ProxyView::envoy(&NetworkId::new("n1")),
+            ProxyView::envoy(&NetworkId::new("n2")),
+            ProxyView {
+                locality: zone("eu-1"),
+                ..proxy("default", "productpage")
+            },
+            ProxyView {
+                generator: Generator::Grpc,
+                ..ProxyView::envoy(&NetworkId::new("n1"))
+            },
+        ];
+        let mut out = Vec::new();
+        for p in &proxies {
+            for t in [LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE] {
+                for e in snap.encoded(p, t).await.iter() {
+                    let bytes = e.resource.value.as_slice();
+                    let decoded = match t {
+                        LISTENER_TYPE => format!("{:?}", Listener::decode(bytes).unwrap()),
+                        ROUTE_TYPE => format!("{:?}", RouteConfiguration::decode(bytes).unwrap()),
+                        CLUSTER_TYPE => format!("{:?}", Cluster::decode(bytes).unwrap()),
+                        _ => {
+                            // Sorted metadata, so that Debug of equal assignments is equal.
+                            let mut c = ClusterLoadAssignment::decode(bytes).unwrap();
+                            let metadata: Vec<Vec<(String, String)>> = c
+                                .endpoints
+                                .iter_mut()
+                                .flat_map(|l| &mut l.lb_endpoints)
+                                .map(|e| {
+                                    let m = e.metadata.take().unwrap_or_default();
+                                    let mut m: Vec<(String, String)> = m
+                                        .filter_metadata
+                                        .into_iter()
+                                        .map(|(k, v)| {
+                                            (
+                                                k,
+                                                format!("{:?}", {
+                                                    let mut f: Vec<_> = v.fields.into_iter().collect();
+                                                    f.sort_by(|a, b| a.0.cmp(&b.0));
+                                                    f
+                                                }),
+                                            )
+                                        })
+                                        .collect();
+                                    m.sort();
+                                    m
+                                })
+                                .collect();
+                            format!("{c:?} {metadata:?}")
+                        }
+                    };
+                    out.push((
+                        format!("{t} {:?}", p.generator),
+                        e.name.clone(),
+                        e.version.clone(),
+                        decoded,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// A state of two clusters on two networks, with a DestinationRule (subsets, and
+    /// locality-aware balancing when `outlier`) and a source-matching VirtualService.
+    fn state(moves: &[(usize, u8)], labels: u8, stale: bool, outlier: bool) -> Vec<(Arc<ClusterModel>, bool)> {
+        let rules = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: s0}}\nspec: {{host: s0, trafficPolicy: {{{}}}, subsets: [{{name: v1, labels: {{version: v1}}}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{sourceLabels: {{app: productpage}}}}]\n    route: [{{destination: {{host: reviews}}}}]\n",
+            if outlier {
+                "outlierDetection: {consecutive5xxErrors: 3}"
+            } else {
+                ""
+            }
+        );
+        let base = snapshot_with(&rules);
+        let mut c1 = (*base.clusters[0].0).clone();
+        for (i, inst) in c1.instances.iter_mut().enumerate() {
+            inst.locality.zone = format!("eu-{}", i % 2);
+            if (labels >> (i % 8)) & 1 == 1 {
+                inst.labels.insert("version".into(), "v1".into());
+            }
+        }
+        let mut c2 = c1.clone();
+        c2.cluster = ClusterId::new("c2");
+        for inst in &mut c2.instances {
+            inst.network = NetworkId::new("n2");
+            if let std::net::IpAddr::V4(a) = inst.address {
+                inst.address = std::net::IpAddr::from([10, 242, a.octets()[2], a.octets()[3]]);
+            }
+        }
+        c2.gateways[0].network = NetworkId::new("n2");
+        c2.gateways[0].address = GatewayAddress::Ip([100, 64, 0, 2].into());
+        let mut models = [c1, c2];
+        for (c, i) in moves {
+            let inst = &mut models[c % 2].instances[usize::from(*i) % 40];
+            if let std::net::IpAddr::V4(a) = inst.address {
+                let o = a.octets();
+                inst.address = std::net::IpAddr::from([o[0], o[1], o[2].wrapping_add(1), o[3]]);
+            }
+        }
+        let [c1, c2] = models;
+        vec![(Arc::new(c1), false), (Arc::new(c2), stale)]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+        /// A snapshot that follows another serves exactly what a snapshot made from scratch
+        /// serves, through any sequence of changes: reuse never serves a stale resource.
+        #[test]
+        fn a_snapshot_after_another_serves_what_a_fresh_one_does(
+            steps in proptest::collection::vec((0usize..2, 0u8..40, proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>(), proptest::prelude::any::<bool>()), 1..8),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let mut moves = Vec::new();
+                let mut prev: Option<Snapshot> = None;
+                for (version, (c, i, labels, stale, outlier)) in steps.into_iter().enumerate() {
+                    moves.push((c, i));
+                    let fresh = || Snapshot::new(version as u64 + 1, std::time::Instant::now(), state(&moves, labels, stale, outlier), MeshConfig::default());
+                    // Unchanged clusters keep their models, as the registry keeps them.
+                    let mut clusters = fresh().clusters;
+                    if let Some(p) = &prev {
+                        for (now, before) in clusters.iter_mut().zip(&p.clusters) {
+                            if now.0 == before.0 {
+                                now.0 = before.0.clone();
+                            }
+                        }
+                    }
+                    let next = Snapshot::new(version as u64 + 1, std::time::Instant::now(), clusters, MeshConfig::default());
+                    let next = match &prev {
+                        Some(p) => next.after(p),
+                        None => next,
+                    };
+                    let (a, b) = (served(&next).await, served(&fresh()).await);
+                    proptest::prop_assert_eq!(a, b);
+                    prev = Some(next);
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    #[tokio::test]
+    async fn after_one_endpoint_moves_only_its_resource_is_new_and_unaffected_sets_are_the_same() {
+        let (n1, n2) = (
+            ProxyView::envoy(&NetworkId::new("n1")),
+            ProxyView::envoy(&NetworkId::new("n2")),
+        );
+        let first = Snapshot::new(1, std::time::Instant::now(), clusters(1), MeshConfig::default());
+        let mut sets = Vec::new();
+        for p in [&n1, &n2] {
+            for t in [CLUSTER_TYPE, ENDPOINT_TYPE] {
+                sets.push(first.encoded(p, t).await);
+            }
+        }
+        let second = Snapshot::new(2, std::time::Instant::now(), clusters(2), MeshConfig::default()).after(&first);
+        let [cds1, eds1, cds2, eds2] = &sets[..] else { panic!() };
+        assert!(
+            Arc::ptr_eq(cds1, &second.encoded(&n1, CLUSTER_TYPE).await),
+            "no cluster changed"
+        );
+        assert!(Arc::ptr_eq(cds2, &second.encoded(&n2, CLUSTER_TYPE).await));
+        assert!(
+            Arc::ptr_eq(eds2, &second.encoded(&n2, ENDPOINT_TYPE).await),
+            "through the gateway nothing changed for n2: the same set, so no stream compares anything"
+        );
+        let eds = second.encoded(&n1, ENDPOINT_TYPE).await;
+        let rebuilt: Vec<&str> = eds
+            .iter()
+            .zip(eds1.iter())
+            .filter(|(a, b)| !Arc::ptr_eq(a, b))
+            .map(|(a, _)| a.name.as_str())
+            .collect();
+        assert_eq!(
+            rebuilt,
+            ["outbound|80||s0.default.svc.cluster.local"],
+            "only s0 is encoded again"
+        );
+        // A snapshot with the same state is served the same sets, by pointer.
+        let third = Snapshot::new(
+            3,
+            std::time::Instant::now(),
+            second.clusters.clone(),
+            MeshConfig::default(),
+        )
+        .after(&second);
+        assert!(Arc::ptr_eq(&eds, &third.encoded(&n1, ENDPOINT_TYPE).await));
     }
 }
