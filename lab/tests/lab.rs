@@ -206,6 +206,9 @@ impl Drop for Lab {
             let _ = netns::delete(&ns);
         }
         reap();
+        // What the test itself wrote there (a report, a manifest to apply): the directory is
+        // this test's own.
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
