@@ -692,14 +692,19 @@ fn without_root_the_lab_runs_on_loopback_and_says_networks_are_not_enforced() {
             assert!(p["svid_expiry_unix"].as_i64().is_some(), "{p}");
         }
     }
-    // Drills need networks to break.
-    let drill = as_nobody(&["drill", "failover", "--scenario", "gateway-loss"], &dir);
-    assert!(!drill.status.success());
-    assert!(
-        String::from_utf8_lossy(&drill.stderr).contains("runs on loopback"),
-        "{}",
-        text(&drill)
-    );
+    // Drills and impairments need networks to break.
+    for args in [
+        &["drill", "failover", "--scenario", "gateway-loss"][..],
+        &["lab", "impair", "--cluster", "cluster2", "--delay", "10ms"],
+    ] {
+        let refused = as_nobody(args, &dir);
+        assert!(!refused.status.success());
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("runs on loopback"),
+            "{}",
+            text(&refused)
+        );
+    }
 
     let down = as_nobody(&["lab", "down"], &dir);
     assert!(down.status.success(), "{}", text(&down));
