@@ -213,6 +213,9 @@ pub struct DrillResult {
     pub sidecar_connect_timeout: &'static str,
     /// How the failure was made and healed, in words.
     pub injected: String,
+    /// For the transit scenarios, what impaired the leg: `netem`, or `relay` (the lab's WAN
+    /// emulator, where the kernel has no `sch_netem`).
+    pub link_impairment: Option<impair::Method>,
     pub healed: String,
     pub inject_at_ms: f64,
     pub heal_at_ms: f64,
@@ -470,9 +473,9 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult>
         &mut lab,
         &mut injected,
     );
-    let injected_text = match &injection {
-        Ok(t) => t.clone(),
-        Err(e) => format!("FAILED: {e:#}"),
+    let (injected_text, link_impairment) = match &injection {
+        Ok((t, m)) => (t.clone(), m.clone()),
+        Err(e) => (format!("FAILED: {e:#}"), None),
     };
     if injection.is_ok() {
         sleep_until(t0 + warmup + fail_for);
@@ -518,6 +521,7 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult>
             client: client.name.clone(),
             address: addr,
             injected: injected_text,
+            link_impairment,
             healed: healed_text,
             sidecar: sidecar_before
                 .zip(sidecar_after)
@@ -554,7 +558,7 @@ fn inject(
     impairment: impair::Impairment,
     lab: &mut Running,
     injected: &mut Injected,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, Option<impair::Method>)> {
     match (scenario, leg) {
         (Scenario::TransitCut | Scenario::Latency, Some(leg)) => {
             let isthmus = std::env::current_exe().context("this executable, which runs the WAN emulator")?;
@@ -562,7 +566,9 @@ fn inject(
             let method = impair::apply(leg, impairment, &isthmus, &mut lab.state, &running);
             // Recorded before it is known to have worked: a half-made impairment is cleared too.
             *injected = Injected::Impaired(leg.clone());
-            Ok(format!("{} ({})", impairment.describe(), leg.describe(&method?)))
+            let method = method?;
+            let text = format!("{} ({})", impairment.describe(), leg.describe(&method));
+            Ok((text, Some(method)))
         }
         _ => {
             for v in victims {
@@ -572,14 +578,15 @@ fn inject(
                 }
             }
             *injected = Injected::Killed(victims.to_vec());
-            Ok(format!(
+            let text = format!(
                 "SIGKILL of {}",
                 victims
                     .iter()
                     .map(|v| format!("{} (pid {})", v.name, v.pid))
                     .collect::<Vec<_>>()
                     .join(", ")
-            ))
+            );
+            Ok((text, None))
         }
     }
 }
@@ -715,6 +722,7 @@ struct AnalysisContext {
     client: String,
     address: SocketAddr,
     injected: String,
+    link_impairment: Option<impair::Method>,
     healed: String,
     sidecar: Option<(u64, u64)>,
 }
@@ -845,6 +853,7 @@ fn analyse(args: &DrillArgs, t: Times, mut samples: Vec<Sample>, cx: AnalysisCon
         slow_ms: args.slow.as_millis() as u64,
         sidecar_connect_timeout: crate::sidecar::CONNECT_TIMEOUT,
         injected: cx.injected,
+        link_impairment: cx.link_impairment,
         healed: cx.healed,
         inject_at_ms: ms_since(t.t0, t.t_inject),
         heal_at_ms: ms_since(t.t0, t.t_heal),

@@ -17,7 +17,7 @@ use mesh_vocab::topology::WorkloadRole;
 use crate::apply;
 use crate::load;
 use crate::netns;
-use crate::plan::ClusterPlan;
+use crate::plan::{ClusterPlan, Plan};
 use crate::running::Running;
 
 /// The applied policy; [`DrillPolicy::remove`] deletes it (drop does too, quietly, when a
@@ -29,14 +29,13 @@ pub struct DrillPolicy {
 }
 
 /// The DestinationRule and VirtualService, named `isthmus-drill-<service>`.
-pub fn yaml(lab: &Running, from: &ClusterPlan, service: &str, per_try: Duration) -> anyhow::Result<String> {
+pub fn yaml(plan: &Plan, from: &ClusterPlan, service: &str, per_try: Duration) -> anyhow::Result<String> {
     let svc = from
         .services
         .iter()
         .find(|s| s.name == service)
         .with_context(|| format!("no service `{service}` in {}", from.name))?;
-    let remote: Vec<&ClusterPlan> = lab
-        .plan
+    let remote: Vec<&ClusterPlan> = plan
         .clusters
         .iter()
         .filter(|c| c.network != from.network && c.gateway.is_some())
@@ -50,7 +49,7 @@ pub fn yaml(lab: &Running, from: &ClusterPlan, service: &str, per_try: Duration)
         bail!(
             "a transit drill from {} needs {service} in at least two clusters of other networks behind gateways (to fail over between); {} has {}",
             from.name,
-            lab.plan.topology.name,
+            plan.topology.name,
             remote.len()
         );
     }
@@ -123,7 +122,7 @@ impl DrillPolicy {
         per_try: Duration,
         out: &mut dyn Write,
     ) -> anyhow::Result<DrillPolicy> {
-        let text = yaml(lab, from, service, per_try)?;
+        let text = yaml(&lab.plan, from, service, per_try)?;
         let file = lab.state.dir().join(format!("drill-policy-{service}.yaml"));
         std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
         let policy = DrillPolicy {
@@ -225,4 +224,35 @@ pub fn await_remote(from: &ClusterPlan, ns: &str, addr: SocketAddr, out: &mut dy
         from.name
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topologies;
+    use federation_controller::objects::ClusterObjects;
+
+    #[test]
+    fn the_policy_sends_cluster1_to_the_other_networks_and_the_controller_accepts_it() {
+        let plan = Plan::new(&topologies::default_topology(), "isl").unwrap();
+        let text = yaml(&plan, plan.cluster(1), "reviews", Duration::from_millis(150)).unwrap();
+        assert!(
+            text.contains("from: \"us-east/*\"")
+                && text.contains("to: {\"us-west/us-west-1a/*\": 50, \"eu-west/eu-west-1a/*\": 50}"),
+            "{text}"
+        );
+        assert!(text.contains("perTryTimeout: 150ms"), "{text}");
+        let mut read = ClusterObjects::default();
+        let skipped = read.add_yaml(std::path::Path::new("policy.yaml"), &text).unwrap();
+        assert!(
+            read.refused.is_empty() && skipped.is_empty(),
+            "{:?} {skipped:?}",
+            read.refused
+        );
+        assert_eq!((read.destination_rules.len(), read.virtual_services.len()), (1, 1));
+        // On one flat network there is no other network to fail over to.
+        let flat = Plan::new(&topologies::by_name("multi-primary").unwrap(), "isl").unwrap();
+        let e = yaml(&flat, flat.cluster(1), "reviews", Duration::from_millis(150)).unwrap_err();
+        assert!(e.to_string().contains("at least two clusters of other networks"), "{e}");
+    }
 }

@@ -295,6 +295,9 @@ pub fn on_lab(
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
     let mut lab = crate::running::Running::open(dir)?;
+    if lab.plan.loopback {
+        bail!("this lab runs on loopback (`lab up` without root): there is no transit link to impair");
+    }
     let c = lab.cluster(cluster)?.clone();
     let leg = Leg::of(&lab.plan, &c)?;
     let running = lab.state.state.processes.clone();
