@@ -5,21 +5,22 @@
 # in every cluster has reached reviews in every cluster through mTLS, across networks
 # only through the gateways. The lab stays up; `target/release/isthmus lab down` removes it.
 #
-# Needs root (network namespaces, veths, iptables); installs iproute2, iptables, procps
-# when missing. Arguments go to `isthmus lab up` (e.g. a topology: multi-primary,
-# single-primary, primary-remote, or a file).
+# With root it builds network namespaces, veths and iptables capture, installing iproute2,
+# iptables and procps when missing. Without root it runs the same topology on loopback
+# (127.k.0.0/16 per cluster), and says plainly that networks are then not enforced.
+# Arguments go to `isthmus lab up` (e.g. a topology: multi-primary, single-primary,
+# primary-remote, or a file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" != 0 ]; then
-  echo "the lab builds network namespaces and needs root: sudo $0 $*" >&2
-  exit 1
+  echo "==> not root: the lab runs on loopback, without network namespaces (sudo $0 for real networks)"
 fi
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables-restore >/dev/null || need+=(iptables)
 command -v sysctl >/dev/null || need+=(procps)
-if [ ${#need[@]} -gt 0 ]; then
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   echo "==> installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q "${need[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null; apt-get install -y -q "${need[@]}" >/dev/null; }
