@@ -1666,6 +1666,7 @@ pub(crate) fn eds_cluster(key: &ServiceKey, subset: Option<&str>) -> Cluster {
 fn cluster(key: &ServiceKey, subset: Option<&str>, identities: &[mesh_vocab::SpiffeId]) -> Cluster {
     Cluster {
         transport_socket_matches: mtls::transport_socket_matches(key, subset, identities),
+        circuit_breakers: Some(policy::default_circuit_breakers()),
         ..eds_cluster(key, subset)
     }
 }

@@ -29,6 +29,29 @@ const HTTP_OPTIONS_TYPE: &str = "type.googleapis.com/envoy.extensions.upstreams.
 /// Istio's enforcement of a set outlier condition: every detected outlier is ejected.
 const ENFORCE: UInt32Value = UInt32Value { value: 100 };
 
+/// Istio's circuit-breaker thresholds of every outbound cluster: no limit on connections,
+/// pending requests, requests or retries. Envoy's own defaults (1,024, and 3 retries in
+/// flight) turn pod churn and failover into 503s before new endpoints arrive, which is
+/// why istiod raises them (`getDefaultCircuitBreakerThresholds`).
+pub fn default_circuit_breakers() -> CircuitBreakers {
+    CircuitBreakers {
+        thresholds: vec![default_thresholds()],
+        ..Default::default()
+    }
+}
+
+fn default_thresholds() -> circuit_breakers::Thresholds {
+    let max = || Some(UInt32Value { value: u32::MAX });
+    circuit_breakers::Thresholds {
+        max_connections: max(),
+        max_pending_requests: max(),
+        max_requests: max(),
+        max_retries: max(),
+        track_remaining: true,
+        ..Default::default()
+    }
+}
+
 /// Applies `policy` to `cluster`, whose port speaks `protocol`.
 pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) {
     let u32v = |v: u32| Some(UInt32Value { value: v });
@@ -75,14 +98,28 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
     if let Some(pool) = &policy.connection_pool {
         let tcp = pool.tcp.as_ref();
         let http = pool.http.as_ref();
+        // What the rule leaves unset keeps Istio's default (no limit), not Envoy's.
+        let mut t = default_thresholds();
+        let set = |field: &mut Option<UInt32Value>, v: Option<UInt32Value>| {
+            if v.is_some() {
+                *field = v;
+            }
+        };
+        set(
+            &mut t.max_connections,
+            tcp.and_then(|t| t.max_connections).and_then(u32v),
+        );
+        set(
+            &mut t.max_pending_requests,
+            http.and_then(|h| h.http1_max_pending_requests).and_then(u32v),
+        );
+        set(
+            &mut t.max_requests,
+            http.and_then(|h| h.http2_max_requests).and_then(u32v),
+        );
+        set(&mut t.max_retries, http.and_then(|h| h.max_retries).and_then(u32v));
         cluster.circuit_breakers = Some(CircuitBreakers {
-            thresholds: vec![circuit_breakers::Thresholds {
-                max_connections: tcp.and_then(|t| t.max_connections).and_then(u32v),
-                max_pending_requests: http.and_then(|h| h.http1_max_pending_requests).and_then(u32v),
-                max_requests: http.and_then(|h| h.http2_max_requests).and_then(u32v),
-                max_retries: http.and_then(|h| h.max_retries).and_then(u32v),
-                ..Default::default()
-            }],
+            thresholds: vec![t],
             ..Default::default()
         });
         if let Some(t) = tcp.and_then(|t| t.connect_timeout) {
@@ -127,6 +164,28 @@ mod tests {
     }
 
     #[test]
+    fn thresholds_a_rule_leaves_unset_keep_istios_no_limit() {
+        let p = policy("spec: {host: reviews, trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 1}}}}");
+        let mut c = Cluster {
+            circuit_breakers: Some(default_circuit_breakers()),
+            ..Default::default()
+        };
+        let defaults = c.circuit_breakers.clone().unwrap().thresholds[0].clone();
+        assert_eq!(
+            defaults.max_retries,
+            Some(UInt32Value { value: u32::MAX }),
+            "not Envoy's 3"
+        );
+        apply(&mut c, &p, Protocol::Http);
+        let t = &c.circuit_breakers.unwrap().thresholds[0];
+        assert_eq!(t.max_pending_requests, Some(UInt32Value { value: 1 }));
+        assert_eq!(
+            (&t.max_connections, &t.max_requests, &t.max_retries),
+            (&defaults.max_connections, &defaults.max_requests, &defaults.max_retries)
+        );
+    }
+
+    #[test]
     fn a_traffic_policy_becomes_balancing_outlier_detection_and_circuit_breakers() {
         let p = policy(
             r#"
@@ -165,6 +224,7 @@ spec:
             ),
             (Some(100), Some(10), Some(1000), Some(3))
         );
+        assert!(t.track_remaining);
         let opts = &c.typed_extension_protocol_options[HTTP_OPTIONS];
         let opts = HttpProtocolOptions::decode(opts.value.as_slice()).unwrap();
         assert_eq!(
