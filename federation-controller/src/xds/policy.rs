@@ -170,7 +170,7 @@ mod tests {
             circuit_breakers: Some(default_circuit_breakers()),
             ..Default::default()
         };
-        let defaults = c.circuit_breakers.clone().unwrap().thresholds[0].clone();
+        let defaults = c.circuit_breakers.clone().unwrap().thresholds[0];
         assert_eq!(
             defaults.max_retries,
             Some(UInt32Value { value: u32::MAX }),
