@@ -201,15 +201,45 @@ fn federate<K: Ord + Clone + Hash>(
 pub struct Context {
     gateways: BTreeMap<NetworkId, Vec<SocketAddr>>,
     pinning: BTreeSet<NetworkId>,
+    /// What Istio Gateways say each network's gateways expose (a network not listed
+    /// exposes every mTLS service), over every live cluster.
+    exposure: BTreeMap<NetworkId, Vec<String>>,
 }
 
 impl Context {
     /// The context of the live `clusters`, `mesh` and the gateway names `resolved`.
     pub fn new(clusters: &[(&ClusterModel, bool)], mesh: &MeshConfig, resolved: &Resolved) -> Self {
+        let mut exposure: BTreeMap<NetworkId, Vec<String>> = BTreeMap::new();
+        for (m, _) in clusters {
+            for (net, hosts) in &m.exposure {
+                exposure.entry(net.clone()).or_default().extend(hosts.iter().cloned());
+            }
+        }
+        for hosts in exposure.values_mut() {
+            hosts.sort();
+            hosts.dedup();
+        }
         Self {
             gateways: gateways(clusters, mesh, resolved),
             pinning: pinning_networks(clusters, mesh),
+            exposure,
         }
+    }
+
+    /// Whether `network`'s gateways let other networks reach `host`.
+    fn exposes(&self, network: &NetworkId, host: &mesh_vocab::Hostname) -> bool {
+        self.exposure.get(network).is_none_or(|patterns| {
+            // A Service's host is NAME.NAMESPACE.svc.DOMAIN: a `ns/host` pattern needs its namespace.
+            let host = host.as_str();
+            let namespace = host
+                .split('.')
+                .nth(1)
+                .filter(|_| host.contains(".svc."))
+                .unwrap_or_default();
+            patterns
+                .iter()
+                .any(|p| crate::networking::gateway::host_matches(p, host, namespace))
+        })
     }
 }
 
@@ -222,7 +252,7 @@ fn federate_in<'a, K: Ord + Clone + Hash>(
     clusters: impl Iterator<Item = (&'a ClusterId, bool, &'a [Instance])>,
     keys_of: impl Fn(&Instance) -> Vec<K>,
 ) -> BTreeMap<K, Vec<LbEndpoint>> {
-    let Context { gateways, pinning } = context;
+    let Context { gateways, pinning, .. } = context;
     let mut view: BTreeMap<K, Vec<LbEndpoint>> = BTreeMap::new();
     let mut behind: Behind<K> = BTreeMap::new();
     for (cluster, stale, instances) in clusters {
@@ -241,7 +271,12 @@ fn federate_in<'a, K: Ord + Clone + Hash>(
                         stale,
                         pinned: None,
                     });
-                } else if i.mtls && pinning.contains(&i.network) {
+                    continue;
+                }
+                // Only mTLS crosses networks (the gateways route on its SNI), and only to
+                // a service the network's gateways expose.
+                let crosses = i.mtls && context.exposes(&i.network, &i.service.host);
+                if crosses && pinning.contains(&i.network) {
                     // One entry per (endpoint, gateway): the proxy balances and ejects the
                     // remote pods themselves, and may reach each through any gateway. Our
                     // gateways known only by names not resolved yet are none: nothing.
@@ -259,7 +294,7 @@ fn federate_in<'a, K: Ord + Clone + Hash>(
                             pinned: Some(SocketAddr::new(i.address, i.target_port)),
                         });
                     }
-                } else if i.mtls && gateways.contains_key(&i.network) {
+                } else if crosses && gateways.contains_key(&i.network) {
                     *behind
                         .entry((key, i.network.clone(), i.locality.clone(), stale))
                         .or_default() += 1;
@@ -578,6 +613,73 @@ mod tests {
     use super::*;
     use mesh_vocab::Hostname;
     use proptest::prelude::*;
+
+    /// An Istio Gateway on network2's east-west gateway that exposes only `ratings`:
+    /// network1 gets ratings behind that gateway and no reviews from network2 at all,
+    /// while network2 itself still reaches both.
+    #[test]
+    fn only_what_a_networks_gateway_exposes_crosses_to_it() {
+        let cluster2 = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {topology.istio.io/network: network2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-eastwestgateway, namespace: istio-system, labels: {topology.istio.io/network: network2}}
+spec: {selector: {istio: eastwestgateway}, ports: [{name: tls, port: 15443}], externalIPs: [100.64.0.2]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: cross-network-gateway, namespace: istio-system}
+spec:
+  selector: {istio: eastwestgateway}
+  servers: [{port: {number: 15443, name: tls, protocol: TLS}, tls: {mode: AUTO_PASSTHROUGH}, hosts: ["default/ratings.default.svc.cluster.local"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: default}
+spec: {selector: {app: ratings}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: default}
+spec: {address: 10.242.0.9, labels: {app: reviews}, serviceAccount: vm}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm2, namespace: default}
+spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
+"#;
+        let mut o = crate::objects::ClusterObjects::default();
+        o.add_yaml(std::path::Path::new("cluster2/objects.yaml"), cluster2)
+            .unwrap();
+        assert!(o.refused.is_empty(), "{:?}", o.refused);
+        let mesh = MeshConfig::default();
+        let m = ClusterModel::build(&ClusterId::new("cluster2"), &o, &mesh);
+        let show = |net: &str| -> Vec<String> {
+            view_for(&NetworkId::new(net), &[(&m, false)], &mesh, &Resolved::new())
+                .iter()
+                .flat_map(|(k, eps)| eps.iter().map(move |e| format!("{k} {}:{}", e.address, e.port)))
+                .collect()
+        };
+        assert_eq!(
+            show("network1"),
+            ["ratings.default.svc.cluster.local:9080 100.64.0.2:15443"]
+        );
+        assert_eq!(
+            show("network2"),
+            [
+                "ratings.default.svc.cluster.local:9080 10.242.0.10:9080",
+                "reviews.default.svc.cluster.local:9080 10.242.0.9:9080"
+            ]
+        );
+    }
 
     fn svc(i: u8) -> ServiceKey {
         ServiceKey {
