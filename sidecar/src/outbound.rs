@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -530,14 +530,15 @@ impl HttpHop {
             Some(req) => req.map(Resumed::streamed),
             None => return http::bad_request("invalid host header\n"),
         };
-        let attempt = self.send_to(captured, upstream, req, &[], None).await;
+        let attempt = self.send_to(captured, upstream, req, &[], None, None).await;
         self.deliver(attempt, upstream, &observed, l4)
     }
 
     /// Sends `req` to one endpoint of `upstream`, avoiding those in `avoid` while another
     /// is left. A request moves on to another endpoint only while no connection could be
     /// made (nothing of it was sent); once it went out, its answer or failure is this
-    /// attempt's.
+    /// attempt's. `picked` learns each endpoint as it is chosen, so a caller that gives
+    /// up on the attempt (its per-try timeout) knows whom to blame.
     async fn send_to(
         &self,
         captured: &Captured,
@@ -545,6 +546,7 @@ impl HttpHop {
         mut req: Request<Outgoing>,
         avoid: &[usize],
         hash: Option<u64>,
+        picked: Option<&AtomicUsize>,
     ) -> Attempt {
         let mut tried: Vec<usize> = Vec::new();
         let level = upstream.level();
@@ -562,6 +564,9 @@ impl HttpHop {
                 break;
             };
             tried.push(i);
+            if let Some(p) = picked {
+                p.store(i, Ordering::Relaxed);
+            }
             let endpoint = &upstream.endpoints[i];
             let _active = upstream.balancer.open(i);
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {

@@ -852,6 +852,56 @@ async fn consecutive_gateway_errors_eject_an_endpoint() {
     assert_eq!(counts.get("200 v1"), Some(&38), "{counts:?}");
 }
 
+/// An endpoint that takes requests and never answers (a black-holed link) costs one
+/// per-try timeout per request only until outlier detection hears of those timeouts and
+/// ejects it; the retry after each goes to the other endpoint (`previous_hosts`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeouts_count_against_the_endpoint_and_the_retry_goes_elsewhere() {
+    let (_pki, mut control, sidecar) = setup("per-try").await;
+    let (stuck, healthy) = (
+        backend("stuck", Behaviour::Hang).await,
+        backend("v1", Behaviour::Answer).await,
+    );
+    let c = Cluster {
+        outlier_detection: Some(gateway_errors(2)),
+        ..cluster(&subset("v1"))
+    };
+    let retry = RetryPolicy {
+        retry_on: "gateway-error".into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        per_try_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        }),
+        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: None,
+        }],
+        ..Default::default()
+    };
+    let config = routes(vec![forward(
+        prefix("/"),
+        RouteAction {
+            retry_policy: Some(retry),
+            ..to(&subset("v1"))
+        },
+    )]);
+    sidecar
+        .serve(&mut control, config, &[(c, vec![stuck.addr, healthy.addr])])
+        .await;
+    let n = 20;
+    assert_eq!(
+        spread(&sidecar, n, &[]).await,
+        HashMap::from([("200 v1".to_owned(), n)]),
+        "every request answered, by the endpoint that answers"
+    );
+    assert_eq!(
+        stuck.hits.load(Ordering::Relaxed),
+        2,
+        "two timed-out attempts eject the hanging endpoint (round robin alone would send it every other request)"
+    );
+}
+
 /// A circuit breaker whose first thresholds are `thresholds`.
 fn breaker(
     thresholds: envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds,

@@ -9,6 +9,7 @@
 //! larger one streams on from where holding stopped, and is then never sent twice.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 
 use super::{Answered, Attempt, Captured, ClientIp, HttpHop, Observed, Unanswered, to_h2};
 use crate::body::{self, Held, Outgoing, Resumed};
+use crate::cluster::Reply;
 use crate::destinations::{Destinations, Upstream};
 use crate::http::ReplyBody;
 use crate::route::action::{Action, Forward, Target};
@@ -353,12 +355,25 @@ impl HttpHop {
                 (None, Some(stream)) => stream,
                 (None, None) => unreachable!("a streamed body is sent once: the loop ends after its attempt"),
             };
-            let send = self.send_to(captured, upstream, copy(parts, body), &avoid, hash);
+            let picked = AtomicUsize::new(usize::MAX);
+            let send = self.send_to(captured, upstream, copy(parts, body), &avoid, hash, Some(&picked));
             let tried = match retry.and_then(|r| r.per_try_timeout) {
                 Some(per_try) => tokio::time::timeout(per_try, send)
                     .await
                     .map_or(Tried::TimedOut, Tried::Done),
                 None => Tried::Done(send.await),
+            };
+            // An attempt cut off by its per-try timeout is the endpoint's failure, as in
+            // Envoy (a local-origin timeout, counted with gateway errors when origins are
+            // not split, Istio's default): outlier detection hears of it, and a retry
+            // with `previous_hosts` goes elsewhere. Else a black-holed endpoint (a cut
+            // link) would be picked again and again until TCP gives up.
+            let timed_out_on = match (&tried, picked.load(Ordering::Relaxed)) {
+                (Tried::TimedOut, i) if i != usize::MAX => {
+                    upstream.record(i, Reply::NoAnswer);
+                    Some(i)
+                }
+                _ => None,
             };
             let overflowed = matches!(
                 &tried,
@@ -373,7 +388,7 @@ impl HttpHop {
             };
             let (retriable, endpoint) = match &tried {
                 Tried::Done(attempt) => (policy.retriable(parts, outcome(attempt)), attempt.endpoint),
-                Tried::TimedOut => (policy.retriable(parts, Outcome::PerTryTimeout), None),
+                Tried::TimedOut => (policy.retriable(parts, Outcome::PerTryTimeout), timed_out_on),
             };
             if !retriable {
                 return tried;
@@ -419,7 +434,7 @@ impl HttpHop {
             let Some(upstream) = table.upstreams.get(&cluster) else {
                 return hop.telemetry.upstream_failure("outbound", "mirror_cluster_not_found");
             };
-            match tokio::time::timeout(bound, hop.send_to(&captured, upstream, req, &[], None)).await {
+            match tokio::time::timeout(bound, hop.send_to(&captured, upstream, req, &[], None, None)).await {
                 Ok(Attempt { result: Ok(_), .. }) => {}
                 Ok(Attempt { result: Err(_), .. }) | Err(_) => tracing::debug!(cluster, "mirrored request failed"),
             }
