@@ -65,65 +65,6 @@ async fn tcp_backend(addr: SocketAddr, name: &'static str) -> SocketAddr {
     addr
 }
 
-fn service(name: &str, vip: &str, port_name: &str, port: u16) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
-         spec: {{clusterIP: {vip}, ports: [{{name: {port_name}, port: {port}}}]}}\n---\n"
-    )
-}
-
-fn pod(name: &str, app: &str, version: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}, version: {version}}}}}\n\
-         spec: {{containers: [{{name: app}}]}}\n---\n"
-    )
-}
-
-fn slice(service: &str, port_name: &str, endpoints: &[(&str, SocketAddr)]) -> String {
-    let port = endpoints[0].1.port();
-    let eps: String = endpoints
-        .iter()
-        .map(|(pod, a)| format!("- {{addresses: [{}], targetRef: {{kind: Pod, name: {pod}}}}}\n", a.ip()))
-        .collect();
-    format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\n\
-         addressType: IPv4\nports: [{{name: {port_name}, port: {port}}}]\nendpoints:\n{eps}---\n"
-    )
-}
-
-/// reviews (HTTP) split by an HTTPRoute between the Services reviews-v1 and
-/// reviews-v2, jason always to v2; db (TCP) split 80/20 between two subsets by a
-/// VirtualService `tcp` route.
-const ROUTES: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: reviews, namespace: default}
-spec:
-  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
-  rules:
-  - matches: [{headers: [{name: end-user, value: jason}]}]
-    backendRefs: [{name: reviews-v2, port: 9080}]
-  - backendRefs:
-    - {name: reviews-v1, port: 9080, weight: 90}
-    - {name: reviews-v2, port: 9080, weight: 10}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: db, namespace: default}
-spec: {host: db, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: db, namespace: default}
-spec:
-  hosts: [db]
-  tcp:
-  - match: [{port: 5432}]
-    route:
-    - {destination: {host: db, subset: v1}, weight: 80}
-    - {destination: {host: db, subset: v2}, weight: 20}
-"#;
-
 /// A sidecar's captured outbound path following `xds`; returns its table and one
 /// address per VIP whose connections it takes as captured ones to that VIP.
 async fn sidecar(xds: SocketAddr, vips: &[SocketAddr]) -> (Arc<ArcSwap<Destinations>>, Vec<SocketAddr>) {
@@ -247,25 +188,7 @@ async fn an_httproute_splits_90_10_with_a_header_match_and_a_tcp_route_splits_co
     );
     let db1 = tcp_backend("127.0.0.4:0".parse().unwrap(), "db-v1").await;
     let db2 = tcp_backend(SocketAddr::new([127, 0, 0, 5].into(), db1.port()), "db-v2").await;
-    let c1 = dir.join("cluster1");
-    std::fs::create_dir_all(&c1).unwrap();
-    let objects = [
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {topology.istio.io/network: network1}}\n---\n".to_owned(),
-        service("reviews", "10.96.1.12", "http", 9080),
-        service("reviews-v1", "10.96.1.13", "http", 9080),
-        service("reviews-v2", "10.96.1.14", "http", 9080),
-        service("db", "10.96.1.20", "tcp-postgres", 5432),
-        pod("reviews-v1", "reviews", "v1"),
-        pod("reviews-v2", "reviews", "v2"),
-        pod("db-v1", "db", "v1"),
-        pod("db-v2", "db", "v2"),
-        slice("reviews-v1", "http", &[("reviews-v1", v1)]),
-        slice("reviews-v2", "http", &[("reviews-v2", v2)]),
-        slice("db", "tcp-postgres", &[("db-v1", db1), ("db-v2", db2)]),
-    ]
-    .concat();
-    std::fs::write(c1.join("objects.yaml"), objects).unwrap();
-    std::fs::write(c1.join("routes.yaml"), ROUTES).unwrap();
+    support::gamma_cluster(&dir, v1, v2, db1, db2);
     let controller = Controller::serve(&dir);
 
     let vips: Vec<SocketAddr> = [REVIEWS_VIP, DB_VIP].iter().map(|v| v.parse().unwrap()).collect();
