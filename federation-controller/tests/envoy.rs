@@ -792,6 +792,42 @@ fn answer(addr: std::net::SocketAddr, body: &'static str) -> std::net::SocketAdd
     addr
 }
 
+/// Stands for the sidecar's capture: a bound listener using the same routes as
+/// reviews' virtual listener (which is never bound).
+const PROBE: &str = r#"{"name": "probe", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+      "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "probe",
+        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
+                "route_config_name": "reviews.default.svc.cluster.local:9080"},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+          "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}"#;
+
+/// The port Envoy bound the probe listener on, from its `/listeners`.
+fn probe_port(listeners: &str) -> u16 {
+    listeners
+        .lines()
+        .find_map(|l| l.strip_prefix("probe::127.0.0.1:"))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap()
+}
+
+/// One GET of reviews through the probe on `port` with `extra` header lines: the body of a 200.
+fn probe_get(port: u16, extra: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1.1 200")
+        .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
+}
+
 /// Bookinfo's `reviews` 80/20 between subsets v1 and v2 (Istio's own samples:
 /// destination-rule-all-mtls and virtual-service-reviews-80-20): Envoy accepts the
 /// HTTP listener, routes and subset clusters and endpoints without a NACK, and
@@ -830,17 +866,8 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     }
     let controller = Controller::serve(&dir);
     let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
-    // Stands for the sidecar's capture: a bound listener using the same routes
-    // as reviews' virtual listener (which is never bound).
-    let probe = r#"{"name": "probe", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-      "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "probe",
-        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
-                "route_config_name": "reviews.default.svc.cluster.local:9080"},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-          "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}"#;
-    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, probe);
+
+    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, PROBE);
 
     let subset = |s: &str| format!("outbound|9080|{s}|reviews.default.svc.cluster.local");
     let clusters = wait_admin(&admin, "/clusters", |b| {
@@ -870,25 +897,8 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
         "RDS arrived over ADS"
     );
 
-    let port: u16 = listeners
-        .lines()
-        .find_map(|l| l.strip_prefix("probe::127.0.0.1:"))
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap();
-    let get = || {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.starts_with("HTTP/1.1 200")
-            .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
-    };
+    let port = probe_port(&listeners);
+    let get = || probe_get(port, "");
     // The first request may race the subset endpoints' arrival: wait for one answer.
     eventually("Envoy routes a request to reviews", Duration::from_secs(20), get);
     let (mut to_v1, mut to_v2) = (0, 0);
@@ -939,16 +949,8 @@ fn envoy_accepts_an_httproutes_routes_and_a_weighted_tcp_proxy() {
     support::gamma_cluster(&dir, v1, v2, db1, db2);
     let controller = Controller::serve(&dir);
     let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
-    // Stands for the sidecar's capture of reviews' VIP, as in the VirtualService test above.
-    let probe = r#"{"name": "probe", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-      "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "probe",
-        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
-                "route_config_name": "reviews.default.svc.cluster.local:9080"},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-          "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}"#;
-    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, probe);
+
+    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, PROBE);
     let routes = wait_admin(&admin, "/config_dump?resource=dynamic_route_configs", |b| {
         b.contains("default.reviews.1.0") && b.contains("weighted_clusters")
     });
@@ -968,26 +970,8 @@ fn envoy_accepts_an_httproutes_routes_and_a_weighted_tcp_proxy() {
     let bound = wait_admin(&admin, "/listeners", |b| b.contains("probe::127.0.0.1:"));
     assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
 
-    let port: u16 = bound
-        .lines()
-        .find_map(|l| l.strip_prefix("probe::127.0.0.1:"))
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap();
-    let get = |user: Option<&str>| {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let user = user.map(|u| format!("end-user: {u}\r\n")).unwrap_or_default();
-        write!(
-            s,
-            "GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n{user}Connection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.starts_with("HTTP/1.1 200")
-            .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
-    };
+    let port = probe_port(&bound);
+    let get = |user: Option<&str>| probe_get(port, &user.map(|u| format!("end-user: {u}\r\n")).unwrap_or_default());
     eventually("Envoy routes a request to reviews", Duration::from_secs(20), || {
         get(None)
     });
