@@ -18,7 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
-use crate::networking::{DestinationRule, HttpRoute, ServiceEntry, VirtualService};
+use crate::networking::{DestinationRule, HttpRoute, ServiceEntry, VirtualService, WorkloadEntryObject};
 use crate::objects::{ClusterObjects, ServiceExport};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -53,6 +53,7 @@ enum Any {
     DestinationRule(Box<Event<DestinationRule>>),
     ServiceEntry(Box<Event<ServiceEntry>>),
     HttpRoute(Box<Event<HttpRoute>>),
+    WorkloadEntry(Box<Event<WorkloadEntryObject>>),
     /// The cluster does not serve this optional kind (its CRD is not installed): it has none.
     Missing(Optional),
 }
@@ -67,6 +68,7 @@ enum Optional {
     DestinationRule,
     ServiceEntry,
     HttpRoute,
+    WorkloadEntry,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -187,9 +189,11 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         optional::<DestinationRule>(&client, Any::DestinationRule, Optional::DestinationRule),
         optional::<ServiceEntry>(&client, Any::ServiceEntry, Optional::ServiceEntry),
         optional::<HttpRoute>(&client, Any::HttpRoute, Optional::HttpRoute),
+        optional::<WorkloadEntryObject>(&client, Any::WorkloadEntry, Optional::WorkloadEntry),
     ]);
     let (mut authz, mut peer_authn) = (Kind::new(), Kind::new());
-    let (mut vs, mut dr, mut se, mut routes) = (Kind::new(), Kind::new(), Kind::new(), Kind::new());
+    let (mut vs, mut dr, mut se) = (Kind::new(), Kind::new(), Kind::new());
+    let (mut routes, mut workloads) = (Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -234,6 +238,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::DestinationRule(e)) => changed |= dr.apply(*e),
                 Ok(Any::ServiceEntry(e)) => changed |= se.apply(*e),
                 Ok(Any::HttpRoute(e)) => changed |= routes.apply(*e),
+                Ok(Any::WorkloadEntry(e)) => changed |= workloads.apply(*e),
                 Ok(Any::Missing(kind)) => {
                     changed |= match kind {
                         Optional::ServiceExport => exports.none(),
@@ -243,6 +248,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                         Optional::DestinationRule => dr.none(),
                         Optional::ServiceEntry => se.none(),
                         Optional::HttpRoute => routes.none(),
+                        Optional::WorkloadEntry => workloads.none(),
                     }
                 }
                 Err(e) => {
@@ -266,7 +272,8 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             && vs.synced
             && dr.synced
             && se.synced
-            && routes.synced;
+            && routes.synced
+            && workloads.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -283,7 +290,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             // here too, and leave out (and report) what Istio would refuse.
             let objects = objects
                 .with_networking(vs.all(), dr.all(), se.all())
-                .with_http_routes(routes.all());
+                .with_routes_and_workloads(routes.all(), workloads.all());
             for e in &objects.refused {
                 tracing::warn!(cluster = %id, error = %e, "Istio config refused");
             }

@@ -17,6 +17,8 @@ use mesh_vocab::{ClusterId, Hostname, NetworkId};
 use crate::networking::{DestinationRule, VirtualService};
 use crate::objects::ClusterObjects;
 
+mod service_entries;
+
 /// Istio's label naming a pod's, namespace's or gateway Service's network.
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 /// Istio's label marking a pod whose proxy terminates mesh mTLS.
@@ -352,6 +354,18 @@ impl ClusterModel {
                     });
                 }
             }
+        }
+        let entries = service_entries::read(
+            &objects.service_entries,
+            &objects.workload_entries,
+            &mesh.domain,
+            |ns| network_of(ns, None),
+        );
+        instances.extend(entries.instances);
+        vips.extend(entries.vips);
+        for (key, protocol) in entries.protocols {
+            // A Kubernetes Service of the same name and port keeps its own protocol.
+            protocols.entry(key).or_insert(protocol);
         }
         vips.sort();
         vips.dedup();

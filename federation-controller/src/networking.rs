@@ -25,7 +25,7 @@ pub mod virtual_service;
 pub use destination_rule::DestinationRule;
 pub use duration::Duration;
 pub use http_route::HttpRoute;
-pub use service_entry::ServiceEntry;
+pub use service_entry::{ServiceEntry, WorkloadEntryObject};
 pub use virtual_service::VirtualService;
 
 /// The API group of Istio's traffic configuration.
@@ -88,6 +88,7 @@ pub enum NetworkingConfig {
     DestinationRule(Box<DestinationRule>),
     ServiceEntry(Box<ServiceEntry>),
     HttpRoute(Box<HttpRoute>),
+    WorkloadEntry(Box<WorkloadEntryObject>),
 }
 
 /// Whether `api_version`/`kind` is one this module reads.
@@ -103,7 +104,11 @@ pub fn reads(api_version: &str, kind: &str) -> bool {
         .strip_prefix(GROUP)
         .and_then(|v| v.strip_prefix('/'))
         .is_some_and(|v| VERSIONS.contains(&v));
-    version_ok && matches!(kind, "VirtualService" | "DestinationRule" | "ServiceEntry")
+    version_ok
+        && matches!(
+            kind,
+            "VirtualService" | "DestinationRule" | "ServiceEntry" | "WorkloadEntry"
+        )
 }
 
 /// Reads and validates document `document` of `file` (`prefix` names its place
@@ -150,6 +155,15 @@ pub fn parse(
                 has_spec,
                 DestinationRule::validate,
                 NetworkingConfig::DestinationRule,
+            )?,
+        ),
+        "WorkloadEntry" => (
+            "WorkloadEntry",
+            read(
+                at,
+                has_spec,
+                WorkloadEntryObject::validate,
+                NetworkingConfig::WorkloadEntry,
             )?,
         ),
         "HTTPRoute" => (
@@ -234,6 +248,7 @@ macro_rules! istio_resource {
 istio_resource!(VirtualService, "VirtualService", "virtualservices");
 istio_resource!(DestinationRule, "DestinationRule", "destinationrules");
 istio_resource!(ServiceEntry, "ServiceEntry", "serviceentries");
+istio_resource!(WorkloadEntryObject, "WorkloadEntry", "workloadentries");
 istio_resource!(HttpRoute, http_route::GROUP, "HTTPRoute", "httproutes");
 
 /// Checks that `value` (a percentage) lies in 0..=100.

@@ -13,7 +13,7 @@ use mesh_vocab::manifest::{self, ManifestError};
 use serde::{Deserialize, Serialize};
 
 use crate::networking::{
-    self, ConfigError, DestinationRule, HttpRoute, NetworkingConfig, ServiceEntry, VirtualService,
+    self, ConfigError, DestinationRule, HttpRoute, NetworkingConfig, ServiceEntry, VirtualService, WorkloadEntryObject,
 };
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -63,6 +63,8 @@ pub struct ClusterObjects {
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     pub service_entries: Vec<ServiceEntry>,
+    /// Istio WorkloadEntries (endpoints of the ServiceEntries that select them).
+    pub workload_entries: Vec<WorkloadEntryObject>,
     /// Gateway API HTTPRoutes (those with Service parents route the mesh's traffic).
     pub http_routes: Vec<HttpRoute>,
     /// Istio documents refused (invalid), each on its own: the rest of the file and
@@ -131,6 +133,7 @@ impl ClusterObjects {
                         Ok(NetworkingConfig::DestinationRule(dr)) => self.destination_rules.push(*dr),
                         Ok(NetworkingConfig::ServiceEntry(se)) => self.service_entries.push(*se),
                         Ok(NetworkingConfig::HttpRoute(r)) => self.http_routes.push(*r),
+                        Ok(NetworkingConfig::WorkloadEntry(w)) => self.workload_entries.push(*w),
                         Err(e) => self.refused.push(e),
                     },
                     _ => skipped.push(Skipped {
@@ -158,6 +161,19 @@ fn security_policy<T: serde::de::DeserializeOwned>(
     Ok(p)
 }
 
+/// An object read from an API server that breaks its kind's rules.
+fn refuse(kind: &'static str, meta: &ObjectMeta, error: networking::ValidationError) -> ConfigError {
+    ConfigError::InvalidObject {
+        kind,
+        name: format!(
+            "{}/{}",
+            networking::namespace_of(meta),
+            meta.name.as_deref().unwrap_or_default()
+        ),
+        error,
+    }
+}
+
 impl ClusterObjects {
     /// These objects plus Istio networking objects read from an API server, each
     /// validated: an invalid one goes to [`Self::refused`] instead.
@@ -167,15 +183,6 @@ impl ClusterObjects {
         destination_rules: Vec<DestinationRule>,
         service_entries: Vec<ServiceEntry>,
     ) -> Self {
-        let refuse = |kind: &'static str, meta: &ObjectMeta, error| ConfigError::InvalidObject {
-            kind,
-            name: format!(
-                "{}/{}",
-                networking::namespace_of(meta),
-                meta.name.as_deref().unwrap_or_default()
-            ),
-            error,
-        };
         for vs in virtual_services {
             match vs.validate() {
                 Ok(()) => self.virtual_services.push(vs),
@@ -197,21 +204,19 @@ impl ClusterObjects {
         self
     }
 
-    /// These objects plus Gateway API HTTPRoutes read from an API server, each
-    /// validated: an invalid one goes to [`Self::refused`] instead.
-    pub fn with_http_routes(mut self, routes: Vec<HttpRoute>) -> Self {
+    /// These objects plus Gateway API HTTPRoutes and Istio WorkloadEntries read from
+    /// an API server, each validated: an invalid one goes to [`Self::refused`] instead.
+    pub fn with_routes_and_workloads(mut self, routes: Vec<HttpRoute>, workloads: Vec<WorkloadEntryObject>) -> Self {
         for r in routes {
             match r.validate() {
                 Ok(()) => self.http_routes.push(r),
-                Err(error) => self.refused.push(ConfigError::InvalidObject {
-                    kind: "HTTPRoute",
-                    name: format!(
-                        "{}/{}",
-                        networking::namespace_of(&r.metadata),
-                        r.metadata.name.as_deref().unwrap_or_default()
-                    ),
-                    error,
-                }),
+                Err(e) => self.refused.push(refuse("HTTPRoute", &r.metadata, e)),
+            }
+        }
+        for w in workloads {
+            match w.validate() {
+                Ok(()) => self.workload_entries.push(w),
+                Err(e) => self.refused.push(refuse("WorkloadEntry", &w.metadata, e)),
             }
         }
         self

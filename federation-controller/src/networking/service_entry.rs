@@ -1,6 +1,7 @@
 //! Istio's `ServiceEntry`: hosts added to the mesh's registry that are no
-//! Kubernetes Service (external APIs, VMs). Read and validated; not yet served
-//! as endpoints.
+//! Kubernetes Service (external APIs, VMs); and `WorkloadEntry`, a workload that is
+//! no pod, which a ServiceEntry's `workloadSelector` makes one of its endpoints.
+//! [`crate::model`] turns their endpoints into the hosts' instances.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -76,6 +77,31 @@ pub struct WorkloadEntry {
     pub locality: Option<String>,
     pub weight: Option<u32>,
     pub service_account: Option<String>,
+}
+
+/// A `WorkloadEntry` object: one workload outside Kubernetes (a VM), as a ServiceEntry
+/// endpoint is, with labels a ServiceEntry's `workloadSelector` selects it by.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadEntryObject {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: WorkloadEntry,
+}
+
+impl WorkloadEntryObject {
+    /// Istio's rules for a WorkloadEntry: an address, unless a network says it is
+    /// reached through that network's gateway; ports in range.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let e = &self.spec;
+        if e.address.as_deref().is_none_or(str::is_empty) && e.network.is_none() {
+            return Err(ValidationError::new("spec.address", "address is required"));
+        }
+        for (name, port) in &e.ports {
+            port_in_range(&format!("spec.ports.{name}"), *port)?;
+        }
+        Ok(())
+    }
 }
 
 /// The pods (or WorkloadEntries) that are the hosts' endpoints.

@@ -96,6 +96,12 @@ const CRD_KINDS: &[(&str, &str, &str, &str)] = &[
         "networking.istio.io/v1",
     ),
     (
+        "/apis/networking.istio.io/v1/workloadentries",
+        "WorkloadEntry",
+        "WorkloadEntryList",
+        "networking.istio.io/v1",
+    ),
+    (
         "/apis/gateway.networking.k8s.io/v1/httproutes",
         "HTTPRoute",
         "HTTPRouteList",

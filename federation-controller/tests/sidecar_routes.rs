@@ -1,5 +1,6 @@
-//! A Gateway API HTTPRoute on a Service and a VirtualService `tcp` route, end to end:
-//! the real controller reads them from its manifests and serves xDS; a real sidecar
+//! A Gateway API HTTPRoute on a Service, a VirtualService `tcp` route, and ServiceEntry
+//! and WorkloadEntry endpoints, end to end: the real controller reads them from its
+//! manifests and serves xDS; a real sidecar
 //! routing table (the sidecar's own xDS client and captured outbound path, as
 //! `sidecar run --capture` wires them) follows it, and connections handed to it as
 //! captured ones to the services' VIPs reach real servers on loopback as the routes say.
@@ -181,7 +182,7 @@ async fn connect(entry: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_httproute_splits_90_10_with_a_header_match_and_a_tcp_route_splits_connections_80_20() {
-    let dir = scratch("gamma-sidecar");
+    let dir = scratch("sidecar-routes");
     let (v1, v2) = (
         http_backend("127.0.0.2:0", "v1").await,
         http_backend("127.0.0.3:0", "v2").await,
@@ -236,6 +237,66 @@ async fn an_httproute_splits_90_10_with_a_header_match_and_a_tcp_route_splits_co
     assert_eq!(to_v1 + counts.get("db-v2").copied().unwrap_or(0), n, "{counts:?}");
     // 80 % of 1,000 is 800, σ ≈ 12.6: six σ either side.
     assert!((724..=876).contains(&to_v1), "{counts:?}");
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_entry_endpoints_and_selected_workload_entries_are_reached_at_the_entries_vips() {
+    let dir = scratch("sidecar-service-entries");
+    let api = http_backend("127.0.0.6:0", "api").await;
+    let vm = tcp_backend("127.0.0.7:0".parse().unwrap(), "vm").await;
+    let c1 = dir.join("cluster1");
+    std::fs::create_dir_all(&c1).unwrap();
+    std::fs::write(
+        c1.join("entries.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: default}}\n\
+             spec: {{hosts: [api.example.com], addresses: [240.0.0.1], ports: [{{number: 80, name: http, protocol: HTTP}}],\n\
+             \x20 resolution: STATIC, endpoints: [{{address: {api_ip}, ports: {{http: {api_port}}}}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: vm, namespace: default}}\n\
+             spec: {{hosts: [vm], addresses: [240.0.0.2], ports: [{{number: 9000, name: tcp, protocol: TCP}}],\n\
+             \x20 resolution: STATIC, workloadSelector: {{labels: {{app: vm}}}}}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: vm-1, namespace: default}}\n\
+             spec: {{address: {vm_ip}, ports: {{tcp: {vm_port}}}, labels: {{app: vm}}}}\n",
+            api_ip = api.ip(),
+            api_port = api.port(),
+            vm_ip = vm.ip(),
+            vm_port = vm.port(),
+        ),
+    )
+    .unwrap();
+    let controller = Controller::serve(&dir);
+    let vips: Vec<SocketAddr> = ["240.0.0.1:80", "240.0.0.2:9000"]
+        .iter()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (table, entries) = sidecar(controller.xds, &vips).await;
+    until_true(
+        "the sidecar has both entries' endpoints",
+        Duration::from_secs(30),
+        || {
+            let t = table.load();
+            let has = |c: &str| t.upstreams.get(c).is_some_and(|u| !u.endpoints.is_empty());
+            t.routes.contains_key("api.example.com:80")
+                && has("outbound|80||api.example.com")
+                && has("outbound|9000||vm.default.svc.cluster.local")
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        let (mut s, mut text) = (TcpStream::connect(entries[0]).await.unwrap(), String::new());
+        s.write_all(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("api"), "{text}");
+        assert_eq!(connect(entries[1]).await, "vm");
+    }
     drop(controller);
     std::fs::remove_dir_all(&dir).unwrap();
 }
