@@ -792,6 +792,42 @@ fn answer(addr: std::net::SocketAddr, body: &'static str) -> std::net::SocketAdd
     addr
 }
 
+/// Stands for the sidecar's capture: a bound listener using the same routes as
+/// reviews' virtual listener (which is never bound).
+const PROBE: &str = r#"{"name": "probe", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+      "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "probe",
+        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
+                "route_config_name": "reviews.default.svc.cluster.local:9080"},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+          "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}"#;
+
+/// The port Envoy bound the probe listener on, from its `/listeners`.
+fn probe_port(listeners: &str) -> u16 {
+    listeners
+        .lines()
+        .find_map(|l| l.strip_prefix("probe::127.0.0.1:"))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap()
+}
+
+/// One GET of reviews through the probe on `port` with `extra` header lines: the body of a 200.
+fn probe_get(port: u16, extra: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1.1 200")
+        .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
+}
+
 /// Bookinfo's `reviews` 80/20 between subsets v1 and v2 (Istio's own samples:
 /// destination-rule-all-mtls and virtual-service-reviews-80-20): Envoy accepts the
 /// HTTP listener, routes and subset clusters and endpoints without a NACK, and
@@ -830,17 +866,8 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     }
     let controller = Controller::serve(&dir);
     let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
-    // Stands for the sidecar's capture: a bound listener using the same routes
-    // as reviews' virtual listener (which is never bound).
-    let probe = r#"{"name": "probe", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-      "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "probe",
-        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
-                "route_config_name": "reviews.default.svc.cluster.local:9080"},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-          "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}"#;
-    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, probe);
+
+    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, PROBE);
 
     let subset = |s: &str| format!("outbound|9080|{s}|reviews.default.svc.cluster.local");
     let clusters = wait_admin(&admin, "/clusters", |b| {
@@ -870,25 +897,8 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
         "RDS arrived over ADS"
     );
 
-    let port: u16 = listeners
-        .lines()
-        .find_map(|l| l.strip_prefix("probe::127.0.0.1:"))
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap();
-    let get = || {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.starts_with("HTTP/1.1 200")
-            .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
-    };
+    let port = probe_port(&listeners);
+    let get = || probe_get(port, "");
     // The first request may race the subset endpoints' arrival: wait for one answer.
     eventually("Envoy routes a request to reviews", Duration::from_secs(20), get);
     let (mut to_v1, mut to_v2) = (0, 0);
@@ -921,6 +931,63 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     });
     assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
     assert!(get().is_some(), "still routed");
+    drop(envoy);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An HTTPRoute on a Service (GAMMA) and a VirtualService `tcp` route: Envoy accepts
+/// the route configuration the HTTPRoute becomes (sorted rules, a header match, weighted
+/// Services) and the listener with a weighted `tcp_proxy`, without a NACK, and routes
+/// requests as the HTTPRoute says.
+#[test]
+fn envoy_accepts_an_httproutes_routes_and_a_weighted_tcp_proxy() {
+    let dir = scratch("envoy-gamma");
+    let v1 = answer("127.0.0.2:0".parse().unwrap(), "v1");
+    let v2 = answer("127.0.0.3:0".parse().unwrap(), "v2");
+    let db1 = answer("127.0.0.4:0".parse().unwrap(), "db-v1");
+    let db2 = answer(std::net::SocketAddr::new([127, 0, 0, 5].into(), db1.port()), "db-v2");
+    support::gamma_cluster(&dir, v1, v2, db1, db2);
+    let controller = Controller::serve(&dir);
+    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
+
+    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, PROBE);
+    let routes = wait_admin(&admin, "/config_dump?resource=dynamic_route_configs", |b| {
+        b.contains("default.reviews.1.0") && b.contains("weighted_clusters")
+    });
+    assert!(routes.contains("end-user"), "{routes}");
+    let listeners = wait_admin(&admin, "/config_dump?resource=dynamic_listeners", |b| {
+        b.contains("10.96.1.20_5432") && b.contains("weighted_clusters")
+    });
+    assert!(
+        listeners.contains("outbound|5432|v1|db.default.svc.cluster.local")
+            && listeners.contains("outbound|5432|v2|db.default.svc.cluster.local"),
+        "{listeners}"
+    );
+    assert!(
+        listeners.contains("db.example.com") && listeners.contains("envoy.filters.listener.tls_inspector"),
+        "the TLS route's chain: {listeners}"
+    );
+    let bound = wait_admin(&admin, "/listeners", |b| b.contains("probe::127.0.0.1:"));
+    assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
+
+    let port = probe_port(&bound);
+    let get = |user: Option<&str>| probe_get(port, &user.map(|u| format!("end-user: {u}\r\n")).unwrap_or_default());
+    eventually("Envoy routes a request to reviews", Duration::from_secs(20), || {
+        get(None)
+    });
+    let mut to_v2 = 0;
+    for _ in 0..200 {
+        match get(None).as_deref() {
+            Some("v1") => {}
+            Some("v2") => to_v2 += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // 200 draws at 10 %: 20 expected, standard deviation about 4.2.
+    assert!((3..=45).contains(&to_v2), "90/10 split, got {to_v2} to v2");
+    for _ in 0..20 {
+        assert_eq!(get(Some("jason")).as_deref(), Some("v2"), "jason always sees v2");
+    }
     drop(envoy);
     std::fs::remove_dir_all(&dir).unwrap();
 }

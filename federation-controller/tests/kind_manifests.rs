@@ -485,6 +485,7 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
         "authorizationpolicies",
         "peerauthentications",
         "httproutes",
+        "workloadentries",
     ] {
         if !readable.contains(r) {
             problems.push(format!("no ClusterRole lets the controller list and watch {r}"));

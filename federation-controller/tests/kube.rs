@@ -312,6 +312,9 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
         "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
             "rules": [{"backendRefs": [{"name": "reviews-v1"}]}]}}),
     );
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "vm-1", "namespace": "default"},
+        "spec": {"address": "10.2.0.1", "labels": {"app": "vm"}}}));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let update = tokio::time::timeout_at(deadline, rx.recv())
@@ -319,10 +322,15 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
             .expect("the VirtualService and the refused rule were published")
             .unwrap();
         let Update::Objects(_, objects) = update else { continue };
-        if objects.virtual_services.is_empty() || objects.refused.len() < 2 || objects.http_routes.is_empty() {
+        if objects.virtual_services.is_empty()
+            || objects.refused.len() < 2
+            || objects.http_routes.is_empty()
+            || objects.workload_entries.is_empty()
+        {
             continue;
         }
         assert_eq!(objects.http_routes[0].spec.rules[0].backend_refs[1].weight, Some(10));
+        assert_eq!(objects.workload_entries[0].spec.address.as_deref(), Some("10.2.0.1"));
         let refused: Vec<String> = objects.refused.iter().map(ToString::to_string).collect();
         assert!(
             refused.contains(

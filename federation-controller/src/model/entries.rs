@@ -1,11 +1,12 @@
 //! Endpoints that no EndpointSlice lists, as istiod finds them: WorkloadEntries
 //! selected by a Kubernetes Service's selector, and a ServiceEntry's hosts with its
-//! `endpoints` (STATIC resolution) or the workloads (pods and WorkloadEntries) its
+//! `endpoints` (STATIC resolution, or DNS with addresses) or the workloads (pods and WorkloadEntries) its
 //! `workloadSelector` picks. Also the entries' virtual IPs and port protocols.
 //!
-//! Left out, and said where it matters: entries of DNS resolution (their endpoints are
-//! names, resolved by the proxy in Istio; a proxy here gets addresses only), Unix
-//! sockets, and endpoint weights (an instance has none yet).
+//! Left out, and said where it matters: the ServiceEntries this controller writes back
+//! (another cluster's services, federated already), endpoints named by DNS names
+//! (resolved by the proxy in Istio; a proxy here gets addresses only), Unix sockets, and
+//! endpoint weights (an instance has none yet).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -35,10 +36,20 @@ pub(super) fn instances(objects: &ClusterObjects, cx: &Context<'_>) -> Vec<Insta
     for svc in &objects.services {
         selected_by_service(svc, &objects.workload_entries, cx, &mut out);
     }
-    for se in &objects.service_entries {
+    for se in objects.service_entries.iter().filter(|se| !written_back(se)) {
         service_entry(se, objects, cx, &mut out);
     }
     out
+}
+
+/// A ServiceEntry this controller wrote into the cluster (`managed-by: isthmus`): it
+/// stands for another cluster's service, whose endpoints federation already has.
+fn written_back(se: &ServiceEntry) -> bool {
+    se.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(crate::writeback::MANAGED_BY))
+        .is_some_and(|v| v == crate::writeback::ISTHMUS)
 }
 
 /// Whether `labels` hold every pair of `selector` (an empty selector selects nothing,
@@ -89,7 +100,13 @@ fn service_entry(se: &ServiceEntry, objects: &ClusterObjects, cx: &Context<'_>, 
     for key_port in keys(se, cx.domain) {
         let (key, port) = key_port;
         match (&spec.endpoints, &spec.workload_selector) {
-            (Some(endpoints), _) if spec.resolution == Some(Resolution::Static) => {
+            // DNS endpoints given as addresses need no resolving; named ones are left out.
+            (Some(endpoints), _)
+                if matches!(
+                    spec.resolution,
+                    Some(Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin)
+                ) =>
+            {
                 for ep in endpoints {
                     let target = ep.port(&port.name).unwrap_or_else(|| default_target(port));
                     // Mesh-external endpoints never get mesh mTLS (Istio's MESH_EXTERNAL).
@@ -219,7 +236,7 @@ pub(super) fn vips_and_protocols(
     vips: &mut Vec<ServiceVip>,
     protocols: &mut BTreeMap<ServiceKey, Protocol>,
 ) {
-    for se in &objects.service_entries {
+    for se in objects.service_entries.iter().filter(|se| !written_back(se)) {
         let ips: Vec<IpAddr> = se.spec.addresses.iter().filter_map(|a| a.parse().ok()).collect();
         for (key, port) in keys(se, domain) {
             let protocol = Protocol::of_port(Some(&port.name), port.protocol.as_deref());
@@ -288,6 +305,16 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
+metadata: {name: written-back, namespace: vms, labels: {app.kubernetes.io/managed-by: isthmus}}
+spec: {hosts: [ours.example.com], addresses: [240.0.0.99], ports: [{number: 80, name: http}], resolution: STATIC, endpoints: [{address: 10.3.0.1}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dns, namespace: vms}
+spec: {hosts: [db.example.com], ports: [{number: 5432, name: tcp}], resolution: DNS, endpoints: [{address: 192.0.2.50}, {address: db1.example.com}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
 metadata: {name: legacy, namespace: vms}
 spec:
   hosts: [legacy.vms.svc.cluster.local]
@@ -330,6 +357,7 @@ spec:
         assert_eq!(
             rows(&m),
             [
+                "db.example.com:5432 192.0.2.50:5432 net-vm mtls=false sa=default //",
                 "legacy.vms.svc.cluster.local:9080 10.9.0.1:9080 net-vm mtls=true sa=ratings eu/eu-1/rack2",
                 "payments.example.com:80 192.0.2.7:8080 net-vm mtls=false sa=pay //",
                 "payments.example.com:443 192.0.2.7:8443 net-vm mtls=false sa=pay //",
@@ -339,8 +367,8 @@ spec:
                 "ratings.vms.svc.cluster.local:9901 10.9.0.2:9000 net-other mtls=false sa=default //",
             ],
             "named target ports through the entry's ports (else the service port); the entry's \
-             network, else its namespace's; MESH_EXTERNAL never mTLS; a name address and another \
-             namespace's entry left out"
+             network, else its namespace's; MESH_EXTERNAL never mTLS; a name address, another \
+             namespace's entry and our own written-back entry left out"
         );
     }
 

@@ -488,3 +488,109 @@ fn validate_filters(f: &str, filters: &[Filter], backend: bool) -> Result<(), Va
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::objects::ClusterObjects;
+
+    /// Each document is refused alone, naming file, document and field with the CRD's reason.
+    #[test]
+    fn invalid_routes_are_refused_one_by_one_with_the_crds_reasons() {
+        let route = |n: &str, rules: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {n}, namespace: web}}\n\
+                 spec: {{parentRefs: [{{group: \"\", kind: Service, name: reviews}}], rules: {rules}}}\n"
+            )
+        };
+        let docs = [
+            route("ok", "[{backendRefs: [{name: reviews, port: 9080}]}]"),
+            route("no-port", "[{backendRefs: [{name: reviews}]}]"),
+            route("relative", "[{matches: [{path: {type: Exact, value: foo}}]}]"),
+            route("bad-regex", "[{matches: [{headers: [{type: RegularExpression, name: x, value: \"(\"}]}]}]"),
+            route(
+                "both",
+                "[{filters: [{type: RequestRedirect, requestRedirect: {hostname: a}}, {type: URLRewrite, urlRewrite: {hostname: b}}]}]",
+            ),
+            route(
+                "redirect-and-backend",
+                "[{filters: [{type: RequestRedirect, requestRedirect: {hostname: a}}], backendRefs: [{name: r, port: 1}]}]",
+            ),
+            route(
+                "prefix-on-exact",
+                "[{matches: [{path: {type: Exact, value: /a}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]}]",
+            ),
+            route("missing-field", "[{filters: [{type: RequestMirror}]}]"),
+            route("code", "[{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]}]"),
+            route("weight", "[{backendRefs: [{name: r, port: 1, weight: -1}]}]"),
+            route("method", "[{matches: [{method: FETCH}]}]"),
+        ]
+        .join("---\n");
+        let mut o = ClusterObjects::default();
+        o.add_yaml(std::path::Path::new("c1/routes.yaml"), &docs).unwrap();
+        assert_eq!(o.http_routes.len(), 1, "the valid route is kept");
+        // The regex crate's own words for the pattern of document 4.
+        let unclosed: &str = std::hint::black_box("(");
+        let refused: Vec<String> = o.refused.iter().map(ToString::to_string).collect();
+        let at = |d: usize, name: &str, rest: &str| {
+            format!("c1/routes.yaml: document {d}: HTTPRoute web/{name} refused: {rest}")
+        };
+        assert_eq!(
+            refused,
+            [
+                at(
+                    2,
+                    "no-port",
+                    "spec.rules[0].backendRefs[0]: Must have port for Service reference"
+                ),
+                at(
+                    3,
+                    "relative",
+                    "spec.rules[0].matches[0].path.value: value must be an absolute path and start with '/' when type one of ['Exact', 'PathPrefix']"
+                ),
+                at(
+                    4,
+                    "bad-regex",
+                    &format!(
+                        "spec.rules[0].matches[0].headers[0].value: invalid regex: {}",
+                        regex::Regex::new(unclosed).unwrap_err()
+                    )
+                ),
+                at(
+                    5,
+                    "both",
+                    "spec.rules[0].filters: May specify either httpRouteFilterRequestRedirect or httpRouteFilterRequestRewrite, but not both"
+                ),
+                at(
+                    6,
+                    "redirect-and-backend",
+                    "spec.rules[0]: RequestRedirect filter must not be used together with backendRefs"
+                ),
+                at(
+                    7,
+                    "prefix-on-exact",
+                    "spec.rules[0]: When using URLRewrite or RequestRedirect filter with path.replacePrefixMatch, exactly one PathPrefix match must be specified"
+                ),
+                at(
+                    8,
+                    "missing-field",
+                    "spec.rules[0].filters[0].requestMirror: filter.requestMirror must be specified for RequestMirror filter.type"
+                ),
+                at(
+                    9,
+                    "code",
+                    "spec.rules[0].filters[0].requestRedirect.statusCode: Unsupported value: 307: supported values: \"301\", \"302\""
+                ),
+                at(
+                    10,
+                    "weight",
+                    "spec.rules[0].backendRefs[0].weight: Invalid value: must be between 0 and 1000000"
+                ),
+                at(
+                    11,
+                    "method",
+                    "spec.rules[0].matches[0].method: Unsupported value: \"FETCH\""
+                ),
+            ]
+        );
+    }
+}

@@ -295,3 +295,97 @@ pub fn ca_token(ca_dir: &Path, identity: &str) -> String {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
+
+fn gamma_service(name: &str, vip: &str, port_name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{clusterIP: {vip}, ports: [{{name: {port_name}, port: {port}}}]}}\n---\n"
+    )
+}
+
+fn gamma_pod(name: &str, app: &str, version: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}, version: {version}}}}}\n\
+         spec: {{containers: [{{name: app}}]}}\n---\n"
+    )
+}
+
+fn gamma_slice(service: &str, port_name: &str, endpoints: &[(&str, std::net::SocketAddr)]) -> String {
+    let port = endpoints[0].1.port();
+    let eps: String = endpoints
+        .iter()
+        .map(|(pod, a)| format!("- {{addresses: [{}], targetRef: {{kind: Pod, name: {pod}}}}}\n", a.ip()))
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+         addressType: IPv4\nports: [{{name: {port_name}, port: {port}}}]\nendpoints:\n{eps}---\n"
+    )
+}
+
+/// reviews (HTTP) split by an HTTPRoute between the Services reviews-v1 and
+/// reviews-v2, jason always to v2; db (TCP) split 80/20 between two subsets by a
+/// VirtualService `tcp` route.
+pub const GAMMA_ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{headers: [{name: end-user, value: jason}]}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: default}
+spec: {host: db, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db]
+  tls:
+  - match: [{port: 5432, sniHosts: [db.example.com]}]
+    route: [{destination: {host: db, subset: v2}}]
+  tcp:
+  - match: [{port: 5432}]
+    route:
+    - {destination: {host: db, subset: v1}, weight: 80}
+    - {destination: {host: db, subset: v2}, weight: 20}
+"#;
+
+/// Writes cluster1 with `reviews` (HTTP, 10.96.1.12:9080) routed by an HTTPRoute 90/10
+/// between the Services reviews-v1 (`v1`) and reviews-v2 (`v2`), jason always to v2, and
+/// `db` (TCP, 10.96.1.20:5432, pods `db1` and `db2` on one port) split 80/20 between its
+/// subsets v1 and v2 by a VirtualService `tcp` route (TLS for `db.example.com` to v2).
+pub fn gamma_cluster(
+    dir: &Path,
+    v1: std::net::SocketAddr,
+    v2: std::net::SocketAddr,
+    db1: std::net::SocketAddr,
+    db2: std::net::SocketAddr,
+) {
+    let c1 = dir.join("cluster1");
+    std::fs::create_dir_all(&c1).unwrap();
+    let objects = [
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {topology.istio.io/network: network1}}\n---\n".to_owned(),
+        gamma_service("reviews", "10.96.1.12", "http", 9080),
+        gamma_service("reviews-v1", "10.96.1.13", "http", 9080),
+        gamma_service("reviews-v2", "10.96.1.14", "http", 9080),
+        gamma_service("db", "10.96.1.20", "tcp-postgres", 5432),
+        gamma_pod("reviews-v1", "reviews", "v1"),
+        gamma_pod("reviews-v2", "reviews", "v2"),
+        gamma_pod("db-v1", "db", "v1"),
+        gamma_pod("db-v2", "db", "v2"),
+        gamma_slice("reviews-v1", "http", &[("reviews-v1", v1)]),
+        gamma_slice("reviews-v2", "http", &[("reviews-v2", v2)]),
+        gamma_slice("db", "tcp-postgres", &[("db-v1", db1), ("db-v2", db2)]),
+    ]
+    .concat();
+    std::fs::write(c1.join("objects.yaml"), objects).unwrap();
+    std::fs::write(c1.join("routes.yaml"), GAMMA_ROUTES).unwrap();
+}
