@@ -1505,6 +1505,28 @@ impl XdsStream for AdsStream {
     async fn send(&mut self, type_url: &str) -> Result<(), ()> {
         AdsStream::send(self, type_url).await
     }
+    /// Clusters first, and endpoints whenever clusters went out, changed or not: Envoy
+    /// warms a changed cluster until it is sent its endpoints, as Istio's pushes do.
+    async fn push_all(&mut self) -> Result<(), ()> {
+        let mut types = self.subscribed();
+        types.sort_by_key(|t| t != CLUSTER_TYPE);
+        for t in types {
+            let before = self.types.get(&t).and_then(|s| s.sent_set.clone());
+            self.send(&t).await?;
+            let after = self.types.get(&t).and_then(|s| s.sent_set.clone());
+            let sent = match (&before, &after) {
+                (Some(b), Some(a)) => !Arc::ptr_eq(b, a),
+                _ => true,
+            };
+            if t == CLUSTER_TYPE
+                && sent
+                && let Some(eds) = self.types.get_mut(ENDPOINT_TYPE)
+            {
+                eds.sent_set = None;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl XdsStream for DeltaAds {

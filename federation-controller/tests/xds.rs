@@ -209,6 +209,21 @@ async fn an_istio_node_gets_its_network_view_acks_receives_pushes_and_a_nack_cau
         "no resend of the NACKed version"
     );
     assert_eq!(endpoints(&eds_after), ["10.241.0.10:9080 w1", "100.64.0.2:15443 w1"]);
+    tx.send(ack(&eds_after, &[REVIEWS])).await.unwrap();
+
+    // Another service account behind the same endpoint: the clusters change (whom they
+    // verify), the endpoints do not, yet they follow the clusters, as Envoy warms a
+    // changed cluster until it is sent its endpoints.
+    cluster(&dir, "cluster2", "network2", 2, &[("a", "v3", true)]);
+    let clusters_again = next(&mut responses).await;
+    assert_eq!(clusters_again.type_url, CDS, "the clusters first");
+    assert!(sans(&clusters_again).contains(&"spiffe://cluster.local/ns/default/sa/reviews-v3".to_owned()));
+    let endpoints_again = next(&mut responses).await;
+    assert_eq!(endpoints_again.type_url, EDS, "then their endpoints, unchanged");
+    assert_eq!(
+        endpoints(&endpoints_again),
+        ["10.241.0.10:9080 w1", "100.64.0.2:15443 w1"]
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
