@@ -10,6 +10,7 @@ pub mod balance;
 pub mod body;
 pub mod capture;
 pub mod client_hello;
+pub mod coalesce;
 pub mod cluster;
 pub mod destinations;
 pub mod drain;
