@@ -249,6 +249,8 @@ pub struct Sidecar {
     trigger: drain::Trigger,
     drain_timeout: Duration,
     threads: Vec<JoinHandle<()>>,
+    /// Flushed once the drain is over (its lines are buffered).
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Sidecar {
@@ -555,6 +557,7 @@ impl Sidecar {
             trigger,
             drain_timeout: args.drain_timeout,
             threads,
+            access_log,
         })
     }
 
@@ -562,6 +565,9 @@ impl Sidecar {
     /// how many were cut.
     pub async fn drain(self) -> usize {
         let left = self.trigger.drain(self.drain_timeout).await;
+        if let Some(log) = &self.access_log {
+            log.flush();
+        }
         // Worker threads end once their accept loops return and their connections end or
         // the process exits; a stuck connection must not hold the exit.
         drop(self.threads);
