@@ -6,13 +6,28 @@
 # HTTP/1.1 and carries requests over one pooled HTTP/2 connection in mTLS (ALPN istio-h2);
 # the server side adds x-forwarded-client-cert. ISTHMUS_PROTOCOL=tcp forwards bytes instead,
 # one mTLS connection per client connection, as Istio does for a TCP port.
+#
+# --mesh ROUTES:ENDPOINTS (ours, not passed on) benchmarks with routing, authorization and
+# telemetry on: both sides run with --synthetic-mesh ROUTES:ENDPOINTS (the client side routes
+# every request through ROUTES virtual hosts and clusters holding ENDPOINTS endpoints, the
+# server side checks it against an ALLOW policy of ROUTES rules) and write an access log
+# (into the harness's run directory). E.g. `--mesh 10:10` (features on, small tables) and
+# `--mesh 1000:10000`; the run's table is the same as without it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HARNESS="$ROOT/../shared/bench/sidecar-pair.sh"
 [ -x "$HARNESS" ] || { echo "bench-sidecar: $HARNESS not found" >&2; exit 1; }
 PROTOCOL="${ISTHMUS_PROTOCOL:-http}"
+EXTRA=""; ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --mesh) [ $# -ge 2 ] || { echo "--mesh needs ROUTES:ENDPOINTS" >&2; exit 2; }
+            EXTRA=" --synthetic-mesh $2 --access-log {run}/access.log"; shift 2 ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
 cargo build --release --locked -p sidecar --manifest-path "$ROOT/Cargo.toml"
 BIN="$ROOT/target/release/sidecar"
-exec "$HARNESS" "$@" --pair isthmus \
-  "$BIN run --outbound {listen}={upstream} --sni {sni} --peer-id {spiffe_peer} --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL" \
-  "$BIN run --inbound {listen}={upstream} --mtls STRICT --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL"
+exec "$HARNESS" "${ARGS[@]}" --pair isthmus \
+  "$BIN run --outbound {listen}={upstream} --sni {sni} --peer-id {spiffe_peer} --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL$EXTRA" \
+  "$BIN run --inbound {listen}={upstream} --mtls STRICT --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL$EXTRA"

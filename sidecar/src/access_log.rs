@@ -9,6 +9,11 @@
 //!
 //! `--access-log-filter errors` keeps what an operator looks for: status 400 and above,
 //! anything with a response flag, and requests an AUDIT (RBAC LOG) policy marked.
+//!
+//! A file is written as Envoy writes its access logs: through a buffer flushed every
+//! second ([`FLUSH_INTERVAL`], Envoy's `file_flush_interval_msec` default), when full, and
+//! on [`AccessLog::flush`] at shutdown, rather than one `write` per request. Stdout is
+//! written line by line.
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -36,26 +41,59 @@ pub enum Filter {
     Errors,
 }
 
+/// How long a written line may wait in a file log's buffer.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a file log's buffer holds before it is written whatever the time.
+const BUFFER: usize = 64 * 1024;
+
+type Out = Arc<Mutex<Box<dyn Write + Send>>>;
+
 /// Where and how a sidecar writes its access log.
 pub struct AccessLog {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Out,
+    /// Stdout: every line is flushed as it is written.
+    line_by_line: bool,
     format: Format,
     filter: Filter,
 }
 
 impl AccessLog {
-    /// Logs to `target`: `-` for stdout, else a file appended to (created if need be).
+    /// Logs to `target`: `-` for stdout, else a file appended to (created if need be),
+    /// flushed every [`FLUSH_INTERVAL`] by a thread of its own while the log lives.
     pub fn open(target: &Path, format: Format, filter: Filter) -> std::io::Result<Self> {
-        let out: Box<dyn Write + Send> = if target == Path::new("-") {
+        let line_by_line = target == Path::new("-");
+        let out: Box<dyn Write + Send> = if line_by_line {
             Box::new(std::io::stdout())
         } else {
-            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(target)?)
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(target)?;
+            Box::new(std::io::BufWriter::with_capacity(BUFFER, file))
         };
+        let out: Out = Arc::new(Mutex::new(out));
+        if !line_by_line {
+            let weak = Arc::downgrade(&out);
+            std::thread::Builder::new()
+                .name("access-log".into())
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(FLUSH_INTERVAL);
+                        let Some(out) = weak.upgrade() else { return };
+                        let _ = out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+                    }
+                })?;
+        }
         Ok(Self {
-            out: Mutex::new(out),
+            out,
+            line_by_line,
             format,
             filter,
         })
+    }
+
+    /// Writes out what the buffer holds (at shutdown).
+    pub fn flush(&self) {
+        let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
     }
 
     /// What of `req` the line will say, taken as it is sent on (after our own headers).
@@ -211,7 +249,10 @@ impl Answered {
         };
         let mut out = log.out.lock().unwrap_or_else(|e| e.into_inner());
         // A full disk must not take requests down with it; the line is lost.
-        let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+        let written = out.write_all(line.as_bytes());
+        if log.line_by_line {
+            let _ = written.and_then(|()| out.flush());
+        }
     }
 }
 

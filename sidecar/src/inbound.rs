@@ -38,6 +38,7 @@ use http_body_util::Full;
 
 use crate::access_log::{AccessLog, Pending};
 use crate::authz::{self, Attributes, HttpAttributes};
+use crate::coalesce::Coalesced;
 use crate::drain;
 use crate::http::{self, Leased, ReplyBody};
 use crate::metered::Metered;
@@ -285,7 +286,6 @@ impl Inbound {
         let xfcc = peer.caller.as_ref().map(|c| c.xfcc(&self.self_id));
         let peer = Arc::new(peer);
         let (io, bytes) = Metered::new(client);
-        let io = TokioIo::new(io);
         let me = self.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (me, xfcc, peer) = (me.clone(), xfcc.clone(), peer.clone());
@@ -293,9 +293,10 @@ impl Inbound {
         });
         let drain = self.drain.clone();
         let ended = if h2 {
+            // Responses ready at once leave in one write (see `coalesce`).
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .serve_connection(io, service);
+                .serve_connection(TokioIo::new(Coalesced::new(io)), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 ended = conn.as_mut() => ended,
@@ -305,7 +306,7 @@ impl Inbound {
                 }
             }
         } else {
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 ended = conn.as_mut() => ended,

@@ -364,6 +364,20 @@ pub async fn serve_captured(listener: TcpListener, captured: Arc<Captured>) {
     .await;
 }
 
+/// Accepts until draining starts, carrying every connection as one captured to
+/// `original`: a benchmark's synthetic mesh (see [`crate::synthetic`]).
+pub async fn serve_as_captured_to(listener: TcpListener, captured: Arc<Captured>, original: SocketAddr) {
+    let drain = captured.drain.clone();
+    drain::accept_until_drained(listener, drain, move |stream| {
+        let captured = captured.clone();
+        async move {
+            let _ = stream.set_nodelay(true);
+            captured.carry_to(stream, original).await
+        }
+    })
+    .await;
+}
+
 /// Where an HTTP client connection's requests go.
 enum Route {
     /// `--outbound LISTEN=TARGET`: always the one upstream.

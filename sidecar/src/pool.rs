@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::body::Outgoing;
 use crate::capture;
+use crate::coalesce::Coalesced;
 use crate::rewind::Rewind;
 use crate::tls::{self, Svid, SvidSlot};
 
@@ -399,7 +400,8 @@ impl H2Pool {
             Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
         };
         first.truncate(n);
-        let stream = Rewind::new(bytes::Bytes::from(first), stream);
+        // Requests of several clients ready at once leave in one write (see `coalesce`).
+        let stream = Coalesced::new(Rewind::new(bytes::Bytes::from(first), stream));
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)

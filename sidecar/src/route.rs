@@ -54,6 +54,13 @@ pub fn duration(d: &envoy_types::pb::google::protobuf::Duration, what: &str) -> 
 pub struct RouteTable {
     pub name: String,
     hosts: Vec<VirtualHost>,
+    /// The virtual host of each exact (non-wildcard) domain, the last one naming it: an
+    /// exact fit beats every wildcard, so a request whose authority is here needs no scan
+    /// (Istio's route configurations are one virtual host per service, each with exact
+    /// domains: a table of a thousand services would otherwise be a thousand per request).
+    exact: std::collections::HashMap<String, usize>,
+    /// The virtual hosts with a wildcard domain (`*` included), for the others.
+    wildcard: Vec<usize>,
     headers: HeaderPolicy,
 }
 
@@ -169,14 +176,30 @@ impl RouteTable {
             resource: rc.name.clone(),
             problem: e.0,
         };
+        let hosts: Vec<VirtualHost> = rc
+            .virtual_hosts
+            .iter()
+            .map(VirtualHost::compile)
+            .collect::<Result<_, _>>()
+            .map_err(wrap)?;
+        let mut exact = std::collections::HashMap::new();
+        let mut wildcard = Vec::new();
+        for (i, h) in hosts.iter().enumerate() {
+            for d in &h.domains {
+                if d.starts_with('*') || d.ends_with('*') {
+                    if wildcard.last() != Some(&i) {
+                        wildcard.push(i);
+                    }
+                } else {
+                    exact.insert(d.clone(), i);
+                }
+            }
+        }
         Ok(Self {
             name: rc.name.clone(),
-            hosts: rc
-                .virtual_hosts
-                .iter()
-                .map(VirtualHost::compile)
-                .collect::<Result<_, _>>()
-                .map_err(wrap)?,
+            hosts,
+            exact,
+            wildcard,
             headers: policy(
                 &rc.request_headers_to_add,
                 &rc.request_headers_to_remove,
@@ -194,18 +217,27 @@ impl RouteTable {
             .unwrap_or_default()
             .to_ascii_lowercase();
         let bare = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h);
-        let host = self
-            .hosts
-            .iter()
-            .filter_map(|h| {
-                h.domains
-                    .iter()
-                    .filter_map(|d| VirtualHost::fit(d, &authority).or_else(|| VirtualHost::fit(d, bare)))
-                    .max()
-                    .map(|fit| (fit, h))
-            })
-            .max_by_key(|(fit, _)| *fit)
-            .map(|(_, h)| h)?;
+        // Of equal fits the last host wins, as `max_by_key` has it below.
+        let exact = [self.exact.get(&authority), self.exact.get(bare)]
+            .into_iter()
+            .flatten()
+            .max();
+        let host = match exact {
+            Some(&i) => &self.hosts[i],
+            None => self
+                .wildcard
+                .iter()
+                .map(|&i| &self.hosts[i])
+                .filter_map(|h| {
+                    h.domains
+                        .iter()
+                        .filter_map(|d| VirtualHost::fit(d, &authority).or_else(|| VirtualHost::fit(d, bare)))
+                        .max()
+                        .map(|fit| (fit, h))
+                })
+                .max_by_key(|(fit, _)| *fit)
+                .map(|(_, h)| h)?,
+        };
         let route = host.routes.iter().find(|r| r.matcher.matches(req))?;
         Some(Selected {
             route,
@@ -328,6 +360,32 @@ mod tests {
         assert_eq!(host("ratings.example.com").as_deref(), Some("suffix"));
         assert_eq!(host("reviews.default").as_deref(), Some("prefix"));
         assert_eq!(host("10.0.0.1:80").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn an_exact_domain_is_found_among_many_and_the_last_host_naming_it_wins() {
+        let mut hosts: Vec<EnvoyVirtualHost> = (0..1000)
+            .map(|i| {
+                let d = format!("svc-{i}.default.svc.cluster.local");
+                vhost(&d, &[&d, &format!("{d}:9080")], vec![to("/", &format!("c{i}"))])
+            })
+            .collect();
+        hosts.push(vhost(
+            "again",
+            &["svc-7.default.svc.cluster.local"],
+            vec![to("/", "again")],
+        ));
+        hosts.push(vhost("wild", &["*.cluster.local"], vec![to("/", "wild")]));
+        let table = RouteTable::compile(&RouteConfiguration {
+            virtual_hosts: hosts,
+            ..Default::default()
+        })
+        .unwrap();
+        let host = |h| cluster_of(table.select(&req("/", h)));
+        assert_eq!(host("svc-999.default.svc.cluster.local:9080").as_deref(), Some("c999"));
+        assert_eq!(host("SVC-3.default.svc.cluster.local").as_deref(), Some("c3"));
+        assert_eq!(host("svc-7.default.svc.cluster.local:9080").as_deref(), Some("again"));
+        assert_eq!(host("other.cluster.local").as_deref(), Some("wild"));
     }
 
     #[test]

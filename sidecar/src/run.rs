@@ -168,6 +168,12 @@ pub struct RunArgs {
     /// (`sidecar init --exclude-outbound-ports 4318`, or its CIDR).
     #[arg(long, value_name = "URL")]
     pub otlp: Option<String>,
+    /// Benchmarks only: carry `--outbound`'s HTTP through a synthetic mesh of ROUTES
+    /// services with ENDPOINTS endpoints in all (routes, clusters and endpoints compiled as
+    /// the controller's are, the benchmarked `--service` last), and check every `--inbound`
+    /// request against an ALLOW policy of ROUTES rules, all but the last of which miss.
+    #[arg(long, value_name = "ROUTES:ENDPOINTS", value_parser = crate::synthetic::parse_size)]
+    pub synthetic_mesh: Option<crate::synthetic::Size>,
     /// Data-plane threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
@@ -249,6 +255,8 @@ pub struct Sidecar {
     trigger: drain::Trigger,
     drain_timeout: Duration,
     threads: Vec<JoinHandle<()>>,
+    /// Flushed once the drain is over (its lines are buffered).
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Sidecar {
@@ -370,9 +378,38 @@ impl Sidecar {
             });
             let listener = listen(hop.listen)?;
             bound.outbound = Some(listener.local_addr()?);
-            spawn_workers("outbound", args.workers, listener, &mut threads, move |l| {
-                outbound::serve(l, outbound.clone())
-            })?;
+            match args.synthetic_mesh {
+                Some(size) => {
+                    let table = crate::synthetic::outbound(
+                        size,
+                        &args.service,
+                        hop.target,
+                        outbound.upstream.sni.to_str().as_ref(),
+                        &args.peer_ids,
+                    )?;
+                    let captured = Arc::new(Captured::new(
+                        Arc::new(ArcSwap::from_pointee(table)),
+                        svid.clone(),
+                        bundles.clone(),
+                        alpn,
+                        None,
+                        hop.listen,
+                        self_id.clone(),
+                        args.connect_timeout,
+                        args.handshake_timeout,
+                        telemetry.clone(),
+                        watch.clone(),
+                        make_hop(None),
+                        true,
+                    ));
+                    spawn_workers("outbound", args.workers, listener, &mut threads, move |l| {
+                        outbound::serve_as_captured_to(l, captured.clone(), crate::synthetic::VIP)
+                    })?;
+                }
+                None => spawn_workers("outbound", args.workers, listener, &mut threads, move |l| {
+                    outbound::serve(l, outbound.clone())
+                })?,
+            }
         }
         let table = Arc::new(ArcSwap::from_pointee(Destinations::default()));
         if args.capture {
@@ -403,9 +440,11 @@ impl Sidecar {
         let mut flags_policy = Policy::uniform(args.mtls.unwrap_or(MtlsMode::Strict));
         flags_policy.ports.extend(args.port_mtls.iter().copied());
         let strict_floor = (args.mtls.is_some() || !args.port_mtls.is_empty()).then(|| flags_policy.clone());
-        let inbound_policy = Arc::new(ArcSwap::from_pointee(InboundPolicy::from_peer_authentication(
-            &flags_policy,
-        )));
+        let inbound_policy = match args.synthetic_mesh {
+            Some(size) => crate::synthetic::inbound(size, self_id.trust_domain())?,
+            None => InboundPolicy::from_peer_authentication(&flags_policy),
+        };
+        let inbound_policy = Arc::new(ArcSwap::from_pointee(inbound_policy));
         let inbound_hop = match (args.inbound, args.capture) {
             (Some(hop), _) => Some((hop, false)),
             (None, true) => Some((
@@ -555,6 +594,7 @@ impl Sidecar {
             trigger,
             drain_timeout: args.drain_timeout,
             threads,
+            access_log,
         })
     }
 
@@ -562,6 +602,9 @@ impl Sidecar {
     /// how many were cut.
     pub async fn drain(self) -> usize {
         let left = self.trigger.drain(self.drain_timeout).await;
+        if let Some(log) = &self.access_log {
+            log.flush();
+        }
         // Worker threads end once their accept loops return and their connections end or
         // the process exits; a stuck connection must not hold the exit.
         drop(self.threads);

@@ -4,6 +4,9 @@
 //! `connection_security_policy` says what really protected the connection (`mutual_tls` or
 //! `none`), never what was configured.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use prometheus::{
@@ -59,6 +62,10 @@ pub struct Telemetry {
     refused: IntCounterVec,
     upstream_failures: IntCounterVec,
     open: IntGauge,
+    /// The request series resolved so far, by the hash of their label values: each request
+    /// costs one hash and one read lock here instead of one per family (four) in the
+    /// registry. Keyed by hash alone, as the registry's own children are.
+    series: Arc<RwLock<HashMap<u64, Arc<RequestSeries>>>>,
     /// RBAC outcomes, `[http, tcp]` × [`RBAC_OUTCOMES`].
     rbac: [[IntCounter; 5]; 2],
     /// Pooled HTTP/2 connections to upstream sidecars open now.
@@ -119,6 +126,14 @@ fn code_str(code: u16, buf: &mut [u8; 3]) -> &str {
     std::str::from_utf8(buf).expect("ASCII digits")
 }
 
+/// The four request families' children for one label set.
+struct RequestSeries {
+    requests: IntCounter,
+    request_sizes: Histogram,
+    durations: Histogram,
+    response_sizes: Histogram,
+}
+
 /// When a request arrived and how big it is, taken before it is sent on.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestSize {
@@ -148,8 +163,7 @@ impl RequestSize {
 /// The measure of one response in flight; dropped when it ends.
 pub struct Exchange {
     started: Instant,
-    duration: Histogram,
-    size: Histogram,
+    series: Arc<RequestSeries>,
     bytes: u64,
     /// The access log line written when the response ends.
     log: Option<crate::access_log::Answered>,
@@ -179,8 +193,8 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        self.duration.observe(elapsed.as_secs_f64() * 1000.0);
-        self.size.observe(self.bytes as f64);
+        self.series.durations.observe(elapsed.as_secs_f64() * 1000.0);
+        self.series.response_sizes.observe(self.bytes as f64);
         if let Some(line) = self.log.take() {
             line.write(self.bytes, elapsed);
         }
@@ -284,6 +298,7 @@ impl Telemetry {
                 &["side", "reason"],
             ),
             open: gauge("isthmus_sidecar_open_connections", "Connections open now"),
+            series: Arc::default(),
             rbac: ["http", "tcp"].map(|scope| {
                 RBAC_OUTCOMES.map(|outcome| {
                     total(
@@ -348,18 +363,38 @@ impl Telemetry {
         let mut buf = [0; 3];
         let [a, b, c, d, e, f, g] = self.connection_values(&r.connection);
         let values = [a, b, c, d, e, f, g, r.protocol, code_str(code, &mut buf)];
-        self.requests.with_label_values(&values).inc();
-        self.request_sizes
-            .with_label_values(&values)
-            .observe(request.bytes as f64);
+        let series = self.series(&values);
+        series.requests.inc();
+        series.request_sizes.observe(request.bytes as f64);
         Exchange {
             started: request.started,
-            duration: self.durations.with_label_values(&values),
-            size: self.response_sizes.with_label_values(&values),
+            series,
             bytes: 0,
             log: None,
             span: None,
         }
+    }
+
+    /// The children of the request families for `values` ([`REQUEST_LABELS`]' values).
+    fn series(&self, values: &[&str; 9]) -> Arc<RequestSeries> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        values.hash(&mut h);
+        let key = h.finish();
+        if let Some(series) = self.series.read().expect("series poisoned").get(&key) {
+            return series.clone();
+        }
+        let series = Arc::new(RequestSeries {
+            requests: self.requests.with_label_values(values),
+            request_sizes: self.request_sizes.with_label_values(values),
+            durations: self.durations.with_label_values(values),
+            response_sizes: self.response_sizes.with_label_values(values),
+        });
+        self.series
+            .write()
+            .expect("series poisoned")
+            .entry(key)
+            .or_insert(series)
+            .clone()
     }
 
     /// Counts a connection as opened and returns its counters; dropping them counts the close.

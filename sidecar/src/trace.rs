@@ -6,8 +6,6 @@
 //! A request with no trace context starts a trace in both W3C and B3 form, so the
 //! application finds whichever its library reads.
 
-use std::fmt::Write;
-
 use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
 
@@ -20,20 +18,40 @@ const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid
 const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const B3: HeaderName = HeaderName::from_static("b3");
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `bytes` as lowercase hex into `out` (twice as long): per request on every hop, so
+/// a table, not `fmt`.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX_DIGITS[usize::from(b >> 4)];
+        pair[1] = HEX_DIGITS[usize::from(b & 0x0f)];
+    }
+}
+
+fn ascii(buf: &[u8]) -> &str {
+    std::str::from_utf8(buf).expect("hex digits and dashes are ASCII")
+}
+
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    let mut buf = [0u8; 64];
+    let out = &mut buf[..bytes.len() * 2];
+    hex_into(bytes, out);
+    ascii(out).to_owned()
 }
 
 /// A random UUID in version 4 form (RFC 9562 §5.4), as Envoy makes request ids.
-fn uuid_v4() -> String {
+fn uuid_v4() -> HeaderValue {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    let mut h = [0u8; 32];
+    hex_into(&b, &mut h);
+    let mut out = [b'-'; 36];
+    for (from, to, len) in [(0, 0, 8), (8, 9, 4), (12, 14, 4), (16, 19, 4), (20, 24, 12)] {
+        out[to..to + len].copy_from_slice(&h[from..from + len]);
+    }
+    HeaderValue::from_bytes(&out).expect("hex and dashes are header text")
 }
 
 /// A new span id: 8 random bytes, never all zero (which both formats forbid).
@@ -61,7 +79,7 @@ pub fn hop(headers: &mut HeaderMap) -> Span {
 /// Gives the request an `x-request-id` if it has none.
 fn ensure_request_id(headers: &mut HeaderMap) {
     if !headers.contains_key(REQUEST_ID) {
-        headers.insert(REQUEST_ID, header_value(uuid_v4()));
+        headers.insert(REQUEST_ID, uuid_v4());
     }
 }
 
@@ -78,7 +96,7 @@ fn w3c_child(traceparent: &str, span: &str) -> Option<String> {
         && is_hex(parent, 16)
         && flags.len() == 2
         && flags.bytes().all(|b| b.is_ascii_hexdigit());
-    valid.then(|| format!("00-{trace}-{span}-{flags}"))
+    valid.then(|| ["00-", trace, "-", span, "-", flags].concat())
 }
 
 /// Single-header B3 with a new span id (the old one becomes the parent); a sampling-only
@@ -93,8 +111,8 @@ fn b3_child(b3: &str, span: &str) -> Option<String> {
         return None;
     }
     Some(match parts.next() {
-        Some(sampled) => format!("{trace}-{span}-{sampled}-{parent}"),
-        None => format!("{trace}-{span}-{parent}"),
+        Some(sampled) => [trace, "-", span, "-", sampled, "-", parent].concat(),
+        None => [trace, "-", span, "-", parent].concat(),
     })
 }
 
@@ -166,7 +184,7 @@ fn child_span(headers: &mut HeaderMap) -> Span {
             let trace = hex(&rand::random::<u128>().max(1).to_be_bytes());
             // Sampling was decided upstream if anywhere; a new trace is sampled, as Envoy's
             // default of 100% (Istio lowers it in its mesh config, which we do not read).
-            headers.insert(TRACEPARENT, header_value(format!("00-{trace}-{span}-01")));
+            headers.insert(TRACEPARENT, header_value(["00-", &trace, "-", &span, "-01"].concat()));
             headers.insert(B3_TRACE_ID, header_value(trace.clone()));
             headers.insert(B3_SPAN_ID, header_value(span.clone()));
             headers.remove(B3_PARENT_SPAN_ID);
@@ -193,7 +211,7 @@ mod tests {
 
     #[test]
     fn request_ids_are_uuid_v4_and_kept_when_given() {
-        let id = uuid_v4();
+        let id = uuid_v4().to_str().unwrap().to_owned();
         let groups: Vec<&str> = id.split('-').collect();
         assert_eq!(
             groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
@@ -202,7 +220,7 @@ mod tests {
         );
         assert!(groups[2].starts_with('4'), "{id}");
         assert!(matches!(&groups[3][..1], "8" | "9" | "a" | "b"), "{id}");
-        assert_ne!(uuid_v4(), id);
+        assert_ne!(uuid_v4().to_str().unwrap(), id);
         let mut h = HeaderMap::new();
         h.insert(REQUEST_ID, HeaderValue::from_static("given"));
         ensure_request_id(&mut h);

@@ -226,7 +226,6 @@ mod tests {
     use envoy_types::pb::envoy::config::rbac::v3::rbac::Action;
     use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy as RbacPolicy, Principal};
     use envoy_types::pb::envoy::config::rbac::v3::{Rbac, permission, principal};
-    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
     use envoy_types::pb::google::protobuf::UInt32Value;
 
     /// Istio's empty ALLOW: nothing is admitted.
@@ -260,26 +259,7 @@ mod tests {
     }
 
     fn hcm(rules: Rbac) -> Filter {
-        let rbac = HttpRbac {
-            rules: Some(rules),
-            ..Default::default()
-        };
-        let hcm = HttpConnectionManager {
-            http_filters: vec![HttpFilter {
-                name: "envoy.filters.http.rbac".into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(Any {
-                    type_url: HTTP_RBAC_TYPE.into(),
-                    value: rbac.encode_to_vec(),
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        typed(
-            "envoy.filters.network.http_connection_manager",
-            HCM_TYPE,
-            hcm.encode_to_vec(),
-        )
+        crate::synthetic::http_rbac(rules)
     }
 
     fn network(rules: Rbac) -> Filter {

@@ -15,10 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
-use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
-};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::route_action::{ClusterSpecifier, RequestMirrorPolicy};
 use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
@@ -28,9 +25,6 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort};
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, Rds, http_connection_manager,
-};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
@@ -49,8 +43,6 @@ use tokio::net::TcpListener;
 
 const HOST: &str = "reviews.default.svc.cluster.local";
 const ROUTE_NAME: &str = "reviews.default.svc.cluster.local:9080";
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
 
 /// The service's VIP: never bound, only ever an original destination.
@@ -62,41 +54,9 @@ fn subset(name: &str) -> String {
     format!("outbound|9080|{name}|{HOST}")
 }
 
-fn sock(addr: SocketAddr) -> Address {
-    Address {
-        address: Some(address::Address::SocketAddress(SocketAddress {
-            address: addr.ip().to_string(),
-            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(addr.port()))),
-            ..Default::default()
-        })),
-    }
-}
-
 /// Istio's outbound HTTP listener for the VIP.
 fn http_listener() -> Listener {
-    let hcm = HttpConnectionManager {
-        stat_prefix: "outbound_10.242.255.10_9080".into(),
-        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-            config_source: None,
-            route_config_name: ROUTE_NAME.into(),
-        })),
-        ..Default::default()
-    };
-    Listener {
-        name: "10.242.255.10_9080".into(),
-        address: Some(sock(vip())),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(Any {
-                    type_url: HCM_TYPE.into(),
-                    value: hcm.encode_to_vec(),
-                })),
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    sidecar::synthetic::http_listener(vip(), ROUTE_NAME)
 }
 
 fn cluster(name: &str) -> Cluster {
@@ -107,23 +67,7 @@ fn cluster(name: &str) -> Cluster {
 }
 
 fn assignment(name: &str, endpoints: &[SocketAddr]) -> ClusterLoadAssignment {
-    ClusterLoadAssignment {
-        cluster_name: name.into(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints: endpoints
-                .iter()
-                .map(|a| LbEndpoint {
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                        address: Some(sock(*a)),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    sidecar::synthetic::assignment(name, endpoints.iter().copied())
 }
 
 fn prefix(p: &str) -> RouteMatch {
@@ -1301,41 +1245,7 @@ const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
 /// A cluster whose endpoints are spoken to in mutual TLS with `sni`, proving [`SERVER_ID`].
 fn mtls_cluster(name: &str, sni: &str) -> Cluster {
-    use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
-    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-        CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context,
-        subject_alt_name_matcher,
-    };
-    let tls = UpstreamTlsContext {
-        sni: sni.into(),
-        common_tls_context: Some(CommonTlsContext {
-            validation_context_type: Some(common_tls_context::ValidationContextType::ValidationContext(
-                CertificateValidationContext {
-                    match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
-                        san_type: subject_alt_name_matcher::SanType::Uri as i32,
-                        matcher: Some(StringMatcher {
-                            match_pattern: Some(string_matcher::MatchPattern::Exact(SERVER_ID.into())),
-                            ignore_case: false,
-                        }),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Cluster {
-        transport_socket: Some(TransportSocket {
-            name: "envoy.transport_sockets.tls".into(),
-            config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
-                type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext".into(),
-                value: tls.encode_to_vec(),
-            })),
-        }),
-        ..cluster(name)
-    }
+    sidecar::synthetic::mtls_cluster(name, sni, &[SERVER_ID.to_owned()])
 }
 
 /// A pod's sidecar in front of `app` (STRICT mTLS, `--protocol PROTOCOL`), proving
