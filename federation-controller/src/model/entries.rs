@@ -63,7 +63,10 @@ fn selected_by_service(svc: &Service, entries: &[WorkloadEntry], cx: &Context<'_
     let ns = namespace_of(&svc.metadata);
     let Some(spec) = &svc.spec else { return };
     let selector = spec.selector.clone().unwrap_or_default();
-    let Ok(host) = Hostname::parse(&fqdn(svc.metadata.name.as_deref().unwrap_or_default(), ns, cx.domain)) else {
+    // The Service's host exactly as the cluster's model names it (a name with a dot is
+    // no FQDN here: Services are always NAME.NAMESPACE.svc.DOMAIN).
+    let name = svc.metadata.name.as_deref().unwrap_or_default();
+    let Ok(host) = Hostname::parse(&format!("{name}.{ns}.svc.{}", cx.domain)) else {
         return;
     };
     for we in entries.iter().filter(|we| namespace_of(&we.metadata) == ns) {
@@ -370,6 +373,22 @@ spec:
              network, else its namespace's; MESH_EXTERNAL never mTLS; a name address, another \
              namespace's entry and our own written-back entry left out"
         );
+    }
+
+    /// Found by the `manifests` fuzz target: a Service whose name holds a dot got
+    /// instances under another host than the one the model lists its ports under.
+    #[test]
+    fn a_selected_entry_is_filed_under_the_services_own_host() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: odd.name, namespace: vms}\n\
+                    spec: {selector: {app: x}, ports: [{port: 80}]}\n---\n\
+                    apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w, namespace: vms}\n\
+                    spec: {address: 10.9.0.1, labels: {app: x}}\n";
+        let mut o = ClusterObjects::default();
+        o.add_yaml(Path::new("c1/odd.yaml"), yaml).unwrap();
+        let m = ClusterModel::build(&ClusterId::new("c1"), &o, &MeshConfig::default());
+        assert_eq!(m.instances.len(), 1);
+        assert_eq!(m.instances[0].service.to_string(), "odd.name.vms.svc.cluster.local:80");
+        assert!(m.traffic.protocols.contains_key(&m.instances[0].service));
     }
 
     #[test]
