@@ -228,18 +228,18 @@ impl Context {
 
     /// Whether `network`'s gateways let other networks reach `host`.
     fn exposes(&self, network: &NetworkId, host: &mesh_vocab::Hostname) -> bool {
-        self.exposure.get(network).is_none_or(|patterns| {
-            // A Service's host is NAME.NAMESPACE.svc.DOMAIN: a `ns/host` pattern needs its namespace.
-            let host = host.as_str();
-            let namespace = host
-                .split('.')
-                .nth(1)
-                .filter(|_| host.contains(".svc."))
-                .unwrap_or_default();
-            patterns
-                .iter()
-                .any(|p| crate::networking::gateway::host_matches(p, host, namespace))
-        })
+        // Most networks have no Gateway saying: nothing to work out per instance then.
+        let Some(patterns) = self.exposure.get(network) else {
+            return true;
+        };
+        // A Service's host is NAME.NAMESPACE.svc.DOMAIN: a `ns/host` pattern needs its namespace.
+        let host = host.as_str();
+        let namespace = host
+            .split('.')
+            .nth(1)
+            .filter(|_| host.contains(".svc."))
+            .unwrap_or_default();
+        crate::networking::gateway::exposes(Some(patterns), host, namespace)
     }
 }
 

@@ -202,6 +202,15 @@ fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
     meta.labels.clone().unwrap_or_default()
 }
 
+/// A pod's service account: the API server fills in `default`; manifests often leave it out.
+fn service_account_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
 /// The hosts Istio `Gateway`s expose through a gateway Service's pods on `port`: those
 /// of every `AUTO_PASSTHROUGH` server on that port of a Gateway whose selector the
 /// Service's own selector (its pods' labels) satisfies. None when no Gateway says.
@@ -214,7 +223,7 @@ fn passthrough_hosts(
     let mut hosts = None::<Vec<String>>;
     for g in gateways {
         let selector = &g.spec.selector;
-        if selector.is_empty() || !selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)) {
+        if !entries::selects(selector, pod_labels) {
             continue;
         }
         let mut servers = g.passthrough_hosts(port).peekable();
@@ -223,19 +232,6 @@ fn passthrough_hosts(
         }
     }
     hosts
-}
-
-impl ClusterModel {
-    /// Whether `network`'s gateways let other networks reach `host` (a service of
-    /// `namespace`): yes unless an Istio Gateway names what they expose and none of
-    /// its hosts match.
-    pub fn exposes(&self, network: &NetworkId, host: &str, namespace: &str) -> bool {
-        self.exposure.get(network).is_none_or(|patterns| {
-            patterns
-                .iter()
-                .any(|p| crate::networking::gateway::host_matches(p, host, namespace))
-        })
-    }
 }
 
 impl ClusterModel {
@@ -350,14 +346,7 @@ impl ClusterModel {
                             locality: locality_of(node.as_deref()),
                             mtls: labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio"),
                             labels: labels.clone(),
-                            // The API server fills in `default`; manifests often leave it out.
-                            service_account: pod.map(|p| {
-                                p.spec
-                                    .as_ref()
-                                    .and_then(|s| s.service_account_name.clone())
-                                    .filter(|sa| !sa.is_empty())
-                                    .unwrap_or_else(|| "default".into())
-                            }),
+                            service_account: pod.map(service_account_of),
                         });
                     }
                 }
@@ -657,10 +646,13 @@ spec:
             "only the AUTO_PASSTHROUGH server on the gateway port, of the Gateway selecting its pods"
         );
         let net1 = NetworkId::new("net1");
-        assert!(m.exposes(&net1, "reviews.default.svc.cluster.local", "default"));
-        assert!(!m.exposes(&net1, "payments.example.com", "default"));
+        let exposes = |m: &ClusterModel, net: &NetworkId, host: &str| {
+            crate::networking::gateway::exposes(m.exposure.get(net).map(Vec::as_slice), host, "default")
+        };
+        assert!(exposes(&m, &net1, "reviews.default.svc.cluster.local"));
+        assert!(!exposes(&m, &net1, "payments.example.com"));
         assert!(
-            m.exposes(&NetworkId::new("net2"), "payments.example.com", "default"),
+            exposes(&m, &NetworkId::new("net2"), "payments.example.com"),
             "no Gateway says for net2"
         );
 
@@ -668,6 +660,6 @@ spec:
         o.gateways.clear();
         let m = ClusterModel::build(&ClusterId::new("c1"), &o, &MeshConfig::default());
         assert!(m.exposure.is_empty());
-        assert!(m.exposes(&net1, "payments.example.com", "default"));
+        assert!(exposes(&m, &net1, "payments.example.com"));
     }
 }

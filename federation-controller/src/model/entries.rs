@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_vocab::{Hostname, NetworkId};
 
-use super::{Instance, Locality, Protocol, ServiceKey, ServiceVip, TLS_MODE_LABEL, labels_of};
+use super::{Instance, Locality, Protocol, ServiceKey, ServiceVip, TLS_MODE_LABEL, labels_of, service_account_of};
 use crate::networking::service_entry::{Location, Resolution, ServiceEntry, ServicePort};
 use crate::networking::workload_entry::{Address, WorkloadEntry, WorkloadEntrySpec};
 use crate::networking::{fqdn, namespace_of};
@@ -54,7 +54,7 @@ fn written_back(se: &ServiceEntry) -> bool {
 
 /// Whether `labels` hold every pair of `selector` (an empty selector selects nothing,
 /// as for a Service: a Service without a selector has its endpoints made by hand).
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub(super) fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -144,13 +144,7 @@ fn service_entry(se: &ServiceEntry, objects: &ClusterObjects, cx: &Context<'_>, 
                         network: (cx.network_of)(ns, Some(pod)),
                         locality: (cx.locality_of)(node),
                         mtls: labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio"),
-                        service_account: Some(
-                            pod.spec
-                                .as_ref()
-                                .and_then(|s| s.service_account_name.clone())
-                                .filter(|sa| !sa.is_empty())
-                                .unwrap_or_else(|| "default".into()),
-                        ),
+                        service_account: Some(service_account_of(pod)),
                         labels,
                     });
                 }

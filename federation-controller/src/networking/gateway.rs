@@ -282,6 +282,12 @@ fn is_dns_label_any_case(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// Whether gateways exposing `patterns` let other networks reach the service `host` of
+/// `namespace`; None (no Gateway says what they expose) lets everything through.
+pub fn exposes(patterns: Option<&[String]>, host: &str, namespace: &str) -> bool {
+    patterns.is_none_or(|ps| ps.iter().any(|p| host_matches(p, host, namespace)))
+}
+
 /// Whether a gateway server's host pattern (`[namespace/]host`) admits the service
 /// `host` of `namespace`: `*` and `*.suffix` match by suffix, as Istio matches them.
 pub fn host_matches(pattern: &str, host: &str, namespace: &str) -> bool {
