@@ -550,10 +550,7 @@ async fn retries_turn_a_failing_endpoint_into_no_client_errors_and_a_timeout_is_
         retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into(),
         num_retries: Some(UInt32Value { value: 2 }),
         retriable_status_codes: vec![503],
-        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
-            name: "envoy.retry_host_predicates.previous_hosts".into(),
-            config_type: None,
-        }],
+        retry_host_predicate: previous_hosts(),
         ..Default::default()
     };
     let config = routes(vec![
@@ -775,22 +772,40 @@ fn gateway_errors(n: u32) -> envoy_types::pb::envoy::config::cluster::v3::Outlie
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consecutive_gateway_errors_eject_an_endpoint() {
-    let (_pki, mut control, sidecar) = setup("outlier").await;
-    let (broken, healthy) = (
-        backend("broken", Behaviour::Fail).await,
-        backend("v1", Behaviour::Answer).await,
-    );
-    // No retries: only ejection keeps errors away.
+/// Envoy's `previous_hosts` retry predicate: a retry goes to another endpoint.
+fn previous_hosts() -> Vec<retry_policy::RetryHostPredicate> {
+    vec![retry_policy::RetryHostPredicate {
+        name: "envoy.retry_host_predicates.previous_hosts".into(),
+        config_type: None,
+    }]
+}
+
+/// A `bad` endpoint and a healthy `v1` one behind cluster v1, which ejects an endpoint
+/// after two consecutive gateway errors, routed by `config`.
+async fn beside_a_healthy_endpoint(
+    sidecar: &Sidecar,
+    control: &mut ControlPlane,
+    bad: Backend,
+    config: RouteConfiguration,
+) -> (Backend, Backend) {
+    let healthy = backend("v1", Behaviour::Answer).await;
     let c = Cluster {
         outlier_detection: Some(gateway_errors(2)),
         ..cluster(&subset("v1"))
     };
-    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
     sidecar
-        .serve(&mut control, config, &[(c, vec![broken.addr, healthy.addr])])
+        .serve(control, config, &[(c, vec![bad.addr, healthy.addr])])
         .await;
+    (bad, healthy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_gateway_errors_eject_an_endpoint() {
+    let (_pki, mut control, sidecar) = setup("outlier").await;
+    // No retries: only ejection keeps errors away.
+    let config = routes(vec![forward(prefix("/"), to(&subset("v1")))]);
+    let broken = backend("broken", Behaviour::Fail).await;
+    beside_a_healthy_endpoint(&sidecar, &mut control, broken, config).await;
     let counts = spread(&sidecar, 40, &[]).await;
     assert_eq!(counts.get("503 broken"), Some(&2), "{counts:?}");
     assert_eq!(counts.get("200 v1"), Some(&38), "{counts:?}");
@@ -802,14 +817,6 @@ async fn consecutive_gateway_errors_eject_an_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_try_timeouts_count_against_the_endpoint_and_the_retry_goes_elsewhere() {
     let (_pki, mut control, sidecar) = setup("per-try").await;
-    let (stuck, healthy) = (
-        backend("stuck", Behaviour::Hang).await,
-        backend("v1", Behaviour::Answer).await,
-    );
-    let c = Cluster {
-        outlier_detection: Some(gateway_errors(2)),
-        ..cluster(&subset("v1"))
-    };
     let retry = RetryPolicy {
         retry_on: "gateway-error".into(),
         num_retries: Some(UInt32Value { value: 2 }),
@@ -817,10 +824,7 @@ async fn per_try_timeouts_count_against_the_endpoint_and_the_retry_goes_elsewher
             seconds: 0,
             nanos: 100_000_000,
         }),
-        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
-            name: "envoy.retry_host_predicates.previous_hosts".into(),
-            config_type: None,
-        }],
+        retry_host_predicate: previous_hosts(),
         ..Default::default()
     };
     let config = routes(vec![forward(
@@ -830,9 +834,8 @@ async fn per_try_timeouts_count_against_the_endpoint_and_the_retry_goes_elsewher
             ..to(&subset("v1"))
         },
     )]);
-    sidecar
-        .serve(&mut control, config, &[(c, vec![stuck.addr, healthy.addr])])
-        .await;
+    let stuck = backend("stuck", Behaviour::Hang).await;
+    let (stuck, _healthy) = beside_a_healthy_endpoint(&sidecar, &mut control, stuck, config).await;
     let n = 20;
     assert_eq!(
         spread(&sidecar, n, &[]).await,
