@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the sidecar in release mode and runs the shared mesh-hop benchmark
+# Builds the sidecar as it ships (scripts/build-sidecar.sh) and runs the shared mesh-hop benchmark
 # (../shared/bench/sidecar-pair.sh) with our pair beside direct, Envoy, HAProxy and nginx.
 # Arguments go to the harness (e.g. --quick, --reps 3, --only direct,haproxy,isthmus).
 # Our pair speaks HTTP, as the peers are configured to: the client side serves the load's
@@ -26,8 +26,8 @@ while [ $# -gt 0 ]; do
     *) ARGS+=("$1"); shift ;;
   esac
 done
-cargo build --release --locked -p sidecar --manifest-path "$ROOT/Cargo.toml"
-BIN="$ROOT/target/release/sidecar"
+# The sidecar as it ships: release, static, its executed code laid out together.
+BIN="$("$ROOT/scripts/build-sidecar.sh")"
 exec "$HARNESS" "${ARGS[@]}" --pair isthmus \
   "$BIN run --outbound {listen}={upstream} --sni {sni} --peer-id {spiffe_peer} --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL$EXTRA" \
   "$BIN run --inbound {listen}={upstream} --mtls STRICT --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL$EXTRA"

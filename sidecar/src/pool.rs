@@ -156,7 +156,8 @@ pub struct H2Pool {
     svid: Option<Arc<SvidSlot>>,
     /// Connections open now, for the operator (and tests) to see.
     open: prometheus::IntGauge,
-    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    /// Looked up twice a request: foldhash rather than SipHash over the key's strings.
+    slots: Mutex<HashMap<Key, Arc<Slot>, foldhash::fast::RandomState>>,
     ids: AtomicU64,
     me: Weak<H2Pool>,
 }
@@ -236,7 +237,7 @@ impl H2Pool {
             settings,
             svid,
             open,
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::default()),
             ids: AtomicU64::new(0),
             me: me.clone(),
         })
