@@ -412,6 +412,10 @@ async fn read_hello(
                 // Not TLS after all: its chain is a plaintext one.
                 Err(_) => return Ok(None),
             }
+            // Room for a whole record per read, not the few bytes `BytesMut` grows by itself.
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
             match client.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return Err("closed_before_hello"),
                 Ok(_) => {}

@@ -1583,12 +1583,21 @@ async fn tls_chains_route_the_applications_own_tls_by_its_sni_and_wrap_it_in_mtl
         let _ = tokio::io::copy(&mut r, &mut w).await;
     })
     .await;
-    let (to_a, to_b, to_rest) = (subset("a"), subset("b"), subset("rest"));
+    // What reaches it: `S` and every byte the client sent, once the client is done.
+    let (verbatim, _) = support::accept_each(|mut s| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut got = b"S".to_vec();
+        let _ = s.read_to_end(&mut got).await;
+        let _ = s.write_all(&got).await;
+    })
+    .await;
+    let (to_a, to_b, to_rest, to_split) = (subset("a"), subset("b"), subset("rest"), subset("split"));
     // The wildcard first: the exact name still wins for a.example.com, as in Envoy.
     let listener = Listener {
         filter_chains: vec![
             sni_chain(&["*.example.com"], &to_b),
             sni_chain(&["a.example.com"], &to_a),
+            sni_chain(&["split.test"], &to_split),
             sni_chain(&[], &to_rest),
         ],
         ..tcp_listener(&to_rest)
@@ -1596,19 +1605,24 @@ async fn tls_chains_route_the_applications_own_tls_by_its_sni_and_wrap_it_in_mtl
     let mesh = mtls_cluster(&to_b, &format!("outbound_.9080_.b_.{HOST}"));
     control.push(LISTENER_TYPE, "1", &[listener]).await;
     control
-        .push(CLUSTER_TYPE, "1", &[cluster(&to_a), mesh, cluster(&to_rest)])
+        .push(
+            CLUSTER_TYPE,
+            "1",
+            &[cluster(&to_a), mesh, cluster(&to_rest), cluster(&to_split)],
+        )
         .await;
     let eds = [
         assignment(&to_a, &[a]),
         assignment(&to_b, &[b_sidecar.bound.inbound.unwrap()]),
         assignment(&to_rest, &[echo]),
+        assignment(&to_split, &[verbatim]),
     ];
     control.push(ENDPOINT_TYPE, "1", &eds).await;
     let table = sidecar.table.clone();
     poll(Duration::from_secs(10), || async {
         let t = table.load();
         let ready = t.reads_hello(vip())
-            && [&to_a, &to_b, &to_rest]
+            && [&to_a, &to_b, &to_rest, &to_split]
                 .iter()
                 .all(|c| t.upstreams.get(*c).is_some_and(|u| !u.endpoints.is_empty()));
         if ready { Ok(()) } else { Err("table not ready".into()) }
@@ -1623,6 +1637,48 @@ async fn tls_chains_route_the_applications_own_tls_by_its_sni_and_wrap_it_in_mtl
     // the application's own verification refuses it, which only its untouched TLS can do.
     let refused = app_ca.call(sidecar.entry, "c.example.com").await.unwrap_err();
     assert!(refused.contains("certificate"), "{refused}");
+    // A ClientHello dribbled out in 16-byte writes is still read whole, routed by its SNI,
+    // and arrives byte for byte.
+    let hello = {
+        // A post-quantum key share, as browsers send: a hello of over a kilobyte.
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768];
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from("split.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        hello
+    };
+    assert!(
+        hello.len() > 1000,
+        "a post-quantum key share makes it big: {}",
+        hello.len()
+    );
+    let mut dribble = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    dribble.set_nodelay(true).unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for piece in hello.chunks(16) {
+            dribble.write_all(piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        dribble.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), dribble.read_to_end(&mut back))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert_eq!(
+            back,
+            [&b"S"[..], &hello].concat(),
+            "the hello went to split.test's backend unmodified"
+        );
+    }
     // Plaintext fits no TLS chain: the chain without a match echoes it.
     let mut plain = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
     assert_eq!(ping(&mut plain).await, b"ping");
