@@ -18,7 +18,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_vocab::ClusterId;
 use tokio::sync::mpsc;
 
-use crate::networking::{DestinationRule, Gateway, HttpRoute, ServiceEntry, VirtualService, WorkloadEntry};
+use crate::networking::{
+    DestinationRule, Gateway, HttpRoute, ReferenceGrant, ServiceEntry, VirtualService, WorkloadEntry,
+};
 use crate::objects::{ClusterObjects, ServiceExport};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -55,6 +57,7 @@ enum Any {
     WorkloadEntry(Box<Event<WorkloadEntry>>),
     Gateway(Box<Event<Gateway>>),
     HttpRoute(Box<Event<HttpRoute>>),
+    ReferenceGrant(Box<Event<ReferenceGrant>>),
     /// The cluster does not serve this optional kind (its CRD is not installed): it has none.
     Missing(Optional),
 }
@@ -71,6 +74,7 @@ enum Optional {
     WorkloadEntry,
     Gateway,
     HttpRoute,
+    ReferenceGrant,
 }
 
 /// The objects of one kind, by namespace/name, and its initial-list state.
@@ -151,7 +155,7 @@ where
 
 /// Watches a kind that comes with a CRD (MCS `ServiceExport`, Istio's networking
 /// kinds, Gateway API's `HTTPRoute` — watched as `v1`, which every Gateway API release
-/// since 1.0 serves). Many clusters lack it: the list's `404` means "none of these", so the
+/// since 1.0 serves — and `ReferenceGrant`, watched as `v1beta1`). Many clusters lack it: the list's `404` means "none of these", so the
 /// cluster still syncs; the watcher keeps retrying with backoff, and picks the
 /// objects up once the CRD is installed. A `403` (RBAC written before the controller
 /// read this kind) is taken the same way, with a warning, so a cluster whose role does
@@ -193,10 +197,11 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
         optional::<WorkloadEntry>(&client, Any::WorkloadEntry, Optional::WorkloadEntry),
         optional::<Gateway>(&client, Any::Gateway, Optional::Gateway),
         optional::<HttpRoute>(&client, Any::HttpRoute, Optional::HttpRoute),
+        optional::<ReferenceGrant>(&client, Any::ReferenceGrant, Optional::ReferenceGrant),
     ]);
     let (mut authz, mut peer_authn) = (Kind::new(), Kind::new());
     let (mut vs, mut dr, mut se, mut routes) = (Kind::new(), Kind::new(), Kind::new(), Kind::new());
-    let (mut we, mut gw) = (Kind::new(), Kind::new());
+    let (mut we, mut gw, mut grants) = (Kind::new(), Kind::new(), Kind::new());
     let (mut ns, mut svc, mut eps, mut pods, mut nodes, mut exports) = (
         Kind::new(),
         Kind::new(),
@@ -243,6 +248,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                 Ok(Any::WorkloadEntry(e)) => changed |= we.apply(*e),
                 Ok(Any::Gateway(e)) => changed |= gw.apply(*e),
                 Ok(Any::HttpRoute(e)) => changed |= routes.apply(*e),
+                Ok(Any::ReferenceGrant(e)) => changed |= grants.apply(*e),
                 Ok(Any::Missing(kind)) => {
                     changed |= match kind {
                         Optional::ServiceExport => exports.none(),
@@ -254,6 +260,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
                         Optional::WorkloadEntry => we.none(),
                         Optional::Gateway => gw.none(),
                         Optional::HttpRoute => routes.none(),
+                        Optional::ReferenceGrant => grants.none(),
                     }
                 }
                 Err(e) => {
@@ -279,7 +286,8 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             && se.synced
             && we.synced
             && gw.synced
-            && routes.synced;
+            && routes.synced
+            && grants.synced;
         if changed && synced {
             let objects = ClusterObjects {
                 namespaces: ns.all(),
@@ -296,7 +304,7 @@ pub async fn run(id: ClusterId, client: Client, tx: mpsc::Sender<Update>) {
             // here too, and leave out (and report) what Istio would refuse.
             let objects = objects
                 .with_networking(vs.all(), dr.all(), se.all(), we.all(), gw.all())
-                .with_http_routes(routes.all());
+                .with_gateway_api(routes.all(), grants.all());
             for e in &objects.refused {
                 tracing::warn!(cluster = %id, error = %e, "Istio config refused");
             }

@@ -196,6 +196,8 @@ pub struct Traffic {
     pub destination_rules: Vec<DestinationRule>,
     /// Gateway API HTTPRoutes; those with Service parents route like VirtualServices.
     pub http_routes: Vec<crate::networking::HttpRoute>,
+    /// Gateway API ReferenceGrants, which let HTTPRoutes reach other namespaces' Services.
+    pub reference_grants: Vec<crate::networking::ReferenceGrant>,
 }
 
 fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
@@ -473,6 +475,7 @@ impl ClusterModel {
                 virtual_services: objects.virtual_services.clone(),
                 destination_rules: objects.destination_rules.clone(),
                 http_routes: objects.http_routes.clone(),
+                reference_grants: objects.reference_grants.clone(),
             }),
         }
     }

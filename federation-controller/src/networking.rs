@@ -4,7 +4,8 @@
 //! (hosts of the mesh's registry that are no Kubernetes Service), [`WorkloadEntry`]
 //! (a workload that is no pod) and [`Gateway`] (what a gateway exposes); and Gateway
 //! API's [`HttpRoute`] attached to Services (GAMMA), which routes as a VirtualService
-//! does. Typed with Istio's
+//! does, and its [`ReferenceGrant`], which lets a route reach another namespace's
+//! Service. Typed with Istio's
 //! field names, so users' YAML reads as it does for istiod; validated with Istio's
 //! reasons, so a document Istio's API server or webhook refuses is refused here too.
 //!
@@ -22,6 +23,7 @@ pub mod destination_rule;
 pub mod duration;
 pub mod gateway;
 pub mod http_route;
+pub mod reference_grant;
 pub mod service_entry;
 pub mod virtual_service;
 pub mod workload_entry;
@@ -30,6 +32,7 @@ pub use destination_rule::DestinationRule;
 pub use duration::Duration;
 pub use gateway::Gateway;
 pub use http_route::HttpRoute;
+pub use reference_grant::ReferenceGrant;
 pub use service_entry::ServiceEntry;
 pub use virtual_service::VirtualService;
 pub use workload_entry::WorkloadEntry;
@@ -96,16 +99,20 @@ pub enum NetworkingConfig {
     WorkloadEntry(Box<WorkloadEntry>),
     Gateway(Box<Gateway>),
     HttpRoute(Box<HttpRoute>),
+    ReferenceGrant(Box<ReferenceGrant>),
 }
 
 /// Whether `api_version`/`kind` is one this module reads.
 pub fn reads(api_version: &str, kind: &str) -> bool {
-    let gateway_api = api_version
+    if let Some(v) = api_version
         .strip_prefix(http_route::GROUP)
         .and_then(|v| v.strip_prefix('/'))
-        .is_some_and(|v| http_route::VERSIONS.contains(&v));
-    if gateway_api {
-        return kind == "HTTPRoute";
+    {
+        return match kind {
+            "HTTPRoute" => http_route::VERSIONS.contains(&v),
+            "ReferenceGrant" => reference_grant::VERSIONS.contains(&v),
+            _ => false,
+        };
     }
     let version_ok = api_version
         .strip_prefix(GROUP)
@@ -176,6 +183,10 @@ pub fn parse(
             "HTTPRoute",
             read(at, has_spec, HttpRoute::validate, NetworkingConfig::HttpRoute)?,
         ),
+        "ReferenceGrant" => (
+            "ReferenceGrant",
+            read(at, has_spec, ReferenceGrant::validate, NetworkingConfig::ReferenceGrant)?,
+        ),
         _ => (
             "ServiceEntry",
             read(at, has_spec, ServiceEntry::validate, NetworkingConfig::ServiceEntry)?,
@@ -218,13 +229,16 @@ pub fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
 
-/// Implements `kube::Resource` for one of this module's kinds (of Istio's group unless
-/// another is given), so the kube source can watch it.
+/// Implements `kube::Resource` for one of this module's kinds (of Istio's group and
+/// watched as `v1` unless others are given), so the kube source can watch it.
 macro_rules! istio_resource {
     ($ty:ty, $kind:literal, $plural:literal) => {
         istio_resource!($ty, GROUP, $kind, $plural);
     };
     ($ty:ty, $group:expr, $kind:literal, $plural:literal) => {
+        istio_resource!($ty, $group, "v1", $kind, $plural);
+    };
+    ($ty:ty, $group:expr, $version:literal, $kind:literal, $plural:literal) => {
         impl kube::Resource for $ty {
             type DynamicType = ();
             type Scope = NamespaceResourceScope;
@@ -236,7 +250,7 @@ macro_rules! istio_resource {
                 $group.into()
             }
             fn version(_: &()) -> Cow<'_, str> {
-                "v1".into()
+                $version.into()
             }
             fn plural(_: &()) -> Cow<'_, str> {
                 $plural.into()
@@ -257,6 +271,14 @@ istio_resource!(ServiceEntry, "ServiceEntry", "serviceentries");
 istio_resource!(WorkloadEntry, "WorkloadEntry", "workloadentries");
 istio_resource!(Gateway, "Gateway", "gateways");
 istio_resource!(HttpRoute, http_route::GROUP, "HTTPRoute", "httproutes");
+// Gateway API serves ReferenceGrant as v1beta1 (v1alpha2 before it).
+istio_resource!(
+    ReferenceGrant,
+    http_route::GROUP,
+    "v1beta1",
+    "ReferenceGrant",
+    "referencegrants"
+);
 
 /// Checks that `value` (a percentage) lies in 0..=100.
 pub(crate) fn percent_in_range(field: &str, value: f64) -> Result<(), ValidationError> {
@@ -315,5 +337,8 @@ mod tests {
         assert!(reads("gateway.networking.k8s.io/v1beta1", "HTTPRoute"));
         assert!(!reads("gateway.networking.k8s.io/v1", "Gateway"));
         assert!(!reads("networking.istio.io/v1", "HTTPRoute"));
+        assert!(reads("gateway.networking.k8s.io/v1beta1", "ReferenceGrant"));
+        assert!(reads("gateway.networking.k8s.io/v1alpha2", "ReferenceGrant"));
+        assert!(!reads("gateway.networking.k8s.io/v1beta1", "GRPCRoute"));
     }
 }

@@ -13,8 +13,8 @@ use mesh_vocab::manifest::{self, ManifestError};
 use serde::{Deserialize, Serialize};
 
 use crate::networking::{
-    self, ConfigError, DestinationRule, Gateway, HttpRoute, NetworkingConfig, ServiceEntry, VirtualService,
-    WorkloadEntry,
+    self, ConfigError, DestinationRule, Gateway, HttpRoute, NetworkingConfig, ReferenceGrant, ServiceEntry,
+    VirtualService, WorkloadEntry,
 };
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 
@@ -68,6 +68,9 @@ pub struct ClusterObjects {
     pub gateways: Vec<Gateway>,
     /// Gateway API HTTPRoutes (those with Service parents route the mesh's traffic).
     pub http_routes: Vec<HttpRoute>,
+    /// Gateway API ReferenceGrants: which other namespaces' HTTPRoutes may send to a
+    /// namespace's Services.
+    pub reference_grants: Vec<ReferenceGrant>,
     /// Istio documents refused (invalid), each on its own: the rest of the file and
     /// every other document still count, as one bad object applied to a cluster
     /// does not undo the others.
@@ -136,6 +139,7 @@ impl ClusterObjects {
                         Ok(NetworkingConfig::WorkloadEntry(we)) => self.workload_entries.push(*we),
                         Ok(NetworkingConfig::Gateway(g)) => self.gateways.push(*g),
                         Ok(NetworkingConfig::HttpRoute(r)) => self.http_routes.push(*r),
+                        Ok(NetworkingConfig::ReferenceGrant(g)) => self.reference_grants.push(*g),
                         Err(e) => self.refused.push(e),
                     },
                     _ => skipped.push(Skipped {
@@ -174,15 +178,6 @@ impl ClusterObjects {
         workload_entries: Vec<WorkloadEntry>,
         gateways: Vec<Gateway>,
     ) -> Self {
-        let refuse = |kind: &'static str, meta: &ObjectMeta, error| ConfigError::InvalidObject {
-            kind,
-            name: format!(
-                "{}/{}",
-                networking::namespace_of(meta),
-                meta.name.as_deref().unwrap_or_default()
-            ),
-            error,
-        };
         for vs in virtual_services {
             match vs.validate() {
                 Ok(()) => self.virtual_services.push(vs),
@@ -216,24 +211,35 @@ impl ClusterObjects {
         self
     }
 
-    /// These objects plus Gateway API HTTPRoutes read from an API server, each
-    /// validated: an invalid one goes to [`Self::refused`] instead.
-    pub fn with_http_routes(mut self, routes: Vec<HttpRoute>) -> Self {
+    /// These objects plus Gateway API HTTPRoutes and ReferenceGrants read from an API
+    /// server, each validated: an invalid one goes to [`Self::refused`] instead.
+    pub fn with_gateway_api(mut self, routes: Vec<HttpRoute>, grants: Vec<ReferenceGrant>) -> Self {
         for r in routes {
             match r.validate() {
                 Ok(()) => self.http_routes.push(r),
-                Err(error) => self.refused.push(ConfigError::InvalidObject {
-                    kind: "HTTPRoute",
-                    name: format!(
-                        "{}/{}",
-                        networking::namespace_of(&r.metadata),
-                        r.metadata.name.as_deref().unwrap_or_default()
-                    ),
-                    error,
-                }),
+                Err(e) => self.refused.push(refuse("HTTPRoute", &r.metadata, e)),
+            }
+        }
+        for g in grants {
+            match g.validate() {
+                Ok(()) => self.reference_grants.push(g),
+                Err(e) => self.refused.push(refuse("ReferenceGrant", &g.metadata, e)),
             }
         }
         self
+    }
+}
+
+/// An object from an API server refused as invalid, named `namespace/name`.
+fn refuse(kind: &'static str, meta: &ObjectMeta, error: networking::ValidationError) -> ConfigError {
+    ConfigError::InvalidObject {
+        kind,
+        name: format!(
+            "{}/{}",
+            networking::namespace_of(meta),
+            meta.name.as_deref().unwrap_or_default()
+        ),
+        error,
     }
 }
 

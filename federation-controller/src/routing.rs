@@ -45,7 +45,7 @@ impl Routing {
             domain: domain.to_owned(),
             ..Default::default()
         };
-        let mut http_routes = BTreeMap::new();
+        let (mut http_routes, mut grants) = (BTreeMap::new(), BTreeMap::new());
         let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
             (
                 networking::namespace_of(m).to_owned(),
@@ -69,12 +69,16 @@ impl Routing {
             for r in &m.traffic.http_routes {
                 http_routes.entry(key(&r.metadata)).or_insert(r);
             }
+            for g in &m.traffic.reference_grants {
+                grants.entry(key(&g.metadata)).or_insert(g);
+            }
         }
         let protocols = &out.protocols;
         let known = |host: &str, port: u16| {
             Hostname::parse(host).is_ok_and(|host| protocols.contains_key(&ServiceKey { host, port }))
         };
-        out.gamma = gamma::translate(http_routes.into_values(), domain, known);
+        let grants: Vec<_> = grants.into_values().collect();
+        out.gamma = gamma::translate(http_routes.into_values(), domain, known, &grants);
         out
     }
 

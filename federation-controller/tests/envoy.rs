@@ -955,6 +955,10 @@ fn envoy_accepts_an_httproutes_routes_and_a_weighted_tcp_proxy() {
         b.contains("default.reviews.1.0") && b.contains("weighted_clusters")
     });
     assert!(routes.contains("end-user"), "{routes}");
+    assert!(
+        routes.contains(r#""cluster_not_found_response_code": "INTERNAL_SERVER_ERROR""#),
+        "Gateway API semantics: {routes}"
+    );
     let listeners = wait_admin(&admin, "/config_dump?resource=dynamic_listeners", |b| {
         b.contains("10.96.1.20_5432") && b.contains("weighted_clusters")
     });
@@ -988,6 +992,90 @@ fn envoy_accepts_an_httproutes_routes_and_a_weighted_tcp_proxy() {
     for _ in 0..20 {
         assert_eq!(get(Some("jason")).as_deref(), Some("v2"), "jason always sees v2");
     }
+    drop(envoy);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One GET of `path` on `addr`: the status and the body, read as far as its
+/// `content-length` (Envoy holds a connection it answered itself open for its delayed-close
+/// second, so reading to the end would wait that long).
+fn get_framed(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut reader = std::io::BufReader::new(s);
+    let (mut status, mut len) = (None, 0);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if status.is_none() {
+            status = line.get(9..12)?.parse().ok();
+        } else if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some((status?, String::from_utf8(body).ok()?))
+}
+
+/// An HTTPRoute with an unresolved backend and a cross-namespace backend (Gateway API's
+/// ReferenceGrant): Envoy accepts the routes with `cluster_not_found_response_code:
+/// INTERNAL_SERVER_ERROR`, answers the missing Service's share of requests 500 itself,
+/// answers 500 to the ungranted namespace, and reaches it once ratings' owner grants it —
+/// as our sidecar does (`sidecar_routes`).
+#[test]
+fn envoy_answers_an_unresolved_backend_500_and_follows_a_reference_grant() {
+    let dir = scratch("envoy-reference-grant");
+    let v1 = answer("127.0.0.2:0".parse().unwrap(), "v1");
+    let ratings = answer("127.0.0.3:0".parse().unwrap(), "ratings");
+    support::grant_cluster(&dir, v1, ratings);
+    let controller = Controller::serve(&dir);
+    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
+
+    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, PROBE);
+    let routes = wait_admin(&admin, "/config_dump?resource=dynamic_route_configs", |b| {
+        b.contains("default.reviews.1.0")
+    });
+    assert!(
+        routes.contains(r#""cluster_not_found_response_code": "INTERNAL_SERVER_ERROR""#),
+        "{routes}"
+    );
+    let bound = wait_admin(&admin, "/listeners", |b| b.contains("probe::127.0.0.1:"));
+    let probe = format!("127.0.0.1:{}", probe_port(&bound));
+    eventually("Envoy routes a request to reviews-v1", Duration::from_secs(20), || {
+        get_framed(&probe, "/").filter(|(s, _)| *s == 200)
+    });
+    assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
+    assert_eq!(get_framed(&probe, "/ratings/1").map(|(s, _)| s), Some(500));
+    let mut failed = 0;
+    for _ in 0..200 {
+        match get_framed(&probe, "/half") {
+            Some((200, body)) if body == "v1" => {}
+            Some((500, _)) => failed += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // 200 draws at 50 %: 100 expected, standard deviation about 7.
+    assert!((55..=145).contains(&failed), "{failed} of 200 answered 500");
+
+    std::fs::write(dir.join("cluster1").join("grant.yaml"), support::ratings_grant()).unwrap();
+    let granted = eventually("Envoy reaches the granted namespace", Duration::from_secs(20), || {
+        get_framed(&probe, "/ratings/1").filter(|(s, _)| *s == 200)
+    });
+    assert_eq!(granted.1, "ratings");
+    assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
     drop(envoy);
     std::fs::remove_dir_all(&dir).unwrap();
 }

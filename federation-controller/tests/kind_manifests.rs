@@ -485,6 +485,7 @@ fn manifests_parse_into_the_kubernetes_types_and_fit_together() {
         "authorizationpolicies",
         "peerauthentications",
         "httproutes",
+        "referencegrants",
         "workloadentries",
     ] {
         if !readable.contains(r) {

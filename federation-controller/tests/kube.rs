@@ -312,6 +312,18 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
         "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
             "rules": [{"backendRefs": [{"name": "reviews-v1"}]}]}}),
     );
+    api.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "from-default", "namespace": "ratings"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "default"}],
+            "to": [{"group": "", "kind": "Service"}]}}),
+    );
+    api.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "kindless", "namespace": "ratings"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "namespace": "default"}],
+            "to": [{"group": "", "kind": "Service"}]}}),
+    );
     api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
         "metadata": {"name": "vm-1", "namespace": "default"},
         "spec": {"address": "10.2.0.1", "labels": {"app": "vm"}}}));
@@ -323,13 +335,21 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
             .unwrap();
         let Update::Objects(_, objects) = update else { continue };
         if objects.virtual_services.is_empty()
-            || objects.refused.len() < 2
+            || objects.refused.len() < 3
             || objects.http_routes.is_empty()
+            || objects.reference_grants.is_empty()
             || objects.workload_entries.is_empty()
         {
             continue;
         }
         assert_eq!(objects.http_routes[0].spec.rules[0].backend_refs[1].weight, Some(10));
+        let grants: Vec<_> = objects
+            .reference_grants
+            .iter()
+            .map(|g| g.metadata.name.as_deref())
+            .collect();
+        assert_eq!(grants, [Some("from-default")], "the invalid grant is left out");
+        assert!(objects.reference_grants[0].lets_routes_reach("default", "ratings"));
         assert_eq!(objects.workload_entries[0].spec.address.as_deref(), Some("10.2.0.1"));
         let refused: Vec<String> = objects.refused.iter().map(ToString::to_string).collect();
         assert!(
@@ -351,6 +371,10 @@ async fn watches_istio_networking_config_once_its_crds_exist() {
             refused.contains(
                 "DestinationRule default/bad refused: spec.trafficPolicy.loadBalancer.warmup.duration: Required value"
             ),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("ReferenceGrant ratings/kindless refused: spec.from[0].kind: Required value"),
             "{refused}"
         );
         break;

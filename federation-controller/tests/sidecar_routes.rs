@@ -48,7 +48,9 @@ async fn http_backend(addr: &str, name: &'static str) -> SocketAddr {
     addr
 }
 
-/// A TCP server that writes its `name` on every connection and closes it.
+/// A TCP server that, once the client has spoken, writes its `name` and closes. Client
+/// first: db's port also has a TLS route, so its chain is chosen by what the client sends
+/// first (a server-first protocol would wait for the hello until the timeout, in Envoy too).
 async fn tcp_backend(addr: SocketAddr, name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -58,6 +60,10 @@ async fn tcp_backend(addr: SocketAddr, name: &'static str) -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
+                let mut hello = [0u8; 1];
+                if stream.read(&mut hello).await.unwrap_or(0) == 0 {
+                    return;
+                }
                 let _ = stream.write_all(name.as_bytes()).await;
                 let _ = stream.shutdown().await;
             });
@@ -154,11 +160,33 @@ async fn sidecar(xds: SocketAddr, vips: &[SocketAddr]) -> (Arc<ArcSwap<Destinati
     (table, entries)
 }
 
-/// One GET to `entry` (captured to reviews' VIP): the answer's body.
+/// Waits until the sidecar's table has the route configurations `routes` and endpoints in
+/// each of `clusters`.
+async fn until_served(table: &ArcSwap<Destinations>, routes: &[&str], clusters: &[&str]) {
+    until_true(
+        "the sidecar has the routes and every endpoint",
+        Duration::from_secs(30),
+        || {
+            let t = table.load();
+            routes.iter().all(|r| t.routes.contains_key(*r))
+                && clusters
+                    .iter()
+                    .all(|c| t.upstreams.get(*c).is_some_and(|u| !u.endpoints.is_empty()))
+        },
+    )
+    .await;
+}
+
+/// One GET of /reviews/1 to `entry` (captured to reviews' VIP): status and body.
 async fn get(entry: SocketAddr, headers: &[(&str, &str)]) -> String {
+    get_path(entry, "/reviews/1", headers).await
+}
+
+/// One GET of `path` to `entry` (captured to reviews' VIP): status and body.
+async fn get_path(entry: SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
     let mut s = TcpStream::connect(entry).await.unwrap();
     let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let req = format!("GET /reviews/1 HTTP/1.1\r\nHost: reviews:9080\r\n{extra}Connection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: reviews:9080\r\n{extra}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut text = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
@@ -169,9 +197,10 @@ async fn get(entry: SocketAddr, headers: &[(&str, &str)]) -> String {
     format!("{} {body}", head.get(9..12).unwrap_or("---"))
 }
 
-/// One connection to `entry` (captured to db's VIP): what the server said.
+/// One connection to `entry` (captured to db's VIP): what the server said to a greeting.
 async fn connect(entry: SocketAddr) -> String {
     let mut s = TcpStream::connect(entry).await.unwrap();
+    s.write_all(b"hi\n").await.unwrap();
     let mut text = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
         .await
@@ -195,21 +224,25 @@ async fn an_httproute_splits_90_10_with_a_header_match_and_a_tcp_route_splits_co
     let vips: Vec<SocketAddr> = [REVIEWS_VIP, DB_VIP].iter().map(|v| v.parse().unwrap()).collect();
     let (table, entries) = sidecar(controller.xds, &vips).await;
     let subset = |s: &str| format!("outbound|5432|{s}|db.default.svc.cluster.local");
-    until_true(
-        "the sidecar has the routes and every endpoint",
-        Duration::from_secs(30),
-        || {
-            let t = table.load();
-            let has = |c: &str| t.upstreams.get(c).is_some_and(|u| !u.endpoints.is_empty());
-            t.routes.contains_key("reviews.default.svc.cluster.local:9080")
-                && has("outbound|9080||reviews-v1.default.svc.cluster.local")
-                && has("outbound|9080||reviews-v2.default.svc.cluster.local")
-                && has(&subset("v1"))
-                && has(&subset("v2"))
-        },
+    until_served(
+        &table,
+        &["reviews.default.svc.cluster.local:9080"],
+        &[
+            "outbound|9080||reviews-v1.default.svc.cluster.local",
+            "outbound|9080||reviews-v2.default.svc.cluster.local",
+            &subset("v1"),
+            &subset("v2"),
+        ],
     )
     .await;
-    let split = table.load().listeners[&vips[1]].clone();
+    let plaintext = sidecar::filter_chain::Seen {
+        destination: vips[1],
+        hello: None,
+    };
+    let split = table.load().hello_listeners[&vips[1]]
+        .clusters(plaintext)
+        .unwrap()
+        .clone();
     assert_eq!(split.weights(), [(subset("v1"), 80), (subset("v2"), 20)]);
 
     let n = 1_000;
@@ -273,16 +306,13 @@ async fn service_entry_endpoints_and_selected_workload_entries_are_reached_at_th
         .map(|v| v.parse().unwrap())
         .collect();
     let (table, entries) = sidecar(controller.xds, &vips).await;
-    until_true(
-        "the sidecar has both entries' endpoints",
-        Duration::from_secs(30),
-        || {
-            let t = table.load();
-            let has = |c: &str| t.upstreams.get(c).is_some_and(|u| !u.endpoints.is_empty());
-            t.routes.contains_key("api.example.com:80")
-                && has("outbound|80||api.example.com")
-                && has("outbound|9000||vm.default.svc.cluster.local")
-        },
+    until_served(
+        &table,
+        &["api.example.com:80"],
+        &[
+            "outbound|80||api.example.com",
+            "outbound|9000||vm.default.svc.cluster.local",
+        ],
     )
     .await;
     for _ in 0..5 {
@@ -297,6 +327,194 @@ async fn service_entry_endpoints_and_selected_workload_entries_are_reached_at_th
         assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("api"), "{text}");
         assert_eq!(connect(entries[1]).await, "vm");
     }
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolved_backend_answers_500_and_a_reference_grant_lets_a_route_reach_another_namespace() {
+    let dir = scratch("sidecar-reference-grant");
+    let v1 = http_backend("127.0.0.2:0", "v1").await;
+    let ratings = http_backend("127.0.0.3:0", "ratings").await;
+    support::grant_cluster(&dir, v1, ratings);
+    let controller = Controller::serve(&dir);
+    let vip: SocketAddr = REVIEWS_VIP.parse().unwrap();
+    let (table, entries) = sidecar(controller.xds, &[vip]).await;
+    until_served(
+        &table,
+        &["reviews.default.svc.cluster.local:9080"],
+        &[
+            "outbound|9080||reviews-v1.default.svc.cluster.local",
+            "outbound|9080||ratings.ratings.svc.cluster.local",
+        ],
+    )
+    .await;
+    assert_eq!(get(entries[0], &[]).await, "200 v1");
+    // The grants there are do not let default's routes reach ratings: 500, as the spec says.
+    for _ in 0..10 {
+        assert_eq!(get_path(entries[0], "/ratings/1", &[]).await, "500 ");
+    }
+    // Half the weight names a Service that does not exist: its share is the route's 500.
+    let n = 400;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..n {
+        *counts.entry(get_path(entries[0], "/half", &[]).await).or_default() += 1;
+    }
+    let failed = counts.get("500 ").copied().unwrap_or(0);
+    assert_eq!(failed + counts.get("200 v1").copied().unwrap_or(0), n, "{counts:?}");
+    // 50 % of 400 is 200, σ = 10: six σ either side.
+    assert!((140..=260).contains(&failed), "{counts:?}");
+
+    // ratings' owner grants it: the same route now reaches the other namespace's Service.
+    std::fs::write(dir.join("cluster1").join("grant.yaml"), support::ratings_grant()).unwrap();
+    until_true("the granted backend answers", Duration::from_secs(30), || {
+        let t = table.load();
+        let Some(routes) = t.routes.get("reviews.default.svc.cluster.local:9080") else {
+            return false;
+        };
+        format!("{routes:?}").contains("outbound|9080||ratings.ratings.svc.cluster.local")
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(get_path(entries[0], "/ratings/1", &[]).await, "200 ratings");
+    }
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The application's own CA: its TLS is its business, which the sidecar passes through.
+struct AppTls {
+    root: rustls_pki_types::CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl AppTls {
+    fn new() -> Self {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = ca.self_signed(&key).unwrap().der().clone();
+        Self {
+            root,
+            issuer: rcgen::Issuer::new(ca, key),
+        }
+    }
+
+    /// A TLS server on `addr` with a certificate for `name` only, saying `answer` to each client.
+    async fn serve(&self, addr: &str, name: &str, answer: &'static str) -> SocketAddr {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        let cert = leaf.signed_by(&key, &self.issuer).unwrap().der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let _ = tls.write_all(answer.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// TLS to `entry` for `name`, the server's certificate checked for that name against
+    /// this CA: what the server said, or why the client gave up.
+    async fn open(&self, entry: SocketAddr, name: &str) -> Result<String, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.root.clone()).unwrap();
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let exchange = async {
+            let stream = TcpStream::connect(entry).await?;
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(server_name, stream)
+                .await?;
+            let mut text = String::new();
+            tls.read_to_string(&mut text).await?;
+            Ok::<_, std::io::Error>(text)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+            Ok(answer) => answer.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer in time".into()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_route_sends_the_applications_own_tls_to_a_backend_per_sni() {
+    let dir = scratch("sidecar-tls-routes");
+    let app = AppTls::new();
+    let a = app.serve("127.0.0.8:0", "a.example.com", "a").await;
+    let b = app.serve("127.0.0.9:0", "b.example.com", "b").await;
+    let front = tcp_backend("127.0.0.10:0".parse().unwrap(), "front").await;
+    let entry = |name: &str, addr: SocketAddr, vip: &str| {
+        let addresses = if vip.is_empty() {
+            String::new()
+        } else {
+            format!("addresses: [{vip}], ")
+        };
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{hosts: [{name}.example.com], {addresses}ports: [{{number: 443, name: tls, protocol: TLS}}],\n\
+             \x20 resolution: STATIC, endpoints: [{{address: {ip}, ports: {{tls: {port}}}}}]}}\n---\n",
+            ip = addr.ip(),
+            port = addr.port(),
+        )
+    };
+    let c1 = dir.join("cluster1");
+    std::fs::create_dir_all(&c1).unwrap();
+    // The wildcard route first: the exact SNI still wins for a.example.com, as in Envoy.
+    let objects = [
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {topology.istio.io/network: network1}}\n---\n".to_owned(),
+        entry("front", front, "240.0.0.3"),
+        entry("a", a, ""),
+        entry("b", b, ""),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: front, namespace: default}\n\
+         spec:\n  hosts: [front.example.com, \"*.example.com\"]\n  tls:\n\
+         \x20 - match: [{port: 443, sniHosts: [\"*.example.com\"]}]\n    route: [{destination: {host: b.example.com, port: {number: 443}}}]\n\
+         \x20 - match: [{port: 443, sniHosts: [a.example.com]}]\n    route: [{destination: {host: a.example.com, port: {number: 443}}}]\n"
+            .to_owned(),
+    ]
+    .concat();
+    std::fs::write(c1.join("objects.yaml"), objects).unwrap();
+    let controller = Controller::serve(&dir);
+    let vip: SocketAddr = "240.0.0.3:443".parse().unwrap();
+    let (table, entries) = sidecar(controller.xds, &[vip]).await;
+    until_served(
+        &table,
+        &[],
+        &[
+            "outbound|443||a.example.com",
+            "outbound|443||b.example.com",
+            "outbound|443||front.example.com",
+        ],
+    )
+    .await;
+    assert!(table.load().reads_hello(vip), "the listener chooses by SNI");
+    for _ in 0..10 {
+        assert_eq!(app.open(entries[0], "a.example.com").await.as_deref(), Ok("a"));
+        assert_eq!(app.open(entries[0], "b.example.com").await.as_deref(), Ok("b"));
+    }
+    // The wildcard takes c.example.com to b, whose certificate is b's only: the client's
+    // own check refuses it, as only its untouched TLS could make it.
+    let refused = app.open(entries[0], "c.example.com").await.unwrap_err();
+    assert!(refused.contains("certificate"), "{refused}");
+    // Plaintext fits no TLS chain: the port's own cluster takes it.
+    assert_eq!(connect(entries[0]).await, "front");
     drop(controller);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,9 +4,9 @@
 //! - A listener `VIP_PORT` (address VIP:port, a `tcp_proxy` to cluster C) says that a
 //!   connection whose original destination is VIP:port belongs to C; a `tcp_proxy` with
 //!   `weighted_clusters` sends each connection to one of them, chosen by weight. Of
-//!   several filter chains, the one whose `prefix_ranges` hold VIP most narrowly is
-//!   taken, else one without; chains on `server_names` are not (the sidecar does not
-//!   read the application's own ClientHello on the way out).
+//!   several filter chains, the one Envoy would choose ([`crate::filter_chain`]); when
+//!   that depends on the ClientHello (`server_names`, as VirtualService `tls` routes
+//!   make), per connection, once the application's own ClientHello has been read.
 //! - A listener whose filter is an `http_connection_manager` says that such a connection
 //!   carries HTTP, each request routed by the route configuration it names (RDS), compiled
 //!   into a [`RouteTable`].
@@ -44,6 +44,7 @@ use prost::Message;
 
 use crate::balance::{Balancer, Policy};
 use crate::cluster::{Breaker, ClusterPolicy, Health, Reply};
+use crate::filter_chain::{self, ChainMatch, Seen};
 use crate::priority::{self, Level};
 use crate::route::RouteTable;
 use crate::virtual_inbound::VIRTUAL_INBOUND;
@@ -176,6 +177,9 @@ impl Upstream {
 pub struct Destinations {
     /// Original destination → cluster(s), for `tcp_proxy` listeners.
     pub listeners: HashMap<SocketAddr, TcpClusters>,
+    /// Original destination → chains, for `tcp_proxy` listeners that choose by the
+    /// application's ClientHello (VirtualService `tls` routes).
+    pub hello_listeners: HashMap<SocketAddr, HelloChains>,
     /// Original destination → route configuration name, for HTTP listeners.
     pub http_listeners: HashMap<SocketAddr, String>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
@@ -189,7 +193,25 @@ impl Destinations {
     /// The upstream a TCP connection to `original` goes to, if any: among weighted
     /// clusters, one chosen by weight on each call, so once per connection.
     pub fn route(&self, original: SocketAddr) -> Option<&Arc<Upstream>> {
-        self.upstreams.get(self.listeners.get(&original)?.pick())
+        self.route_seen(Seen {
+            destination: original,
+            hello: None,
+        })
+    }
+
+    /// [`Destinations::route`] for a connection whose ClientHello (if it sent one) was read.
+    pub fn route_seen(&self, seen: Seen<'_>) -> Option<&Arc<Upstream>> {
+        let clusters = match self.hello_listeners.get(&seen.destination) {
+            Some(chains) => chains.clusters(seen)?,
+            None => self.listeners.get(&seen.destination)?,
+        };
+        self.upstreams.get(clusters.pick())
+    }
+
+    /// Whether the listener at `original` chooses its chain by the ClientHello, which the
+    /// application's connection must then be read for.
+    pub fn reads_hello(&self, original: SocketAddr) -> bool {
+        self.hello_listeners.contains_key(&original)
     }
 
     /// The route configuration name of the HTTP listener at `original`, if it is one.
@@ -199,7 +221,7 @@ impl Destinations {
 
     /// How many listeners route anything.
     pub fn routable(&self) -> usize {
-        self.listeners.len() + self.http_listeners.len()
+        self.listeners.len() + self.hello_listeners.len() + self.http_listeners.len()
     }
 
     /// The route configurations the HTTP listeners name (what to ask RDS for), sorted.
@@ -250,6 +272,9 @@ impl Destinations {
                 }
                 Some((addr, Listening::Http(route))) => {
                     table.http_listeners.insert(addr, route);
+                }
+                Some((addr, Listening::Hello(chains))) => {
+                    table.hello_listeners.insert(addr, chains);
                 }
                 None => {}
             }
@@ -343,10 +368,78 @@ enum Listening {
     Tcp(TcpClusters),
     /// An HTTP connection manager routing by this RDS route configuration.
     Http(String),
+    /// `tcp_proxy` chains chosen by the connection's ClientHello.
+    Hello(HelloChains),
 }
 
-/// VIP:port → what to do, for a listener that is a TCP proxy to one cluster or an HTTP
-/// connection manager on RDS; other listeners are not ours to route by here. Inbound ones
+/// The chains of a TCP listener that chooses among them by what the application's
+/// ClientHello says (a VirtualService `tls` route's `sniHosts`): each chain's match and
+/// its `tcp_proxy`'s clusters (`None`: a chain without one, whose connections are closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloChains {
+    matches: Vec<ChainMatch>,
+    clusters: Vec<Option<TcpClusters>>,
+}
+
+impl HelloChains {
+    /// The clusters of the chain a connection is handed to, if any.
+    pub fn clusters(&self, seen: Seen<'_>) -> Option<&TcpClusters> {
+        self.clusters[filter_chain::select(&self.matches, seen)?].as_ref()
+    }
+}
+
+/// The action of one filter chain: its first `tcp_proxy` or HTTP connection manager.
+fn chain_action(l: &Listener, chain: &FilterChain) -> Result<Option<Listening>, BadResource> {
+    for f in &chain.filters {
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            continue;
+        };
+        match any.type_url.as_str() {
+            TCP_PROXY_TYPE => {
+                let proxy: TcpProxy = decode_any(&l.name, any, TCP_PROXY_TYPE)?;
+                match proxy.cluster_specifier {
+                    Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => {
+                        return Ok(Some(Listening::Tcp(TcpClusters::one(cluster))));
+                    }
+                    Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                        let weighted: Vec<(String, u32)> = w
+                            .clusters
+                            .into_iter()
+                            .filter(|c| c.weight > 0)
+                            .map(|c| (c.name, c.weight))
+                            .collect();
+                        if weighted.is_empty() {
+                            return Err(bad(&l.name, "tcp_proxy weighted_clusters with no weight"));
+                        }
+                        return Ok(Some(Listening::Tcp(TcpClusters(weighted))));
+                    }
+                    None => {}
+                }
+            }
+            HCM_TYPE => {
+                let hcm: HttpConnectionManager = decode_any(&l.name, any, HCM_TYPE)?;
+                return match hcm.route_specifier {
+                    Some(http_connection_manager::RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
+                        Ok(Some(Listening::Http(rds.route_config_name)))
+                    }
+                    // Istio's outbound listeners always use RDS; an inline or scoped table
+                    // is refused rather than routed some other way.
+                    _ => Err(bad(
+                        &l.name,
+                        "an HTTP connection manager must name an RDS route configuration",
+                    )),
+                };
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// VIP:port → what to do, for a listener that is a TCP proxy or an HTTP connection manager
+/// on RDS; other listeners are not ours to route by here. The chain is the one Envoy would
+/// hand a connection to VIP:port ([`filter_chain::select`]); when that depends on the
+/// ClientHello, every chain is kept and the choice made per connection. Inbound ones
 /// (`virtualInbound`, see [`crate::virtual_inbound`]) are skipped before their chains are
 /// read: their `tcp_proxy` to `inbound|PORT||` would read as an outbound route for
 /// 0.0.0.0:15006, and their HCMs carry inline route tables that an outbound one refuses.
@@ -365,103 +458,39 @@ fn listener_route(l: &Listener) -> Result<Option<(SocketAddr, Listening)>, BadRe
         return Err(bad(&l.name, "no port"));
     };
     let port = u16::try_from(port).map_err(|_| bad(&l.name, format!("port {port} out of range")))?;
-    for chain in chains_for(l, ip) {
-        for f in &chain.filters {
-            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-                continue;
-            };
-            let addr = SocketAddr::new(ip, port);
-            match any.type_url.as_str() {
-                TCP_PROXY_TYPE => {
-                    let proxy: TcpProxy = decode_any(&l.name, any, TCP_PROXY_TYPE)?;
-                    match proxy.cluster_specifier {
-                        Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => {
-                            return Ok(Some((addr, Listening::Tcp(TcpClusters::one(cluster)))));
-                        }
-                        Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
-                            let weighted: Vec<(String, u32)> = w
-                                .clusters
-                                .into_iter()
-                                .filter(|c| c.weight > 0)
-                                .map(|c| (c.name, c.weight))
-                                .collect();
-                            if weighted.is_empty() {
-                                return Err(bad(&l.name, "tcp_proxy weighted_clusters with no weight"));
-                            }
-                            return Ok(Some((addr, Listening::Tcp(TcpClusters(weighted)))));
-                        }
-                        None => {}
-                    }
-                }
-                HCM_TYPE => {
-                    let hcm: HttpConnectionManager = decode_any(&l.name, any, HCM_TYPE)?;
-                    return match hcm.route_specifier {
-                        Some(http_connection_manager::RouteSpecifier::Rds(rds))
-                            if !rds.route_config_name.is_empty() =>
-                        {
-                            Ok(Some((addr, Listening::Http(rds.route_config_name))))
-                        }
-                        // Istio's outbound listeners always use RDS; an inline or scoped table
-                        // is refused rather than routed some other way.
-                        _ => Err(bad(
-                            &l.name,
-                            "an HTTP connection manager must name an RDS route configuration",
-                        )),
-                    };
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(None)
-}
-
-/// A listener's chains in the order a connection to `ip` tries them: those whose
-/// `prefix_ranges` hold `ip`, narrowest first, then those without ranges; chains
-/// that need a ClientHello's server name, or whose ranges miss `ip`, never.
-fn chains_for(l: &Listener, ip: IpAddr) -> Vec<&FilterChain> {
-    let mut ranked: Vec<(u32, &FilterChain)> = l
+    let addr = SocketAddr::new(ip, port);
+    let matches = l
         .filter_chains
         .iter()
-        .filter_map(|c| {
-            let Some(m) = &c.filter_chain_match else {
-                return Some((0, c));
-            };
-            if !m.server_names.is_empty() {
-                return None;
-            }
-            if m.prefix_ranges.is_empty() {
-                return Some((0, c));
-            }
-            let narrowest = m
-                .prefix_ranges
-                .iter()
-                .filter_map(|r| {
-                    let len = r.prefix_len.map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
-                    let net: IpAddr = r.address_prefix.parse().ok()?;
-                    in_prefix(ip, net, len).then_some(len + 1)
-                })
-                .max()?;
-            Some((narrowest, c))
-        })
-        .collect();
-    // Stable: equally narrow chains keep the listener's order.
-    ranked.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
-    ranked.into_iter().map(|(_, c)| c).collect()
-}
-
-/// Whether `ip` lies in `net/len`.
-fn in_prefix(ip: IpAddr, net: IpAddr, len: u32) -> bool {
-    let (ip, net, bits) = match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)) << 96, u128::from(u32::from(b)) << 96, 32),
-        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
-        _ => return false,
-    };
-    if len > bits {
-        return false;
+        .map(|c| ChainMatch::of(&l.name, c.filter_chain_match.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if matches.iter().any(ChainMatch::needs_hello) {
+        let mut clusters = Vec::with_capacity(matches.len());
+        for chain in &l.filter_chains {
+            clusters.push(match chain_action(l, chain)? {
+                Some(Listening::Tcp(c)) => Some(c),
+                None => None,
+                // Istio puts an HCM beside TLS chains only on gateways, never on a sidecar's
+                // outbound listener; refused rather than served half.
+                Some(_) => {
+                    return Err(bad(
+                        &l.name,
+                        "an HTTP connection manager beside chains chosen by the ClientHello is not supported",
+                    ));
+                }
+            });
+        }
+        return Ok(Some((addr, Listening::Hello(HelloChains { matches, clusters }))));
     }
-    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-    ip & mask == net & mask
+    let seen = Seen {
+        destination: addr,
+        hello: None,
+    };
+    // Only the chain taken is read: the others may hold what an outbound listener refuses.
+    let Some(i) = filter_chain::select(&matches, seen) else {
+        return Ok(None);
+    };
+    Ok(chain_action(l, &l.filter_chains[i])?.map(|a| (addr, a)))
 }
 
 fn struct_strings(s: &Struct) -> BTreeMap<String, String> {
@@ -750,10 +779,27 @@ pub(crate) mod tests {
             &HashMap::new(),
         )
         .unwrap();
-        let at = |vip: &str| &table.listeners[&format!("{vip}:5432").parse().unwrap()];
-        assert_eq!(at("10.96.0.20"), &TcpClusters::one("near"), "the narrowest range");
-        assert_eq!(at("10.1.0.1"), &TcpClusters::one("wide"));
-        let split = at("192.168.0.1");
+        let hello = crate::client_hello::ClientHello {
+            server_name: Some("db.example.com".into()),
+            alpn: Vec::new(),
+            wire_len: 0,
+        };
+        let at = |vip: &str, hello: Option<&crate::client_hello::ClientHello>| {
+            let destination = format!("{vip}:5432").parse().unwrap();
+            assert!(table.reads_hello(destination), "a chain asks for the SNI");
+            table.hello_listeners[&destination]
+                .clusters(Seen { destination, hello })
+                .unwrap()
+        };
+        assert_eq!(at("10.96.0.20", None), &TcpClusters::one("near"), "the narrowest range");
+        assert_eq!(at("10.1.0.1", None), &TcpClusters::one("wide"));
+        assert_eq!(
+            at("10.1.0.1", Some(&hello)),
+            &TcpClusters::one("wide"),
+            "the range comes before the SNI"
+        );
+        assert_eq!(at("192.168.0.1", Some(&hello)), &TcpClusters::one("tls"));
+        let split = at("192.168.0.1", None);
         assert_eq!(split.weights(), [("a".to_owned(), 80), ("b".to_owned(), 20)]);
         let n = 10_000;
         let a = (0..n).filter(|_| split.pick() == "a").count();

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod coalesce;
 pub mod destinations;
 pub mod drain;
+pub mod filter_chain;
 pub mod http;
 pub mod http_endpoint;
 pub mod inbound;

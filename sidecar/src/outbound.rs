@@ -36,7 +36,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 mod router;
@@ -44,9 +44,11 @@ mod router;
 use crate::access_log::{AccessLog, Pending};
 use crate::body::{Outgoing, Resumed};
 use crate::capture;
+use crate::client_hello;
 use crate::cluster::Reply;
 use crate::destinations::{self, Destinations};
 use crate::drain;
+use crate::filter_chain::Seen;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::otlp::{Exporter, Kind, Started};
@@ -140,7 +142,13 @@ struct Hop<'a> {
 
 impl Hop<'_> {
     /// Wraps `upstream` in mutual TLS and moves bytes both ways until both sides close.
-    async fn mtls(&self, mut client: TcpStream, upstream: TcpStream, sni: ServerName<'static>, tls: Arc<ClientConfig>) {
+    async fn mtls<C: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut client: C,
+        upstream: TcpStream,
+        sni: ServerName<'static>,
+        tls: Arc<ClientConfig>,
+    ) {
         let connector = tokio_rustls::TlsConnector::from(tls);
         let handshake = connector.connect(sni, upstream);
         let mut tls = match tokio::time::timeout(self.handshake_timeout, handshake).await {
@@ -169,7 +177,7 @@ impl Hop<'_> {
     }
 
     /// Moves bytes both ways in plaintext (an endpoint outside the mesh, or passthrough).
-    async fn plain(&self, mut client: TcpStream, mut upstream: TcpStream) {
+    async fn plain<C: AsyncRead + AsyncWrite + Unpin>(&self, mut client: C, mut upstream: TcpStream) {
         let counters = self.telemetry.connection(&ConnectionLabels {
             reporter: "source",
             source_principal: self.self_id.as_str(),
@@ -287,9 +295,31 @@ impl Captured {
 
     /// Carries a captured connection whose original destination is `original`, as its
     /// listener says: HTTP listeners through the HTTP hop, TCP ones as bytes (or as HTTP
-    /// with `--protocol http`), unknown destinations passed through.
-    pub async fn carry_to(self: Arc<Self>, client: TcpStream, original: SocketAddr) {
+    /// with `--protocol http`), unknown destinations passed through. A listener whose chain
+    /// depends on the ClientHello (VirtualService `tls` routes) has it read first and put
+    /// back in front: the application's own TLS goes through untouched, inside mTLS when
+    /// the chosen endpoint is in the mesh, as Istio's auto-mTLS does.
+    pub async fn carry_to(self: Arc<Self>, mut client: TcpStream, original: SocketAddr) {
         let table = self.table.load_full();
+        if table.reads_hello(original) {
+            let (first, hello) = match read_hello(&mut client, self.handshake_timeout).await {
+                Ok(read) => read,
+                Err(reason) => return self.telemetry.refused("outbound", reason),
+            };
+            let seen = Seen {
+                destination: original,
+                hello: hello.as_ref(),
+            };
+            let Some(upstream) = table.route_seen(seen) else {
+                // Envoy closes a connection no filter chain takes.
+                return self.telemetry.refused("outbound", "no_filter_chain_match");
+            };
+            return if first.is_empty() {
+                self.carry_upstream(client, upstream).await
+            } else {
+                self.carry_upstream(Rewind::new(first, client), upstream).await
+            };
+        }
         if table.http_listener(original).is_some() || self.http_everywhere && table.route(original).is_some() {
             return self
                 .http
@@ -311,6 +341,11 @@ impl Captured {
             }
             return;
         };
+        self.carry_upstream(client, upstream).await
+    }
+
+    /// Carries `client`'s bytes to one endpoint of `upstream`, in mTLS where it speaks it.
+    async fn carry_upstream<C: AsyncRead + AsyncWrite + Unpin>(&self, client: C, upstream: &destinations::Upstream) {
         let telemetry = &self.telemetry;
         let overflowed = || telemetry.upstream_failure("outbound", "upstream_cx_overflow");
         // Held for as long as the connection is carried.
@@ -351,6 +386,46 @@ impl Captured {
         if upstream.endpoints.is_empty() {
             self.telemetry.upstream_failure("outbound", "no_healthy_upstream");
         }
+    }
+}
+
+/// The most of a ClientHello read to choose a chain: Envoy's TLS inspector's default
+/// `max_client_hello_size`.
+const MAX_HELLO: usize = 64 * 1024;
+
+/// Reads the application's first bytes until they are a whole ClientHello or plainly are
+/// not one, within `patience`: the bytes read, and the hello if it is one. A connection
+/// that sends nothing in time, or is not TLS, is taken as `raw_buffer` with what it sent
+/// (Istio's `continue_on_listener_filters_timeout`); a hello beyond [`MAX_HELLO`] or a
+/// connection closed before a verdict is refused, with its metric reason.
+async fn read_hello(
+    client: &mut TcpStream,
+    patience: Duration,
+) -> Result<(bytes::Bytes, Option<client_hello::ClientHello>), &'static str> {
+    let mut buf = bytes::BytesMut::with_capacity(2048);
+    let read = async {
+        loop {
+            match client_hello::parse(&buf, MAX_HELLO) {
+                Ok(Some(hello)) => return Ok(Some(hello)),
+                Ok(None) => {}
+                Err(client_hello::HelloError::TooLarge) => return Err("oversize_hello"),
+                // Not TLS after all: its chain is a plaintext one.
+                Err(_) => return Ok(None),
+            }
+            // Room for a whole record per read, not the few bytes `BytesMut` grows by itself.
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            match client.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err("closed_before_hello"),
+                Ok(_) => {}
+            }
+        }
+    };
+    match tokio::time::timeout(patience, read).await {
+        Ok(Ok(hello)) => Ok((buf.freeze(), hello)),
+        Ok(Err(reason)) => Err(reason),
+        Err(_) => Ok((buf.freeze(), None)),
     }
 }
 

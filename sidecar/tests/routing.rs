@@ -760,6 +760,64 @@ async fn rewrites_redirects_direct_answers_and_headers_are_as_the_routes_say() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_is_not_there_answers_the_routes_cluster_not_found_response_code() {
+    use envoy_types::pb::envoy::config::route::v3::route_action::ClusterNotFoundResponseCode as Code;
+    let (_pki, mut control, sidecar) = setup("cluster-not-found").await;
+    let v1 = backend("v1", Behaviour::Answer).await;
+    let missing = "outbound|9080||gone.default.backend-not-found.invalid";
+    let with_code = |path: &str, code: Code, action: RouteAction| {
+        forward(
+            prefix(path),
+            RouteAction {
+                cluster_not_found_response_code: code as i32,
+                ..action
+            },
+        )
+    };
+    let half = RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: [(subset("v1"), 50), (missing.to_owned(), 50)]
+                .into_iter()
+                .map(|(name, weight)| ClusterWeight {
+                    name,
+                    weight: Some(UInt32Value { value: weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let config = routes(vec![
+        with_code("/500", Code::InternalServerError, to(missing)),
+        with_code("/404", Code::NotFound, to(missing)),
+        with_code("/503", Code::ServiceUnavailable, to(missing)),
+        with_code("/half", Code::InternalServerError, half),
+    ]);
+    sidecar
+        .serve(&mut control, config, &[(cluster(&subset("v1")), vec![v1.addr])])
+        .await;
+
+    for (path, want) in [("/500", 500), ("/404", 404), ("/503", 503)] {
+        let (status, body, _) = sidecar.get(path, &[]).await;
+        assert_eq!((status, body.as_str()), (want, ""), "{path}");
+    }
+    let mut counts: HashMap<u16, usize> = HashMap::new();
+    let n = 400;
+    for _ in 0..n {
+        *counts.entry(sidecar.get("/half", &[]).await.0).or_default() += 1;
+    }
+    let (ok, failed) = (counts.get(&200).copied(), counts.get(&500).copied().unwrap_or(0));
+    assert_eq!(ok.unwrap_or(0) + failed, n, "{counts:?}");
+    // Half of 400 is 200, σ = 10: six σ either side.
+    assert!((140..=260).contains(&failed), "{counts:?}");
+    assert_eq!(v1.hits.load(Ordering::Relaxed), n - failed, "the found half reached v1");
+    let metrics = sidecar.telemetry.render();
+    let counted = support::sum_of(&metrics, "istio_requests_total", &[("response_code", "500")]);
+    assert_eq!(counted as usize, failed + 1, "{metrics}");
+}
+
 /// Istio's `consecutiveGatewayErrors: N` with `maxEjectionPercent: 50`.
 fn gateway_errors(n: u32) -> envoy_types::pb::envoy::config::cluster::v3::OutlierDetection {
     envoy_types::pb::envoy::config::cluster::v3::OutlierDetection {
@@ -1424,4 +1482,212 @@ async fn the_applications_envoy_headers_set_its_own_retries_and_timeout() {
         .await;
     let (status, body, _) = sidecar.get("/", &[("x-envoy-upstream-rq-timeout-ms", "100")]).await;
     assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+}
+
+/// The application's own certificate authority, for names outside the mesh: its TLS is
+/// the application's business, and the sidecar must pass it through untouched.
+struct AppCa {
+    root: rustls_pki_types::CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl AppCa {
+    fn new() -> AppCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = params.self_signed(&key).unwrap().der().clone();
+        AppCa {
+            root,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A TLS server for DNS name `name` that writes `answer` to each client and closes.
+    async fn server(&self, name: &str, answer: &'static str) -> SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (addr, _) = support::accept_each(move |stream| {
+            let acceptor = acceptor.clone();
+            async move {
+                if let Ok(mut tls) = acceptor.accept(stream).await {
+                    let _ = tls.write_all(answer.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            }
+        })
+        .await;
+        addr
+    }
+
+    /// Opens TLS for `name` to `addr`, verifying the server's certificate for that name
+    /// against this CA alone, and reads what the server says.
+    async fn call(&self, addr: SocketAddr, name: &str) -> Result<String, String> {
+        use tokio::io::AsyncReadExt;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.root.clone()).unwrap();
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let talk = async {
+            let mut tls = connector.connect(server_name, stream).await?;
+            let mut got = String::new();
+            tls.read_to_string(&mut got).await?;
+            Ok::<_, std::io::Error>(got)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), talk).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer within 10 s".into()),
+        }
+    }
+}
+
+/// A `tcp_proxy` chain to `cluster` for the SNIs `names` (none: the chain without a match).
+fn sni_chain(names: &[&str], cluster: &str) -> FilterChain {
+    use envoy_types::pb::envoy::config::listener::v3::FilterChainMatch;
+    let mut chain = tcp_listener(cluster).filter_chains.remove(0);
+    if !names.is_empty() {
+        chain.filter_chain_match = Some(FilterChainMatch {
+            server_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            transport_protocol: "tls".into(),
+            ..Default::default()
+        });
+    }
+    chain
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_chains_route_the_applications_own_tls_by_its_sni_and_wrap_it_in_mtls_for_the_mesh() {
+    let (pki, mut control, sidecar) = setup("tls-routes").await;
+    let app_ca = AppCa::new();
+    // a.example.com: outside the mesh, reached in plaintext TCP with the app's TLS inside.
+    let a = app_ca.server("a.example.com", "a").await;
+    // b.example.com: a pod behind its own sidecar (STRICT, TCP), reached inside mTLS.
+    let b = app_ca.server("b.example.com", "b").await;
+    let b_sidecar = receiver(&pki, b, "tcp");
+    let (echo, _) = support::accept_each(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    // What reaches it: `S` and every byte the client sent, once the client is done.
+    let (verbatim, _) = support::accept_each(|mut s| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut got = b"S".to_vec();
+        let _ = s.read_to_end(&mut got).await;
+        let _ = s.write_all(&got).await;
+    })
+    .await;
+    let (to_a, to_b, to_rest, to_split) = (subset("a"), subset("b"), subset("rest"), subset("split"));
+    // The wildcard first: the exact name still wins for a.example.com, as in Envoy.
+    let listener = Listener {
+        filter_chains: vec![
+            sni_chain(&["*.example.com"], &to_b),
+            sni_chain(&["a.example.com"], &to_a),
+            sni_chain(&["split.test"], &to_split),
+            sni_chain(&[], &to_rest),
+        ],
+        ..tcp_listener(&to_rest)
+    };
+    let mesh = mtls_cluster(&to_b, &format!("outbound_.9080_.b_.{HOST}"));
+    control.push(LISTENER_TYPE, "1", &[listener]).await;
+    control
+        .push(
+            CLUSTER_TYPE,
+            "1",
+            &[cluster(&to_a), mesh, cluster(&to_rest), cluster(&to_split)],
+        )
+        .await;
+    let eds = [
+        assignment(&to_a, &[a]),
+        assignment(&to_b, &[b_sidecar.bound.inbound.unwrap()]),
+        assignment(&to_rest, &[echo]),
+        assignment(&to_split, &[verbatim]),
+    ];
+    control.push(ENDPOINT_TYPE, "1", &eds).await;
+    let table = sidecar.table.clone();
+    poll(Duration::from_secs(10), || async {
+        let t = table.load();
+        let ready = t.reads_hello(vip())
+            && [&to_a, &to_b, &to_rest, &to_split]
+                .iter()
+                .all(|c| t.upstreams.get(*c).is_some_and(|u| !u.endpoints.is_empty()));
+        if ready { Ok(()) } else { Err("table not ready".into()) }
+    })
+    .await;
+
+    for _ in 0..5 {
+        assert_eq!(app_ca.call(sidecar.entry, "a.example.com").await.as_deref(), Ok("a"));
+        assert_eq!(app_ca.call(sidecar.entry, "b.example.com").await.as_deref(), Ok("b"));
+    }
+    // c.example.com goes to b's server too (the wildcard), whose certificate is not for it:
+    // the application's own verification refuses it, which only its untouched TLS can do.
+    let refused = app_ca.call(sidecar.entry, "c.example.com").await.unwrap_err();
+    assert!(refused.contains("certificate"), "{refused}");
+    // A ClientHello dribbled out in 16-byte writes is still read whole, routed by its SNI,
+    // and arrives byte for byte.
+    let hello = {
+        // A post-quantum key share, as browsers send: a hello of over a kilobyte.
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768];
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from("split.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        hello
+    };
+    assert!(
+        hello.len() > 1000,
+        "a post-quantum key share makes it big: {}",
+        hello.len()
+    );
+    let mut dribble = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    dribble.set_nodelay(true).unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for piece in hello.chunks(16) {
+            dribble.write_all(piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        dribble.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), dribble.read_to_end(&mut back))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert_eq!(
+            back,
+            [&b"S"[..], &hello].concat(),
+            "the hello went to split.test's backend unmodified"
+        );
+    }
+    // Plaintext fits no TLS chain: the chain without a match echoes it.
+    let mut plain = tokio::net::TcpStream::connect(sidecar.entry).await.unwrap();
+    assert_eq!(ping(&mut plain).await, b"ping");
+    // b's leg was mutual TLS from this sidecar.
+    let metrics = sidecar.telemetry.render();
+    let mtls = support::sum_of(
+        &metrics,
+        "istio_tcp_connections_opened_total",
+        &[("connection_security_policy", "mutual_tls")],
+    );
+    assert!(mtls >= 6.0, "{metrics}");
 }

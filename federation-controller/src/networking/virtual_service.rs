@@ -50,9 +50,10 @@ pub struct HttpRoute {
     pub mirror_percentage: Option<Percent>,
     pub mirrors: Vec<HttpMirrorPolicy>,
     pub headers: Option<Headers>,
-    /// Set only by the Gateway API translation ([`crate::routing::gamma`]): a
-    /// destination that names no usable backend is answered `500`, as the Gateway
-    /// API says, not Envoy's default `503`. No VirtualService field sets it.
+    /// Set only by the Gateway API translation ([`crate::routing::gamma`]), on every
+    /// rule as istiod does: a destination that names no usable backend is answered
+    /// `500`, as the Gateway API says, not Envoy's default `503`. No VirtualService
+    /// field sets it.
     #[serde(skip)]
     pub unknown_backend_is_500: bool,
 }

@@ -12,9 +12,11 @@
 //!   and replaces the producer routes for them (GEP-1294).
 //! - `PathPrefix` matches path elements (`/foo` takes `/foo` and `/foo/x`, never
 //!   `/foobar`): it becomes an exact and a `/foo/` prefix match, which every Envoy reads.
-//! - A backend that is not a Service of the route's namespace, or names no known
-//!   service port, is a destination no cluster serves, answered `500`; a rule whose
-//!   backends all weigh nothing or are unusable answers `500` itself. Pure.
+//! - A backend is a Service of the route's namespace, or of another namespace whose
+//!   `ReferenceGrant` lets HTTPRoutes of the route's namespace reach it. One that is
+//!   neither, or names no known service port, is a destination no cluster serves,
+//!   answered `500`; a rule whose backends all weigh nothing or are unusable answers
+//!   `500` itself. Pure.
 
 use std::collections::BTreeMap;
 
@@ -23,7 +25,7 @@ use crate::networking::virtual_service::{
     Destination, HeaderOperations, Headers, HttpDirectResponse, HttpMatchRequest, HttpMirrorPolicy, HttpRedirect,
     HttpRetry, HttpRewrite, HttpRouteDestination, Percent, PortSelector, RegexRewrite, StringMatch,
 };
-use crate::networking::{self, HttpRoute, virtual_service};
+use crate::networking::{self, HttpRoute, ReferenceGrant, virtual_service};
 
 /// The routes of one Service host: its producers' rules, and each consumer namespace's.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,11 +42,13 @@ struct Ranked {
 }
 
 /// The rules HTTPRoutes give each Service host (FQDN). `known(host, port)` says
-/// whether a service port exists, so backends naming none answer 500.
+/// whether a service port exists, so backends naming none answer 500; `grants` are
+/// the mesh's ReferenceGrants, which a backend in another namespace needs.
 pub fn translate<'a>(
     routes: impl IntoIterator<Item = &'a HttpRoute>,
     domain: &str,
     known: impl Fn(&str, u16) -> bool,
+    grants: &[&ReferenceGrant],
 ) -> BTreeMap<String, HostRoutes> {
     let mut routes: Vec<&HttpRoute> = routes.into_iter().collect();
     routes.sort_by(|a, b| {
@@ -62,6 +66,7 @@ pub fn translate<'a>(
     for route in routes {
         let ns = networking::namespace_of(&route.metadata);
         let name = route.metadata.name.as_deref().unwrap_or_default();
+        let resolve = |b: &BackendRef| backend(b, ns, domain, &known, grants);
         for parent in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
             let parent_ns = parent.namespace.as_deref().unwrap_or(ns);
             let host = networking::fqdn(&parent.name, parent_ns, domain);
@@ -78,7 +83,7 @@ pub fn translate<'a>(
                 for (j, m) in matches.iter().enumerate() {
                     list.push(Ranked {
                         rank: rank(m),
-                        rule: vs_rule(format!("{ns}.{name}.{i}.{j}"), rule, m, port, ns, domain, &known),
+                        rule: vs_rule(format!("{ns}.{name}.{i}.{j}"), rule, m, port, ns, &resolve),
                     });
                 }
             }
@@ -246,13 +251,27 @@ fn headers(filters: &[Filter]) -> Option<Headers> {
     (request.is_some() || response.is_some()).then_some(Headers { request, response })
 }
 
-/// The destination of a backend, or None when it is no usable service port.
-fn backend(b: &BackendRef, ns: &str, domain: &str, known: &impl Fn(&str, u16) -> bool) -> Option<Destination> {
+/// The destination of a backend of a route in `ns`, or None when it is no usable
+/// service port: not a Service, not one the route may reach, or no such port.
+fn backend(
+    b: &BackendRef,
+    ns: &str,
+    domain: &str,
+    known: &impl Fn(&str, u16) -> bool,
+    grants: &[&ReferenceGrant],
+) -> Option<Destination> {
     let port = b.port.and_then(|p| u16::try_from(p).ok())?;
-    // Another namespace's Service needs a ReferenceGrant, which this controller does not read.
-    let same_ns = b.namespace.as_deref().is_none_or(|n| n == ns);
-    let host = networking::fqdn(&b.name, ns, domain);
-    (b.is_service() && same_ns && known(&host, port)).then(|| Destination {
+    let target_ns = b.namespace.as_deref().unwrap_or(ns);
+    // Another namespace's Service needs its owner's ReferenceGrant (Gateway API GEP-709).
+    let granted = || {
+        grants
+            .iter()
+            .any(|g| networking::namespace_of(&g.metadata) == target_ns && g.lets_routes_reach(ns, &b.name))
+    };
+    let reachable = target_ns == ns || granted();
+    // The name is a Service's, never a host: it is qualified even if it held dots.
+    let host = format!("{}.{target_ns}.svc.{domain}", b.name);
+    (b.is_service() && reachable && known(&host, port)).then(|| Destination {
         host,
         subset: None,
         port: Some(PortSelector {
@@ -263,6 +282,7 @@ fn backend(b: &BackendRef, ns: &str, domain: &str, known: &impl Fn(&str, u16) ->
 
 /// A destination no cluster is served for: its requests get the route's 500.
 fn unusable(b: &BackendRef, ns: &str) -> Destination {
+    let ns = b.namespace.as_deref().unwrap_or(ns);
     Destination {
         host: format!("{}.{ns}.backend-not-found.invalid", b.name),
         subset: None,
@@ -279,8 +299,7 @@ fn vs_rule(
     m: &RouteMatch,
     port: Option<u32>,
     ns: &str,
-    domain: &str,
-    known: &impl Fn(&str, u16) -> bool,
+    resolve: &impl Fn(&BackendRef) -> Option<Destination>,
 ) -> virtual_service::HttpRoute {
     let filter = |t: &str| rule.filters.iter().find(|f| f.r#type == t);
     let mut out = virtual_service::HttpRoute {
@@ -327,7 +346,7 @@ fn vs_rule(
         .iter()
         .filter_map(|f| f.request_mirror.as_ref())
         .filter_map(|mirror| {
-            let destination = backend(&mirror.backend_ref, ns, domain, known)?;
+            let destination = resolve(&mirror.backend_ref)?;
             let percent = match (&mirror.percent, &mirror.fraction) {
                 (Some(p), _) => *p as f64,
                 (None, Some(f)) => f.numerator as f64 * 100.0 / f.denominator.unwrap_or(100) as f64,
@@ -345,7 +364,7 @@ fn vs_rule(
         .map(|b| (b, b.weight.unwrap_or(1)))
         .filter(|(_, w)| *w > 0)
         .collect();
-    let usable: Vec<Option<Destination>> = weighted.iter().map(|(b, _)| backend(b, ns, domain, known)).collect();
+    let usable: Vec<Option<Destination>> = weighted.iter().map(|(b, _)| resolve(b)).collect();
     if usable.iter().all(Option::is_none) {
         out.direct_response = Some(HttpDirectResponse {
             status: 500,
@@ -354,7 +373,8 @@ fn vs_rule(
         out.mirrors.clear();
         return out;
     }
-    out.unknown_backend_is_500 = usable.iter().any(Option::is_none);
+    // Istio sets it on every route of Gateway API semantics, whether a backend is missing now or not.
+    out.unknown_backend_is_500 = true;
     out.route = weighted
         .iter()
         .zip(usable)
@@ -426,7 +446,7 @@ spec:
     backendRefs: [{name: reviews, port: 9080}]
 "#,
         );
-        let out = translate(&routes, "cluster.local", |_, _| true);
+        let out = translate(&routes, "cluster.local", |_, _| true, &[]);
         let rules = &out[HOST].producer;
         let names: Vec<&str> = rules.iter().map(|r| r.name.as_deref().unwrap()).collect();
         assert_eq!(
@@ -483,7 +503,7 @@ spec:
 "#,
         );
         let known = |h: &str, _| h.starts_with("reviews-v") || h.starts_with("ratings");
-        let out = translate(&routes, "cluster.local", known);
+        let out = translate(&routes, "cluster.local", known, &[]);
         let by_name = |n: &str| {
             out[HOST]
                 .producer
@@ -519,7 +539,10 @@ spec:
         assert_eq!(r.mirrors[0].percentage.unwrap().value, 25.0);
         assert_eq!(r.timeout.unwrap().0.as_secs(), 3);
         assert_eq!(r.retries.as_ref().unwrap().per_try_timeout.unwrap().0.as_secs(), 1);
-        assert!(!r.unknown_backend_is_500);
+        assert!(
+            r.unknown_backend_is_500,
+            "every HTTPRoute rule answers a missing cluster 500"
+        );
         let gone = by_name("default.r.1.0");
         assert_eq!(gone.direct_response.as_ref().unwrap().status, 500);
         let half = by_name("default.r.2.0");
@@ -550,7 +573,7 @@ spec:
   rules: [{backendRefs: [{name: reviews, namespace: default, port: 9080}]}]
 "#,
         );
-        let out = translate(&routes, "cluster.local", |_, _| true);
+        let out = translate(&routes, "cluster.local", |_, _| true, &[]);
         assert!(out[HOST].producer.is_empty());
         let rules = &out[HOST].consumers["frontend"];
         assert_eq!(
@@ -558,5 +581,46 @@ spec:
             Some(500),
             "a backend in another namespace needs a ReferenceGrant"
         );
+    }
+
+    #[test]
+    fn a_reference_grant_of_the_backends_namespace_lets_the_route_reach_it() {
+        let backends = "[{name: ratings, namespace: ratings, port: 9080}, {name: reviews, port: 9080}]";
+        let routes = parse(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: default}}\n\
+             spec: {{parentRefs: [{{kind: Service, group: '', name: reviews}}], rules: [{{backendRefs: {backends}}}]}}\n"
+        ));
+        let grant = |ns: &str, from_ns: &str, from_kind: &str, to_kind: &str| -> ReferenceGrant {
+            networking::from_yaml(&format!(
+                "metadata: {{name: g, namespace: {ns}}}\nspec: {{from: [{{group: gateway.networking.k8s.io, kind: {from_kind}, namespace: {from_ns}}}], to: [{{group: '', kind: {to_kind}}}]}}\n"
+            ))
+        };
+        let first_host = |grants: &[ReferenceGrant]| {
+            let grants: Vec<&ReferenceGrant> = grants.iter().collect();
+            let out = translate(&routes, "cluster.local", |_, _| true, &grants);
+            let rule = &out[HOST].producer[0];
+            assert!(rule.unknown_backend_is_500);
+            rule.route[0].destination.host.clone()
+        };
+        let unresolved = "ratings.ratings.backend-not-found.invalid";
+        assert_eq!(first_host(&[]), unresolved);
+        assert_eq!(
+            first_host(&[grant("ratings", "default", "HTTPRoute", "Service")]),
+            "ratings.ratings.svc.cluster.local"
+        );
+        for (not_it, why) in [
+            (
+                grant("default", "default", "HTTPRoute", "Service"),
+                "in the route's namespace",
+            ),
+            (
+                grant("ratings", "other", "HTTPRoute", "Service"),
+                "for another namespace",
+            ),
+            (grant("ratings", "default", "GRPCRoute", "Service"), "for another kind"),
+            (grant("ratings", "default", "HTTPRoute", "Secret"), "to another kind"),
+        ] {
+            assert_eq!(first_host(&[not_it]), unresolved, "a grant {why} does not count");
+        }
     }
 }

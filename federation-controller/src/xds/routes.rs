@@ -588,6 +588,7 @@ pub(crate) mod tests {
                 virtual_services: o.virtual_services,
                 destination_rules: o.destination_rules,
                 http_routes: o.http_routes,
+                reference_grants: o.reference_grants,
             }),
         };
         Routing::merge([&m], "cluster.local")

@@ -107,6 +107,12 @@ const CRD_KINDS: &[(&str, &str, &str, &str)] = &[
         "HTTPRouteList",
         "gateway.networking.k8s.io/v1",
     ),
+    (
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+        "ReferenceGrant",
+        "ReferenceGrantList",
+        "gateway.networking.k8s.io/v1beta1",
+    ),
 ];
 
 /// A request path as (collection path, namespace, name): `/api/v1/namespaces/NS/secrets`
@@ -310,7 +316,7 @@ impl FakeApi {
     }
 
     /// Serves the CRD kinds from now on (MCS ServiceExport/ServiceImport, Istio's networking
-    /// and security kinds, Gateway API HTTPRoute).
+    /// and security kinds, Gateway API HTTPRoute and ReferenceGrant).
     pub fn install_crds(&self) {
         self.state.lock().unwrap().crds = true;
     }

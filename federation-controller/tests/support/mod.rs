@@ -297,27 +297,39 @@ pub fn ca_token(ca_dir: &Path, identity: &str) -> String {
 }
 
 fn gamma_service(name: &str, vip: &str, port_name: &str, port: u16) -> String {
+    service_in("default", name, vip, port_name, port)
+}
+
+fn service_in(ns: &str, name: &str, vip: &str, port_name: &str, port: u16) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
          spec: {{clusterIP: {vip}, ports: [{{name: {port_name}, port: {port}}}]}}\n---\n"
     )
 }
 
 fn gamma_pod(name: &str, app: &str, version: &str) -> String {
+    pod_in("default", name, app, version)
+}
+
+fn pod_in(ns: &str, name: &str, app: &str, version: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}, version: {version}}}}}\n\
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, version: {version}}}}}\n\
          spec: {{containers: [{{name: app}}]}}\n---\n"
     )
 }
 
 fn gamma_slice(service: &str, port_name: &str, endpoints: &[(&str, std::net::SocketAddr)]) -> String {
+    slice_in("default", service, port_name, endpoints)
+}
+
+fn slice_in(ns: &str, service: &str, port_name: &str, endpoints: &[(&str, std::net::SocketAddr)]) -> String {
     let port = endpoints[0].1.port();
     let eps: String = endpoints
         .iter()
         .map(|(pod, a)| format!("- {{addresses: [{}], targetRef: {{kind: Pod, name: {pod}}}}}\n", a.ip()))
         .collect();
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\n\
          addressType: IPv4\nports: [{{name: {port_name}, port: {port}}}]\nendpoints:\n{eps}---\n"
     )
 }
@@ -388,4 +400,82 @@ pub fn gamma_cluster(
     .concat();
     std::fs::write(c1.join("objects.yaml"), objects).unwrap();
     std::fs::write(c1.join("routes.yaml"), GAMMA_ROUTES).unwrap();
+}
+
+/// The HTTPRoute of [`grant_cluster`]: `/ratings` to the Service ratings of namespace
+/// ratings, `/half` split between reviews-v1 and a Service that does not exist, the rest
+/// to reviews-v1.
+const GRANT_ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules: [
+    {matches: [{path: {type: PathPrefix, value: /ratings}}], backendRefs: [{name: ratings, namespace: ratings, port: 9080}]},
+    {matches: [{path: {type: PathPrefix, value: /half}}],
+     backendRefs: [{name: reviews-v1, port: 9080}, {name: nowhere, port: 9080}]},
+    {backendRefs: [{name: reviews-v1, port: 9080}]}]
+"#;
+
+/// A ReferenceGrant `name` in `ns` from `from_kind`s of `from_ns` to `to` (`kind` or `kind, name: N`).
+fn reference_grant(name: &str, ns: &str, from_kind: &str, from_ns: &str, to: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  from: [{{group: gateway.networking.k8s.io, kind: {from_kind}, namespace: {from_ns}}}]\n\
+         \x20 to: [{{group: \"\", kind: {to}}}]\n---\n"
+    )
+}
+
+/// ReferenceGrants that do not let default's HTTPRoutes reach ratings' Services: for
+/// another namespace's routes, for GRPCRoutes, to Secrets, and one in the wrong namespace.
+fn grants_that_do_not_count() -> String {
+    [
+        reference_grant("other-namespace", "ratings", "HTTPRoute", "other", "Service"),
+        reference_grant("grpc-routes", "ratings", "GRPCRoute", "default", "Service"),
+        reference_grant("secrets", "ratings", "HTTPRoute", "default", "Secret"),
+        reference_grant(
+            "wrong-place",
+            "default",
+            "HTTPRoute",
+            "default",
+            "Service, name: ratings",
+        ),
+    ]
+    .concat()
+}
+
+/// The grant that lets default's HTTPRoutes reach the Service ratings of namespace ratings.
+pub fn ratings_grant() -> String {
+    reference_grant(
+        "reviews-to-ratings",
+        "ratings",
+        "HTTPRoute",
+        "default",
+        "Service, name: ratings",
+    )
+}
+
+/// Writes cluster1 with `reviews` (HTTP, 10.96.1.12:9080) routed by [`GRANT_ROUTES`], the
+/// Service reviews-v1 (`v1`) in default and ratings (`ratings`) in namespace ratings,
+/// and [`grants_that_do_not_count`]; [`ratings_grant`] goes to `grant.yaml` when the
+/// test writes it.
+pub fn grant_cluster(dir: &Path, v1: std::net::SocketAddr, ratings: std::net::SocketAddr) {
+    let c1 = dir.join("cluster1");
+    std::fs::create_dir_all(&c1).unwrap();
+    let objects = [
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {topology.istio.io/network: network1}}\n---\n".to_owned(),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: ratings, labels: {topology.istio.io/network: network1}}\n---\n".to_owned(),
+        gamma_service("reviews", "10.96.1.12", "http", 9080),
+        gamma_service("reviews-v1", "10.96.1.13", "http", 9080),
+        service_in("ratings", "ratings", "10.96.1.15", "http", 9080),
+        gamma_pod("reviews-v1", "reviews", "v1"),
+        pod_in("ratings", "ratings-v1", "ratings", "v1"),
+        gamma_slice("reviews-v1", "http", &[("reviews-v1", v1)]),
+        slice_in("ratings", "ratings", "http", &[("ratings-v1", ratings)]),
+    ]
+    .concat();
+    std::fs::write(c1.join("objects.yaml"), objects).unwrap();
+    std::fs::write(c1.join("routes.yaml"), GRANT_ROUTES).unwrap();
+    std::fs::write(c1.join("grants.yaml"), grants_that_do_not_count()).unwrap();
 }

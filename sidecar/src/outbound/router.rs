@@ -239,9 +239,9 @@ impl HttpHop {
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
         let Some(upstream) = table.upstreams.get(&target.cluster) else {
-            // Envoy's `cluster_not_found_response_code` default: an empty 503.
+            // An empty answer with the route's `cluster_not_found_response_code`, as Envoy's.
             self.telemetry.upstream_failure("outbound", "cluster_not_found");
-            return flagged(local(StatusCode::SERVICE_UNAVAILABLE, Bytes::new()), "NC");
+            return flagged(local(forward.cluster_not_found, Bytes::new()), "NC");
         };
         // Counted until its response headers arrive.
         let Some(_in_flight) = upstream.breaker.request() else {

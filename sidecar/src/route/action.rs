@@ -54,6 +54,9 @@ pub struct Forward {
     pub mirrors: Vec<Mirror>,
     /// What keys the request on a ring-hash cluster.
     pub hash: HashPolicy,
+    /// The answer when the chosen cluster is not in CDS (`cluster_not_found_response_code`:
+    /// Envoy's `503` by default; `500` where Gateway API wants it for an unresolved backend).
+    pub cluster_not_found: StatusCode,
 }
 
 /// One cluster a request may go to.
@@ -177,6 +180,17 @@ fn direct(d: &DirectResponseAction) -> Result<Action, Invalid> {
     Ok(Action::Direct { status, body })
 }
 
+/// `RouteAction.cluster_not_found_response_code` as a status.
+fn cluster_not_found(code: i32) -> Result<StatusCode, Invalid> {
+    use envoy_types::pb::envoy::config::route::v3::route_action::ClusterNotFoundResponseCode as Code;
+    match Code::try_from(code) {
+        Ok(Code::ServiceUnavailable) => Ok(StatusCode::SERVICE_UNAVAILABLE),
+        Ok(Code::NotFound) => Ok(StatusCode::NOT_FOUND),
+        Ok(Code::InternalServerError) => Ok(StatusCode::INTERNAL_SERVER_ERROR),
+        Err(_) => Err(Invalid(format!("cluster_not_found_response_code {code}"))),
+    }
+}
+
 impl Forward {
     fn compile(r: &RouteAction, matcher: &Matcher) -> Result<Self, Invalid> {
         let targets = match &r.cluster_specifier {
@@ -238,6 +252,7 @@ impl Forward {
                 .map(Mirror::compile)
                 .collect::<Result<_, _>>()?,
             hash: HashPolicy::compile(&r.hash_policy)?,
+            cluster_not_found: cluster_not_found(r.cluster_not_found_response_code)?,
         })
     }
 
