@@ -15,6 +15,7 @@ pub mod coalesce;
 pub mod destinations;
 pub mod drain;
 pub mod filter_chain;
+pub mod heap;
 pub mod http;
 pub mod http_endpoint;
 pub mod inbound;

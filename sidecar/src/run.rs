@@ -587,6 +587,8 @@ impl Sidecar {
                     })?,
             );
         }
+        // Everything is built and serving: what building it used goes back to the system.
+        crate::heap::release_free_memory();
         Ok(Sidecar {
             bound,
             svid,

@@ -245,6 +245,8 @@ async fn session(
                     slot.store(policy.clone());
                 }
                 updated(routes, true);
+                // The decoded resources are freed; their pages go back (rate-limited).
+                crate::heap::release_free_memory();
                 tracing::debug!(
                     type_url = resp.type_url,
                     version = resp.version_info,
