@@ -10,16 +10,20 @@
 //! `--access-log-filter errors` keeps what an operator looks for: status 400 and above,
 //! anything with a response flag, and requests an AUDIT (RBAC LOG) policy marked.
 //!
-//! A file is written as Envoy writes its access logs: through a buffer flushed every
-//! second ([`FLUSH_INTERVAL`], Envoy's `file_flush_interval_msec` default), when full, and
-//! on [`AccessLog::flush`] at shutdown, rather than one `write` per request. Stdout is
-//! written line by line.
+//! A file is written as Envoy writes its access logs: a request only appends its line to a
+//! buffer in memory, and a thread of the log's own writes the buffer out every second
+//! ([`FLUSH_INTERVAL`], Envoy's `file_flush_interval_msec` default), as soon as it holds
+//! [`BUFFER`] bytes, and on [`AccessLog::flush`] at shutdown. No request thread waits on the
+//! disk: the writer takes the buffer and writes without holding it. A disk too slow for
+//! [`MAX_PENDING`] bytes of lines loses the lines beyond, and the log says how many.
+//! Stdout is written line by line.
 
 use std::fmt::Write as _;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use hyper::{Request, Version};
@@ -44,56 +48,119 @@ pub enum Filter {
 /// How long a written line may wait in a file log's buffer.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What a file log's buffer holds before it is written whatever the time.
+/// What a file log's buffer holds before the writer is woken whatever the time.
 const BUFFER: usize = 64 * 1024;
 
-type Out = Arc<Mutex<Box<dyn Write + Send>>>;
+/// The most bytes of lines held for a writer that cannot keep up.
+const MAX_PENDING: usize = 8 * 1024 * 1024;
+
+/// Where lines go.
+enum Out {
+    Stdout(Mutex<std::io::Stdout>),
+    File(Arc<Buffered>),
+}
+
+/// A file log: lines waiting in memory, and the file the writer thread puts them in.
+struct Buffered {
+    pending: Mutex<Vec<u8>>,
+    /// Wakes the writer early: the buffer is full, or the log is gone.
+    full: Condvar,
+    /// Held while writing, so a shutdown flush and the writer never interleave.
+    file: Mutex<std::fs::File>,
+    /// Lines lost since the writer last said so.
+    dropped: AtomicU64,
+}
+
+impl Buffered {
+    fn push(&self, line: &[u8]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() + line.len() > MAX_PENDING {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        pending.extend_from_slice(line);
+        if pending.len() >= BUFFER {
+            self.full.notify_one();
+        }
+    }
+
+    /// Writes what is pending (taking it first, so requests go on appending meanwhile).
+    fn write_out(&self) {
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        // A full disk must not take requests down with it; those lines are lost.
+        let _ = file.write_all(&batch);
+        if dropped > 0 {
+            let _ = writeln!(
+                file,
+                "[isthmus] {dropped} access log lines dropped: the log could not keep up"
+            );
+        }
+    }
+
+    /// The writer thread's life: out every [`FLUSH_INTERVAL`] or when woken, until the log
+    /// is dropped (which writes the last lines itself).
+    fn run(log: std::sync::Weak<Buffered>) {
+        loop {
+            let Some(log) = log.upgrade() else { return };
+            {
+                let pending = log.pending.lock().unwrap_or_else(|e| e.into_inner());
+                if pending.len() < BUFFER {
+                    let _unused = log.full.wait_timeout(pending, FLUSH_INTERVAL);
+                }
+            }
+            log.write_out();
+        }
+    }
+}
 
 /// Where and how a sidecar writes its access log.
 pub struct AccessLog {
     out: Out,
-    /// Stdout: every line is flushed as it is written.
-    line_by_line: bool,
     format: Format,
     filter: Filter,
 }
 
 impl AccessLog {
     /// Logs to `target`: `-` for stdout, else a file appended to (created if need be),
-    /// flushed every [`FLUSH_INTERVAL`] by a thread of its own while the log lives.
+    /// written by a thread of its own while the log lives.
     pub fn open(target: &Path, format: Format, filter: Filter) -> std::io::Result<Self> {
-        let line_by_line = target == Path::new("-");
-        let out: Box<dyn Write + Send> = if line_by_line {
-            Box::new(std::io::stdout())
+        let out = if target == Path::new("-") {
+            Out::Stdout(Mutex::new(std::io::stdout()))
         } else {
             let file = std::fs::OpenOptions::new().create(true).append(true).open(target)?;
-            Box::new(std::io::BufWriter::with_capacity(BUFFER, file))
-        };
-        let out: Out = Arc::new(Mutex::new(out));
-        if !line_by_line {
-            let weak = Arc::downgrade(&out);
+            let log = Arc::new(Buffered {
+                pending: Mutex::new(Vec::with_capacity(BUFFER)),
+                full: Condvar::new(),
+                file: Mutex::new(file),
+                dropped: AtomicU64::new(0),
+            });
+            let weak = Arc::downgrade(&log);
             std::thread::Builder::new()
                 .name("access-log".into())
                 .stack_size(64 * 1024)
-                .spawn(move || {
-                    loop {
-                        std::thread::sleep(FLUSH_INTERVAL);
-                        let Some(out) = weak.upgrade() else { return };
-                        let _ = out.lock().unwrap_or_else(|e| e.into_inner()).flush();
-                    }
-                })?;
-        }
-        Ok(Self {
-            out,
-            line_by_line,
-            format,
-            filter,
-        })
+                .spawn(move || Buffered::run(weak))?;
+            Out::File(log)
+        };
+        Ok(Self { out, format, filter })
     }
 
     /// Writes out what the buffer holds (at shutdown).
     pub fn flush(&self) {
-        let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        if let Out::File(log) = &self.out {
+            log.write_out();
+        }
+    }
+
+    fn write_line(&self, line: &str) {
+        match &self.out {
+            Out::File(log) => log.push(line.as_bytes()),
+            Out::Stdout(out) => {
+                let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+            }
+        }
     }
 
     /// What of `req` the line will say, taken as it is sent on (after our own headers).
@@ -118,6 +185,15 @@ impl AccessLog {
             request_id: h("x-request-id"),
             authority,
             audited: false,
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        if let Out::File(log) = &self.out {
+            log.write_out();
+            log.full.notify_one();
         }
     }
 }
@@ -247,18 +323,71 @@ impl Answered {
                 s
             }
         };
-        let mut out = log.out.lock().unwrap_or_else(|e| e.into_inner());
-        // A full disk must not take requests down with it; the line is lost.
-        let written = out.write_all(line.as_bytes());
-        if log.line_by_line {
-            let _ = written.and_then(|()| out.flush());
-        }
+        log.write_line(&line);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lines_of(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn lines_from_many_threads_reach_the_file_whole_without_a_flush() {
+        let path = std::env::temp_dir().join(format!("isthmus-access-log-unit-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let log = Arc::new(AccessLog::open(&path, Format::Text, Filter::All).unwrap());
+        // 4 × 5,000 lines of ~100 bytes: several buffers' worth, so the writer is woken early.
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let log = log.clone();
+                s.spawn(move || {
+                    for i in 0..5_000 {
+                        log.write_line(&format!("thread {t} line {i:05} {}\n", "x".repeat(80)));
+                    }
+                });
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lines_of(&path).len() < 20_000 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20)); // polling the file, bounded
+        }
+        let lines = lines_of(&path);
+        assert_eq!(lines.len(), 20_000, "all lines written by the log's own thread");
+        for t in 0..4 {
+            let mine: Vec<&String> = lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("thread {t} ")))
+                .collect();
+            assert_eq!(mine.len(), 5_000);
+            // One thread's lines stay in its order, each whole.
+            for (i, l) in mine.iter().enumerate() {
+                assert!(
+                    l.starts_with(&format!("thread {t} line {i:05} ")) && l.ends_with('x'),
+                    "{l:?}"
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn dropping_the_log_writes_what_it_holds() {
+        let path = std::env::temp_dir().join(format!("isthmus-access-log-drop-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let log = AccessLog::open(&path, Format::Text, Filter::All).unwrap();
+        log.write_line("the last line\n");
+        drop(log);
+        assert_eq!(lines_of(&path), ["the last line"]);
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn start_time_is_envoys_utc_form() {
