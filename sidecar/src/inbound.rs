@@ -289,7 +289,8 @@ impl Inbound {
         let me = self.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (me, xfcc, peer) = (me.clone(), xfcc.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(me.to_app(req, app, xfcc, &peer).await) }
+            // Boxed for the reason the outbound side's is: hyper moves the service's future.
+            async move { Ok::<_, Infallible>(Box::pin(me.to_app(req, app, xfcc, &peer)).await) }
         });
         let drain = self.drain.clone();
         let ended = if h2 {
