@@ -51,7 +51,7 @@ fn uuid_v4() -> HeaderValue {
     for (from, to, len) in [(0, 0, 8), (8, 9, 4), (12, 14, 4), (16, 19, 4), (20, 24, 12)] {
         out[to..to + len].copy_from_slice(&h[from..from + len]);
     }
-    HeaderValue::from_bytes(&out).expect("hex and dashes are header text")
+    unique(HeaderValue::from_bytes(&out).expect("hex and dashes are header text"))
 }
 
 /// A new span id: 8 random bytes, never all zero (which both formats forbid).
@@ -65,8 +65,17 @@ fn is_hex(s: &str, len: usize) -> bool {
         && s.bytes().any(|b| b != b'0')
 }
 
+/// A header value that is new on every request (an id): HPACK sends it as a literal that is
+/// never indexed, as it would never be found in the table again; indexed, every request's
+/// ids evicted the entries that do repeat and cost both sides' tables an insert and an
+/// eviction per value.
+fn unique(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
+}
+
 fn header_value(s: String) -> HeaderValue {
-    HeaderValue::try_from(s).expect("hex and dashes are header text")
+    unique(HeaderValue::try_from(s).expect("hex and dashes are header text"))
 }
 
 /// What a sidecar does to a request's headers as it passes: an id if it has none, and
