@@ -80,6 +80,11 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 /// Removes the hop-by-hop headers: those named in `Connection`, the fixed set, and `te`
 /// unless it is exactly `trailers` (the one value HTTP/2 allows, which gRPC needs).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none of them (HTTP/2 forbids them): one pass over the few names
+    // present is cheaper than a hash lookup per hop-by-hop name.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::TE) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

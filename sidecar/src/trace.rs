@@ -137,7 +137,10 @@ pub struct Span {
 }
 
 fn trace_id_128(t: &str) -> String {
-    format!("{t:0>32}")
+    if t.len() >= 32 {
+        return t.to_owned();
+    }
+    ["0".repeat(32 - t.len()).as_str(), t].concat()
 }
 
 /// Makes this hop's span a child of the caller's in every format the request carries, or
@@ -170,15 +173,17 @@ fn child_span(headers: &mut HeaderMap) -> Span {
             None => headers.remove(B3_PARENT_SPAN_ID),
         };
         headers.insert(B3_SPAN_ID, header_value(span.clone()));
-        context.get_or_insert((trace_id_128(&trace), parent));
+        if context.is_none() {
+            context = Some((trace_id_128(&trace), parent));
+        }
     }
     if let Some(b3) = text(headers, &B3) {
         match b3_child(&b3, &span) {
             Some(child) => {
-                if child.contains('-') {
+                if child.contains('-') && context.is_none() {
                     let mut parts = b3.trim().split('-');
                     let trace = trace_id_128(parts.next().unwrap_or_default());
-                    context.get_or_insert((trace, parts.next().map(str::to_owned)));
+                    context = Some((trace, parts.next().map(str::to_owned)));
                 }
                 headers.insert(B3, header_value(child));
             }
