@@ -6,7 +6,7 @@
 //!
 //! Data flows one way: [`config`] (a routes file), [`xds`] (routes from the
 //! federation controller) and [`settings`] (the command line) → [`routes`] (an immutable table, swapped whole on reload) → [`proxy`]
-//! (per connection), which relays bytes through [`sockmap`] when the kernel lets it. [`metrics`] and [`admin`] report on it; [`app`] wires it up.
+//! (per connection). [`metrics`] and [`admin`] report on it; [`app`] wires it up.
 
 pub mod admin;
 pub mod app;
@@ -16,5 +16,4 @@ pub mod proxy;
 pub mod reload;
 pub mod routes;
 pub mod settings;
-pub mod sockmap;
 pub mod xds;

@@ -42,10 +42,6 @@ pub struct Metrics {
     pub config_ok: IntGauge,
     /// 1 while an xDS stream to the controller is up.
     pub xds_connected: IntGauge,
-    /// 1 when bytes are relayed in the kernel (BPF sockmap), 0 when copied in user space.
-    pub sockmap: IntGauge,
-    /// Connections relayed in user space although the sockmap is on (pairing refused).
-    pub sockmap_fallbacks: IntCounter,
     xds_nacks: IntCounter,
 }
 
@@ -141,23 +137,11 @@ impl Metrics {
                 .expect("valid"),
             xds_connected: IntGauge::new("isthmus_gateway_xds_connected", "1 while the xDS stream is up")
                 .expect("valid"),
-            sockmap: IntGauge::new(
-                "isthmus_gateway_sockmap_enabled",
-                "1 when bytes are relayed in the kernel by a BPF sockmap, 0 when copied in user space",
-            )
-            .expect("valid"),
-            sockmap_fallbacks: IntCounter::new(
-                "isthmus_gateway_sockmap_fallbacks_total",
-                "Connections copied in user space because the sockmap refused them",
-            )
-            .expect("valid"),
             xds_nacks: IntCounter::new("isthmus_gateway_xds_nacks_total", "xDS responses refused").expect("valid"),
             registry,
         };
-        let plain: [Box<dyn prometheus::core::Collector>; 6] = [
+        let plain: [Box<dyn prometheus::core::Collector>; 4] = [
             Box::new(m.open_connections.clone()),
-            Box::new(m.sockmap.clone()),
-            Box::new(m.sockmap_fallbacks.clone()),
             Box::new(m.config_ok.clone()),
             Box::new(m.xds_connected.clone()),
             Box::new(m.xds_nacks.clone()),

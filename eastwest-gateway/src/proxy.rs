@@ -22,7 +22,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use crate::metrics::{Metrics, TcpCounters};
 use crate::routes::{Route, RouteTable, Sources};
 use crate::settings::Settings;
-use crate::sockmap::{self, SockMap};
 
 /// State every connection reads; the routes table is swapped whole on reload.
 pub struct Shared {
@@ -34,8 +33,6 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Tells accept loops to stop, and counts open connections for the drain.
     pub drain: drain::Watch,
-    /// How bytes are relayed: in the kernel when the sockmap could be set up.
-    pub relay: Relay,
     /// Connections open now, for `--max-connections`.
     open: AtomicUsize,
     /// The latest good routes of each source; the table is rebuilt from all of them.
@@ -50,10 +47,7 @@ impl Shared {
     /// Shared state with routes built from `sources`.
     pub fn new(settings: Settings, sources: Sources, metrics: Metrics, drain: drain::Watch) -> Self {
         let table = RouteTable::build(&settings, &sources, &metrics, None);
-        let relay = Relay::new(&settings);
-        metrics.sockmap.set(i64::from(relay.sockmap.is_some()));
         Self {
-            relay,
             settings,
             routes: ArcSwap::from_pointee(table),
             metrics,
@@ -93,40 +87,6 @@ impl Shared {
         let n = table.len();
         self.routes.store(Arc::new(table));
         n
-    }
-}
-
-/// The sockmap if the kernel let us set it up, and why not otherwise.
-pub struct Relay {
-    sockmap: Option<SockMap>,
-    /// What `/config_dump` says: `sockmap`, or `copy` with the reason.
-    pub status: String,
-}
-
-impl Relay {
-    fn new(settings: &Settings) -> Relay {
-        if !settings.sockmap {
-            return Relay {
-                sockmap: None,
-                status: "copy (--sockmap off)".into(),
-            };
-        }
-        match SockMap::load(settings.max_connections) {
-            Ok(map) => {
-                tracing::info!("relaying in the kernel with a BPF sockmap");
-                Relay {
-                    sockmap: Some(map),
-                    status: "sockmap".into(),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "no BPF sockmap: relaying in user space");
-                Relay {
-                    sockmap: None,
-                    status: format!("copy ({e})"),
-                }
-            }
-        }
     }
 }
 
@@ -220,30 +180,8 @@ async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str>
     let counters = &endpoint.counters;
     counters.opened.inc();
 
-    // In the kernel's relay both sockets are paired before the hello goes out, so
-    // nothing the endpoint answers can arrive before its verdict program.
-    let kernel = shared
-        .relay
-        .sockmap
-        .as_ref()
-        .is_some_and(|map| match map.pair(&down, &up) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "sockmap refused the connection: copying it");
-                shared.metrics.sockmap_fallbacks.inc();
-                false
-            }
-        });
     // The hello and anything the client sent after it go first, as they came.
     let result = match up.write_all(&buf).await {
-        Ok(()) if kernel => {
-            let n = buf.len() as u64;
-            counters.received.inc_by(n);
-            drop(buf);
-            sockmap::relay(&down, &up, n, settings.idle_timeout, &Counting(counters))
-                .await
-                .map(|_| ())
-        }
         Ok(()) => {
             counters.received.inc_by(buf.len() as u64);
             drop(buf);

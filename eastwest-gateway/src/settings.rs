@@ -76,10 +76,6 @@ pub struct Args {
     /// `splice` (zero-copy through a kernel pipe; less CPU per byte).
     #[arg(long, default_value = "copy", value_parser = parse_mode)]
     pub copy_mode: splice::Mode,
-    /// Relay bytes inside the kernel with a BPF sockmap when permitted (`auto`), or
-    /// always with `--copy-mode` (`off`). Needs CAP_BPF and CAP_NET_ADMIN.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
-    pub sockmap: String,
     /// How often the routes file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
@@ -169,8 +165,6 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub alpn: AlpnPolicy,
     pub copy_mode: splice::Mode,
-    /// Try the BPF sockmap relay (`--sockmap auto`).
-    pub sockmap: bool,
     pub reload_interval: Duration,
 }
 
@@ -246,7 +240,6 @@ impl Settings {
             drain_timeout: a.drain_timeout,
             alpn,
             copy_mode: a.copy_mode,
-            sockmap: a.sockmap == "auto",
             reload_interval: a.reload_interval,
         })
     }
