@@ -63,6 +63,7 @@ pub fn admin(shared: Arc<Shared>, status: Arc<Status>) -> Handler {
                     "drain_timeout_ms": s.drain_timeout.as_millis() as u64,
                     "max_hello_bytes": s.max_hello_bytes,
                     "copy_mode": format!("{:?}", s.copy_mode).to_lowercase(),
+                    "yield_before_sleep": s.yield_before_sleep,
                 },
                 "last_reload_error": last_error,
                 "draining": shared.drain.is_draining(),

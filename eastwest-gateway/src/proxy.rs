@@ -225,6 +225,9 @@ async fn read_hello(s: &TcpStream, buf: &mut Vec<u8>, max: usize) -> Result<Clie
         }
         match s.try_read_buf(buf) {
             Ok(0) => return Err("client_closed"),
+            // A short read emptied the socket: the splice's first read then waits for
+            // new bytes instead of failing with EAGAIN (workers are current-thread).
+            Ok(_) if buf.len() < buf.capacity() => splice::mark_drained(s),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err("downstream_error"),

@@ -76,6 +76,10 @@ pub struct Args {
     /// `splice` (zero-copy through a kernel pipe; less CPU per byte).
     #[arg(long, default_value = "copy", value_parser = parse_mode)]
     pub copy_mode: splice::Mode,
+    /// Whether a worker out of work yields its CPU once (`sched_yield`) before it
+    /// sleeps: `on` or `off`. See `app.rs` for why this saves CPU on a busy machine.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub yield_before_sleep: String,
     /// How often the routes file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
@@ -165,6 +169,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub alpn: AlpnPolicy,
     pub copy_mode: splice::Mode,
+    /// `--yield-before-sleep on`.
+    pub yield_before_sleep: bool,
     pub reload_interval: Duration,
 }
 
@@ -240,6 +246,7 @@ impl Settings {
             drain_timeout: a.drain_timeout,
             alpn,
             copy_mode: a.copy_mode,
+            yield_before_sleep: a.yield_before_sleep == "on",
             reload_interval: a.reload_interval,
         })
     }
@@ -268,6 +275,10 @@ mod tests {
         assert_eq!(s.static_routes[0].sni, "outbound_.80_._.a.b");
         assert_eq!(s.static_routes[1].endpoint, "127.0.0.1:10".parse().unwrap());
         assert_eq!(s.alpn, AlpnPolicy::Any);
+        assert!(s.yield_before_sleep);
+        let off = settings(&["--route", "a=127.0.0.1:1", "--yield-before-sleep", "off"]).unwrap();
+        assert!(!off.yield_before_sleep);
+        assert!(settings(&["--route", "a=127.0.0.1:1", "--yield-before-sleep", "maybe"]).is_err());
     }
 
     #[test]

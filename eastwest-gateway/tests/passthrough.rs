@@ -106,6 +106,25 @@ async fn half_close_reaches_the_backend_and_its_answer_comes_back() {
     assert_eq!(read_line(&mut call.tls).await.unwrap(), "bye 4");
 }
 
+/// The workers' yield before sleeping is on by default; the data path is the same
+/// without it, and `/config_dump` says which.
+#[tokio::test]
+async fn without_the_yield_before_sleep_bytes_and_half_close_still_pass() {
+    let on = Setup::new(&[]).await;
+    let dump: serde_json::Value =
+        serde_json::from_str(&http_get(on.gw.admin, "/config_dump").await.unwrap().1).unwrap();
+    assert_eq!(dump["settings"]["yield_before_sleep"], true);
+
+    let off = Setup::new(&["--yield-before-sleep", "off"]).await;
+    let dump: serde_json::Value =
+        serde_json::from_str(&http_get(off.gw.admin, "/config_dump").await.unwrap().1).unwrap();
+    assert_eq!(dump["settings"]["yield_before_sleep"], false);
+    let mut call = off.call().await.unwrap();
+    assert_eq!(call.echo("one").await.unwrap(), "one");
+    call.tls.shutdown().await.unwrap();
+    assert_eq!(read_line(&mut call.tls).await.unwrap(), "bye 4");
+}
+
 #[tokio::test]
 async fn a_dead_endpoint_is_skipped_and_ejected() {
     let pki = Pki::new();

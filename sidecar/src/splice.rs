@@ -13,7 +13,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -96,6 +96,7 @@ pub async fn bidirectional(
     observer: &impl Observer,
 ) -> Result<Transferred, SpliceError> {
     let clock = Activity::new();
+    let ended = AtomicBool::new(false);
     let (down_r, down_w) = downstream.split();
     let (up_r, up_w) = upstream.split();
     let up = pump(
@@ -103,6 +104,7 @@ pub async fn bidirectional(
         up_w,
         mode,
         &clock,
+        &ended,
         |n| observer.to_upstream(n),
         Side::Downstream,
     );
@@ -111,6 +113,7 @@ pub async fn bidirectional(
         down_w,
         mode,
         &clock,
+        &ended,
         |n| observer.to_downstream(n),
         Side::Upstream,
     );
@@ -179,11 +182,17 @@ impl Activity {
 }
 
 /// Moves one direction until EOF (then half-closes `dst`) or an error.
+///
+/// `ended` is set by the first of the two directions to end. The second does not
+/// half-close: both are over, so the caller closes both sockets next, and `close`
+/// sends the FIN (nothing is left to read, so it is a FIN and not a reset). One
+/// `shutdown` less per connection.
 async fn pump(
     src: ReadHalf<'_>,
     mut dst: WriteHalf<'_>,
     mode: Mode,
     clock: &Activity,
+    ended: &AtomicBool,
     count: impl Fn(u64),
     side: Side,
 ) -> Result<u64, SpliceError> {
@@ -191,12 +200,34 @@ async fn pump(
         Mode::Splice => pump_splice(src.as_ref(), dst.as_ref(), clock, &count, side).await?,
         Mode::Copy => pump_copy(src, &mut dst, clock, &count, side).await?,
     };
+    if ended.swap(true, Ordering::AcqRel) {
+        return Ok(total);
+    }
     // Half-close: the peer learns this direction is done, the other goes on.
     // ENOTCONN means the peer already closed both ways; nothing is lost then.
     match shutdown_write(dst.as_ref()) {
         Ok(()) => Ok(total),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
         Err(e) => Err(side.write_error(e)),
+    }
+}
+
+/// Tells tokio that `s` has nothing more to read just now, after a read that returned
+/// less than it asked for (a TCP read stops short only when the receive queue is
+/// empty), so the next wait for readability sleeps until new bytes come instead of
+/// costing a `read` that fails with EAGAIN.
+///
+/// Call it right after that read, with no `.await` in between. It is sound only on a
+/// current-thread runtime, and does nothing on others: there the I/O driver runs on
+/// this same thread, so no readiness can be recorded between the read and this call,
+/// and bytes that arrive after the read raise a new edge-triggered event that sets
+/// readiness again. On a multi-thread runtime another thread's driver could record
+/// such an event in between, and clearing it would leave the connection asleep with
+/// bytes waiting.
+pub fn mark_drained(s: &TcpStream) {
+    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        // A closure that reports WouldBlock clears the readiness without a syscall.
+        let _ = s.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
     }
 }
 
@@ -292,6 +323,10 @@ async fn pump_copy(
             if n == 0 {
                 return Ok(total);
             }
+            let drained = n < buf.capacity();
+            if drained {
+                mark_drained(src);
+            }
             clock.touch();
             let mut off = 0;
             while off < n {
@@ -305,6 +340,9 @@ async fn pump_copy(
             clock.touch();
             total += n as u64;
             count(n as u64);
+            if drained {
+                break;
+            }
         }
     }
 }
@@ -507,6 +545,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn copy_carries_bulk_both_ways_at_once() {
+        bulk_both_ways(Mode::Copy).await;
+    }
+
+    /// On one thread short reads clear readiness instead of reading to EAGAIN
+    /// ([`mark_drained`]); a wake-up lost that way would stall this transfer.
+    #[tokio::test]
+    async fn copy_carries_bulk_both_ways_at_once_on_one_thread() {
         bulk_both_ways(Mode::Copy).await;
     }
 
