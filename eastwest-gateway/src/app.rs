@@ -64,23 +64,6 @@ fn data_sockets(addr: SocketAddr, workers: usize, listening: bool) -> io::Result
     Ok(sockets)
 }
 
-/// What a data-plane worker does when it runs out of work, just before it sleeps in
-/// `epoll_wait`: lets whatever else is runnable on its CPU go first.
-///
-/// When the machine is busy (clients, endpoints and the gateway sharing cores, as on
-/// any crowded node) the next events for this worker are usually a few microseconds
-/// away. Sleeping means the CPU may go idle and be woken again for them, and that
-/// round trip is most of the cost of a short connection here: a `perf record` of the
-/// gateway under the connection benchmark put 22 % of its time in the switch back in
-/// after `epoll_wait` slept. Yielding first keeps the worker runnable while others
-/// run; when it comes back its events are there and `epoll_wait` returns without
-/// sleeping. With nothing else runnable the yield returns at once and the worker
-/// sleeps as before, so an idle gateway costs one syscall more per wake-up.
-fn yield_cpu() {
-    // SAFETY: sched_yield takes no arguments and touches no memory.
-    unsafe { libc::sched_yield() };
-}
-
 /// A running gateway.
 pub struct Gateway {
     /// Where it listens.
@@ -141,9 +124,8 @@ impl Gateway {
                     .spawn(move || {
                         let mut rt = tokio::runtime::Builder::new_current_thread();
                         rt.enable_all();
-                        if shared.settings.yield_before_sleep {
-                            rt.on_thread_park(yield_cpu);
-                        }
+                        // See `sidecar::park` for why yielding saves CPU on a busy machine.
+                        sidecar::park::yield_before_sleep(&mut rt, shared.settings.yield_before_sleep);
                         let rt = rt.build().expect("runtime");
                         rt.block_on(async move {
                             if shared.settings.xds.is_some() {

@@ -77,8 +77,8 @@ pub struct Args {
     #[arg(long, default_value = "copy", value_parser = parse_mode)]
     pub copy_mode: splice::Mode,
     /// Whether a worker out of work yields its CPU once (`sched_yield`) before it
-    /// sleeps: `on` or `off`. See `app.rs` for why this saves CPU on a busy machine.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    /// sleeps: `on` or `off`. See `sidecar::park` for why this saves CPU on a busy machine.
+    #[arg(long, default_value = "on", value_parser = sidecar::park::VALUES)]
     pub yield_before_sleep: String,
     /// How often the routes file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]

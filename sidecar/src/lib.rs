@@ -24,6 +24,7 @@ pub mod metered;
 pub mod otlp;
 pub mod outbound;
 pub mod outlier;
+pub mod park;
 pub mod peer_authentication;
 pub mod pool;
 pub mod priority;

@@ -177,6 +177,14 @@ pub struct RunArgs {
     /// Data-plane threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
+    /// Whether a data-plane thread out of work yields its CPU once (`sched_yield`) before
+    /// it sleeps: `on` or `off` (see `sidecar::park`). Off by default: in the mesh-hop
+    /// benchmark it bought 8 % more requests/s at full load and 5 % less CPU per request,
+    /// but cost a quarter more CPU at 1,000 req/s and a higher p99 there (A/B run in
+    /// bench-results/sidecar/sidecar-pair-yield-ab-*), and a sidecar spends its life at
+    /// moderate load, where latency is what its callers see.
+    #[arg(long, default_value = "off", value_parser = crate::park::VALUES)]
+    pub yield_before_sleep: String,
     /// Bound on connecting to the upstream or the application.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -298,6 +306,10 @@ impl Sidecar {
             Protocol::Tcp
         };
 
+        let workers = Workers {
+            count: args.workers,
+            yield_before_sleep: args.yield_before_sleep == "on",
+        };
         let mut threads = Vec::new();
         let mut bound = Bound {
             outbound: None,
@@ -402,11 +414,11 @@ impl Sidecar {
                         make_hop(None),
                         true,
                     ));
-                    spawn_workers("outbound", args.workers, listener, &mut threads, move |l| {
+                    spawn_workers("outbound", workers, listener, &mut threads, move |l| {
                         outbound::serve_as_captured_to(l, captured.clone(), crate::synthetic::VIP)
                     })?;
                 }
-                None => spawn_workers("outbound", args.workers, listener, &mut threads, move |l| {
+                None => spawn_workers("outbound", workers, listener, &mut threads, move |l| {
                     outbound::serve(l, outbound.clone())
                 })?,
             }
@@ -432,7 +444,7 @@ impl Sidecar {
             ));
             let listener = listen(addr)?;
             bound.outbound = Some(listener.local_addr()?);
-            spawn_workers("outbound", args.workers, listener, &mut threads, move |l| {
+            spawn_workers("outbound", workers, listener, &mut threads, move |l| {
                 outbound::serve_captured(l, captured.clone())
             })?;
         }
@@ -484,7 +496,7 @@ impl Sidecar {
             });
             let listener = listen(hop.listen)?;
             bound.inbound = Some(listener.local_addr()?);
-            spawn_workers("inbound", args.workers, listener, &mut threads, move |l| {
+            spawn_workers("inbound", workers, listener, &mut threads, move |l| {
                 inbound::serve(l, inbound.clone())
             })?;
         }
@@ -665,9 +677,16 @@ fn first_svid(client: &CaClient) -> anyhow::Result<Svid> {
     })
 }
 
+/// How the data plane's threads run.
+#[derive(Debug, Clone, Copy)]
+struct Workers {
+    count: u16,
+    yield_before_sleep: bool,
+}
+
 fn spawn_workers<F, Fut>(
     side: &str,
-    workers: u16,
+    workers: Workers,
     listener: std::net::TcpListener,
     threads: &mut Vec<JoinHandle<()>>,
     serve: F,
@@ -676,14 +695,13 @@ where
     F: Fn(tokio::net::TcpListener) -> Fut + Send + Clone + 'static,
     Fut: Future<Output = ()>,
 {
-    for n in 0..workers {
+    for n in 0..workers.count {
         let listener = listener.try_clone()?;
         let serve = serve.clone();
         threads.push(std::thread::Builder::new().name(format!("{side}-{n}")).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let mut rt = tokio::runtime::Builder::new_current_thread();
+            crate::park::yield_before_sleep(rt.enable_all(), workers.yield_before_sleep);
+            let rt = rt.build().expect("runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
                 serve(listener).await;

@@ -213,6 +213,24 @@ async fn twenty_concurrent_requests_multiplex_on_one_connection() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_yield_before_sleep_on_concurrent_requests_are_carried() {
+    // The client side's worker yields its CPU before every sleep: twenty requests that the
+    // application holds until all are in flight still all arrive and are answered.
+    let pki = Pki::new("pooled", "yield");
+    let app = http_app(Some(20)).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client_with(server.bound.inbound.unwrap(), "--yield-before-sleep on");
+    let out = client.bound.outbound.unwrap();
+    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(get(out, None))).collect();
+    for call in calls {
+        let (status, body) = call.await.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_vouched(&body);
+    }
+    assert!(RunArgs::from_words("--yield-before-sleep maybe".split_whitespace()).is_err());
+}
+
 /// A TCP relay whose connections can be cut at once, as a crash or a partition would.
 struct Relay {
     addr: SocketAddr,
