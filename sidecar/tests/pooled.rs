@@ -190,6 +190,16 @@ async fn fifty_new_client_connections_cost_one_mtls_handshake() {
     counted(server_metrics, REQUESTS, &destination, 50.0).await;
 }
 
+/// Twenty requests at once through the client side at `out`, each answered and vouched for.
+async fn twenty_at_once_are_answered(out: SocketAddr) {
+    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(get(out, None))).collect();
+    for call in calls {
+        let (status, body) = call.await.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_vouched(&body);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_requests_multiplex_on_one_connection() {
     let pki = Pki::new("pooled", "twenty");
@@ -198,12 +208,7 @@ async fn twenty_concurrent_requests_multiplex_on_one_connection() {
     let server = pki.server("127.0.0.1:0", app).unwrap();
     let client = pki.client(server.bound.inbound.unwrap());
     let out = client.bound.outbound.unwrap();
-    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(get(out, None))).collect();
-    for call in calls {
-        let (status, body) = call.await.unwrap().unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert_vouched(&body);
-    }
+    twenty_at_once_are_answered(out).await;
     counted(
         server.bound.metrics.unwrap(),
         OPENED,
@@ -222,12 +227,7 @@ async fn with_yield_before_sleep_on_concurrent_requests_are_carried() {
     let server = pki.server("127.0.0.1:0", app).unwrap();
     let client = pki.client_with(server.bound.inbound.unwrap(), "--yield-before-sleep on");
     let out = client.bound.outbound.unwrap();
-    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(get(out, None))).collect();
-    for call in calls {
-        let (status, body) = call.await.unwrap().unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert_vouched(&body);
-    }
+    twenty_at_once_are_answered(out).await;
     assert!(RunArgs::from_words("--yield-before-sleep maybe".split_whitespace()).is_err());
 }
 
