@@ -2,7 +2,7 @@
 # Regenerates sidecar/link-order.txt: the functions a sidecar pair executes, in the order it
 # first executes them, which release builds lay out next to each other (see sidecar/build.rs).
 #
-# Builds the sidecar as the benchmark does (release, static, this host's target), runs a pair
+# Builds the sidecar as the benchmark does (scripts/build-sidecar.sh), runs a pair
 # (client side and server side, mTLS between them, an nginx backend) under callgrind, and
 # drives it with the shared load client through what the benchmarks measure: keep-alive
 # requests, new connections, idle connections, and the same again with routing,
