@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use sidecar::client_hello::{self, ClientHello};
+use sidecar::client_hello;
 use sidecar::drain;
 use sidecar::outlier::Verdict;
 use sidecar::splice::{self, Observer};
@@ -158,10 +158,15 @@ async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str>
     let mut buf = Vec::with_capacity(4096.min(settings.max_hello_bytes));
     let hello = tokio::time::timeout(
         settings.handshake_timeout,
-        read_hello(&down, &mut buf, settings.max_hello_bytes),
+        client_hello::read(&down, &mut buf, settings.max_hello_bytes),
     )
     .await
-    .map_err(|_| "handshake_timeout")??;
+    .map_err(|_| "handshake_timeout")?
+    .map_err(|e| match e {
+        client_hello::ReadError::Closed => "client_closed",
+        client_hello::ReadError::Io(_) => "downstream_error",
+        client_hello::ReadError::Hello(e) => e.reason(),
+    })?;
     let sni = hello.server_name.as_deref().ok_or("no_sni")?;
     let (pinned, sni) = mesh_vocab::sni::unpin(sni);
     let route = shared.routes.load().get(sni).cloned().ok_or_else(|| {
@@ -211,34 +216,6 @@ async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str>
         }
     }
     Ok(())
-}
-
-/// Reads until the bytes hold a whole ClientHello, or must be refused.
-async fn read_hello(s: &TcpStream, buf: &mut Vec<u8>, max: usize) -> Result<ClientHello, &'static str> {
-    loop {
-        s.readable().await.map_err(|_| "downstream_error")?;
-        if buf.len() == buf.capacity() {
-            // The parser refuses a hello longer than `max` before it is all here,
-            // so the buffer only grows while a valid one may still fit.
-            let more = buf.capacity().min(max.saturating_sub(buf.capacity())).max(1);
-            buf.reserve_exact(more);
-        }
-        match s.try_read_buf(buf) {
-            Ok(0) => return Err("client_closed"),
-            // A short read emptied the socket: the splice's first read then waits for
-            // new bytes instead of failing with EAGAIN (workers are current-thread).
-            Ok(_) if buf.len() < buf.capacity() => splice::mark_drained(s),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err("downstream_error"),
-        }
-        match client_hello::parse(buf, max) {
-            Ok(Some(hello)) => return Ok(hello),
-            Ok(None) if buf.len() >= max => return Err("oversize_hello"),
-            Ok(None) => {}
-            Err(e) => return Err(e.reason()),
-        }
-    }
 }
 
 /// Connects to an endpoint of `route`, trying up to `--connect-attempts` different

@@ -1,8 +1,8 @@
 //! Reads the SNI and ALPN of a TLS ClientHello without terminating TLS.
 //!
-//! The gateway reads a new connection's first bytes into a buffer of at most
-//! `max_len` bytes and calls [`parse`] after each read; `Ok(None)` means read
-//! more. The reader copes with records cut across reads at any byte, a
+//! The gateway (and the sidecar, for routes by the application's own SNI) reads a
+//! new connection's first bytes into a buffer of at most `max_len` bytes with
+//! [`read`], which calls [`parse`] after each read; `Ok(None)` means read more. The reader copes with records cut across reads at any byte, a
 //! ClientHello spread over several handshake records (RFC 8446 §5.1 allows it,
 //! and post-quantum key shares make hellos big enough that some stacks do it),
 //! and extensions in any order.
@@ -48,6 +48,51 @@ impl HelloError {
             HelloError::NotTls => "not_tls",
             HelloError::Malformed(_) => "malformed_hello",
             HelloError::TooLarge => "oversize_hello",
+        }
+    }
+}
+
+/// Why [`read`] got no ClientHello off a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The connection closed before the bytes made a verdict.
+    #[error("closed before a whole ClientHello")]
+    Closed,
+    /// Reading failed.
+    #[error("read: {0}")]
+    Io(std::io::Error),
+    /// The bytes are not a ClientHello we route.
+    #[error(transparent)]
+    Hello(HelloError),
+}
+
+/// Reads a connection's first bytes into `buf` until they hold a whole ClientHello (of at
+/// most `max_len` wire bytes), or plainly cannot. Nothing is consumed from the caller's
+/// point of view: every byte read stays in `buf`, to go upstream first. The buffer grows
+/// only while a valid hello may still fit. Callers bound the wait themselves.
+pub async fn read(s: &tokio::net::TcpStream, buf: &mut Vec<u8>, max_len: usize) -> Result<ClientHello, ReadError> {
+    loop {
+        s.readable().await.map_err(ReadError::Io)?;
+        if buf.len() == buf.capacity() {
+            // The parser refuses a hello longer than `max_len` before it is all here, so
+            // growing by the capacity (up to the limit) keeps reads few and memory bounded.
+            let more = buf.capacity().min(max_len.saturating_sub(buf.capacity())).max(1);
+            buf.reserve_exact(more);
+        }
+        match s.try_read_buf(buf) {
+            Ok(0) => return Err(ReadError::Closed),
+            // A short read emptied the socket: the next wait for bytes sleeps instead of
+            // failing with EAGAIN (on current-thread runtimes, see `splice::mark_drained`).
+            Ok(_) if buf.len() < buf.capacity() => crate::splice::mark_drained(s),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+        match parse(buf, max_len) {
+            Ok(Some(hello)) => return Ok(hello),
+            Ok(None) if buf.len() >= max_len => return Err(ReadError::Hello(HelloError::TooLarge)),
+            Ok(None) => {}
+            Err(e) => return Err(ReadError::Hello(e)),
         }
     }
 }

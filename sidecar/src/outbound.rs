@@ -299,10 +299,10 @@ impl Captured {
     /// depends on the ClientHello (VirtualService `tls` routes) has it read first and put
     /// back in front: the application's own TLS goes through untouched, inside mTLS when
     /// the chosen endpoint is in the mesh, as Istio's auto-mTLS does.
-    pub async fn carry_to(self: Arc<Self>, mut client: TcpStream, original: SocketAddr) {
+    pub async fn carry_to(self: Arc<Self>, client: TcpStream, original: SocketAddr) {
         let table = self.table.load_full();
         if table.reads_hello(original) {
-            let (first, hello) = match read_hello(&mut client, self.handshake_timeout).await {
+            let (first, hello) = match read_hello(&client, self.handshake_timeout).await {
                 Ok(read) => read,
                 Err(reason) => return self.telemetry.refused("outbound", reason),
             };
@@ -399,34 +399,23 @@ const MAX_HELLO: usize = 64 * 1024;
 /// (Istio's `continue_on_listener_filters_timeout`); a hello beyond [`MAX_HELLO`] or a
 /// connection closed before a verdict is refused, with its metric reason.
 async fn read_hello(
-    client: &mut TcpStream,
+    client: &TcpStream,
     patience: Duration,
 ) -> Result<(bytes::Bytes, Option<client_hello::ClientHello>), &'static str> {
-    let mut buf = bytes::BytesMut::with_capacity(2048);
-    let read = async {
-        loop {
-            match client_hello::parse(&buf, MAX_HELLO) {
-                Ok(Some(hello)) => return Ok(Some(hello)),
-                Ok(None) => {}
-                Err(client_hello::HelloError::TooLarge) => return Err("oversize_hello"),
-                // Not TLS after all: its chain is a plaintext one.
-                Err(_) => return Ok(None),
-            }
-            // Room for a whole record per read, not the few bytes `BytesMut` grows by itself.
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(4096);
-            }
-            match client.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return Err("closed_before_hello"),
-                Ok(_) => {}
-            }
+    let mut buf = Vec::with_capacity(2048);
+    let read = tokio::time::timeout(patience, client_hello::read(client, &mut buf, MAX_HELLO)).await;
+    let hello = match read {
+        Ok(Ok(hello)) => Some(hello),
+        Ok(Err(client_hello::ReadError::Hello(client_hello::HelloError::TooLarge))) => return Err("oversize_hello"),
+        // Not TLS after all: its chain is a plaintext one.
+        Ok(Err(client_hello::ReadError::Hello(_))) => None,
+        Ok(Err(client_hello::ReadError::Closed | client_hello::ReadError::Io(_))) => {
+            return Err("closed_before_hello");
         }
+        // Silent for too long: a server-first protocol, taken as plaintext.
+        Err(_) => None,
     };
-    match tokio::time::timeout(patience, read).await {
-        Ok(Ok(hello)) => Ok((buf.freeze(), hello)),
-        Ok(Err(reason)) => Err(reason),
-        Err(_) => Ok((buf.freeze(), None)),
-    }
+    Ok((bytes::Bytes::from(buf), hello))
 }
 
 /// Accepts captured connections until draining starts.
