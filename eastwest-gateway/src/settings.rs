@@ -78,8 +78,8 @@ pub struct Args {
     pub copy_mode: splice::Mode,
     /// Whether a worker out of work yields its CPU once (`sched_yield`) before it
     /// sleeps: `on` or `off`. See `sidecar::park` for why this saves CPU on a busy machine.
-    #[arg(long, default_value = "on", value_parser = sidecar::park::VALUES)]
-    pub yield_before_sleep: String,
+    #[arg(long, default_value = "on", value_parser = sidecar::park::switch, action = clap::ArgAction::Set)]
+    pub yield_before_sleep: bool,
     /// How often the routes file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
@@ -246,7 +246,7 @@ impl Settings {
             drain_timeout: a.drain_timeout,
             alpn,
             copy_mode: a.copy_mode,
-            yield_before_sleep: a.yield_before_sleep == "on",
+            yield_before_sleep: a.yield_before_sleep,
             reload_interval: a.reload_interval,
         })
     }

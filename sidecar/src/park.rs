@@ -10,8 +10,14 @@
 //! returns without sleeping. With nothing else runnable the yield returns at once and the
 //! worker sleeps as before, so an idle proxy costs one syscall more per wake-up.
 
-/// `--yield-before-sleep`: `on` or `off`.
-pub const VALUES: [&str; 2] = ["on", "off"];
+/// Parses `--yield-before-sleep`: `on` or `off`.
+pub fn switch(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?} is neither on nor off")),
+    }
+}
 
 /// Makes `builder`'s runtime yield its CPU once before each sleep when `on`.
 pub fn yield_before_sleep(builder: &mut tokio::runtime::Builder, on: bool) -> &mut tokio::runtime::Builder {

@@ -183,8 +183,8 @@ pub struct RunArgs {
     /// but cost a quarter more CPU at 1,000 req/s and a higher p99 there (A/B run in
     /// bench-results/sidecar/sidecar-pair-yield-ab-*), and a sidecar spends its life at
     /// moderate load, where latency is what its callers see.
-    #[arg(long, default_value = "off", value_parser = crate::park::VALUES)]
-    pub yield_before_sleep: String,
+    #[arg(long, default_value = "off", value_parser = crate::park::switch, action = clap::ArgAction::Set)]
+    pub yield_before_sleep: bool,
     /// Bound on connecting to the upstream or the application.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -308,7 +308,7 @@ impl Sidecar {
 
         let workers = Workers {
             count: args.workers,
-            yield_before_sleep: args.yield_before_sleep == "on",
+            yield_before_sleep: args.yield_before_sleep,
         };
         let mut threads = Vec::new();
         let mut bound = Bound {
