@@ -56,7 +56,8 @@ const MAX_PENDING: usize = 8 * 1024 * 1024;
 
 /// Where lines go.
 enum Out {
-    Stdout(Mutex<std::io::Stdout>),
+    /// Each line written and flushed under stdout's own lock.
+    Stdout,
     File(Arc<Buffered>),
 }
 
@@ -127,7 +128,7 @@ impl AccessLog {
     /// written by a thread of its own while the log lives.
     pub fn open(target: &Path, format: Format, filter: Filter) -> std::io::Result<Self> {
         let out = if target == Path::new("-") {
-            Out::Stdout(Mutex::new(std::io::stdout()))
+            Out::Stdout
         } else {
             let file = std::fs::OpenOptions::new().create(true).append(true).open(target)?;
             let log = Arc::new(Buffered {
@@ -156,8 +157,8 @@ impl AccessLog {
     fn write_line(&self, line: &str) {
         match &self.out {
             Out::File(log) => log.push(line.as_bytes()),
-            Out::Stdout(out) => {
-                let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+            Out::Stdout => {
+                let mut out = std::io::stdout().lock();
                 let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
             }
         }
