@@ -3,8 +3,9 @@
 # (../shared/bench/sidecar-pair.sh) with our pair beside direct, Envoy, HAProxy and nginx.
 # Arguments go to the harness (e.g. --quick, --reps 3, --only direct,haproxy,isthmus).
 # Our pair speaks HTTP, as the peers are configured to: the client side serves the load's
-# HTTP/1.1 and carries requests over one pooled HTTP/2 connection in mTLS (ALPN istio-h2);
-# the server side adds x-forwarded-client-cert. ISTHMUS_PROTOCOL=tcp forwards bytes instead,
+# HTTP/1.1 and carries requests over pooled keep-alive HTTP/1.1 in mTLS (ALPN
+# istio-http/1.1), as Istio does; ISTHMUS_H2_UPGRADE=on multiplexes them on one HTTP/2
+# connection (ALPN istio-h2) instead. The server side adds x-forwarded-client-cert. ISTHMUS_PROTOCOL=tcp forwards bytes instead,
 # one mTLS connection per client connection, as Istio does for a TCP port.
 #
 # --mesh ROUTES:ENDPOINTS (ours, not passed on) benchmarks with routing, authorization and
@@ -18,6 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HARNESS="$ROOT/../shared/bench/sidecar-pair.sh"
 [ -x "$HARNESS" ] || { echo "bench-sidecar: $HARNESS not found" >&2; exit 1; }
 PROTOCOL="${ISTHMUS_PROTOCOL:-http}"
+H2_UPGRADE="${ISTHMUS_H2_UPGRADE:-off}"
 EXTRA=""; ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,5 +31,5 @@ done
 # The sidecar as it ships: release, static, its executed code laid out together.
 BIN="$("$ROOT/scripts/build-sidecar.sh")"
 exec "$HARNESS" "${ARGS[@]}" --pair isthmus \
-  "$BIN run --outbound {listen}={upstream} --sni {sni} --peer-id {spiffe_peer} --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL$EXTRA" \
+  "$BIN run --outbound {listen}={upstream} --sni {sni} --peer-id {spiffe_peer} --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL --h2-upgrade $H2_UPGRADE$EXTRA" \
   "$BIN run --inbound {listen}={upstream} --mtls STRICT --cert {cert} --key {key} --ca {ca} --protocol $PROTOCOL$EXTRA"

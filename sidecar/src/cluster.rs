@@ -9,8 +9,12 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::explicit_http_config::ProtocolConfig;
 use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, UInt32Value};
 use hyper::StatusCode;
+use prost::Message;
 
 use crate::balance::Policy;
 use crate::destinations::BadResource;
@@ -46,12 +50,69 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterPolicy {
     pub lb: Policy,
+    pub http: UpstreamHttp,
     pub outlier: Option<Outlier>,
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
     pub max_retries: u32,
 }
+
+/// Which HTTP a cluster's mesh endpoints are spoken to in: its `HttpProtocolOptions`
+/// (`envoy.extensions.upstreams.http.v3.HttpProtocolOptions`), as Istio writes them for a
+/// port's protocol and a DestinationRule's `h2UpgradePolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamHttp {
+    /// The request's own version (`use_downstream_protocol_config`, or no options).
+    #[default]
+    Downstream,
+    /// `explicit_http_config.http_protocol_options`.
+    Http1,
+    /// `explicit_http_config.http2_protocol_options`.
+    Http2,
+}
+
+impl UpstreamHttp {
+    /// Whether a request of `version` goes as HTTP/2; `upgrade` is the mesh-wide
+    /// `h2UpgradePolicy: UPGRADE`, for clusters that leave it to the request.
+    pub fn h2_for(self, version: hyper::Version, upgrade: bool) -> bool {
+        match self {
+            Self::Http1 => false,
+            Self::Http2 => true,
+            Self::Downstream => upgrade || version == hyper::Version::HTTP_2,
+        }
+    }
+
+    fn of(c: &Cluster) -> Result<Self, String> {
+        let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) else {
+            return Ok(Self::Downstream);
+        };
+        if any.type_url != HTTP_OPTIONS_TYPE {
+            return Err(format!(
+                "{HTTP_OPTIONS} is a {}, not a {HTTP_OPTIONS_TYPE}",
+                any.type_url
+            ));
+        }
+        let options = HttpProtocolOptions::decode(any.value.as_slice())
+            .map_err(|e| format!("undecodable {HTTP_OPTIONS}: {e}"))?;
+        Ok(match options.upstream_protocol_options {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => match explicit.protocol_config {
+                Some(ProtocolConfig::HttpProtocolOptions(_)) => Self::Http1,
+                Some(ProtocolConfig::Http2ProtocolOptions(_)) => Self::Http2,
+                Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
+                    return Err("HTTP/3 upstreams are not supported".into());
+                }
+                None => Self::Downstream,
+            },
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_))
+            | Some(UpstreamProtocolOptions::AutoConfig(_))
+            | None => Self::Downstream,
+        })
+    }
+}
+
+const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const HTTP_OPTIONS_TYPE: &str = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// A cluster's outlier detection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +184,7 @@ impl ClusterPolicy {
         let thresholds = c.circuit_breakers.as_ref().and_then(|b| b.thresholds.first());
         Ok(Self {
             lb,
+            http: UpstreamHttp::of(c).map_err(bad)?,
             outlier,
             max_connections: value(
                 thresholds.and_then(|t| t.max_connections.as_ref()),
@@ -343,6 +405,61 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
     use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, OutlierDetection};
+
+    #[test]
+    fn the_clusters_http_protocol_options_choose_the_hop_between_sidecars() {
+        use envoy_types::pb::envoy::config::core::v3::{Http1ProtocolOptions, Http2ProtocolOptions};
+        use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+            ExplicitHttpConfig, UseDownstreamHttpConfig,
+        };
+        use envoy_types::pb::google::protobuf::Any;
+        let with = |options: Option<UpstreamProtocolOptions>| {
+            let mut c = Cluster {
+                name: "outbound|9080||reviews".into(),
+                ..Default::default()
+            };
+            let options = HttpProtocolOptions {
+                upstream_protocol_options: options,
+                ..Default::default()
+            };
+            let any = Any {
+                type_url: HTTP_OPTIONS_TYPE.into(),
+                value: options.encode_to_vec(),
+            };
+            c.typed_extension_protocol_options.insert(HTTP_OPTIONS.into(), any);
+            c
+        };
+        let explicit = |config| {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                protocol_config: Some(config),
+            }))
+        };
+        let h2 = explicit(ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default()));
+        let h1 = explicit(ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default()));
+        let downstream = Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+            UseDownstreamHttpConfig::default(),
+        ));
+        assert_eq!(UpstreamHttp::of(&with(h2)), Ok(UpstreamHttp::Http2));
+        assert_eq!(UpstreamHttp::of(&with(h1)), Ok(UpstreamHttp::Http1));
+        assert_eq!(UpstreamHttp::of(&with(downstream)), Ok(UpstreamHttp::Downstream));
+        assert_eq!(UpstreamHttp::of(&Cluster::default()), Ok(UpstreamHttp::Downstream));
+        // What each means for a request as it came.
+        use hyper::Version;
+        assert!(!UpstreamHttp::Downstream.h2_for(Version::HTTP_11, false));
+        assert!(UpstreamHttp::Downstream.h2_for(Version::HTTP_11, true));
+        assert!(UpstreamHttp::Downstream.h2_for(Version::HTTP_2, false));
+        assert!(!UpstreamHttp::Http1.h2_for(Version::HTTP_2, true));
+        assert!(UpstreamHttp::Http2.h2_for(Version::HTTP_10, false));
+        // Options of another type under the name are refused, naming what they were.
+        let mut wrong = with(None);
+        wrong
+            .typed_extension_protocol_options
+            .get_mut(HTTP_OPTIONS)
+            .unwrap()
+            .type_url = "type.googleapis.com/x.Y".into();
+        let e = ClusterPolicy::of(&wrong).unwrap_err();
+        assert!(e.to_string().contains("x.Y"), "{e}");
+    }
 
     fn u(value: u32) -> Option<UInt32Value> {
         Some(UInt32Value { value })

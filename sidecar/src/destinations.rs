@@ -43,7 +43,7 @@ use mesh_vocab::spiffe::SpiffeId;
 use prost::Message;
 
 use crate::balance::{Balancer, Policy};
-use crate::cluster::{Breaker, ClusterPolicy, Health, Reply};
+use crate::cluster::{Breaker, ClusterPolicy, Health, Reply, UpstreamHttp};
 use crate::filter_chain::{self, ChainMatch, Seen};
 use crate::priority::{self, Level};
 use crate::route::RouteTable;
@@ -130,6 +130,8 @@ pub struct Upstream {
     /// Outlier detection, when the cluster asks for it.
     pub health: Option<Health>,
     pub breaker: Breaker,
+    /// Which HTTP its mesh endpoints are spoken to in.
+    pub http: UpstreamHttp,
     /// EDS `overprovisioning_factor`, in percent.
     pub overprovisioning: u32,
 }
@@ -308,6 +310,7 @@ impl Destinations {
                 },
                 health: policy.outlier.clone().map(|o| Health::new(o, endpoints.len())),
                 breaker: Breaker::new(&policy),
+                http: policy.http,
                 overprovisioning,
                 endpoints,
             };

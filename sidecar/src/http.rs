@@ -186,6 +186,27 @@ pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
     Request::from_parts(parts, body)
 }
 
+/// A request in the pooled form (its authority in the URI, see [`absolute`]) as HTTP/1.1
+/// puts it on the wire between sidecars: the authority as `host`, the URI in origin form.
+pub fn to_origin_form<B>(req: Request<B>) -> Request<B> {
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    parts.uri = Uri::from(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body)
+}
+
 /// `uri`'s path and query (`/` when it has none) under `http://authority`: the form a
 /// pooled client sends by.
 pub fn absolute(uri: &Uri, authority: Authority) -> Uri {

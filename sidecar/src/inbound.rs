@@ -10,9 +10,9 @@
 //! at once. Both are counted.
 //!
 //! A caller that negotiated `istio-h2` (or `h2`) is served HTTP/2 — what our own outbound
-//! side pools and multiplexes — and one that negotiated `istio-http/1.1` (or `http/1.1`)
-//! HTTP/1.1, whatever `--protocol` says: the caller's outbound side chose that ALPN for
-//! what it carries (a caller's HTTP listener sends pooled HTTP/2 even to a `--protocol tcp`
+//! side multiplexes — and one that negotiated `istio-http/1.1` (or `http/1.1`) HTTP/1.1,
+//! whatever `--protocol` says: the caller's outbound side chose that ALPN for what it
+//! carries (a caller's HTTP listener sends pooled HTTP even to a `--protocol tcp`
 //! receiver). Under ALPN `istio` or none, `--protocol` decides: bytes, or HTTP/1.1. Each
 //! request goes to the application over a pooled keep-alive HTTP/1.1 connection.
 

@@ -9,8 +9,11 @@
 //!
 //! With `--protocol tcp` each client connection is carried in its own mTLS connection, byte
 //! for byte. With `--protocol http` ([`HttpHop`]) the application's HTTP/1.1 (or h2c) is
-//! served here and each request goes over a pooled HTTP/2 connection inside mTLS
-//! ([`crate::pool::H2Pool`]), so a new client connection costs no handshake upstream.
+//! served here and each request goes over a pooled connection inside mTLS, so a new client
+//! connection costs no handshake upstream: keep-alive HTTP/1.1 for an HTTP/1.1 request
+//! ([`crate::pool::H1Pool`]), one multiplexed HTTP/2 for an HTTP/2 one or where the
+//! cluster or `--h2-upgrade` says so ([`crate::pool::H2Pool`]), as Istio's
+//! `h2UpgradePolicy` has it.
 //! Captured HTTP traffic chooses its endpoint per request, as Envoy's router does: a
 //! keep-alive client spreads its requests over the endpoints instead of pinning one, and
 //! each request sees the latest table. A captured connection to an HTTP listener (an
@@ -52,7 +55,7 @@ use crate::filter_chain::Seen;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::otlp::{Exporter, Kind, Started};
-use crate::pool::{self, H2Pool, Key, MarkedConnector, SendError, Sent};
+use crate::pool::{self, H1Pool, H2Pool, Key, MarkedConnector, SendError, Sent};
 use crate::rewind::Rewind;
 use crate::telemetry::{ConnectionLabels, Exchange, RequestLabels, RequestSize, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
@@ -75,8 +78,10 @@ pub struct Outbound {
     pub handshake_timeout: Duration,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
-    /// `--protocol http`: requests over pooled HTTP/2; `None` carries bytes.
+    /// `--protocol http`: requests over pooled HTTP/1.1 or HTTP/2; `None` carries bytes.
     pub http: Option<Arc<HttpHop>>,
+    /// TLS as `tls`, offering `istio-http/1.1`: for requests that go as HTTP/1.1.
+    pub http1_tls: Arc<ClientConfig>,
 }
 
 /// Accepts until draining starts; each connection runs to its end on this thread's runtime.
@@ -197,7 +202,7 @@ impl Hop<'_> {
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// The identities a server may prove, and whether HTTP/2 is spoken to it.
-type ConfigKey = (Vec<SpiffeId>, bool);
+type ConfigKey = (Vec<SpiffeId>, Alpn);
 
 /// Captured outbound traffic, routed by original destination.
 pub struct Captured {
@@ -261,18 +266,17 @@ impl Captured {
         }
     }
 
-    /// The client configuration for `identities`; `h2` for the HTTP hop's pooled HTTP/2.
-    fn config_for(&self, identities: &[SpiffeId], h2: bool) -> Arc<ClientConfig> {
+    /// The client configuration for `identities`, offering `alpn`.
+    fn config_for(&self, identities: &[SpiffeId], alpn: Alpn) -> Arc<ClientConfig> {
         let mut configs = self.configs.lock().expect("config cache poisoned");
         configs
-            .entry((identities.to_vec(), h2))
+            .entry((identities.to_vec(), alpn))
             .or_insert_with(|| {
                 let expected = if identities.is_empty() {
                     ExpectedPeer::Any
                 } else {
                     ExpectedPeer::OneOf(identities.to_vec())
                 };
-                let alpn = if h2 { Alpn::H2 } else { self.alpn };
                 tls::client_config(self.svid.clone(), self.bundles.clone(), expected, alpn)
             })
             .clone()
@@ -376,7 +380,7 @@ impl Captured {
                     let Ok(sni) = ServerName::try_from(endpoint.sni(mesh)) else {
                         return self.telemetry.upstream_failure("outbound", "bad_sni");
                     };
-                    hop.mtls(client, stream, sni, self.config_for(&mesh.identities, false))
+                    hop.mtls(client, stream, sni, self.config_for(&mesh.identities, self.alpn))
                         .await;
                 }
                 _ => hop.plain(client, stream).await,
@@ -450,10 +454,15 @@ enum Route {
     Captured(Arc<Captured>, SocketAddr),
 }
 
-/// The HTTP-aware outbound hop: the application's HTTP/1.1 in, pooled HTTP/2 in mTLS to
-/// mesh endpoints (pooled HTTP/1.1 to the others) out.
+/// The HTTP-aware outbound hop: the application's HTTP in; to mesh endpoints, pooled
+/// HTTP/1.1 or HTTP/2 in mTLS, as the request came or its cluster says (Istio's
+/// `h2UpgradePolicy`); pooled HTTP/1.1 to the others.
 pub struct HttpHop {
+    pub h1: Arc<H1Pool>,
     pub h2: Arc<H2Pool>,
+    /// The mesh-wide `h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests, too, ride HTTP/2 to
+    /// mesh endpoints whose cluster does not say otherwise.
+    pub h2_upgrade: bool,
     /// Spreads requests over the lanes of endpoints that stand for several pods.
     next_lane: AtomicU32,
     /// Endpoints outside the mesh.
@@ -481,7 +490,9 @@ impl HttpHop {
             timeout: settings.connect_timeout,
         };
         Self {
+            h1: H1Pool::new(settings, Some(svid.clone()), telemetry.pooled_upstreams.clone()),
             h2: H2Pool::new(settings, Some(svid), telemetry.pooled_upstreams.clone()),
+            h2_upgrade: false,
             next_lane: AtomicU32::new(0),
             plain: pool::http1_client(connector, settings.idle_timeout),
             self_id,
@@ -568,7 +579,14 @@ impl HttpHop {
                     log,
                     span,
                 };
-                match self.h2.send(&outbound.upstream, &outbound.tls, req, None, ()).await {
+                let sent = match self.h2_upgrade || req.version() == Version::HTTP_2 {
+                    true => self.h2.send(&outbound.upstream, &outbound.tls, req, None, ()).await,
+                    false => {
+                        let tls = &outbound.http1_tls;
+                        self.h1.send(&outbound.upstream, tls, req, None, ()).await
+                    }
+                };
+                match sent {
                     Ok(sent) => self.answer(sent, &what, l4),
                     Err(e) => self.failed(e, &what),
                 }
@@ -668,10 +686,20 @@ impl HttpHop {
                     result: Err(Unanswered::Unreachable),
                 };
             };
+            // Through an east-west gateway (a pod pinned behind it, or several pods it
+            // stands for) the link is another network's, often a WAN: HTTP/1.1 would need
+            // a TCP and a TLS handshake over it for every request in flight beyond the
+            // connections open, where multiplexed HTTP/2 carries a burst on the one open
+            // already (the lab's latency drill: over HTTP/1.1 a slowed network's requests
+            // waited on handshakes past their per-try timeout, and it was ejected).
+            let gateway = endpoint.pinned.is_some() || endpoint.weight > 1;
+            let h2 = upstream.http.h2_for(req.version(), self.h2_upgrade || gateway);
             // A pinned endpoint is one pod, whatever its weight: its pinned SNI is its own
-            // pool key, and one connection reaches all of it.
+            // pool key, and one connection reaches all of it. HTTP/1.1 has a connection
+            // per request in flight already: one stack of them.
             let lanes = match endpoint.pinned {
                 Some(_) => 1,
+                None if !h2 => 1,
                 None => pool::lanes_for(endpoint.weight),
             };
             let key = Key {
@@ -683,7 +711,11 @@ impl HttpHop {
             // Several pods behind one endpoint: a gateway. Fresh connections now and then
             // let it spread this caller over them.
             let max_requests = (lanes > 1).then_some(pool::REQUESTS_PER_GATEWAY_CONNECTION);
-            let pending = match self.h2.ready(&key) {
+            let ready = match h2 {
+                true => self.h2.ready(&key),
+                false => self.h1.ready(&key),
+            };
+            let pending = match ready {
                 true => None,
                 false => match upstream.breaker.pending() {
                     Some(place) => Some(place),
@@ -698,8 +730,17 @@ impl HttpHop {
                     }
                 },
             };
-            let config = captured.config_for(&mesh.identities, true);
-            match self.h2.send(&key, &config, req, max_requests, pending).await {
+            let sent = match h2 {
+                true => {
+                    let config = captured.config_for(&mesh.identities, Alpn::H2);
+                    self.h2.send(&key, &config, req, max_requests, pending).await
+                }
+                false => {
+                    let config = captured.config_for(&mesh.identities, Alpn::Http11);
+                    self.h1.send(&key, &config, req, max_requests, pending).await
+                }
+            };
+            match sent {
                 Ok(sent) => {
                     upstream.record(i, Reply::Status(sent.response.status()));
                     return Attempt {
@@ -792,6 +833,8 @@ impl HttpHop {
         l4.get_or_init(|| self.telemetry.connection(&labels));
         let exchange = self.count(labels, what, response.status().as_u16(), "-");
         let (mut parts, body) = response.into_parts();
+        // An HTTP/1.1 upstream's own framing and connection headers stay with its hop.
+        http::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
         Response::from_parts(parts, Either::Left(Leased::new(body, lease).measured(exchange)))
     }
@@ -874,7 +917,7 @@ struct Attempt {
 
 /// Response headers from upstream.
 enum Answered {
-    /// Over pooled HTTP/2 in mutual TLS.
+    /// Over a pooled connection in mutual TLS.
     Mesh(Sent),
     /// From an endpoint outside the mesh.
     Plain(Response<Incoming>),
@@ -911,10 +954,12 @@ struct Upstream<'a> {
     span: Option<Started>,
 }
 
-/// An HTTP/1.1 request as HTTP/2: `host` becomes `:authority`, and the hop-by-hop headers
-/// (which HTTP/2 forbids) stay behind. A request with neither `host` nor an absolute URI
-/// (HTTP/1.0) is sent to `fallback`'s address as authority; one whose `host` is not an
-/// authority cannot be carried (None).
+/// A client's request in the form the mesh pools send by: `host` becomes the URI's
+/// authority (HTTP/2's `:authority`, and `host` again if it goes as HTTP/1.1), and the
+/// hop-by-hop headers (which HTTP/2 forbids) stay behind; its version stays the client's,
+/// which chooses the protocol between sidecars when its cluster does not. A request with
+/// neither `host` nor an absolute URI (HTTP/1.0) is sent to `fallback`'s address as
+/// authority; one whose `host` is not an authority cannot be carried (None).
 fn to_h2<B>(req: Request<B>, fallback: SocketAddr) -> Option<Request<B>> {
     let (mut parts, body) = req.into_parts();
     let authority = match parts.headers.get(HOST) {
@@ -931,7 +976,6 @@ fn to_h2<B>(req: Request<B>, fallback: SocketAddr) -> Option<Request<B>> {
     http::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
     parts.uri = http::absolute(&parts.uri, authority);
-    parts.version = Version::HTTP_2;
     Some(Request::from_parts(parts, body))
 }
 
@@ -954,7 +998,7 @@ mod tests {
         let fallback: SocketAddr = "10.0.0.7:15006".parse().unwrap();
         let h2 = to_h2(req, fallback).unwrap();
         assert_eq!(h2.uri().to_string(), "http://reviews:9080/reviews/1?x=y");
-        assert_eq!(h2.version(), Version::HTTP_2);
+        assert_eq!(h2.version(), Version::HTTP_11, "the client's version is kept");
         let names: Vec<&str> = h2.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["te", "x-end-to-end"]);
 

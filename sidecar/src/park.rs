@@ -10,7 +10,7 @@
 //! returns without sleeping. With nothing else runnable the yield returns at once and the
 //! worker sleeps as before, so an idle proxy costs one syscall more per wake-up.
 
-/// Parses `--yield-before-sleep`: `on` or `off`.
+/// Parses an on/off switch (`--yield-before-sleep`, the sidecar's `--h2-upgrade`).
 pub fn switch(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),

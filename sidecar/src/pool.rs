@@ -1,8 +1,11 @@
 //! Pooled upstream connections: what makes a new client connection cost nothing upstream.
 //!
+//! - [`H1Pool`]: between sidecars, keep-alive HTTP/1.1 inside mutual TLS, one exchange
+//!   per connection at a time — Istio's hop for an HTTP/1.1 application.
 //! - [`H2Pool`]: between sidecars, one HTTP/2 connection inside mutual TLS per
 //!   [`Key`] — endpoint address, SNI and the identities the server may prove — shared by
-//!   every client connection and multiplexing their requests (Linkerd's design). The SNI is
+//!   every client connection and multiplexing their requests (Linkerd's design; Istio's
+//!   for HTTP/2 and gRPC, and for HTTP/1.1 under `h2UpgradePolicy: UPGRADE`). The SNI is
 //!   part of the key because an east-west gateway routes by it and splices the whole
 //!   connection to one pod: two SNIs to the same gateway address are two destinations.
 //! - [`http1_client`]: a keep-alive HTTP/1.1 pool per address, for the application behind
@@ -40,6 +43,9 @@ use crate::capture;
 use crate::coalesce::Coalesced;
 use crate::rewind::Rewind;
 use crate::tls::{self, Svid, SvidSlot};
+
+pub mod http1;
+pub use http1::H1Pool;
 
 /// What one pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -198,6 +204,13 @@ struct Busy {
 }
 
 impl Busy {
+    fn new() -> Arc<Busy> {
+        Arc::new(Busy {
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
     fn idle_for(&self) -> Option<Duration> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
@@ -209,12 +222,18 @@ impl Busy {
 /// One request's claim on a connection; the connection counts as busy until it drops.
 pub struct Lease {
     busy: Arc<Busy>,
+    /// An HTTP/1.1 connection, which carries one exchange at a time: it goes back to its
+    /// pool when this one is over.
+    back: Option<Box<http1::Back>>,
 }
 
 impl Lease {
     fn on(busy: &Arc<Busy>) -> Lease {
         busy.in_flight.fetch_add(1, Ordering::AcqRel);
-        Lease { busy: busy.clone() }
+        Lease {
+            busy: busy.clone(),
+            back: None,
+        }
     }
 }
 
@@ -222,6 +241,9 @@ impl Drop for Lease {
     fn drop(&mut self) {
         *self.busy.idle_since.lock().expect("idle clock poisoned") = Instant::now();
         self.busy.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(back) = self.back.take() {
+            back.give();
+        }
     }
 }
 
@@ -264,6 +286,8 @@ impl H2Pool {
         max_requests: Option<u64>,
         pending: P,
     ) -> Result<Sent, SendError> {
+        let mut req = req;
+        *req.version_mut() = hyper::Version::HTTP_2;
         let checked_out = self.checkout(key, tls, None, max_requests).await;
         drop(pending);
         let conn = match checked_out {
@@ -362,26 +386,7 @@ impl H2Pool {
         let s = &self.settings;
         // Taken before the handshake, which presents this SVID or a newer one.
         let svid = self.svid.as_ref().map(|slot| slot.current());
-        let tcp = match tokio::time::timeout(s.connect_timeout, capture::connect_marked(key.addr, s.mark)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(ConnectError::Connect(key.addr, e.to_string())),
-            Err(_) => return Err(ConnectError::ConnectTimeout(key.addr)),
-        };
-        let _ = tcp.set_nodelay(true);
-        let handshake = tokio_rustls::TlsConnector::from(tls.clone()).connect(key.sni.clone(), tcp);
-        // A refusal during the handshake or in the server's first record, named by its reason.
-        let refused = |e: std::io::Error| ConnectError::Tls {
-            addr: key.addr,
-            reason: tls::refusal_in(&e).map_or("tls_handshake", |r| r.reason()),
-            message: e.to_string(),
-        };
-        let mut stream = match tokio::time::timeout(s.handshake_timeout, handshake).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(refused(e)),
-            Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
-        };
-        let peer: Arc<str> = tls::proven_identity(stream.get_ref().1.peer_certificates())
-            .map_or_else(|| Arc::from("unknown"), |id| Arc::from(id.as_str()));
+        let (mut stream, peer) = dial(s, key, tls).await?;
         // In TLS 1.3 the client's handshake is over before the server has checked the
         // client's certificate: a server that refuses our SVID says so only in its first
         // record. An HTTP/2 server speaks first (its SETTINGS), so wait for that: a refusal
@@ -397,7 +402,7 @@ impl H2Pool {
                 });
             }
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(refused(e)),
+            Ok(Err(e)) => return Err(refused(key.addr, e)),
             Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
         };
         first.truncate(n);
@@ -410,25 +415,10 @@ impl H2Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ConnectError::Http2(key.addr, e.to_string()))?;
-        let busy = Arc::new(Busy {
-            in_flight: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
-        });
+        let busy = Busy::new();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let (pool, key_owned, slot_owned, idle_busy) = (self.me.clone(), key.clone(), slot.clone(), busy.clone());
-        let idle_timeout = s.idle_timeout;
-        let open = self.open.clone();
-        open.inc();
-        tokio::spawn(async move {
-            tokio::select! {
-                ended = connection => if let Err(e) = ended {
-                    tracing::debug!(upstream = %key_owned.addr, error = %e, "pooled upstream connection failed");
-                },
-                () = until_idle(&idle_busy, idle_timeout) => {
-                    tracing::debug!(upstream = %key_owned.addr, "closing an idle upstream connection");
-                }
-            }
-            open.dec();
+        let (pool, key_owned, slot_owned) = (self.me.clone(), key.clone(), slot.clone());
+        run_pooled(connection, key.addr, &busy, s.idle_timeout, &self.open, move || {
             if let Some(pool) = pool.upgrade() {
                 pool.forget(&key_owned, &slot_owned, id);
             }
@@ -459,6 +449,66 @@ impl H2Pool {
             }
         }
     }
+}
+
+/// A connection to `key` in mutual TLS (TCP connect and handshake, each bounded), with the
+/// SPIFFE ID the server proved.
+async fn dial(
+    s: &Settings,
+    key: &Key,
+    tls: &Arc<ClientConfig>,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Arc<str>), ConnectError> {
+    let tcp = match tokio::time::timeout(s.connect_timeout, capture::connect_marked(key.addr, s.mark)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(ConnectError::Connect(key.addr, e.to_string())),
+        Err(_) => return Err(ConnectError::ConnectTimeout(key.addr)),
+    };
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio_rustls::TlsConnector::from(tls.clone()).connect(key.sni.clone(), tcp);
+    let stream = match tokio::time::timeout(s.handshake_timeout, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(refused(key.addr, e)),
+        Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
+    };
+    let peer: Arc<str> = tls::proven_identity(stream.get_ref().1.peer_certificates())
+        .map_or_else(|| Arc::from("unknown"), |id| Arc::from(id.as_str()));
+    Ok((stream, peer))
+}
+
+/// A refusal during the handshake or in the server's first record, named by its reason.
+fn refused(addr: SocketAddr, e: io::Error) -> ConnectError {
+    ConnectError::Tls {
+        addr,
+        reason: tls::refusal_in(&e).map_or("tls_handshake", |r| r.reason()),
+        message: e.to_string(),
+    }
+}
+
+/// Drives a pooled connection on a task of its own until it ends or has had no request
+/// in flight for `idle_timeout`, counted in `open` meanwhile; then `gone` takes it out
+/// of its pool.
+fn run_pooled(
+    connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
+    upstream: SocketAddr,
+    busy: &Arc<Busy>,
+    idle_timeout: Duration,
+    open: &prometheus::IntGauge,
+    gone: impl FnOnce() + Send + 'static,
+) {
+    let (busy, open) = (busy.clone(), open.clone());
+    open.inc();
+    tokio::spawn(async move {
+        tokio::select! {
+            ended = connection => if let Err(e) = ended {
+                tracing::debug!(%upstream, error = %e, "pooled upstream connection failed");
+            },
+            () = until_idle(&busy, idle_timeout) => {
+                tracing::debug!(%upstream, "closing an idle upstream connection");
+            }
+        }
+        open.dec();
+        gone();
+    });
 }
 
 /// Completes once the connection has had no request in flight for `timeout`.

@@ -69,7 +69,7 @@ pub struct Telemetry {
     series: Arc<RwLock<HashMap<u64, Arc<RequestSeries>, foldhash::fast::FixedState>>>,
     /// RBAC outcomes, `[http, tcp]` × [`RBAC_OUTCOMES`].
     rbac: [[IntCounter; 5]; 2],
-    /// Pooled HTTP/2 connections to upstream sidecars open now.
+    /// Pooled connections (HTTP/1.1 or HTTP/2) to upstream sidecars open now.
     pub pooled_upstreams: IntGauge,
     /// Unix time at which the current SVID expires.
     pub svid_expiry: IntGauge,
@@ -310,7 +310,7 @@ impl Telemetry {
             }),
             pooled_upstreams: gauge(
                 "isthmus_sidecar_pooled_upstream_connections",
-                "Pooled HTTP/2 connections in mTLS to upstream sidecars open now",
+                "Pooled connections (HTTP/1.1 or HTTP/2) in mTLS to upstream sidecars open now",
             ),
             svid_expiry: gauge(
                 "isthmus_sidecar_svid_expiry_seconds",

@@ -1,6 +1,6 @@
 //! The HTTP-aware hop (`--protocol http`) through a real pair of sidecars with real SVIDs:
-//! the application's HTTP/1.1 connections ride one pooled, multiplexed HTTP/2 connection in
-//! mutual TLS between the sidecars, the application still learns the caller's identity on
+//! the application's HTTP/1.1 connections ride pooled keep-alive HTTP/1.1 connections in
+//! mutual TLS between the sidecars (or, with `--h2-upgrade on`, one multiplexed HTTP/2), the application still learns the caller's identity on
 //! every request, and failures upstream are answered at once with Envoy's 503.
 
 mod support;
@@ -201,12 +201,12 @@ async fn twenty_at_once_are_answered(out: SocketAddr) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_concurrent_requests_multiplex_on_one_connection() {
+async fn with_h2_upgrade_twenty_concurrent_requests_multiplex_on_one_connection() {
     let pki = Pki::new("pooled", "twenty");
     // The application answers nobody until all twenty are waiting at once.
     let app = http_app(Some(20)).await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
-    let client = pki.client(server.bound.inbound.unwrap());
+    let client = pki.client_with(server.bound.inbound.unwrap(), "--h2-upgrade on");
     let out = client.bound.outbound.unwrap();
     twenty_at_once_are_answered(out).await;
     counted(
@@ -216,6 +216,31 @@ async fn twenty_concurrent_requests_multiplex_on_one_connection() {
         1.0,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_http11_requests_ride_a_kept_alive_connection_each() {
+    // Istio's default hop for an HTTP/1.1 application: HTTP/1.1 between the sidecars, one
+    // exchange per connection at a time, connections kept and reused.
+    let pki = Pki::new("pooled", "http11");
+    let app = http_app(Some(20)).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    let (server_metrics, client_metrics) = (server.bound.metrics.unwrap(), client.bound.metrics.unwrap());
+    twenty_at_once_are_answered(out).await;
+    counted(server_metrics, OPENED, &[("reporter", "destination")], 20.0).await;
+    counted(client_metrics, POOLED, &[], 20.0).await;
+    // Twenty more at once find the twenty kept alive: no new connection, no handshake.
+    twenty_at_once_are_answered(out).await;
+    counted(
+        client_metrics,
+        REQUESTS,
+        &[("reporter", "source"), ("response_code", "200")],
+        40.0,
+    )
+    .await;
+    counted(server_metrics, OPENED, &[("reporter", "destination")], 20.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

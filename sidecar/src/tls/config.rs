@@ -13,7 +13,7 @@ use super::verify::{ExpectedPeer, SpiffeClientVerifier, SpiffeServerVerifier, le
 
 /// Istio's ALPN values for mTLS between sidecars. `istio-peer-exchange` is never offered:
 /// it promises Istio's metadata-exchange protocol, which we do not speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Alpn {
     /// Opaque TCP.
     Tcp,
