@@ -166,6 +166,18 @@ pub struct HttpSettings {
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
     pub idle_timeout: Option<Duration>,
+    /// Whether HTTP/1.1 requests ride HTTP/2 to the destination.
+    pub h2_upgrade_policy: Option<H2UpgradePolicy>,
+}
+
+/// Istio's `ConnectionPoolSettings.HTTPSettings.H2UpgradePolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum H2UpgradePolicy {
+    /// The mesh's default (ours: do not upgrade).
+    Default,
+    DoNotUpgrade,
+    Upgrade,
 }
 
 /// Passive health checking: endpoints that keep failing are ejected for a while.

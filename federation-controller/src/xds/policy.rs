@@ -20,7 +20,7 @@ use envoy_types::pb::google::protobuf::UInt32Value;
 use super::any;
 use super::routes::proto_duration;
 use crate::model::Protocol;
-use crate::networking::destination_rule::{SimpleLb, TrafficPolicy};
+use crate::networking::destination_rule::{H2UpgradePolicy, SimpleLb, TrafficPolicy};
 
 /// Where Envoy reads a cluster's upstream HTTP options.
 pub const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -127,9 +127,14 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
         }
         let per_connection = http.and_then(|h| h.max_requests_per_connection);
         let idle = http.and_then(|h| h.idle_timeout);
-        if protocol.is_http() && (per_connection.is_some() || idle.is_some()) {
-            // The options need the upstream protocol too: the port's own.
-            let protocol_config = if protocol == Protocol::Http {
+        let upgrade = http
+            .and_then(|h| h.h2_upgrade_policy)
+            .filter(|u| *u != H2UpgradePolicy::Default);
+        if protocol.is_http() && (per_connection.is_some() || idle.is_some() || upgrade.is_some()) {
+            // The options need the upstream protocol too: the port's own, HTTP/2 for an
+            // HTTP port whose rule upgrades it (Istio's `h2UpgradePolicy: UPGRADE`).
+            let http1 = protocol == Protocol::Http && upgrade != Some(H2UpgradePolicy::Upgrade);
+            let protocol_config = if http1 {
                 explicit_http_config::ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
             } else {
                 explicit_http_config::ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
@@ -231,6 +236,39 @@ spec:
             opts.common_http_protocol_options.unwrap().max_requests_per_connection,
             Some(UInt32Value { value: 5 })
         );
+    }
+
+    #[test]
+    fn h2_upgrade_policy_chooses_the_upstream_http_of_an_http_port() {
+        let upstream = |yaml: &str, protocol: Protocol| {
+            let mut c = Cluster::default();
+            apply(&mut c, &policy(yaml), protocol);
+            let opts = c.typed_extension_protocol_options.get(HTTP_OPTIONS)?;
+            let opts = HttpProtocolOptions::decode(opts.value.as_slice()).unwrap();
+            match opts.upstream_protocol_options {
+                Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => e.protocol_config,
+                other => panic!("{other:?}"),
+            }
+        };
+        let rule = |p: &str| {
+            format!("spec: {{host: r, trafficPolicy: {{connectionPool: {{http: {{h2UpgradePolicy: {p}}}}}}}}}")
+        };
+        assert!(matches!(
+            upstream(&rule("UPGRADE"), Protocol::Http),
+            Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_))
+        ));
+        assert!(matches!(
+            upstream(&rule("DO_NOT_UPGRADE"), Protocol::Http),
+            Some(explicit_http_config::ProtocolConfig::HttpProtocolOptions(_))
+        ));
+        // The mesh's default leaves the cluster as it was; a gRPC port is HTTP/2 whatever.
+        assert!(upstream(&rule("DEFAULT"), Protocol::Http).is_none());
+        assert!(matches!(
+            upstream(&rule("DO_NOT_UPGRADE"), Protocol::Grpc),
+            Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_))
+        ));
+        let bad: Result<DestinationRule, _> = serde_saphyr::from_str(&rule("SOMETIMES"));
+        assert!(bad.is_err());
     }
 
     #[test]
