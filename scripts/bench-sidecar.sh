@@ -3,9 +3,9 @@
 # (../shared/bench/sidecar-pair.sh) with our pair beside direct, Envoy, HAProxy and nginx.
 # Arguments go to the harness (e.g. --quick, --reps 3, --only direct,haproxy,isthmus).
 # Our pair speaks HTTP, as the peers are configured to: the client side serves the load's
-# HTTP/1.1 and carries requests over pooled keep-alive HTTP/1.1 in mTLS (ALPN
-# istio-http/1.1), as Istio does; ISTHMUS_H2_UPGRADE=on multiplexes them on one HTTP/2
-# connection (ALPN istio-h2) instead. The server side adds x-forwarded-client-cert. ISTHMUS_PROTOCOL=tcp forwards bytes instead,
+# HTTP/1.1 and carries requests over one pooled HTTP/2 connection in mTLS (ALPN istio-h2);
+# ISTHMUS_H2_UPGRADE=off keeps them HTTP/1.1 (ALPN istio-http/1.1, a kept-alive connection
+# per request in flight, Istio's default). The server side adds x-forwarded-client-cert. ISTHMUS_PROTOCOL=tcp forwards bytes instead,
 # one mTLS connection per client connection, as Istio does for a TCP port.
 #
 # --mesh ROUTES:ENDPOINTS (ours, not passed on) benchmarks with routing, authorization and
@@ -19,7 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HARNESS="$ROOT/../shared/bench/sidecar-pair.sh"
 [ -x "$HARNESS" ] || { echo "bench-sidecar: $HARNESS not found" >&2; exit 1; }
 PROTOCOL="${ISTHMUS_PROTOCOL:-http}"
-H2_UPGRADE="${ISTHMUS_H2_UPGRADE:-off}"
+H2_UPGRADE="${ISTHMUS_H2_UPGRADE:-on}"
 EXTRA=""; ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in

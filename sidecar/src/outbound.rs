@@ -10,10 +10,10 @@
 //! With `--protocol tcp` each client connection is carried in its own mTLS connection, byte
 //! for byte. With `--protocol http` ([`HttpHop`]) the application's HTTP/1.1 (or h2c) is
 //! served here and each request goes over a pooled connection inside mTLS, so a new client
-//! connection costs no handshake upstream: keep-alive HTTP/1.1 for an HTTP/1.1 request
-//! ([`crate::pool::H1Pool`]), one multiplexed HTTP/2 for an HTTP/2 one or where the
-//! cluster or `--h2-upgrade` says so ([`crate::pool::H2Pool`]), as Istio's
-//! `h2UpgradePolicy` has it.
+//! connection costs no handshake upstream: one multiplexed HTTP/2 connection
+//! ([`crate::pool::H2Pool`]), or keep-alive HTTP/1.1 for an HTTP/1.1 request
+//! ([`crate::pool::H1Pool`]) where the cluster (a DestinationRule's `h2UpgradePolicy:
+//! DO_NOT_UPGRADE`) or `--h2-upgrade off` says so.
 //! Captured HTTP traffic chooses its endpoint per request, as Envoy's router does: a
 //! keep-alive client spreads its requests over the endpoints instead of pinning one, and
 //! each request sees the latest table. A captured connection to an HTTP listener (an
@@ -460,8 +460,8 @@ enum Route {
 pub struct HttpHop {
     pub h1: Arc<H1Pool>,
     pub h2: Arc<H2Pool>,
-    /// The mesh-wide `h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests, too, ride HTTP/2 to
-    /// mesh endpoints whose cluster does not say otherwise.
+    /// The mesh-wide `h2UpgradePolicy: UPGRADE` (the default): HTTP/1.1 requests, too,
+    /// ride HTTP/2 to mesh endpoints whose cluster does not say otherwise.
     pub h2_upgrade: bool,
     /// Spreads requests over the lanes of endpoints that stand for several pods.
     next_lane: AtomicU32,
@@ -492,7 +492,7 @@ impl HttpHop {
         Self {
             h1: H1Pool::new(settings, Some(svid.clone()), telemetry.pooled_upstreams.clone()),
             h2: H2Pool::new(settings, Some(svid), telemetry.pooled_upstreams.clone()),
-            h2_upgrade: false,
+            h2_upgrade: true,
             next_lane: AtomicU32::new(0),
             plain: pool::http1_client(connector, settings.idle_timeout),
             self_id,

@@ -1,11 +1,12 @@
 //! Pooled upstream connections: what makes a new client connection cost nothing upstream.
 //!
 //! - [`H1Pool`]: between sidecars, keep-alive HTTP/1.1 inside mutual TLS, one exchange
-//!   per connection at a time — Istio's hop for an HTTP/1.1 application.
+//!   per connection at a time — Istio's default hop for an HTTP/1.1 application, ours
+//!   under `h2UpgradePolicy: DO_NOT_UPGRADE`.
 //! - [`H2Pool`]: between sidecars, one HTTP/2 connection inside mutual TLS per
 //!   [`Key`] — endpoint address, SNI and the identities the server may prove — shared by
 //!   every client connection and multiplexing their requests (Linkerd's design; Istio's
-//!   for HTTP/2 and gRPC, and for HTTP/1.1 under `h2UpgradePolicy: UPGRADE`). The SNI is
+//!   under `h2UpgradePolicy: UPGRADE`, our default). The SNI is
 //!   part of the key because an east-west gateway routes by it and splices the whole
 //!   connection to one pod: two SNIs to the same gateway address are two destinations.
 //! - [`http1_client`]: a keep-alive HTTP/1.1 pool per address, for the application behind

@@ -142,18 +142,21 @@ pub struct RunArgs {
     #[arg(long = "port-mtls", value_name = "PORT=MODE", value_parser = parse_port_override)]
     pub port_mtls: Vec<(u16, MtlsMode)>,
     /// The application protocol. `tcp`: bytes, one mTLS connection per client connection.
-    /// `http`: the application's requests, carried between sidecars on pooled keep-alive
-    /// connections in mTLS — HTTP/1.1 as HTTP/1.1, HTTP/2 (gRPC) on multiplexed HTTP/2 —
-    /// with the caller's identity in `x-forwarded-client-cert`.
+    /// `http`: the application's requests, carried between sidecars on pooled connections
+    /// in mTLS (multiplexed HTTP/2, or keep-alive HTTP/1.1: see `--h2-upgrade`), with the
+    /// caller's identity in `x-forwarded-client-cert`.
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "http"])]
     pub protocol: String,
-    /// Istio's mesh-wide `h2UpgradePolicy`: `on` (UPGRADE) carries HTTP/1.1 requests, too,
-    /// on multiplexed HTTP/2 between sidecars, where the cluster does not say otherwise.
-    /// Off by default, as in Istio. HTTP/1.1 between the sidecars costs a third fewer
-    /// instructions per request than HTTP/2 (callgrind, both sides, 20 connections at
-    /// 500 req/s) and less CPU at 1,000 req/s; at full load one multiplexed connection
-    /// writes many requests at once and spent less CPU per request (see the README).
-    #[arg(long, default_value = "off", value_parser = crate::park::switch, action = clap::ArgAction::Set)]
+    /// The mesh-wide `h2UpgradePolicy`: `on` (UPGRADE) carries HTTP/1.1 requests, too, on
+    /// multiplexed HTTP/2 between sidecars; `off` keeps them HTTP/1.1 (Istio's default),
+    /// a kept-alive connection per request in flight. A cluster's own HttpProtocolOptions
+    /// (a DestinationRule's `h2UpgradePolicy`) win, and through an east-west gateway it is
+    /// HTTP/2 whatever this says. On by default: side by side in the mesh-hop benchmark
+    /// HTTP/1.1 took a fifth more CPU per request at full load (68 vs 53 µs over both
+    /// sides) for no more requests/s, though a third fewer user-space instructions
+    /// (callgrind); the kernel's cost per write decides, and HTTP/2 writes many requests
+    /// at once (bench-results/sidecar/sidecar-pair-20261201-230703).
+    #[arg(long, default_value = "on", value_parser = crate::park::switch, action = clap::ArgAction::Set)]
     pub h2_upgrade: bool,
     /// The service name used in metrics and in the default SNI.
     #[arg(long, default_value = "reviews.default.svc.cluster.local")]

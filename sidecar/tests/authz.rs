@@ -373,10 +373,10 @@ async fn authorization_policies_decide_what_each_caller_gets() {
         let log = std::fs::read_to_string(mesh.home.dir.join("access.log")).unwrap_or_default();
         let with = |s: &str| log.lines().filter(|l| l.contains(s)).count();
         let counts = [
-            with(r#""GET /admin/users HTTP/1.1" 403 "#),
-            with(r#""GET /reviews/1 HTTP/1.1" 403 "#),
+            with(r#""GET /admin/users HTTP/2" 403 "#),
+            with(r#""GET /reviews/1 HTTP/2" 403 "#),
             with(" 200 "),
-            with(r#""GET /audited HTTP/1.1" 200 "#),
+            with(r#""GET /audited HTTP/2" 200 "#),
         ];
         match counts == [1, 1, 1, 1] {
             true => Ok(()),

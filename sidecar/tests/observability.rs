@@ -243,7 +243,7 @@ async fn each_side_writes_an_access_log_line_in_envoys_format() {
 
     let server = log_lines(&server_log, 1).await;
     let envoy = regex::Regex::new(&format!(
-        r#"^\[\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z\] "GET /reviews/1\?x=y HTTP/1.1" 200 - 0 5 \d+ - "-" "curl/8\.5" "req-1" "reviews:9080" "{}"$"#,
+        r#"^\[\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z\] "GET /reviews/1\?x=y HTTP/2" 200 - 0 5 \d+ - "-" "curl/8\.5" "req-1" "reviews:9080" "{}"$"#,
         regex::escape(&app.to_string())
     ))
     .unwrap();

@@ -1,7 +1,8 @@
 //! The HTTP-aware hop (`--protocol http`) through a real pair of sidecars with real SVIDs:
-//! the application's HTTP/1.1 connections ride pooled keep-alive HTTP/1.1 connections in
-//! mutual TLS between the sidecars (or, with `--h2-upgrade on`, one multiplexed HTTP/2), the application still learns the caller's identity on
-//! every request, and failures upstream are answered at once with Envoy's 503.
+//! the application's HTTP/1.1 connections ride one pooled, multiplexed HTTP/2 connection in
+//! mutual TLS between the sidecars (or, with `--h2-upgrade off`, kept-alive HTTP/1.1
+//! connections), the application still learns the caller's identity on every request, and
+//! failures upstream are answered at once with Envoy's 503.
 
 mod support;
 
@@ -201,12 +202,12 @@ async fn twenty_at_once_are_answered(out: SocketAddr) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_h2_upgrade_twenty_concurrent_requests_multiplex_on_one_connection() {
+async fn twenty_concurrent_requests_multiplex_on_one_connection() {
     let pki = Pki::new("pooled", "twenty");
     // The application answers nobody until all twenty are waiting at once.
     let app = http_app(Some(20)).await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
-    let client = pki.client_with(server.bound.inbound.unwrap(), "--h2-upgrade on");
+    let client = pki.client(server.bound.inbound.unwrap());
     let out = client.bound.outbound.unwrap();
     twenty_at_once_are_answered(out).await;
     counted(
@@ -219,13 +220,13 @@ async fn with_h2_upgrade_twenty_concurrent_requests_multiplex_on_one_connection(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_http11_requests_ride_a_kept_alive_connection_each() {
+async fn without_h2_upgrade_concurrent_requests_ride_a_kept_alive_connection_each() {
     // Istio's default hop for an HTTP/1.1 application: HTTP/1.1 between the sidecars, one
     // exchange per connection at a time, connections kept and reused.
     let pki = Pki::new("pooled", "http11");
     let app = http_app(Some(20)).await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
-    let client = pki.client(server.bound.inbound.unwrap());
+    let client = pki.client_with(server.bound.inbound.unwrap(), "--h2-upgrade off");
     let out = client.bound.outbound.unwrap();
     let (server_metrics, client_metrics) = (server.bound.metrics.unwrap(), client.bound.metrics.unwrap());
     twenty_at_once_are_answered(out).await;

@@ -1297,9 +1297,8 @@ async fn a_routed_subset_is_reached_in_mutual_tls_through_its_sidecar() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_whose_protocol_flag_says_tcp_serves_http_by_the_callers_alpn() {
-    // The caller's HTTP listener sends pooled HTTP with ALPN `istio-http/1.1`; copying
-    // those bytes to the application would hand it requests without the caller's
-    // identity (`x-forwarded-client-cert`), on a connection that many callers share.
+    // The caller's HTTP listener sends pooled HTTP/2 with ALPN `istio-h2`; copying those
+    // bytes to an HTTP/1.1 application would fail every request.
     routed_through_its_sidecar("mtls-tcp", "tcp").await;
 }
 

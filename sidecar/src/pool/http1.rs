@@ -1,15 +1,13 @@
-//! HTTP/1.1 inside mutual TLS between sidecars (ALPN `istio-http/1.1`): Istio's hop for an
-//! application that speaks HTTP/1.1, unless a DestinationRule's `h2UpgradePolicy` upgrades
-//! it. One exchange at a time per connection, so concurrent requests to one endpoint ride
+//! HTTP/1.1 inside mutual TLS between sidecars (ALPN `istio-http/1.1`): Istio's default
+//! hop for an application that speaks HTTP/1.1, ours where a DestinationRule says
+//! `h2UpgradePolicy: DO_NOT_UPGRADE` (or `--h2-upgrade off`). One exchange at a time per connection, so concurrent requests to one endpoint ride
 //! as many connections, kept alive and reused last-in first-out.
 //!
-//! Why not always the multiplexed [`super::H2Pool`]: HTTP/1.1 is the cheaper codec on
-//! both sides of the hop — no HPACK, no stream state or flow control — and it is what the
-//! application spoke, so nothing is translated (a third fewer instructions per request,
-//! under callgrind). HTTP/2 still wins where many requests are in flight on one link: it
-//! writes them in one go, and it needs one handshake rather than one per concurrent
-//! request; a DestinationRule's `h2UpgradePolicy: UPGRADE` (or `--h2-upgrade on`)
-//! chooses it.
+//! HTTP/1.1 is the cheaper codec in user space — no HPACK, no stream state or flow
+//! control, nothing translated (a third fewer instructions per request under callgrind) —
+//! but it writes each request on its own and needs a handshake per request in flight
+//! beyond the connections open; multiplexed HTTP/2 writes many at once, which is what a
+//! busy hop's CPU goes on (the kernel's share), so it is the default.
 //!
 //! A connection goes back to the pool when its response body has been read to the end
 //! (the [`Lease`] drops); one whose body was abandoned is closed by hyper and never comes
