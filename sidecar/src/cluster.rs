@@ -51,6 +51,8 @@ pub enum Reply {
 pub struct ClusterPolicy {
     pub lb: Policy,
     pub http: UpstreamHttp,
+    /// Requests one pooled upstream connection carries before a fresh one takes over.
+    pub max_requests_per_connection: Option<u64>,
     pub outlier: Option<Outlier>,
     pub max_connections: u32,
     pub max_pending_requests: u32,
@@ -84,17 +86,9 @@ impl UpstreamHttp {
     }
 
     fn of(c: &Cluster) -> Result<Self, String> {
-        let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) else {
+        let Some(options) = http_options(c)? else {
             return Ok(Self::Downstream);
         };
-        if any.type_url != HTTP_OPTIONS_TYPE {
-            return Err(format!(
-                "{HTTP_OPTIONS} is a {}, not a {HTTP_OPTIONS_TYPE}",
-                any.type_url
-            ));
-        }
-        let options = HttpProtocolOptions::decode(any.value.as_slice())
-            .map_err(|e| format!("undecodable {HTTP_OPTIONS}: {e}"))?;
         Ok(match options.upstream_protocol_options {
             Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => match explicit.protocol_config {
                 Some(ProtocolConfig::HttpProtocolOptions(_)) => Self::Http1,
@@ -109,6 +103,33 @@ impl UpstreamHttp {
             | None => Self::Downstream,
         })
     }
+}
+
+/// The cluster's `HttpProtocolOptions`, if it has them.
+fn http_options(c: &Cluster) -> Result<Option<HttpProtocolOptions>, String> {
+    let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) else {
+        return Ok(None);
+    };
+    if any.type_url != HTTP_OPTIONS_TYPE {
+        return Err(format!(
+            "{HTTP_OPTIONS} is a {}, not a {HTTP_OPTIONS_TYPE}",
+            any.type_url
+        ));
+    }
+    HttpProtocolOptions::decode(any.value.as_slice())
+        .map(Some)
+        .map_err(|e| format!("undecodable {HTTP_OPTIONS}: {e}"))
+}
+
+/// `common_http_protocol_options.max_requests_per_connection` (a DestinationRule's
+/// `maxRequestsPerConnection`), or the cluster's deprecated field of that name; 0 is none.
+fn max_requests_per_connection(c: &Cluster) -> Result<Option<u64>, String> {
+    let common = http_options(c)?
+        .and_then(|o| o.common_http_protocol_options)
+        .and_then(|o| o.max_requests_per_connection);
+    #[allow(deprecated)] // still what older control planes send
+    let old = c.max_requests_per_connection;
+    Ok(common.or(old).map(|v| u64::from(v.value)).filter(|&n| n > 0))
 }
 
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -185,6 +206,7 @@ impl ClusterPolicy {
         Ok(Self {
             lb,
             http: UpstreamHttp::of(c).map_err(bad)?,
+            max_requests_per_connection: max_requests_per_connection(c).map_err(bad)?,
             outlier,
             max_connections: value(
                 thresholds.and_then(|t| t.max_connections.as_ref()),

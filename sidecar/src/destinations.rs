@@ -132,6 +132,8 @@ pub struct Upstream {
     pub breaker: Breaker,
     /// Which HTTP its mesh endpoints are spoken to in.
     pub http: UpstreamHttp,
+    /// Requests one pooled connection to an endpoint carries before a fresh one takes over.
+    pub max_requests_per_connection: Option<u64>,
     /// EDS `overprovisioning_factor`, in percent.
     pub overprovisioning: u32,
 }
@@ -311,6 +313,7 @@ impl Destinations {
                 health: policy.outlier.clone().map(|o| Health::new(o, endpoints.len())),
                 breaker: Breaker::new(&policy),
                 http: policy.http,
+                max_requests_per_connection: policy.max_requests_per_connection,
                 overprovisioning,
                 endpoints,
             };

@@ -149,6 +149,12 @@ impl<B: Body + Unpin> Body for Leased<B> {
                 if let (Some(e), Some(data)) = (self.exchange.as_mut(), frame.data_ref()) {
                     e.add(data.remaining());
                 }
+                // The last frame: the connection is free now, before this frame is written
+                // on, so the caller's next request finds it back in its pool (a sized body
+                // is not always polled for its end).
+                if self.inner.is_end_stream() {
+                    self.guard = None;
+                }
             }
             Poll::Ready(None | Some(Err(_))) => {
                 self.guard = None;

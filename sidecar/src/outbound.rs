@@ -710,7 +710,13 @@ impl HttpHop {
             };
             // Several pods behind one endpoint: a gateway. Fresh connections now and then
             // let it spread this caller over them.
-            let max_requests = (lanes > 1).then_some(pool::REQUESTS_PER_GATEWAY_CONNECTION);
+            let max_requests = [
+                (lanes > 1).then_some(pool::REQUESTS_PER_GATEWAY_CONNECTION),
+                upstream.max_requests_per_connection,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let ready = match h2 {
                 true => self.h2.ready(&key),
                 false => self.h1.ready(&key),

@@ -1304,6 +1304,75 @@ async fn a_receiver_whose_protocol_flag_says_tcp_serves_http_by_the_callers_alpn
 
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
+/// A DestinationRule's `maxRequestsPerConnection: 2` as the controller writes it, on the
+/// HTTP/1.1 (`h2UpgradePolicy: DO_NOT_UPGRADE`) or HTTP/2 (`UPGRADE`) hop.
+fn two_requests_per_connection(mut cluster: Cluster, h2: bool) -> Cluster {
+    use envoy_types::pb::envoy::config::core::v3::{
+        Http1ProtocolOptions, Http2ProtocolOptions, HttpProtocolOptions as Common,
+    };
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+    };
+    let protocol_config = match h2 {
+        true => ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default()),
+        false => ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default()),
+    };
+    let options = HttpProtocolOptions {
+        common_http_protocol_options: Some(Common {
+            max_requests_per_connection: Some(UInt32Value { value: 2 }),
+            ..Default::default()
+        }),
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(protocol_config),
+        })),
+        ..Default::default()
+    };
+    cluster.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        Any {
+            type_url: "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            value: options.encode_to_vec(),
+        },
+    );
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_renews_the_pooled_connection_on_either_hop() {
+    for h2 in [false, true] {
+        let (pki, mut control, sidecar) = setup(&format!("per-connection-{h2}")).await;
+        let v2 = backend("v2", Behaviour::Answer).await;
+        let server = receiver(&pki, v2.addr, "http --metrics 127.0.0.1:0");
+        let mesh = mtls_cluster(&subset("v2"), &format!("outbound_.9080_.v2_.{HOST}"));
+        let clusters = [(
+            two_requests_per_connection(mesh, h2),
+            vec![server.bound.inbound.unwrap()],
+        )];
+        sidecar
+            .serve(
+                &mut control,
+                routes(vec![forward(prefix("/"), to(&subset("v2")))]),
+                &clusters,
+            )
+            .await;
+        for _ in 0..6 {
+            let (status, body, _) = sidecar.get("/reviews", &[]).await;
+            assert_eq!((status, body.as_str()), (200, "v2"), "h2 {h2}");
+        }
+        // Six requests one after another, two a connection: three connections, each proving
+        // the caller (a new mTLS handshake each).
+        let opened = "istio_tcp_connections_opened_total";
+        support::metric_reaches(
+            server.bound.metrics.unwrap(),
+            opened,
+            &[("reporter", "destination")],
+            3.0,
+        )
+        .await;
+    }
+}
+
 /// A cluster whose endpoints are spoken to in mutual TLS with `sni`, proving [`SERVER_ID`].
 fn mtls_cluster(name: &str, sni: &str) -> Cluster {
     sidecar::synthetic::mtls_cluster(name, sni, &[SERVER_ID.to_owned()])

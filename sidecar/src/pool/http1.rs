@@ -58,6 +58,15 @@ struct Conn {
     sent: u64,
 }
 
+/// What [`H1Pool::handshake`] makes: the request side, the connection to drive, the
+/// server's proven identity and our SVID at the time.
+type Handshaken = (
+    http1::SendRequest<Outgoing>,
+    http1::Connection<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, Outgoing>,
+    Arc<str>,
+    Option<Arc<Svid>>,
+);
+
 /// A connection on its way back to its stack, once its exchange is over.
 pub(super) struct Back {
     stack: Arc<Stack>,
@@ -184,17 +193,25 @@ impl H1Pool {
     }
 
     async fn connect(&self, key: &Key, tls: &Arc<ClientConfig>, stack: &Arc<Stack>) -> Result<Conn, ConnectError> {
-        let svid = self.svid.as_ref().map(|slot| slot.current());
-        let (stream, peer) = dial(&self.settings, key, tls).await?;
-        // The server speaks only when asked, so a server that refuses our SVID after the
-        // handshake (TLS 1.3) is heard of on the first request, as a reset.
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ConnectError::Connect(key.addr, e.to_string()))?;
+        // Counted from the attempt on, so that the stack stays in the pool meanwhile: the
+        // connection it replaces (spent, say) may close before this one is made, and a
+        // stack left out of the pool would keep this one from every later request.
+        stack.open.fetch_add(1, Ordering::AcqRel);
+        self.stacks
+            .lock()
+            .expect("pool poisoned")
+            .entry(key.clone())
+            .or_insert_with(|| stack.clone());
+        let made = self.handshake(key, tls).await;
+        let (sender, connection, peer, svid) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                self.release(key, stack);
+                return Err(e);
+            }
+        };
         let busy = Busy::new();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        stack.open.fetch_add(1, Ordering::AcqRel);
         let (pool, key_owned, stack_owned) = (self.me.clone(), key.clone(), stack.clone());
         run_pooled(
             connection,
@@ -218,10 +235,28 @@ impl H1Pool {
         })
     }
 
+    /// TCP, TLS and HTTP/1.1 handshakes with `key`, and the SVID current before them.
+    async fn handshake(&self, key: &Key, tls: &Arc<ClientConfig>) -> Result<Handshaken, ConnectError> {
+        let svid = self.svid.as_ref().map(|slot| slot.current());
+        let (stream, peer) = dial(&self.settings, key, tls).await?;
+        // The server speaks only when asked, so a server that refuses our SVID after the
+        // handshake (TLS 1.3) is heard of on the first request, as a reset.
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ConnectError::Connect(key.addr, e.to_string()))?;
+        Ok((sender, connection, peer, svid))
+    }
+
     /// Drops connection `id` from its stack and, with the stack's last connection gone,
     /// the stack, so that a pool that saw many endpoints come and go keeps none of theirs.
     fn forget(&self, key: &Key, stack: &Arc<Stack>, id: u64) {
         stack.idle.lock().expect("pool poisoned").retain(|c| c.id != id);
+        self.release(key, stack);
+    }
+
+    /// One connection (or attempt) fewer on `stack`; the stack leaves the pool with its last.
+    fn release(&self, key: &Key, stack: &Arc<Stack>) {
         if stack.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             let mut stacks = self.stacks.lock().expect("pool poisoned");
             if stacks.get(key).is_some_and(|s| Arc::ptr_eq(s, stack)) && stack.open.load(Ordering::Acquire) == 0 {
