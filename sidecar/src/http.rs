@@ -213,6 +213,24 @@ pub fn to_origin_form<B>(req: Request<B>) -> Request<B> {
     Request::from_parts(parts, body)
 }
 
+/// The pooled form again of a request [`to_origin_form`] made (or one already in it): the
+/// `host` as the URI's authority, and no `host` header.
+pub fn to_absolute_form<B>(req: Request<B>) -> Request<B> {
+    if req.uri().authority().is_some() {
+        return req;
+    }
+    let (mut parts, body) = req.into_parts();
+    if let Some(authority) = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+    {
+        parts.uri = absolute(&parts.uri, authority);
+        parts.headers.remove(header::HOST);
+    }
+    Request::from_parts(parts, body)
+}
+
 /// `uri`'s path and query (`/` when it has none) under `http://authority`: the form a
 /// pooled client sends by.
 pub fn absolute(uri: &Uri, authority: Authority) -> Uri {
@@ -231,6 +249,20 @@ pub fn absolute(uri: &Uri, authority: Authority) -> Uri {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_origin_form_and_back_give_the_pooled_request_again() {
+        let pooled = Request::builder().uri("http://reviews:9080/r/1?x=y").body(()).unwrap();
+        let wire = to_origin_form(pooled);
+        assert_eq!(wire.uri().to_string(), "/r/1?x=y");
+        assert_eq!(wire.headers()[header::HOST], "reviews:9080");
+        assert_eq!(wire.version(), Version::HTTP_11);
+        let back = to_absolute_form(wire);
+        assert_eq!(back.uri().to_string(), "http://reviews:9080/r/1?x=y");
+        assert!(back.headers().get(header::HOST).is_none());
+        // Already pooled: as it is.
+        assert_eq!(to_absolute_form(back).uri().to_string(), "http://reviews:9080/r/1?x=y");
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_te_trailers_stays() {

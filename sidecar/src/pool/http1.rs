@@ -113,7 +113,7 @@ impl H1Pool {
         pending: P,
     ) -> Result<Sent, SendError> {
         let stack = self.stack(key);
-        let mut req = crate::http::to_origin_form(req);
+        let mut req = req;
         let mut pending = Some(pending);
         // Each pass either takes an idle connection off the stack (a finite number) or
         // makes a new one, after which a handed-back request is a failure.
@@ -123,20 +123,21 @@ impl H1Pool {
                 Some(conn) => conn,
                 None if made => {
                     let e = ConnectError::Connect(key.addr, "a new connection closed before its first request".into());
-                    return Err(SendError::Connect(e, Box::new(req)));
+                    return Err(SendError::Connect(e, Box::new(crate::http::to_absolute_form(req))));
                 }
                 None => match self.connect(key, tls, &stack).await {
                     Ok(conn) => {
                         made = true;
                         conn
                     }
-                    Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+                    // Handed back as it came, for another endpoint (which may speak HTTP/2).
+                    Err(e) => return Err(SendError::Connect(e, Box::new(crate::http::to_absolute_form(req)))),
                 },
             };
             drop(pending.take());
             conn.sent += 1;
             let lease = Lease::on(&conn.busy);
-            match conn.sender.try_send_request(req).await {
+            match conn.sender.try_send_request(crate::http::to_origin_form(req)).await {
                 Ok(response) => {
                     let peer = conn.peer.clone();
                     let mut lease = lease;
