@@ -174,15 +174,21 @@ impl<B: Body + Unpin> Body for Leased<B> {
     }
 }
 
-/// A request as HTTP/1.1 to `addr` (which the pool connects by), keeping its `host`.
-pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
-    let (mut parts, body) = req.into_parts();
+/// Gives a request without `host` its URI's authority as one (an HTTP/2 client's
+/// `:authority`, or a request in the pooled form), for whatever puts the URI in origin form.
+pub fn host_from_uri(parts: &mut hyper::http::request::Parts) {
     if !parts.headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         parts.headers.insert(header::HOST, host);
     }
+}
+
+/// A request as HTTP/1.1 to `addr` (which the pool connects by), keeping its `host`.
+pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
+    let (mut parts, body) = req.into_parts();
+    host_from_uri(&mut parts);
     strip_hop_by_hop(&mut parts.headers);
     parts.uri = absolute(
         &parts.uri,
@@ -196,12 +202,7 @@ pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
 /// puts it on the wire between sidecars: the authority as `host`, the URI in origin form.
 pub fn to_origin_form<B>(req: Request<B>) -> Request<B> {
     let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(header::HOST, host);
-    }
+    host_from_uri(&mut parts);
     parts.uri = Uri::from(
         parts
             .uri

@@ -349,10 +349,7 @@ impl H2Pool {
         let seen = slot.attempts.load(Ordering::Acquire);
         let mut state = slot.state.lock().await;
         if let Some(conn) = &state.conn {
-            let rotated = match (&self.svid, &conn.svid) {
-                (Some(slot), Some(used)) => !Arc::ptr_eq(&slot.current(), used),
-                _ => false,
-            };
+            let rotated = rotated(self.svid.as_deref(), conn.svid.as_ref());
             let spent = max_requests.is_some_and(|max| conn.sent.load(Ordering::Acquire) >= max);
             if !conn.sender.is_closed() && Some(conn.id) != stale && !rotated && !spent {
                 conn.sent.fetch_add(1, Ordering::AcqRel);
@@ -510,6 +507,15 @@ fn run_pooled(
         open.dec();
         gone();
     });
+}
+
+/// Whether our SVID rotated since a connection was made with `used`: new requests then go
+/// on a new connection, which presents the new one.
+fn rotated(slot: Option<&SvidSlot>, used: Option<&Arc<Svid>>) -> bool {
+    match (slot, used) {
+        (Some(slot), Some(used)) => !Arc::ptr_eq(&slot.current(), used),
+        _ => false,
+    }
 }
 
 /// Completes once the connection has had no request in flight for `timeout`.

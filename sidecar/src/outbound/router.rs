@@ -24,7 +24,7 @@ use super::{Answered, Attempt, Captured, ClientIp, HttpHop, Observed, Unanswered
 use crate::body::{self, Held, Outgoing, Resumed};
 use crate::cluster::Reply;
 use crate::destinations::{Destinations, Upstream};
-use crate::http::ReplyBody;
+use crate::http::{self, ReplyBody};
 use crate::route::action::{Action, Forward, Target};
 use crate::route::fault::{ABORT_BODY, Abort};
 use crate::route::mirror::{Mirror, shadow_authority};
@@ -278,12 +278,7 @@ impl HttpHop {
             );
         };
         // An HTTP/2 client's authority is in its URI, which the rewritten path replaces.
-        if !parts.headers.contains_key(HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(value) = HeaderValue::try_from(authority.as_str())
-        {
-            parts.headers.insert(HOST, value);
-        }
+        http::host_from_uri(&mut parts);
         parts.uri = uri;
         if let Some(host) = target.host_rewrite.as_ref().or(forward.host_rewrite.as_ref())
             && let Ok(value) = HeaderValue::try_from(host.as_str())

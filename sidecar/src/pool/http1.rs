@@ -177,10 +177,7 @@ impl H1Pool {
     async fn take(&self, stack: &Stack, max_requests: Option<u64>) -> Option<Conn> {
         loop {
             let mut conn = stack.idle.lock().expect("pool poisoned").pop()?;
-            let rotated = match (&self.svid, &conn.svid) {
-                (Some(slot), Some(used)) => !Arc::ptr_eq(&slot.current(), used),
-                _ => false,
-            };
+            let rotated = super::rotated(self.svid.as_deref(), conn.svid.as_ref());
             let spent = max_requests.is_some_and(|max| conn.sent >= max);
             if conn.sender.is_closed() || rotated || spent {
                 continue;
