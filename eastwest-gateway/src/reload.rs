@@ -2,8 +2,11 @@
 //!
 //! The file is polled by its metadata rather than watched with inotify: polling
 //! also sees the symlink swap a Kubernetes ConfigMap volume does, and costs one
-//! `stat` per interval. A bad file is refused whole and the last good table keeps
-//! serving; connections already open are never touched.
+//! `stat` per interval. A change is loaded once the file has held still for one
+//! interval, so an editor or `echo >` that truncates and then writes is not caught
+//! half-way (an empty file is a valid table: it would drop every route). A bad
+//! file is refused whole and the last good table keeps serving; connections
+//! already open are never touched.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -46,24 +49,32 @@ fn fingerprint(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Reloads on change or kick until the drain starts.
+/// Reloads on change (once settled) or kick until the drain starts.
 pub async fn watch(shared: Arc<Shared>, status: Arc<Status>, kick: Arc<Notify>) {
     let Some(path) = shared.settings.routes_file.clone() else {
         return;
     };
-    let mut seen = fingerprint(&path);
+    let mut loaded = fingerprint(&path);
+    // A version seen at the last poll that differs from the loaded one.
+    let mut pending = None;
     loop {
         tokio::select! {
             () = shared.drain.signaled() => return,
             () = kick.notified() => {}
             () = tokio::time::sleep(shared.settings.reload_interval) => {
                 let now = fingerprint(&path);
-                if now == seen {
+                if now == loaded {
+                    pending = None;
+                    continue;
+                }
+                if pending != Some(now) {
+                    pending = Some(now);
                     continue;
                 }
             }
         }
-        seen = fingerprint(&path);
+        pending = None;
+        loaded = fingerprint(&path);
         let _ = reload(&shared, &path, &status);
     }
 }

@@ -80,7 +80,8 @@ pub struct Args {
     /// sleeps: `on` or `off`. See `sidecar::park` for why this saves CPU on a busy machine.
     #[arg(long, default_value = "on", value_parser = sidecar::park::switch, action = clap::ArgAction::Set)]
     pub yield_before_sleep: bool,
-    /// How often the routes file is checked for changes.
+    /// How often the routes file is checked for changes; a change is loaded once it has
+    /// held still for one interval, so a file caught half-written is never applied.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
 }
