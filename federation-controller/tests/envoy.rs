@@ -923,7 +923,10 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     )
     .unwrap();
     let active = wait_admin(&admin, "/config_dump?resource=dynamic_active_clusters", |b| {
-        b.contains("outlier_detection") && b.contains("max_requests_per_connection")
+        // On an HTTP port a pool limit keeps the downstream's protocol.
+        b.contains("outlier_detection")
+            && b.contains("max_requests_per_connection")
+            && b.contains("use_downstream_protocol_config")
     });
     assert!(active.contains("circuit_breakers"), "{active}");
     wait_admin(&admin, "/config_dump?include_eds", |b| {

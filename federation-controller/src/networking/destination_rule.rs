@@ -174,7 +174,8 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum H2UpgradePolicy {
-    /// The mesh's default (ours: do not upgrade).
+    /// The mesh's default: our sidecars' `--h2-upgrade` (on unless set off),
+    /// Istio's `DO_NOT_UPGRADE` for Envoy.
     Default,
     DoNotUpgrade,
     Upgrade,

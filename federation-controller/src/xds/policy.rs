@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-    ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config,
+    ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig, explicit_http_config,
 };
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -131,13 +131,30 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
             .and_then(|h| h.h2_upgrade_policy)
             .filter(|u| *u != H2UpgradePolicy::Default);
         if protocol.is_http() && (per_connection.is_some() || idle.is_some() || upgrade.is_some()) {
-            // The options need the upstream protocol too: the port's own, HTTP/2 for an
-            // HTTP port whose rule upgrades it (Istio's `h2UpgradePolicy: UPGRADE`).
-            let http1 = protocol == Protocol::Http && upgrade != Some(H2UpgradePolicy::Upgrade);
-            let protocol_config = if http1 {
-                explicit_http_config::ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
-            } else {
-                explicit_http_config::ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
+            // The options need the upstream protocol too. A gRPC or HTTP/2 port is
+            // HTTP/2; an HTTP port takes what its rule says (Istio's
+            // `h2UpgradePolicy`) and, left at DEFAULT, the downstream's protocol, so
+            // the mesh-wide choice (our sidecars' `--h2-upgrade`, Istio's
+            // DO_NOT_UPGRADE) still holds when only a pool limit is set.
+            let http1 = || Http1ProtocolOptions::default();
+            let http2 = || Http2ProtocolOptions::default();
+            let explicit = |c| {
+                UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                    protocol_config: Some(c),
+                })
+            };
+            let upstream = match (protocol, upgrade) {
+                (Protocol::Http, Some(H2UpgradePolicy::DoNotUpgrade)) => {
+                    explicit(explicit_http_config::ProtocolConfig::HttpProtocolOptions(http1()))
+                }
+                (Protocol::Http, None) => {
+                    UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig {
+                        http_protocol_options: Some(http1()),
+                        http2_protocol_options: Some(http2()),
+                        ..Default::default()
+                    })
+                }
+                _ => explicit(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(http2())),
             };
             let options = HttpProtocolOptions {
                 common_http_protocol_options: Some(CommonHttpOptions {
@@ -145,9 +162,7 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
                     idle_timeout: idle.map(|d| proto_duration(d.0)),
                     ..Default::default()
                 }),
-                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-                    protocol_config: Some(protocol_config),
-                })),
+                upstream_protocol_options: Some(upstream),
                 ..Default::default()
             };
             cluster.typed_extension_protocol_options =
@@ -263,6 +278,22 @@ spec:
         ));
         // The mesh's default leaves the cluster as it was; a gRPC port is HTTP/2 whatever.
         assert!(upstream(&rule("DEFAULT"), Protocol::Http).is_none());
+        // A pool limit alone keeps the mesh's choice: the downstream's protocol.
+        let mut c = Cluster::default();
+        let limit = "spec: {host: r, trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 2}}}}";
+        apply(&mut c, &policy(limit), Protocol::Http);
+        let opts =
+            HttpProtocolOptions::decode(c.typed_extension_protocol_options[HTTP_OPTIONS].value.as_slice()).unwrap();
+        assert!(matches!(
+            opts.upstream_protocol_options,
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+                UseDownstreamHttpConfig {
+                    http_protocol_options: Some(_),
+                    http2_protocol_options: Some(_),
+                    ..
+                }
+            ))
+        ));
         assert!(matches!(
             upstream(&rule("DO_NOT_UPGRADE"), Protocol::Grpc),
             Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_))
