@@ -125,6 +125,12 @@ pub fn parse(path: &Path, text: &str) -> Result<RoutesFile, ConfigError> {
         }
         services.push(svc);
     }
+    // Nearly always a file caught half-written (truncated, not yet filled), which would
+    // drop every route; a service with no endpoints says "none" on purpose.
+    if services.is_empty() {
+        let msg = "no service in the file (an empty routes file is refused: list a service with `endpoints: []` to route nothing)";
+        return Err(ManifestError::file(path, msg));
+    }
     Ok(RoutesFile { services })
 }
 
@@ -389,6 +395,12 @@ ports: [{port: 9080}]
 
     #[test]
     fn errors_name_file_document_and_field() {
+        for empty in ["", "\n", "# nothing yet\n", "---\n"] {
+            assert!(
+                error_of(empty).starts_with("/etc/gw/routes.yaml: no service in the file"),
+                "{empty:?}"
+            );
+        }
         let two = "host: a.b\nports: [{port: 1}]\n---\n";
         assert_eq!(
             error_of(&format!(

@@ -14,12 +14,15 @@ fn routes_file(dir: &std::path::Path, endpoints: &[std::net::SocketAddr], extra:
     for e in endpoints {
         y += &format!("  - {{address: {}, ports: {{tls: {}}}}}\n", e.ip(), e.port());
     }
-    let path = dir.join("routes.yaml");
-    // Write-then-rename, as config management does, so a reload never sees half a file.
-    let tmp = dir.join("routes.yaml.tmp");
-    std::fs::write(&tmp, y).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    path
+    replace(&dir.join("routes.yaml"), &y)
+}
+
+/// Write-then-rename, as config management does, so a reload never sees half a file.
+fn replace(path: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    path.to_owned()
 }
 
 /// The address of a backend that was started and stopped: it refuses from now on.
@@ -240,11 +243,10 @@ async fn reload_moves_new_connections_and_keeps_established_ones() {
     assert_eq!(old.echo("still here").await.unwrap(), "still here");
 
     // A bad file is refused; the last good routes keep serving and the error names the field.
-    std::fs::write(
+    replace(
         &file,
-        format!("host: {SERVICE}\nports: [{{port: 9080}}]\nendpoints: [{{address: nowhere}}]\n"),
-    )
-    .unwrap();
+        &format!("host: {SERVICE}\nports: [{{port: 9080}}]\nendpoints: [{{address: nowhere}}]\n"),
+    );
     eventually(Duration::from_secs(10), "bad config reported", || async {
         gw.metric("isthmus_gateway_config_ok", &[]).await == Some(0.0)
     })
