@@ -4,6 +4,7 @@
 //! answer at all — of their own), and the circuit breaker's connection, pending-request,
 //! request and retry limits.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -334,6 +335,27 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// A connection slot held by a pooled HTTP/1.1 connection, which outlives the request
+/// that made it: given back when the connection closes.
+#[derive(Debug)]
+pub struct PooledSlot {
+    breaker: Arc<Breaker>,
+}
+
+impl PooledSlot {
+    /// Wakes those waiting for room (a connection of theirs may have come back idle).
+    pub fn wake_waiters(&self) {
+        self.breaker.freed.notify_waiters();
+    }
+}
+
+impl Drop for PooledSlot {
+    fn drop(&mut self) {
+        self.breaker.connections.fetch_sub(1, Ordering::AcqRel);
+        self.breaker.freed.notify_waiters();
+    }
+}
+
 fn take<'a>(count: &'a AtomicU32, max: u32, freed: Option<&'a tokio::sync::Notify>) -> Option<Slot<'a>> {
     count
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
@@ -403,6 +425,21 @@ impl Breaker {
             }
         });
         waited.await.map_err(|_| ConnectionOverflow::Timeout)
+    }
+
+    /// A connection slot for a pooled connection to keep, or `None` at `max_connections`.
+    pub fn pooled(self: &Arc<Self>) -> Option<PooledSlot> {
+        let max = self.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| PooledSlot { breaker: self.clone() })
+    }
+
+    /// Notified when a connection slot is given back or a pooled connection comes back
+    /// idle; register (`enable`) before looking for room.
+    pub fn freed(&self) -> &tokio::sync::Notify {
+        &self.freed
     }
 
     /// A request waiting for a connection to become ready, or `None` at

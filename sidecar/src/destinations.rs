@@ -129,7 +129,7 @@ pub struct Upstream {
     pub balancer: Balancer,
     /// Outlier detection, when the cluster asks for it.
     pub health: Option<Health>,
-    pub breaker: Breaker,
+    pub breaker: Arc<Breaker>,
     /// Which HTTP its mesh endpoints are spoken to in.
     pub http: UpstreamHttp,
     /// Requests one pooled connection to an endpoint carries before a fresh one takes over.
@@ -311,7 +311,7 @@ impl Destinations {
                     lb => Balancer::new(lb, &weights),
                 },
                 health: policy.outlier.clone().map(|o| Health::new(o, endpoints.len())),
-                breaker: Breaker::new(&policy),
+                breaker: Arc::new(Breaker::new(&policy)),
                 http: policy.http,
                 max_requests_per_connection: policy.max_requests_per_connection,
                 overprovisioning,

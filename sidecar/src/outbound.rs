@@ -48,14 +48,14 @@ use crate::access_log::{AccessLog, Pending};
 use crate::body::{Outgoing, Resumed};
 use crate::capture;
 use crate::client_hello;
-use crate::cluster::Reply;
+use crate::cluster::{ConnectionOverflow, Reply};
 use crate::destinations::{self, Destinations};
 use crate::drain;
 use crate::filter_chain::Seen;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::otlp::{Exporter, Kind, Started};
-use crate::pool::{self, H1Pool, H2Pool, Key, MarkedConnector, SendError, Sent};
+use crate::pool::{self, ConnectionLimit, H1Pool, H2Pool, Key, MarkedConnector, SendError, Sent};
 use crate::rewind::Rewind;
 use crate::telemetry::{ConnectionLabels, Exchange, RequestLabels, RequestSize, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
@@ -583,7 +583,8 @@ impl HttpHop {
                     true => self.h2.send(&outbound.upstream, &outbound.tls, req, None, ()).await,
                     false => {
                         let tls = &outbound.http1_tls;
-                        self.h1.send(&outbound.upstream, tls, req, None, ()).await
+                        let unlimited = None::<ConnectionLimit<'_, fn()>>;
+                        self.h1.send(&outbound.upstream, tls, req, None, (), unlimited).await
                     }
                 };
                 match sent {
@@ -743,7 +744,13 @@ impl HttpHop {
                 }
                 false => {
                     let config = captured.config_for(&mesh.identities, Alpn::Http11);
-                    self.h1.send(&key, &config, req, max_requests, pending).await
+                    let limit = ConnectionLimit {
+                        breaker: &upstream.breaker,
+                        overflowed: || self.telemetry.upstream_failure("outbound", "upstream_cx_overflow"),
+                    };
+                    self.h1
+                        .send(&key, &config, req, max_requests, pending, Some(limit))
+                        .await
                 }
             };
             match sent {
@@ -752,6 +759,15 @@ impl HttpHop {
                     return Attempt {
                         endpoint: Some(i),
                         result: Ok(Answered::Mesh(sent)),
+                    };
+                }
+                Err(SendError::Overflow(_)) => {
+                    // A limit of the cluster's: another endpoint would not do better.
+                    self.telemetry
+                        .upstream_failure("outbound", ConnectionOverflow::Timeout.reason());
+                    return Attempt {
+                        endpoint: Some(i),
+                        result: Err(Unanswered::Overflow),
                     };
                 }
                 Err(SendError::Connect(e, unsent)) => {
@@ -848,6 +864,7 @@ impl HttpHop {
     fn failed(&self, e: SendError, what: &Upstream<'_>) -> Response<ReplyBody> {
         let (reason, text, flags) = match &e {
             SendError::Connect(e, _) => (e.reason(), CONNECT_FAILURE, "UF"),
+            SendError::Overflow(_) => (ConnectionOverflow::Timeout.reason(), router::OVERFLOW, "UO"),
             SendError::Reset(_) => ("reset", CONNECTION_TERMINATION, "UC"),
         };
         tracing::debug!(service = what.service, error = %e, "upstream failed before headers");
@@ -933,7 +950,8 @@ enum Answered {
 enum Unanswered {
     /// No endpoint could be connected to, or there is none: nothing was sent.
     Unreachable,
-    /// The circuit breaker turned it away (`max_pending_requests`): nothing was sent.
+    /// The circuit breaker turned it away (`max_pending_requests`, or no connection under
+    /// `max_connections` in time): nothing was sent.
     Overflow,
     Mesh(SendError),
     Plain(hyper_util::client::legacy::Error),

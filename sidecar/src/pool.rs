@@ -46,7 +46,7 @@ use crate::rewind::Rewind;
 use crate::tls::{self, Svid, SvidSlot};
 
 pub mod http1;
-pub use http1::H1Pool;
+pub use http1::{ConnectionLimit, H1Pool};
 
 /// What one pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -114,6 +114,10 @@ pub enum SendError {
     /// No connection: nothing was sent, and the request is handed back.
     #[error("{0}")]
     Connect(ConnectError, Box<Request<Outgoing>>),
+    /// The cluster's `max_connections` were open and none came free within the connect
+    /// timeout (HTTP/1.1): nothing was sent, and the request is handed back.
+    #[error("no connection of the cluster came free in time")]
+    Overflow(Box<Request<Outgoing>>),
     /// The request went out, then the stream or the connection failed before headers.
     #[error("upstream reset before headers: {0}")]
     Reset(hyper::Error),

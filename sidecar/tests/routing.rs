@@ -1304,9 +1304,9 @@ async fn a_receiver_whose_protocol_flag_says_tcp_serves_http_by_the_callers_alpn
 
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
-/// A DestinationRule's `maxRequestsPerConnection: 2` as the controller writes it, on the
+/// A DestinationRule's `maxRequestsPerConnection: N` as the controller writes it, on the
 /// HTTP/1.1 (`h2UpgradePolicy: DO_NOT_UPGRADE`) or HTTP/2 (`UPGRADE`) hop.
-fn two_requests_per_connection(mut cluster: Cluster, h2: bool) -> Cluster {
+fn requests_per_connection(mut cluster: Cluster, h2: bool, n: u32) -> Cluster {
     use envoy_types::pb::envoy::config::core::v3::{
         Http1ProtocolOptions, Http2ProtocolOptions, HttpProtocolOptions as Common,
     };
@@ -1320,7 +1320,7 @@ fn two_requests_per_connection(mut cluster: Cluster, h2: bool) -> Cluster {
     };
     let options = HttpProtocolOptions {
         common_http_protocol_options: Some(Common {
-            max_requests_per_connection: Some(UInt32Value { value: 2 }),
+            max_requests_per_connection: Some(UInt32Value { value: n }),
             ..Default::default()
         }),
         upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
@@ -1346,7 +1346,7 @@ async fn max_requests_per_connection_renews_the_pooled_connection_on_either_hop(
         let server = receiver(&pki, v2.addr, "http --metrics 127.0.0.1:0");
         let mesh = mtls_cluster(&subset("v2"), &format!("outbound_.9080_.v2_.{HOST}"));
         let clusters = [(
-            two_requests_per_connection(mesh, h2),
+            requests_per_connection(mesh, h2, 2),
             vec![server.bound.inbound.unwrap()],
         )];
         sidecar
@@ -1371,6 +1371,67 @@ async fn max_requests_per_connection_renews_the_pooled_connection_on_either_hop(
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_http11_hop_max_connections_holds_requests_until_a_connection_frees() {
+    // Istio's circuit-breaking task: `maxConnections: 1`, `http1MaxPendingRequests: 1`,
+    // `maxRequestsPerConnection: 1`, on the HTTP/1.1 hop between sidecars.
+    use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+    let (pki, mut control, sidecar) = setup("h1-max-connections").await;
+    let stuck = backend("stuck", Behaviour::Hang).await;
+    let server = receiver(&pki, stuck.addr, "http --metrics 127.0.0.1:0");
+    let mesh = Cluster {
+        circuit_breakers: breaker(Thresholds {
+            max_connections: Some(UInt32Value { value: 1 }),
+            max_pending_requests: Some(UInt32Value { value: 1 }),
+            ..Default::default()
+        }),
+        ..mtls_cluster(&subset("v2"), &format!("outbound_.9080_.v2_.{HOST}"))
+    };
+    let clusters = [(
+        requests_per_connection(mesh, false, 1),
+        vec![server.bound.inbound.unwrap()],
+    )];
+    let config = routes(vec![forward(prefix("/"), to(&subset("v2")))]);
+    sidecar.serve(&mut control, config, &clusters).await;
+    let sidecar = Arc::new(sidecar);
+    let spawn_get = || {
+        let sidecar = sidecar.clone();
+        tokio::spawn(async move { sidecar.get("/", &[]).await })
+    };
+    let hits = |want: usize| {
+        let hits = stuck.hits.clone();
+        async move {
+            match hits.load(Ordering::Relaxed) {
+                n if n == want => Ok(()),
+                n => Err(format!("{n} requests reached the application")),
+            }
+        }
+    };
+    let first = spawn_get();
+    poll(Duration::from_secs(10), || hits(1)).await;
+    // The second finds the one connection busy and waits for it as a pending request…
+    let second = spawn_get();
+    poll(Duration::from_secs(10), || async {
+        let metrics = sidecar.telemetry.render();
+        match metrics.lines().any(|l| l.contains(r#"reason="upstream_cx_overflow""#)) {
+            true => Ok(()),
+            false => Err(format!("no upstream_cx_overflow yet:\n{metrics}")),
+        }
+    })
+    .await;
+    // …so a third finds the pending place taken and is turned away.
+    assert_overflowed(&sidecar, sidecar.get("/", &[]).await, "upstream_rq_pending_overflow");
+    hits(1).await.unwrap();
+    let opened = "istio_tcp_connections_opened_total";
+    let server_metrics = server.bound.metrics.unwrap();
+    support::metric_reaches(server_metrics, opened, &[("reporter", "destination")], 1.0).await;
+    // The first given up closes its connection: the waiting one gets a connection of its own.
+    first.abort();
+    poll(Duration::from_secs(10), || hits(2)).await;
+    support::metric_reaches(server_metrics, opened, &[("reporter", "destination")], 2.0).await;
+    second.abort();
 }
 
 /// A cluster whose endpoints are spoken to in mutual TLS with `sni`, proving [`SERVER_ID`].

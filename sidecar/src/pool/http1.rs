@@ -24,6 +24,7 @@ use rustls::ClientConfig;
 
 use super::{Busy, ConnectError, Key, Lease, SendError, Sent, Settings, dial, run_pooled};
 use crate::body::Outgoing;
+use crate::cluster::{Breaker, PooledSlot};
 use crate::tls::{Svid, SvidSlot};
 
 /// Keep-alive HTTP/1.1-in-mTLS connections to upstream sidecars (or gateways), per [`Key`].
@@ -49,6 +50,8 @@ struct Stack {
 
 struct Conn {
     id: u64,
+    /// Its place under the cluster's `max_connections`, while it is open.
+    slot: Option<PooledSlot>,
     sender: http1::SendRequest<Outgoing>,
     peer: Arc<str>,
     busy: Arc<Busy>,
@@ -56,6 +59,8 @@ struct Conn {
     svid: Option<Arc<Svid>>,
     /// Requests it has been given.
     sent: u64,
+    /// Given its last request (`max_requests`): closed once that is over, not kept.
+    spent: bool,
 }
 
 /// What [`H1Pool::handshake`] makes: the request side, the connection to drive, the
@@ -67,6 +72,21 @@ type Handshaken = (
     Option<Arc<Svid>>,
 );
 
+/// The cluster's bound on connections (`max_connections`), and whom to tell when a
+/// request finds it reached.
+pub struct ConnectionLimit<'a, F: FnOnce()> {
+    pub breaker: &'a Arc<Breaker>,
+    pub overflowed: F,
+}
+
+/// What a request that found no idle connection may go on.
+enum Room {
+    /// A connection that came back idle while it waited.
+    Idle(Conn),
+    /// A new connection, with its place under the cluster's limit (if it has one).
+    New(Option<PooledSlot>),
+}
+
 /// A connection on its way back to its stack, once its exchange is over.
 pub(super) struct Back {
     stack: Arc<Stack>,
@@ -76,10 +96,15 @@ pub(super) struct Back {
 impl Back {
     pub(super) fn give(self) {
         // A connection the server closed, or whose response hyper gave up on, is not kept.
-        if self.conn.sender.is_closed() {
+        if self.conn.sender.is_closed() || self.conn.spent {
             return;
         }
-        self.stack.idle.lock().expect("pool poisoned").push(self.conn);
+        let mut idle = self.stack.idle.lock().expect("pool poisoned");
+        idle.push(self.conn);
+        // Under the lock, so a request waiting for room finds it when it looks.
+        if let Some(slot) = idle.last().and_then(|c| c.slot.as_ref()) {
+            slot.wake_waiters();
+        }
     }
 }
 
@@ -104,6 +129,12 @@ impl H1Pool {
     /// another one; one that was written is never resent. `max_requests` retires a
     /// connection after that many; `pending` is given back once the request has a
     /// connection.
+    ///
+    /// A new connection takes a place under `breaker`'s `max_connections` (Envoy's
+    /// circuit breaker, which bounds HTTP/1.1 connections): at the limit the request waits,
+    /// as Envoy's pending request does, up to the connect timeout for a connection of its
+    /// endpoint to come back idle or one of the cluster's to close; `overflowed` is told
+    /// once (`upstream_cx_overflow`), and a wait that runs out is [`SendError::Overflow`].
     pub async fn send<P>(
         &self,
         key: &Key,
@@ -111,6 +142,7 @@ impl H1Pool {
         req: Request<Outgoing>,
         max_requests: Option<u64>,
         pending: P,
+        limit: Option<ConnectionLimit<'_, impl FnOnce()>>,
     ) -> Result<Sent, SendError> {
         let stack = self.stack(key);
         let mut req = req;
@@ -118,6 +150,10 @@ impl H1Pool {
         // Each pass either takes an idle connection off the stack (a finite number) or
         // makes a new one, after which a handed-back request is a failure.
         let mut made = false;
+        let (breaker, mut overflowed) = match limit {
+            Some(ConnectionLimit { breaker, overflowed }) => (Some(breaker), Some(overflowed)),
+            None => (None, None),
+        };
         loop {
             let mut conn = match self.take(&stack, max_requests).await {
                 Some(conn) => conn,
@@ -125,17 +161,22 @@ impl H1Pool {
                     let e = ConnectError::Connect(key.addr, "a new connection closed before its first request".into());
                     return Err(SendError::Connect(e, Box::new(crate::http::to_absolute_form(req))));
                 }
-                None => match self.connect(key, tls, &stack).await {
-                    Ok(conn) => {
-                        made = true;
-                        conn
-                    }
-                    // Handed back as it came, for another endpoint (which may speak HTTP/2).
-                    Err(e) => return Err(SendError::Connect(e, Box::new(crate::http::to_absolute_form(req)))),
+                None => match self.room(&stack, max_requests, breaker, &mut overflowed).await {
+                    Some(Room::Idle(conn)) => conn,
+                    Some(Room::New(slot)) => match self.connect(key, tls, &stack, slot).await {
+                        Ok(conn) => {
+                            made = true;
+                            conn
+                        }
+                        // Handed back as it came, for another endpoint (which may speak HTTP/2).
+                        Err(e) => return Err(SendError::Connect(e, Box::new(crate::http::to_absolute_form(req)))),
+                    },
+                    None => return Err(SendError::Overflow(Box::new(crate::http::to_absolute_form(req)))),
                 },
             };
             drop(pending.take());
             conn.sent += 1;
+            conn.spent = max_requests.is_some_and(|max| conn.sent >= max);
             let lease = Lease::on(&conn.busy);
             match conn.sender.try_send_request(crate::http::to_origin_form(req)).await {
                 Ok(response) => {
@@ -190,7 +231,51 @@ impl H1Pool {
         }
     }
 
-    async fn connect(&self, key: &Key, tls: &Arc<ClientConfig>, stack: &Arc<Stack>) -> Result<Conn, ConnectError> {
+    /// Room for a request that found no idle connection: a place for a new one under the
+    /// cluster's `max_connections` or, waiting at the limit, a connection come back idle;
+    /// `None` when the connect timeout passed first.
+    async fn room(
+        &self,
+        stack: &Stack,
+        max_requests: Option<u64>,
+        breaker: Option<&Arc<Breaker>>,
+        overflowed: &mut Option<impl FnOnce()>,
+    ) -> Option<Room> {
+        let Some(breaker) = breaker else {
+            return Some(Room::New(None));
+        };
+        if let Some(slot) = breaker.pooled() {
+            return Some(Room::New(Some(slot)));
+        }
+        // Once a request, however often it comes back here.
+        if let Some(told) = overflowed.take() {
+            told();
+        }
+        let wait = async {
+            loop {
+                let freed = breaker.freed().notified();
+                let mut freed = std::pin::pin!(freed);
+                // Registered before looking, so room made in between still wakes us.
+                freed.as_mut().enable();
+                if let Some(conn) = self.take(stack, max_requests).await {
+                    return Room::Idle(conn);
+                }
+                if let Some(slot) = breaker.pooled() {
+                    return Room::New(Some(slot));
+                }
+                freed.await;
+            }
+        };
+        tokio::time::timeout(self.settings.connect_timeout, wait).await.ok()
+    }
+
+    async fn connect(
+        &self,
+        key: &Key,
+        tls: &Arc<ClientConfig>,
+        stack: &Arc<Stack>,
+        slot: Option<PooledSlot>,
+    ) -> Result<Conn, ConnectError> {
         // Counted from the attempt on, so that the stack stays in the pool meanwhile: the
         // connection it replaces (spent, say) may close before this one is made, and a
         // stack left out of the pool would keep this one from every later request.
@@ -225,6 +310,8 @@ impl H1Pool {
         );
         Ok(Conn {
             id,
+            slot,
+            spent: false,
             sender,
             peer,
             busy,
