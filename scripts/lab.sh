@@ -14,7 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" != 0 ]; then
-  echo "==> not root: the lab runs on loopback, without network namespaces (sudo $0 for real networks)"
+  # Real networks need root: take it where sudo gives it without asking.
+  if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    echo "==> re-running as root (sudo) for network namespaces"
+    # Secure_path would hide the user's cargo and rustup: hand them over explicitly.
+    exec sudo -n env "PATH=$PATH" "CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}" \
+      "RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}" "$0" "$@"
+  fi
+  echo "==> not root: the lab runs on loopback, without network namespaces (run it as root for real networks)"
 fi
 need=()
 command -v ip >/dev/null || need+=(iproute2)
