@@ -95,7 +95,8 @@ enum Command {
         /// How long readiness waits for every cluster's initial sync.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         sync_timeout: std::time::Duration,
-        /// How often the manifest directory is checked for changes.
+        /// How often the manifest directory is checked for changes; a change is read once
+        /// it has held still for one interval (a file caught half-written is never read).
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
         /// MiB of xDS responses on their way to proxies (sent, not yet ACKed) at once: what
