@@ -166,3 +166,23 @@ fn workload_entries_and_service_entry_endpoints_are_served_like_pods() {
         ["10.9.0.1:8080 w1 false"]
     );
 }
+
+#[test]
+fn a_zero_period_or_lifetime_is_refused_at_the_command_line() {
+    let dir = scratch("zero-flags");
+    std::fs::create_dir_all(dir.join("c1")).unwrap();
+    for flag in ["--interval", "--svid-ttl", "--bundle-refresh-hint"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
+            .args(["serve", "--manifests", dir.to_str().unwrap(), flag, "0s"])
+            .output()
+            .unwrap();
+        // Refused by the flag parser (exit 2) with the flag named, not a panic later.
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("'0s' for '{flag}")) && err.contains("more than zero"),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
