@@ -97,7 +97,7 @@ enum Command {
         sync_timeout: std::time::Duration,
         /// How often the manifest directory is checked for changes; a change is read once
         /// it has held still for one interval (a file caught half-written is never read).
-        #[arg(long, default_value = "1s", value_parser = positive_duration)]
+        #[arg(long, default_value = "1s", value_parser = sidecar::run::positive_duration)]
         interval: std::time::Duration,
         /// MiB of xDS responses on their way to proxies (sent, not yet ACKed) at once: what
         /// bounds memory when many proxies connect together. Responses under 64 KiB never wait.
@@ -144,10 +144,10 @@ struct WritebackArgs {
     #[arg(long, value_name = "NAME")]
     leader_identity: Option<String>,
     /// How long a Lease holds without renewal.
-    #[arg(long, default_value = "15s", value_parser = positive_duration)]
+    #[arg(long, default_value = "15s", value_parser = sidecar::run::positive_duration)]
     lease_duration: std::time::Duration,
     /// How often the holder renews it (and others check it).
-    #[arg(long, default_value = "5s", value_parser = positive_duration)]
+    #[arg(long, default_value = "5s", value_parser = sidecar::run::positive_duration)]
     lease_renew: std::time::Duration,
 }
 
@@ -169,16 +169,16 @@ struct CaArgs {
     #[arg(long = "serving-name", default_values = ["istiod.istio-system.svc", "isthmus-controller", "localhost"])]
     serving_names: Vec<String>,
     /// Lifetime of an SVID when the workload asks for none.
-    #[arg(long, default_value = "24h", value_parser = positive_duration)]
+    #[arg(long, default_value = "24h", value_parser = sidecar::run::positive_duration)]
     svid_ttl: std::time::Duration,
     /// The longest SVID lifetime granted.
-    #[arg(long, default_value = "7d", value_parser = positive_duration)]
+    #[arg(long, default_value = "7d", value_parser = sidecar::run::positive_duration)]
     max_svid_ttl: std::time::Duration,
     /// Serve this trust domain's SPIFFE bundle endpoint here (https_spiffe profile).
     #[arg(long, value_name = "ADDR", requires = "ca_dir")]
     bundle_endpoint: Option<std::net::SocketAddr>,
     /// The refresh hint our bundle endpoint publishes.
-    #[arg(long, default_value = "5m", value_parser = positive_duration)]
+    #[arg(long, default_value = "5m", value_parser = sidecar::run::positive_duration)]
     bundle_refresh_hint: std::time::Duration,
     /// A file of FederatedTrustDomain (or SPIRE ClusterFederatedTrustDomain) manifests:
     /// trust domains whose bundles are fetched and served to proxies (repeatable).
@@ -193,7 +193,7 @@ struct CaArgs {
     #[arg(long = "token-audience", value_name = "AUDIENCE", default_values = [ca::token_review::ISTIO_CA_AUDIENCE])]
     token_audiences: Vec<String>,
     /// How long a token review may take before the caller is told to retry.
-    #[arg(long, default_value = "5s", value_parser = positive_duration)]
+    #[arg(long, default_value = "5s", value_parser = sidecar::run::positive_duration)]
     token_review_timeout: std::time::Duration,
 }
 
@@ -221,7 +221,7 @@ enum CaCommand {
         #[arg(long)]
         identity: String,
         /// How long the token may be used.
-        #[arg(long, default_value = "30d", value_parser = positive_duration)]
+        #[arg(long, default_value = "30d", value_parser = sidecar::run::positive_duration)]
         ttl: std::time::Duration,
     },
 }
@@ -424,14 +424,6 @@ async fn kube_sources(
         given: clients,
         current,
     })
-}
-
-/// A duration flag that must be more than zero (a period, a lifetime, a bound).
-fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
-    match humantime::parse_duration(s).map_err(|e| e.to_string())? {
-        d if d.is_zero() => Err("must be more than zero".into()),
-        d => Ok(d),
-    }
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {

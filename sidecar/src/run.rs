@@ -108,7 +108,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "URL")]
     pub bundles_from: Option<String>,
     /// SVID lifetime to ask the CA for (default: the CA's).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = positive_duration)]
     pub svid_ttl: Option<Duration>,
     /// The bundle of our own trust domain (PEM roots).
     #[arg(long, value_name = "FILE")]
@@ -198,16 +198,16 @@ pub struct RunArgs {
     #[arg(long, default_value = "off", value_parser = crate::park::switch, action = clap::ArgAction::Set)]
     pub yield_before_sleep: bool,
     /// Bound on connecting to the upstream or the application.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = positive_duration)]
     pub connect_timeout: Duration,
     /// Bound on a TLS handshake (and on a STRICT caller's first byte).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
     pub handshake_timeout: Duration,
     /// PERMISSIVE: how long to wait for a caller's first byte before treating it as plaintext.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = positive_duration)]
     pub sniff_timeout: Duration,
     /// HTTP: a pooled upstream or application connection idle this long is closed.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = positive_duration)]
     pub idle_timeout: Duration,
     /// How long open connections may go on after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -692,6 +692,15 @@ fn first_svid(client: &CaClient) -> anyhow::Result<Svid> {
     })
 }
 
+/// A duration flag that must be more than zero (a timeout, a period, a lifetime): zero
+/// would fail every connection, or spin. Shared by every binary's command line.
+pub fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s).map_err(|e| e.to_string())? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
+}
+
 /// How the data plane's threads run.
 #[derive(Debug, Clone, Copy)]
 struct Workers {
@@ -726,4 +735,37 @@ where
         })?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_timeout_or_lifetime_is_refused_with_the_flag_named() {
+        for flag in [
+            "--connect-timeout",
+            "--handshake-timeout",
+            "--sniff-timeout",
+            "--idle-timeout",
+            "--svid-ttl",
+        ] {
+            let line = format!("--inbound 127.0.0.1:0=127.0.0.1:1 --cert c --key k --ca a {flag} 0s");
+            let err = RunArgs::from_words(line.split_whitespace()).err().unwrap().to_string();
+            assert!(
+                err.contains(&format!("'0s' for '{flag}")) && err.contains("more than zero"),
+                "{err}"
+            );
+            let line = format!("--inbound 127.0.0.1:0=127.0.0.1:1 --cert c --key k --ca a {flag} 250ms");
+            let parsed = RunArgs::from_words(line.split_whitespace());
+            assert!(parsed.is_ok(), "{flag}: {:?}", parsed.err());
+        }
+        // Stopping at once on SIGTERM is a choice, not a mistake.
+        assert!(
+            RunArgs::from_words(
+                "--inbound 127.0.0.1:0=127.0.0.1:1 --cert c --key k --ca a --drain-timeout 0s".split_whitespace()
+            )
+            .is_ok()
+        );
+    }
 }
