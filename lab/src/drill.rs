@@ -307,6 +307,22 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<DrillResult>
     if args.duration < Duration::from_secs(2) || args.duration > Duration::from_secs(600) {
         bail!("--duration must be 2 s to 10 min");
     }
+    // Every load loop is bounded in time: a request takes at most its timeout per attempt.
+    if args.timeout.is_zero() || args.timeout > Duration::from_secs(60) {
+        bail!("--timeout must be more than zero and at most 1 min");
+    }
+    if args.retries > 10 {
+        bail!("--retries must be 0 to 10");
+    }
+    if args.per_try_timeout.is_zero() || args.per_try_timeout > Duration::from_secs(60) {
+        bail!("--per-try-timeout must be more than zero and at most 1 min");
+    }
+    if args.delay > Duration::from_secs(10) || args.jitter > args.delay {
+        bail!("--delay must be at most 10 s, and --jitter at most --delay");
+    }
+    if args.slow.is_zero() {
+        bail!("--slow must be more than zero");
+    }
     let warmup = args.warmup.unwrap_or(args.duration / 4);
     let fail_for = args.fail_for.unwrap_or(args.duration * 3 / 8);
     if warmup + fail_for >= args.duration {
@@ -1004,5 +1020,31 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("2h").is_err());
         assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn unbounded_or_zero_load_settings_are_refused_before_the_lab_is_touched() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: DrillArgs,
+        }
+        let refusal = |extra: &str| {
+            let words = format!("drill --scenario transit-cut --state-dir /nonexistent/lab {extra}");
+            let cli = <Cli as clap::Parser>::try_parse_from(words.split_whitespace()).unwrap();
+            run(&cli.args, &mut Vec::new()).err().unwrap().to_string()
+        };
+        for (extra, said) in [
+            ("--timeout 0s", "--timeout must be"),
+            ("--retries 11", "--retries must be 0 to 10"),
+            ("--per-try-timeout 0s", "--per-try-timeout must be"),
+            ("--delay 20ms --jitter 30ms", "--jitter at most --delay"),
+            ("--slow 0s", "--slow must be"),
+            ("--rate 0", "--rate must be"),
+        ] {
+            assert!(refusal(extra).contains(said), "{extra}: {}", refusal(extra));
+        }
+        // Good settings get as far as looking for the lab.
+        assert!(refusal("--retries 10 --delay 20ms --jitter 20ms").contains("no lab recorded"));
     }
 }
