@@ -427,6 +427,12 @@ impl Breaker {
         waited.await.map_err(|_| ConnectionOverflow::Timeout)
     }
 
+    /// Whether `other` has the same four limits (its counts aside).
+    pub fn same_limits(&self, other: &Breaker) -> bool {
+        let limits = |b: &Breaker| (b.max_connections, b.max_pending_requests, b.max_requests, b.max_retries);
+        limits(self) == limits(other)
+    }
+
     /// A connection slot for a pooled connection to keep, or `None` at `max_connections`.
     pub fn pooled(self: &Arc<Self>) -> Option<PooledSlot> {
         let max = self.max_connections;

@@ -236,9 +236,25 @@ impl Destinations {
         names
     }
 
-    /// Carries each endpoint's outlier health over from `old` (matched by cluster and
-    /// [`Endpoint::identity`]), so that a new table does not give a failing endpoint a fresh start.
-    pub fn inherit_health(&self, old: &Destinations) {
+    /// Carries state over from `old`, the table this one replaces: each endpoint's outlier
+    /// health (matched by cluster and [`Endpoint::identity`]), so that a new table does not
+    /// give a failing endpoint a fresh start, and, where a cluster's limits did not change,
+    /// its circuit breaker's counts, so that what the old table admitted still counts
+    /// (an endpoint update is frequent while a cluster fails over, as Envoy keeps a
+    /// cluster's counts across EDS updates).
+    pub fn inherit(&mut self, old: &Destinations) {
+        for (name, up) in self.upstreams.iter_mut() {
+            let Some(before) = old.upstreams.get(name) else {
+                continue;
+            };
+            if !before.breaker.same_limits(&up.breaker) {
+                continue;
+            }
+            // Only this table holds its upstreams yet.
+            if let Some(up) = Arc::get_mut(up) {
+                up.breaker = before.breaker.clone();
+            }
+        }
         for (name, up) in &self.upstreams {
             let (Some(health), Some(before)) = (&up.health, old.upstreams.get(name)) else {
                 continue;
@@ -963,10 +979,40 @@ pub(crate) mod tests {
         // The next table lists the endpoints the other way round.
         let mut reordered = eps();
         reordered.get_mut(CLUSTER).unwrap().endpoints[0].lb_endpoints.reverse();
-        let new = Destinations::build(&[], &[c], &reordered).unwrap();
-        new.inherit_health(&old);
+        let mut new = Destinations::build(&[], &[c], &reordered).unwrap();
+        new.inherit(&old);
         let up = &new.upstreams[CLUSTER];
         assert!(!up.usable(0) && up.usable(1), "10.0.0.2 is still out");
+    }
+
+    #[test]
+    fn the_circuit_breakers_counts_carry_over_to_a_new_table_with_the_same_limits() {
+        use envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers;
+        use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+        let limited = |max: u32| Cluster {
+            name: CLUSTER.into(),
+            circuit_breakers: Some(CircuitBreakers {
+                thresholds: vec![Thresholds {
+                    max_requests: Some(UInt32Value { value: max }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let eps = assignment(CLUSTER, vec![endpoint("10.0.0.1", 80, 1, false)]);
+        let old = Destinations::build(&[], &[limited(1)], &eps).unwrap();
+        let _in_flight = old.upstreams[CLUSTER].breaker.request().unwrap();
+        // An endpoint update: the request the old table admitted still holds the one place.
+        let mut new = Destinations::build(&[], &[limited(1)], &assignment(CLUSTER, vec![])).unwrap();
+        new.inherit(&old);
+        assert!(new.upstreams[CLUSTER].breaker.request().is_none());
+        // New limits start their own counts.
+        let mut raised = Destinations::build(&[], &[limited(2)], &eps).unwrap();
+        raised.inherit(&old);
+        let breaker = &raised.upstreams[CLUSTER].breaker;
+        let (a, b) = (breaker.request(), breaker.request());
+        assert!(a.is_some() && b.is_some());
     }
 
     fn auto_mtls_cluster(name: &str, sans: &[&str]) -> Cluster {
@@ -1135,9 +1181,9 @@ pub(crate) mod tests {
         );
 
         // The next table lists them the other way round: health follows the pod.
-        let new =
+        let mut new =
             Destinations::build(&[], std::slice::from_ref(&c), &eps(&["10.2.0.8:9080", "10.2.0.7:9080"])).unwrap();
-        new.inherit_health(&old);
+        new.inherit(&old);
         let up = &new.upstreams[CLUSTER];
         assert!(!up.usable(0) && up.usable(1), "10.2.0.8 is still out");
 

@@ -236,9 +236,9 @@ async fn session(
         HashMap::from([(ENDPOINT_TYPE, Named::default()), (ROUTE_TYPE, Named::default())]);
     while let Some(resp) = responses.message().await? {
         let error = match received.accept(&resp) {
-            Ok(Some(next)) => {
+            Ok(Some(mut next)) => {
                 let routes = next.routable();
-                next.inherit_health(&table.load());
+                next.inherit(&table.load());
                 table.store(Arc::new(next));
                 if let (Some(slot), Some(policy), LISTENER_TYPE) = (inbound, &received.inbound, resp.type_url.as_str())
                 {
