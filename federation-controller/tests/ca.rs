@@ -206,7 +206,7 @@ fn a_half_plugged_ca_directory_is_refused_with_what_is_missing() {
     let dir = scratch("ca-partial");
     let ca_dir = dir.join("ca");
     std::fs::create_dir_all(&ca_dir).unwrap();
-    std::fs::write(ca_dir.join("ca-cert.pem"), "not really").unwrap();
+    support::write(ca_dir.join("ca-cert.pem"), "not really").unwrap();
     two_networks(&dir.join("clusters"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_federation-controller"))
         .args([
@@ -262,10 +262,10 @@ async fn during_a_root_rotation_both_roots_are_trusted_and_each_cluster_signs_un
         .map(|p| std::fs::read_to_string(p).unwrap())
         .collect::<String>();
     let both_file = dir.join("both-roots.pem");
-    std::fs::write(&both_file, &both).unwrap();
+    support::write(&both_file, &both).unwrap();
     let (east, west) = (old.join("east"), new.join("west"));
     for ca_dir in [&east, &west] {
-        std::fs::write(ca_dir.join("root-cert.pem"), &both).unwrap();
+        support::write(ca_dir.join("root-cert.pem"), &both).unwrap();
     }
 
     for (ca_dir, own_root) in [(&east, old.join("root-cert.pem")), (&west, new.join("root-cert.pem"))] {

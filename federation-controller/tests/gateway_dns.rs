@@ -138,7 +138,7 @@ fn mesh(dir: &std::path::Path) {
     let ip_gateway = ", externalIPs: [100.64.0.2]}\n";
     assert!(yaml.contains(ip_gateway));
     let named = format!("}}\nstatus: {{loadBalancer: {{ingress: [{{hostname: {GATEWAY_NAME}}}]}}}}\n");
-    std::fs::write(&file, yaml.replace(ip_gateway, &named)).unwrap();
+    support::write(&file, yaml.replace(ip_gateway, &named)).unwrap();
 }
 
 fn node() -> Node {

@@ -92,7 +92,7 @@ fn manifests(dir: &Path, port: u16, pods: &[(&str, &str)]) {
     );
     // Write then rename, so the controller never reads half a file.
     let tmp = d.join(".objects.yaml.tmp");
-    std::fs::write(&tmp, y).unwrap();
+    support::write(&tmp, y).unwrap();
     std::fs::rename(tmp, d.join("objects.yaml")).unwrap();
 }
 
@@ -115,7 +115,7 @@ fn bootstrap(path: &Path, xds: std::net::SocketAddr) {
             "locality": {},
         },
     });
-    std::fs::write(path, b.to_string()).unwrap();
+    support::write(path, b.to_string()).unwrap();
 }
 
 /// Calls `n` times; the servers that answered, in order, and any errors.
@@ -287,7 +287,7 @@ fn a_proxyless_grpc_client_follows_virtual_service_subsets_and_faults() {
              spec: {{hosts: [reviews], http: [{{{fault}route: [{{destination: {{host: reviews, subset: b}}, weight: 100}}]}}]}}\n"
         );
         let tmp = manifest_dir.join("cluster1/.istio.yaml.tmp");
-        std::fs::write(&tmp, y).unwrap();
+        support::write(&tmp, y).unwrap();
         std::fs::rename(tmp, manifest_dir.join("cluster1/istio.yaml")).unwrap();
     };
     istio("");

@@ -99,7 +99,7 @@ fn renewals(metrics: SocketAddr) -> f64 {
 }
 
 fn token(ca_dir: &std::path::Path, identity: &str, out: &std::path::Path) {
-    std::fs::write(out, support::ca_token(ca_dir, identity)).unwrap();
+    support::write(out, support::ca_token(ca_dir, identity)).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +265,7 @@ impl Domain {
     /// (none when empty).
     fn start_with(&self, clusters: &std::path::Path, federation: &str, scratch: &std::path::Path) -> Controller {
         let file = scratch.join(format!("{}-federation.yaml", self.name));
-        std::fs::write(&file, federation).unwrap();
+        support::write(&file, federation).unwrap();
         let bundle = format!("127.0.0.1:{}", self.bundle_port);
         let mut args = vec![
             "--manifests",

@@ -131,7 +131,7 @@ async fn serve_with_a_kubeconfig_serves_that_cluster_over_xds_and_follows_it() {
     api.apply(slice(&["10.241.0.1"]));
     let dir = support::scratch("kubeconfig");
     let kubeconfig = dir.join("cluster1.kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    support::write(&kubeconfig, api.kubeconfig()).unwrap();
     let controller = support::Controller::start(&["--kubeconfig", &format!("cluster1={}", kubeconfig.display())]);
 
     // Ready once the cluster has synced.

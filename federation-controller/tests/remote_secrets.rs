@@ -83,7 +83,7 @@ async fn remote_secrets_add_rotate_refuse_and_delete_without_a_restart() {
     primary.apply(elsewhere);
     let dir = support::scratch("remote-secrets");
     let kubeconfig = dir.join("primary.kubeconfig");
-    std::fs::write(&kubeconfig, primary.kubeconfig()).unwrap();
+    support::write(&kubeconfig, primary.kubeconfig()).unwrap();
     let c = Controller::start(&[
         "--kubeconfig",
         &format!("cluster1={}", kubeconfig.display()),

@@ -281,7 +281,7 @@ async fn service_entry_endpoints_and_selected_workload_entries_are_reached_at_th
     let vm = tcp_backend("127.0.0.7:0".parse().unwrap(), "vm").await;
     let c1 = dir.join("cluster1");
     std::fs::create_dir_all(&c1).unwrap();
-    std::fs::write(
+    support::write(
         c1.join("entries.yaml"),
         format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n\
@@ -366,7 +366,7 @@ async fn an_unresolved_backend_answers_500_and_a_reference_grant_lets_a_route_re
     assert!((140..=260).contains(&failed), "{counts:?}");
 
     // ratings' owner grants it: the same route now reaches the other namespace's Service.
-    std::fs::write(dir.join("cluster1").join("grant.yaml"), support::ratings_grant()).unwrap();
+    support::write(dir.join("cluster1").join("grant.yaml"), support::ratings_grant()).unwrap();
     until_true("the granted backend answers", Duration::from_secs(30), || {
         let t = table.load();
         let Some(routes) = t.routes.get("reviews.default.svc.cluster.local:9080") else {
@@ -490,7 +490,7 @@ async fn a_tls_route_sends_the_applications_own_tls_to_a_backend_per_sni() {
             .to_owned(),
     ]
     .concat();
-    std::fs::write(c1.join("objects.yaml"), objects).unwrap();
+    support::write(c1.join("objects.yaml"), objects).unwrap();
     let controller = Controller::serve(&dir);
     let vip: SocketAddr = "240.0.0.3:443".parse().unwrap();
     let (table, entries) = sidecar(controller.xds, &[vip]).await;

@@ -103,8 +103,8 @@ fn check(dir: &Path, bundle: std::net::SocketAddr, bootstrap: &Path, svids: &[(&
             dir.join(format!("{name}.chain.pem")),
             dir.join(format!("{name}.key.pem")),
         );
-        std::fs::write(&c, chain).unwrap();
-        std::fs::write(&k, key).unwrap();
+        support::write(&c, chain).unwrap();
+        support::write(&k, key).unwrap();
         cmd.arg("--svid").arg(format!("{name}={},{}", c.display(), k.display()));
     }
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", python()));

@@ -25,7 +25,7 @@ const REFUSALS: &str = "isthmus_ca_csr_refusals_total";
 /// Writes `api`'s kubeconfig into `dir` and returns its path.
 fn kubeconfig(dir: &Path, name: &str, api: &FakeApi) -> String {
     let path = dir.join(format!("{name}.kubeconfig"));
-    std::fs::write(&path, api.kubeconfig()).unwrap();
+    support::write(&path, api.kubeconfig()).unwrap();
     path.to_str().unwrap().to_owned()
 }
 
@@ -218,7 +218,7 @@ async fn an_api_server_that_is_down_or_slow_makes_the_ca_unavailable_not_the_cal
         l.local_addr().unwrap()
     };
     let dead_config = dir.join("c2.kubeconfig");
-    std::fs::write(
+    support::write(
         &dead_config,
         api.kubeconfig().replace(&api.addr.to_string(), &dead.to_string()),
     )

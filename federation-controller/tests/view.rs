@@ -77,7 +77,7 @@ fn a_proxy_on_each_network_sees_local_pods_and_the_other_network_behind_its_gate
 fn a_bad_manifest_is_refused_with_file_document_and_field() {
     let dir = scratch("bad");
     std::fs::create_dir_all(dir.join("c1")).unwrap();
-    std::fs::write(
+    support::write(
         dir.join("c1/svc.yaml"),
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: r}\nspec: {ports: [{port: nine}]}\n",
     )
@@ -110,7 +110,7 @@ fn a_gateway_known_by_host_name_is_looked_up_once_and_shown_at_its_addresses() {
     let ip_gateway = ", externalIPs: [100.64.0.2]}\n";
     assert!(yaml.contains(ip_gateway));
     let named = "}\nstatus: {loadBalancer: {ingress: [{hostname: localhost}]}}\n";
-    std::fs::write(&file, yaml.replace(ip_gateway, named)).unwrap();
+    support::write(&file, yaml.replace(ip_gateway, named)).unwrap();
 
     let out = view(&dir, "network1");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -134,7 +134,7 @@ fn workload_entries_and_service_entry_endpoints_are_served_like_pods() {
     let dir = scratch("entries");
     cluster(&dir, "cluster1", "network1", 1, &[("reviews-v1-a", "v1", true)]);
     cluster(&dir, "cluster2", "network2", 2, &[("reviews-v1-b", "v1", true)]);
-    std::fs::write(
+    support::write(
         dir.join("cluster2/vm.yaml"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: default}\n\
          spec: {selector: {app: ratings}, ports: [{name: http, port: 9080, targetPort: 8080}]}\n---\n\
@@ -142,7 +142,7 @@ fn workload_entries_and_service_entry_endpoints_are_served_like_pods() {
          spec: {address: 10.9.0.1, labels: {app: ratings}, serviceAccount: ratings}\n",
     )
     .unwrap();
-    std::fs::write(
+    support::write(
         dir.join("cluster1/external.yaml"),
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: payments, namespace: default}\n\
          spec: {hosts: [payments.example.com], location: MESH_EXTERNAL, resolution: STATIC,\n\

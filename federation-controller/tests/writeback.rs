@@ -51,13 +51,13 @@ fn manifest_mode_writes_a_directory_per_cluster_and_collects_garbage() {
     }
     // cluster1 exports reviews; cluster2 has no reviews; cluster3 has its own.
     let c1 = src.join("cluster1/objects.yaml");
-    std::fs::write(
+    support::write(
         &c1,
         format!("{}---\n{}", service_yaml("reviews", 9080), export_yaml("reviews")),
     )
     .unwrap();
-    std::fs::write(src.join("cluster2/objects.yaml"), service_yaml("productpage", 9080)).unwrap();
-    std::fs::write(src.join("cluster3/objects.yaml"), service_yaml("reviews", 9080)).unwrap();
+    support::write(src.join("cluster2/objects.yaml"), service_yaml("productpage", 9080)).unwrap();
+    support::write(src.join("cluster3/objects.yaml"), service_yaml("reviews", 9080)).unwrap();
     let controller = Controller::start(&[
         "--manifests",
         src.to_str().unwrap(),
@@ -95,7 +95,7 @@ fn manifest_mode_writes_a_directory_per_cluster_and_collects_garbage() {
             .collect()
     };
     let before = mtimes(&[&entry, &import]);
-    std::fs::write(
+    support::write(
         &c1,
         format!(
             "{}---\n{}---\n{}---\n{}",
@@ -117,7 +117,7 @@ fn manifest_mode_writes_a_directory_per_cluster_and_collects_garbage() {
     );
 
     // The reviews Service goes (its export stays, exporting nothing): its files go.
-    std::fs::write(
+    support::write(
         &c1,
         format!(
             "{}---\n{}---\n{}",
@@ -171,7 +171,7 @@ async fn cluster() -> FakeApi {
 
 fn kubeconfig(dir: &Path, name: &str, api: &FakeApi, token: &str) -> String {
     let path = dir.join(format!("{name}-{token}.kubeconfig"));
-    std::fs::write(&path, api.kubeconfig_with_token(token)).unwrap();
+    support::write(&path, api.kubeconfig_with_token(token)).unwrap();
     format!("{name}={}", path.display())
 }
 

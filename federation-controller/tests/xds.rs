@@ -381,7 +381,7 @@ async fn an_istio_node_gets_a_listener_per_service_vip_and_follows_a_new_cluster
 
     // Another host on reviews' address in cluster1 itself: one host is kept, the
     // same every time, and the conflict is counted.
-    std::fs::write(
+    support::write(
         dir.join("cluster1/tracing.yaml"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: tracing, namespace: default}\n\
          spec: {clusterIP: 10.96.1.12, ports: [{port: 9080}]}\n",
@@ -478,7 +478,7 @@ fn shared_service_range(dir: &std::path::Path) {
         &["10.96.0.10"],
     );
     cluster(dir, "cluster2", "network2", 2, &[("reviews-v1-b", "v1", true)]);
-    std::fs::write(
+    support::write(
         dir.join("cluster2/ratings.yaml"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: default}\n\
          spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 9080}]}\n",

@@ -6,6 +6,17 @@ pub mod kube_api;
 
 use std::path::Path;
 
+/// Writes a file as config management does, by rename: a controller watching the
+/// directory reads the old file or the new one, never one caught truncated (a process
+/// preempted between the truncate and the write left it empty for over 50 ms in CI).
+pub fn write(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    let path = path.as_ref();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Writes cluster `name` on network `net`: a `reviews` Service on ClusterIP
 /// 10.96.<octet>.12 with the given pods (name, version, has a sidecar) at
 /// 10.24<octet>.0.10+, service account `reviews-<version>`, and an east-west
@@ -48,7 +59,7 @@ pub fn cluster_with_ips(dir: &Path, name: &str, net: &str, octet: u8, pods: &[(&
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}\n\
          addressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n{eps}"
     );
-    std::fs::write(d.join("objects.yaml"), y).unwrap();
+    write(d.join("objects.yaml"), y).unwrap();
 }
 
 /// An `httpbin` workload in `ns`: its Service on ClusterIP `vip` with `ports` (name,
@@ -398,8 +409,8 @@ pub fn gamma_cluster(
         gamma_slice("db", "tcp-postgres", &[("db-v1", db1), ("db-v2", db2)]),
     ]
     .concat();
-    std::fs::write(c1.join("objects.yaml"), objects).unwrap();
-    std::fs::write(c1.join("routes.yaml"), GAMMA_ROUTES).unwrap();
+    write(c1.join("objects.yaml"), objects).unwrap();
+    write(c1.join("routes.yaml"), GAMMA_ROUTES).unwrap();
 }
 
 /// The HTTPRoute of [`grant_cluster`]: `/ratings` to the Service ratings of namespace
@@ -475,7 +486,7 @@ pub fn grant_cluster(dir: &Path, v1: std::net::SocketAddr, ratings: std::net::So
         slice_in("ratings", "ratings", "http", &[("ratings-v1", ratings)]),
     ]
     .concat();
-    std::fs::write(c1.join("objects.yaml"), objects).unwrap();
-    std::fs::write(c1.join("routes.yaml"), GRANT_ROUTES).unwrap();
-    std::fs::write(c1.join("grants.yaml"), grants_that_do_not_count()).unwrap();
+    write(c1.join("objects.yaml"), objects).unwrap();
+    write(c1.join("routes.yaml"), GRANT_ROUTES).unwrap();
+    write(c1.join("grants.yaml"), grants_that_do_not_count()).unwrap();
 }
