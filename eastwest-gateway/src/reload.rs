@@ -4,14 +4,14 @@
 //! also sees the symlink swap a Kubernetes ConfigMap volume does, and costs one
 //! `stat` per interval. A change is loaded once the file has held still for one
 //! interval, so an editor or `echo >` that truncates and then writes is not caught
-//! half-way (an empty file is a valid table: it would drop every route). A bad
-//! file is refused whole and the last good table keeps serving; connections
-//! already open are never touched.
+//! half-way. A bad file (an empty one too) is refused whole and the last good table
+//! keeps serving; connections already open are never touched.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use sidecar::settle::Settle;
 use tokio::sync::Notify;
 
 use crate::config::{self, ConfigError};
@@ -49,32 +49,22 @@ fn fingerprint(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Reloads on change (once settled) or kick until the drain starts.
+/// Reloads on change (once settled, see [`sidecar::settle`]) or kick until the drain starts.
 pub async fn watch(shared: Arc<Shared>, status: Arc<Status>, kick: Arc<Notify>) {
     let Some(path) = shared.settings.routes_file.clone() else {
         return;
     };
-    let mut loaded = fingerprint(&path);
-    // A version seen at the last poll that differs from the loaded one.
-    let mut pending = None;
+    let mut settle = Settle::new(fingerprint(&path));
     loop {
         tokio::select! {
             () = shared.drain.signaled() => return,
-            () = kick.notified() => {}
+            () = kick.notified() => settle.read(fingerprint(&path)),
             () = tokio::time::sleep(shared.settings.reload_interval) => {
-                let now = fingerprint(&path);
-                if now == loaded {
-                    pending = None;
-                    continue;
-                }
-                if pending != Some(now) {
-                    pending = Some(now);
+                if !settle.poll(fingerprint(&path)) {
                     continue;
                 }
             }
         }
-        pending = None;
-        loaded = fingerprint(&path);
         let _ = reload(&shared, &path, &status);
     }
 }

@@ -109,7 +109,8 @@ pub fn snapshot(dir: &Path, mesh: &MeshConfig, version: u64) -> Result<Snapshot,
 }
 
 /// Re-reads `dir` every `interval` and publishes a new snapshot when what it
-/// means changed (a change is read once it has held still for one interval). A directory that cannot be read, or a bad manifest, is
+/// means changed; a change is read once it has held still for one interval
+/// ([`sidecar::settle`]). A directory that cannot be read, or a bad manifest, is
 /// reported and the last good snapshot keeps serving.
 pub async fn watch(dir: PathBuf, mesh: MeshConfig, interval: Duration, tx: watch::Sender<Arc<Snapshot>>) {
     let mut tick = tokio::time::interval(interval);
@@ -117,23 +118,15 @@ pub async fn watch(dir: PathBuf, mesh: MeshConfig, interval: Duration, tx: watch
     let mut last_error = None;
     // What was read last: reading and parsing every file each tick is work for
     // nothing while the directory is unchanged, which is nearly always.
-    let mut seen = fingerprint(&dir);
-    // A changed state seen at the last tick: it is read once it has held still
-    // for a tick, so a file written in place is not read half-written (half an
-    // endpoint list is valid YAML, and would drain the other half's traffic).
-    let mut pending = None;
+    let mut settle = sidecar::settle::Settle::new(fingerprint(&dir));
     loop {
         tick.tick().await;
-        let now = fingerprint(&dir);
-        if now == seen || pending.as_ref() != Some(&now) {
-            pending = (now != seen).then_some(now);
+        if !settle.poll(fingerprint(&dir)) {
             if tx.is_closed() {
                 return;
             }
             continue;
         }
-        pending = None;
-        seen = now;
         let current = tx.borrow().clone();
         match snapshot(&dir, &mesh, current.version + 1).map(|s| s.after(&current)) {
             Ok(next) => {

@@ -356,11 +356,16 @@ impl Drop for PooledSlot {
     }
 }
 
-fn take<'a>(count: &'a AtomicU32, max: u32, freed: Option<&'a tokio::sync::Notify>) -> Option<Slot<'a>> {
+/// One more of `count`, if that stays within `max`.
+fn claim(count: &AtomicU32, max: u32) -> bool {
     count
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-        .ok()
-        .map(|_| Slot { count, freed })
+        .is_ok()
+}
+
+fn take<'a>(count: &'a AtomicU32, max: u32, freed: Option<&'a tokio::sync::Notify>) -> Option<Slot<'a>> {
+    // Lazily: a Slot made and dropped would give back a place it never had.
+    claim(count, max).then(|| Slot { count, freed })
 }
 
 /// Why no connection slot could be had.
@@ -435,11 +440,7 @@ impl Breaker {
 
     /// A connection slot for a pooled connection to keep, or `None` at `max_connections`.
     pub fn pooled(self: &Arc<Self>) -> Option<PooledSlot> {
-        let max = self.max_connections;
-        self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .ok()
-            .map(|_| PooledSlot { breaker: self.clone() })
+        claim(&self.connections, self.max_connections).then(|| PooledSlot { breaker: self.clone() })
     }
 
     /// Notified when a connection slot is given back or a pooled connection comes back

@@ -31,6 +31,7 @@ pub mod priority;
 pub mod rewind;
 pub mod route;
 pub mod run;
+pub mod settle;
 pub mod socket;
 pub mod splice;
 pub mod synthetic;

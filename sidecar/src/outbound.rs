@@ -583,8 +583,7 @@ impl HttpHop {
                     true => self.h2.send(&outbound.upstream, &outbound.tls, req, None, ()).await,
                     false => {
                         let tls = &outbound.http1_tls;
-                        let unlimited = None::<ConnectionLimit<'_, fn()>>;
-                        self.h1.send(&outbound.upstream, tls, req, None, (), unlimited).await
+                        self.h1.send(&outbound.upstream, tls, req, None, (), None).await
                     }
                 };
                 match sent {
@@ -722,19 +721,19 @@ impl HttpHop {
                 true => self.h2.ready(&key),
                 false => self.h1.ready(&key),
             };
+            // A limit of the cluster's: another endpoint would not do better.
+            let overflow = |reason| {
+                self.telemetry.upstream_failure("outbound", reason);
+                Attempt {
+                    endpoint: Some(i),
+                    result: Err(Unanswered::Overflow),
+                }
+            };
             let pending = match ready {
                 true => None,
                 false => match upstream.breaker.pending() {
                     Some(place) => Some(place),
-                    None => {
-                        // A limit of the cluster's: another endpoint would not do better.
-                        self.telemetry
-                            .upstream_failure("outbound", "upstream_rq_pending_overflow");
-                        return Attempt {
-                            endpoint: Some(i),
-                            result: Err(Unanswered::Overflow),
-                        };
-                    }
+                    None => return overflow("upstream_rq_pending_overflow"),
                 },
             };
             let sent = match h2 {
@@ -746,7 +745,7 @@ impl HttpHop {
                     let config = captured.config_for(&mesh.identities, Alpn::Http11);
                     let limit = ConnectionLimit {
                         breaker: &upstream.breaker,
-                        overflowed: || self.telemetry.upstream_failure("outbound", "upstream_cx_overflow"),
+                        overflowed: &|| self.telemetry.upstream_failure("outbound", "upstream_cx_overflow"),
                     };
                     self.h1
                         .send(&key, &config, req, max_requests, pending, Some(limit))
@@ -761,15 +760,7 @@ impl HttpHop {
                         result: Ok(Answered::Mesh(sent)),
                     };
                 }
-                Err(SendError::Overflow(_)) => {
-                    // A limit of the cluster's: another endpoint would not do better.
-                    self.telemetry
-                        .upstream_failure("outbound", ConnectionOverflow::Timeout.reason());
-                    return Attempt {
-                        endpoint: Some(i),
-                        result: Err(Unanswered::Overflow),
-                    };
-                }
+                Err(SendError::Overflow(_)) => return overflow(ConnectionOverflow::Timeout.reason()),
                 Err(SendError::Connect(e, unsent)) => {
                     tracing::debug!(error = %e, "endpoint unreachable; trying another");
                     self.telemetry.upstream_failure("outbound", e.reason());

@@ -74,9 +74,9 @@ type Handshaken = (
 
 /// The cluster's bound on connections (`max_connections`), and whom to tell when a
 /// request finds it reached.
-pub struct ConnectionLimit<'a, F: FnOnce()> {
+pub struct ConnectionLimit<'a> {
     pub breaker: &'a Arc<Breaker>,
-    pub overflowed: F,
+    pub overflowed: &'a (dyn Fn() + Sync),
 }
 
 /// What a request that found no idle connection may go on.
@@ -142,7 +142,7 @@ impl H1Pool {
         req: Request<Outgoing>,
         max_requests: Option<u64>,
         pending: P,
-        limit: Option<ConnectionLimit<'_, impl FnOnce()>>,
+        limit: Option<ConnectionLimit<'_>>,
     ) -> Result<Sent, SendError> {
         let stack = self.stack(key);
         let mut req = req;
@@ -150,28 +150,27 @@ impl H1Pool {
         // Each pass either takes an idle connection off the stack (a finite number) or
         // makes a new one, after which a handed-back request is a failure.
         let mut made = false;
-        let (breaker, mut overflowed) = match limit {
-            Some(ConnectionLimit { breaker, overflowed }) => (Some(breaker), Some(overflowed)),
-            None => (None, None),
-        };
+        // Whether the cluster's limit was reported reached (`upstream_cx_overflow`).
+        let mut told = false;
+        // Handed back as it came, for another endpoint (which may speak HTTP/2).
+        let unsent = |req| Box::new(crate::http::to_absolute_form(req));
         loop {
             let mut conn = match self.take(&stack, max_requests).await {
                 Some(conn) => conn,
                 None if made => {
                     let e = ConnectError::Connect(key.addr, "a new connection closed before its first request".into());
-                    return Err(SendError::Connect(e, Box::new(crate::http::to_absolute_form(req))));
+                    return Err(SendError::Connect(e, unsent(req)));
                 }
-                None => match self.room(&stack, max_requests, breaker, &mut overflowed).await {
+                None => match self.room(&stack, max_requests, limit.as_ref(), &mut told).await {
                     Some(Room::Idle(conn)) => conn,
                     Some(Room::New(slot)) => match self.connect(key, tls, &stack, slot).await {
                         Ok(conn) => {
                             made = true;
                             conn
                         }
-                        // Handed back as it came, for another endpoint (which may speak HTTP/2).
-                        Err(e) => return Err(SendError::Connect(e, Box::new(crate::http::to_absolute_form(req)))),
+                        Err(e) => return Err(SendError::Connect(e, unsent(req))),
                     },
-                    None => return Err(SendError::Overflow(Box::new(crate::http::to_absolute_form(req)))),
+                    None => return Err(SendError::Overflow(unsent(req))),
                 },
             };
             drop(pending.take());
@@ -238,18 +237,18 @@ impl H1Pool {
         &self,
         stack: &Stack,
         max_requests: Option<u64>,
-        breaker: Option<&Arc<Breaker>>,
-        overflowed: &mut Option<impl FnOnce()>,
+        limit: Option<&ConnectionLimit<'_>>,
+        told: &mut bool,
     ) -> Option<Room> {
-        let Some(breaker) = breaker else {
+        let Some(&ConnectionLimit { breaker, overflowed }) = limit else {
             return Some(Room::New(None));
         };
         if let Some(slot) = breaker.pooled() {
             return Some(Room::New(Some(slot)));
         }
         // Once a request, however often it comes back here.
-        if let Some(told) = overflowed.take() {
-            told();
+        if !std::mem::replace(told, true) {
+            overflowed();
         }
         let wait = async {
             loop {
