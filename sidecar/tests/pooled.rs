@@ -57,12 +57,20 @@ fn p(path: &Path) -> String {
 /// received (or `-`). With `gate`, every request is held until that many are in flight at
 /// once, which only concurrent requests can reach.
 async fn http_app(gate: Option<usize>) -> SocketAddr {
+    counting_http_app(gate).await.0
+}
+
+/// [`http_app`], and how many connections it has accepted.
+async fn counting_http_app(gate: Option<usize>) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let barrier = gate.map(|n| Arc::new(tokio::sync::Barrier::new(n)));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -90,7 +98,7 @@ async fn http_app(gate: Option<usize>) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// An HTTP/1.1 application answering each request with its own body.
@@ -242,6 +250,43 @@ async fn without_h2_upgrade_concurrent_requests_ride_a_kept_alive_connection_eac
     )
     .await;
     counted(server_metrics, OPENED, &[("reporter", "destination")], 20.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_side_keeps_every_application_connection_a_burst_needed() {
+    // A hundred requests at once need a hundred connections to the application (it answers
+    // none until all are waiting); the bursts after it find them all kept alive. A pool that
+    // kept fewer idle would open new ones for every burst, as a cap of 64 did.
+    const BURST: usize = 100;
+    let pki = Pki::new("pooled", "burst");
+    let (app, accepted) = counting_http_app(Some(BURST)).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    for round in 1..=3 {
+        let calls: Vec<_> = (0..BURST).map(|_| tokio::spawn(get(out, None))).collect();
+        for call in calls {
+            let (status, body) = call.await.unwrap().unwrap();
+            assert_eq!(status, 200, "round {round}: {body}");
+        }
+        // A connection goes back to the pool once its response is read to the end, which
+        // may be just after the client has it: wait for all to be idle before the next burst.
+        counted(
+            server.bound.metrics.unwrap(),
+            REQUESTS,
+            &[("reporter", "destination"), ("response_code", "200")],
+            (round * BURST) as f64,
+        )
+        .await;
+        // A connection returns to the pool a moment after its response has gone (hyper
+        // puts it back from a task of its own), so one caught on its way may be replaced;
+        // a pool that dropped idle ones would open dozens per burst.
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!(
+            (BURST..BURST + 10).contains(&opened),
+            "round {round}: {opened} connections to the application for bursts of {BURST}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
