@@ -17,6 +17,13 @@ use bytes::Buf;
 
 use crate::telemetry::Exchange;
 
+/// Streams an HTTP/2 client may have open at once on a connection we serve: Envoy's
+/// default (`max_concurrent_streams`, 2^31 - 1), not hyper's 200. Past a limit a client
+/// queues its requests, and behind long-lived ones (a gRPC stream, a long poll) they
+/// would wait for good. What bounds a caller is its side's circuit breaker
+/// (`max_requests`), as in Envoy.
+pub const MAX_CONCURRENT_STREAMS: u32 = (1 << 31) - 1;
+
 /// The body of every answer a sidecar gives its client: the upstream's, or our own.
 pub type ReplyBody = Either<Leased<Incoming>, Full<Bytes>>;
 

@@ -297,6 +297,7 @@ impl Inbound {
             // Responses ready at once leave in one write (see `coalesce`).
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(crate::http::MAX_CONCURRENT_STREAMS)
                 .serve_connection(TokioIo::new(Coalesced::new(io)), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {

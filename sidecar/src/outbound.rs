@@ -537,6 +537,7 @@ impl HttpHop {
         let ended = if h2 {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(crate::http::MAX_CONCURRENT_STREAMS)
                 .serve_connection(io, service);
             until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         } else {

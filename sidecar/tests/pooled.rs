@@ -290,6 +290,58 @@ async fn the_server_side_keeps_every_application_connection_a_burst_needed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_requests_at_once_on_one_http2_connection_all_reach_the_application() {
+    // 300 requests held by the application until all are in flight, on the one HTTP/2
+    // connection between the sidecars: the server side must not cap the streams at hyper's
+    // default of 200 (Envoy's limit is 2^31 - 1), or the last hundred would wait for
+    // streams that never end — a long-lived gRPC stream is such a request.
+    const AT_ONCE: usize = 300;
+    let pki = Pki::new("pooled", "streams");
+    let app = http_app(Some(AT_ONCE)).await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    let calls: Vec<_> = (0..AT_ONCE).map(|_| tokio::spawn(get(out, None))).collect();
+    let all = async {
+        for call in calls {
+            let (status, body) = call.await.unwrap().unwrap();
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), all)
+        .await
+        .expect("all 300 answered: none held back by a stream limit");
+
+    // The same from an HTTP/2 application (a gRPC client): 300 streams at once on its one
+    // connection to the client side.
+    let tcp = TcpStream::connect(out).await.unwrap();
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let calls: Vec<_> = (0..AT_ONCE)
+        .map(|_| {
+            let mut h2 = h2.clone();
+            tokio::spawn(async move {
+                let req = hyper::Request::get("http://reviews:9080/")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                h2.send_request(req).await.map(|r| r.status())
+            })
+        })
+        .collect();
+    let all = async {
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap(), 200);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), all)
+        .await
+        .expect("all 300 streams of one HTTP/2 application connection answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_yield_before_sleep_on_concurrent_requests_are_carried() {
     // The client side's worker yields its CPU before every sleep: twenty requests that the
     // application holds until all are in flight still all arrive and are answered.
