@@ -24,6 +24,11 @@ use crate::telemetry::Exchange;
 /// (`max_requests`), as in Envoy.
 pub const MAX_CONCURRENT_STREAMS: u32 = (1 << 31) - 1;
 
+/// The largest header block an HTTP/2 connection of ours takes, either way: Envoy's
+/// default (`max_request_headers_kb`, 60 KiB), not hyper's 16 KiB, which turned a fat
+/// cookie or a couple of JWTs into `431` at the hop between sidecars.
+pub const MAX_HEADER_LIST_SIZE: u32 = 60 * 1024;
+
 /// The body of every answer a sidecar gives its client: the upstream's, or our own.
 pub type ReplyBody = Either<Leased<Incoming>, Full<Bytes>>;
 

@@ -298,6 +298,7 @@ impl Inbound {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(crate::http::MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
                 .serve_connection(TokioIo::new(Coalesced::new(io)), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {

@@ -538,6 +538,7 @@ impl HttpHop {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(crate::http::MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
                 .serve_connection(io, service);
             until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         } else {

@@ -414,6 +414,7 @@ impl H2Pool {
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ConnectError::Http2(key.addr, e.to_string()))?;

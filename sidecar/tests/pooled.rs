@@ -342,6 +342,59 @@ async fn three_hundred_requests_at_once_on_one_http2_connection_all_reach_the_ap
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_of_tens_of_kilobytes_cross_the_hop_both_ways() {
+    // A 40 KiB cookie (a fat session, a JWT or two) and a 40 KiB response header: Envoy
+    // takes up to 60 KiB of headers either way; hyper's HTTP/2 stops at 16 KiB.
+    const BIG: usize = 40 * 1024;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let cookie = req.headers().get("cookie").map_or(0, |v| v.len());
+                    let answer = hyper::Response::builder()
+                        .header("x-big", "b".repeat(BIG))
+                        .body(http_body_util::Full::new(bytes::Bytes::from(cookie.to_string())))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(answer)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let pki = Pki::new("pooled", "big-headers");
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    for extra in ["", "--h2-upgrade off"] {
+        let client = pki.client_with(server.bound.inbound.unwrap(), extra);
+        let out = client.bound.outbound.unwrap();
+        let head = format!("GET / HTTP/1.1\r\nhost: reviews:9080\r\ncookie: {}", "c".repeat(BIG));
+        let answer = exchange(out, &head).await.unwrap();
+        assert_eq!(answer.status, 200, "{extra}: {}", answer.body);
+        assert_eq!(
+            answer.body,
+            BIG.to_string(),
+            "{extra}: the cookie reached the application whole"
+        );
+        assert!(
+            answer.head.contains(&"b".repeat(BIG)),
+            "{extra}: the big response header came back"
+        );
+    }
+    // Past the limit the caller is told so, as Envoy tells it.
+    let client = pki.client(server.bound.inbound.unwrap());
+    let head = format!(
+        "GET / HTTP/1.1\r\nhost: reviews:9080\r\ncookie: {}",
+        "c".repeat(70 * 1024)
+    );
+    let answer = exchange(client.bound.outbound.unwrap(), &head).await.unwrap();
+    assert_eq!(answer.status, 431, "{}", answer.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_yield_before_sleep_on_concurrent_requests_are_carried() {
     // The client side's worker yields its CPU before every sleep: twenty requests that the
     // application holds until all are in flight still all arrive and are answered.
