@@ -91,12 +91,19 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 
 /// Removes the hop-by-hop headers: those named in `Connection`, the fixed set, and `te`
 /// unless it is exactly `trailers` (the one value HTTP/2 allows, which gRPC needs).
+///
+/// A WebSocket upgrade (see [`is_websocket`]) keeps `Upgrade` and `Connection: upgrade`:
+/// they are its next hop's to answer, as Envoy's `upgrade_configs` (which Istio sets on
+/// every HTTP listener) carry them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most requests carry none of them (HTTP/2 forbids them): one pass over the few names
     // present is cheaper than a hash lookup per hop-by-hop name.
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::TE) {
         return;
     }
+    let websocket = is_websocket(headers)
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -114,6 +121,55 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !te_trailers {
         headers.remove(header::TE);
     }
+    if let Some(upgrade) = websocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+/// Whether a message asks for (or, in a `101`, agrees to) a switch to WebSocket:
+/// `Upgrade: websocket` with `upgrade` among the `Connection` options (RFC 6455 §4.1).
+pub fn is_websocket(headers: &HeaderMap) -> bool {
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    upgrade
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|o| o.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The downstream half of a WebSocket upgrade: taken from the request before it is sent
+/// on, it completes once our `101` has gone out (the server connection must be served
+/// `with_upgrades`).
+pub fn take_websocket<B>(req: &mut Request<B>) -> Option<hyper::upgrade::OnUpgrade> {
+    (req.version() == Version::HTTP_11 && is_websocket(req.headers())).then(|| hyper::upgrade::on(req))
+}
+
+/// Joins the two halves of an upgrade the upstream agreed to (`resp` is its `101`, whose
+/// connection was run `with_upgrades`): once both are switched, bytes flow both ways as on
+/// a TCP hop until either side closes. Any other answer ends the downstream half unused.
+pub fn join_websocket<B>(downstream: hyper::upgrade::OnUpgrade, resp: &mut Response<B>) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        let (down, up) = match tokio::join!(downstream, upstream) {
+            (Ok(down), Ok(up)) => (down, up),
+            (down, up) => {
+                tracing::debug!(downstream = ?down.err(), upstream = ?up.err(), "websocket upgrade not completed");
+                return;
+            }
+        };
+        let (mut down, mut up) = (hyper_util::rt::TokioIo::new(down), hyper_util::rt::TokioIo::new(up));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+            tracing::debug!(error = %e, "websocket ended");
+        }
+    });
 }
 
 /// Istio's `request_protocol`: `grpc` for gRPC's content types, else `http`.

@@ -309,7 +309,9 @@ impl Inbound {
                 }
             }
         } else {
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 ended = conn.as_mut() => ended,
@@ -392,8 +394,12 @@ impl Inbound {
             let exchange = self.telemetry.request(&labels, 403, size).logged(log);
             return http::recorded(exchange.traced(span.map(|s| s.answered(403))), denied());
         }
+        let websocket = http::take_websocket(&mut req);
         match self.app_pool.request(http::to_http1(req, app)).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
+                if let Some(downstream) = websocket {
+                    http::join_websocket(downstream, &mut resp);
+                }
                 let code = resp.status().as_u16();
                 let log = log.map(|l| l.answered(code, "-", Some(app)));
                 let exchange = self.telemetry.request(&labels, code, size).logged(log);

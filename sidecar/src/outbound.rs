@@ -532,7 +532,14 @@ impl HttpHop {
             // Boxed: `forward`'s state machine is kilobytes, and hyper moves the service's
             // future a few times per request; moving a box is moving a pointer (the copies
             // were two thirds of this side's memcpy under callgrind).
-            async move { Ok::<_, Infallible>(Box::pin(hop.forward(&route, req, &l4)).await) }
+            async move {
+                let websocket = http::take_websocket(&mut req);
+                let mut resp = Box::pin(hop.forward(&route, req, &l4)).await;
+                if let Some(downstream) = websocket {
+                    http::join_websocket(downstream, &mut resp);
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let ended = if h2 {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -542,7 +549,9 @@ impl HttpHop {
                 .serve_connection(io, service);
             until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         } else {
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades();
             until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         };
         if let Err(e) = ended {
@@ -581,7 +590,8 @@ impl HttpHop {
                     log,
                     span,
                 };
-                let sent = match self.h2_upgrade || req.version() == Version::HTTP_2 {
+                let h2 = self.h2_upgrade || req.version() == Version::HTTP_2;
+                let sent = match h2 && !http::is_websocket(req.headers()) {
                     true => self.h2.send(&outbound.upstream, &outbound.tls, req, None, ()).await,
                     false => {
                         let tls = &outbound.http1_tls;
@@ -695,7 +705,9 @@ impl HttpHop {
             // already (the lab's latency drill: over HTTP/1.1 a slowed network's requests
             // waited on handshakes past their per-try timeout, and it was ejected).
             let gateway = endpoint.pinned.is_some() || endpoint.weight > 1;
-            let h2 = upstream.http.h2_for(req.version(), self.h2_upgrade || gateway);
+            // A WebSocket switches an HTTP/1.1 connection: it never rides HTTP/2.
+            let h2 =
+                upstream.http.h2_for(req.version(), self.h2_upgrade || gateway) && !http::is_websocket(req.headers());
             // A pinned endpoint is one pod, whatever its weight: its pinned SNI is its own
             // pool key, and one connection reaches all of it. HTTP/1.1 has a connection
             // per request in flight already: one stack of them.

@@ -11,7 +11,6 @@ use std::time::Duration;
 use sidecar::run::{RunArgs, Sidecar};
 use support::scrape as metrics;
 use support::{Pki, exchange, poll};
-use tokio::net::TcpListener;
 
 fn args(line: &str) -> RunArgs {
     RunArgs::from_words(line.split_whitespace()).unwrap()
@@ -24,32 +23,7 @@ fn p(path: &Path) -> String {
 /// An HTTP/1.1 application that answers each request with the `x-forwarded-client-cert`
 /// header it received (or `-`), so a test sees what the inbound side vouched for.
 async fn http_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let xfcc = req
-                        .headers()
-                        .get_all("x-forwarded-client-cert")
-                        .iter()
-                        .map(|v| v.to_str().unwrap().to_owned())
-                        .collect::<Vec<_>>()
-                        .join(" | ");
-                    let body = if xfcc.is_empty() { "-".to_owned() } else { xfcc };
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from(body),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    support::http_app(support::xfcc_seen).await.0
 }
 
 /// One HTTP/1.1 GET with an optional forged XFCC; returns the body of a 200.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use sidecar::run::{RunArgs, Sidecar};
 use support::metric_reaches as counted;
-use support::{Pki, exchange, poll};
+use support::{Pki, exchange, poll, websocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -62,43 +62,26 @@ async fn http_app(gate: Option<usize>) -> SocketAddr {
 
 /// [`http_app`], and how many connections it has accepted.
 async fn counting_http_app(gate: Option<usize>) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let barrier = gate.map(|n| Arc::new(tokio::sync::Barrier::new(n)));
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            counter.fetch_add(1, Ordering::SeqCst);
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let barrier = barrier.clone();
-                    async move {
-                        if let Some(b) = barrier {
-                            b.wait().await;
-                        }
-                        let xfcc = req
-                            .headers()
-                            .get_all("x-forwarded-client-cert")
-                            .iter()
-                            .map(|v| v.to_str().unwrap().to_owned())
-                            .collect::<Vec<_>>()
-                            .join(" | ");
-                        let body = if xfcc.is_empty() { "-".to_owned() } else { xfcc };
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from(body),
-                        )))
+    support::accept_each(move |stream| {
+        let barrier = barrier.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let barrier = barrier.clone();
+                async move {
+                    if let Some(b) = barrier {
+                        b.wait().await;
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                    let body = bytes::Bytes::from(support::xfcc_seen(&req));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(body)))
+                }
             });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
         }
-    });
-    (addr, accepted)
+    })
+    .await
 }
 
 /// An HTTP/1.1 application answering each request with its own body.
@@ -392,6 +375,22 @@ async fn headers_of_tens_of_kilobytes_cross_the_hop_both_ways() {
     );
     let answer = exchange(client.bound.outbound.unwrap(), &head).await.unwrap();
     assert_eq!(answer.status, 431, "{}", answer.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_switches_protocols_across_the_hop_and_carries_bytes_both_ways() {
+    // Istio sets `upgrade_configs: websocket` on every HTTP listener, so a WebSocket on an
+    // HTTP port works through Envoy; it must through us too, on either hop.
+    let pki = Pki::new("pooled", "websocket");
+    let server = pki.server("127.0.0.1:0", websocket::app().await).unwrap();
+    for extra in ["", "--h2-upgrade off"] {
+        let client = pki.client_with(server.bound.inbound.unwrap(), extra);
+        let head = websocket::exchange(client.bound.outbound.unwrap()).await;
+        assert!(
+            head.contains(&format!("uri={}", CLIENT_ID.to_ascii_lowercase())),
+            "{extra}: vouched for: {head}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1239,6 +1239,30 @@ async fn a_chunked_body_is_held_for_retries_up_to_64_kib_and_streamed_once_beyon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_routed_by_its_path_and_switches_protocols() {
+    // The upgrade request is looked up in the routes like any other (here its path picks
+    // the WebSocket cluster), then the connection carries the application's frames.
+    let (_pki, mut control, sidecar) = setup("websocket").await;
+    let other = backend("v1", Behaviour::Answer).await;
+    let config = routes(vec![
+        forward(prefix("/chat"), to(&subset("v2"))),
+        forward(prefix("/"), to(&subset("v1"))),
+    ]);
+    let clusters = [
+        (cluster(&subset("v1")), vec![other.addr]),
+        (cluster(&subset("v2")), vec![support::websocket::app().await]),
+    ];
+    sidecar.serve(&mut control, config, &clusters).await;
+    support::websocket::exchange(sidecar.entry).await;
+    let (status, body, _) = sidecar.get("/reviews/1", &[]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "v1"),
+        "other paths still go to their cluster"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2c_client_such_as_grpc_is_served_and_routed_too() {
     let (_pki, mut control, sidecar) = setup("h2c").await;
     let (v1, v2) = (

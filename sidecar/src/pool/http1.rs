@@ -296,7 +296,8 @@ impl H1Pool {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let (pool, key_owned, stack_owned) = (self.me.clone(), key.clone(), stack.clone());
         run_pooled(
-            connection,
+            // A WebSocket's `101` hands the connection over to the request (never pooled again).
+            connection.with_upgrades(),
             key.addr,
             &busy,
             self.settings.idle_timeout,

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 pub mod control_plane;
+pub mod websocket;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -163,6 +164,19 @@ where
         }
     });
     (addr, accepted)
+}
+
+/// An answer for [`http_app`]: the `x-forwarded-client-cert` values the request carried
+/// (joined by ` | `), or `-`, so a test sees what the inbound side vouched for.
+pub fn xfcc_seen(req: &hyper::Request<hyper::body::Incoming>) -> String {
+    let xfcc = req
+        .headers()
+        .get_all("x-forwarded-client-cert")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if xfcc.is_empty() { "-".to_owned() } else { xfcc }
 }
 
 /// An HTTP/1.1 application whose body for each request is `answer(request)`; returns its
