@@ -24,6 +24,17 @@ use crate::telemetry::Exchange;
 /// (`max_requests`), as in Envoy.
 pub const MAX_CONCURRENT_STREAMS: u32 = (1 << 31) - 1;
 
+/// HTTP/2 flow-control windows of our connections, as the receiving side: how much a peer
+/// may send on one stream, and on the connection, before we have passed it on. hyper's
+/// (1 MiB a stream and a connection as a server, 2 and 5 MiB as a client) cap a connection
+/// at window / RTT, which between clusters is a WAN's: at 50 ms, uploads through the pair
+/// ran at 13.6 MB/s against 37 MB/s direct, downloads at 23–26 against 40
+/// (`scripts/bench-wan.sh`); with these, 44–58 and 39–58. Envoy's are 256 MiB; these bound
+/// what a stalled application leaves buffered at 16 MiB a connection.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// See [`STREAM_WINDOW`].
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// The largest header block an HTTP/2 connection of ours takes, either way: Envoy's
 /// default (`max_request_headers_kb`, 60 KiB), not hyper's 16 KiB, which turned a fat
 /// cookie or a couple of JWTs into `431` at the hop between sidecars.

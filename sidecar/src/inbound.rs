@@ -299,6 +299,8 @@ impl Inbound {
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(crate::http::MAX_CONCURRENT_STREAMS)
                 .max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
+                .initial_stream_window_size(crate::http::STREAM_WINDOW)
+                .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
                 .serve_connection(TokioIo::new(Coalesced::new(io)), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {

@@ -415,6 +415,8 @@ impl H2Pool {
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
+            .initial_stream_window_size(crate::http::STREAM_WINDOW)
+            .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ConnectError::Http2(key.addr, e.to_string()))?;
