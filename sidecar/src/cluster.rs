@@ -76,13 +76,17 @@ pub enum UpstreamHttp {
 }
 
 impl UpstreamHttp {
-    /// Whether a request of `version` goes as HTTP/2; `upgrade` is the mesh-wide
-    /// `h2UpgradePolicy: UPGRADE`, for clusters that leave it to the request.
-    pub fn h2_for(self, version: hyper::Version, upgrade: bool) -> bool {
+    /// Whether `req` goes as HTTP/2; `upgrade` is the mesh-wide `h2UpgradePolicy:
+    /// UPGRADE`, for clusters that leave it to the request. A WebSocket switches an
+    /// HTTP/1.1 connection, so it never does.
+    pub fn h2_for<B>(self, req: &hyper::Request<B>, upgrade: bool) -> bool {
+        if crate::http::is_websocket(req.headers()) {
+            return false;
+        }
         match self {
             Self::Http1 => false,
             Self::Http2 => true,
-            Self::Downstream => upgrade || version == hyper::Version::HTTP_2,
+            Self::Downstream => upgrade || req.version() == hyper::Version::HTTP_2,
         }
     }
 
@@ -511,11 +515,12 @@ mod tests {
         assert_eq!(UpstreamHttp::of(&Cluster::default()), Ok(UpstreamHttp::Downstream));
         // What each means for a request as it came.
         use hyper::Version;
-        assert!(!UpstreamHttp::Downstream.h2_for(Version::HTTP_11, false));
-        assert!(UpstreamHttp::Downstream.h2_for(Version::HTTP_11, true));
-        assert!(UpstreamHttp::Downstream.h2_for(Version::HTTP_2, false));
-        assert!(!UpstreamHttp::Http1.h2_for(Version::HTTP_2, true));
-        assert!(UpstreamHttp::Http2.h2_for(Version::HTTP_10, false));
+        let req = |version| hyper::Request::builder().version(version).body(()).unwrap();
+        assert!(!UpstreamHttp::Downstream.h2_for(&req(Version::HTTP_11), false));
+        assert!(UpstreamHttp::Downstream.h2_for(&req(Version::HTTP_11), true));
+        assert!(UpstreamHttp::Downstream.h2_for(&req(Version::HTTP_2), false));
+        assert!(!UpstreamHttp::Http1.h2_for(&req(Version::HTTP_2), true));
+        assert!(UpstreamHttp::Http2.h2_for(&req(Version::HTTP_10), false));
         // Options of another type under the name are refused, naming what they were.
         let mut wrong = with(None);
         wrong

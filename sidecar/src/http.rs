@@ -40,6 +40,19 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// cookie or a couple of JWTs into `431` at the hop between sidecars.
 pub const MAX_HEADER_LIST_SIZE: u32 = 60 * 1024;
 
+/// How every HTTP/2 connection a sidecar serves is set up (a peer sidecar's, inbound; an
+/// h2c application's, outbound): with hyper's timer, and Envoy's limits above, not hyper's.
+pub fn h2_server() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    builder
+}
+
 /// The body of every answer a sidecar gives its client: the upstream's, or our own.
 pub type ReplyBody = Either<Leased<Incoming>, Full<Bytes>>;
 

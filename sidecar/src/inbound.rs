@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -295,13 +295,7 @@ impl Inbound {
         let drain = self.drain.clone();
         let ended = if h2 {
             // Responses ready at once leave in one write (see `coalesce`).
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(crate::http::MAX_CONCURRENT_STREAMS)
-                .max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
-                .initial_stream_window_size(crate::http::STREAM_WINDOW)
-                .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
-                .serve_connection(TokioIo::new(Coalesced::new(io)), service);
+            let conn = http::h2_server().serve_connection(TokioIo::new(Coalesced::new(io)), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 ended = conn.as_mut() => ended,

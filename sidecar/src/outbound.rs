@@ -35,7 +35,7 @@ use hyper::header::HOST;
 use hyper::http::uri::Authority;
 use hyper::{Request, Response, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -48,7 +48,7 @@ use crate::access_log::{AccessLog, Pending};
 use crate::body::{Outgoing, Resumed};
 use crate::capture;
 use crate::client_hello;
-use crate::cluster::{ConnectionOverflow, Reply};
+use crate::cluster::{ConnectionOverflow, Reply, UpstreamHttp};
 use crate::destinations::{self, Destinations};
 use crate::drain;
 use crate::filter_chain::Seen;
@@ -542,13 +542,7 @@ impl HttpHop {
             }
         });
         let ended = if h2 {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(crate::http::MAX_CONCURRENT_STREAMS)
-                .max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
-                .initial_stream_window_size(crate::http::STREAM_WINDOW)
-                .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
-                .serve_connection(io, service);
+            let conn = http::h2_server().serve_connection(io, service);
             until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         } else {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -592,8 +586,8 @@ impl HttpHop {
                     log,
                     span,
                 };
-                let h2 = self.h2_upgrade || req.version() == Version::HTTP_2;
-                let sent = match h2 && !http::is_websocket(req.headers()) {
+                // No cluster here to say otherwise: the request's own version, or the upgrade.
+                let sent = match UpstreamHttp::Downstream.h2_for(&req, self.h2_upgrade) {
                     true => self.h2.send(&outbound.upstream, &outbound.tls, req, None, ()).await,
                     false => {
                         let tls = &outbound.http1_tls;
@@ -707,9 +701,7 @@ impl HttpHop {
             // already (the lab's latency drill: over HTTP/1.1 a slowed network's requests
             // waited on handshakes past their per-try timeout, and it was ejected).
             let gateway = endpoint.pinned.is_some() || endpoint.weight > 1;
-            // A WebSocket switches an HTTP/1.1 connection: it never rides HTTP/2.
-            let h2 =
-                upstream.http.h2_for(req.version(), self.h2_upgrade || gateway) && !http::is_websocket(req.headers());
+            let h2 = upstream.http.h2_for(&req, self.h2_upgrade || gateway);
             // A pinned endpoint is one pod, whatever its weight: its pinned SNI is its own
             // pool key, and one connection reaches all of it. HTTP/1.1 has a connection
             // per request in flight already: one stack of them.

@@ -329,26 +329,20 @@ async fn headers_of_tens_of_kilobytes_cross_the_hop_both_ways() {
     // A 40 KiB cookie (a fat session, a JWT or two) and a 40 KiB response header: Envoy
     // takes up to 60 KiB of headers either way; hyper's HTTP/2 stops at 16 KiB.
     const BIG: usize = 40 * 1024;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let cookie = req.headers().get("cookie").map_or(0, |v| v.len());
-                    let answer = hyper::Response::builder()
-                        .header("x-big", "b".repeat(BIG))
-                        .body(http_body_util::Full::new(bytes::Bytes::from(cookie.to_string())))
-                        .unwrap();
-                    Ok::<_, std::convert::Infallible>(answer)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let (app, _) = support::accept_each(|stream| async move {
+        let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let cookie = req.headers().get("cookie").map_or(0, |v| v.len());
+            let answer = hyper::Response::builder()
+                .header("x-big", "b".repeat(BIG))
+                .body(http_body_util::Full::new(bytes::Bytes::from(cookie.to_string())))
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(answer)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
     let pki = Pki::new("pooled", "big-headers");
     let server = pki.server("127.0.0.1:0", app).unwrap();
     for extra in ["", "--h2-upgrade off"] {
