@@ -40,6 +40,16 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// cookie or a couple of JWTs into `431` at the hop between sidecars.
 pub const MAX_HEADER_LIST_SIZE: u32 = 60 * 1024;
 
+/// How every HTTP/1.1 connection a sidecar serves is set up (an application's, outbound;
+/// a peer sidecar's under `--h2-upgrade off`, inbound): the request line and headers are
+/// bounded by [`MAX_HEADER_LIST_SIZE`] as on HTTP/2, where hyper's default buffer (~400
+/// KiB) took a header block Envoy answers with `431`, and then failed it at the HTTP/2 hop.
+pub fn h1_server() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.max_buf_size(MAX_HEADER_LIST_SIZE as usize);
+    builder
+}
+
 /// How every HTTP/2 connection a sidecar serves is set up (a peer sidecar's, inbound; an
 /// h2c application's, outbound): with hyper's timer, and Envoy's limits above, not hyper's.
 pub fn h2_server() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {

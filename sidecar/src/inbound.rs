@@ -305,7 +305,7 @@ impl Inbound {
                 }
             }
         } else {
-            let conn = hyper::server::conn::http1::Builder::new()
+            let conn = http::h1_server()
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);

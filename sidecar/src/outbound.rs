@@ -545,9 +545,7 @@ impl HttpHop {
             let conn = http::h2_server().serve_connection(io, service);
             until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         } else {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .with_upgrades();
+            let conn = http::h1_server().serve_connection(io, service).with_upgrades();
             until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         };
         if let Err(e) = ended {
