@@ -186,12 +186,17 @@ pub fn take_websocket<B>(req: &mut Request<B>) -> Option<hyper::upgrade::OnUpgra
 /// Joins the two halves of an upgrade the upstream agreed to (`resp` is its `101`, whose
 /// connection was run `with_upgrades`): once both are switched, bytes flow both ways as on
 /// a TCP hop until either side closes. Any other answer ends the downstream half unused.
-pub fn join_websocket<B>(downstream: hyper::upgrade::OnUpgrade, resp: &mut Response<B>) {
+/// The tunnel counts as open work for `drain`: the HTTP connection it came from is over
+/// once switched, and without this a SIGTERM cut every WebSocket at once instead of
+/// letting it run until it ends or the drain times out.
+pub fn join_websocket<B>(downstream: hyper::upgrade::OnUpgrade, resp: &mut Response<B>, drain: &crate::drain::Watch) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
     let upstream = hyper::upgrade::on(resp);
+    let tracked = drain.track();
     tokio::spawn(async move {
+        let _tracked = tracked;
         let (down, up) = match tokio::join!(downstream, upstream) {
             (Ok(down), Ok(up)) => (down, up),
             (down, up) => {

@@ -394,7 +394,7 @@ impl Inbound {
         match self.app_pool.request(http::to_http1(req, app)).await {
             Ok(mut resp) => {
                 if let Some(downstream) = websocket {
-                    http::join_websocket(downstream, &mut resp);
+                    http::join_websocket(downstream, &mut resp, &self.drain);
                 }
                 let code = resp.status().as_u16();
                 let log = log.map(|l| l.answered(code, "-", Some(app)));

@@ -536,7 +536,7 @@ impl HttpHop {
                 let websocket = http::take_websocket(&mut req);
                 let mut resp = Box::pin(hop.forward(&route, req, &l4)).await;
                 if let Some(downstream) = websocket {
-                    http::join_websocket(downstream, &mut resp);
+                    http::join_websocket(downstream, &mut resp, &hop.drain);
                 }
                 Ok::<_, Infallible>(resp)
             }

@@ -390,6 +390,44 @@ async fn a_websocket_switches_protocols_across_the_hop_and_carries_bytes_both_wa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_open_when_the_sidecar_drains_goes_on_until_it_closes() {
+    // Its HTTP connection is over once switched; the drain must still wait for the tunnel
+    // (up to --drain-timeout), as it does for any open connection, not cut it.
+    let pki = Pki::new("pooled", "websocket-drain");
+    let server = pki.server("127.0.0.1:0", websocket::app().await).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    let (mut s, _) = websocket::open(out).await;
+    let drained = tokio::spawn(client.drain());
+    // Draining has begun once the listener takes no one new.
+    poll(Duration::from_secs(5), || async {
+        match TcpStream::connect(out).await {
+            Err(_) => Ok(()),
+            Ok(_) => Err("still accepting".to_string()),
+        }
+    })
+    .await;
+    let echo = async {
+        s.write_all(b"\x81\x05hello").await.unwrap();
+        let mut back = [0; 7];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"\x81\x05hello", "the tunnel still carries bytes while draining");
+    };
+    tokio::time::timeout(Duration::from_secs(5), echo)
+        .await
+        .expect("echoed");
+    assert!(!drained.is_finished(), "the drain waits for the open WebSocket");
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    let left = tokio::time::timeout(Duration::from_secs(4), drained)
+        .await
+        .expect("the drain ends with the tunnel, before its timeout")
+        .unwrap();
+    assert_eq!(left, 0, "nothing left open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_yield_before_sleep_on_concurrent_requests_are_carried() {
     // The client side's worker yields its CPU before every sleep: twenty requests that the
     // application holds until all are in flight still all arrive and are answered.

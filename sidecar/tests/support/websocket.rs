@@ -44,10 +44,9 @@ pub async fn app() -> SocketAddr {
     addr
 }
 
-/// Upgrades a connection to `addr` (an outbound sidecar in front of [`app`]) to WebSocket,
-/// checks that any bytes of any size come back whole and that a half-close is answered by
-/// the application's close, and returns the `101`'s head, lowercased.
-pub async fn exchange(addr: SocketAddr) -> String {
+/// Upgrades a connection to `addr` (an outbound sidecar in front of [`app`]) to WebSocket
+/// and returns it switched, with the `101`'s head, lowercased.
+pub async fn open(addr: SocketAddr) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(
         b"GET /chat HTTP/1.1\r\nhost: reviews:9080\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
@@ -70,6 +69,14 @@ pub async fn exchange(addr: SocketAddr) -> String {
         head.contains("upgrade: websocket") && head.contains("connection: upgrade"),
         "{head}"
     );
+    (s, head)
+}
+
+/// Upgrades a connection to `addr` as [`open`] does, checks that any bytes of any size come
+/// back whole and that a half-close is answered by the application's close, and returns
+/// the `101`'s head, lowercased.
+pub async fn exchange(addr: SocketAddr) -> String {
+    let (mut s, head) = open(addr).await;
     let message: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let echo = async {
         for chunk in [&b"\x81\x05hello"[..], &message] {
