@@ -135,9 +135,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::TE) {
         return;
     }
-    let websocket = is_websocket(headers)
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
+    // `is_websocket` has seen the `Upgrade` header.
+    let websocket = is_websocket(headers).then(|| headers[header::UPGRADE].clone());
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
