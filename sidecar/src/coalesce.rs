@@ -10,8 +10,8 @@
 //! makes at the start of every poll of an open connection; a flush with nothing new since
 //! the last one (a poll that read nothing and wrote nothing), a buffer past [`LIMIT`], or
 //! shutting down, writes at once, so held bytes wait one poll at most. The first flush is
-//! never held: it is the server's SETTINGS during the handshake, which reads the client's
-//! preface next and flushes nothing more until it has it.
+//! never held: it is the client's preface or the server's SETTINGS, and each side may wait
+//! for the other's before it writes anything more.
 
 use std::io;
 use std::pin::Pin;

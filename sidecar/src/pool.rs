@@ -35,14 +35,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::Outgoing;
 use crate::capture;
 use crate::coalesce::Coalesced;
-use crate::rewind::Rewind;
+use crate::first_read::FirstRead;
 use crate::tls::{self, Svid, SvidSlot};
 
 pub mod http1;
@@ -388,28 +387,17 @@ impl H2Pool {
         let s = &self.settings;
         // Taken before the handshake, which presents this SVID or a newer one.
         let svid = self.svid.as_ref().map(|slot| slot.current());
-        let (mut stream, peer) = dial(s, key, tls).await?;
+        let (stream, peer) = dial(s, key, tls).await?;
         // In TLS 1.3 the client's handshake is over before the server has checked the
         // client's certificate: a server that refuses our SVID says so only in its first
-        // record. An HTTP/2 server speaks first (its SETTINGS), so wait for that: a refusal
-        // is then a failed connect — counted by reason, and moved past to another endpoint —
-        // rather than a request lost on a connection that was never usable.
-        let mut first = vec![0; 1024];
-        let n = match tokio::time::timeout(s.handshake_timeout, stream.read(&mut first)).await {
-            Ok(Ok(0)) => {
-                return Err(ConnectError::Tls {
-                    addr: key.addr,
-                    reason: "closed_after_handshake",
-                    message: "the server closed the connection before speaking HTTP/2".into(),
-                });
-            }
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(refused(key.addr, e)),
-            Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
-        };
-        first.truncate(n);
+        // record. So the connection is offered to requests only once the server has spoken
+        // (its SETTINGS, after our preface): a refusal is then a failed connect — counted
+        // by reason, and moved past to another endpoint — rather than a request lost on a
+        // connection that was never usable. We speak first: Envoy, Istio's inbound
+        // sidecar, says nothing until it has sniffed our preface (see `first_read`).
+        let (stream, first_read) = FirstRead::new(stream);
         // Requests of several clients ready at once leave in one write (see `coalesce`).
-        let stream = Coalesced::new(Rewind::new(bytes::Bytes::from(first), stream));
+        let stream = Coalesced::new(stream);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -428,6 +416,26 @@ impl H2Pool {
                 pool.forget(&key_owned, &slot_owned, id);
             }
         });
+        // Dropping `sender` on a failure below ends the connection's task.
+        match tokio::time::timeout(s.handshake_timeout, first_read).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(ConnectError::Tls {
+                    addr: key.addr,
+                    reason: "closed_after_handshake",
+                    message: "the server closed the connection before speaking HTTP/2".into(),
+                });
+            }
+            Ok(Ok(Err(e))) => return Err(refused(key.addr, e)),
+            // The connection ended without reading (it failed to write our preface).
+            Ok(Err(_)) => {
+                return Err(ConnectError::Http2(
+                    key.addr,
+                    "the connection ended before the server spoke".into(),
+                ));
+            }
+            Err(_) => return Err(ConnectError::HandshakeTimeout(key.addr)),
+        }
         Ok(Conn {
             id,
             sender,

@@ -560,6 +560,43 @@ async fn an_idle_pooled_connection_is_closed_and_made_again_when_needed() {
     counted(m, OPENED, &[("reporter", "destination")], 2.0).await;
 }
 
+/// In TLS 1.3 the client's handshake is over before the server has checked our SVID: a
+/// server side that does not trust it says so only in its first record, after our
+/// HTTP/2 preface. That is a failed connect, answered 503 and counted by reason, not a
+/// request lost on a connection that was never usable (nor a wait for the handshake
+/// deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_side_that_refuses_our_svid_after_the_handshake_is_a_counted_connect_failure() {
+    let pki = Pki::new("pooled", "refuses");
+    let stranger = Pki::new("pooled", "refuses-other-root");
+    let app = http_app(None).await;
+    let (c, k) = pki.svid("cluster.local", "reviews");
+    // Its certificate is of our root, but it trusts only another one.
+    let line = format!(
+        "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol http --mtls STRICT",
+        p(&c),
+        p(&k),
+        p(&stranger.ca())
+    );
+    let server = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let out = client.bound.outbound.unwrap();
+    for _ in 0..3 {
+        let (status, body) = get(out, None).await.unwrap();
+        assert_eq!(status, 503, "{body}");
+    }
+    let m = client.bound.metrics.unwrap();
+    counted(
+        m,
+        "isthmus_sidecar_upstream_failures_total",
+        &[("side", "outbound"), ("reason", "tls_handshake")],
+        3.0,
+    )
+    .await;
+    let text = support::scrape(m).await;
+    assert!(!text.contains("handshake_timeout"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_upstream_is_answered_503_at_once_and_counted() {
     let pki = Pki::new("pooled", "dead");

@@ -24,12 +24,14 @@ pub enum Alpn {
 }
 
 impl Alpn {
-    /// The protocol name on the wire.
-    pub fn wire(self) -> &'static [u8] {
+    /// The protocol names offered, in order: Istio's value, and for HTTP/2 also `h2`, as
+    /// Istio's sidecars offer it, so that a server that knows only the standard name
+    /// (Istio's own inbound listener negotiates `h2`/`http/1.1`) still agrees on one.
+    pub fn offered(self) -> &'static [&'static [u8]] {
         match self {
-            Self::Tcp => b"istio",
-            Self::Http11 => b"istio-http/1.1",
-            Self::H2 => b"istio-h2",
+            Self::Tcp => &[b"istio"],
+            Self::Http11 => &[b"istio-http/1.1"],
+            Self::H2 => &[b"istio-h2", b"h2"],
         }
     }
 }
@@ -63,7 +65,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier { bundles, expected }))
         .with_client_cert_resolver(svid);
-    config.alpn_protocols = vec![alpn.wire().to_vec()];
+    config.alpn_protocols = alpn.offered().iter().map(|p| p.to_vec()).collect();
     // No resumption: a resumed session skips the certificate exchange, and rustls renews
     // tickets from resumed sessions, so a chain of resumptions could carry an SVID past its
     // rotation (seen in the rotation test) or its expiry. Every connection proves the
