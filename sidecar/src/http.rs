@@ -304,6 +304,31 @@ pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
     Request::from_parts(parts, body)
 }
 
+/// Whether a request can only be served over HTTP/2: gRPC is defined over HTTP/2 alone
+/// (its status comes in trailers), so a gRPC server takes no HTTP/1.1; gRPC-Web is made
+/// for HTTP/1.1 and is not this.
+pub fn needs_http2(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
+    })
+}
+
+/// A request as HTTP/2 to `addr` (which the pool connects by, and which becomes its
+/// `:authority`): no `host` header, which HTTP/2 forbids to differ from `:authority`
+/// (RFC 9113 §8.3.1); `te: trailers` is kept, as gRPC needs it.
+pub fn to_http2<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    parts.uri = absolute(
+        &parts.uri,
+        Authority::try_from(addr.to_string()).expect("an address is an authority"),
+    );
+    parts.version = Version::HTTP_2;
+    Request::from_parts(parts, body)
+}
+
 /// A request in the pooled form (its authority in the URI, see [`absolute`]) as HTTP/1.1
 /// puts it on the wire between sidecars: the authority as `host`, the URI in origin form.
 pub fn to_origin_form<B>(req: Request<B>) -> Request<B> {
@@ -411,5 +436,19 @@ mod tests {
         assert_eq!(request_protocol(&h), "http");
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc+proto"));
         assert_eq!(request_protocol(&h), "grpc");
+    }
+
+    #[test]
+    fn grpc_needs_http2_and_grpc_web_does_not() {
+        let with = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            needs_http2(&h)
+        };
+        assert!(with("application/grpc"));
+        assert!(with("application/grpc+proto"));
+        assert!(!with("application/grpc-web+proto"));
+        assert!(!with("application/json"));
+        assert!(!needs_http2(&HeaderMap::new()));
     }
 }

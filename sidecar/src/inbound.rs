@@ -14,7 +14,8 @@
 //! whatever `--protocol` says: the caller's outbound side chose that ALPN for what it
 //! carries (a caller's HTTP listener sends pooled HTTP even to a `--protocol tcp`
 //! receiver). Under ALPN `istio` or none, `--protocol` decides: bytes, or HTTP/1.1. Each
-//! request goes to the application over a pooled keep-alive HTTP/1.1 connection.
+//! request goes to the application over a pooled keep-alive HTTP/1.1 connection, but a
+//! gRPC call over HTTP/2 in cleartext: gRPC servers take nothing else.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -91,6 +92,9 @@ pub struct Inbound {
     pub otlp: Option<Exporter>,
     /// Keep-alive connections to the application (HTTP ports).
     pub app_pool: Client<MarkedConnector, Incoming>,
+    /// HTTP/2 connections to the application, for the requests only HTTP/2 can carry
+    /// (gRPC: see [`http::needs_http2`]).
+    pub app_h2_pool: Client<MarkedConnector, Incoming>,
 }
 
 /// How one connection is served.
@@ -391,7 +395,12 @@ impl Inbound {
             return http::recorded(exchange.traced(span.map(|s| s.answered(403))), denied());
         }
         let websocket = http::take_websocket(&mut req);
-        match self.app_pool.request(http::to_http1(req, app)).await {
+        let answer = if http::needs_http2(req.headers()) {
+            self.app_h2_pool.request(http::to_http2(req, app)).await
+        } else {
+            self.app_pool.request(http::to_http1(req, app)).await
+        };
+        match answer {
             Ok(mut resp) => {
                 if let Some(downstream) = websocket {
                     http::join_websocket(downstream, &mut resp, &self.drain);

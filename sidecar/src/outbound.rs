@@ -467,6 +467,8 @@ pub struct HttpHop {
     next_lane: AtomicU32,
     /// Endpoints outside the mesh.
     pub plain: Client<MarkedConnector, Outgoing>,
+    /// The same for requests only HTTP/2 carries (gRPC, see [`http::needs_http2`]).
+    pub plain_h2: Client<MarkedConnector, Outgoing>,
     pub self_id: SpiffeId,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
@@ -495,6 +497,7 @@ impl HttpHop {
             h2_upgrade: true,
             next_lane: AtomicU32::new(0),
             plain: pool::http1_client(connector, settings.idle_timeout),
+            plain_h2: pool::h2c_client(connector, settings.idle_timeout),
             self_id,
             telemetry,
             drain,
@@ -675,7 +678,11 @@ impl HttpHop {
             let endpoint = &upstream.endpoints[i];
             let _active = upstream.balancer.open(i);
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
-                let result = self.plain.request(http::to_http1(req, endpoint.address)).await;
+                let result = if http::needs_http2(req.headers()) {
+                    self.plain_h2.request(http::to_http2(req, endpoint.address)).await
+                } else {
+                    self.plain.request(http::to_http1(req, endpoint.address)).await
+                };
                 upstream.record(
                     i,
                     result.as_ref().map_or(Reply::NoAnswer, |r| Reply::Status(r.status())),

@@ -10,7 +10,8 @@
 //!   part of the key because an east-west gateway routes by it and splices the whole
 //!   connection to one pod: two SNIs to the same gateway address are two destinations.
 //! - [`http1_client`]: a keep-alive HTTP/1.1 pool per address, for the application behind
-//!   the inbound side and for endpoints outside the mesh.
+//!   the inbound side and for endpoints outside the mesh; [`h2c_client`] the same in
+//!   HTTP/2 for the requests only HTTP/2 carries (gRPC).
 //!
 //! A connection that fails, is closed by its peer, or answers GOAWAY leaves the pool as its
 //! task ends; the next request makes a new one. Idle connections close after a timeout.
@@ -582,13 +583,19 @@ impl tower_service::Service<Uri> for MarkedConnector {
 /// 64, 13,000 connections in six seconds and the pair's rate down by a third.
 const MAX_IDLE_PER_ADDRESS: usize = 1024;
 
-/// A keep-alive HTTP/1.1 client pooling per `IP:port` (the request's URI authority).
-pub fn http1_client<B>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B>
-where
-    B: hyper::body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+/// The body types the application pools carry (the caller's request bodies).
+pub trait AppBody:
+    hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
 {
+}
+
+impl<B> AppBody for B where
+    B: hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
+{
+}
+
+/// A keep-alive HTTP/1.1 client pooling per `IP:port` (the request's URI authority).
+pub fn http1_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B> {
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(idle_timeout)
@@ -597,7 +604,23 @@ where
         .build(connector)
 }
 
-/// The reason label for a failed [`http1_client`] request.
+/// Keep-alive HTTP/2 connections in cleartext (prior knowledge, as gRPC servers take it)
+/// to applications that take only HTTP/2, pooling per `IP:port` as [`http1_client`] does;
+/// the windows of the hop between sidecars.
+pub fn h2c_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B> {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .http2_only(true)
+        .http2_initial_stream_window_size(crate::http::STREAM_WINDOW)
+        .http2_initial_connection_window_size(crate::http::CONNECTION_WINDOW)
+        .http2_max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
+        .set_host(false)
+        .build(connector)
+}
+
+/// The reason label for a failed [`http1_client`] (or [`h2c_client`]) request.
 pub fn http1_failure_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
     if !e.is_connect() {
         return "reset";

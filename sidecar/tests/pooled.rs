@@ -718,3 +718,76 @@ async fn an_http11_peer_is_still_served_with_its_identity() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_vouched(body);
 }
+
+/// A gRPC server takes only HTTP/2 (cleartext, prior knowledge) and answers its status in
+/// trailers. Answers each call with the `:authority` it saw and the length of the
+/// request's body, and `grpc-status: 0` in the trailers.
+async fn grpc_app() -> SocketAddr {
+    use http_body_util::BodyExt;
+    support::accept_each(|stream| async move {
+        let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+            let len = req.into_body().collect().await?.to_bytes().len();
+            let mut trailers = hyper::HeaderMap::new();
+            trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+            let frames = vec![
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(format!(
+                    "{authority} {len}"
+                )))),
+                Ok(hyper::body::Frame::trailers(trailers)),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util_stream(frames));
+            let resp = hyper::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap();
+            Ok::<_, hyper::Error>(resp)
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+    .0
+}
+
+/// The frames as a stream, for a body with trailers.
+fn futures_util_stream<T: Send + 'static>(items: Vec<T>) -> impl tokio_stream::Stream<Item = T> + Send {
+    tokio_stream::iter(items)
+}
+
+/// A gRPC client calls a gRPC server through the pair: the server side sends the call to
+/// the application over HTTP/2 (an HTTP/1.1 connection, what every other request rides,
+/// is refused by a gRPC server), and the status in the trailers comes back to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_reaches_an_http2_only_application_and_its_trailers_come_back() {
+    use http_body_util::BodyExt;
+    let pki = Pki::new("pooled", "grpc");
+    let app = grpc_app().await;
+    let server = pki.server("127.0.0.1:0", app).unwrap();
+    let client = pki.client(server.bound.inbound.unwrap());
+    let tcp = TcpStream::connect(client.bound.outbound.unwrap()).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("http://reviews:9080/reviews.Reviews/Get")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\x05hello",
+            )))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("the call's trailers");
+        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        let body = String::from_utf8(collected.to_bytes().to_vec()).unwrap();
+        assert_eq!(body, format!("{app} 10"), "to the application over HTTP/2, whole");
+    }
+}

@@ -160,7 +160,10 @@ async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
                         h.fetch_add(1, Ordering::Relaxed);
                         let header = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
                         let (host, path, tag) = (
-                            header("host").unwrap_or_default(),
+                            // HTTP/2 has `:authority` where HTTP/1.1 has `host`.
+                            header("host")
+                                .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                                .unwrap_or_default(),
                             req.uri().to_string(),
                             header("x-route"),
                         );
@@ -185,7 +188,8 @@ async fn backend(name: &'static str, behaviour: Behaviour) -> Backend {
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                // HTTP/1.1, or HTTP/2 in cleartext as a gRPC server takes it.
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
             });
@@ -1310,7 +1314,11 @@ async fn an_h2c_client_such_as_grpc_is_served_and_routed_too() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, want, "{content_type}");
     }
+    // The gRPC call reached its endpoint over HTTP/2 (`:authority` is the endpoint's
+    // address there: the pool connects by it), whole.
     let seen = v2.seen.lock().unwrap().clone();
+    assert_eq!((seen[0].host.clone(), seen[0].body), (v2.addr.to_string(), 5));
+    let seen = v1.seen.lock().unwrap().clone();
     assert_eq!((seen[0].host.as_str(), seen[0].body), ("reviews:9080", 5));
 }
 
