@@ -304,6 +304,23 @@ pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
     Request::from_parts(parts, body)
 }
 
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes until they are, or cannot be, HTTP/2's preface.
+pub async fn read_preface(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<bytes::Bytes> {
+    let mut first = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; H2_PREFACE.len()];
+    while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
+        let n = tokio::io::AsyncReadExt::read(io, &mut chunk[..H2_PREFACE.len() - first.len()]).await?;
+        if n == 0 {
+            break;
+        }
+        first.extend_from_slice(&chunk[..n]);
+    }
+    Ok(bytes::Bytes::from(first))
+}
+
 /// Whether a request can only be served over HTTP/2: gRPC is defined over HTTP/2 alone
 /// (its status comes in trailers), so a gRPC server takes no HTTP/1.1; gRPC-Web is made
 /// for HTTP/1.1 and is not this.

@@ -13,7 +13,8 @@
 //! side multiplexes — and one that negotiated `istio-http/1.1` (or `http/1.1`) HTTP/1.1,
 //! whatever `--protocol` says: the caller's outbound side chose that ALPN for what it
 //! carries (a caller's HTTP listener sends pooled HTTP even to a `--protocol tcp`
-//! receiver). Under ALPN `istio` or none, `--protocol` decides: bytes, or HTTP/1.1. Each
+//! receiver). Under ALPN `istio` or none, `--protocol` decides: bytes, or HTTP — HTTP/1.1, or
+//! HTTP/2 when the caller opens with its preface (a plaintext gRPC client). Each
 //! request goes to the application over a pooled keep-alive HTTP/1.1 connection, but a
 //! gRPC call over HTTP/2 in cleartext: gRPC servers take nothing else.
 
@@ -46,6 +47,7 @@ use crate::metered::Metered;
 use crate::otlp::{Exporter, Kind};
 use crate::peer_authentication::{MtlsMode, Policy};
 use crate::pool::{self, MarkedConnector};
+use crate::rewind::Rewind;
 use crate::telemetry::{ConnectionLabels, RbacScope, RequestLabels, RequestSize, Telemetry};
 use crate::tls;
 use crate::virtual_inbound::{InboundPolicy, Transport};
@@ -104,6 +106,9 @@ enum Served {
     Bytes,
     Http1,
     Http2,
+    /// HTTP/1.1, or HTTP/2 if the caller opens with its preface (h2c with prior knowledge,
+    /// as gRPC clients speak): no ALPN named one, and Envoy's codec `AUTO` sniffs too.
+    Sniffed,
 }
 
 impl Served {
@@ -112,7 +117,7 @@ impl Served {
         match (alpn, protocol) {
             (Some(b"istio-h2" | b"h2"), _) => Served::Http2,
             (Some(b"istio-http/1.1" | b"istio-http/1.0" | b"http/1.1"), _) => Served::Http1,
-            (_, Protocol::Http) => Served::Http1,
+            (_, Protocol::Http) => Served::Sniffed,
             (_, Protocol::Tcp) => Served::Bytes,
         }
     }
@@ -247,8 +252,19 @@ impl Inbound {
             // Dropping the stream closes it at once, before any byte reaches the application.
             return;
         }
-        if served != Served::Bytes {
-            return self.serve_http(client, peer, app, served == Served::Http2).await;
+        match served {
+            Served::Http1 | Served::Http2 => return self.serve_http(client, peer, app, served == Served::Http2).await,
+            Served::Sniffed => {
+                let drain = self.drain.clone();
+                let first = tokio::select! {
+                    first = http::read_preface(&mut client) => first,
+                    () = drain.signaled() => return,
+                };
+                let Ok(first) = first else { return };
+                let h2 = first.as_ref() == http::H2_PREFACE;
+                return self.serve_http(Rewind::new(first, client), peer, app, h2).await;
+            }
+            Served::Bytes => {}
         }
         let mut app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(app)).await {
             Ok(Ok(s)) => s,
@@ -491,7 +507,7 @@ mod tests {
         }
         assert_eq!(Served::of(Some(b"istio"), Protocol::Tcp), Served::Bytes);
         assert_eq!(Served::of(None, Protocol::Tcp), Served::Bytes);
-        assert_eq!(Served::of(Some(b"istio"), Protocol::Http), Served::Http1);
-        assert_eq!(Served::of(None, Protocol::Http), Served::Http1);
+        assert_eq!(Served::of(Some(b"istio"), Protocol::Http), Served::Sniffed);
+        assert_eq!(Served::of(None, Protocol::Http), Served::Sniffed);
     }
 }

@@ -39,7 +39,7 @@ use hyper_util::rt::TokioIo;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 mod router;
@@ -515,11 +515,11 @@ impl HttpHop {
         let (mut io, bytes) = Metered::new(client);
         let drain = self.drain.clone();
         let first = tokio::select! {
-            first = read_preface(&mut io) => first,
+            first = http::read_preface(&mut io) => first,
             () = drain.signaled() => return,
         };
         let Ok(first) = first else { return };
-        let h2 = first.as_ref() == H2_PREFACE;
+        let h2 = first.as_ref() == http::H2_PREFACE;
         let io = TokioIo::new(Rewind::new(first, io));
         let route = Arc::new(route);
         // The L4 counters, labelled by the first request's upstream (a connection's requests
@@ -897,23 +897,6 @@ impl HttpHop {
             .logged(log)
             .traced(span)
     }
-}
-
-/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Reads a connection's first bytes until they are, or cannot be, HTTP/2's preface.
-async fn read_preface(io: &mut (impl AsyncRead + Unpin)) -> std::io::Result<bytes::Bytes> {
-    let mut first = Vec::with_capacity(H2_PREFACE.len());
-    let mut chunk = [0u8; H2_PREFACE.len()];
-    while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
-        let n = io.read(&mut chunk[..H2_PREFACE.len() - first.len()]).await?;
-        if n == 0 {
-            break;
-        }
-        first.extend_from_slice(&chunk[..n]);
-    }
-    Ok(bytes::Bytes::from(first))
 }
 
 /// Runs a served connection; once draining starts, lets its requests in progress finish.

@@ -756,38 +756,72 @@ fn futures_util_stream<T: Send + 'static>(items: Vec<T>) -> impl tokio_stream::S
     tokio_stream::iter(items)
 }
 
+/// A gRPC client's connection (h2c, prior knowledge) to `addr`.
+async fn grpc_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    h2
+}
+
+/// One unary call with `message` (one gRPC frame); asserts a 200 with `grpc-status: 0` in
+/// the trailers and returns the answer's body.
+async fn grpc_call(
+    h2: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    message: &[u8],
+) -> String {
+    use http_body_util::BodyExt;
+    let mut frame = vec![0, 0, 0, 0, u8::try_from(message.len()).unwrap()];
+    frame.extend_from_slice(message);
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("http://reviews:9080/reviews.Reviews/Get")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("the call's trailers");
+    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    String::from_utf8(collected.to_bytes().to_vec()).unwrap()
+}
+
 /// A gRPC client calls a gRPC server through the pair: the server side sends the call to
 /// the application over HTTP/2 (an HTTP/1.1 connection, what every other request rides,
 /// is refused by a gRPC server), and the status in the trailers comes back to the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_call_reaches_an_http2_only_application_and_its_trailers_come_back() {
-    use http_body_util::BodyExt;
     let pki = Pki::new("pooled", "grpc");
     let app = grpc_app().await;
     let server = pki.server("127.0.0.1:0", app).unwrap();
     let client = pki.client(server.bound.inbound.unwrap());
-    let tcp = TcpStream::connect(client.bound.outbound.unwrap()).await.unwrap();
-    let (mut h2, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = grpc_client(client.bound.outbound.unwrap()).await;
     for _ in 0..3 {
-        let req = hyper::Request::builder()
-            .method("POST")
-            .uri("http://reviews:9080/reviews.Reviews/Get")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                b"\0\0\0\0\x05hello",
-            )))
-            .unwrap();
-        let resp = h2.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        let collected = resp.into_body().collect().await.unwrap();
-        let trailers = collected.trailers().cloned().expect("the call's trailers");
-        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
-        let body = String::from_utf8(collected.to_bytes().to_vec()).unwrap();
+        let body = grpc_call(&mut h2, b"hello").await;
         assert_eq!(body, format!("{app} 10"), "to the application over HTTP/2, whole");
     }
+}
+
+/// A gRPC client outside the mesh calls a PERMISSIVE server side in plaintext: with no
+/// ALPN to say which HTTP it speaks, the server side knows HTTP/2 by its preface (as
+/// Envoy's codec `AUTO` does) and the call reaches the application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_grpc_client_is_known_by_its_preface_under_permissive() {
+    let pki = Pki::new("pooled", "grpc-plain");
+    let app = grpc_app().await;
+    let (c, k) = pki.svid("cluster.local", "reviews");
+    let line = format!(
+        "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol http --mtls PERMISSIVE",
+        p(&c),
+        p(&k),
+        p(&pki.ca())
+    );
+    let server = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
+    let mut h2 = grpc_client(server.bound.inbound.unwrap()).await;
+    assert_eq!(grpc_call(&mut h2, b"hi").await, format!("{app} 7"));
 }
