@@ -243,21 +243,35 @@ async fn three_gets(addr: SocketAddr) -> String {
     last
 }
 
-async fn our_client_through_istio_inbound(h2_upgrade: &str) {
-    let pki = Pki::new("envoy-peer", &format!("in-{h2_upgrade}"));
-    let app = app().await;
+/// Our client side (with `flags`) in front of Istio's inbound Envoy (for a TCP port when
+/// `tcp`) in front of `app`: returns the address the application's caller uses, and what
+/// must live while it is used.
+async fn our_client_before_istio_inbound(
+    name: &str,
+    app: SocketAddr,
+    tcp: bool,
+    flags: &str,
+) -> (SocketAddr, impl Sized + use<>) {
+    let pki = Pki::new("envoy-peer", name);
     let port = free_port();
     let inbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let _envoy = start_envoy(&pki.dir, "inbound", &istio_inbound(&pki, port, app, false), inbound).await;
+    let envoy = start_envoy(&pki.dir, "inbound", &istio_inbound(&pki, port, app, tcp), inbound).await;
     let (c, k) = pki.svid("cluster.local", "productpage");
     let line = format!(
-        "--outbound 127.0.0.1:0={inbound} --sni {SNI} --peer-id {SERVER_ID} --cert {} --key {} --ca {} --protocol http --h2-upgrade {h2_upgrade} --connect-timeout 2s",
+        "--outbound 127.0.0.1:0={inbound} --sni {SNI} --peer-id {SERVER_ID} --cert {} --key {} --ca {} --connect-timeout 2s {flags}",
         p(&c),
         p(&k),
         p(&pki.ca())
     );
     let client = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
-    let xfcc = three_gets(client.bound.outbound.unwrap()).await;
+    (client.bound.outbound.unwrap(), (envoy, client, pki))
+}
+
+async fn our_client_through_istio_inbound(h2_upgrade: &str) {
+    let flags = format!("--protocol http --h2-upgrade {h2_upgrade}");
+    let (entry, _running) =
+        our_client_before_istio_inbound(&format!("in-{h2_upgrade}"), app().await, false, &flags).await;
+    let xfcc = three_gets(entry).await;
     // Envoy's APPEND_FORWARD with the URI of the certificate our client presented.
     assert!(xfcc.contains(&format!("URI={CLIENT_ID}")), "{xfcc}");
 }
@@ -276,12 +290,19 @@ async fn our_http11_client_side_reaches_the_app_through_an_istio_inbound_envoy()
     our_client_through_istio_inbound("off").await;
 }
 
-async fn istio_outbound_through_our_inbound(carried: Carried) {
-    let pki = Pki::new("envoy-peer", &format!("out-{carried:?}"));
-    let app = app().await;
+/// Istio's outbound Envoy (carrying `carried`) in front of our server side (`--protocol
+/// protocol`) in front of `app`: returns the address the application's caller uses, and
+/// what must live while it is used.
+async fn istio_outbound_before_our_server_side(
+    name: &str,
+    app: SocketAddr,
+    carried: Carried,
+    protocol: &str,
+) -> (SocketAddr, impl Sized + use<>) {
+    let pki = Pki::new("envoy-peer", name);
     let (c, k) = pki.svid("cluster.local", "reviews");
     let line = format!(
-        "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol http --mtls STRICT",
+        "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol {protocol} --mtls STRICT",
         p(&c),
         p(&k),
         p(&pki.ca())
@@ -290,8 +311,14 @@ async fn istio_outbound_through_our_inbound(carried: Carried) {
     let port = free_port();
     let outbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let yaml = istio_outbound(&pki, port, server.bound.inbound.unwrap(), carried);
-    let _envoy = start_envoy(&pki.dir, "outbound", &yaml, outbound).await;
-    let xfcc = three_gets(outbound).await;
+    let envoy = start_envoy(&pki.dir, "outbound", &yaml, outbound).await;
+    (outbound, (envoy, server, pki))
+}
+
+async fn istio_outbound_through_our_inbound(carried: Carried) {
+    let (entry, _running) =
+        istio_outbound_before_our_server_side(&format!("out-{carried:?}"), app().await, carried, "http").await;
+    let xfcc = three_gets(entry).await;
     assert!(xfcc.starts_with(&format!("By={SERVER_ID};Hash=")), "{xfcc}");
     assert!(xfcc.ends_with(&format!(";URI={CLIENT_ID}")), "{xfcc}");
 }
@@ -336,20 +363,8 @@ async fn echoes(addr: SocketAddr) {
 /// TCP chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_tcp_client_side_reaches_the_app_through_an_istio_inbound_envoy() {
-    let pki = Pki::new("envoy-peer", "tcp-in");
-    let app = echo_app().await;
-    let port = free_port();
-    let inbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let _envoy = start_envoy(&pki.dir, "inbound", &istio_inbound(&pki, port, app, true), inbound).await;
-    let (c, k) = pki.svid("cluster.local", "productpage");
-    let line = format!(
-        "--outbound 127.0.0.1:0={inbound} --sni {SNI} --peer-id {SERVER_ID} --cert {} --key {} --ca {} --protocol tcp --connect-timeout 2s",
-        p(&c),
-        p(&k),
-        p(&pki.ca())
-    );
-    let client = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
-    echoes(client.bound.outbound.unwrap()).await;
+    let (entry, _running) = our_client_before_istio_inbound("tcp-in", echo_app().await, true, "--protocol tcp").await;
+    echoes(entry).await;
 }
 
 /// Istio's outbound Envoy for a TCP port (ALPN `istio-peer-exchange, istio`) into our server
@@ -357,19 +372,7 @@ async fn our_tcp_client_side_reaches_the_app_through_an_istio_inbound_envoy() {
 /// the bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_istio_outbound_envoy_on_tcp_reaches_the_app_through_our_server_side() {
-    let pki = Pki::new("envoy-peer", "tcp-out");
-    let app = echo_app().await;
-    let (c, k) = pki.svid("cluster.local", "reviews");
-    let line = format!(
-        "--inbound 127.0.0.1:0={app} --cert {} --key {} --ca {} --protocol tcp --mtls STRICT",
-        p(&c),
-        p(&k),
-        p(&pki.ca())
-    );
-    let server = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
-    let port = free_port();
-    let outbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let yaml = istio_outbound(&pki, port, server.bound.inbound.unwrap(), Carried::Tcp);
-    let _envoy = start_envoy(&pki.dir, "outbound", &yaml, outbound).await;
-    echoes(outbound).await;
+    let (entry, _running) =
+        istio_outbound_before_our_server_side("tcp-out", echo_app().await, Carried::Tcp, "tcp").await;
+    echoes(entry).await;
 }
