@@ -305,10 +305,25 @@ pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
 }
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
-pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Reads a connection's first bytes until they are, or cannot be, HTTP/2's preface.
-pub async fn read_preface(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<bytes::Bytes> {
+/// Reads a connection's first bytes until they are, or cannot be, HTTP/2's preface, and
+/// gives the connection back with them put in front, and whether it speaks HTTP/2 (h2c
+/// with prior knowledge, as gRPC clients do) — Envoy's codec `AUTO`. `None` when it
+/// failed, or when draining started before it said enough.
+pub async fn sniff_http2<S: tokio::io::AsyncRead + Unpin>(
+    mut io: S,
+    drain: &crate::drain::Watch,
+) -> Option<(crate::rewind::Rewind<S>, bool)> {
+    let first = tokio::select! {
+        first = read_preface(&mut io) => first.ok()?,
+        () = drain.signaled() => return None,
+    };
+    let h2 = first.as_ref() == H2_PREFACE;
+    Some((crate::rewind::Rewind::new(first, io), h2))
+}
+
+async fn read_preface(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<bytes::Bytes> {
     let mut first = Vec::with_capacity(H2_PREFACE.len());
     let mut chunk = [0u8; H2_PREFACE.len()];
     while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {

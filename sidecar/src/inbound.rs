@@ -27,7 +27,6 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ServerConfig;
@@ -46,8 +45,7 @@ use crate::http::{self, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::otlp::{Exporter, Kind};
 use crate::peer_authentication::{MtlsMode, Policy};
-use crate::pool::{self, MarkedConnector};
-use crate::rewind::Rewind;
+use crate::pool;
 use crate::telemetry::{ConnectionLabels, RbacScope, RequestLabels, RequestSize, Telemetry};
 use crate::tls;
 use crate::virtual_inbound::{InboundPolicy, Transport};
@@ -93,10 +91,7 @@ pub struct Inbound {
     /// Where spans go, if anywhere.
     pub otlp: Option<Exporter>,
     /// Keep-alive connections to the application (HTTP ports).
-    pub app_pool: Client<MarkedConnector, Incoming>,
-    /// HTTP/2 connections to the application, for the requests only HTTP/2 can carry
-    /// (gRPC: see [`http::needs_http2`]).
-    pub app_h2_pool: Client<MarkedConnector, Incoming>,
+    pub app_pool: pool::Plaintext<Incoming>,
 }
 
 /// How one connection is served.
@@ -255,14 +250,10 @@ impl Inbound {
         match served {
             Served::Http1 | Served::Http2 => return self.serve_http(client, peer, app, served == Served::Http2).await,
             Served::Sniffed => {
-                let drain = self.drain.clone();
-                let first = tokio::select! {
-                    first = http::read_preface(&mut client) => first,
-                    () = drain.signaled() => return,
+                let Some((client, h2)) = http::sniff_http2(client, &self.drain).await else {
+                    return;
                 };
-                let Ok(first) = first else { return };
-                let h2 = first.as_ref() == http::H2_PREFACE;
-                return self.serve_http(Rewind::new(first, client), peer, app, h2).await;
+                return self.serve_http(client, peer, app, h2).await;
             }
             Served::Bytes => {}
         }
@@ -411,12 +402,7 @@ impl Inbound {
             return http::recorded(exchange.traced(span.map(|s| s.answered(403))), denied());
         }
         let websocket = http::take_websocket(&mut req);
-        let answer = if http::needs_http2(req.headers()) {
-            self.app_h2_pool.request(http::to_http2(req, app)).await
-        } else {
-            self.app_pool.request(http::to_http1(req, app)).await
-        };
-        match answer {
+        match self.app_pool.request(req, app).await {
             Ok(mut resp) => {
                 if let Some(downstream) = websocket {
                     http::join_websocket(downstream, &mut resp, &self.drain);

@@ -34,7 +34,6 @@ use hyper::body::Incoming;
 use hyper::header::HOST;
 use hyper::http::uri::Authority;
 use hyper::{Request, Response, Version};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use mesh_vocab::spiffe::SpiffeId;
 use rustls::ClientConfig;
@@ -466,9 +465,7 @@ pub struct HttpHop {
     /// Spreads requests over the lanes of endpoints that stand for several pods.
     next_lane: AtomicU32,
     /// Endpoints outside the mesh.
-    pub plain: Client<MarkedConnector, Outgoing>,
-    /// The same for requests only HTTP/2 carries (gRPC, see [`http::needs_http2`]).
-    pub plain_h2: Client<MarkedConnector, Outgoing>,
+    pub plain: pool::Plaintext<Outgoing>,
     pub self_id: SpiffeId,
     pub telemetry: Telemetry,
     pub drain: drain::Watch,
@@ -496,8 +493,7 @@ impl HttpHop {
             h2: H2Pool::new(settings, Some(svid), telemetry.pooled_upstreams.clone()),
             h2_upgrade: true,
             next_lane: AtomicU32::new(0),
-            plain: pool::http1_client(connector, settings.idle_timeout),
-            plain_h2: pool::h2c_client(connector, settings.idle_timeout),
+            plain: pool::Plaintext::new(connector, settings.idle_timeout),
             self_id,
             telemetry,
             drain,
@@ -512,15 +508,12 @@ impl HttpHop {
     /// progress are answered.
     async fn serve(self: Arc<Self>, client: TcpStream, route: Route) {
         let client_ip = client.peer_addr().ok().map(|a| ClientIp(a.ip()));
-        let (mut io, bytes) = Metered::new(client);
+        let (io, bytes) = Metered::new(client);
         let drain = self.drain.clone();
-        let first = tokio::select! {
-            first = http::read_preface(&mut io) => first,
-            () = drain.signaled() => return,
+        let Some((io, h2)) = http::sniff_http2(io, &drain).await else {
+            return;
         };
-        let Ok(first) = first else { return };
-        let h2 = first.as_ref() == http::H2_PREFACE;
-        let io = TokioIo::new(Rewind::new(first, io));
+        let io = TokioIo::new(io);
         let route = Arc::new(route);
         // The L4 counters, labelled by the first request's upstream (a connection's requests
         // may reach several endpoints; Istio's sidecars do the same).
@@ -678,11 +671,7 @@ impl HttpHop {
             let endpoint = &upstream.endpoints[i];
             let _active = upstream.balancer.open(i);
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
-                let result = if http::needs_http2(req.headers()) {
-                    self.plain_h2.request(http::to_http2(req, endpoint.address)).await
-                } else {
-                    self.plain.request(http::to_http1(req, endpoint.address)).await
-                };
+                let result = self.plain.request(req, endpoint.address).await;
                 upstream.record(
                     i,
                     result.as_ref().map_or(Reply::NoAnswer, |r| Reply::Status(r.status())),

@@ -9,9 +9,9 @@
 //!   under `h2UpgradePolicy: UPGRADE`, our default). The SNI is
 //!   part of the key because an east-west gateway routes by it and splices the whole
 //!   connection to one pod: two SNIs to the same gateway address are two destinations.
-//! - [`http1_client`]: a keep-alive HTTP/1.1 pool per address, for the application behind
-//!   the inbound side and for endpoints outside the mesh; [`h2c_client`] the same in
-//!   HTTP/2 for the requests only HTTP/2 carries (gRPC).
+//! - [`Plaintext`]: keep-alive HTTP/1.1 pools per address, for the application behind
+//!   the inbound side and for endpoints outside the mesh, and HTTP/2 ones for the requests
+//!   only HTTP/2 carries (gRPC).
 //!
 //! A connection that fails, is closed by its peer, or answers GOAWAY leaves the pool as its
 //! task ends; the next request makes a new one. Idle connections close after a timeout.
@@ -594,8 +594,38 @@ impl<B> AppBody for B where
 {
 }
 
+/// Keep-alive connections to plaintext HTTP servers — the application behind the inbound
+/// side, endpoints outside the mesh — per `IP:port`: HTTP/1.1, but HTTP/2 for the
+/// requests only it carries (gRPC, see [`crate::http::needs_http2`]).
+pub struct Plaintext<B> {
+    http1: Client<MarkedConnector, B>,
+    h2c: Client<MarkedConnector, B>,
+}
+
+impl<B: AppBody> Plaintext<B> {
+    pub fn new(connector: MarkedConnector, idle_timeout: Duration) -> Self {
+        Self {
+            http1: http1_client(connector, idle_timeout),
+            h2c: h2c_client(connector, idle_timeout),
+        }
+    }
+
+    /// Sends `req` to `addr` in the HTTP it needs.
+    pub async fn request(
+        &self,
+        req: Request<B>,
+        addr: SocketAddr,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        if crate::http::needs_http2(req.headers()) {
+            self.h2c.request(crate::http::to_http2(req, addr)).await
+        } else {
+            self.http1.request(crate::http::to_http1(req, addr)).await
+        }
+    }
+}
+
 /// A keep-alive HTTP/1.1 client pooling per `IP:port` (the request's URI authority).
-pub fn http1_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B> {
+fn http1_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B> {
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(idle_timeout)
@@ -607,7 +637,7 @@ pub fn http1_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Durati
 /// Keep-alive HTTP/2 connections in cleartext (prior knowledge, as gRPC servers take it)
 /// to applications that take only HTTP/2, pooling per `IP:port` as [`http1_client`] does;
 /// the windows of the hop between sidecars.
-pub fn h2c_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B> {
+fn h2c_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B> {
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -620,7 +650,7 @@ pub fn h2c_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration
         .build(connector)
 }
 
-/// The reason label for a failed [`http1_client`] (or [`h2c_client`]) request.
+/// The reason label for a failed [`Plaintext`] request.
 pub fn http1_failure_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
     if !e.is_connect() {
         return "reset";

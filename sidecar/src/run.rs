@@ -485,10 +485,6 @@ impl Sidecar {
             (None, false) => None,
         };
         if let Some((hop, captured)) = inbound_hop {
-            let app_connector = MarkedConnector {
-                mark: None,
-                timeout: args.connect_timeout,
-            };
             let inbound = Arc::new(Inbound {
                 app: hop.target,
                 captured,
@@ -505,8 +501,13 @@ impl Sidecar {
                 drain: watch.clone(),
                 access_log: access_log.clone(),
                 otlp: otlp.clone(),
-                app_pool: pool::http1_client(app_connector, args.idle_timeout),
-                app_h2_pool: pool::h2c_client(app_connector, args.idle_timeout),
+                app_pool: pool::Plaintext::new(
+                    MarkedConnector {
+                        mark: None,
+                        timeout: args.connect_timeout,
+                    },
+                    args.idle_timeout,
+                ),
             });
             let listener = listen(hop.listen)?;
             bound.inbound = Some(listener.local_addr()?);
