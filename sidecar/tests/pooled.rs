@@ -736,7 +736,7 @@ async fn grpc_app() -> SocketAddr {
                 )))),
                 Ok(hyper::body::Frame::trailers(trailers)),
             ];
-            let body = http_body_util::StreamBody::new(futures_util_stream(frames));
+            let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
             let resp = hyper::Response::builder()
                 .header("content-type", "application/grpc")
                 .body(body)
@@ -749,11 +749,6 @@ async fn grpc_app() -> SocketAddr {
     })
     .await
     .0
-}
-
-/// The frames as a stream, for a body with trailers.
-fn futures_util_stream<T: Send + 'static>(items: Vec<T>) -> impl tokio_stream::Stream<Item = T> + Send {
-    tokio_stream::iter(items)
 }
 
 /// A gRPC client's connection (h2c, prior knowledge) to `addr`.
