@@ -185,6 +185,12 @@ impl Protocol {
     pub fn is_http(self) -> bool {
         self != Protocol::Tcp
     }
+
+    /// Whether its servers speak HTTP/2 only, so that proxies speak HTTP/2 to them
+    /// whatever their callers spoke (Istio's `IsHTTP2`: HTTP/2 and gRPC, not gRPC-Web).
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
 }
 
 /// A cluster's L7 routing input: what each service port speaks, and the Istio

@@ -318,6 +318,8 @@ enum PerProxy {
     Locality(Locality),
     /// A sidecar's listeners: its inbound listener is made of its workload's policies.
     Inbound(inbound::Inbound),
+    /// A sidecar's clusters: its inbound clusters are made of its workload's ports.
+    InboundPorts(Vec<(u16, crate::model::Protocol)>),
     /// Listeners, while some VirtualService's TCP/TLS route matches on
     /// `sourceLabels`/`sourceNamespace`: the inbound listener, namespace and labels.
     Listeners(Option<inbound::Inbound>, Option<String>, BTreeMap<String, String>),
@@ -510,6 +512,14 @@ impl Snapshot {
             (Some(node), LISTENER_TYPE) => Some(self.inbound(node, cluster.as_ref())),
             _ => None,
         };
+        // A sidecar's clusters include its workload's inbound ones.
+        let inbound_ports = match (&proxy.sidecar, type_url) {
+            (Some(node), CLUSTER_TYPE) => {
+                let models: Vec<&ClusterModel> = self.clusters.iter().map(|(m, _)| m.as_ref()).collect();
+                Some(node.ports(&models)).filter(|p| !p.is_empty())
+            }
+            _ => None,
+        };
         let per_proxy = match type_url {
             LISTENER_TYPE if self.routing().l4_depends_on_source() => Some(PerProxy::Listeners(
                 inbound.clone(),
@@ -517,6 +527,7 @@ impl Snapshot {
                 proxy.labels.clone(),
             )),
             LISTENER_TYPE => inbound.clone().map(PerProxy::Inbound),
+            CLUSTER_TYPE => inbound_ports.clone().map(PerProxy::InboundPorts),
             ROUTE_TYPE if self.routing().depends_on_source() => {
                 Some(PerProxy::Source(proxy.namespace.clone(), proxy.labels.clone()))
             }
@@ -550,6 +561,10 @@ impl Snapshot {
             if let Some(i) = &inbound {
                 let l = i.listener();
                 items.push(reuse.versioned(l.name.clone(), stable_hash(i), || any(LISTENER_TYPE, &l)));
+            }
+            for c in inbound::clusters(inbound_ports.as_deref().unwrap_or_default()) {
+                let version = stable_hash(&(&c.name, &inbound_ports));
+                items.push(reuse.versioned(c.name.clone(), version, || any(CLUSTER_TYPE, &c)));
             }
             Arc::new(reuse.finish(items))
         })
@@ -769,6 +784,8 @@ impl Snapshot {
                         let protocol = routing.protocol(k);
                         subsets::clusters(k, &routing, ids).into_iter().map(move |c| {
                             let version = match &rule {
+                                // The protocol decides the upstream HTTP of HTTP/2 ports.
+                                None if protocol.is_http2() => stable_hash(&(k, ids, td, protocol)),
                                 None => stable_hash(&(k, ids, td)),
                                 Some(r) => stable_hash(&(k, ids, td, r, &c.name, protocol)),
                             };

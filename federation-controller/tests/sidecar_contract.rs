@@ -8,28 +8,30 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use federation_controller::model::{ClusterModel, MeshConfig};
 use federation_controller::objects::ClusterObjects;
-use federation_controller::xds::{LISTENER_TYPE, ProxyView, Snapshot};
+use federation_controller::xds::{CLUSTER_TYPE, LISTENER_TYPE, ProxyView, Snapshot};
 use mesh_vocab::ClusterId;
 use prost::Message;
+use sidecar::app_http::AppHttp;
+use sidecar::cluster::UpstreamHttp;
+use sidecar::destinations::Destinations;
 use sidecar::peer_authentication::MtlsMode;
 use sidecar::virtual_inbound::InboundPolicy;
 
-/// What the sidecar of httpbin makes of the listener served for `policies`.
-async fn sidecar_view(policies: &str) -> InboundPolicy {
+/// The resources of `type_url` served to the sidecar of httpbin (its service's ports
+/// named, numbered and targeted as `ports`) under `policies`.
+async fn served<M: Message + Default>(ports: &[(&str, u16, u16)], policies: &str, type_url: &str) -> Vec<M> {
     let mut o = ClusterObjects::default();
-    let workload = support::httpbin_yaml(
-        "default",
-        "10.96.0.20",
-        "10.241.0.20",
-        &[("http", 8000, 80), ("tcp-db", 5432, 5432)],
-    );
+    let workload = support::httpbin_yaml("default", "10.96.0.20", "10.241.0.20", ports);
     o.add_yaml(Path::new("c1/workload.yaml"), &workload).unwrap();
-    o.add_yaml(Path::new("c1/policies.yaml"), policies).unwrap();
+    if !policies.is_empty() {
+        o.add_yaml(Path::new("c1/policies.yaml"), policies).unwrap();
+    }
     assert!(o.refused.is_empty(), "{:?}", o.refused);
     let model = ClusterModel::build(&ClusterId::new("c1"), &o, &MeshConfig::default());
     let snap = Snapshot::new(
@@ -52,12 +54,17 @@ async fn sidecar_view(policies: &str) -> InboundPolicy {
         }),
         ..Default::default()
     };
-    let listeners: Vec<Listener> = snap
-        .encoded(&ProxyView::of(&node), LISTENER_TYPE)
+    snap.encoded(&ProxyView::of(&node), type_url)
         .await
         .iter()
-        .map(|e| Listener::decode(e.resource.value.as_slice()).unwrap())
-        .collect();
+        .map(|e| M::decode(e.resource.value.as_slice()).unwrap())
+        .collect()
+}
+
+/// What the sidecar of httpbin makes of the listener served for `policies`.
+async fn sidecar_view(policies: &str) -> InboundPolicy {
+    let ports = [("http", 8000, 80), ("tcp-db", 5432, 5432)];
+    let listeners: Vec<Listener> = served(&ports, policies, LISTENER_TYPE).await;
     InboundPolicy::from_listeners(&listeners)
         .unwrap_or_else(|e| panic!("the sidecar refuses our listener: {e}"))
         .expect("a virtualInbound listener")
@@ -100,4 +107,41 @@ spec:
 "#;
     let p = sidecar_view(&[examples("testdata/authn.yaml").as_str(), rich].join("\n---\n")).await;
     assert_eq!(p.mode_for(80), Some(MtlsMode::Permissive));
+}
+
+/// The clusters served to httpbin's sidecar, whose service has a gRPC, an HTTP and a TCP
+/// port: our sidecar takes the whole update (it refuses one it cannot use), and reads from
+/// the inbound clusters that the gRPC port's application takes HTTP/2 only, the others not.
+#[tokio::test]
+async fn the_sidecar_reads_which_http_its_application_takes_from_our_inbound_clusters() {
+    let ports = [("grpc", 7070, 7000), ("http-web", 8000, 80), ("tcp-db", 5432, 5432)];
+    let clusters: Vec<Cluster> = served(&ports, "", CLUSTER_TYPE).await;
+    let names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+    for port in [7000, 80, 5432] {
+        assert!(names.contains(&format!("inbound|{port}||").as_str()), "{names:?}");
+    }
+    let table = Destinations::build(&[], &clusters, &Default::default())
+        .unwrap_or_else(|e| panic!("the sidecar refuses our clusters: {e:?}"));
+    assert!(
+        table
+            .upstreams
+            .contains_key("outbound|7070||httpbin.default.svc.cluster.local")
+    );
+    assert!(
+        !table.upstreams.keys().any(|k| k.starts_with("inbound|")),
+        "not upstreams"
+    );
+    let app = AppHttp::from_clusters(&clusters).unwrap().expect("inbound clusters");
+    assert!(app.http2(7000), "gRPC");
+    assert!(!app.http2(80), "HTTP");
+    assert!(!app.http2(5432), "TCP");
+    // The gRPC port's outbound cluster speaks HTTP/2 too, also to endpoints outside the mesh.
+    assert_eq!(
+        table.upstreams["outbound|7070||httpbin.default.svc.cluster.local"].http,
+        UpstreamHttp::Http2
+    );
+    assert_eq!(
+        table.upstreams["outbound|8000||httpbin.default.svc.cluster.local"].http,
+        UpstreamHttp::Downstream
+    );
 }

@@ -90,7 +90,7 @@ impl UpstreamHttp {
         }
     }
 
-    fn of(c: &Cluster) -> Result<Self, String> {
+    pub(crate) fn of(c: &Cluster) -> Result<Self, String> {
         let Some(options) = http_options(c)? else {
             return Ok(Self::Downstream);
         };

@@ -299,7 +299,11 @@ impl Destinations {
                 None => {}
             }
         }
-        for c in clusters {
+        // Inbound clusters describe the application behind the inbound side (`app_http`).
+        for c in clusters
+            .iter()
+            .filter(|c| !crate::app_http::is_inbound_cluster(&c.name))
+        {
             let tls = mesh_tls(c)?;
             let endpoints = match assignments.get(&c.name) {
                 Some(cla) => endpoints(cla, tls.as_ref())?,

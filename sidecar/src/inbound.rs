@@ -92,6 +92,9 @@ pub struct Inbound {
     pub otlp: Option<Exporter>,
     /// Keep-alive connections to the application (HTTP ports).
     pub app_pool: pool::Plaintext<Incoming>,
+    /// Which HTTP the application speaks on each port (the controller's inbound clusters,
+    /// or `--protocol`).
+    pub app_http: Arc<ArcSwap<crate::app_http::AppHttp>>,
 }
 
 /// How one connection is served.
@@ -402,7 +405,8 @@ impl Inbound {
             return http::recorded(exchange.traced(span.map(|s| s.answered(403))), denied());
         }
         let websocket = http::take_websocket(&mut req);
-        match self.app_pool.request(req, app).await {
+        let http2 = self.app_http.load().http2(app.port());
+        match self.app_pool.request(req, app, http2).await {
             Ok(mut resp) => {
                 if let Some(downstream) = websocket {
                     http::join_websocket(downstream, &mut resp, &self.drain);

@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod ads;
+pub mod app_http;
 pub mod authz;
 pub mod balance;
 pub mod body;

@@ -671,7 +671,10 @@ impl HttpHop {
             let endpoint = &upstream.endpoints[i];
             let _active = upstream.balancer.open(i);
             let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
-                let result = self.plain.request(req, endpoint.address).await;
+                // Outside the mesh the cluster's own protocol holds (an `http2` or `grpc`
+                // port's is HTTP/2); the mesh-wide upgrade is for the hop between sidecars.
+                let http2 = upstream.http == UpstreamHttp::Http2;
+                let result = self.plain.request(req, endpoint.address, http2).await;
                 upstream.record(
                     i,
                     result.as_ref().map_or(Reply::NoAnswer, |r| Reply::Status(r.status())),

@@ -595,7 +595,8 @@ impl<B> AppBody for B where
 }
 
 /// Keep-alive connections to plaintext HTTP servers — the application behind the inbound
-/// side, endpoints outside the mesh — per `IP:port`: HTTP/1.1, but HTTP/2 for the
+/// side, endpoints outside the mesh — per `IP:port`: HTTP/1.1, but HTTP/2 to servers that
+/// take only that (a port named `http2` or `grpc`, see [`crate::app_http`]) and for the
 /// requests only it carries (gRPC, see [`crate::http::needs_http2`]).
 pub struct Plaintext<B> {
     http1: Client<MarkedConnector, B>,
@@ -610,13 +611,17 @@ impl<B: AppBody> Plaintext<B> {
         }
     }
 
-    /// Sends `req` to `addr` in the HTTP it needs.
+    /// Sends `req` to `addr` in the HTTP it needs: HTTP/2 when the server takes only that
+    /// (`http2`) or the request means nothing in HTTP/1.1; a WebSocket's upgrade is
+    /// HTTP/1.1's in any case.
     pub async fn request(
         &self,
         req: Request<B>,
         addr: SocketAddr,
+        http2: bool,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        if crate::http::needs_http2(req.headers()) {
+        let headers = req.headers();
+        if !crate::http::is_websocket(headers) && (http2 || crate::http::needs_http2(headers)) {
             self.h2c.request(crate::http::to_http2(req, addr)).await
         } else {
             self.http1.request(crate::http::to_http1(req, addr)).await

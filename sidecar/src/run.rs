@@ -144,8 +144,11 @@ pub struct RunArgs {
     /// The application protocol. `tcp`: bytes, one mTLS connection per client connection.
     /// `http`: the application's requests, carried between sidecars on pooled connections
     /// in mTLS (multiplexed HTTP/2, or keep-alive HTTP/1.1: see `--h2-upgrade`), with the
-    /// caller's identity in `x-forwarded-client-cert`.
-    #[arg(long, default_value = "tcp", value_parser = ["tcp", "http"])]
+    /// caller's identity in `x-forwarded-client-cert`. `http2` (or `grpc`): as `http`, and
+    /// the application behind `--inbound` takes only HTTP/2 (in cleartext, prior
+    /// knowledge), as Istio has it for a port of that name; with a controller, its inbound
+    /// clusters say this per port.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "http", "http2", "grpc"])]
     pub protocol: String,
     /// The mesh-wide `h2UpgradePolicy`: `on` (UPGRADE) carries HTTP/1.1 requests, too, on
     /// multiplexed HTTP/2 between sidecars; `off` keeps them HTTP/1.1 (Istio's default),
@@ -312,11 +315,13 @@ impl Sidecar {
         telemetry.svid_expiry.set(svid.expiry_unix() as i64);
         let svid = SvidSlot::new(svid);
         let (trigger, watch) = drain::channel();
-        let protocol = if args.protocol == "http" {
-            Protocol::Http
-        } else {
+        let protocol = if args.protocol == "tcp" {
             Protocol::Tcp
+        } else {
+            Protocol::Http
         };
+        let app_http = crate::app_http::AppHttp::uniform(matches!(args.protocol.as_str(), "http2" | "grpc"));
+        let app_http = Arc::new(ArcSwap::from_pointee(app_http));
 
         let workers = Workers {
             count: args.workers,
@@ -490,6 +495,7 @@ impl Sidecar {
                 captured,
                 protocol,
                 policy: inbound_policy.clone(),
+                app_http: app_http.clone(),
                 strict_floor,
                 tls: crate::tls::server_config(svid.clone(), bundles.clone()),
                 self_id: self_id.clone(),
@@ -524,7 +530,11 @@ impl Sidecar {
                 labels: args.labels.clone(),
                 locality: args.locality.clone(),
             };
-            (address, identity, table.clone(), inbound_policy.clone())
+            let inbound = crate::xds::InboundSlots {
+                policy: inbound_policy.clone(),
+                app: app_http.clone(),
+            };
+            (address, identity, table.clone(), inbound)
         });
         let metrics_listener = match args.metrics {
             Some(addr) => {

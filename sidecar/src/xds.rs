@@ -19,6 +19,7 @@ use envoy_types::pb::google::rpc::Status;
 use mesh_vocab::spiffe::SpiffeId;
 use prost::Message;
 
+use crate::app_http::AppHttp;
 use crate::destinations::{BadResource, Destinations};
 use crate::virtual_inbound::{InboundPolicy, VIRTUAL_INBOUND};
 
@@ -80,24 +81,31 @@ impl Identity {
 
 /// Follows the controller at `address` (`http://host:15010`) forever; `updated` is called
 /// with the number of routable listeners after every table swapped in. With `inbound`, the
-/// `virtualInbound` listener's policy is swapped in there too (when the controller serves
-/// one; otherwise what is there, the flags' policy, stays).
+/// `virtualInbound` listener's policy and the inbound clusters' protocols are swapped in
+/// there too (when the controller serves them; otherwise what is there, the flags', stays).
 pub async fn follow(
     address: String,
     identity: Identity,
     table: Arc<ArcSwap<Destinations>>,
-    inbound: Option<Arc<ArcSwap<InboundPolicy>>>,
+    inbound: Option<InboundSlots>,
     updated: impl Fn(usize, bool),
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&address, &identity, &table, inbound.as_deref(), &updated).await {
+        match session(&address, &identity, &table, inbound.as_ref(), &updated).await {
             Ok(()) => tracing::warn!(controller = address, "xDS stream ended; keeping the last routes"),
             Err(e) => tracing::warn!(controller = address, error = %e, "xDS unavailable; keeping the last routes"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// What the inbound side reads of the controller's word, each swapped whole.
+#[derive(Clone)]
+pub struct InboundSlots {
+    pub policy: Arc<ArcSwap<InboundPolicy>>,
+    pub app: Arc<ArcSwap<AppHttp>>,
 }
 
 /// The resources of the current stream, per type, with what was last ACKed.
@@ -112,6 +120,8 @@ struct Received {
     versions: HashMap<&'static str, String>,
     /// The policy of the last accepted `virtualInbound`.
     inbound: Option<Arc<InboundPolicy>>,
+    /// The protocols of the last accepted inbound clusters.
+    app: Option<Arc<AppHttp>>,
 }
 
 fn decode_all<M: Message + Default>(resp: &DiscoveryResponse) -> Result<Vec<M>, BadResource> {
@@ -137,6 +147,7 @@ impl Received {
             route_names: Vec::new(),
             versions: HashMap::new(),
             inbound: self.inbound.clone(),
+            app: self.app.clone(),
         };
         let kind = match resp.type_url.as_str() {
             LISTENER_TYPE => {
@@ -151,6 +162,7 @@ impl Received {
             }
             CLUSTER_TYPE => {
                 next.clusters = decode_all(resp)?;
+                next.app = AppHttp::from_clusters(&next.clusters)?.map(Arc::new);
                 let names: Vec<&str> = next.clusters.iter().map(|c| c.name.as_str()).collect();
                 next.assignments.retain(|k, _| names.contains(&k.as_str()));
                 CLUSTER_TYPE
@@ -179,6 +191,7 @@ impl Received {
         self.routes = next.routes;
         self.route_names = next.route_names;
         self.inbound = next.inbound;
+        self.app = next.app;
         self.versions.insert(kind, resp.version_info.clone());
         Ok(Some(table))
     }
@@ -187,8 +200,14 @@ impl Received {
         self.versions.get(type_url).cloned().unwrap_or_default()
     }
 
+    /// The clusters whose endpoints come by EDS: all but the inbound ones.
     fn cluster_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.clusters.iter().map(|c| c.name.clone()).collect();
+        let mut names: Vec<String> = self
+            .clusters
+            .iter()
+            .filter(|c| !crate::app_http::is_inbound_cluster(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
         names.sort();
         names
     }
@@ -215,7 +234,7 @@ async fn session(
     address: &str,
     identity: &Identity,
     table: &ArcSwap<Destinations>,
-    inbound: Option<&ArcSwap<InboundPolicy>>,
+    inbound: Option<&InboundSlots>,
     updated: &impl Fn(usize, bool),
 ) -> Result<(), crate::ads::Error> {
     let first = [CLUSTER_TYPE, LISTENER_TYPE]
@@ -240,9 +259,18 @@ async fn session(
                 let routes = next.routable();
                 next.inherit(&table.load());
                 table.store(Arc::new(next));
-                if let (Some(slot), Some(policy), LISTENER_TYPE) = (inbound, &received.inbound, resp.type_url.as_str())
-                {
-                    slot.store(policy.clone());
+                match (inbound, resp.type_url.as_str()) {
+                    (Some(slots), LISTENER_TYPE) => {
+                        if let Some(policy) = &received.inbound {
+                            slots.policy.store(policy.clone());
+                        }
+                    }
+                    (Some(slots), CLUSTER_TYPE) => {
+                        if let Some(app) = &received.app {
+                            slots.app.store(app.clone());
+                        }
+                    }
+                    _ => {}
                 }
                 updated(routes, true);
                 // The decoded resources are freed; their pages go back (rate-limited).

@@ -7,30 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use crate::model::Instance;
+pub use crate::model::Protocol;
 use crate::objects::ClusterObjects;
-
-/// Whether a port carries HTTP (an HTTP connection manager can see requests) or
-/// opaque TCP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Http,
-    Tcp,
-}
-
-impl Protocol {
-    /// Istio's rule: `appProtocol` if set, else the port name's prefix before `-`;
-    /// the HTTP family is L7, everything else (an unnamed port too) TCP.
-    pub fn of_port(name: Option<&str>, app_protocol: Option<&str>) -> Protocol {
-        let p = app_protocol
-            .or_else(|| name.map(|n| n.split('-').next().unwrap_or(n)))
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        match p.as_str() {
-            "http" | "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" => Protocol::Http,
-            _ => Protocol::Tcp,
-        }
-    }
-}
 
 /// One pod, for its inbound listener.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,7 +75,9 @@ pub fn workloads(objects: &ClusterObjects, instances: &[Instance]) -> Vec<Worklo
     let mut out: Vec<Workload> = by_address.into_values().collect();
     for w in &mut out {
         w.ports.sort();
-        // Two services on one target port: HTTP only if both say so (TCP is safe for both).
+        // Two services on one target port: HTTP only if both say so (TCP is safe for
+        // both), and HTTP/2 to the application if either says so (what speaks gRPC
+        // takes HTTP/2 for its HTTP/1.1 callers' requests too).
         w.ports.dedup_by(|b, a| {
             if a.0 == b.0 {
                 a.1 = a.1.max(b.1);
@@ -115,13 +95,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_port_is_http_by_app_protocol_or_name_prefix_and_tcp_otherwise() {
-        assert_eq!(Protocol::of_port(Some("http-web"), None), Protocol::Http);
-        assert_eq!(Protocol::of_port(Some("grpc"), None), Protocol::Http);
-        assert_eq!(Protocol::of_port(Some("tcp-db"), Some("http")), Protocol::Http);
-        assert_eq!(Protocol::of_port(Some("http"), Some("tcp")), Protocol::Tcp);
-        assert_eq!(Protocol::of_port(None, Some("kubernetes.io/h2c")), Protocol::Http);
-        assert_eq!(Protocol::of_port(None, None), Protocol::Tcp);
-        assert_eq!(Protocol::of_port(Some("mongo"), None), Protocol::Tcp);
+    fn two_services_on_one_target_port_are_tcp_unless_both_are_http() {
+        let ordered = [
+            Protocol::Http,
+            Protocol::Http2,
+            Protocol::Grpc,
+            Protocol::GrpcWeb,
+            Protocol::Tcp,
+        ];
+        assert!(
+            ordered.windows(2).all(|w| w[0] < w[1]),
+            "dedup keeps the greater of two"
+        );
     }
 }

@@ -11,10 +11,12 @@
 //! TCP proxy. Envoy picks the chain by port first, so a plaintext connection to a
 //! STRICT port finds no chain and is closed, even when other ports are PERMISSIVE.
 //!
-//! Traffic goes on to `inbound|PORT||` (Istio's inbound cluster of a port) or,
-//! for other ports, `InboundPassthroughCluster`; the proxy knows how to reach its
-//! own workload, so these clusters are not served here.
+//! Traffic goes on to `inbound|PORT||` (Istio's inbound cluster of a port, served
+//! in CDS by [`clusters`]: the protocol the application speaks) or, for other
+//! ports, `InboundPassthroughCluster`, which is the proxy's own business.
 
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
 use envoy_types::pb::envoy::config::core::v3::{self as core, SocketAddress, TrafficDirection, TransportSocket};
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address, transport_socket};
 use envoy_types::pb::envoy::config::listener::v3::{
@@ -31,11 +33,11 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
-use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
+use envoy_types::pb::google::protobuf::{BoolValue, Duration, UInt32Value};
 
 use super::grpc::{HCM_TYPE, ROUTER, ROUTER_TYPE};
 use super::listener::{TCP_PROXY, TCP_PROXY_TYPE};
-use super::{any, mtls, rbac};
+use super::{any, mtls, policy, rbac};
 use crate::security::Named;
 use crate::security::authorization_policy::{self, AuthorizationPolicySpec};
 use crate::security::peer_authentication::{self, MtlsMode, PeerAuthenticationSpec};
@@ -61,6 +63,46 @@ const DOWNSTREAM_TLS_TYPE: &str = "type.googleapis.com/envoy.extensions.transpor
 /// Istio's inbound cluster of a workload port.
 pub fn cluster_name(port: u16) -> String {
     format!("inbound|{port}||")
+}
+
+/// Where an inbound cluster's connections come from: the address Istio's capture lets
+/// through to the workload (`InboundPassthroughBindIpv4`), so they are not captured again.
+const INBOUND_BIND: &str = "127.0.0.6";
+/// Istio's connect timeout of an inbound cluster (the mesh's `connectTimeout` default).
+const INBOUND_CONNECT_TIMEOUT: Duration = Duration { seconds: 10, nanos: 0 };
+/// How long an original-destination host is kept after its last connection.
+const ORIGINAL_DST_CLEANUP: Duration = Duration { seconds: 60, nanos: 0 };
+
+/// CDS: Istio's inbound cluster of each workload port, `inbound|PORT||` — the workload
+/// itself at the connection's original destination (ORIGINAL_DST, as istiod writes it),
+/// and for an HTTP/2 or gRPC port in HTTP/2 (policy::set_upstream_protocol): the
+/// application of such a port takes nothing else, whatever the caller spoke. Our
+/// sidecars reach their workload by its address already and read only that protocol.
+pub fn clusters(ports: &[(u16, Protocol)]) -> Vec<Cluster> {
+    ports
+        .iter()
+        .map(|&(port, protocol)| {
+            let mut c = Cluster {
+                name: cluster_name(port),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
+                lb_policy: LbPolicy::ClusterProvided as i32,
+                connect_timeout: Some(INBOUND_CONNECT_TIMEOUT),
+                cleanup_interval: Some(ORIGINAL_DST_CLEANUP),
+                upstream_bind_config: Some(core::BindConfig {
+                    source_address: Some(SocketAddress {
+                        address: INBOUND_BIND.into(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(0)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                circuit_breakers: Some(policy::default_circuit_breakers()),
+                ..Default::default()
+            };
+            policy::set_upstream_protocol(&mut c, protocol);
+            c
+        })
+        .collect()
 }
 
 /// Everything the inbound listener of one workload is made of: the policies that
@@ -113,9 +155,10 @@ impl Inbound {
         let mut chains = Vec::new();
         for (port, protocol) in ports {
             let mode = self.mtls.ports.get(&port).copied().unwrap_or(self.mtls.mode);
-            let filters = match protocol {
-                Protocol::Http => vec![http_connection_manager(port, &http)],
-                Protocol::Tcp => tcp_filters(&tcp, &cluster_name(port)),
+            let filters = if protocol.is_http() {
+                vec![http_connection_manager(port, &http)]
+            } else {
+                tcp_filters(&tcp, &cluster_name(port))
             };
             chains.extend(pair(&format!("inbound|{port}"), Some(port), mode, filters));
         }
@@ -207,13 +250,23 @@ impl SidecarNode {
     /// The inbound side of this sidecar among `models` (the proxy's own cluster,
     /// or every cluster when it names none served): its pod found by address,
     /// the policies of those clusters (one per namespace and name).
+    /// The pod at this sidecar's address, in the first of `models` that has one.
+    fn pod<'m>(&self, models: &[&'m crate::model::ClusterModel]) -> Option<&'m Workload> {
+        let ip = self.address?;
+        models.iter().find_map(|m| {
+            let w = &m.security.workloads;
+            w.binary_search_by(|w| w.address.cmp(&Some(ip))).ok().map(|i| &w[i])
+        })
+    }
+
+    /// The ports its workload's services send to, with their protocols (which its
+    /// inbound clusters are made of, [`clusters`]).
+    pub fn ports(&self, models: &[&crate::model::ClusterModel]) -> Vec<(u16, Protocol)> {
+        self.pod(models).map(|p| p.ports.clone()).unwrap_or_default()
+    }
+
     pub fn inbound(&self, models: &[&crate::model::ClusterModel], trust_domain: &str) -> Inbound {
-        let pod = self.address.and_then(|ip| {
-            models.iter().find_map(|m| {
-                let w = &m.security.workloads;
-                w.binary_search_by(|w| w.address.cmp(&Some(ip))).ok().map(|i| &w[i])
-            })
-        });
+        let pod = self.pod(models);
         let workload = Workload {
             namespace: self.namespace.clone(),
             labels: self

@@ -171,6 +171,25 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
     }
 }
 
+/// Istio's upstream protocol of a port (`setUpstreamProtocol`): the cluster of an HTTP/2
+/// or gRPC port speaks HTTP/2 to its endpoints whatever its callers spoke — Envoy's
+/// default is HTTP/1.1, which such servers do not take. A cluster whose rule wrote its
+/// HTTP options already ([`apply`]) has its protocol in them.
+pub fn set_upstream_protocol(c: &mut Cluster, protocol: Protocol) {
+    if protocol.is_http2() && !c.typed_extension_protocol_options.contains_key(HTTP_OPTIONS) {
+        let options = HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                protocol_config: Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                    Http2ProtocolOptions::default(),
+                )),
+            })),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options
+            .insert(HTTP_OPTIONS.to_owned(), any(HTTP_OPTIONS_TYPE, &options));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +319,46 @@ spec:
         ));
         let bad: Result<DestinationRule, _> = serde_saphyr::from_str(&rule("SOMETIMES"));
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn an_http2_or_grpc_port_speaks_http2_upstream_with_or_without_a_rule() {
+        let explicit = |c: &Cluster| {
+            let opts = c.typed_extension_protocol_options.get(HTTP_OPTIONS)?;
+            match HttpProtocolOptions::decode(opts.value.as_slice())
+                .unwrap()
+                .upstream_protocol_options
+            {
+                Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => e.protocol_config,
+                other => panic!("{other:?}"),
+            }
+        };
+        for (protocol, h2) in [
+            (Protocol::Grpc, true),
+            (Protocol::Http2, true),
+            (Protocol::Http, false),
+            (Protocol::GrpcWeb, false),
+            (Protocol::Tcp, false),
+        ] {
+            let mut c = Cluster::default();
+            set_upstream_protocol(&mut c, protocol);
+            assert_eq!(
+                matches!(
+                    explicit(&c),
+                    Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_))
+                ),
+                h2,
+                "{protocol:?}"
+            );
+            assert_eq!(c.typed_extension_protocol_options.is_empty(), !h2, "{protocol:?}");
+        }
+        // A rule's own options (here a pool limit, which wrote HTTP/2 for the gRPC port) stay.
+        let mut c = Cluster::default();
+        let limit = "spec: {host: r, trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 2}}}}";
+        apply(&mut c, &policy(limit), Protocol::Grpc);
+        let before = c.typed_extension_protocol_options.clone();
+        set_upstream_protocol(&mut c, Protocol::Grpc);
+        assert_eq!(c.typed_extension_protocol_options, before);
     }
 
     #[test]

@@ -15,16 +15,19 @@ use crate::routing::Routing;
 /// Every Envoy cluster of service port `key` — its own, then one per subset —
 /// each with its effective traffic policy.
 pub fn clusters(key: &ServiceKey, routing: &Routing, identities: &[SpiffeId]) -> Vec<Cluster> {
+    let protocol = routing.protocol(key);
     let mut base = super::cluster(key, None, identities);
     let Some((_, dr)) = routing.destination_rule(&key.host) else {
+        policy::set_upstream_protocol(&mut base, protocol);
         return vec![base];
     };
-    let protocol = routing.protocol(key);
     policy::apply(&mut base, &effective_policy(dr, None, key.port), protocol);
+    policy::set_upstream_protocol(&mut base, protocol);
     let mut out = vec![base];
     for s in &dr.subsets {
         let mut c = super::cluster(key, Some(&s.name), identities);
         policy::apply(&mut c, &effective_policy(dr, Some(&s.name), key.port), protocol);
+        policy::set_upstream_protocol(&mut c, protocol);
         out.push(c);
     }
     out
