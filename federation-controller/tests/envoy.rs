@@ -470,10 +470,18 @@ fn httpbin(dir: &std::path::Path, port: u16) {
     std::fs::create_dir_all(&d).unwrap();
     let objects = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n{}",
-        support::httpbin_yaml("default", "10.96.1.30", "10.241.0.30", &[("http", 8000, port)])
+        support::httpbin_yaml(
+            "default",
+            "10.96.1.30",
+            "10.241.0.30",
+            &[("http", 8000, port), ("grpc", 7070, GRPC_TARGET)]
+        )
     );
     support::write(d.join("objects.yaml"), objects).unwrap();
 }
+
+/// httpbin's gRPC port's target: only its inbound cluster, not the test's static one.
+const GRPC_TARGET: u16 = 7000;
 
 /// Our policies besides Istio's: a DENY of /admin and an ALLOW without rules.
 const DENY_ADMIN: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-admin, namespace: default}\n\
@@ -559,12 +567,20 @@ impl HttpbinSidecar {
     /// Envoy rejected none of our listener updates.
     fn assert_no_listener_rejected(&self) {
         let stats = http_get(&self.admin, "/stats").unwrap();
-        assert_eq!(
-            stat(&stats, "listener_manager.lds.update_rejected"),
-            Some(0),
-            "Envoy NACKed our inbound listener: {}",
-            std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
-        );
+        for (stat_name, what) in [
+            ("listener_manager.lds.update_rejected", "inbound listener"),
+            (
+                "cluster_manager.cds.update_rejected",
+                "clusters (inbound ones among them)",
+            ),
+        ] {
+            assert_eq!(
+                stat(&stats, stat_name),
+                Some(0),
+                "Envoy NACKed our {what}: {}",
+                std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+            );
+        }
     }
 }
 
@@ -594,6 +610,20 @@ fn envoy_accepts_and_enforces_our_inbound_rbac() {
         "\"transport_protocol\": \"tls\"",
     ] {
         assert!(dump.contains(want), "no {want} in Envoy's listeners:\n{dump}");
+    }
+    // The gRPC port's inbound cluster, ours (the HTTP port's is the test's static one):
+    // the original destination, in HTTP/2.
+    let grpc = format!("inbound|{GRPC_TARGET}||");
+    let clusters = wait_admin(&sidecar.admin, "/config_dump?resource=dynamic_active_clusters", |b| {
+        b.contains(&grpc)
+    });
+    for want in [
+        "ORIGINAL_DST",
+        "CLUSTER_PROVIDED",
+        "http2_protocol_options",
+        "127.0.0.6",
+    ] {
+        assert!(clusters.contains(want), "no {want} in Envoy's clusters:\n{clusters}");
     }
     sidecar.assert_no_listener_rejected();
     let addr = format!("127.0.0.1:{}", sidecar.inbound);

@@ -163,7 +163,9 @@ async fn the_controllers_inbound_cluster_says_which_http_the_application_takes()
 
     // Another port's cluster says HTTP/2: not this one's.
     let other = inbound_cluster(app.port().wrapping_add(1), true);
-    control.push_acked(CLUSTER_TYPE, "1", std::slice::from_ref(&other)).await;
+    control
+        .push_acked(CLUSTER_TYPE, "1", std::slice::from_ref(&other))
+        .await;
     assert_eq!(get(&client).await.0, 503);
 
     control
