@@ -13,6 +13,24 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 /// held whole.
 pub type Outgoing = Either<Resumed, Full<Bytes>>;
 
+/// A request body as the pools send it (see [`crate::pool::Plaintext`]): what the inbound
+/// side forwards is streamed on as it comes; the outbound side's is one already.
+pub trait IntoOutgoing {
+    fn into_outgoing(self) -> Outgoing;
+}
+
+impl IntoOutgoing for Incoming {
+    fn into_outgoing(self) -> Outgoing {
+        Resumed::streamed(self)
+    }
+}
+
+impl IntoOutgoing for Outgoing {
+    fn into_outgoing(self) -> Outgoing {
+        self
+    }
+}
+
 /// The client's body, with whatever of it was already read in front.
 #[derive(Debug)]
 pub struct Resumed {

@@ -84,9 +84,9 @@ pub fn unavailable(text: &'static str) -> Response<ReplyBody> {
     resp
 }
 
-/// The 503 for a request a pooled HTTP/1.1 connection failed: Envoy's text for a connect
-/// failure or for a connection that went away after the request was sent.
-pub fn unavailable_after(e: &hyper_util::client::legacy::Error) -> Response<ReplyBody> {
+/// The 503 for a request a plaintext server failed: Envoy's text for a connect failure or
+/// for a connection that went away after the request was sent.
+pub fn unavailable_after(e: &crate::pool::PlainError) -> Response<ReplyBody> {
     unavailable(if e.is_connect() {
         CONNECT_FAILURE
     } else {
@@ -94,9 +94,9 @@ pub fn unavailable_after(e: &hyper_util::client::legacy::Error) -> Response<Repl
     })
 }
 
-/// Envoy's response flag for a failed pooled HTTP/1.1 request: `UF` (connection failure)
-/// or `UC` (connection termination).
-pub fn failure_flags(e: &hyper_util::client::legacy::Error) -> &'static str {
+/// Envoy's response flag for a failed plaintext request: `UF` (connection failure) or `UC`
+/// (connection termination).
+pub fn failure_flags(e: &crate::pool::PlainError) -> &'static str {
     if e.is_connect() { "UF" } else { "UC" }
 }
 
@@ -346,17 +346,20 @@ pub fn needs_http2(headers: &HeaderMap) -> bool {
     })
 }
 
-/// A request as HTTP/2 to `addr` (which the pool connects by, and which becomes its
-/// `:authority`): no `host` header, which HTTP/2 forbids to differ from `:authority`
-/// (RFC 9113 §8.3.1); `te: trailers` is kept, as gRPC needs it.
+/// A request as HTTP/2 to `addr`, its `:authority` the caller's: its URI's, else its
+/// `host` (RFC 9113 §8.3.1 forbids a `host` to differ from `:authority`, so it goes), else
+/// the address; `te: trailers` is kept, as gRPC needs it.
 pub fn to_http2<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::HOST);
-    parts.uri = absolute(
-        &parts.uri,
-        Authority::try_from(addr.to_string()).expect("an address is an authority"),
-    );
+    let host = parts.headers.remove(header::HOST);
+    let authority = parts
+        .uri
+        .authority()
+        .cloned()
+        .or_else(|| host.and_then(|h| Authority::try_from(h.as_bytes()).ok()))
+        .unwrap_or_else(|| Authority::try_from(addr.to_string()).expect("an address is an authority"));
+    parts.uri = absolute(&parts.uri, authority);
     parts.version = Version::HTTP_2;
     Request::from_parts(parts, body)
 }

@@ -407,22 +407,21 @@ impl Inbound {
         let websocket = http::take_websocket(&mut req);
         let http2 = self.app_http.load().http2(app.port());
         match self.app_pool.request(req, app, http2).await {
-            Ok(mut resp) => {
+            Ok(pool::PlainAnswer { mut response, lease }) => {
                 if let Some(downstream) = websocket {
-                    http::join_websocket(downstream, &mut resp, &self.drain);
+                    http::join_websocket(downstream, &mut response, &self.drain);
                 }
-                let code = resp.status().as_u16();
+                let code = response.status().as_u16();
                 let log = log.map(|l| l.answered(code, "-", Some(app)));
                 let exchange = self.telemetry.request(&labels, code, size).logged(log);
                 let exchange = exchange.traced(span.map(|s| s.answered(code)));
-                let (mut parts, body) = resp.into_parts();
+                let (mut parts, body) = response.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
+                Response::from_parts(parts, Either::Left(Leased::new(body, lease).measured(exchange)))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "application did not answer");
-                self.telemetry
-                    .upstream_failure("inbound", pool::http1_failure_reason(&e));
+                self.telemetry.upstream_failure("inbound", e.reason());
                 let log = log.map(|l| l.answered(503, http::failure_flags(&e), Some(app)));
                 let exchange = self.telemetry.request(&labels, 503, size).logged(log);
                 let exchange = exchange.traced(span.map(|s| s.answered(503)));

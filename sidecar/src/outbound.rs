@@ -677,7 +677,9 @@ impl HttpHop {
                 let result = self.plain.request(req, endpoint.address, http2).await;
                 upstream.record(
                     i,
-                    result.as_ref().map_or(Reply::NoAnswer, |r| Reply::Status(r.status())),
+                    result
+                        .as_ref()
+                        .map_or(Reply::NoAnswer, |r| Reply::Status(r.response.status())),
                 );
                 return Attempt {
                     endpoint: Some(i),
@@ -819,15 +821,15 @@ impl HttpHop {
         match attempt.result {
             Ok(Answered::Mesh(sent)) => self.answer(sent, &what, l4),
             Err(Unanswered::Mesh(e)) => self.failed(e, &what),
-            Ok(Answered::Plain(resp)) => {
+            Ok(Answered::Plain(answer)) => {
                 l4.get_or_init(|| self.telemetry.connection(&plain_labels));
-                let exchange = self.count(plain_labels, &what, resp.status().as_u16(), "-");
-                let (mut parts, body) = resp.into_parts();
+                let exchange = self.count(plain_labels, &what, answer.response.status().as_u16(), "-");
+                let (mut parts, body) = answer.response.into_parts();
                 http::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(Leased::new(body, ()).measured(exchange)))
+                Response::from_parts(parts, Either::Left(Leased::new(body, answer.lease).measured(exchange)))
             }
             Err(Unanswered::Plain(e)) => {
-                let reason = pool::http1_failure_reason(&e);
+                let reason = e.reason();
                 tracing::debug!(service = what.service, error = %e, "plaintext upstream failed");
                 self.telemetry.upstream_failure("outbound", reason);
                 let exchange = self.count(plain_labels, &what, 503, http::failure_flags(&e));
@@ -922,7 +924,7 @@ enum Answered {
     /// Over a pooled connection in mutual TLS.
     Mesh(Sent),
     /// From an endpoint outside the mesh.
-    Plain(Response<Incoming>),
+    Plain(pool::PlainAnswer),
 }
 
 /// Why an attempt got no response headers.
@@ -933,7 +935,7 @@ enum Unanswered {
     /// `max_connections` in time): nothing was sent.
     Overflow,
     Mesh(SendError),
-    Plain(hyper_util::client::legacy::Error),
+    Plain(pool::PlainError),
 }
 
 /// What is recorded of a request whatever its upstream: metric labels and size, its access

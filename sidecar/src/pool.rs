@@ -61,6 +61,18 @@ pub struct Key {
     pub lane: u32,
 }
 
+impl Key {
+    /// The key of a cleartext connection to `addr`: its SNI, never sent, is the address.
+    pub fn cleartext(addr: SocketAddr) -> Key {
+        Key {
+            addr,
+            sni: ServerName::IpAddress(addr.ip().into()),
+            identities: Vec::new(),
+            lane: 0,
+        }
+    }
+}
+
 /// The most connections kept to one endpoint that stands for several pods.
 pub const MAX_LANES: u32 = 16;
 
@@ -291,6 +303,25 @@ impl H2Pool {
         max_requests: Option<u64>,
         pending: P,
     ) -> Result<Sent, SendError> {
+        self.send_on(key, Some(tls), req, max_requests, pending).await
+    }
+
+    /// Sends `req` to `addr` in cleartext HTTP/2 (prior knowledge), on the pooled
+    /// connection for that address; its URI's authority is its `:authority`. For servers
+    /// outside the mesh that take only HTTP/2 (see [`Plaintext`]).
+    pub async fn send_cleartext(&self, addr: SocketAddr, req: Request<Outgoing>) -> Result<Sent, SendError> {
+        self.send_on(&Key::cleartext(addr), None, req, None, ()).await
+    }
+
+    /// [`Self::send`], in mutual TLS with `tls`, or in cleartext without.
+    async fn send_on<P>(
+        &self,
+        key: &Key,
+        tls: Option<&Arc<ClientConfig>>,
+        req: Request<Outgoing>,
+        max_requests: Option<u64>,
+        pending: P,
+    ) -> Result<Sent, SendError> {
         let mut req = req;
         *req.version_mut() = hyper::Version::HTTP_2;
         let checked_out = self.checkout(key, tls, None, max_requests).await;
@@ -339,7 +370,7 @@ impl H2Pool {
     async fn checkout(
         &self,
         key: &Key,
-        tls: &Arc<ClientConfig>,
+        tls: Option<&Arc<ClientConfig>>,
         stale: Option<u64>,
         max_requests: Option<u64>,
     ) -> Result<Conn, ConnectError> {
@@ -384,11 +415,39 @@ impl H2Pool {
         }
     }
 
-    async fn connect(&self, key: &Key, tls: &Arc<ClientConfig>, slot: &Arc<Slot>) -> Result<Conn, ConnectError> {
-        let s = &self.settings;
+    async fn connect(
+        &self,
+        key: &Key,
+        tls: Option<&Arc<ClientConfig>>,
+        slot: &Arc<Slot>,
+    ) -> Result<Conn, ConnectError> {
         // Taken before the handshake, which presents this SVID or a newer one.
         let svid = self.svid.as_ref().map(|slot| slot.current());
-        let (stream, peer) = dial(s, key, tls).await?;
+        match tls {
+            Some(tls) => {
+                let (stream, peer) = dial(&self.settings, key, tls).await?;
+                self.establish(key, slot, stream, peer, svid).await
+            }
+            None => {
+                let tcp = connect_tcp(&self.settings, key.addr).await?;
+                self.establish(key, slot, tcp, Arc::from("unknown"), svid).await
+            }
+        }
+    }
+
+    /// Speaks HTTP/2 on `stream`, made to `key` (the server proved `peer`).
+    async fn establish<S>(
+        &self,
+        key: &Key,
+        slot: &Arc<Slot>,
+        stream: S,
+        peer: Arc<str>,
+        svid: Option<Arc<Svid>>,
+    ) -> Result<Conn, ConnectError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let s = &self.settings;
         // In TLS 1.3 the client's handshake is over before the server has checked the
         // client's certificate: a server that refuses our SVID says so only in its first
         // record. So the connection is offered to requests only once the server has spoken
@@ -472,12 +531,7 @@ async fn dial(
     key: &Key,
     tls: &Arc<ClientConfig>,
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Arc<str>), ConnectError> {
-    let tcp = match tokio::time::timeout(s.connect_timeout, capture::connect_marked(key.addr, s.mark)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(ConnectError::Connect(key.addr, e.to_string())),
-        Err(_) => return Err(ConnectError::ConnectTimeout(key.addr)),
-    };
-    let _ = tcp.set_nodelay(true);
+    let tcp = connect_tcp(s, key.addr).await?;
     let handshake = tokio_rustls::TlsConnector::from(tls.clone()).connect(key.sni.clone(), tcp);
     let stream = match tokio::time::timeout(s.handshake_timeout, handshake).await {
         Ok(Ok(stream)) => stream,
@@ -487,6 +541,17 @@ async fn dial(
     let peer: Arc<str> = tls::proven_identity(stream.get_ref().1.peer_certificates())
         .map_or_else(|| Arc::from("unknown"), |id| Arc::from(id.as_str()));
     Ok((stream, peer))
+}
+
+/// A TCP connection to `addr`, with our mark, bounded by the connect timeout.
+async fn connect_tcp(s: &Settings, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let tcp = match tokio::time::timeout(s.connect_timeout, capture::connect_marked(addr, s.mark)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(ConnectError::Connect(addr, e.to_string())),
+        Err(_) => return Err(ConnectError::ConnectTimeout(addr)),
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// A refusal during the handshake or in the server's first record, named by its reason.
@@ -597,34 +662,84 @@ impl<B> AppBody for B where
 /// Keep-alive connections to plaintext HTTP servers — the application behind the inbound
 /// side, endpoints outside the mesh — per `IP:port`: HTTP/1.1, but HTTP/2 to servers that
 /// take only that (a port named `http2` or `grpc`, see [`crate::app_http`]) and for the
-/// requests only it carries (gRPC, see [`crate::http::needs_http2`]).
+/// requests only it carries (gRPC, see [`crate::http::needs_http2`]). HTTP/2 rides an
+/// [`H2Pool`] in cleartext, which keeps the caller's `:authority` (hyper-util's client
+/// connects by the URI's authority, so the server would see our address in it).
 pub struct Plaintext<B> {
     http1: Client<MarkedConnector, B>,
-    h2c: Client<MarkedConnector, B>,
+    h2c: Arc<H2Pool>,
 }
 
-impl<B: AppBody> Plaintext<B> {
+/// What a [`Plaintext`] server answered.
+pub struct PlainAnswer {
+    pub response: Response<Incoming>,
+    /// Holds the HTTP/2 connection as busy (its idle timeout waits); keep it until the
+    /// body is done.
+    pub lease: Option<Lease>,
+}
+
+/// Why a [`Plaintext`] request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PlainError {
+    #[error(transparent)]
+    Http1(#[from] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    Http2(SendError),
+}
+
+impl PlainError {
+    /// No connection could be had (nothing was sent); otherwise the server went away after
+    /// the request was sent.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Http1(e) => e.is_connect(),
+            Self::Http2(e) => !matches!(e, SendError::Reset(_)),
+        }
+    }
+
+    /// The reason label of `isthmus_sidecar_upstream_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Http1(e) => http1_failure_reason(e),
+            Self::Http2(SendError::Connect(e, _)) => e.reason(),
+            Self::Http2(SendError::Overflow(_)) => "upstream_cx_overflow",
+            Self::Http2(SendError::Reset(_)) => "reset",
+        }
+    }
+}
+
+impl<B: AppBody + crate::body::IntoOutgoing> Plaintext<B> {
     pub fn new(connector: MarkedConnector, idle_timeout: Duration) -> Self {
+        let settings = Settings {
+            connect_timeout: connector.timeout,
+            // Cleartext: the "handshake" is the server's SETTINGS after our preface.
+            handshake_timeout: connector.timeout,
+            idle_timeout,
+            mark: connector.mark,
+        };
+        let open = prometheus::IntGauge::new("plaintext_h2_connections", "cleartext HTTP/2 connections open")
+            .expect("a valid gauge");
         Self {
             http1: http1_client(connector, idle_timeout),
-            h2c: h2c_client(connector, idle_timeout),
+            h2c: H2Pool::new(settings, None, open),
         }
     }
 
     /// Sends `req` to `addr` in the HTTP it needs: HTTP/2 when the server takes only that
     /// (`http2`) or the request means nothing in HTTP/1.1; a WebSocket's upgrade is
     /// HTTP/1.1's in any case.
-    pub async fn request(
-        &self,
-        req: Request<B>,
-        addr: SocketAddr,
-        http2: bool,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    pub async fn request(&self, req: Request<B>, addr: SocketAddr, http2: bool) -> Result<PlainAnswer, PlainError> {
         let headers = req.headers();
         if !crate::http::is_websocket(headers) && (http2 || crate::http::needs_http2(headers)) {
-            self.h2c.request(crate::http::to_http2(req, addr)).await
+            let req = crate::http::to_http2(req, addr).map(crate::body::IntoOutgoing::into_outgoing);
+            let sent = self.h2c.send_cleartext(addr, req).await.map_err(PlainError::Http2)?;
+            Ok(PlainAnswer {
+                response: sent.response,
+                lease: Some(sent.lease),
+            })
         } else {
-            self.http1.request(crate::http::to_http1(req, addr)).await
+            let response = self.http1.request(crate::http::to_http1(req, addr)).await?;
+            Ok(PlainAnswer { response, lease: None })
         }
     }
 }
@@ -639,24 +754,8 @@ fn http1_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration) 
         .build(connector)
 }
 
-/// Keep-alive HTTP/2 connections in cleartext (prior knowledge, as gRPC servers take it)
-/// to applications that take only HTTP/2, pooling per `IP:port` as [`http1_client`] does;
-/// the windows of the hop between sidecars.
-fn h2c_client<B: AppBody>(connector: MarkedConnector, idle_timeout: Duration) -> Client<MarkedConnector, B> {
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .http2_only(true)
-        .http2_initial_stream_window_size(crate::http::STREAM_WINDOW)
-        .http2_initial_connection_window_size(crate::http::CONNECTION_WINDOW)
-        .http2_max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
-        .set_host(false)
-        .build(connector)
-}
-
-/// The reason label for a failed [`Plaintext`] request.
-pub fn http1_failure_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
+/// The reason label for a failed HTTP/1.1 [`Plaintext`] request.
+fn http1_failure_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
     if !e.is_connect() {
         return "reset";
     }

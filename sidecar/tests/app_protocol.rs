@@ -174,6 +174,10 @@ async fn the_controllers_inbound_cluster_says_which_http_the_application_takes()
     let (status, body) = get(&client).await;
     assert_eq!(status, 200, "{body}");
     assert_http2_with_identity(&body);
+    assert!(
+        body.contains(" reviews.default.svc.cluster.local:9080 "),
+        "the caller's authority, not the application's address: {body}"
+    );
 
     control
         .push_acked(CLUSTER_TYPE, "3", &[other, inbound_cluster(app.port(), false)])

@@ -798,7 +798,10 @@ async fn a_grpc_call_reaches_an_http2_only_application_and_its_trailers_come_bac
     let mut h2 = grpc_client(client.bound.outbound.unwrap()).await;
     for _ in 0..3 {
         let body = grpc_call(&mut h2, b"hello").await;
-        assert_eq!(body, format!("{app} 10"), "to the application over HTTP/2, whole");
+        assert_eq!(
+            body, "reviews:9080 10",
+            "to the application over HTTP/2, whole, with the caller's authority"
+        );
     }
 }
 
@@ -818,5 +821,5 @@ async fn a_plaintext_grpc_client_is_known_by_its_preface_under_permissive() {
     );
     let server = Sidecar::start(RunArgs::from_words(line.split_whitespace()).unwrap()).unwrap();
     let mut h2 = grpc_client(server.bound.inbound.unwrap()).await;
-    assert_eq!(grpc_call(&mut h2, b"hi").await, format!("{app} 7"));
+    assert_eq!(grpc_call(&mut h2, b"hi").await, "reviews:9080 7");
 }

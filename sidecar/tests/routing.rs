@@ -1314,10 +1314,9 @@ async fn an_h2c_client_such_as_grpc_is_served_and_routed_too() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, want, "{content_type}");
     }
-    // The gRPC call reached its endpoint over HTTP/2 (`:authority` is the endpoint's
-    // address there: the pool connects by it), whole.
+    // The gRPC call reached its endpoint over HTTP/2, whole, with the caller's `:authority`.
     let seen = v2.seen.lock().unwrap().clone();
-    assert_eq!((seen[0].host.clone(), seen[0].body), (v2.addr.to_string(), 5));
+    assert_eq!((seen[0].host.as_str(), seen[0].body), ("reviews:9080", 5));
     let seen = v1.seen.lock().unwrap().clone();
     assert_eq!((seen[0].host.as_str(), seen[0].body), ("reviews:9080", 5));
 }

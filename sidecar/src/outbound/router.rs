@@ -107,7 +107,7 @@ async fn buffered(body: Incoming, wanted: bool) -> Result<Either<Outgoing, Bytes
 fn outcome(attempt: &Attempt) -> Outcome<'_> {
     match &attempt.result {
         Ok(Answered::Mesh(sent)) => Outcome::Response(sent.response.status(), sent.response.headers()),
-        Ok(Answered::Plain(resp)) => Outcome::Response(resp.status(), resp.headers()),
+        Ok(Answered::Plain(a)) => Outcome::Response(a.response.status(), a.response.headers()),
         Err(Unanswered::Unreachable | Unanswered::Overflow) => Outcome::ConnectFailure,
         Err(Unanswered::Mesh(e)) if e.refused_stream() => Outcome::RefusedStream,
         Err(Unanswered::Mesh(crate::pool::SendError::Connect(..))) => Outcome::ConnectFailure,
