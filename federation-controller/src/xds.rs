@@ -512,11 +512,11 @@ impl Snapshot {
             (Some(node), LISTENER_TYPE) => Some(self.inbound(node, cluster.as_ref())),
             _ => None,
         };
-        // A sidecar's clusters include its workload's inbound ones.
+        // A sidecar's clusters include its inbound ones, made of its workload's ports.
         let inbound_ports = match (&proxy.sidecar, type_url) {
             (Some(node), CLUSTER_TYPE) => {
                 let models: Vec<&ClusterModel> = self.clusters.iter().map(|(m, _)| m.as_ref()).collect();
-                Some(node.ports(&models)).filter(|p| !p.is_empty())
+                Some(node.ports(&models))
             }
             _ => None,
         };
@@ -562,9 +562,11 @@ impl Snapshot {
                 let l = i.listener();
                 items.push(reuse.versioned(l.name.clone(), stable_hash(i), || any(LISTENER_TYPE, &l)));
             }
-            for c in inbound::clusters(inbound_ports.as_deref().unwrap_or_default()) {
-                let version = stable_hash(&(&c.name, &inbound_ports));
-                items.push(reuse.versioned(c.name.clone(), version, || any(CLUSTER_TYPE, &c)));
+            if let Some(ports) = &inbound_ports {
+                for c in inbound::clusters(ports) {
+                    let version = stable_hash(&(&c.name, ports));
+                    items.push(reuse.versioned(c.name.clone(), version, || any(CLUSTER_TYPE, &c)));
+                }
             }
             Arc::new(reuse.finish(items))
         })

@@ -612,10 +612,10 @@ fn envoy_accepts_and_enforces_our_inbound_rbac() {
         assert!(dump.contains(want), "no {want} in Envoy's listeners:\n{dump}");
     }
     // The gRPC port's inbound cluster, ours (the HTTP port's is the test's static one):
-    // the original destination, in HTTP/2.
+    // the original destination, in HTTP/2; and the other ports' passthrough.
     let grpc = format!("inbound|{GRPC_TARGET}||");
     let clusters = wait_admin(&sidecar.admin, "/config_dump?resource=dynamic_active_clusters", |b| {
-        b.contains(&grpc)
+        b.contains(&grpc) && b.contains("\"InboundPassthroughCluster\"")
     });
     for want in [
         "ORIGINAL_DST",

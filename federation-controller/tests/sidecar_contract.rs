@@ -120,6 +120,7 @@ async fn the_sidecar_reads_which_http_its_application_takes_from_our_inbound_clu
     for port in [7000, 80, 5432] {
         assert!(names.contains(&format!("inbound|{port}||").as_str()), "{names:?}");
     }
+    assert!(names.contains(&"InboundPassthroughCluster"), "{names:?}");
     let table = Destinations::build(&[], &clusters, &Default::default())
         .unwrap_or_else(|e| panic!("the sidecar refuses our clusters: {e:?}"));
     assert!(

@@ -8,7 +8,7 @@
 //!
 //! The sidecar reaches its application by address (capture's original destination, or
 //! `--inbound`'s target), so of these clusters it reads only the protocol; they are not
-//! upstreams (see [`crate::destinations`]).
+//! upstreams (original-destination clusters never are, see [`crate::destinations`]).
 
 use std::collections::BTreeMap;
 
@@ -19,11 +19,6 @@ use crate::destinations::BadResource;
 
 /// The prefix of Istio's inbound cluster names.
 const INBOUND_PREFIX: &str = "inbound|";
-
-/// Whether `name` is one of Istio's inbound clusters (a port's, `inbound|PORT||`).
-pub fn is_inbound_cluster(name: &str) -> bool {
-    name.starts_with(INBOUND_PREFIX)
-}
 
 /// The application's HTTP per port, with a default for the ports no cluster names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,7 +41,7 @@ impl AppHttp {
     /// keep deciding). Another port-less inbound cluster (`inbound|http|…`) is not a port's.
     pub fn from_clusters(clusters: &[Cluster]) -> Result<Option<Self>, BadResource> {
         let mut ports = BTreeMap::new();
-        for c in clusters.iter().filter(|c| is_inbound_cluster(&c.name)) {
+        for c in clusters.iter().filter(|c| c.name.starts_with(INBOUND_PREFIX)) {
             let Some(port) = c.name[INBOUND_PREFIX.len()..]
                 .split('|')
                 .next()

@@ -24,6 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
 use envoy_types::pb::envoy::config::core::v3::{
     TrafficDirection, TransportSocket, address, socket_address, transport_socket,
 };
@@ -299,11 +300,7 @@ impl Destinations {
                 None => {}
             }
         }
-        // Inbound clusters describe the application behind the inbound side (`app_http`).
-        for c in clusters
-            .iter()
-            .filter(|c| !crate::app_http::is_inbound_cluster(&c.name))
-        {
+        for c in clusters.iter().filter(|c| balanced(c)) {
             let tls = mesh_tls(c)?;
             let endpoints = match assignments.get(&c.name) {
                 Some(cla) => endpoints(cla, tls.as_ref())?,
@@ -341,6 +338,15 @@ impl Destinations {
         }
         Ok(table)
     }
+}
+
+/// Whether `c` is an upstream whose endpoints we balance over, not one to a connection's
+/// original destination (Istio's `PassthroughCluster`, `InboundPassthroughCluster` and
+/// inbound clusters `inbound|PORT||`): the sidecar passes such connections through by
+/// itself, and an inbound cluster only says which HTTP the application speaks
+/// (`app_http`).
+pub fn balanced(c: &Cluster) -> bool {
+    c.cluster_discovery_type != Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32))
 }
 
 /// The host of Istio's `outbound|PORT|SUBSET|HOST`, or the name itself.
@@ -1204,6 +1210,29 @@ pub(crate) mod tests {
 
         let e = Destinations::build(&[], &[c], &eps(&["10.2.0.7"])).unwrap_err();
         assert_eq!(e.resource, CLUSTER);
+    }
+
+    #[test]
+    fn istios_original_destination_clusters_are_taken_but_not_upstreams() {
+        use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
+        let passthrough = |name: &str| Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
+            lb_policy: LbPolicy::ClusterProvided as i32,
+            ..Default::default()
+        };
+        let clusters = [
+            passthrough("PassthroughCluster"),
+            passthrough("InboundPassthroughCluster"),
+            passthrough("inbound|9080||"),
+            auto_mtls_cluster(CLUSTER, &[]),
+        ];
+        let table = Destinations::build(&[], &clusters, &HashMap::new()).unwrap();
+        assert_eq!(table.upstreams.keys().collect::<Vec<_>>(), [CLUSTER]);
+        // As an upstream, CLUSTER_PROVIDED would be refused.
+        let mut balanced = passthrough("PassthroughCluster");
+        balanced.cluster_discovery_type = None;
+        assert!(Destinations::build(&[], &[balanced], &HashMap::new()).is_err());
     }
 
     #[test]

@@ -200,12 +200,12 @@ impl Received {
         self.versions.get(type_url).cloned().unwrap_or_default()
     }
 
-    /// The clusters whose endpoints come by EDS: all but the inbound ones.
+    /// The clusters whose endpoints come by EDS: all but the original-destination ones.
     fn cluster_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .clusters
             .iter()
-            .filter(|c| !crate::app_http::is_inbound_cluster(&c.name))
+            .filter(|c| crate::destinations::balanced(c))
             .map(|c| c.name.clone())
             .collect();
         names.sort();

@@ -11,9 +11,8 @@
 //! TCP proxy. Envoy picks the chain by port first, so a plaintext connection to a
 //! STRICT port finds no chain and is closed, even when other ports are PERMISSIVE.
 //!
-//! Traffic goes on to `inbound|PORT||` (Istio's inbound cluster of a port, served
-//! in CDS by [`clusters`]: the protocol the application speaks) or, for other
-//! ports, `InboundPassthroughCluster`, which is the proxy's own business.
+//! Traffic goes on to `inbound|PORT||` (Istio's inbound cluster of a port) or, for
+//! other ports, `InboundPassthroughCluster`, both served in CDS ([`clusters`]).
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
@@ -73,36 +72,41 @@ const INBOUND_CONNECT_TIMEOUT: Duration = Duration { seconds: 10, nanos: 0 };
 /// How long an original-destination host is kept after its last connection.
 const ORIGINAL_DST_CLEANUP: Duration = Duration { seconds: 60, nanos: 0 };
 
-/// CDS: Istio's inbound cluster of each workload port, `inbound|PORT||` — the workload
-/// itself at the connection's original destination (ORIGINAL_DST, as istiod writes it),
-/// and for an HTTP/2 or gRPC port in HTTP/2 (policy::set_upstream_protocol): the
-/// application of such a port takes nothing else, whatever the caller spoke. Our
-/// sidecars reach their workload by its address already and read only that protocol.
+/// CDS: Istio's inbound clusters of a sidecar, as istiod writes them — each the workload
+/// itself at the connection's original destination (ORIGINAL_DST): one per workload port,
+/// `inbound|PORT||`, in HTTP/2 for an HTTP/2 or gRPC port (policy::set_upstream_protocol:
+/// the application of such a port takes nothing else, whatever the caller spoke), and
+/// `InboundPassthroughCluster` for the ports no service names. Our sidecars reach their
+/// workload by its address already and read only the ports' protocols.
 pub fn clusters(ports: &[(u16, Protocol)]) -> Vec<Cluster> {
-    ports
-        .iter()
-        .map(|&(port, protocol)| {
-            let mut c = Cluster {
-                name: cluster_name(port),
-                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
-                lb_policy: LbPolicy::ClusterProvided as i32,
-                connect_timeout: Some(INBOUND_CONNECT_TIMEOUT),
-                cleanup_interval: Some(ORIGINAL_DST_CLEANUP),
-                upstream_bind_config: Some(core::BindConfig {
-                    source_address: Some(SocketAddress {
-                        address: INBOUND_BIND.into(),
-                        port_specifier: Some(socket_address::PortSpecifier::PortValue(0)),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                circuit_breakers: Some(policy::default_circuit_breakers()),
+    let passthrough = original_destination(PASSTHROUGH_CLUSTER.to_owned());
+    let per_port = ports.iter().map(|&(port, protocol)| {
+        let mut c = original_destination(cluster_name(port));
+        policy::set_upstream_protocol(&mut c, protocol);
+        c
+    });
+    per_port.chain(std::iter::once(passthrough)).collect()
+}
+
+/// An inbound cluster named `name` to the connection's original destination.
+fn original_destination(name: String) -> Cluster {
+    Cluster {
+        name,
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
+        lb_policy: LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(INBOUND_CONNECT_TIMEOUT),
+        cleanup_interval: Some(ORIGINAL_DST_CLEANUP),
+        upstream_bind_config: Some(core::BindConfig {
+            source_address: Some(SocketAddress {
+                address: INBOUND_BIND.into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(0)),
                 ..Default::default()
-            };
-            policy::set_upstream_protocol(&mut c, protocol);
-            c
-        })
-        .collect()
+            }),
+            ..Default::default()
+        }),
+        circuit_breakers: Some(policy::default_circuit_breakers()),
+        ..Default::default()
+    }
 }
 
 /// Everything the inbound listener of one workload is made of: the policies that
