@@ -31,7 +31,8 @@ fi
 # (federation-controller/tests/spiffe_interop.rs runs tests/spiffe_check.py).
 python3 -m pip install -q -r federation-controller/tests/spiffe_check.requirements.txt
 # grpcio and grpcio-csds, pinned, for the proxyless gRPC xDS test
-# (federation-controller/tests/grpc_proxyless.rs runs tests/grpc_proxyless.py).
+# (federation-controller/tests/grpc_proxyless.rs runs tests/grpc_proxyless.py) and real
+# gRPC through a sidecar pair (sidecar/tests/grpc_peer.rs runs tests/grpc_peer.py).
 python3 -m pip install -q -r federation-controller/tests/grpc_proxyless.requirements.txt
 
 cargo fmt --all -- --check
