@@ -166,3 +166,92 @@ async fn until_the_first_routes_arrive_the_data_port_refuses_connections() {
     })
     .await;
 }
+
+/// cluster1 on network1 with `reviews` (pod at `reviews`) and `ratings` (pod at `ratings`),
+/// both sidecar'd on port 9080, and the network's east-west gateway; with `exposed`, an
+/// Istio Gateway whose `AUTO_PASSTHROUGH` server on 15443 names those hosts.
+fn two_services(dir: &Path, reviews: SocketAddr, ratings: SocketAddr, exposed: Option<&str>) {
+    let d = dir.join("cluster1");
+    std::fs::create_dir_all(&d).unwrap();
+    let service = |name: &str, pod: SocketAddr| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{ports: [{{name: tls, port: 9080}}]}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-1, namespace: default, labels: {{security.istio.io/tlsMode: istio}}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: tls, port: {port}}}]\nendpoints: [{{addresses: ['{ip}'], targetRef: {{kind: Pod, name: {name}-1}}}}]\n---\n",
+            ip = pod.ip(),
+            port = pod.port()
+        )
+    };
+    let mut y = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n{}{}\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topology.istio.io/network: network1}}}}\n\
+         spec: {{selector: {{istio: eastwestgateway}}, ports: [{{name: tls, port: 15443}}], externalIPs: [127.0.0.9]}}\n",
+        service("reviews", reviews),
+        service("ratings", ratings)
+    );
+    if let Some(hosts) = exposed {
+        y.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: cross-network-gateway, namespace: istio-system}}\n\
+             spec: {{selector: {{istio: eastwestgateway}}, servers: [{{port: {{number: 15443, name: tls, protocol: TLS}}, tls: {{mode: AUTO_PASSTHROUGH}}, hosts: [{hosts}]}}]}}\n"
+        ));
+    }
+    std::fs::write(d.join("objects.yaml.tmp"), y).unwrap();
+    std::fs::rename(d.join("objects.yaml.tmp"), d.join("objects.yaml")).unwrap();
+}
+
+/// The network's Gateway says what other networks may reach through this gateway: an SNI
+/// for a service it leaves out is refused like an unknown one, as Istio's east-west gateway
+/// has no chain for it, and the Gateway's change is followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_passes_only_what_its_networks_gateway_exposes() {
+    const RATINGS: &str = "outbound_.9080_._.ratings.default.svc.cluster.local";
+    let pki = Pki::new();
+    let (reviews, ratings) = (
+        Backend::start(&pki, "reviews").await,
+        Backend::start(&pki, "ratings").await,
+    );
+    let dir = pki.dir.path().join("clusters");
+    two_services(
+        &dir,
+        reviews.addr,
+        ratings.addr,
+        Some("default/reviews.default.svc.cluster.local"),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let xds = listener.local_addr().unwrap().to_string();
+    let _stop = controller(&dir, listener);
+    let gw = GatewayProcess::start(
+        pki.dir.path(),
+        &["--xds", &xds, "--network", "network1", "--cluster", "cluster1"],
+    );
+    let client = pki.client(&pki.svid("client", CLIENT_ID, &[]), &["istio"]);
+    let lands = |sni: &'static str, prefix: &'static str| {
+        let client = client.clone();
+        let listen = gw.listen;
+        async move {
+            Call::open(listen, &client, sni)
+                .await
+                .is_ok_and(|c| c.greeting.starts_with(prefix))
+        }
+    };
+    eventually(Duration::from_secs(10), "routes from xDS", || {
+        lands(SNI, "hello reviews ")
+    })
+    .await;
+    assert!(
+        Call::open(gw.listen, &client, RATINGS).await.is_err(),
+        "ratings is not exposed"
+    );
+    gw.wait_rejected("unknown_sni", 1.0).await;
+
+    // The Gateway exposes every local host now: ratings passes too.
+    two_services(&dir, reviews.addr, ratings.addr, Some("'*.local'"));
+    eventually(
+        Duration::from_secs(10),
+        "the Gateway's change reaches the gateway",
+        || lands(RATINGS, "hello ratings "),
+    )
+    .await;
+    assert!(lands(SNI, "hello reviews ").await);
+}

@@ -320,6 +320,9 @@ enum PerProxy {
     Inbound(inbound::Inbound),
     /// A sidecar's clusters: its inbound clusters are made of its workload's ports.
     InboundPorts(Vec<(u16, crate::model::Protocol)>),
+    /// A gateway's clusters and endpoints: those of what its network exposes (the
+    /// endpoints for its locality, while that matters).
+    Gateway(Option<Locality>),
     /// Listeners, while some VirtualService's TCP/TLS route matches on
     /// `sourceLabels`/`sourceNamespace`: the inbound listener, namespace and labels.
     Listeners(Option<inbound::Inbound>, Option<String>, BTreeMap<String, String>),
@@ -338,6 +341,10 @@ pub struct ProxyView {
     pub generator: Generator,
     /// A sidecar (not a gateway): it gets an inbound listener for its workload.
     pub sidecar: Option<inbound::SidecarNode>,
+    /// A gateway (`router~…`): on a network whose `AUTO_PASSTHROUGH` Gateway names what
+    /// it exposes, it is served those services only, so an SNI for another is refused
+    /// there (Istio's east-west gateway has a chain per exposed host, and no other).
+    pub gateway: bool,
     /// Its workload's namespace (`NAMESPACE`), for `sourceNamespace` matches.
     pub namespace: Option<String>,
     /// Its workload's labels (`LABELS`, a Struct of strings), for `sourceLabels` matches.
@@ -356,6 +363,7 @@ impl ProxyView {
                 .map(ClusterId::new),
             generator: Generator::of(node),
             sidecar: inbound::SidecarNode::of(node).filter(|_| Generator::of(node) == Generator::Envoy),
+            gateway: node.id.starts_with("router~"),
             namespace: node_metadata(node, "NAMESPACE").filter(|n| !n.is_empty()),
             labels: node_labels(node),
             locality: node
@@ -377,6 +385,7 @@ impl ProxyView {
             cluster: None,
             generator: Generator::Envoy,
             sidecar: None,
+            gateway: false,
             namespace: None,
             labels: BTreeMap::new(),
             locality: Locality::default(),
@@ -527,13 +536,20 @@ impl Snapshot {
                 proxy.labels.clone(),
             )),
             LISTENER_TYPE => inbound.clone().map(PerProxy::Inbound),
+            CLUSTER_TYPE if proxy.gateway => Some(PerProxy::Gateway(None)),
             CLUSTER_TYPE => inbound_ports.clone().map(PerProxy::InboundPorts),
             ROUTE_TYPE if self.routing().depends_on_source() => {
                 Some(PerProxy::Source(proxy.namespace.clone(), proxy.labels.clone()))
             }
             ENDPOINT_TYPE if generator == Generator::Envoy && self.routing().locality_aware() => {
-                Some(PerProxy::Locality(proxy.locality.clone()))
+                let locality = Some(proxy.locality.clone());
+                Some(if proxy.gateway {
+                    PerProxy::Gateway(locality)
+                } else {
+                    PerProxy::Locality(proxy.locality.clone())
+                })
             }
+            ENDPOINT_TYPE if proxy.gateway => Some(PerProxy::Gateway(None)),
             _ => None,
         };
         let key = (
@@ -708,6 +724,27 @@ impl Snapshot {
             .collect()
     }
 
+    /// Which service ports `proxy` is served: a gateway on a network whose `AUTO_PASSTHROUGH`
+    /// Gateway names hosts, those hosts' only; everyone else, all.
+    fn exposed_to(&self, proxy: &ProxyView, network: &NetworkId) -> impl Fn(&ServiceKey) -> bool + use<> {
+        let patterns: Option<Vec<String>> = proxy
+            .gateway
+            .then(|| {
+                let mut p: Vec<String> = self
+                    .clusters
+                    .iter()
+                    .filter_map(|(m, _)| m.exposure.get(network))
+                    .flatten()
+                    .cloned()
+                    .collect();
+                p.sort();
+                p.dedup();
+                p
+            })
+            .filter(|p| !p.is_empty());
+        move |k: &ServiceKey| federation::exposes(patterns.as_deref(), &k.host)
+    }
+
     /// Who may serve each service port, computed once per snapshot; a service port whose
     /// instances did not change keeps the prior snapshot's.
     fn identities(&self) -> Arc<Identities> {
@@ -774,8 +811,10 @@ impl Snapshot {
                 let identities = self.identities();
                 let routing = self.routing();
                 let td = &self.mesh.trust_domain;
+                let exposed = self.exposed_to(proxy, network);
                 self.shared_view(network)
                     .keys()
+                    .filter(|k| exposed(k))
                     .flat_map(|k| {
                         let ids = identities.get(k).map(Vec::as_slice).unwrap_or_default();
                         // The rule is part of what a cluster is built from (serde_json of
@@ -813,12 +852,14 @@ impl Snapshot {
                     network: &proxy.network,
                 };
                 let view = self.shared_view(network);
+                let exposed = self.exposed_to(proxy, network);
                 let services = view.endpoints().map(|(k, eps)| (k, None, cluster_name(k), eps));
                 let subsets = view
                     .subset_endpoints()
                     .map(|(s, eps)| (&s.service, Some(s), subset_cluster_name(&s.service, &s.subset), eps));
                 services
                     .chain(subsets)
+                    .filter(|(k, ..)| exposed(k))
                     .map(|(k, subset, name, eps)| {
                         let setting = setting(k, subset.map(|s| s.subset.as_str()));
                         let local = setting.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default());
@@ -1796,6 +1837,35 @@ mod tests {
             }),
             false,
         )]
+    }
+
+    #[tokio::test]
+    async fn a_gateway_is_served_what_its_networks_gateway_exposes_and_a_sidecar_everything() {
+        let mut models = clusters(1);
+        let m = Arc::get_mut(&mut models[0].0).unwrap();
+        m.exposure.insert(
+            NetworkId::new("n1"),
+            vec!["default/s1.default.svc.cluster.local".into()],
+        );
+        let snap = Snapshot::new(1, std::time::Instant::now(), models, MeshConfig::default());
+        let n1 = NetworkId::new("n1");
+        let gateway = ProxyView {
+            gateway: true,
+            ..ProxyView::envoy(&n1)
+        };
+        let names = |set: EncodedSet| set.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        for t in [CLUSTER_TYPE, ENDPOINT_TYPE] {
+            assert_eq!(
+                names(snap.encoded(&gateway, t).await),
+                ["outbound|80||s1.default.svc.cluster.local"],
+                "{t}"
+            );
+            assert_eq!(names(snap.encoded(&ProxyView::envoy(&n1), t).await).len(), 4, "{t}");
+            // Another network's proxies reach n1's services only through n1's gateway,
+            // so federation leaves them what it exposes.
+            let n2 = ProxyView::envoy(&NetworkId::new("n2"));
+            assert_eq!(names(snap.encoded(&n2, t).await).len(), 1, "{t}");
+        }
     }
 
     async fn versions(moved: u8, network: &str) -> Vec<(String, String)> {
