@@ -10,11 +10,12 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use federation_controller::model::{ClusterModel, MeshConfig};
 use federation_controller::objects::ClusterObjects;
-use federation_controller::xds::{CLUSTER_TYPE, LISTENER_TYPE, ProxyView, Snapshot};
+use federation_controller::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ProxyView, Snapshot};
 use mesh_vocab::ClusterId;
 use prost::Message;
 use sidecar::app_http::AppHttp;
@@ -145,4 +146,33 @@ async fn the_sidecar_reads_which_http_its_application_takes_from_our_inbound_clu
         table.upstreams["outbound|8000||httpbin.default.svc.cluster.local"].http,
         UpstreamHttp::Downstream
     );
+}
+
+/// A DestinationRule's `tls.mode` as our sidecar carries it out for httpbin's endpoint (a
+/// pod labelled `tlsMode: istio`): auto mTLS without one, plaintext under DISABLE, mTLS
+/// under ISTIO_MUTUAL (to every endpoint, labelled or not).
+#[tokio::test]
+async fn the_sidecar_speaks_the_tls_a_destination_rule_says() {
+    let ports = [("http", 8000, 80)];
+    let cluster = "outbound|8000||httpbin.default.svc.cluster.local";
+    let rule = |mode: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: httpbin, namespace: default}}\n\
+             spec: {{host: httpbin, trafficPolicy: {{tls: {{mode: {mode}}}}}}}\n"
+        )
+    };
+    for (policies, mtls) in [
+        (String::new(), true),
+        (rule("DISABLE"), false),
+        (rule("ISTIO_MUTUAL"), true),
+    ] {
+        let clusters: Vec<Cluster> = served(&ports, &policies, CLUSTER_TYPE).await;
+        let assignments: Vec<ClusterLoadAssignment> = served(&ports, &policies, ENDPOINT_TYPE).await;
+        let assignments = assignments.into_iter().map(|a| (a.cluster_name.clone(), a)).collect();
+        let table = Destinations::build(&[], &clusters, &assignments)
+            .unwrap_or_else(|e| panic!("the sidecar refuses our clusters: {e:?}"));
+        let endpoints = &table.upstreams[cluster].endpoints;
+        assert_eq!(endpoints.len(), 1);
+        assert_eq!(endpoints[0].mtls, mtls, "{policies}");
+    }
 }

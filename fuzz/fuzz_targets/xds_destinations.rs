@@ -1,8 +1,10 @@
 //! xDS from the controller, as the sidecar turns it into its routing table: arbitrary bytes
 //! are read as a DiscoveryResponse whose resources are decoded as listeners, clusters and
 //! load assignments (by their type URL, or each kind in turn), then built into
-//! `Destinations`. Checks: no panic; a table that builds routes every listener address to
-//! a cluster it names, and every endpoint it keeps has a weight of at least 1.
+//! `Destinations`, and the inbound clusters read for the application's protocols
+//! (`AppHttp`). Checks: no panic; a table that builds routes every listener address to
+//! a cluster it names, every endpoint it keeps has a weight of at least 1, and no
+//! original-destination cluster is an upstream.
 
 #![no_main]
 
@@ -14,7 +16,8 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use sidecar::destinations::Destinations;
+use sidecar::app_http::AppHttp;
+use sidecar::destinations::{Destinations, balanced};
 use sidecar::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
 
 fuzz_target!(|data: &[u8]| {
@@ -39,7 +42,13 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    if let Ok(Some(app)) = AppHttp::from_clusters(&clusters) {
+        let _ = app.http2(9080);
+    }
     let Ok(table) = Destinations::build(&listeners, &clusters, &assignments) else { return };
+    for c in clusters.iter().filter(|c| !balanced(c)) {
+        assert!(!table.upstreams.contains_key(&c.name) || clusters.iter().any(|d| d.name == c.name && balanced(d)));
+    }
     for (addr, clusters) in &table.listeners {
         assert!(!clusters.weights().is_empty() && clusters.weights().iter().all(|(_, w)| *w >= 1));
         if let Some(up) = table.route(*addr) {

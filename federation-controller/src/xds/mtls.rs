@@ -136,6 +136,9 @@ pub fn downstream_tls() -> DownstreamTlsContext {
     }
 }
 
+/// The name of the transport socket match for `tlsMode: istio` endpoints (Istio's).
+pub const ISTIO_MATCH: &str = "tlsMode-istio";
+
 /// The cluster's two transport sockets: mTLS for `tlsMode: istio` endpoints, plaintext for the rest.
 pub fn transport_socket_matches(
     key: &ServiceKey,
@@ -148,7 +151,7 @@ pub fn transport_socket_matches(
     };
     vec![
         TransportSocketMatch {
-            name: "tlsMode-istio".into(),
+            name: ISTIO_MATCH.into(),
             r#match: Some(tls_mode_istio()),
             transport_socket: Some(socket(
                 TLS_SOCKET,

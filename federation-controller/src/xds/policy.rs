@@ -20,7 +20,7 @@ use envoy_types::pb::google::protobuf::UInt32Value;
 use super::any;
 use super::routes::proto_duration;
 use crate::model::Protocol;
-use crate::networking::destination_rule::{H2UpgradePolicy, SimpleLb, TrafficPolicy};
+use crate::networking::destination_rule::{H2UpgradePolicy, SimpleLb, TlsMode, TrafficPolicy};
 
 /// Where Envoy reads a cluster's upstream HTTP options.
 pub const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -55,6 +55,27 @@ fn default_thresholds() -> circuit_breakers::Thresholds {
 /// Applies `policy` to `cluster`, whose port speaks `protocol`.
 pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) {
     let u32v = |v: u32| Some(UInt32Value { value: v });
+    // Istio's client TLS modes over auto mTLS (mTLS where the endpoint is labelled
+    // `tlsMode: istio`): ISTIO_MUTUAL is the mesh's mTLS to every endpoint, DISABLE
+    // plaintext to every endpoint. SIMPLE and MUTUAL (TLS origination with the user's
+    // certificates) are not carried: auto mTLS stays.
+    match policy.tls.as_ref().and_then(|t| t.mode) {
+        Some(TlsMode::IstioMutual) => {
+            if let Some(m) = cluster
+                .transport_socket_matches
+                .iter()
+                .find(|m| m.name == super::mtls::ISTIO_MATCH)
+            {
+                cluster.transport_socket = m.transport_socket.clone();
+            }
+            cluster.transport_socket_matches.clear();
+        }
+        Some(TlsMode::Disable) => {
+            cluster.transport_socket = None;
+            cluster.transport_socket_matches.clear();
+        }
+        Some(TlsMode::Simple | TlsMode::Mutual) | None => {}
+    }
     if let Some(lb) = &policy.load_balancer {
         cluster.lb_policy = match (lb.simple, &lb.consistent_hash) {
             (_, Some(_)) => LbPolicy::RingHash,
@@ -359,6 +380,38 @@ spec:
         let before = c.typed_extension_protocol_options.clone();
         set_upstream_protocol(&mut c, Protocol::Grpc);
         assert_eq!(c.typed_extension_protocol_options, before);
+    }
+
+    #[test]
+    fn istio_mutual_is_mtls_to_every_endpoint_and_disable_to_none() {
+        let key = crate::model::ServiceKey {
+            host: mesh_vocab::Hostname::parse("reviews.default.svc.cluster.local").unwrap(),
+            port: 9080,
+        };
+        let auto = || Cluster {
+            transport_socket_matches: super::super::mtls::transport_socket_matches(&key, None, &[]),
+            ..Default::default()
+        };
+        let rule = |mode: &str| policy(&format!("spec: {{host: r, trafficPolicy: {{tls: {{mode: {mode}}}}}}}"));
+        let mut c = auto();
+        apply(&mut c, &rule("ISTIO_MUTUAL"), Protocol::Http);
+        assert!(c.transport_socket_matches.is_empty());
+        assert_eq!(
+            c.transport_socket.map(|t| t.name).as_deref(),
+            Some("envoy.transport_sockets.tls"),
+            "the mTLS socket, for every endpoint"
+        );
+        let mut c = auto();
+        apply(&mut c, &rule("DISABLE"), Protocol::Http);
+        assert!(
+            c.transport_socket_matches.is_empty() && c.transport_socket.is_none(),
+            "plaintext"
+        );
+        for mode in ["SIMPLE", "MUTUAL"] {
+            let mut c = auto();
+            apply(&mut c, &rule(mode), Protocol::Http);
+            assert_eq!(c.transport_socket_matches.len(), 2, "{mode}: auto mTLS stays");
+        }
     }
 
     #[test]
