@@ -859,9 +859,10 @@ fn probe_get(port: u16, extra: &str) -> Option<String> {
 }
 
 /// Bookinfo's `reviews` 80/20 between subsets v1 and v2 (Istio's own samples:
-/// destination-rule-all-mtls and virtual-service-reviews-80-20): Envoy accepts the
-/// HTTP listener, routes and subset clusters and endpoints without a NACK, and
-/// really splits requests about 80/20 between two local servers.
+/// destination-rule-all-mtls, with `tls.mode: DISABLE`, and
+/// virtual-service-reviews-80-20): Envoy accepts the HTTP listener, routes and subset
+/// clusters and endpoints without a NACK, and really splits requests about 80/20
+/// between two local servers, in plaintext.
 #[test]
 fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     let dir = scratch("envoy-l7");
@@ -888,12 +889,20 @@ fn envoy_routes_bookinfos_weighted_split_across_subsets() {
     )
     .unwrap();
     let samples = std::path::Path::new("/work/shared/conformance/istio-examples/samples");
-    for f in [
-        "bookinfo-destination-rule-all-mtls.yaml",
-        "bookinfo-virtual-service-reviews-80-20.yaml",
-    ] {
-        std::fs::copy(samples.join(f), c1.join(f)).unwrap();
-    }
+    std::fs::copy(
+        samples.join("bookinfo-virtual-service-reviews-80-20.yaml"),
+        c1.join("bookinfo-virtual-service-reviews-80-20.yaml"),
+    )
+    .unwrap();
+    // The sample's subsets, in plaintext: these pods have no sidecar, and ISTIO_MUTUAL
+    // would (rightly) send them mTLS they cannot answer.
+    let rules = std::fs::read_to_string(samples.join("bookinfo-destination-rule-all-mtls.yaml")).unwrap();
+    assert!(rules.contains("mode: ISTIO_MUTUAL"));
+    support::write(
+        c1.join("bookinfo-destination-rule-all-mtls.yaml"),
+        rules.replace("mode: ISTIO_MUTUAL", "mode: DISABLE"),
+    )
+    .unwrap();
     let controller = Controller::serve(&dir);
     let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
 
