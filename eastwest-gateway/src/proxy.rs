@@ -145,20 +145,23 @@ impl Drop for Slot {
     }
 }
 
-async fn handle(down: TcpStream, shared: Arc<Shared>, _slot: Slot) {
-    if let Err(reason) = proxy(down, &shared).await {
+async fn handle(mut down: TcpStream, shared: Arc<Shared>, _slot: Slot) {
+    if let Err(reason) = proxy(&mut down, &shared).await {
+        // Counted before the connection closes: whoever sees it closed and then reads the
+        // metrics finds it there.
         shared.metrics.reject(reason);
     }
+    drop(down);
 }
 
 /// Carries one connection; `Err` is the reason it was closed before reaching an endpoint.
-async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str> {
+async fn proxy(down: &mut TcpStream, shared: &Shared) -> Result<(), &'static str> {
     // TCP_NODELAY is already on: accepted sockets inherit it from the listener.
     let settings = &shared.settings;
     let mut buf = Vec::with_capacity(4096.min(settings.max_hello_bytes));
     let hello = tokio::time::timeout(
         settings.handshake_timeout,
-        client_hello::read(&down, &mut buf, settings.max_hello_bytes),
+        client_hello::read(down, &mut buf, settings.max_hello_bytes),
     )
     .await
     .map_err(|_| "handshake_timeout")?
@@ -191,7 +194,7 @@ async fn proxy(mut down: TcpStream, shared: &Shared) -> Result<(), &'static str>
             counters.received.inc_by(buf.len() as u64);
             drop(buf);
             splice::bidirectional(
-                &mut down,
+                down,
                 &mut up,
                 settings.copy_mode,
                 settings.idle_timeout,
