@@ -107,6 +107,7 @@ fn cluster(a: &Args, c: usize, change: u32) -> (Arc<ClusterModel>, bool) {
                 mtls: true,
                 labels: BTreeMap::new(),
                 service_account: None,
+                weight: 1,
             }
         })
         .collect();

@@ -268,7 +268,7 @@ fn federate_in<'a, K: Ord + Clone + Hash>(
                     view.entry(key).or_default().push(LbEndpoint {
                         address: i.address,
                         port: i.target_port,
-                        weight: 1,
+                        weight: i.weight.max(1),
                         locality: i.locality.clone(),
                         network: i.network.clone(),
                         cluster: Some(cluster.clone()),
@@ -290,7 +290,7 @@ fn federate_in<'a, K: Ord + Clone + Hash>(
                         view.entry(key.clone()).or_default().push(LbEndpoint {
                             address: g.ip(),
                             port: g.port(),
-                            weight: 1,
+                            weight: i.weight.max(1),
                             locality: i.locality.clone(),
                             network: i.network.clone(),
                             cluster: Some(cluster.clone()),
@@ -303,7 +303,7 @@ fn federate_in<'a, K: Ord + Clone + Hash>(
                 } else if crosses && gateways.contains_key(&i.network) {
                     *behind
                         .entry((key, i.network.clone(), i.locality.clone(), stale))
-                        .or_default() += 1;
+                        .or_default() += i.weight.max(1);
                 }
             }
         }
@@ -315,7 +315,8 @@ fn federate_in<'a, K: Ord + Clone + Hash>(
     view
 }
 
-/// Endpoints behind other networks' gateways, counted per (key, network, locality, stale).
+/// Endpoints behind other networks' gateways, their weights summed per (key, network,
+/// locality, stale).
 type Behind<K> = BTreeMap<(K, NetworkId, Locality, bool), u32>;
 
 /// Replaces the endpoints counted behind each network by its gateways, weighted.
@@ -712,8 +713,8 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
     /// A random mesh: clusters on a few networks, instances of a few services,
     /// some without mTLS, some networks with gateways and some without.
     fn mesh_strategy() -> impl Strategy<Value = Vec<ClusterModel>> {
-        let instance =
-            (0u8..3, 0u8..3, any::<bool>(), 0u8..2, any::<u8>()).prop_map(|(s, net, mtls, zone, host)| Instance {
+        let instance = (0u8..3, 0u8..3, any::<bool>(), 0u8..2, any::<u8>(), 1u32..4).prop_map(
+            |(s, net, mtls, zone, host, weight)| Instance {
                 service: svc(s),
                 address: IpAddr::from([10, 240 + net, zone, host]),
                 target_port: 8080,
@@ -726,7 +727,9 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
                 mtls,
                 labels: BTreeMap::new(),
                 service_account: None,
-            });
+                weight,
+            },
+        );
         let gateway = gateway_strategy(Just(false));
         proptest::collection::vec(
             (
@@ -784,8 +787,8 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
-        /// Gateway weights add up to the mTLS endpoints behind them, per service,
-        /// network and locality; networks without a gateway contribute nothing.
+        /// Gateway weights add up to the weights of the mTLS endpoints behind them, per
+        /// service, network and locality; networks without a gateway contribute nothing.
         #[test]
         fn gateway_weights_equal_endpoint_counts(models in mesh_strategy(), me in 0u8..3) {
             let mesh = MeshConfig::default();
@@ -795,7 +798,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             let mut expected: BTreeMap<(ServiceKey, NetworkId, Locality), u32> = BTreeMap::new();
             for m in &models {
                 for i in m.instances.iter().filter(|i| i.network != me && i.mtls && gws.contains_key(&i.network)) {
-                    *expected.entry((i.service.clone(), i.network.clone(), i.locality.clone())).or_default() += 1;
+                    *expected.entry((i.service.clone(), i.network.clone(), i.locality.clone())).or_default() += i.weight;
                 }
             }
             let mut got: BTreeMap<(ServiceKey, NetworkId, Locality), u32> = BTreeMap::new();
@@ -1064,6 +1067,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             mtls: true,
             labels: BTreeMap::new(),
             service_account: None,
+            weight: 1,
         };
         let model = |moved: u8| ClusterModel {
             exposure: Default::default(),
@@ -1110,6 +1114,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             mtls,
             labels: BTreeMap::new(),
             service_account: None,
+            weight: 1,
         };
         let c1 = ClusterModel {
             exposure: Default::default(),
@@ -1201,6 +1206,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             mtls,
             labels: BTreeMap::new(),
             service_account: None,
+            weight: 1,
         };
         let gateway = |last: u8, pins_endpoints: bool| Gateway {
             network: NetworkId::new("n2"),
@@ -1262,6 +1268,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             mtls: true,
             labels: BTreeMap::new(),
             service_account: None,
+            weight: 1,
         };
         let c2 = ClusterModel {
             exposure: Default::default(),

@@ -91,6 +91,9 @@ pub struct Instance {
     /// The pod's service account (`default` when it names none); None when the
     /// endpoint is not a known pod.
     pub service_account: Option<String>,
+    /// Its load-balancing weight (a WorkloadEntry's or ServiceEntry endpoint's `weight`;
+    /// 1 otherwise), at least 1. Behind a gateway, the gateway's weight is the sum.
+    pub weight: u32,
 }
 
 /// One virtual IP of one service port: a sidecar that captures a connection to
@@ -355,6 +358,7 @@ impl ClusterModel {
                             mtls: labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio"),
                             labels: labels.clone(),
                             service_account: pod.map(service_account_of),
+                            weight: 1,
                         });
                     }
                 }

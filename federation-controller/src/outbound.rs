@@ -185,6 +185,7 @@ mod tests {
                     mtls: true,
                     labels: Default::default(),
                     service_account: sa.map(str::to_owned),
+                    weight: 1,
                 })
                 .collect(),
             vips: vips

@@ -1817,6 +1817,7 @@ mod tests {
                 mtls: true,
                 labels: Default::default(),
                 service_account: None,
+                weight: 1,
             })
             .collect();
         let gateways = vec![Gateway {

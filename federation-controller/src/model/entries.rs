@@ -146,6 +146,7 @@ fn service_entry(se: &ServiceEntry, objects: &ClusterObjects, cx: &Context<'_>, 
                         mtls: labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio"),
                         service_account: Some(service_account_of(pod)),
                         labels,
+                        weight: 1,
                     });
                 }
             }
@@ -212,6 +213,8 @@ fn push_workload(
                 .filter(|sa| !sa.is_empty())
                 .unwrap_or_else(|| "default".into()),
         ),
+        // Unset or 0 is Envoy's default, 1.
+        weight: we.weight.filter(|w| *w > 0).unwrap_or(1),
     });
 }
 
@@ -275,12 +278,12 @@ spec:
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: {name: ratings-vm1, namespace: vms}
-spec: {address: 10.9.0.1, labels: {app: ratings, version: v3}, ports: {web: 8080}, serviceAccount: ratings, locality: eu/eu-1/rack2}
+spec: {address: 10.9.0.1, labels: {app: ratings, version: v3}, ports: {web: 8080}, serviceAccount: ratings, locality: eu/eu-1/rack2, weight: 3}
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: {name: ratings-vm2, namespace: vms}
-spec: {address: 10.9.0.2, labels: {app: ratings}, network: net-other}
+spec: {address: 10.9.0.2, labels: {app: ratings}, network: net-other, weight: 0}
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
@@ -297,7 +300,7 @@ spec:
   resolution: STATIC
   ports: [{name: https, number: 443, protocol: TLS}, {name: http, number: 80, protocol: HTTP, targetPort: 8080}]
   endpoints:
-    - {address: 192.0.2.7, ports: {https: 8443}, serviceAccount: pay}
+    - {address: 192.0.2.7, ports: {https: 8443}, serviceAccount: pay, weight: 2}
     - {address: pay.example.net}
 ---
 apiVersion: networking.istio.io/v1
@@ -333,11 +336,12 @@ spec:
             .iter()
             .map(|i| {
                 format!(
-                    "{} {}:{} {} mtls={} sa={} {}/{}/{}",
+                    "{} {}:{} {} w{} mtls={} sa={} {}/{}/{}",
                     i.service,
                     i.address,
                     i.target_port,
                     i.network,
+                    i.weight,
                     i.mtls,
                     i.service_account.as_deref().unwrap_or("-"),
                     i.locality.region,
@@ -354,18 +358,18 @@ spec:
         assert_eq!(
             rows(&m),
             [
-                "db.example.com:5432 192.0.2.50:5432 net-vm mtls=false sa=default //",
-                "legacy.vms.svc.cluster.local:9080 10.9.0.1:9080 net-vm mtls=true sa=ratings eu/eu-1/rack2",
-                "payments.example.com:80 192.0.2.7:8080 net-vm mtls=false sa=pay //",
-                "payments.example.com:443 192.0.2.7:8443 net-vm mtls=false sa=pay //",
-                "ratings.vms.svc.cluster.local:9080 10.9.0.1:8080 net-vm mtls=true sa=ratings eu/eu-1/rack2",
-                "ratings.vms.svc.cluster.local:9080 10.9.0.2:9080 net-other mtls=false sa=default //",
-                "ratings.vms.svc.cluster.local:9901 10.9.0.1:9000 net-vm mtls=true sa=ratings eu/eu-1/rack2",
-                "ratings.vms.svc.cluster.local:9901 10.9.0.2:9000 net-other mtls=false sa=default //",
+                "db.example.com:5432 192.0.2.50:5432 net-vm w1 mtls=false sa=default //",
+                "legacy.vms.svc.cluster.local:9080 10.9.0.1:9080 net-vm w3 mtls=true sa=ratings eu/eu-1/rack2",
+                "payments.example.com:80 192.0.2.7:8080 net-vm w2 mtls=false sa=pay //",
+                "payments.example.com:443 192.0.2.7:8443 net-vm w2 mtls=false sa=pay //",
+                "ratings.vms.svc.cluster.local:9080 10.9.0.1:8080 net-vm w3 mtls=true sa=ratings eu/eu-1/rack2",
+                "ratings.vms.svc.cluster.local:9080 10.9.0.2:9080 net-other w1 mtls=false sa=default //",
+                "ratings.vms.svc.cluster.local:9901 10.9.0.1:9000 net-vm w3 mtls=true sa=ratings eu/eu-1/rack2",
+                "ratings.vms.svc.cluster.local:9901 10.9.0.2:9000 net-other w1 mtls=false sa=default //",
             ],
             "named target ports through the entry's ports (else the service port); the entry's \
-             network, else its namespace's; MESH_EXTERNAL never mTLS; a name address, another \
-             namespace's entry and our own written-back entry left out"
+             network, else its namespace's; its weight (0 or none is 1); MESH_EXTERNAL never mTLS; \
+             a name address, another namespace's entry and our own written-back entry left out"
         );
     }
 

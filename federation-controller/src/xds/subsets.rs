@@ -88,6 +88,7 @@ spec:
             mtls: true,
             labels: [("version".to_owned(), version.to_owned())].into(),
             service_account: None,
+            weight: 1,
         };
         ClusterModel {
             exposure: Default::default(),
