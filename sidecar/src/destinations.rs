@@ -93,6 +93,9 @@ pub struct Endpoint {
     pub mtls: bool,
     /// The cluster that runs it (Istio's endpoint metadata), for metrics.
     pub cluster: Option<String>,
+    /// The network it is on (Istio's endpoint metadata): another network's endpoint is
+    /// an east-west gateway.
+    pub network: Option<String>,
     /// Its EDS priority level (0 first), for locality failover.
     pub priority: u32,
     /// The one pod behind our gateway at `address` that this endpoint is (its
@@ -104,6 +107,15 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Whether it is reached through an east-west gateway (to a proxy on `our_network`):
+    /// a pod pinned behind one, or an address standing for several pods (weighted by
+    /// them) — unless the controller says it is on our own network, where a weight is
+    /// just a weight (a WorkloadEntry's).
+    pub fn through_gateway(&self, our_network: Option<&str>) -> bool {
+        let ours = self.network.is_some() && self.network.as_deref() == our_network;
+        self.pinned.is_some() || (self.weight > 1 && !ours)
+    }
+
     /// The SNI to send it in mTLS: the cluster's, pinned to the pod when there is one.
     pub fn sni(&self, tls: &MeshTls) -> String {
         match self.pinned {
@@ -654,6 +666,7 @@ fn endpoints(cla: &ClusterLoadAssignment, tls: Option<&MeshTls>) -> Result<Vec<E
                 weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
                 mtls,
                 cluster: istio.remove("cluster"),
+                network: istio.remove("network"),
                 priority: locality.priority,
                 pinned,
             });
@@ -1210,6 +1223,41 @@ pub(crate) mod tests {
 
         let e = Destinations::build(&[], &[c], &eps(&["10.2.0.7"])).unwrap_err();
         assert_eq!(e.resource, CLUSTER);
+    }
+
+    #[test]
+    fn a_weighted_endpoint_is_a_gateway_unless_it_is_on_our_network() {
+        let at = |weight: u32, network: Option<&str>, pinned: bool| Endpoint {
+            address: "10.0.0.1:15443".parse().unwrap(),
+            weight,
+            mtls: true,
+            cluster: None,
+            network: network.map(str::to_owned),
+            priority: 0,
+            pinned: pinned.then(|| "10.2.0.7:9080".parse().unwrap()),
+        };
+        let ours = Some("network1");
+        assert!(
+            at(3, Some("network2"), false).through_gateway(ours),
+            "another network's, for 3 pods"
+        );
+        assert!(
+            !at(3, Some("network1"), false).through_gateway(ours),
+            "our own, weighted"
+        );
+        assert!(at(3, None, false).through_gateway(ours), "no network said: as before");
+        assert!(
+            at(1, Some("network2"), true).through_gateway(ours),
+            "pinned behind a gateway"
+        );
+        assert!(
+            !at(1, Some("network2"), false).through_gateway(ours),
+            "one pod: one connection"
+        );
+        assert!(
+            at(3, Some("network1"), false).through_gateway(None),
+            "our network unknown"
+        );
     }
 
     #[test]

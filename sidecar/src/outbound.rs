@@ -473,6 +473,9 @@ pub struct HttpHop {
     pub access_log: Option<Arc<AccessLog>>,
     /// Where spans go, if anywhere (set before the hop is shared).
     pub otlp: Option<Exporter>,
+    /// Our network, which tells a weighted endpoint of our own (a WorkloadEntry's
+    /// `weight`) from a gateway standing for several pods (set before the hop is shared).
+    pub network: Option<String>,
 }
 
 impl HttpHop {
@@ -499,6 +502,7 @@ impl HttpHop {
             drain,
             access_log: None,
             otlp: None,
+            network: None,
         }
     }
 
@@ -699,7 +703,7 @@ impl HttpHop {
             // connections open, where multiplexed HTTP/2 carries a burst on the one open
             // already (the lab's latency drill: over HTTP/1.1 a slowed network's requests
             // waited on handshakes past their per-try timeout, and it was ejected).
-            let gateway = endpoint.pinned.is_some() || endpoint.weight > 1;
+            let gateway = endpoint.through_gateway(self.network.as_deref());
             let h2 = upstream.http.h2_for(&req, self.h2_upgrade || gateway);
             // A pinned endpoint is one pod, whatever its weight: its pinned SNI is its own
             // pool key, and one connection reaches all of it. HTTP/1.1 has a connection

@@ -372,6 +372,7 @@ impl Sidecar {
             hop.access_log = access_log.clone();
             hop.otlp = otlp.clone();
             hop.h2_upgrade = args.h2_upgrade;
+            hop.network = Some(args.network.clone());
             Arc::new(hop)
         };
         let http_hop = |mark| (protocol == Protocol::Http).then(|| make_hop(mark));
