@@ -228,25 +228,19 @@ impl Context {
 
     /// Whether `network`'s gateways let other networks reach `host`.
     fn exposes(&self, network: &NetworkId, host: &mesh_vocab::Hostname) -> bool {
-        exposes(self.exposure.get(network).map(Vec::as_slice), host)
+        // Most networks have no Gateway saying: nothing to work out per instance then.
+        let Some(patterns) = self.exposure.get(network) else {
+            return true;
+        };
+        // A Service's host is NAME.NAMESPACE.svc.DOMAIN: a `ns/host` pattern needs its namespace.
+        let host = host.as_str();
+        let namespace = host
+            .split('.')
+            .nth(1)
+            .filter(|_| host.contains(".svc."))
+            .unwrap_or_default();
+        crate::networking::gateway::exposes(Some(patterns), host, namespace)
     }
-}
-
-/// Whether a network's gateways whose Gateways name `patterns` (`*.local`, `ns/host`) let
-/// other networks reach `host`; with none named (most networks), every host.
-pub fn exposes(patterns: Option<&[String]>, host: &mesh_vocab::Hostname) -> bool {
-    // Most networks have no Gateway saying: nothing to work out per instance then.
-    let Some(patterns) = patterns else {
-        return true;
-    };
-    // A Service's host is NAME.NAMESPACE.svc.DOMAIN: a `ns/host` pattern needs its namespace.
-    let host = host.as_str();
-    let namespace = host
-        .split('.')
-        .nth(1)
-        .filter(|_| host.contains(".svc."))
-        .unwrap_or_default();
-    crate::networking::gateway::exposes(Some(patterns), host, namespace)
 }
 
 /// [`federate`] of the instances `clusters` hold (each cluster's, with whether it is stale)
@@ -461,6 +455,11 @@ impl Index {
             services,
             context: Context::new(&refs, mesh, resolved),
         }
+    }
+
+    /// Whether `network`'s gateways let other networks reach `host` (its Gateways' hosts).
+    pub fn exposes(&self, network: &NetworkId, host: &mesh_vocab::Hostname) -> bool {
+        self.context.exposes(network, host)
     }
 
     /// Per service port, its inputs.

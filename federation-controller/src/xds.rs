@@ -542,11 +542,10 @@ impl Snapshot {
                 Some(PerProxy::Source(proxy.namespace.clone(), proxy.labels.clone()))
             }
             ENDPOINT_TYPE if generator == Generator::Envoy && self.routing().locality_aware() => {
-                let locality = Some(proxy.locality.clone());
-                Some(if proxy.gateway {
-                    PerProxy::Gateway(locality)
-                } else {
-                    PerProxy::Locality(proxy.locality.clone())
+                let locality = proxy.locality.clone();
+                Some(match proxy.gateway {
+                    true => PerProxy::Gateway(Some(locality)),
+                    false => PerProxy::Locality(locality),
                 })
             }
             ENDPOINT_TYPE if proxy.gateway => Some(PerProxy::Gateway(None)),
@@ -725,24 +724,12 @@ impl Snapshot {
     }
 
     /// Which service ports `proxy` is served: a gateway on a network whose `AUTO_PASSTHROUGH`
-    /// Gateway names hosts, those hosts' only; everyone else, all.
+    /// Gateway names hosts, those hosts' only (what federation lets other networks reach
+    /// there); everyone else, all.
     fn exposed_to(&self, proxy: &ProxyView, network: &NetworkId) -> impl Fn(&ServiceKey) -> bool + use<> {
-        let patterns: Option<Vec<String>> = proxy
-            .gateway
-            .then(|| {
-                let mut p: Vec<String> = self
-                    .clusters
-                    .iter()
-                    .filter_map(|(m, _)| m.exposure.get(network))
-                    .flatten()
-                    .cloned()
-                    .collect();
-                p.sort();
-                p.dedup();
-                p
-            })
-            .filter(|p| !p.is_empty());
-        move |k: &ServiceKey| federation::exposes(patterns.as_deref(), &k.host)
+        let index = proxy.gateway.then(|| self.index());
+        let network = network.clone();
+        move |k: &ServiceKey| index.as_ref().is_none_or(|i| i.exposes(&network, &k.host))
     }
 
     /// Who may serve each service port, computed once per snapshot; a service port whose

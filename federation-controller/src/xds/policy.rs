@@ -157,25 +157,18 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
             // `h2UpgradePolicy`) and, left at DEFAULT, the downstream's protocol, so
             // the mesh-wide choice (our sidecars' `--h2-upgrade`, Istio's
             // DO_NOT_UPGRADE) still holds when only a pool limit is set.
-            let http1 = || Http1ProtocolOptions::default();
-            let http2 = || Http2ProtocolOptions::default();
-            let explicit = |c| {
-                UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-                    protocol_config: Some(c),
-                })
-            };
             let upstream = match (protocol, upgrade) {
-                (Protocol::Http, Some(H2UpgradePolicy::DoNotUpgrade)) => {
-                    explicit(explicit_http_config::ProtocolConfig::HttpProtocolOptions(http1()))
-                }
+                (Protocol::Http, Some(H2UpgradePolicy::DoNotUpgrade)) => explicit(
+                    explicit_http_config::ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default()),
+                ),
                 (Protocol::Http, None) => {
                     UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig {
-                        http_protocol_options: Some(http1()),
-                        http2_protocol_options: Some(http2()),
+                        http_protocol_options: Some(Http1ProtocolOptions::default()),
+                        http2_protocol_options: Some(Http2ProtocolOptions::default()),
                         ..Default::default()
                     })
                 }
-                _ => explicit(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(http2())),
+                _ => explicit_http2(),
             };
             let options = HttpProtocolOptions {
                 common_http_protocol_options: Some(CommonHttpOptions {
@@ -199,16 +192,25 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
 pub fn set_upstream_protocol(c: &mut Cluster, protocol: Protocol) {
     if protocol.is_http2() && !c.typed_extension_protocol_options.contains_key(HTTP_OPTIONS) {
         let options = HttpProtocolOptions {
-            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-                protocol_config: Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                    Http2ProtocolOptions::default(),
-                )),
-            })),
+            upstream_protocol_options: Some(explicit_http2()),
             ..Default::default()
         };
         c.typed_extension_protocol_options
             .insert(HTTP_OPTIONS.to_owned(), any(HTTP_OPTIONS_TYPE, &options));
     }
+}
+
+/// Upstream HTTP options that say which HTTP, whatever the downstream spoke.
+fn explicit(config: explicit_http_config::ProtocolConfig) -> UpstreamProtocolOptions {
+    UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+        protocol_config: Some(config),
+    })
+}
+
+fn explicit_http2() -> UpstreamProtocolOptions {
+    explicit(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+        Http2ProtocolOptions::default(),
+    ))
 }
 
 #[cfg(test)]
