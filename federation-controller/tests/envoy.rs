@@ -135,10 +135,18 @@ impl SecretDiscoveryService for LocalAgent {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
             let mut nonce = 0u32;
+            // The names last answered: Envoy may open one stream and add names to
+            // it later (a request that also ACKs), so a request is answered when
+            // it asks for a set of names not answered yet, not only when it is
+            // the stream's first. The secrets themselves never change here.
+            let mut answered: Option<Vec<String>> = None;
             while let Ok(Some(req)) = inbound.message().await {
-                if !req.response_nonce.is_empty() {
-                    continue; // an ACK: the secrets never change here
+                let mut names = req.resource_names.clone();
+                names.sort();
+                if answered.as_ref() == Some(&names) {
+                    continue; // an ACK (or NACK) of what was sent
                 }
+                answered = Some(names);
                 nonce += 1;
                 let resources = secrets
                     .iter()
