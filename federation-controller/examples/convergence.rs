@@ -119,6 +119,7 @@ fn cluster(a: &Args, c: usize, change: u32) -> (Arc<ClusterModel>, bool) {
     }];
     (
         Arc::new(ClusterModel {
+            named: Vec::new(),
             cluster: ClusterId::new(format!("c{c}")),
             instances,
             vips: vec![],

@@ -752,6 +752,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
                         }
                     }
                     ClusterModel {
+                        named: Vec::new(),
                         exposure: Default::default(),
                         traffic: Default::default(),
                         cluster: ClusterId::new(format!("c{c}")),
@@ -1069,6 +1070,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             weight: 1,
         };
         let model = |moved: u8| ClusterModel {
+            named: Vec::new(),
             exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c1"),
@@ -1116,6 +1118,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             weight: 1,
         };
         let c1 = ClusterModel {
+            named: Vec::new(),
             exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c1"),
@@ -1130,6 +1133,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             security: Default::default(),
         };
         let c2 = ClusterModel {
+            named: Vec::new(),
             exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c2"),
@@ -1214,6 +1218,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             pins_endpoints,
         };
         let c2 = |gateways: Vec<Gateway>| ClusterModel {
+            named: Vec::new(),
             exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c2"),
@@ -1270,6 +1275,7 @@ spec: {address: 10.242.0.10, labels: {app: ratings}, serviceAccount: vm}
             weight: 1,
         };
         let c2 = ClusterModel {
+            named: Vec::new(),
             exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new("c2"),

@@ -33,6 +33,7 @@ pub struct Metrics {
     /// (istiod's `pilot_conflict_outbound_listener_tcp_over_current_tcp`).
     pub vip_conflicts: IntGauge,
     gateway_resolution_failures: IntCounterVec,
+    endpoint_resolution_failures: IntCounterVec,
 }
 
 /// istiod's short type names, for the `type` label.
@@ -131,8 +132,17 @@ impl Metrics {
             &["hostname"],
         )
         .expect("valid metric");
-        let all: [Box<dyn prometheus::core::Collector>; 15] = [
+        let endpoint_resolution_failures = IntCounterVec::new(
+            Opts::new(
+                "isthmus_controller_endpoint_resolution_failures_total",
+                "Failed lookups of a ServiceEntry endpoint's DNS name (its last addresses are kept)",
+            ),
+            &["hostname"],
+        )
+        .expect("valid metric");
+        let all: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(gateway_resolution_failures.clone()),
+            Box::new(endpoint_resolution_failures.clone()),
             Box::new(vip_conflicts.clone()),
             Box::new(bundle_failures.clone()),
             Box::new(bundle_updated.clone()),
@@ -168,12 +178,18 @@ impl Metrics {
             bundle_updated,
             vip_conflicts,
             gateway_resolution_failures,
+            endpoint_resolution_failures,
         }
     }
 
     /// Counts a failed lookup of a gateway's host name.
     pub fn gateway_resolution_failed(&self, hostname: &str) {
         self.gateway_resolution_failures.with_label_values(&[hostname]).inc();
+    }
+
+    /// Counts a failed lookup of a ServiceEntry endpoint's DNS name.
+    pub fn endpoint_resolution_failed(&self, hostname: &str) {
+        self.endpoint_resolution_failures.with_label_values(&[hostname]).inc();
     }
 
     /// Registers a family that another part owns (write-back, leader election).

@@ -96,6 +96,17 @@ pub struct Instance {
     pub weight: u32,
 }
 
+/// An endpoint known by a DNS name: a ServiceEntry's of `resolution: DNS` (or
+/// `DNS_ROUND_ROBIN`), an endpoint's `address` or, without endpoints, the entry's host
+/// itself. It stands for one instance per address the name resolves to
+/// ([`ClusterModel::with_names_resolved`]); [`crate::resolve`] does the resolving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedInstance {
+    pub hostname: String,
+    /// Everything but the address, which is unspecified until resolved.
+    pub instance: Instance,
+}
+
 /// One virtual IP of one service port: a sidecar that captures a connection to
 /// `vip:port` sends it to `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,7 +147,10 @@ pub struct Gateway {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterModel {
     pub cluster: ClusterId,
+    /// Sorted by service, address and target port.
     pub instances: Vec<Instance>,
+    /// Endpoints to resolve by name before they are instances, sorted.
+    pub named: Vec<NamedInstance>,
     /// The ClusterIPs of every TCP service port, sorted.
     pub vips: Vec<ServiceVip>,
     pub gateways: Vec<Gateway>,
@@ -365,14 +379,15 @@ impl ClusterModel {
             }
         }
 
-        instances.extend(entries::instances(
+        let (entry_instances, mut named) = entries::instances(
             objects,
             &entries::Context {
                 domain: &mesh.domain,
                 network_of: &network_of,
                 locality_of: &locality_of,
             },
-        ));
+        );
+        instances.extend(entry_instances);
 
         let mut vips = Vec::new();
         let mut protocols = BTreeMap::new();
@@ -465,7 +480,14 @@ impl ClusterModel {
                 });
             }
         }
-        instances.sort_by(|a, b| (&a.service, a.address, a.target_port).cmp(&(&b.service, b.address, b.target_port)));
+        sort_instances(&mut instances);
+        named.sort_by(|a, b| {
+            (&a.instance.service, &a.hostname, a.instance.target_port).cmp(&(
+                &b.instance.service,
+                &b.hostname,
+                b.instance.target_port,
+            ))
+        });
         gateways.sort();
         gateways.dedup();
         for hosts in exposure.values_mut() {
@@ -476,6 +498,7 @@ impl ClusterModel {
         ClusterModel {
             cluster: cluster.clone(),
             instances,
+            named,
             vips,
             gateways,
             exposure,
@@ -487,6 +510,49 @@ impl ClusterModel {
                 http_routes: objects.http_routes.clone(),
                 reference_grants: objects.reference_grants.clone(),
             }),
+        }
+    }
+}
+
+/// Instances in the model's order: by service, address and target port.
+fn sort_instances(instances: &mut [Instance]) {
+    instances.sort_by(|a, b| (&a.service, a.address, a.target_port).cmp(&(&b.service, b.address, b.target_port)));
+}
+
+impl ClusterModel {
+    /// The host names of the endpoints known by name, sorted and distinct.
+    pub fn endpoint_hostnames(&self) -> impl Iterator<Item = &str> {
+        let mut names: Vec<&str> = self.named.iter().map(|n| n.hostname.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.into_iter()
+    }
+
+    /// This model with every named instance replaced by one instance per address its
+    /// name has in `resolved`, none while it has none. `named` is emptied, so doing it
+    /// again adds nothing.
+    pub fn with_names_resolved(&self, resolved: &BTreeMap<String, Vec<IpAddr>>) -> ClusterModel {
+        let mut instances = self.instances.clone();
+        for n in &self.named {
+            for address in resolved.get(&n.hostname).into_iter().flatten() {
+                instances.push(Instance {
+                    address: *address,
+                    ..n.instance.clone()
+                });
+            }
+        }
+        sort_instances(&mut instances);
+        // Two names (or a name and an address) may give the same endpoint: once is enough.
+        instances.dedup();
+        ClusterModel {
+            cluster: self.cluster.clone(),
+            instances,
+            named: Vec::new(),
+            vips: self.vips.clone(),
+            gateways: self.gateways.clone(),
+            exposure: self.exposure.clone(),
+            security: self.security.clone(),
+            traffic: self.traffic.clone(),
         }
     }
 }

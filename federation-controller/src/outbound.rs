@@ -170,6 +170,7 @@ mod tests {
             exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new(cluster),
+            named: vec![],
             instances: sas
                 .iter()
                 .enumerate()

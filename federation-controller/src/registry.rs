@@ -113,6 +113,7 @@ mod tests {
 
     fn model(name: &str) -> ClusterModel {
         ClusterModel {
+            named: Vec::new(),
             exposure: Default::default(),
             traffic: Default::default(),
             cluster: ClusterId::new(name),

@@ -1,18 +1,26 @@
-//! Gateways known only by a host name — cloud load balancers publish
-//! `status.loadBalancer.ingress[].hostname`, not an IP — resolved to the
-//! addresses EDS carries.
+//! Host names resolved to the addresses EDS carries: gateways known only by a
+//! host name — cloud load balancers publish `status.loadBalancer.ingress[].hostname`,
+//! not an IP — and ServiceEntry endpoints of `resolution: DNS`
+//! ([`crate::model::NamedInstance`]).
 //!
 //! Federation stays pure: this is a stage between the snapshot sources and the
 //! xDS server. It watches the snapshots the sources publish, resolves every
-//! gateway host name they name, and passes each snapshot on with the addresses
-//! resolved so far ([`Snapshot::with_resolved`]), and a new one whenever an
-//! answer changes. A name is looked up again when its record's TTL runs out,
-//! held within [`MIN_TTL`]..=[`MAX_TTL`] so that a zero TTL cannot make it spin
-//! and a day-long one cannot pin a load balancer's old addresses. A failed
-//! lookup keeps the last addresses (a DNS outage must not take a network's
-//! gateways away), is counted
-//! (`isthmus_controller_gateway_resolution_failures_total{hostname}`) and is
+//! host name they name, and passes each snapshot on with the addresses
+//! resolved so far ([`Snapshot::with_resolved`]) and each named endpoint made
+//! one instance per address ([`ClusterModel::with_names_resolved`]), and a new
+//! snapshot whenever an answer changes. A name is looked up again when its
+//! record's TTL runs out, held within [`MIN_TTL`]..=[`MAX_TTL`] so that a zero
+//! TTL cannot make it spin and a day-long one cannot pin a load balancer's old
+//! addresses. A failed lookup keeps the last addresses (a DNS outage must not
+//! take a network's gateways or an external service's endpoints away), is
+//! counted (`isthmus_controller_gateway_resolution_failures_total{hostname}`,
+//! `isthmus_controller_endpoint_resolution_failures_total{hostname}`) and is
 //! retried after a backoff doubling from [`FIRST_RETRY`] up to [`MAX_TTL`].
+//!
+//! Istio has each Envoy resolve a DNS ServiceEntry itself (a `STRICT_DNS`
+//! cluster). Here the controller resolves, once for every proxy, so that our
+//! sidecars, Envoy and proxyless gRPC all get the same EDS; the price is that
+//! the controller's resolver must see the names the workloads would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -29,8 +37,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use mesh_vocab::ClusterId;
+
 use crate::federation::{self, Resolved};
 use crate::metrics::Metrics;
+use crate::model::ClusterModel;
 use crate::xds::Snapshot;
 
 /// The shortest time an answer is kept before it is looked up again.
@@ -112,21 +123,80 @@ pub fn spawn(
     rx
 }
 
-/// `snapshot` with every gateway host name looked up once, for a one-shot
-/// look at a state (the `view` command); a name that does not resolve is left
-/// out, and logged.
+/// `snapshot` with every host name looked up once, for a one-shot look at a
+/// state (the `view` command); a name that does not resolve is left out, and
+/// logged.
 pub async fn once(snapshot: Snapshot, lookup: &impl Lookup) -> Snapshot {
     let mut resolved = Resolved::new();
-    for host in federation::gateway_hostnames(snapshot.clusters.iter().map(|(m, _)| m.as_ref()), &snapshot.mesh) {
+    for host in wanted(&snapshot).into_keys() {
         match tokio::time::timeout(LOOKUP_TIMEOUT, lookup.lookup(&host)).await {
             Ok(Ok(answer)) => {
                 resolved.insert(host, answer.addresses);
             }
-            Ok(Err(error)) => tracing::warn!(hostname = host, error, "gateway host name not resolved: left out"),
-            Err(_) => tracing::warn!(hostname = host, "gateway host name not resolved in time: left out"),
+            Ok(Err(error)) => tracing::warn!(hostname = host, error, "host name not resolved: left out"),
+            Err(_) => tracing::warn!(hostname = host, "host name not resolved in time: left out"),
         }
     }
-    snapshot.with_resolved(Arc::new(resolved))
+    let clusters = Expanded::default().models(&snapshot.clusters, &resolved);
+    Snapshot::new(snapshot.version, snapshot.created, clusters, snapshot.mesh).with_resolved(Arc::new(resolved))
+}
+
+/// What a host name is looked up for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Uses {
+    gateway: bool,
+    endpoint: bool,
+}
+
+/// Every host name `snapshot`'s live clusters and mesh config name, with what for.
+fn wanted(snapshot: &Snapshot) -> BTreeMap<String, Uses> {
+    let models = || snapshot.clusters.iter().map(|(m, _)| m.as_ref());
+    let mut out: BTreeMap<String, Uses> = BTreeMap::new();
+    for host in federation::gateway_hostnames(models(), &snapshot.mesh) {
+        out.entry(host).or_default().gateway = true;
+    }
+    for host in models().flat_map(ClusterModel::endpoint_hostnames) {
+        out.entry(host.to_owned()).or_default().endpoint = true;
+    }
+    out
+}
+
+/// The source models with their named endpoints resolved, kept from one snapshot to
+/// the next: a model whose source and answers are unchanged stays the same `Arc`, so
+/// federation does not index it again ([`federation::Index`]).
+#[derive(Default)]
+struct Expanded(BTreeMap<ClusterId, Expansion>);
+
+/// One model's expansion: its source, the answers it was made with, the result.
+type Expansion = (Arc<ClusterModel>, Vec<Option<Vec<IpAddr>>>, Arc<ClusterModel>);
+
+impl Expanded {
+    /// `clusters` with every model's named endpoints resolved with `resolved`.
+    fn models(
+        &mut self,
+        clusters: &[(Arc<ClusterModel>, bool)],
+        resolved: &Resolved,
+    ) -> Vec<(Arc<ClusterModel>, bool)> {
+        let mut next = BTreeMap::new();
+        let out = clusters
+            .iter()
+            .map(|(source, stale)| {
+                if source.named.is_empty() {
+                    return (source.clone(), *stale);
+                }
+                let answers: Vec<Option<Vec<IpAddr>>> =
+                    source.endpoint_hostnames().map(|h| resolved.get(h).cloned()).collect();
+                let model = match self.0.remove(&source.cluster) {
+                    Some((before, used, model)) if Arc::ptr_eq(&before, source) && used == answers => model,
+                    _ => Arc::new(source.with_names_resolved(resolved)),
+                };
+                next.insert(source.cluster.clone(), (source.clone(), answers, model.clone()));
+                (model, *stale)
+            })
+            .collect();
+        self.0 = next;
+        out
+    }
 }
 
 /// What is known of one host name.
@@ -139,6 +209,7 @@ struct Name {
     /// Failures since the last answer.
     failures: u32,
     in_flight: bool,
+    uses: Uses,
 }
 
 async fn run(
@@ -151,6 +222,7 @@ async fn run(
     let mut lookups: JoinSet<(String, Result<Answer, String>)> = JoinSet::new();
     let mut hosts: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut source = upstream.borrow_and_update().clone();
+    let mut expanded = Expanded::default();
     follow(&mut names, &source);
     loop {
         let due = names.values().filter(|n| !n.in_flight).map(|n| n.due).min();
@@ -176,7 +248,7 @@ async fn run(
                     }
                 };
                 let Some(name) = names.get_mut(&host) else {
-                    continue; // no gateway has that name any more
+                    continue; // nothing has that name any more
                 };
                 if !answered(&host, name, result, &metrics) {
                     continue;
@@ -211,7 +283,7 @@ async fn run(
         let next = Snapshot::new(
             current.version + 1,
             created,
-            source.clusters.clone(),
+            expanded.models(&source.clusters, &resolved),
             source.mesh.clone(),
         )
         .with_resolved(Arc::new(resolved))
@@ -222,18 +294,22 @@ async fn run(
     }
 }
 
-/// Keeps `names` to the gateway host names `snapshot` has: new ones are due
-/// at once, gone ones forgotten.
+/// Keeps `names` to the host names `snapshot` has: new ones are due at once,
+/// gone ones forgotten.
 fn follow(names: &mut BTreeMap<String, Name>, snapshot: &Snapshot) {
-    let wanted = federation::gateway_hostnames(snapshot.clusters.iter().map(|(m, _)| m.as_ref()), &snapshot.mesh);
-    names.retain(|h, _| wanted.contains(h));
-    for host in wanted {
-        names.entry(host).or_insert_with(|| Name {
-            addresses: None,
-            due: Instant::now(),
-            failures: 0,
-            in_flight: false,
-        });
+    let wanted = wanted(snapshot);
+    names.retain(|h, _| wanted.contains_key(h));
+    for (host, uses) in wanted {
+        names
+            .entry(host)
+            .or_insert_with(|| Name {
+                addresses: None,
+                due: Instant::now(),
+                failures: 0,
+                in_flight: false,
+                uses,
+            })
+            .uses = uses;
     }
 }
 
@@ -247,7 +323,7 @@ fn answered(host: &str, name: &mut Name, result: Result<Answer, String>, metrics
             if name.addresses.as_ref() == Some(&answer.addresses) {
                 return false;
             }
-            tracing::info!(hostname = host, addresses = ?answer.addresses, ttl = ?answer.ttl, "gateway host name resolved");
+            tracing::info!(hostname = host, addresses = ?answer.addresses, ttl = ?answer.ttl, "host name resolved");
             name.addresses = Some(answer.addresses);
             true
         }
@@ -257,14 +333,19 @@ fn answered(host: &str, name: &mut Name, result: Result<Answer, String>, metrics
                 .saturating_mul(1 << (name.failures - 1).min(16))
                 .min(MAX_TTL);
             name.due = Instant::now() + backoff;
-            metrics.gateway_resolution_failed(host);
+            if name.uses.gateway {
+                metrics.gateway_resolution_failed(host);
+            }
+            if name.uses.endpoint {
+                metrics.endpoint_resolution_failed(host);
+            }
             tracing::warn!(
                 hostname = host,
                 error,
                 failures = name.failures,
                 retry_in = ?backoff,
                 kept = ?name.addresses,
-                "gateway host name not resolved: its last addresses are kept"
+                "host name not resolved: its last addresses are kept"
             );
             false
         }
@@ -274,7 +355,7 @@ fn answered(host: &str, name: &mut Name, result: Result<Answer, String>, metrics
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClusterModel, Gateway, GatewayAddress, MeshConfig};
+    use crate::model::{ClusterModel, Gateway, GatewayAddress, Instance, MeshConfig, NamedInstance, ServiceKey};
     use mesh_vocab::{ClusterId, NetworkId};
     use std::sync::Mutex;
 
@@ -339,6 +420,7 @@ mod tests {
             traffic: Default::default(),
             cluster: ClusterId::new("c2"),
             instances: vec![],
+            named: vec![],
             vips: vec![],
             gateways: vec![Gateway {
                 network: NetworkId::new("n2"),
@@ -354,6 +436,83 @@ mod tests {
             vec![(Arc::new(model), false)],
             MeshConfig::default(),
         )
+    }
+
+    /// A snapshot whose one cluster has one ServiceEntry endpoint named `lb.example.com`.
+    fn with_named_endpoint() -> Snapshot {
+        let mut snapshot = snapshot_with(GatewayAddress::Ip([100, 64, 0, 2].into()));
+        let mut model = (*snapshot.clusters[0].0).clone();
+        model.named.push(NamedInstance {
+            hostname: "lb.example.com".into(),
+            instance: Instance {
+                service: ServiceKey {
+                    host: mesh_vocab::Hostname::parse("db.example.com").unwrap(),
+                    port: 5432,
+                },
+                address: IpAddr::from([0, 0, 0, 0]),
+                target_port: 5433,
+                network: NetworkId::new("n2"),
+                locality: Default::default(),
+                mtls: false,
+                labels: Default::default(),
+                service_account: None,
+                weight: 2,
+            },
+        });
+        snapshot.clusters[0].0 = Arc::new(model);
+        snapshot
+    }
+
+    /// "address:port wN" of every instance the snapshot's one cluster has.
+    fn instances(rx: &watch::Receiver<Arc<Snapshot>>) -> Vec<String> {
+        let snap = rx.borrow();
+        let model = &snap.clusters[0].0;
+        assert!(model.named.is_empty(), "passed on resolved");
+        model
+            .instances
+            .iter()
+            .map(|i| format!("{}:{} w{}", i.address, i.target_port, i.weight))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_named_endpoint_is_passed_on_as_its_addresses_and_kept_while_dns_fails() {
+        let script = Script::default();
+        script.answer(&[[198, 51, 100, 9], [198, 51, 100, 7]], 10);
+        let (_up, upstream) = watch::channel(Arc::new(with_named_endpoint()));
+        let metrics = Metrics::new();
+        let rx = spawn(upstream, script.clone(), metrics.clone());
+        settle().await;
+        assert_eq!(instances(&rx), ["198.51.100.7:5433 w2", "198.51.100.9:5433 w2"]);
+        let model = rx.borrow().clusters[0].0.clone();
+        // The same answer at the TTL: nothing new is published.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        settle().await;
+        assert_eq!(script.asked(), [0, 10]);
+        assert_eq!(rx.borrow().version, 2);
+        // DNS fails: the addresses stay, the failure is the endpoint's, not a gateway's.
+        script.fail();
+        tokio::time::sleep(Duration::from_millis(9_500)).await;
+        settle().await;
+        assert_eq!(script.asked(), [0, 10, 20]);
+        assert!(Arc::ptr_eq(&rx.borrow().clusters[0].0, &model), "the same model");
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"isthmus_controller_endpoint_resolution_failures_total{hostname="lb.example.com"} 1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("isthmus_controller_gateway_resolution_failures_total{"),
+            "{text}"
+        );
+        // It answers with one address less: passed on.
+        script.answer(&[[198, 51, 100, 9]], 10);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(instances(&rx), ["198.51.100.9:5433 w2"]);
+        // `once` resolves it the same way.
+        let snap = once(with_named_endpoint(), &script).await;
+        assert_eq!(snap.clusters[0].0.instances.len(), 1);
     }
 
     fn resolved(rx: &watch::Receiver<Arc<Snapshot>>) -> Option<Vec<String>> {

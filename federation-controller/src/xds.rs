@@ -1819,6 +1819,7 @@ mod tests {
                 traffic: Default::default(),
                 cluster: ClusterId::new("c1"),
                 instances,
+                named: vec![],
                 vips: vec![],
                 gateways,
                 security: Default::default(),

@@ -1,12 +1,17 @@
 //! Endpoints that no EndpointSlice lists, as istiod finds them: WorkloadEntries
 //! selected by a Kubernetes Service's selector, and a ServiceEntry's hosts with its
-//! `endpoints` (STATIC resolution, or DNS with addresses) or the workloads (pods and WorkloadEntries) its
-//! `workloadSelector` picks. Also the entries' virtual IPs and port protocols.
+//! `endpoints` or the workloads (pods and WorkloadEntries) its `workloadSelector` picks.
+//! Also the entries' virtual IPs and port protocols.
+//!
+//! With `resolution: DNS` or `DNS_ROUND_ROBIN` an endpoint may be a DNS name, and an entry
+//! without endpoints stands for its hosts themselves: these are [`NamedInstance`]s, which
+//! the controller resolves ([`crate::resolve`]) where Istio has each Envoy resolve them
+//! (`STRICT_DNS`/`LOGICAL_DNS` clusters), so that every proxy, ours, Envoy or proxyless
+//! gRPC, gets the same addresses over EDS.
 //!
 //! Left out, and said where it matters: the ServiceEntries this controller writes back
-//! (another cluster's services, federated already), endpoints named by DNS names
-//! (resolved by the proxy in Istio; a proxy here gets addresses only), Unix sockets, and
-//! endpoint weights (an instance has none yet).
+//! (another cluster's services, federated already), Unix sockets, names under STATIC
+//! resolution (nothing resolves them there), and wildcard hosts (nothing to resolve).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -15,7 +20,9 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_vocab::{Hostname, NetworkId};
 
-use super::{Instance, Locality, Protocol, ServiceKey, ServiceVip, TLS_MODE_LABEL, labels_of, service_account_of};
+use super::{
+    Instance, Locality, NamedInstance, Protocol, ServiceKey, ServiceVip, TLS_MODE_LABEL, labels_of, service_account_of,
+};
 use crate::networking::service_entry::{Location, Resolution, ServiceEntry, ServicePort};
 use crate::networking::workload_entry::{Address, WorkloadEntry, WorkloadEntrySpec};
 use crate::networking::{fqdn, namespace_of};
@@ -30,16 +37,23 @@ pub(super) struct Context<'a> {
     pub locality_of: &'a dyn Fn(Option<&str>) -> Locality,
 }
 
-/// Every instance the entries add.
-pub(super) fn instances(objects: &ClusterObjects, cx: &Context<'_>) -> Vec<Instance> {
-    let mut out = Vec::new();
+/// What the entries add.
+#[derive(Default)]
+struct Found {
+    instances: Vec<Instance>,
+    named: Vec<NamedInstance>,
+}
+
+/// Every instance the entries add, and every endpoint they name by DNS name.
+pub(super) fn instances(objects: &ClusterObjects, cx: &Context<'_>) -> (Vec<Instance>, Vec<NamedInstance>) {
+    let mut out = Found::default();
     for svc in &objects.services {
         selected_by_service(svc, &objects.workload_entries, cx, &mut out);
     }
     for se in objects.service_entries.iter().filter(|se| !written_back(se)) {
         service_entry(se, objects, cx, &mut out);
     }
-    out
+    (out.instances, out.named)
 }
 
 /// A ServiceEntry this controller wrote into the cluster (`managed-by: isthmus`): it
@@ -59,7 +73,7 @@ pub(super) fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<Str
 }
 
 /// WorkloadEntries of the Service's namespace that its selector matches, on each of its TCP ports.
-fn selected_by_service(svc: &Service, entries: &[WorkloadEntry], cx: &Context<'_>, out: &mut Vec<Instance>) {
+fn selected_by_service(svc: &Service, entries: &[WorkloadEntry], cx: &Context<'_>, out: &mut Found) {
     let ns = namespace_of(&svc.metadata);
     let Some(spec) = &svc.spec else { return };
     let selector = spec.selector.clone().unwrap_or_default();
@@ -90,31 +104,61 @@ fn selected_by_service(svc: &Service, entries: &[WorkloadEntry], cx: &Context<'_
                 host: host.clone(),
                 port,
             };
-            push_workload(out, key, &we.spec, target, ns, cx, we.spec.speaks_mtls());
+            // Only an address a proxy can dial is an endpoint here.
+            if let Address::Ip(address) = we.spec.address() {
+                let mtls = we.spec.speaks_mtls();
+                out.instances
+                    .push(workload(key, address, &we.spec, target, ns, cx, mtls));
+            }
         }
     }
 }
 
-/// A ServiceEntry's instances: its STATIC endpoints, or the workloads it selects.
-fn service_entry(se: &ServiceEntry, objects: &ClusterObjects, cx: &Context<'_>, out: &mut Vec<Instance>) {
+/// A ServiceEntry's instances: its endpoints, the workloads it selects, or (DNS
+/// resolution without either) its hosts.
+fn service_entry(se: &ServiceEntry, objects: &ClusterObjects, cx: &Context<'_>, out: &mut Found) {
     let ns = namespace_of(&se.metadata);
     let spec = &se.spec;
     let external = spec.location == Some(Location::MeshExternal);
+    let by_dns = matches!(spec.resolution, Some(Resolution::Dns | Resolution::DnsRoundRobin));
     for key_port in keys(se, cx.domain) {
         let (key, port) = key_port;
         match (&spec.endpoints, &spec.workload_selector) {
-            // DNS endpoints given as addresses need no resolving; named ones are left out.
-            (Some(endpoints), _)
-                if matches!(
-                    spec.resolution,
-                    Some(Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin)
-                ) =>
-            {
+            // Addresses are taken as they are, names only where DNS resolution says to.
+            (Some(endpoints), _) if by_dns || spec.resolution == Some(Resolution::Static) => {
                 for ep in endpoints {
                     let target = ep.port(&port.name).unwrap_or_else(|| default_target(port));
                     // Mesh-external endpoints never get mesh mTLS (Istio's MESH_EXTERNAL).
-                    push_workload(out, key.clone(), ep, target, ns, cx, !external && ep.speaks_mtls());
+                    let mtls = !external && ep.speaks_mtls();
+                    match ep.address() {
+                        Address::Ip(address) => {
+                            let i = workload(key.clone(), address, ep, target, ns, cx, mtls);
+                            out.instances.push(i);
+                        }
+                        Address::Name(hostname) if by_dns => {
+                            let instance = workload(key.clone(), UNRESOLVED, ep, target, ns, cx, mtls);
+                            out.named.push(NamedInstance { hostname, instance });
+                        }
+                        _ => {}
+                    }
                 }
+            }
+            // Istio: "the host field will be used as the DNS name of the endpoint".
+            (None, None) if by_dns && !key.host.as_str().starts_with('*') => {
+                out.named.push(NamedInstance {
+                    hostname: key.host.to_string(),
+                    instance: Instance {
+                        service: key.clone(),
+                        address: UNRESOLVED,
+                        target_port: default_target(port),
+                        network: (cx.network_of)(ns, None),
+                        locality: Locality::default(),
+                        mtls: false,
+                        labels: BTreeMap::new(),
+                        service_account: None,
+                        weight: 1,
+                    },
+                });
             }
             (None, Some(selector)) => {
                 for we in objects
@@ -122,9 +166,13 @@ fn service_entry(se: &ServiceEntry, objects: &ClusterObjects, cx: &Context<'_>, 
                     .iter()
                     .filter(|w| namespace_of(&w.metadata) == ns)
                 {
-                    if selects(&selector.labels, &we.spec.labels) {
+                    if let (true, Address::Ip(address)) =
+                        (selects(&selector.labels, &we.spec.labels), we.spec.address())
+                    {
                         let target = we.spec.port(&port.name).unwrap_or_else(|| default_target(port));
-                        push_workload(out, key.clone(), &we.spec, target, ns, cx, we.spec.speaks_mtls());
+                        let mtls = we.spec.speaks_mtls();
+                        out.instances
+                            .push(workload(key.clone(), address, &we.spec, target, ns, cx, mtls));
                     }
                 }
                 for pod in objects.pods.iter().filter(|p| namespace_of(&p.metadata) == ns) {
@@ -137,7 +185,7 @@ fn service_entry(se: &ServiceEntry, objects: &ClusterObjects, cx: &Context<'_>, 
                         continue;
                     };
                     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-                    out.push(Instance {
+                    out.instances.push(Instance {
                         service: key.clone(),
                         address,
                         target_port: default_target(port),
@@ -184,22 +232,24 @@ fn default_target(port: &ServicePort) -> u16 {
         .unwrap_or(port.number as u16)
 }
 
-fn push_workload(
-    out: &mut Vec<Instance>,
+/// The address of a named instance until it is resolved.
+const UNRESOLVED: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+/// The instance of a workload entry (or a ServiceEntry's endpoint) at `address`.
+fn workload(
     service: ServiceKey,
+    address: IpAddr,
     we: &WorkloadEntrySpec,
     target_port: u16,
     ns: &str,
     cx: &Context<'_>,
     mtls: bool,
-) {
-    // Only an address a proxy can dial is an endpoint here.
-    let Address::Ip(address) = we.address() else { return };
+) -> Instance {
     let network = match we.network.as_deref() {
         Some(n) if !n.is_empty() => NetworkId::new(n),
         _ => (cx.network_of)(ns, None),
     };
-    out.push(Instance {
+    Instance {
         service,
         address,
         target_port,
@@ -215,7 +265,7 @@ fn push_workload(
         ),
         // Unset or 0 is Envoy's default, 1.
         weight: we.weight.filter(|w| *w > 0).unwrap_or(1),
-    });
+    }
 }
 
 /// `region/zone/subzone`, any part may be missing.
@@ -311,7 +361,17 @@ spec: {hosts: [ours.example.com], addresses: [240.0.0.99], ports: [{number: 80, 
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: dns, namespace: vms}
-spec: {hosts: [db.example.com], ports: [{number: 5432, name: tcp}], resolution: DNS, endpoints: [{address: 192.0.2.50}, {address: db1.example.com}]}
+spec: {hosts: [db.example.com], ports: [{number: 5432, name: tcp}], resolution: DNS, endpoints: [{address: 192.0.2.50}, {address: db1.example.com, weight: 4, locality: eu/eu-2}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: googleapis, namespace: vms}
+spec: {hosts: [www.googleapis.com], location: MESH_EXTERNAL, resolution: DNS, ports: [{number: 443, name: https, protocol: TLS}, {number: 80, name: http, protocol: HTTP, targetPort: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: round-robin, namespace: vms}
+spec: {hosts: [rr.example.com], resolution: DNS_ROUND_ROBIN, ports: [{number: 8000, name: http}], endpoints: [{address: lb.example.net, ports: {http: 9000}}]}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -371,6 +431,77 @@ spec:
              network, else its namespace's; its weight (0 or none is 1); MESH_EXTERNAL never mTLS; \
              a name address, another namespace's entry and our own written-back entry left out"
         );
+    }
+
+    fn named_rows(m: &ClusterModel) -> Vec<String> {
+        m.named
+            .iter()
+            .map(|n| {
+                let i = &n.instance;
+                format!(
+                    "{} {}:{} {} w{} mtls={}",
+                    i.service, n.hostname, i.target_port, i.network, i.weight, i.mtls
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dns_entries_name_their_endpoints_or_else_their_hosts_for_resolving() {
+        let m = model();
+        assert_eq!(
+            named_rows(&m),
+            [
+                "db.example.com:5432 db1.example.com:5432 net-vm w4 mtls=false",
+                "rr.example.com:8000 lb.example.net:9000 net-vm w1 mtls=false",
+                "www.googleapis.com:80 www.googleapis.com:8080 net-vm w1 mtls=false",
+                "www.googleapis.com:443 www.googleapis.com:443 net-vm w1 mtls=false",
+            ],
+            "an endpoint's name with its port and weight; without endpoints the host itself at \
+             the target port; a name under STATIC resolution is none"
+        );
+        assert_eq!(
+            m.endpoint_hostnames().collect::<Vec<_>>(),
+            ["db1.example.com", "lb.example.net", "www.googleapis.com"]
+        );
+    }
+
+    #[test]
+    fn named_endpoints_become_one_instance_per_address_resolved() {
+        let m = model();
+        let resolved = [
+            ("db1.example.com", vec![[192, 0, 2, 50], [192, 0, 2, 51]]),
+            ("www.googleapis.com", vec![[203, 0, 113, 5]]),
+        ]
+        .into_iter()
+        .map(|(h, ips)| (h.to_owned(), ips.into_iter().map(std::net::IpAddr::from).collect()))
+        .collect();
+        let r = m.with_names_resolved(&resolved);
+        assert!(r.named.is_empty());
+        let db: Vec<String> = rows(&r).into_iter().filter(|l| l.starts_with("db.")).collect();
+        assert_eq!(
+            db,
+            [
+                "db.example.com:5432 192.0.2.50:5432 net-vm w1 mtls=false sa=default //",
+                "db.example.com:5432 192.0.2.50:5432 net-vm w4 mtls=false sa=default eu/eu-2/",
+                "db.example.com:5432 192.0.2.51:5432 net-vm w4 mtls=false sa=default eu/eu-2/",
+            ],
+            "every address takes the named endpoint's weight and locality"
+        );
+        let google: Vec<String> = rows(&r).into_iter().filter(|l| l.starts_with("www.")).collect();
+        assert_eq!(
+            google,
+            [
+                "www.googleapis.com:80 203.0.113.5:8080 net-vm w1 mtls=false sa=- //",
+                "www.googleapis.com:443 203.0.113.5:443 net-vm w1 mtls=false sa=- //",
+            ]
+        );
+        assert!(
+            !rows(&r).iter().any(|l| l.starts_with("rr.")),
+            "a name not resolved yet is no endpoint"
+        );
+        assert_eq!(r.with_names_resolved(&resolved), r, "once is enough");
+        assert_eq!(m.with_names_resolved(&Default::default()).instances, m.instances);
     }
 
     /// Found by the `manifests` fuzz target: a Service whose name holds a dot got

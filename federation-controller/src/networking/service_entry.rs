@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use super::workload_entry::WorkloadEntrySpec;
+use super::workload_entry::{WorkloadEntrySpec, is_port_name};
 use super::{ValidationError, port_in_range};
 
 /// A `ServiceEntry` object.
@@ -91,6 +91,11 @@ fn addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::E
         .collect()
 }
 
+/// Istio's `ValidateFQDN`: at most 255 bytes, a final dot allowed, every label a DNS-1123 label.
+fn is_fqdn(host: &str) -> bool {
+    host.len() <= 255 && host.strip_suffix('.').unwrap_or(host).split('.').all(is_port_name)
+}
+
 impl ServiceEntry {
     /// Istio's rules for a ServiceEntry (CRD schema, CEL and webhook), with Istio's messages.
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -158,9 +163,65 @@ impl ServiceEntry {
                 "DNS_ROUND_ROBIN mode cannot have multiple endpoints",
             ));
         }
+        if endpoints.is_empty() && matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+            // The hosts are then the names to resolve: a wildcard is none.
+            if let Some(i) = spec.hosts.iter().position(|h| !is_fqdn(h)) {
+                let mode = if resolution == Resolution::Dns {
+                    "DNS"
+                } else {
+                    "DNS_ROUND_ROBIN"
+                };
+                return Err(ValidationError::new(
+                    format!("spec.hosts[{i}]"),
+                    format!("hosts must be FQDN if no endpoints are provided for resolution mode {mode}"),
+                ));
+            }
+        }
         for (i, e) in endpoints.iter().enumerate() {
             e.validate(&format!("spec.endpoints[{i}]"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(yaml: &str) -> ServiceEntry {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn dns_resolution_without_endpoints_needs_hosts_that_can_be_resolved() {
+        let base = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e}\n";
+        let refused = entry(&format!(
+            "{base}spec: {{hosts: [a.example.com, '*.example.com'], resolution: DNS, ports: [{{number: 443, name: tls, protocol: TLS}}]}}"
+        ))
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(refused.contains("spec.hosts[1]"), "{refused}");
+        assert!(
+            refused.contains("hosts must be FQDN if no endpoints are provided for resolution mode DNS"),
+            "{refused}"
+        );
+        let rr = entry(&format!(
+            "{base}spec: {{hosts: [Upper.example.com], resolution: DNS_ROUND_ROBIN}}"
+        ));
+        assert!(
+            rr.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("resolution mode DNS_ROUND_ROBIN")
+        );
+        for ok in [
+            "{hosts: [api.example.com.], resolution: DNS}",
+            "{hosts: ['*.example.com'], resolution: DNS, endpoints: [{address: lb.example.com}]}",
+            "{hosts: ['*.example.com'], resolution: NONE}",
+        ] {
+            let e = entry(&format!("{base}spec: {ok}"));
+            assert!(e.validate().is_ok(), "{ok}: {:?}", e.validate());
+        }
     }
 }

@@ -135,7 +135,7 @@ impl WorkloadEntrySpec {
 }
 
 /// A Kubernetes port name: a DNS-1123 label (lower case, digits, `-`, at most 63).
-fn is_port_name(name: &str) -> bool {
+pub(super) fn is_port_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 63

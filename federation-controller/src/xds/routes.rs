@@ -580,6 +580,7 @@ pub(crate) mod tests {
             exposure: Default::default(),
             cluster: ClusterId::new("c1"),
             instances: vec![],
+            named: vec![],
             vips: vec![],
             gateways: vec![],
             security: Default::default(),

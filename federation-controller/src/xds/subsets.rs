@@ -94,6 +94,7 @@ spec:
             exposure: Default::default(),
             cluster: ClusterId::new("c1"),
             instances: vec![instance(1, "v1"), instance(2, "v2"), instance(3, "v2")],
+            named: vec![],
             vips: vec![],
             gateways: vec![],
             security: Default::default(),
