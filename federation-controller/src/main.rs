@@ -44,6 +44,10 @@ struct Source {
     /// Cluster DNS domain.
     #[arg(long, default_value = "cluster.local")]
     domain: String,
+    /// A name server for the host names to resolve (gateways' load balancers, DNS
+    /// ServiceEntries): IP or IP:PORT, repeatable, asked in order; /etc/resolv.conf's by default.
+    #[arg(long = "nameserver", value_name = "ADDR", value_parser = parse_nameserver)]
+    nameservers: Vec<std::net::SocketAddr>,
 }
 
 impl Source {
@@ -56,6 +60,15 @@ impl Source {
                 .map(|(c, n)| (ClusterId::new(c), NetworkId::new(n)))
                 .collect(),
             ..MeshConfig::default()
+        }
+    }
+
+    /// The resolver of `--nameserver`, else the system's.
+    fn resolver(&self) -> Result<hickory_resolver::TokioResolver, hickory_resolver::net::NetError> {
+        if self.nameservers.is_empty() {
+            resolve::system_resolver()
+        } else {
+            resolve::resolver_of(&self.nameservers)
         }
     }
 
@@ -426,6 +439,16 @@ async fn kube_sources(
     })
 }
 
+/// `IP` (port 53) or `IP:PORT` (`[IPv6]:PORT`).
+fn parse_nameserver(s: &str) -> Result<std::net::SocketAddr, String> {
+    match s.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(std::net::SocketAddr::new(ip, 53)),
+        Err(_) => s
+            .parse()
+            .map_err(|_| format!("{s:?} is no IP or IP:PORT of a name server")),
+    }
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     let (a, b) = s.split_once('=').ok_or("expected CLUSTER=NETWORK")?;
     if a.is_empty() || b.is_empty() {
@@ -468,11 +491,11 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(async move {
                 let (tx, upstream) = tokio::sync::watch::channel(Arc::new(first));
                 let metrics = Metrics::new();
-                // Gateways known only by host name get their addresses on the way to xDS.
-                let rx = match resolve::system_resolver() {
+                // Gateways and endpoints known only by host name get their addresses on the way to xDS.
+                let rx = match source.resolver() {
                     Ok(r) => resolve::spawn(upstream, r, metrics.clone()),
                     Err(e) => {
-                        tracing::warn!(error = %e, "no DNS resolver: gateways known only by host name are left out");
+                        tracing::warn!(error = %e, "no DNS resolver: gateways and endpoints known only by host name are left out");
                         upstream
                     }
                 };
@@ -731,13 +754,13 @@ fn main() -> anyhow::Result<()> {
         }
         Command::View { source, network, json } => {
             let snap = source.snapshot(&source.mesh())?;
-            // Gateways known only by host name, looked up once.
+            // Gateways and endpoints known only by host name, looked up once.
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let snap = rt.block_on(async {
-                match resolve::system_resolver() {
+                match source.resolver() {
                     Ok(r) => resolve::once(snap, &r).await,
                     Err(e) => {
-                        tracing::warn!(error = %e, "no DNS resolver: gateways known only by host name are left out");
+                        tracing::warn!(error = %e, "no DNS resolver: gateways and endpoints known only by host name are left out");
                         snap
                     }
                 }

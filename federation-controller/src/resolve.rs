@@ -103,6 +103,22 @@ pub fn resolver(config: ResolverConfig) -> Result<TokioResolver, NetError> {
     builder.build()
 }
 
+/// A resolver asking the name servers at `servers` (UDP, and TCP for long answers),
+/// in order.
+pub fn resolver_of(servers: &[std::net::SocketAddr]) -> Result<TokioResolver, NetError> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
+    let servers = servers
+        .iter()
+        .map(|addr| {
+            let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
+            udp.port = addr.port();
+            tcp.port = addr.port();
+            NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+        })
+        .collect();
+    resolver(ResolverConfig::from_name_servers(servers))
+}
+
 /// The system's resolver (`/etc/resolv.conf`), with the same cache bound as [`resolver`].
 pub fn system_resolver() -> Result<TokioResolver, NetError> {
     let mut builder = TokioResolver::builder_tokio()?;

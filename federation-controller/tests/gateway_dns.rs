@@ -7,8 +7,8 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address};
@@ -21,8 +21,8 @@ use federation_controller::metrics::Metrics;
 use federation_controller::model::MeshConfig;
 use federation_controller::xds::XdsServer;
 use federation_controller::{manifests, resolve};
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use prost::Message;
+use support::dns::{Dns, Reply};
 use support::{cluster, scratch};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,101 +30,6 @@ use tokio_stream::wrappers::ReceiverStream;
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const REVIEWS: &str = "outbound|9080||reviews.default.svc.cluster.local";
 const GATEWAY_NAME: &str = "eastwest.cluster2.example";
-
-/// What the DNS server answers for [`GATEWAY_NAME`].
-#[derive(Debug, Clone)]
-enum Reply {
-    A(Vec<Ipv4Addr>, u32),
-    ServFail,
-}
-
-/// A DNS server on 127.0.0.1 that knows one name: A queries get `reply`,
-/// other types of it no records, other names NXDOMAIN. It counts the A queries.
-struct Dns {
-    addr: SocketAddr,
-    reply: Arc<Mutex<Reply>>,
-    asked: Arc<Mutex<u32>>,
-}
-
-impl Dns {
-    async fn start(reply: Reply) -> Dns {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let reply = Arc::new(Mutex::new(reply));
-        let asked = Arc::new(Mutex::new(0));
-        let (r, a) = (reply.clone(), asked.clone());
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1500];
-            loop {
-                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-                    return;
-                };
-                let current = r.lock().unwrap().clone();
-                if let Some(out) = answer(&buf[..n], &current, &a) {
-                    let _ = socket.send_to(&out, from).await;
-                }
-            }
-        });
-        Dns { addr, reply, asked }
-    }
-
-    fn set(&self, reply: Reply) {
-        *self.reply.lock().unwrap() = reply;
-    }
-
-    fn asked(&self) -> u32 {
-        *self.asked.lock().unwrap()
-    }
-}
-
-/// The response to one DNS query (RFC 1035 §4.1), or None for what is no query.
-fn answer(query: &[u8], reply: &Reply, asked: &Mutex<u32>) -> Option<Vec<u8>> {
-    let header = query.get(..12)?;
-    if header[2] & 0x80 != 0 || u16::from_be_bytes([header[4], header[5]]) != 1 {
-        return None; // a response, or not exactly one question
-    }
-    // The question: length-prefixed labels up to the empty one, then type and class.
-    let mut labels = Vec::new();
-    let mut i = 12;
-    loop {
-        let len = *query.get(i)? as usize;
-        i += 1;
-        if len == 0 {
-            break;
-        }
-        labels.push(String::from_utf8_lossy(query.get(i..i + len)?).to_ascii_lowercase());
-        i += len;
-    }
-    let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
-    let question = query.get(12..i + 4)?;
-    let ours = labels.join(".") == GATEWAY_NAME;
-    let (rcode, records): (u8, Vec<(Ipv4Addr, u32)>) = match reply {
-        _ if !ours => (3, vec![]),
-        Reply::ServFail => (2, vec![]),
-        Reply::A(ips, ttl) if qtype == 1 => (0, ips.iter().map(|ip| (*ip, *ttl)).collect()),
-        Reply::A(..) => (0, vec![]),
-    };
-    if ours && qtype == 1 {
-        *asked.lock().unwrap() += 1;
-    }
-    let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(&header[..2]); // the query's ID
-    out.push(0x84 | (header[2] & 0x01)); // a response, authoritative, RD echoed
-    out.push(0x80 | rcode); // recursion available
-    out.extend_from_slice(&1u16.to_be_bytes());
-    out.extend_from_slice(&(records.len() as u16).to_be_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0]); // no authority, no additional records
-    out.extend_from_slice(question);
-    for (ip, ttl) in records {
-        out.extend_from_slice(&[0xc0, 0x0c]); // the name: a pointer to the question's
-        out.extend_from_slice(&1u16.to_be_bytes()); // A
-        out.extend_from_slice(&1u16.to_be_bytes()); // IN
-        out.extend_from_slice(&ttl.to_be_bytes());
-        out.extend_from_slice(&4u16.to_be_bytes());
-        out.extend_from_slice(&ip.octets());
-    }
-    Some(out)
-}
 
 /// cluster1 on network1 with one reviews pod; cluster2 on network2 with four,
 /// behind an east-west gateway whose load balancer has only a host name.
@@ -250,13 +155,14 @@ fn failures(metrics: &Metrics) -> u64 {
 async fn a_gateway_known_by_host_name_is_served_at_the_addresses_dns_gives_and_keeps_them_when_dns_fails() {
     let dir = scratch("gateway-dns");
     mesh(&dir);
-    let dns = Dns::start(Reply::A(vec![[100, 64, 0, 21].into(), [100, 64, 0, 22].into()], 1)).await;
+    let dns = Dns::start(&[(
+        GATEWAY_NAME,
+        Reply::A(vec![[100, 64, 0, 21].into(), [100, 64, 0, 22].into()], 1),
+    )])
+    .await;
 
     // The controller's parts, as `serve` wires them, with hickory asking our server.
-    let mut udp = ConnectionConfig::udp();
-    udp.port = dns.addr.port();
-    let servers = vec![NameServerConfig::new(dns.addr.ip(), true, vec![udp])];
-    let resolver = resolve::resolver(ResolverConfig::from_name_servers(servers)).unwrap();
+    let resolver = resolve::resolver_of(&[dns.addr]).unwrap();
     let first = manifests::snapshot(&dir, &MeshConfig::default(), 1).unwrap();
     let (_source, upstream) = tokio::sync::watch::channel(Arc::new(first));
     let metrics = Metrics::new();
@@ -282,7 +188,7 @@ async fn a_gateway_known_by_host_name_is_served_at_the_addresses_dns_gives_and_k
 
     // The load balancer moves: the TTL (1 s, held to 5 s) runs out and the push follows.
     let moved = Instant::now();
-    dns.set(Reply::A(vec![[100, 64, 0, 23].into()], 1));
+    dns.set(GATEWAY_NAME, Reply::A(vec![[100, 64, 0, 23].into()], 1));
     let at = until_endpoints(
         &tx,
         &mut rx,
@@ -297,7 +203,7 @@ async fn a_gateway_known_by_host_name_is_served_at_the_addresses_dns_gives_and_k
     );
 
     // DNS fails: counted, and the last addresses stay, also for a proxy that connects now.
-    dns.set(Reply::ServFail);
+    dns.set(GATEWAY_NAME, Reply::ServFail);
     support::until_true(
         "the failure was never counted",
         resolve::MIN_TTL + Duration::from_secs(5),
@@ -319,8 +225,8 @@ async fn a_gateway_known_by_host_name_is_served_at_the_addresses_dns_gives_and_k
     );
 
     // DNS answers again: retried after a short backoff, not at the next TTL.
-    dns.set(Reply::A(vec![[100, 64, 0, 24].into()], 1));
-    let asked = dns.asked();
+    dns.set(GATEWAY_NAME, Reply::A(vec![[100, 64, 0, 24].into()], 1));
+    let asked = dns.asked(GATEWAY_NAME);
     until_endpoints(
         &tx,
         &mut rx,
@@ -328,6 +234,6 @@ async fn a_gateway_known_by_host_name_is_served_at_the_addresses_dns_gives_and_k
         Duration::from_secs(10),
     )
     .await;
-    assert!(dns.asked() > asked);
+    assert!(dns.asked(GATEWAY_NAME) > asked);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,5 +1,5 @@
 //! A Gateway API HTTPRoute on a Service, a VirtualService `tcp` route, and ServiceEntry
-//! and WorkloadEntry endpoints, end to end: the real controller reads them from its
+//! (STATIC and DNS) and WorkloadEntry endpoints, end to end: the real controller reads them from its
 //! manifests and serves xDS; a real sidecar
 //! routing table (the sidecar's own xDS client and captured outbound path, as
 //! `sidecar run --capture` wires them) follows it, and connections handed to it as
@@ -160,6 +160,19 @@ async fn sidecar(xds: SocketAddr, vips: &[SocketAddr]) -> (Arc<ArcSwap<Destinati
     (table, entries)
 }
 
+/// Writes cluster1's `entries.yaml`: the `default` namespace on network1, then `objects`.
+fn entries_in_cluster1(dir: &std::path::Path, objects: &str) {
+    let c1 = dir.join("cluster1");
+    std::fs::create_dir_all(&c1).unwrap();
+    let namespace = "apiVersion: v1\nkind: Namespace\n\
+                     metadata: {name: default, labels: {topology.istio.io/network: network1}}\n---\n";
+    support::write(c1.join("entries.yaml"), format!("{namespace}{objects}")).unwrap();
+}
+
+fn addrs(text: &[&str]) -> Vec<SocketAddr> {
+    text.iter().map(|a| a.parse().unwrap()).collect()
+}
+
 /// Waits until the sidecar's table has the route configurations `routes` and endpoints in
 /// each of `clusters`.
 async fn until_served(table: &ArcSwap<Destinations>, routes: &[&str], clusters: &[&str]) {
@@ -184,9 +197,14 @@ async fn get(entry: SocketAddr, headers: &[(&str, &str)]) -> String {
 
 /// One GET of `path` to `entry` (captured to reviews' VIP): status and body.
 async fn get_path(entry: SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
+    get_from(entry, "reviews:9080", path, headers).await
+}
+
+/// One GET of `path` with `Host: host` to `entry`: status and body.
+async fn get_from(entry: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> String {
     let mut s = TcpStream::connect(entry).await.unwrap();
     let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: reviews:9080\r\n{extra}Connection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut text = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
@@ -279,13 +297,10 @@ async fn service_entry_endpoints_and_selected_workload_entries_are_reached_at_th
     let dir = scratch("sidecar-service-entries");
     let api = http_backend("127.0.0.6:0", "api").await;
     let vm = tcp_backend("127.0.0.7:0".parse().unwrap(), "vm").await;
-    let c1 = dir.join("cluster1");
-    std::fs::create_dir_all(&c1).unwrap();
-    support::write(
-        c1.join("entries.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n\
-             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: default}}\n\
+    entries_in_cluster1(
+        &dir,
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: default}}\n\
              spec: {{hosts: [api.example.com], addresses: [240.0.0.1], ports: [{{number: 80, name: http, protocol: HTTP}}],\n\
              \x20 resolution: STATIC, endpoints: [{{address: {api_ip}, ports: {{http: {api_port}}}}}]}}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: vm, namespace: default}}\n\
@@ -298,13 +313,9 @@ async fn service_entry_endpoints_and_selected_workload_entries_are_reached_at_th
             vm_ip = vm.ip(),
             vm_port = vm.port(),
         ),
-    )
-    .unwrap();
+    );
     let controller = Controller::serve(&dir);
-    let vips: Vec<SocketAddr> = ["240.0.0.1:80", "240.0.0.2:9000"]
-        .iter()
-        .map(|v| v.parse().unwrap())
-        .collect();
+    let vips = addrs(&["240.0.0.1:80", "240.0.0.2:9000"]);
     let (table, entries) = sidecar(controller.xds, &vips).await;
     until_served(
         &table,
@@ -515,6 +526,89 @@ async fn a_tls_route_sends_the_applications_own_tls_to_a_backend_per_sni() {
     assert!(refused.contains("certificate"), "{refused}");
     // Plaintext fits no TLS chain: the port's own cluster takes it.
     assert_eq!(connect(entries[0]).await, "front");
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One GET of / with `Host: host` to `entry`: status and body.
+async fn get_host(entry: SocketAddr, host: &str) -> String {
+    get_from(entry, host, "/", &[]).await
+}
+
+/// `resolution: DNS` as Istio's egress samples use it: an endpoint given by name, and an
+/// entry with no endpoints whose host is the name. The controller resolves both with the
+/// name server it is given; the sidecar reaches what they resolve to, follows the name
+/// when its address moves, and keeps the last address while DNS fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_service_entries_are_reached_at_what_their_names_resolve_to_and_follow_them() {
+    use support::dns::{Dns, Reply};
+    let dir = scratch("sidecar-dns-entries");
+    let api1 = http_backend("127.0.0.8:0", "api-1").await;
+    let api2 = http_backend(&format!("127.0.0.9:{}", api1.port()), "api-2").await;
+    let db = tcp_backend("127.0.0.10:0".parse().unwrap(), "db").await;
+    let (api_name, db_name) = ("api.internal.example", "db.internal.example");
+    let dns = Dns::start(&[
+        (api_name, Reply::A(vec![[127, 0, 0, 8].into()], 1)),
+        (db_name, Reply::A(vec![[127, 0, 0, 10].into()], 1)),
+    ])
+    .await;
+    entries_in_cluster1(
+        &dir,
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: default}}\n\
+             spec: {{hosts: [api.example.com], addresses: [240.0.0.3], location: MESH_EXTERNAL,\n\
+             \x20 ports: [{{number: 80, name: http, protocol: HTTP}}],\n\
+             \x20 resolution: DNS, endpoints: [{{address: {api_name}, ports: {{http: {api_port}}}}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db, namespace: default}}\n\
+             spec: {{hosts: [{db_name}], addresses: [240.0.0.4], location: MESH_EXTERNAL,\n\
+             \x20 ports: [{{number: 5432, name: tcp, protocol: TCP, targetPort: {db_port}}}], resolution: DNS}}\n",
+            api_port = api1.port(),
+            db_port = db.port(),
+        ),
+    );
+    assert_eq!(api2.port(), api1.port());
+    let nameserver = dns.addr.to_string();
+    let controller = Controller::start(&["--manifests", dir.to_str().unwrap(), "--nameserver", &nameserver]);
+    let vips = addrs(&["240.0.0.3:80", "240.0.0.4:5432"]);
+    let (table, entries) = sidecar(controller.xds, &vips).await;
+    until_served(
+        &table,
+        &["api.example.com:80"],
+        &["outbound|80||api.example.com", "outbound|5432||db.internal.example"],
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get_host(entries[0], "api.example.com").await, "200 api-1");
+        assert_eq!(connect(entries[1]).await, "db");
+    }
+
+    // The name moves: once its TTL (1 s, held to 5 s) runs out, requests follow it.
+    dns.set(api_name, Reply::A(vec![[127, 0, 0, 9].into()], 1));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        if get_host(entries[0], "api.example.com").await == "200 api-2" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the new address is never used");
+        tick.tick().await;
+    }
+
+    // DNS fails: the failure is counted and the last address keeps serving.
+    dns.set(api_name, Reply::ServFail);
+    let failures = || {
+        controller
+            .metric(
+                "isthmus_controller_endpoint_resolution_failures_total",
+                &[("hostname", api_name)],
+            )
+            .filter(|n| *n >= 1.0)
+    };
+    support::until("a failed lookup counted", Duration::from_secs(30), failures).await;
+    for _ in 0..5 {
+        assert_eq!(get_host(entries[0], "api.example.com").await, "200 api-2");
+    }
+    assert!(dns.asked(db_name) >= 1);
     drop(controller);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod dns;
 pub mod kube_api;
 
 use std::path::Path;
