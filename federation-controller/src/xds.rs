@@ -60,6 +60,7 @@ pub mod inbound;
 pub mod listener;
 pub mod locality;
 pub mod mtls;
+pub mod origination;
 pub mod policy;
 pub mod rbac;
 pub mod routes;

@@ -205,6 +205,11 @@ pub struct ClientTlsSettings {
     pub sni: Option<String>,
     pub subject_alt_names: Vec<String>,
     pub credential_name: Option<String>,
+    /// Files on the proxy's machine (SIMPLE and MUTUAL).
+    pub ca_certificates: Option<String>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 /// Istio's client TLS modes.
@@ -250,6 +255,7 @@ impl DestinationRule {
 impl TrafficPolicy {
     fn validate(&self, f: &str) -> Result<(), ValidationError> {
         validate_parts(f, &self.load_balancer, &self.outlier_detection)?;
+        validate_tls(f, &self.tls)?;
         for (i, p) in self.port_level_settings.iter().enumerate() {
             let pf = format!("{f}.portLevelSettings[{i}]");
             match p.port {
@@ -257,9 +263,35 @@ impl TrafficPolicy {
                 None => return Err(ValidationError::new(format!("{pf}.port"), "Required value")),
             }
             validate_parts(&pf, &p.load_balancer, &p.outlier_detection)?;
+            validate_tls(&pf, &p.tls)?;
         }
         Ok(())
     }
+}
+
+/// Istio's webhook: MUTUAL needs a client certificate and its key, unless a
+/// `credentialName` holds them.
+fn validate_tls(f: &str, tls: &Option<ClientTlsSettings>) -> Result<(), ValidationError> {
+    let Some(tls) = tls.as_ref().filter(|t| t.mode == Some(TlsMode::Mutual)) else {
+        return Ok(());
+    };
+    if tls.credential_name.as_deref().is_some_and(|c| !c.is_empty()) {
+        return Ok(());
+    }
+    let given = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.is_empty());
+    if !given(&tls.client_certificate) {
+        return Err(ValidationError::new(
+            format!("{f}.tls.clientCertificate"),
+            "client certificate required for mutual tls",
+        ));
+    }
+    if !given(&tls.private_key) {
+        return Err(ValidationError::new(
+            format!("{f}.tls.privateKey"),
+            "private key required for mutual tls",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_parts(

@@ -37,8 +37,8 @@ pub const ROOT_SECRET: &str = crate::trust::ROOTCA;
 /// The ALPN the mesh's mTLS speaks.
 pub const MTLS_ALPN: &str = "istio";
 
-const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
-const TLS_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+pub(super) const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
+pub(super) const TLS_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 const RAW_SOCKET: &str = "envoy.transport_sockets.raw_buffer";
 const RAW_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
 

@@ -57,8 +57,8 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
     let u32v = |v: u32| Some(UInt32Value { value: v });
     // Istio's client TLS modes over auto mTLS (mTLS where the endpoint is labelled
     // `tlsMode: istio`): ISTIO_MUTUAL is the mesh's mTLS to every endpoint, DISABLE
-    // plaintext to every endpoint. SIMPLE and MUTUAL (TLS origination with the user's
-    // certificates) are not carried: auto mTLS stays.
+    // plaintext to every endpoint, SIMPLE and MUTUAL TLS originated with the user's
+    // certificates to every endpoint ([`super::origination`]).
     match policy.tls.as_ref().and_then(|t| t.mode) {
         Some(TlsMode::IstioMutual) => {
             if let Some(m) = cluster
@@ -74,7 +74,14 @@ pub fn apply(cluster: &mut Cluster, policy: &TrafficPolicy, protocol: Protocol) 
             cluster.transport_socket = None;
             cluster.transport_socket_matches.clear();
         }
-        Some(TlsMode::Simple | TlsMode::Mutual) | None => {}
+        Some(TlsMode::Simple | TlsMode::Mutual) => {
+            // The service's host, the last field of `outbound|PORT|SUBSET|HOST`.
+            let host = cluster.name.rsplit('|').next().unwrap_or_default().to_owned();
+            let tls = policy.tls.as_ref().expect("a TLS mode has its settings");
+            cluster.transport_socket = super::origination::transport_socket(tls, &host, protocol);
+            cluster.transport_socket_matches.clear();
+        }
+        None => {}
     }
     if let Some(lb) = &policy.load_balancer {
         cluster.lb_policy = match (lb.simple, &lb.consistent_hash) {
@@ -217,6 +224,9 @@ fn explicit_http2() -> UpstreamProtocolOptions {
 mod tests {
     use super::*;
     use crate::networking::DestinationRule;
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source, transport_socket};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{UpstreamTlsContext, common_tls_context};
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
     use prost::Message;
 
     fn policy(yaml: &str) -> TrafficPolicy {
@@ -409,11 +419,104 @@ spec:
             c.transport_socket_matches.is_empty() && c.transport_socket.is_none(),
             "plaintext"
         );
-        for mode in ["SIMPLE", "MUTUAL"] {
-            let mut c = auto();
-            apply(&mut c, &rule(mode), Protocol::Http);
-            assert_eq!(c.transport_socket_matches.len(), 2, "{mode}: auto mTLS stays");
-        }
+    }
+
+    /// What a SIMPLE or MUTUAL rule originates, decoded from the cluster's socket.
+    fn originated(tls: &str, protocol: Protocol) -> UpstreamTlsContext {
+        let mut c = Cluster {
+            name: "outbound|443||api.example.com".into(),
+            ..Default::default()
+        };
+        apply(
+            &mut c,
+            &policy(&format!("spec: {{host: r, trafficPolicy: {{tls: {tls}}}}}")),
+            protocol,
+        );
+        assert!(c.transport_socket_matches.is_empty());
+        let socket = c.transport_socket.expect("a TLS socket");
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = socket.config_type else {
+            panic!("typed")
+        };
+        UpstreamTlsContext::decode(any.value.as_slice()).unwrap()
+    }
+
+    fn validation(ctx: &UpstreamTlsContext) -> Option<(String, Vec<String>)> {
+        let common = ctx.common_tls_context.as_ref().unwrap();
+        let Some(common_tls_context::ValidationContextType::ValidationContext(v)) = &common.validation_context_type
+        else {
+            return None;
+        };
+        let Some(data_source::Specifier::Filename(ca)) = v.trusted_ca.as_ref().unwrap().specifier.clone() else {
+            panic!("a file")
+        };
+        let sans = v
+            .match_typed_subject_alt_names
+            .iter()
+            .map(|m| match m.matcher.as_ref().unwrap().match_pattern.as_ref().unwrap() {
+                string_matcher::MatchPattern::Exact(s) => s.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        Some((ca, sans))
+    }
+
+    #[test]
+    fn simple_and_mutual_originate_tls_with_the_rules_files() {
+        let simple = originated("{mode: SIMPLE}", Protocol::Http);
+        assert_eq!(simple.sni, "api.example.com", "the host when no sni");
+        assert_eq!(
+            validation(&simple),
+            Some((
+                super::super::origination::SYSTEM_ROOTS.into(),
+                vec!["api.example.com".into()]
+            )),
+            "the system's roots, for the SNI"
+        );
+        let common = simple.common_tls_context.as_ref().unwrap();
+        assert_eq!(common.alpn_protocols, ["http/1.1"]);
+        assert!(common.tls_certificates.is_empty());
+
+        let mutual = originated(
+            "{mode: MUTUAL, clientCertificate: /etc/certs/c.pem, privateKey: /etc/certs/k.pem,              caCertificates: /etc/certs/ca.pem, sni: my.api, subjectAltNames: [a.api, b.api]}",
+            Protocol::Grpc,
+        );
+        assert_eq!(mutual.sni, "my.api");
+        assert_eq!(
+            validation(&mutual),
+            Some(("/etc/certs/ca.pem".into(), vec!["a.api".into(), "b.api".into()]))
+        );
+        let common = mutual.common_tls_context.as_ref().unwrap();
+        assert_eq!(common.alpn_protocols, ["h2"]);
+        let file = |d: &Option<DataSource>| match d.as_ref().unwrap().specifier.clone() {
+            Some(data_source::Specifier::Filename(f)) => f,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(file(&common.tls_certificates[0].certificate_chain), "/etc/certs/c.pem");
+        assert_eq!(file(&common.tls_certificates[0].private_key), "/etc/certs/k.pem");
+
+        let insecure = originated("{mode: SIMPLE, insecureSkipVerify: true}", Protocol::Tcp);
+        assert_eq!(validation(&insecure), None, "nothing verified");
+        assert!(insecure.common_tls_context.unwrap().alpn_protocols.is_empty());
+
+        let refused = |tls: &str| {
+            let yaml = format!(
+                "spec: {{host: r, trafficPolicy: {{portLevelSettings: [{{port: {{number: 443}}, tls: {tls}}}]}}}}"
+            );
+            let dr: DestinationRule = serde_saphyr::from_str(&yaml).unwrap();
+            dr.validate().map_err(|e| e.to_string()).unwrap_err()
+        };
+        let no_cert = refused("{mode: MUTUAL, privateKey: /k.pem}");
+        assert!(
+            no_cert.contains("client certificate required for mutual tls"),
+            "{no_cert}"
+        );
+        assert!(
+            no_cert.contains("portLevelSettings[0].tls.clientCertificate"),
+            "{no_cert}"
+        );
+        let no_key = refused("{mode: MUTUAL, clientCertificate: /c.pem}");
+        assert!(no_key.contains("private key required for mutual tls"), "{no_key}");
+        originated("{mode: MUTUAL, credentialName: api-client}", Protocol::Http);
     }
 
     #[test]
