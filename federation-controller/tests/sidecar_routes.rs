@@ -33,19 +33,26 @@ async fn http_backend(addr: &str, name: &'static str) -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| async move {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from(name),
-                        )))
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                serve_name(stream, name).await;
             });
         }
     });
     addr
+}
+
+/// Serves HTTP/1.1 on `stream`, answering every request with `name`.
+async fn serve_name<S>(stream: S, name: &'static str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| async move {
+        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+            name,
+        ))))
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
 }
 
 /// A TCP server that, once the client has spoken, writes its `name` and closes. Client
@@ -609,6 +616,170 @@ async fn dns_service_entries_are_reached_at_what_their_names_resolve_to_and_foll
         assert_eq!(get_host(entries[0], "api.example.com").await, "200 api-2");
     }
     assert!(dns.asked(db_name) >= 1);
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A TLS server of a certificate for `api.secure.example` under `ca`, requiring a client
+/// certificate under `client_ca` when given: HTTP/1.1 answering `name`, or (no HTTP) a
+/// server that writes `name` once the client has spoken.
+async fn tls_backend(
+    addr: &str,
+    ca: &(rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>),
+    client_ca: Option<&rcgen::Certificate>,
+    http: bool,
+    name: &'static str,
+) -> SocketAddr {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["api.secure.example".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &ca.1).unwrap();
+    let chain = vec![cert.der().clone()];
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let builder = rustls::ServerConfig::builder();
+    let mut config = match client_ca {
+        Some(client_ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(client_ca.der().clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .unwrap();
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)
+                .unwrap()
+        }
+        None => builder.with_no_client_auth().with_single_cert(chain, key).unwrap(),
+    };
+    if http {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                if !http {
+                    let mut hello = [0u8; 1];
+                    if stream.read(&mut hello).await.unwrap_or(0) > 0 {
+                        let _ = stream.write_all(name.as_bytes()).await;
+                    }
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+                serve_name(stream, name).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A self-signed CA: its certificate and what signs with it.
+fn test_ca() -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    (cert, rcgen::Issuer::new(params, key))
+}
+
+/// Istio's egress TLS origination: the application speaks plaintext to a ServiceEntry's
+/// VIP, and a DestinationRule's `tls` has the sidecar originate TLS to the server —
+/// SIMPLE with the rule's CA and SNI, MUTUAL presenting the rule's client certificate
+/// files, for HTTP and for TCP — while a server the rule's CA did not sign is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_rule_tls_originates_simple_and_mutual_tls_to_servers_outside_the_mesh() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = scratch("sidecar-tls-origination");
+    let (server_ca, client_ca, other_ca) = (test_ca(), test_ca(), test_ca());
+    let simple = tls_backend("127.0.0.12:0", &server_ca, None, true, "simple").await;
+    let mutual = tls_backend("127.0.0.13:0", &server_ca, Some(&client_ca.0), true, "mutual").await;
+    let db = tls_backend("127.0.0.14:0", &server_ca, None, false, "tls-db").await;
+    // The client certificate and the CA files, where the rules say they are.
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["client.example".to_owned()])
+        .unwrap()
+        .signed_by(&client_key, &client_ca.1)
+        .unwrap();
+    let file = |name: &str, pem: String| {
+        let path = certs.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let ca_file = file("ca.pem", server_ca.0.pem());
+    let other_file = file("other-ca.pem", other_ca.0.pem());
+    let cert_file = file("client.pem", client.pem());
+    let key_file = file("client-key.pem", client_key.serialize_pem());
+    let entry = |name: &str, vip: &str, port: &str, backend: SocketAddr| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{hosts: [{name}.secure.example], addresses: [{vip}], location: MESH_EXTERNAL, resolution: STATIC,\n\
+             \x20 ports: [{port}], endpoints: [{{address: {ip}, ports: {{p: {backend_port}}}}}]}}\n---\n",
+            ip = backend.ip(),
+            backend_port = backend.port(),
+        )
+    };
+    let rule = |name: &str, tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{host: {name}.secure.example, trafficPolicy: {{tls: {tls}}}}}\n---\n"
+        )
+    };
+    let http = "{number: 80, name: p, protocol: HTTP}";
+    let tcp = "{number: 5432, name: p, protocol: TCP}";
+    let simple_under = |ca: &str| format!("{{mode: SIMPLE, caCertificates: {ca}, sni: api.secure.example}}");
+    let mutual_tls = format!(
+        "{{mode: MUTUAL, caCertificates: {ca_file}, clientCertificate: {cert_file}, privateKey: {key_file}, \
+         subjectAltNames: [api.secure.example]}}"
+    );
+    let objects = [
+        entry("simple", "240.0.0.5", http, simple),
+        rule("simple", &simple_under(&ca_file)),
+        entry("mutual", "240.0.0.6", http, mutual),
+        rule("mutual", &mutual_tls),
+        entry("db", "240.0.0.7", tcp, db),
+        rule("db", &simple_under(&ca_file)),
+        entry("untrusted", "240.0.0.8", http, simple),
+        rule("untrusted", &simple_under(&other_file)),
+        entry("unmutual", "240.0.0.9", http, mutual),
+        rule("unmutual", &simple_under(&ca_file)),
+    ]
+    .concat();
+    entries_in_cluster1(&dir, &objects);
+    let controller = Controller::serve(&dir);
+    let vips = addrs(&[
+        "240.0.0.5:80",
+        "240.0.0.6:80",
+        "240.0.0.7:5432",
+        "240.0.0.8:80",
+        "240.0.0.9:80",
+    ]);
+    let (table, entries) = sidecar(controller.xds, &vips).await;
+    let clusters = ["simple", "mutual", "untrusted", "unmutual"].map(|n| format!("outbound|80||{n}.secure.example"));
+    let mut wanted: Vec<&str> = clusters.iter().map(String::as_str).collect();
+    wanted.push("outbound|5432||db.secure.example");
+    until_served(&table, &[], &wanted).await;
+    for _ in 0..3 {
+        assert_eq!(get_host(entries[0], "simple.secure.example").await, "200 simple");
+        assert_eq!(get_host(entries[1], "mutual.secure.example").await, "200 mutual");
+        assert_eq!(connect(entries[2]).await, "tls-db");
+    }
+    let refused = get_host(entries[3], "untrusted.secure.example").await;
+    assert!(refused.starts_with("503"), "a server our CA did not sign: {refused}");
+    let refused = get_host(entries[4], "unmutual.secure.example").await;
+    assert!(
+        refused.starts_with("503"),
+        "no client certificate for a server that wants one: {refused}"
+    );
     drop(controller);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -48,6 +48,7 @@ use crate::cluster::{Breaker, ClusterPolicy, Health, Reply, UpstreamHttp};
 use crate::filter_chain::{self, ChainMatch, Seen};
 use crate::priority::{self, Level};
 use crate::route::RouteTable;
+use crate::tls::origination::{self, Origination};
 use crate::virtual_inbound::VIRTUAL_INBOUND;
 
 const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -138,6 +139,9 @@ pub struct Upstream {
     /// The service host, for metrics: `reviews.default.svc.cluster.local`.
     pub service: String,
     pub tls: Option<MeshTls>,
+    /// TLS of its own to every endpoint (a DestinationRule's SIMPLE or MUTUAL), instead
+    /// of the mesh's.
+    pub origination: Option<Arc<Origination>>,
     pub endpoints: Vec<Endpoint>,
     pub balancer: Balancer,
     /// Outlier detection, when the cluster asks for it.
@@ -314,6 +318,7 @@ impl Destinations {
         }
         for c in clusters.iter().filter(|c| balanced(c)) {
             let tls = mesh_tls(c)?;
+            let origination = originated(c)?;
             let endpoints = match assignments.get(&c.name) {
                 Some(cla) => endpoints(cla, tls.as_ref())?,
                 None => Vec::new(),
@@ -328,6 +333,7 @@ impl Destinations {
                 name: c.name.clone(),
                 service: service_of(&c.name),
                 tls,
+                origination,
                 balancer: match policy.lb {
                     Policy::RingHash => {
                         // A pinned endpoint is placed by its pod: its gateway's address is shared.
@@ -556,6 +562,24 @@ fn tls_of(cluster: &str, socket: &TransportSocket) -> Result<Option<UpstreamTlsC
     }
 }
 
+/// TLS originated to every endpoint: a cluster's transport socket that is not the mesh's.
+fn originated(c: &Cluster) -> Result<Option<Arc<Origination>>, BadResource> {
+    let Some(ctx) = c
+        .transport_socket
+        .as_ref()
+        .map(|t| tls_of(&c.name, t))
+        .transpose()?
+        .flatten()
+    else {
+        return Ok(None);
+    };
+    if origination::is_mesh(&ctx) {
+        return Ok(None);
+    }
+    let o = Origination::of(&ctx, &service_of(&c.name)).map_err(|e| bad(&c.name, format!("TLS origination: {e}")))?;
+    Ok(Some(Arc::new(o)))
+}
+
 /// Istio's auto-mTLS: the TLS transport socket, on every endpoint or on those matching.
 fn mesh_tls(c: &Cluster) -> Result<Option<MeshTls>, BadResource> {
     let mut found = None;
@@ -582,6 +606,9 @@ fn mesh_tls(c: &Cluster) -> Result<Option<MeshTls>, BadResource> {
         found = Some((ctx, None));
     }
     let Some((ctx, when)) = found else { return Ok(None) };
+    if !origination::is_mesh(&ctx) {
+        return Ok(None);
+    }
     let validation = ctx
         .common_tls_context
         .as_ref()

@@ -148,10 +148,24 @@ impl Hop<'_> {
     /// Wraps `upstream` in mutual TLS and moves bytes both ways until both sides close.
     async fn mtls<C: AsyncRead + AsyncWrite + Unpin>(
         &self,
+        client: C,
+        upstream: TcpStream,
+        sni: ServerName<'static>,
+        tls: Arc<ClientConfig>,
+    ) {
+        self.tls(client, upstream, sni, tls, true).await
+    }
+
+    /// Wraps `upstream` in TLS with `tls` — the mesh's mTLS when `mesh`, else TLS this
+    /// sidecar originates to a server outside the mesh — and moves bytes both ways until
+    /// both sides close.
+    async fn tls<C: AsyncRead + AsyncWrite + Unpin>(
+        &self,
         mut client: C,
         upstream: TcpStream,
         sni: ServerName<'static>,
         tls: Arc<ClientConfig>,
+        mesh: bool,
     ) {
         let connector = tokio_rustls::TlsConnector::from(tls);
         let handshake = connector.connect(sni, upstream);
@@ -164,7 +178,7 @@ impl Hop<'_> {
             }
             Err(_) => return self.telemetry.upstream_failure("outbound", "handshake_timeout"),
         };
-        let peer = tls::proven_identity(tls.get_ref().1.peer_certificates());
+        let peer = tls::proven_identity(tls.get_ref().1.peer_certificates()).filter(|_| mesh);
         let peer = peer.as_ref().map_or("unknown", SpiffeId::as_str);
         let counters = self.telemetry.connection(&ConnectionLabels {
             reporter: "source",
@@ -172,7 +186,7 @@ impl Hop<'_> {
             destination_principal: peer,
             destination_service: self.service,
             peer_cluster: self.cluster,
-            mutual_tls: true,
+            mutual_tls: mesh,
         });
         if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut tls).await {
             counters.received.inc_by(up);
@@ -374,8 +388,9 @@ impl Captured {
                 handshake_timeout: self.handshake_timeout,
                 telemetry: &self.telemetry,
             };
-            match (&upstream.tls, endpoint.mtls) {
-                (Some(mesh), true) => {
+            match (&upstream.origination, &upstream.tls, endpoint.mtls) {
+                (Some(own), _, _) => hop.tls(client, stream, own.sni.clone(), own.tcp.clone(), false).await,
+                (None, Some(mesh), true) => {
                     let Ok(sni) = ServerName::try_from(endpoint.sni(mesh)) else {
                         return self.telemetry.upstream_failure("outbound", "bad_sni");
                     };
@@ -593,7 +608,7 @@ impl HttpHop {
                     }
                 };
                 match sent {
-                    Ok(sent) => self.answer(sent, &what, l4),
+                    Ok(sent) => self.answer(sent, &what, l4, true),
                     Err(e) => self.failed(e, &what),
                 }
             }
@@ -674,7 +689,12 @@ impl HttpHop {
             }
             let endpoint = &upstream.endpoints[i];
             let _active = upstream.balancer.open(i);
-            let Some(mesh) = upstream.tls.as_ref().filter(|_| endpoint.mtls) else {
+            let secured = match (&upstream.origination, upstream.tls.as_ref().filter(|_| endpoint.mtls)) {
+                (Some(own), _) => Some(Secured::Own(own)),
+                (None, Some(mesh)) => Some(Secured::Mesh(mesh)),
+                (None, None) => None,
+            };
+            let Some(secured) = secured else {
                 // Outside the mesh the cluster's own protocol holds (an `http2` or `grpc`
                 // port's is HTTP/2); the mesh-wide upgrade is for the hop between sidecars.
                 let http2 = upstream.http == UpstreamHttp::Http2;
@@ -690,7 +710,11 @@ impl HttpHop {
                     result: result.map(Answered::Plain).map_err(Unanswered::Plain),
                 };
             };
-            let Ok(sni) = ServerName::try_from(endpoint.sni(mesh)) else {
+            let sni = match secured {
+                Secured::Own(own) => Ok(own.sni.clone()),
+                Secured::Mesh(mesh) => ServerName::try_from(endpoint.sni(mesh)),
+            };
+            let Ok(sni) = sni else {
                 self.telemetry.upstream_failure("outbound", "bad_sni");
                 return Attempt {
                     endpoint: Some(i),
@@ -704,7 +728,11 @@ impl HttpHop {
             // already (the lab's latency drill: over HTTP/1.1 a slowed network's requests
             // waited on handshakes past their per-try timeout, and it was ejected).
             let gateway = endpoint.through_gateway(self.network.as_deref());
-            let h2 = upstream.http.h2_for(&req, self.h2_upgrade || gateway);
+            let h2 = match secured {
+                // Outside the mesh the cluster's own protocol holds, as in plaintext.
+                Secured::Own(_) => upstream.http == UpstreamHttp::Http2,
+                Secured::Mesh(_) => upstream.http.h2_for(&req, self.h2_upgrade || gateway),
+            };
             // A pinned endpoint is one pod, whatever its weight: its pinned SNI is its own
             // pool key, and one connection reaches all of it. HTTP/1.1 has a connection
             // per request in flight already: one stack of them.
@@ -716,7 +744,14 @@ impl HttpHop {
             let key = Key {
                 addr: endpoint.address,
                 sni,
-                identities: mesh.identities.clone(),
+                identities: match secured {
+                    Secured::Own(_) => Vec::new(),
+                    Secured::Mesh(mesh) => mesh.identities.clone(),
+                },
+                trust: match secured {
+                    Secured::Own(own) => own.fingerprint,
+                    Secured::Mesh(_) => 0,
+                },
                 lane: self.next_lane.fetch_add(1, Ordering::Relaxed) % lanes,
             };
             // Several pods behind one endpoint: a gateway. Fresh connections now and then
@@ -747,13 +782,18 @@ impl HttpHop {
                     None => return overflow("upstream_rq_pending_overflow"),
                 },
             };
+            let config = |alpn| match secured {
+                Secured::Own(own) if alpn == Alpn::H2 => own.h2.clone(),
+                Secured::Own(own) => own.http11.clone(),
+                Secured::Mesh(mesh) => captured.config_for(&mesh.identities, alpn),
+            };
             let sent = match h2 {
                 true => {
-                    let config = captured.config_for(&mesh.identities, Alpn::H2);
+                    let config = config(Alpn::H2);
                     self.h2.send(&key, &config, req, max_requests, pending).await
                 }
                 false => {
-                    let config = captured.config_for(&mesh.identities, Alpn::Http11);
+                    let config = config(Alpn::Http11);
                     let limit = ConnectionLimit {
                         breaker: &upstream.breaker,
                         overflowed: &|| self.telemetry.upstream_failure("outbound", "upstream_cx_overflow"),
@@ -766,9 +806,11 @@ impl HttpHop {
             match sent {
                 Ok(sent) => {
                     upstream.record(i, Reply::Status(sent.response.status()));
+                    let mesh = matches!(secured, Secured::Mesh(_));
+                    let answered = Answered::Pooled { sent, mesh };
                     return Attempt {
                         endpoint: Some(i),
-                        result: Ok(Answered::Mesh(sent)),
+                        result: Ok(answered),
                     };
                 }
                 Err(SendError::Overflow(_)) => return overflow(ConnectionOverflow::Timeout.reason()),
@@ -823,7 +865,7 @@ impl HttpHop {
             mutual_tls: false,
         };
         match attempt.result {
-            Ok(Answered::Mesh(sent)) => self.answer(sent, &what, l4),
+            Ok(Answered::Pooled { sent, mesh }) => self.answer(sent, &what, l4, mesh),
             Err(Unanswered::Mesh(e)) => self.failed(e, &what),
             Ok(Answered::Plain(answer)) => {
                 l4.get_or_init(|| self.telemetry.connection(&plain_labels));
@@ -844,15 +886,17 @@ impl HttpHop {
         }
     }
 
-    fn answer(&self, sent: Sent, what: &Upstream<'_>, l4: &OnceLock<TcpCounters>) -> Response<ReplyBody> {
+    /// The answer of a pooled connection: in the mesh's mTLS when `mesh`, else in TLS of
+    /// our own to a server outside it.
+    fn answer(&self, sent: Sent, what: &Upstream<'_>, l4: &OnceLock<TcpCounters>, mesh: bool) -> Response<ReplyBody> {
         let Sent { response, peer, lease } = sent;
         let labels = ConnectionLabels {
             reporter: "source",
             source_principal: self.self_id.as_str(),
-            destination_principal: &peer,
+            destination_principal: if mesh { &peer } else { "unknown" },
             destination_service: what.service,
             peer_cluster: what.cluster,
-            mutual_tls: true,
+            mutual_tls: mesh,
         };
         l4.get_or_init(|| self.telemetry.connection(&labels));
         let exchange = self.count(labels, what, response.status().as_u16(), "-");
@@ -925,10 +969,20 @@ struct Attempt {
 
 /// Response headers from upstream.
 enum Answered {
-    /// Over a pooled connection in mutual TLS.
-    Mesh(Sent),
+    /// Over a pooled connection: in mutual TLS when `mesh`, else in TLS this sidecar
+    /// originated (DestinationRule SIMPLE or MUTUAL).
+    Pooled { sent: Sent, mesh: bool },
     /// From an endpoint outside the mesh.
     Plain(pool::PlainAnswer),
+}
+
+/// How a request to an endpoint is secured, when it is.
+#[derive(Clone, Copy)]
+enum Secured<'a> {
+    /// The mesh's mTLS, to the identities the cluster names.
+    Mesh(&'a destinations::MeshTls),
+    /// TLS of the cluster's own.
+    Own(&'a tls::origination::Origination),
 }
 
 /// Why an attempt got no response headers.

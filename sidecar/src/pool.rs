@@ -55,6 +55,10 @@ pub struct Key {
     pub sni: ServerName<'static>,
     /// The identities the server may prove; empty means any trusted identity.
     pub identities: Vec<SpiffeId>,
+    /// What else vouches for the server: 0 for the mesh's bundles, else the fingerprint of
+    /// the TLS a cluster originates ([`crate::tls::origination::Origination::fingerprint`]),
+    /// so that a connection made under one rule's CA never serves another's.
+    pub trust: u64,
     /// Which of the endpoint's connections: an endpoint standing for several pods (an
     /// east-west gateway, weighted by the pods behind it) gets one per pod (see
     /// [`lanes_for`]), because the gateway balances per connection, not per request.
@@ -68,6 +72,7 @@ impl Key {
             addr,
             sni: ServerName::IpAddress(addr.ip().into()),
             identities: Vec::new(),
+            trust: 0,
             lane: 0,
         }
     }

@@ -397,6 +397,7 @@ impl Sidecar {
                     addr: hop.target,
                     sni,
                     identities,
+                    trust: 0,
                     lane: 0,
                 },
                 service: args.service.clone(),

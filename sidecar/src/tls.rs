@@ -8,6 +8,7 @@
 pub mod bundle;
 pub mod config;
 pub mod csr;
+pub mod origination;
 pub mod sds;
 pub mod svid;
 pub mod verify;

@@ -106,7 +106,7 @@ async fn buffered(body: Incoming, wanted: bool) -> Result<Either<Outgoing, Bytes
 /// How an attempt ended, as a retry policy judges it.
 fn outcome(attempt: &Attempt) -> Outcome<'_> {
     match &attempt.result {
-        Ok(Answered::Mesh(sent)) => Outcome::Response(sent.response.status(), sent.response.headers()),
+        Ok(Answered::Pooled { sent, .. }) => Outcome::Response(sent.response.status(), sent.response.headers()),
         Ok(Answered::Plain(a)) => Outcome::Response(a.response.status(), a.response.headers()),
         Err(Unanswered::Unreachable | Unanswered::Overflow) => Outcome::ConnectFailure,
         Err(Unanswered::Mesh(e)) if e.refused_stream() => Outcome::RefusedStream,
@@ -117,6 +117,9 @@ fn outcome(attempt: &Attempt) -> Outcome<'_> {
 }
 
 /// How an attempt ended: with a result, or cut off by its timeout.
+// A value of one request's stack, moved once: boxing the attempt would cost an
+// allocation per request to save bytes nobody keeps.
+#[allow(clippy::large_enum_variant)]
 enum Tried {
     Done(Attempt),
     TimedOut,

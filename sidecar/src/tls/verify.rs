@@ -192,7 +192,7 @@ pub fn peer_identity(
     Ok(facts.id)
 }
 
-fn algorithms() -> &'static WebPkiSupportedAlgorithms {
+pub(super) fn algorithms() -> &'static WebPkiSupportedAlgorithms {
     static ALGS: std::sync::OnceLock<WebPkiSupportedAlgorithms> = std::sync::OnceLock::new();
     ALGS.get_or_init(|| rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms)
 }
