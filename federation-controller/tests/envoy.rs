@@ -801,33 +801,35 @@ fn nacks(admin: &str) -> Vec<String> {
 
 /// An HTTP/1.1 server on `addr` answering every request with `body`, for the test's life.
 fn answer(addr: std::net::SocketAddr, body: &'static str) -> std::net::SocketAddr {
-    use std::io::Write;
     let listener = std::net::TcpListener::bind(addr).unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                // Envoy keeps upstream connections alive: answer each request on it.
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = conn.read(&mut chunk) {
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-                        if conn.write_all(resp.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+            let Ok(conn) = conn else { continue };
+            std::thread::spawn(move || answer_requests(conn, body));
         }
     });
     addr
+}
+
+/// Answers every request on `conn` with `body` until it closes: Envoy keeps upstream
+/// connections alive.
+fn answer_requests(mut conn: impl Read + std::io::Write, body: &str) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = conn.read(&mut chunk) {
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            if conn.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Stands for the sidecar's capture: a bound listener using the same routes as
@@ -1126,6 +1128,152 @@ fn envoy_answers_an_unresolved_backend_500_and_follows_a_reference_grant() {
     });
     assert_eq!(granted.1, "ratings");
     assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
+    drop(envoy);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An HTTPS server on `addr` of a certificate made of `params` under `issuer` that requires a client certificate under `client_ca`, answering every request with
+/// `body`, for the test's life.
+fn mutual_answer(
+    addr: std::net::SocketAddr,
+    params: rcgen::CertificateParams,
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    client_ca: &rcgen::Certificate,
+    body: &'static str,
+) -> std::net::SocketAddr {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(client_ca.der().clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
+        .build()
+        .unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let tls = rustls::StreamOwned::new(rustls::ServerConnection::new(config).unwrap(), conn);
+                answer_requests(tls, body)
+            });
+        }
+    });
+    addr
+}
+
+/// Istio's egress TLS origination in real Envoy: a DestinationRule's `tls.mode: MUTUAL`
+/// with certificate files becomes a cluster Envoy accepts without a NACK, and Envoy
+/// reaches the ServiceEntry's HTTPS server with it, presenting the client certificate
+/// and checking the server's CA and SAN, while the application spoke plaintext.
+#[test]
+fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = scratch("envoy-origination");
+    // Every certificate with a name of its own: BoringSSL takes a leaf whose subject is
+    // its issuer's (rcgen's default name for both) for self-signed.
+    let named = |names: &[&str], cn: &str| {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+    };
+    let ca = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = named(&[], name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (cert, rcgen::Issuer::new(params, key))
+    };
+    let (server_ca, client_ca) = (ca("server-ca"), ca("client-ca"));
+    let server = named(&["api.secure.example"], "api.secure.example");
+    let backend = mutual_answer(
+        "127.0.0.6:0".parse().unwrap(),
+        server,
+        &server_ca.1,
+        &client_ca.0,
+        "mutual",
+    );
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = named(&["client.example"], "client.example")
+        .signed_by(&client_key, &client_ca.1)
+        .unwrap();
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let file = |name: &str, pem: String| {
+        let path = certs.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let (ca_file, cert_file, key_file) = (
+        file("ca.pem", server_ca.0.pem()),
+        file("client.pem", client.pem()),
+        file("client-key.pem", client_key.serialize_pem()),
+    );
+    let c1 = dir.join("cluster1");
+    std::fs::create_dir_all(&c1).unwrap();
+    support::write(
+        c1.join("objects.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{topology.istio.io/network: network1}}}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: default}}\n\
+             spec: {{hosts: [api.partner.example], addresses: [240.0.0.6], location: MESH_EXTERNAL, resolution: STATIC,\n\
+             \x20 ports: [{{number: 80, name: http, protocol: HTTP}}], endpoints: [{{address: {ip}, ports: {{http: {port}}}}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: default}}\n\
+             spec: {{host: api.partner.example, trafficPolicy: {{tls: {{mode: MUTUAL, sni: api.secure.example,\n\
+             \x20 caCertificates: {ca_file}, clientCertificate: {cert_file}, privateKey: {key_file}}}}}}}\n",
+            ip = backend.ip(),
+            port = backend.port(),
+        ),
+    )
+    .unwrap();
+    let controller = Controller::serve(&dir);
+    let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
+    let probe = PROBE.replace("reviews.default.svc.cluster.local:9080", "api.partner.example:80");
+    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, &probe);
+    let cluster = "outbound|80||api.partner.example";
+    wait_admin(&admin, "/clusters", |b| b.contains(&format!("{cluster}::{backend}")));
+    let active = wait_admin(&admin, "/config_dump?resource=dynamic_active_clusters", |b| {
+        b.contains(&cert_file)
+    });
+    assert!(
+        active.contains(&ca_file) && active.contains("api.secure.example"),
+        "{active}"
+    );
+    let bound = wait_admin(&admin, "/listeners", |b| b.contains("probe::127.0.0.1:"));
+    assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
+    let port = probe_port(&bound);
+    let get = || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: api.partner.example\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.starts_with("HTTP/1.1 200")
+            .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
+    };
+    let body = eventually("Envoy reaches the HTTPS server", Duration::from_secs(20), get);
+    assert_eq!(body, "mutual");
+    let stats = http_get(&admin, "/stats").unwrap();
+    assert!(
+        stat(&stats, &format!("cluster.{cluster}.ssl.handshake")).is_some_and(|n| n >= 1),
+        "in TLS Envoy made"
+    );
     drop(envoy);
     std::fs::remove_dir_all(&dir).unwrap();
 }
