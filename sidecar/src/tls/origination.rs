@@ -210,8 +210,13 @@ fn bytes(source: &Source) -> Result<Vec<u8>, String> {
     let read = |path: &str| -> Result<Vec<u8>, String> {
         use std::io::Read;
         let mut out = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_FILE + 1).read_to_end(&mut out))
+        let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+        // A FIFO or a device named by xDS would block the reader, or never end.
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(format!("{path}: not a regular file"));
+        }
+        file.take(MAX_FILE + 1)
+            .read_to_end(&mut out)
             .map_err(|e| format!("{path}: {e}"))?;
         if out.len() as u64 > MAX_FILE {
             return Err(format!("{path}: larger than {MAX_FILE} bytes"));
@@ -415,6 +420,12 @@ mod tests {
         };
         let e = Origination::of(&ctx(Some(trusting(missing, &[])), &[]), "h").unwrap_err();
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let device = DataSource {
+            specifier: Some(data_source::Specifier::Filename("/dev/zero".into())),
+            ..Default::default()
+        };
+        let e = Origination::of(&ctx(Some(trusting(device, &[])), &[]), "h").unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
         let e = Origination::of(&ctx(Some(trusting(inline("not pem"), &[])), &[]), "h").unwrap_err();
         assert!(e.contains("no certificate"), "{e}");
         let uri = subject_alt_name_matcher::SanType::Uri;
