@@ -563,6 +563,11 @@ impl NetworkView {
         self.services.keys()
     }
 
+    /// Whether this network reaches `key`.
+    pub fn reaches(&self, key: &ServiceKey) -> bool {
+        self.services.contains_key(key)
+    }
+
     /// Per subset of the service ports this network reaches, its endpoints (empty when
     /// none match).
     pub fn subset_endpoints(&self) -> impl Iterator<Item = (&SubsetKey, &Arc<Vec<LbEndpoint>>)> {

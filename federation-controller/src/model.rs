@@ -215,6 +215,9 @@ impl Protocol {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Traffic {
     pub protocols: BTreeMap<ServiceKey, Protocol>,
+    /// The TLS ports of ServiceEntry hosts without addresses: reached by the SNI the
+    /// application sends, on the port's wildcard listener, as Istio's `0.0.0.0_PORT`.
+    pub sni_only: std::collections::BTreeSet<ServiceKey>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     /// Gateway API HTTPRoutes; those with Service parents route like VirtualServices.
@@ -425,7 +428,8 @@ impl ClusterModel {
                 }
             }
         }
-        entries::vips_and_protocols(objects, &mesh.domain, &mut vips, &mut protocols);
+        let mut sni_only = Default::default();
+        entries::vips_and_protocols(objects, &mesh.domain, &mut vips, &mut protocols, &mut sni_only);
         vips.sort();
         vips.dedup();
 
@@ -505,6 +509,7 @@ impl ClusterModel {
             security,
             traffic: Arc::new(Traffic {
                 protocols,
+                sni_only,
                 virtual_services: objects.virtual_services.clone(),
                 destination_rules: objects.destination_rules.clone(),
                 http_routes: objects.http_routes.clone(),

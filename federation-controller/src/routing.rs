@@ -33,6 +33,7 @@ pub struct Routing {
     virtual_services: BTreeMap<(String, String), VirtualService>,
     destination_rules: BTreeMap<(String, String), DestinationRule>,
     protocols: BTreeMap<ServiceKey, Protocol>,
+    sni_only: std::collections::BTreeSet<ServiceKey>,
     /// The HTTPRoutes' rules, by Service host; in VirtualService form.
     gamma: BTreeMap<String, gamma::HostRoutes>,
     domain: String,
@@ -66,6 +67,7 @@ impl Routing {
             for (k, p) in &m.traffic.protocols {
                 out.protocols.entry(k.clone()).or_insert(*p);
             }
+            out.sni_only.extend(m.traffic.sni_only.iter().cloned());
             for r in &m.traffic.http_routes {
                 http_routes.entry(key(&r.metadata)).or_insert(r);
             }
@@ -85,6 +87,12 @@ impl Routing {
     /// What `key` speaks (TCP when no cluster has its Service).
     pub fn protocol(&self, key: &ServiceKey) -> Protocol {
         self.protocols.get(key).copied().unwrap_or(Protocol::Tcp)
+    }
+
+    /// The TLS ports of ServiceEntry hosts without addresses, found by SNI on their
+    /// port's wildcard listener.
+    pub fn sni_only(&self) -> &std::collections::BTreeSet<ServiceKey> {
+        &self.sni_only
     }
 
     /// The service ports that speak HTTP, which get route configurations.

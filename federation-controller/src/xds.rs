@@ -792,6 +792,11 @@ impl Snapshot {
                         let version = stable_hash(&resource.value);
                         reuse.versioned(l.name.clone(), version, || resource)
                     })
+                    .chain(self.sni_listeners(network, proxy).into_iter().map(|l| {
+                        let resource = any(LISTENER_TYPE, &l);
+                        let version = stable_hash(&resource.value);
+                        reuse.versioned(l.name.clone(), version, || resource)
+                    }))
                     .collect()
             }
             ROUTE_TYPE => self.route_configs(proxy, routes::Client::Envoy, reuse),
@@ -821,6 +826,11 @@ impl Snapshot {
                             reuse.versioned(c.name.clone(), version, || any(CLUSTER_TYPE, &c))
                         })
                     })
+                    // What the wildcard listeners pass through to, when there are any.
+                    .chain((!routing.sni_only().is_empty()).then(|| {
+                        let c = inbound::outbound_passthrough();
+                        reuse.versioned(c.name.clone(), stable_hash(&c.name), || any(CLUSTER_TYPE, &c))
+                    }))
                     .collect()
             }
             ENDPOINT_TYPE => {
@@ -872,6 +882,26 @@ impl Snapshot {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// The wildcard listeners of the TLS ports of hosts without an address that `proxy`
+    /// has clusters for, one per port ([`listener::sni_listener`]).
+    fn sni_listeners(
+        &self,
+        network: &NetworkId,
+        proxy: &ProxyView,
+    ) -> Vec<envoy_types::pb::envoy::config::listener::v3::Listener> {
+        let routing = self.routing();
+        let view = self.shared_view(network);
+        let exposed = self.exposed_to(proxy, network);
+        let mut by_port: BTreeMap<u16, Vec<&ServiceKey>> = BTreeMap::new();
+        for key in routing.sni_only().iter().filter(|k| view.reaches(k) && exposed(k)) {
+            by_port.entry(key.port).or_default().push(key);
+        }
+        by_port
+            .into_iter()
+            .map(|(port, hosts)| listener::sni_listener(port, &hosts))
+            .collect()
     }
 
     /// [`Self::resources`] for proxyless gRPC: per service port the proxy's

@@ -1175,7 +1175,8 @@ fn mutual_answer(
 /// Istio's egress TLS origination in real Envoy: a DestinationRule's `tls.mode: MUTUAL`
 /// with certificate files becomes a cluster Envoy accepts without a NACK, and Envoy
 /// reaches the ServiceEntry's HTTPS server with it, presenting the client certificate
-/// and checking the server's CA and SAN, while the application spoke plaintext.
+/// and checking the server's CA and SAN, while the application spoke plaintext. A TLS
+/// entry without addresses beside it becomes a wildcard listener by SNI, accepted too.
 #[test]
 fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -1231,7 +1232,10 @@ fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
              \x20 ports: [{{number: 80, name: http, protocol: HTTP}}], endpoints: [{{address: {ip}, ports: {{http: {port}}}}}]}}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: default}}\n\
              spec: {{host: api.partner.example, trafficPolicy: {{tls: {{mode: MUTUAL, sni: api.secure.example,\n\
-             \x20 caCertificates: {ca_file}, clientCertificate: {cert_file}, privateKey: {key_file}}}}}}}\n",
+             \x20 caCertificates: {ca_file}, clientCertificate: {cert_file}, privateKey: {key_file}}}}}}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: tls-only, namespace: default}}\n\
+             spec: {{hosts: [tls.partner.example], location: MESH_EXTERNAL, resolution: STATIC,\n\
+             \x20 ports: [{{number: 8443, name: tls, protocol: TLS}}], endpoints: [{{address: 127.0.0.7}}]}}\n",
             ip = backend.ip(),
             port = backend.port(),
         ),
@@ -1251,6 +1255,15 @@ fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
         "{active}"
     );
     let bound = wait_admin(&admin, "/listeners", |b| b.contains("probe::127.0.0.1:"));
+    // The TLS entry without addresses: a wildcard listener by SNI, passing the rest through.
+    let wildcard = wait_admin(&admin, "/config_dump?resource=dynamic_listeners", |b| {
+        b.contains("0.0.0.0_8443")
+    });
+    assert!(
+        wildcard.contains("tls.partner.example") && wildcard.contains("PassthroughCluster"),
+        "{wildcard}"
+    );
+    wait_admin(&admin, "/clusters", |b| b.contains("PassthroughCluster::"));
     assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
     let port = probe_port(&bound);
     let get = || {

@@ -783,3 +783,56 @@ async fn destination_rule_tls_originates_simple_and_mutual_tls_to_servers_outsid
     drop(controller);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A ServiceEntry's TLS port without `addresses` (Istio's usual egress entry): the
+/// application's own TLS to any address on that port is routed by its SNI to the
+/// entry's endpoints, on the port's wildcard listener; a connection that is not for
+/// the entry (plaintext here) passes through to where it was going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_entry_without_addresses_is_reached_by_sni_and_the_rest_passes_through() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = scratch("sidecar-sni-entries");
+    let ca = test_ca();
+    let entry_backend = tls_backend("127.0.0.15:0", &ca, None, false, "sni-routed").await;
+    let port = entry_backend.port();
+    let elsewhere = tcp_backend(SocketAddr::new([127, 0, 0, 16].into(), port), "passed-through").await;
+    entries_in_cluster1(
+        &dir,
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: default}}\n\
+             spec: {{hosts: [api.secure.example], location: MESH_EXTERNAL, resolution: STATIC,\n\
+             \x20 ports: [{{number: {port}, name: tls, protocol: TLS}}], endpoints: [{{address: 127.0.0.15}}]}}\n"
+        ),
+    );
+    let controller = Controller::serve(&dir);
+    // Where the application thought api.secure.example was (its own DNS), and another server.
+    let unroutable = SocketAddr::new([203, 0, 113, 10].into(), port);
+    let (table, entries) = sidecar(controller.xds, &[unroutable, elsewhere]).await;
+    until_served(&table, &[], &[&format!("outbound|{port}||api.secure.example")]).await;
+    until_true("the wildcard listener", Duration::from_secs(30), || {
+        table.load().reads_hello(unroutable)
+    })
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.0.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    for _ in 0..3 {
+        let tcp = TcpStream::connect(entries[0]).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("api.secure.example").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("the entry's server, by SNI");
+        tls.write_all(b"hi").await.unwrap();
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut text))
+            .await
+            .expect("an answer in time")
+            .ok();
+        assert_eq!(text, "sni-routed");
+        assert_eq!(connect(entries[1]).await, "passed-through");
+    }
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -193,6 +193,19 @@ impl Upstream {
     }
 }
 
+/// Istio's cluster of connections carried to their original destination untouched.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// Where [`Destinations::routed`] sends a connection.
+#[derive(Debug)]
+pub enum Routed<'a> {
+    Upstream(&'a Arc<Upstream>),
+    /// To its original destination, untouched.
+    Passthrough,
+    /// No chain takes it, or its cluster is unknown.
+    Unrouted,
+}
+
 /// The whole table.
 #[derive(Debug, Default)]
 pub struct Destinations {
@@ -222,17 +235,47 @@ impl Destinations {
 
     /// [`Destinations::route`] for a connection whose ClientHello (if it sent one) was read.
     pub fn route_seen(&self, seen: Seen<'_>) -> Option<&Arc<Upstream>> {
-        let clusters = match self.hello_listeners.get(&seen.destination) {
-            Some(chains) => chains.clusters(seen)?,
-            None => self.listeners.get(&seen.destination)?,
+        match self.routed(seen) {
+            Routed::Upstream(upstream) => Some(upstream),
+            Routed::Passthrough | Routed::Unrouted => None,
+        }
+    }
+
+    /// Where a connection whose ClientHello (if it sent one) was read goes: to an upstream,
+    /// through to its original destination (a chain to Istio's `PassthroughCluster`), or
+    /// nowhere.
+    pub fn routed(&self, seen: Seen<'_>) -> Routed<'_> {
+        let clusters = match self.hello_chains(seen.destination) {
+            Some(chains) => chains.clusters(seen),
+            None => self.listeners.get(&seen.destination),
         };
-        self.upstreams.get(clusters.pick())
+        let Some(clusters) = clusters else {
+            return Routed::Unrouted;
+        };
+        match clusters.pick() {
+            PASSTHROUGH_CLUSTER => Routed::Passthrough,
+            name => self.upstreams.get(name).map_or(Routed::Unrouted, Routed::Upstream),
+        }
+    }
+
+    /// The chains that choose by ClientHello for `original`: its own listener's, else,
+    /// when no listener is its own, the port's wildcard listener's (`0.0.0.0_PORT`, which
+    /// Istio makes for the TLS ports of hosts without an address, by SNI).
+    fn hello_chains(&self, original: SocketAddr) -> Option<&HelloChains> {
+        if let Some(own) = self.hello_listeners.get(&original) {
+            return Some(own);
+        }
+        if self.listeners.contains_key(&original) || self.http_listeners.contains_key(&original) {
+            return None;
+        }
+        let wildcard = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), original.port());
+        self.hello_listeners.get(&wildcard)
     }
 
     /// Whether the listener at `original` chooses its chain by the ClientHello, which the
     /// application's connection must then be read for.
     pub fn reads_hello(&self, original: SocketAddr) -> bool {
-        self.hello_listeners.contains_key(&original)
+        self.hello_chains(original).is_some()
     }
 
     /// The route configuration name of the HTTP listener at `original`, if it is one.

@@ -327,14 +327,17 @@ impl Captured {
                 destination: original,
                 hello: hello.as_ref(),
             };
-            let Some(upstream) = table.route_seen(seen) else {
+            let upstream = match table.routed(seen) {
+                destinations::Routed::Upstream(upstream) => Some(upstream),
+                destinations::Routed::Passthrough => None,
                 // Envoy closes a connection no filter chain takes.
-                return self.telemetry.refused("outbound", "no_filter_chain_match");
+                destinations::Routed::Unrouted => return self.telemetry.refused("outbound", "no_filter_chain_match"),
             };
-            return if first.is_empty() {
-                self.carry_upstream(client, upstream).await
-            } else {
-                self.carry_upstream(Rewind::new(first, client), upstream).await
+            return match (upstream, first.is_empty()) {
+                (Some(upstream), true) => self.carry_upstream(client, upstream).await,
+                (Some(upstream), false) => self.carry_upstream(Rewind::new(first, client), upstream).await,
+                (None, true) => self.pass_through(client, original).await,
+                (None, false) => self.pass_through(Rewind::new(first, client), original).await,
             };
         }
         if table.http_listener(original).is_some() || self.http_everywhere && table.route(original).is_some() {
@@ -345,20 +348,24 @@ impl Captured {
                 .await;
         }
         let Some(upstream) = table.route(original) else {
-            let service = original.ip().to_string();
-            let hop = Hop {
-                self_id: &self.self_id,
-                service: &service,
-                cluster: None,
-                handshake_timeout: self.handshake_timeout,
-                telemetry: &self.telemetry,
-            };
-            if let Some(up) = connect(original, self.mark, self.connect_timeout, &self.telemetry).await {
-                hop.plain(client, up).await;
-            }
-            return;
+            return self.pass_through(client, original).await;
         };
         self.carry_upstream(client, upstream).await
+    }
+
+    /// Carries `client`'s bytes to `original` untouched (Istio's `PassthroughCluster`).
+    async fn pass_through<C: AsyncRead + AsyncWrite + Unpin>(&self, client: C, original: SocketAddr) {
+        let service = original.ip().to_string();
+        let hop = Hop {
+            self_id: &self.self_id,
+            service: &service,
+            cluster: None,
+            handshake_timeout: self.handshake_timeout,
+            telemetry: &self.telemetry,
+        };
+        if let Some(up) = connect(original, self.mark, self.connect_timeout, &self.telemetry).await {
+            hop.plain(client, up).await;
+        }
     }
 
     /// Carries `client`'s bytes to one endpoint of `upstream`, in mTLS where it speaks it.

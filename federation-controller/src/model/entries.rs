@@ -279,18 +279,29 @@ fn locality(s: Option<&str>) -> Locality {
 }
 
 /// The entries' virtual IPs (plain addresses; CIDRs match no single VIP) and their
-/// ports' protocols, by Istio's rule on the port's `protocol` and name.
+/// ports' protocols, by Istio's rule on the port's `protocol` and name; and the TLS
+/// ports of entries without addresses that have endpoints, which are found by SNI.
 pub(super) fn vips_and_protocols(
     objects: &ClusterObjects,
     domain: &str,
     vips: &mut Vec<ServiceVip>,
     protocols: &mut BTreeMap<ServiceKey, Protocol>,
+    sni_only: &mut std::collections::BTreeSet<ServiceKey>,
 ) {
     for se in objects.service_entries.iter().filter(|se| !written_back(se)) {
         let ips: Vec<IpAddr> = se.spec.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+        // Resolution NONE has no endpoints to send an SNI to: left to pass through.
+        let has_endpoints = !matches!(se.spec.resolution, None | Some(Resolution::None));
         for (key, port) in keys(se, domain) {
             let protocol = Protocol::of_port(Some(&port.name), port.protocol.as_deref());
             protocols.entry(key.clone()).or_insert(protocol);
+            let tls = port
+                .protocol
+                .as_deref()
+                .is_some_and(|p| p.eq_ignore_ascii_case("TLS") || p.eq_ignore_ascii_case("HTTPS"));
+            if se.spec.addresses.is_empty() && has_endpoints && tls {
+                sni_only.insert(key.clone());
+            }
             for vip in &ips {
                 vips.push(ServiceVip {
                     vip: *vip,
@@ -546,5 +557,11 @@ spec:
         assert_eq!(p("payments.example.com:80").as_deref(), Some("Http"));
         assert_eq!(p("payments.example.com:443").as_deref(), Some("Tcp"));
         assert_eq!(p("legacy.vms.svc.cluster.local:9080").as_deref(), Some("Http"));
+        let sni: Vec<String> = m.traffic.sni_only.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            sni,
+            ["www.googleapis.com:443"],
+            "a TLS port without addresses; not its HTTP port, nor an entry with addresses"
+        );
     }
 }

@@ -88,6 +88,15 @@ pub fn clusters(ports: &[(u16, Protocol)]) -> Vec<Cluster> {
     per_port.chain(std::iter::once(passthrough)).collect()
 }
 
+/// Istio's outbound `PassthroughCluster`: a connection no service claims, carried to its
+/// original destination (what the wildcard listeners' last chain names).
+pub fn outbound_passthrough() -> Cluster {
+    Cluster {
+        upstream_bind_config: None,
+        ..original_destination(super::listener::PASSTHROUGH_CLUSTER.to_owned())
+    }
+}
+
 /// An inbound cluster named `name` to the connection's original destination.
 fn original_destination(name: String) -> Cluster {
     Cluster {

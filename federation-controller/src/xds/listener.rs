@@ -108,16 +108,22 @@ pub fn listener(
     } else {
         tcp_chains(&key, routing, who)
     };
+    virtual_listener(vip, port, filter_chains)
+}
+
+/// A virtual outbound listener of `ip:port` (never bound), with a TLS inspector when a
+/// chain matches on SNI.
+fn virtual_listener(ip: IpAddr, port: u16, filter_chains: Vec<FilterChain>) -> Listener {
     let tls_inspector = filter_chains.iter().any(|c| {
         c.filter_chain_match
             .as_ref()
             .is_some_and(|m| !m.server_names.is_empty())
     });
     Listener {
-        name: listener_name(vip, port),
+        name: listener_name(ip, port),
         address: Some(core::Address {
             address: Some(address::Address::SocketAddress(SocketAddress {
-                address: vip.to_string(),
+                address: ip.to_string(),
                 port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
                 ..Default::default()
             })),
@@ -135,6 +141,34 @@ pub fn listener(
         filter_chains,
         ..Default::default()
     }
+}
+
+/// Istio's outbound cluster of connections carried to their original destination.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// Istio's wildcard outbound listener of `port` (`0.0.0.0_PORT`) for the TLS ports of
+/// hosts without an address (`hosts`, all on `port`): a connection to any address on the
+/// port is routed by the SNI of the application's own TLS to its host's cluster, and
+/// anything else (another SNI, no TLS) passes through to where it was going, as Istio's
+/// `PassthroughCluster` chain does.
+pub fn sni_listener(port: u16, hosts: &[&ServiceKey]) -> Listener {
+    let mut filter_chains: Vec<FilterChain> = hosts
+        .iter()
+        .map(|key| FilterChain {
+            filter_chain_match: Some(FilterChainMatch {
+                server_names: vec![key.host.to_string()],
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            }),
+            filters: vec![tcp_proxy_filter(&[(cluster_name(key), 1)])],
+            ..Default::default()
+        })
+        .collect();
+    filter_chains.push(FilterChain {
+        filters: vec![tcp_proxy_filter(&[(PASSTHROUGH_CLUSTER.to_owned(), 1)])],
+        ..Default::default()
+    });
+    virtual_listener(std::net::Ipv4Addr::UNSPECIFIED.into(), port, filter_chains)
 }
 
 /// A `tcp_proxy` filter: to one cluster, or weighted among several.

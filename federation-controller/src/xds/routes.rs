@@ -585,6 +585,7 @@ pub(crate) mod tests {
             gateways: vec![],
             security: Default::default(),
             traffic: Arc::new(Traffic {
+                sni_only: Default::default(),
                 protocols: [(key("reviews"), Protocol::Http), (key("ratings"), Protocol::Http)].into(),
                 virtual_services: o.virtual_services,
                 destination_rules: o.destination_rules,
