@@ -218,6 +218,9 @@ pub struct Traffic {
     /// The TLS ports of ServiceEntry hosts without addresses: reached by the SNI the
     /// application sends, on the port's wildcard listener, as Istio's `0.0.0.0_PORT`.
     pub sni_only: std::collections::BTreeSet<ServiceKey>,
+    /// The HTTP ports of ServiceEntry hosts without addresses: reached by the `Host` the
+    /// application sends, on the port's wildcard listener (Istio's route `PORT`).
+    pub host_only: std::collections::BTreeSet<ServiceKey>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     /// Gateway API HTTPRoutes; those with Service parents route like VirtualServices.
@@ -428,8 +431,14 @@ impl ClusterModel {
                 }
             }
         }
-        let mut sni_only = Default::default();
-        entries::vips_and_protocols(objects, &mesh.domain, &mut vips, &mut protocols, &mut sni_only);
+        let (mut sni_only, mut host_only) = Default::default();
+        entries::vips_and_protocols(
+            objects,
+            &mesh.domain,
+            &mut vips,
+            &mut protocols,
+            (&mut sni_only, &mut host_only),
+        );
         vips.sort();
         vips.dedup();
 
@@ -510,6 +519,7 @@ impl ClusterModel {
             traffic: Arc::new(Traffic {
                 protocols,
                 sni_only,
+                host_only,
                 virtual_services: objects.virtual_services.clone(),
                 destination_rules: objects.destination_rules.clone(),
                 http_routes: objects.http_routes.clone(),

@@ -34,6 +34,7 @@ pub struct Routing {
     destination_rules: BTreeMap<(String, String), DestinationRule>,
     protocols: BTreeMap<ServiceKey, Protocol>,
     sni_only: std::collections::BTreeSet<ServiceKey>,
+    host_only: std::collections::BTreeSet<ServiceKey>,
     /// The HTTPRoutes' rules, by Service host; in VirtualService form.
     gamma: BTreeMap<String, gamma::HostRoutes>,
     domain: String,
@@ -68,6 +69,7 @@ impl Routing {
                 out.protocols.entry(k.clone()).or_insert(*p);
             }
             out.sni_only.extend(m.traffic.sni_only.iter().cloned());
+            out.host_only.extend(m.traffic.host_only.iter().cloned());
             for r in &m.traffic.http_routes {
                 http_routes.entry(key(&r.metadata)).or_insert(r);
             }
@@ -93,6 +95,14 @@ impl Routing {
     /// port's wildcard listener.
     pub fn sni_only(&self) -> &std::collections::BTreeSet<ServiceKey> {
         &self.sni_only
+    }
+
+    /// The HTTP ports of ServiceEntry hosts without addresses, found by `Host` on their
+    /// port's wildcard listener (a port with a host found by SNI is that host's).
+    pub fn host_only(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.host_only
+            .iter()
+            .filter(|k| !self.sni_only.iter().any(|s| s.port == k.port))
     }
 
     /// The service ports that speak HTTP, which get route configurations.

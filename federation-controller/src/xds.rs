@@ -711,16 +711,26 @@ impl Snapshot {
     /// The route configurations of every HTTP service port, for `proxy`.
     fn route_configs(&self, proxy: &ProxyView, client: routes::Client, reuse: &Reuse) -> Vec<Item> {
         let routing = self.routing();
+        // Route configurations hold no map with more than one entry, so their bytes are
+        // canonical and may stand for the version.
+        let item = |r: envoy_types::pb::envoy::config::route::v3::RouteConfiguration| {
+            let resource = any(ROUTE_TYPE, &r);
+            let version = stable_hash(&resource.value);
+            reuse.versioned(r.name, version, || resource)
+        };
+        let wildcard = match client {
+            routes::Client::Envoy => self.host_only_ports(&proxy.network, proxy),
+            routes::Client::Grpc => BTreeMap::new(),
+        };
+        let per_port = wildcard.iter().map(|(port, keys)| {
+            let keys: Vec<&ServiceKey> = keys.iter().collect();
+            routes::port_route_config(*port, &keys, &routing, proxy.requester(), client)
+        });
         routing
             .http_ports()
-            .map(|k| {
-                let r = routes::route_config(k, &routing, proxy.requester(), client);
-                let resource = any(ROUTE_TYPE, &r);
-                // Route configurations hold no map with more than one entry, so their
-                // bytes are canonical and may stand for the version.
-                let version = stable_hash(&resource.value);
-                reuse.versioned(r.name, version, || resource)
-            })
+            .map(|k| routes::route_config(k, &routing, proxy.requester(), client))
+            .chain(per_port)
+            .map(item)
             .collect()
     }
 
@@ -827,10 +837,12 @@ impl Snapshot {
                         })
                     })
                     // What the wildcard listeners pass through to, when there are any.
-                    .chain((!routing.sni_only().is_empty()).then(|| {
-                        let c = inbound::outbound_passthrough();
-                        reuse.versioned(c.name.clone(), stable_hash(&c.name), || any(CLUSTER_TYPE, &c))
-                    }))
+                    .chain(
+                        (!routing.sni_only().is_empty() || routing.host_only().next().is_some()).then(|| {
+                            let c = inbound::outbound_passthrough();
+                            reuse.versioned(c.name.clone(), stable_hash(&c.name), || any(CLUSTER_TYPE, &c))
+                        }),
+                    )
                     .collect()
             }
             ENDPOINT_TYPE => {
@@ -898,10 +910,25 @@ impl Snapshot {
         for key in routing.sni_only().iter().filter(|k| view.reaches(k) && exposed(k)) {
             by_port.entry(key.port).or_default().push(key);
         }
+        let by_host: Vec<u16> = self.host_only_ports(network, proxy).into_keys().collect();
         by_port
             .into_iter()
             .map(|(port, hosts)| listener::sni_listener(port, &hosts))
+            .chain(by_host.into_iter().map(listener::host_listener))
             .collect()
+    }
+
+    /// The HTTP ports of hosts without an address that `proxy` has clusters for, with
+    /// their hosts: each port a wildcard listener and a route configuration `PORT`.
+    fn host_only_ports(&self, network: &NetworkId, proxy: &ProxyView) -> BTreeMap<u16, Vec<ServiceKey>> {
+        let routing = self.routing();
+        let view = self.shared_view(network);
+        let exposed = self.exposed_to(proxy, network);
+        let mut by_port: BTreeMap<u16, Vec<ServiceKey>> = BTreeMap::new();
+        for key in routing.host_only().filter(|k| view.reaches(k) && exposed(k)) {
+            by_port.entry(key.port).or_default().push(key.clone());
+        }
+        by_port
     }
 
     /// [`Self::resources`] for proxyless gRPC: per service port the proxy's

@@ -1172,11 +1172,24 @@ fn mutual_answer(
     addr
 }
 
+/// The body of a 200 to `GET /` with `Host: host` on `127.0.0.1:port`.
+fn body_of(port: u16, host: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1.1 200")
+        .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
+}
+
 /// Istio's egress TLS origination in real Envoy: a DestinationRule's `tls.mode: MUTUAL`
 /// with certificate files becomes a cluster Envoy accepts without a NACK, and Envoy
 /// reaches the ServiceEntry's HTTPS server with it, presenting the client certificate
 /// and checking the server's CA and SAN, while the application spoke plaintext. A TLS
-/// entry without addresses beside it becomes a wildcard listener by SNI, accepted too.
+/// entry without addresses beside it becomes a wildcard listener by SNI, accepted too, and
+/// an HTTP one the wildcard routes `8080`, by which Envoy reaches the entry by `Host`.
 #[test]
 fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -1205,6 +1218,7 @@ fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
         &client_ca.0,
         "mutual",
     );
+    let plain = answer("127.0.0.8:0".parse().unwrap(), "by-host");
     let client_key = rcgen::KeyPair::generate().unwrap();
     let client = named(&["client.example"], "client.example")
         .signed_by(&client_key, &client_ca.1)
@@ -1235,16 +1249,27 @@ fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
              \x20 caCertificates: {ca_file}, clientCertificate: {cert_file}, privateKey: {key_file}}}}}}}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: tls-only, namespace: default}}\n\
              spec: {{hosts: [tls.partner.example], location: MESH_EXTERNAL, resolution: STATIC,\n\
-             \x20 ports: [{{number: 8443, name: tls, protocol: TLS}}], endpoints: [{{address: 127.0.0.7}}]}}\n",
+             \x20 ports: [{{number: 8443, name: tls, protocol: TLS}}], endpoints: [{{address: 127.0.0.7}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: http-only, namespace: default}}\n\
+             spec: {{hosts: [http.partner.example], location: MESH_EXTERNAL, resolution: STATIC,\n\
+             \x20 ports: [{{number: 8080, name: http, protocol: HTTP}}],\n\
+             \x20 endpoints: [{{address: {plain_ip}, ports: {{http: {plain_port}}}}}]}}\n",
             ip = backend.ip(),
             port = backend.port(),
+            plain_ip = plain.ip(),
+            plain_port = plain.port(),
         ),
     )
     .unwrap();
     let controller = Controller::serve(&dir);
     let sds = LocalAgent::new("spiffe://cluster.local/ns/default/sa/productpage").start();
     let probe = PROBE.replace("reviews.default.svc.cluster.local:9080", "api.partner.example:80");
-    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, &probe);
+    // The wildcard HTTP listener's routes, `8080`, behind a bound listener of their own.
+    let by_host = PROBE
+        .replace("reviews.default.svc.cluster.local:9080", "8080")
+        .replace(r#""name": "probe""#, r#""name": "byhost""#);
+    let listeners = format!("{probe}, {by_host}");
+    let (envoy, admin, _) = start_sidecar_envoy(&dir, "GRPC", controller.xds, sds, &listeners);
     let cluster = "outbound|80||api.partner.example";
     wait_admin(&admin, "/clusters", |b| b.contains(&format!("{cluster}::{backend}")));
     let active = wait_admin(&admin, "/config_dump?resource=dynamic_active_clusters", |b| {
@@ -1254,7 +1279,6 @@ fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
         active.contains(&ca_file) && active.contains("api.secure.example"),
         "{active}"
     );
-    let bound = wait_admin(&admin, "/listeners", |b| b.contains("probe::127.0.0.1:"));
     // The TLS entry without addresses: a wildcard listener by SNI, passing the rest through.
     let wildcard = wait_admin(&admin, "/config_dump?resource=dynamic_listeners", |b| {
         b.contains("0.0.0.0_8443")
@@ -1264,22 +1288,27 @@ fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
         "{wildcard}"
     );
     wait_admin(&admin, "/clusters", |b| b.contains("PassthroughCluster::"));
+    let routes = wait_admin(&admin, "/config_dump?resource=dynamic_route_configs", |b| {
+        b.contains("http.partner.example:8080") && b.contains("allow_any")
+    });
+    assert!(routes.contains(r#""name": "8080""#), "{routes}");
+    let bound = wait_admin(&admin, "/listeners", |b| {
+        b.contains("probe::127.0.0.1:") && b.contains("byhost::127.0.0.1:") && b.contains("0.0.0.0_8080")
+    });
     assert_eq!(nacks(&admin), Vec::<String>::new(), "Envoy NACKed");
+    let by_host_port: u16 = bound
+        .lines()
+        .find_map(|l| l.strip_prefix("byhost::127.0.0.1:"))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap();
+    let body = eventually(
+        "Envoy routes by Host on the wildcard routes",
+        Duration::from_secs(20),
+        || body_of(by_host_port, "http.partner.example"),
+    );
+    assert_eq!(body, "by-host");
     let port = probe_port(&bound);
-    let get = || {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET / HTTP/1.1\r\nHost: api.partner.example\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.starts_with("HTTP/1.1 200")
-            .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
-    };
+    let get = || body_of(port, "api.partner.example");
     let body = eventually("Envoy reaches the HTTPS server", Duration::from_secs(20), get);
     assert_eq!(body, "mutual");
     let stats = http_get(&admin, "/stats").unwrap();

@@ -836,3 +836,46 @@ async fn a_tls_entry_without_addresses_is_reached_by_sni_and_the_rest_passes_thr
     drop(controller);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Istio's egress TLS origination task, with an entry that has no `addresses`: the
+/// application sends plain HTTP to wherever its own DNS said the host was; the port's
+/// wildcard HTTP listener picks the entry by `Host`, and the DestinationRule's SIMPLE
+/// TLS carries it to the HTTPS server. A request for another host on the port passes
+/// through to where it was going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_entry_without_addresses_is_reached_by_host_and_the_rest_passes_through() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = scratch("sidecar-host-entries");
+    let ca = test_ca();
+    let https = tls_backend("127.0.0.17:0", &ca, None, true, "originated").await;
+    let elsewhere = http_backend("127.0.0.18:0", "passed-through").await;
+    let port = elsewhere.port();
+    let ca_file = dir.join("ca.pem");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&ca_file, ca.0.pem()).unwrap();
+    entries_in_cluster1(
+        &dir,
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: default}}\n\
+             spec: {{hosts: [api.secure.example], location: MESH_EXTERNAL, resolution: STATIC,\n\
+             \x20 ports: [{{number: {port}, name: http, protocol: HTTP}}],\n\
+             \x20 endpoints: [{{address: {ip}, ports: {{http: {https_port}}}}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: default}}\n\
+             spec: {{host: api.secure.example, trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {ca}}}}}}}\n",
+            ip = https.ip(),
+            https_port = https.port(),
+            ca = ca_file.display(),
+        ),
+    );
+    let controller = Controller::serve(&dir);
+    let unroutable = SocketAddr::new([203, 0, 113, 11].into(), port);
+    let (table, entries) = sidecar(controller.xds, &[unroutable, elsewhere]).await;
+    let route = port.to_string();
+    until_served(&table, &[&route], &[&format!("outbound|{port}||api.secure.example")]).await;
+    for _ in 0..3 {
+        assert_eq!(get_host(entries[0], "api.secure.example").await, "200 originated");
+        assert_eq!(get_host(entries[1], "other.example").await, "200 passed-through");
+    }
+    drop(controller);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

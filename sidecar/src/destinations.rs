@@ -156,6 +156,37 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Istio's `PassthroughCluster` for one request: the connection's original destination
+    /// its one endpoint, outside the mesh, with no limits of its own.
+    pub fn passthrough(original: SocketAddr) -> Upstream {
+        let policy = ClusterPolicy::of(&Cluster {
+            name: PASSTHROUGH_CLUSTER.into(),
+            ..Default::default()
+        })
+        .expect("an empty cluster has the default policy");
+        Upstream {
+            name: PASSTHROUGH_CLUSTER.into(),
+            service: original.ip().to_string(),
+            tls: None,
+            origination: None,
+            endpoints: vec![Endpoint {
+                address: original,
+                weight: 1,
+                mtls: false,
+                cluster: None,
+                network: None,
+                priority: 0,
+                pinned: None,
+            }],
+            balancer: Balancer::new(policy.lb, &[1]),
+            health: None,
+            breaker: Arc::new(Breaker::new(&policy)),
+            http: policy.http,
+            max_requests_per_connection: None,
+            overprovisioning: priority::DEFAULT_OVERPROVISIONING,
+        }
+    }
+
     /// Whether endpoint `i` may be chosen now (not ejected as an outlier).
     pub fn usable(&self, i: usize) -> bool {
         self.health.as_ref().is_none_or(|h| h.usable(i, self.endpoints.len()))
@@ -278,9 +309,18 @@ impl Destinations {
         self.hello_chains(original).is_some()
     }
 
-    /// The route configuration name of the HTTP listener at `original`, if it is one.
+    /// The route configuration name of the HTTP listener at `original`, if it is one: its
+    /// own, else, when no listener is its own, the port's wildcard one (Istio's
+    /// `0.0.0.0_PORT` for hosts without an address, routed by `Host`).
     pub fn http_listener(&self, original: SocketAddr) -> Option<&str> {
-        self.http_listeners.get(&original).map(String::as_str)
+        if let Some(own) = self.http_listeners.get(&original) {
+            return Some(own);
+        }
+        if self.listeners.contains_key(&original) || self.hello_listeners.contains_key(&original) {
+            return None;
+        }
+        let wildcard = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), original.port());
+        self.http_listeners.get(&wildcard).map(String::as_str)
     }
 
     /// How many listeners route anything.

@@ -13,7 +13,7 @@
 //! (another cluster's services, federated already), Unix sockets, names under STATIC
 //! resolution (nothing resolves them there), and wildcard hosts (nothing to resolve).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -279,14 +279,15 @@ fn locality(s: Option<&str>) -> Locality {
 }
 
 /// The entries' virtual IPs (plain addresses; CIDRs match no single VIP) and their
-/// ports' protocols, by Istio's rule on the port's `protocol` and name; and the TLS
-/// ports of entries without addresses that have endpoints, which are found by SNI.
+/// ports' protocols, by Istio's rule on the port's `protocol` and name; and the TLS and
+/// HTTP ports of entries without addresses that have endpoints, which are found by SNI
+/// and by `Host`.
 pub(super) fn vips_and_protocols(
     objects: &ClusterObjects,
     domain: &str,
     vips: &mut Vec<ServiceVip>,
     protocols: &mut BTreeMap<ServiceKey, Protocol>,
-    sni_only: &mut std::collections::BTreeSet<ServiceKey>,
+    (sni_only, host_only): (&mut BTreeSet<ServiceKey>, &mut BTreeSet<ServiceKey>),
 ) {
     for se in objects.service_entries.iter().filter(|se| !written_back(se)) {
         let ips: Vec<IpAddr> = se.spec.addresses.iter().filter_map(|a| a.parse().ok()).collect();
@@ -301,6 +302,9 @@ pub(super) fn vips_and_protocols(
                 .is_some_and(|p| p.eq_ignore_ascii_case("TLS") || p.eq_ignore_ascii_case("HTTPS"));
             if se.spec.addresses.is_empty() && has_endpoints && tls {
                 sni_only.insert(key.clone());
+            }
+            if se.spec.addresses.is_empty() && has_endpoints && protocol.is_http() {
+                host_only.insert(key.clone());
             }
             for vip in &ips {
                 vips.push(ServiceVip {
@@ -562,6 +566,16 @@ spec:
             sni,
             ["www.googleapis.com:443"],
             "a TLS port without addresses; not its HTTP port, nor an entry with addresses"
+        );
+        let by_host: Vec<String> = m.traffic.host_only.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            by_host,
+            [
+                "legacy.vms.svc.cluster.local:9080",
+                "rr.example.com:8000",
+                "www.googleapis.com:80"
+            ],
+            "HTTP ports of entries without addresses, by selector, endpoints or DNS"
         );
     }
 }

@@ -171,6 +171,21 @@ pub fn sni_listener(port: u16, hosts: &[&ServiceKey]) -> Listener {
     virtual_listener(std::net::Ipv4Addr::UNSPECIFIED.into(), port, filter_chains)
 }
 
+/// Istio's wildcard outbound listener of an HTTP `port` (`0.0.0.0_PORT`) for hosts without
+/// an address: an HTTP connection manager on route configuration `PORT`
+/// ([`super::routes::port_route_config`]), which picks the host by `Host`.
+pub fn host_listener(port: u16) -> Listener {
+    let hcm = http_connection_manager(format!("outbound_0.0.0.0_{port}"), port.to_string());
+    let chain = FilterChain {
+        filters: vec![Filter {
+            name: HCM.into(),
+            config_type: Some(filter::ConfigType::TypedConfig(any(HCM_TYPE, &hcm))),
+        }],
+        ..Default::default()
+    };
+    virtual_listener(std::net::Ipv4Addr::UNSPECIFIED.into(), port, vec![chain])
+}
+
 /// A `tcp_proxy` filter: to one cluster, or weighted among several.
 pub fn tcp_proxy_filter(clusters: &[(String, u32)]) -> Filter {
     let cluster_specifier = match clusters {

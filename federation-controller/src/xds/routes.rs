@@ -89,6 +89,51 @@ pub fn route_config(key: &ServiceKey, routing: &Routing, who: Requester<'_>, cli
     }
 }
 
+/// The route configuration of `port`'s wildcard HTTP listener (Istio's `PORT`): a virtual
+/// host per host in `keys` (all on `port`), by `Host`, with the routes of its own
+/// configuration, and `allow_any` passing every other request through to where it was
+/// going (Istio's `PassthroughCluster`).
+pub fn port_route_config(
+    port: u16,
+    keys: &[&ServiceKey],
+    routing: &Routing,
+    who: Requester<'_>,
+    client: Client,
+) -> RouteConfiguration {
+    let mut virtual_hosts: Vec<VirtualHost> = keys
+        .iter()
+        .flat_map(|key| {
+            let own = route_config(key, routing, who, client);
+            own.virtual_hosts.into_iter().map(move |mut v| {
+                v.domains = vec![key.host.to_string(), format!("{}:{port}", key.host)];
+                v
+            })
+        })
+        .collect();
+    virtual_hosts.push(VirtualHost {
+        name: "allow_any".into(),
+        domains: vec!["*".into()],
+        routes: vec![Route {
+            name: "allow_any".into(),
+            r#match: Some(prefix_all()),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                    super::listener::PASSTHROUGH_CLUSTER.into(),
+                )),
+                timeout: Some(proto_duration(std::time::Duration::ZERO)),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    RouteConfiguration {
+        name: port.to_string(),
+        virtual_hosts,
+        ..Default::default()
+    }
+}
+
 /// Everything to the service port's cluster, with Istio's default retries.
 fn default_route(key: &ServiceKey, routing: &Routing) -> Route {
     Route {
@@ -586,6 +631,7 @@ pub(crate) mod tests {
             security: Default::default(),
             traffic: Arc::new(Traffic {
                 sni_only: Default::default(),
+                host_only: Default::default(),
                 protocols: [(key("reviews"), Protocol::Http), (key("ratings"), Protocol::Http)].into(),
                 virtual_services: o.virtual_services,
                 destination_rules: o.destination_rules,

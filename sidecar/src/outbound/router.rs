@@ -23,7 +23,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use super::{Answered, Attempt, Captured, ClientIp, HttpHop, Observed, Unanswered, to_h2};
 use crate::body::{self, Held, Outgoing, Resumed};
 use crate::cluster::Reply;
-use crate::destinations::{Destinations, Upstream};
+use crate::destinations::{Destinations, PASSTHROUGH_CLUSTER, Upstream};
 use crate::http::{self, ReplyBody};
 use crate::route::action::{Action, Forward, Target};
 use crate::route::fault::{ABORT_BODY, Abort};
@@ -241,10 +241,19 @@ impl HttpHop {
         observed: &Observed,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
-        let Some(upstream) = table.upstreams.get(&target.cluster) else {
-            // An empty answer with the route's `cluster_not_found_response_code`, as Envoy's.
-            self.telemetry.upstream_failure("outbound", "cluster_not_found");
-            return flagged(local(forward.cluster_not_found, Bytes::new()), "NC");
+        let passthrough;
+        let upstream = match table.upstreams.get(&target.cluster) {
+            Some(upstream) => upstream,
+            // A wildcard listener's `allow_any`: where the application was going.
+            None if target.cluster == PASSTHROUGH_CLUSTER => {
+                passthrough = Arc::new(Upstream::passthrough(original));
+                &passthrough
+            }
+            None => {
+                // An empty answer with the route's `cluster_not_found_response_code`, as Envoy's.
+                self.telemetry.upstream_failure("outbound", "cluster_not_found");
+                return flagged(local(forward.cluster_not_found, Bytes::new()), "NC");
+            }
         };
         // Counted until its response headers arrive.
         let Some(_in_flight) = upstream.breaker.request() else {
