@@ -98,11 +98,9 @@ impl Routing {
     }
 
     /// The HTTP ports of ServiceEntry hosts without addresses, found by `Host` on their
-    /// port's wildcard listener (a port with a host found by SNI is that host's).
-    pub fn host_only(&self) -> impl Iterator<Item = &ServiceKey> {
-        self.host_only
-            .iter()
-            .filter(|k| !self.sni_only.iter().any(|s| s.port == k.port))
+    /// port's wildcard listener.
+    pub fn host_only(&self) -> &std::collections::BTreeSet<ServiceKey> {
+        &self.host_only
     }
 
     /// The service ports that speak HTTP, which get route configurations.

@@ -186,6 +186,12 @@ fn carried<K: Clone + Eq + std::hash::Hash, C, V: Clone>(
     out
 }
 
+/// A proxy's wildcard listeners' ports and the hosts each finds ([`Snapshot::wildcard_ports`]).
+struct WildcardPorts {
+    by_sni: BTreeMap<u16, Vec<ServiceKey>>,
+    by_host: BTreeMap<u16, Vec<ServiceKey>>,
+}
+
 /// One cache entry: the resources, and what each load assignment in it was built from.
 #[derive(Debug, Default)]
 struct Built {
@@ -719,7 +725,7 @@ impl Snapshot {
             reuse.versioned(r.name, version, || resource)
         };
         let wildcard = match client {
-            routes::Client::Envoy => self.host_only_ports(&proxy.network, proxy),
+            routes::Client::Envoy => self.wildcard_ports(&proxy.network, proxy).by_host,
             routes::Client::Grpc => BTreeMap::new(),
         };
         let per_port = wildcard.iter().map(|(port, keys)| {
@@ -802,7 +808,7 @@ impl Snapshot {
                         let version = stable_hash(&resource.value);
                         reuse.versioned(l.name.clone(), version, || resource)
                     })
-                    .chain(self.sni_listeners(network, proxy).into_iter().map(|l| {
+                    .chain(self.wildcard_listeners(network, proxy).into_iter().map(|l| {
                         let resource = any(LISTENER_TYPE, &l);
                         let version = stable_hash(&resource.value);
                         reuse.versioned(l.name.clone(), version, || resource)
@@ -838,7 +844,7 @@ impl Snapshot {
                     })
                     // What the wildcard listeners pass through to, when there are any.
                     .chain(
-                        (!routing.sni_only().is_empty() || routing.host_only().next().is_some()).then(|| {
+                        (!routing.sni_only().is_empty() || !routing.host_only().is_empty()).then(|| {
                             let c = inbound::outbound_passthrough();
                             reuse.versioned(c.name.clone(), stable_hash(&c.name), || any(CLUSTER_TYPE, &c))
                         }),
@@ -896,39 +902,40 @@ impl Snapshot {
         }
     }
 
-    /// The wildcard listeners of the TLS ports of hosts without an address that `proxy`
-    /// has clusters for, one per port ([`listener::sni_listener`]).
-    fn sni_listeners(
+    /// The wildcard listeners of `proxy`, one per port ([`Self::wildcard_ports`]).
+    fn wildcard_listeners(
         &self,
         network: &NetworkId,
         proxy: &ProxyView,
     ) -> Vec<envoy_types::pb::envoy::config::listener::v3::Listener> {
-        let routing = self.routing();
-        let view = self.shared_view(network);
-        let exposed = self.exposed_to(proxy, network);
-        let mut by_port: BTreeMap<u16, Vec<&ServiceKey>> = BTreeMap::new();
-        for key in routing.sni_only().iter().filter(|k| view.reaches(k) && exposed(k)) {
-            by_port.entry(key.port).or_default().push(key);
-        }
-        let by_host: Vec<u16> = self.host_only_ports(network, proxy).into_keys().collect();
-        by_port
-            .into_iter()
-            .map(|(port, hosts)| listener::sni_listener(port, &hosts))
-            .chain(by_host.into_iter().map(listener::host_listener))
-            .collect()
+        let WildcardPorts { by_sni, by_host } = self.wildcard_ports(network, proxy);
+        let by_sni = by_sni.into_iter().map(|(port, keys)| {
+            let keys: Vec<&ServiceKey> = keys.iter().collect();
+            listener::sni_listener(port, &keys)
+        });
+        by_sni.chain(by_host.into_keys().map(listener::host_listener)).collect()
     }
 
-    /// The HTTP ports of hosts without an address that `proxy` has clusters for, with
-    /// their hosts: each port a wildcard listener and a route configuration `PORT`.
-    fn host_only_ports(&self, network: &NetworkId, proxy: &ProxyView) -> BTreeMap<u16, Vec<ServiceKey>> {
+    /// The ports of hosts without an address that `proxy` has clusters for, with those
+    /// hosts: each port a wildcard listener, by SNI for TLS ports
+    /// ([`listener::sni_listener`]) or by `Host` for HTTP ones, on route configuration
+    /// `PORT` ([`listener::host_listener`]). A port with a host found by SNI is found by
+    /// SNI only.
+    fn wildcard_ports(&self, network: &NetworkId, proxy: &ProxyView) -> WildcardPorts {
         let routing = self.routing();
         let view = self.shared_view(network);
         let exposed = self.exposed_to(proxy, network);
-        let mut by_port: BTreeMap<u16, Vec<ServiceKey>> = BTreeMap::new();
-        for key in routing.host_only().filter(|k| view.reaches(k) && exposed(k)) {
-            by_port.entry(key.port).or_default().push(key.clone());
-        }
-        by_port
+        let by_port = |keys: &std::collections::BTreeSet<ServiceKey>| {
+            let mut by_port: BTreeMap<u16, Vec<ServiceKey>> = BTreeMap::new();
+            for key in keys.iter().filter(|k| view.reaches(k) && exposed(k)) {
+                by_port.entry(key.port).or_default().push(key.clone());
+            }
+            by_port
+        };
+        let by_sni = by_port(routing.sni_only());
+        let mut by_host = by_port(routing.host_only());
+        by_host.retain(|port, _| !by_sni.contains_key(port));
+        WildcardPorts { by_sni, by_host }
     }
 
     /// [`Self::resources`] for proxyless gRPC: per service port the proxy's

@@ -854,12 +854,18 @@ fn probe_port(listeners: &str) -> u16 {
 
 /// One GET of reviews through the probe on `port` with `extra` header lines: the body of a 200.
 fn probe_get(port: u16, extra: &str) -> Option<String> {
+    body_of(port, "/reviews/0", "reviews:9080", extra)
+}
+
+/// The body of a 200 to `GET path` with `Host: host` and `extra` header lines on
+/// `127.0.0.1:port`.
+fn body_of(port: u16, path: &str, host: &str, extra: &str) -> Option<String> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n{extra}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut text = String::new();
@@ -1172,18 +1178,6 @@ fn mutual_answer(
     addr
 }
 
-/// The body of a 200 to `GET /` with `Host: host` on `127.0.0.1:port`.
-fn body_of(port: u16, host: &str) -> Option<String> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.starts_with("HTTP/1.1 200")
-        .then(|| text.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned())
-}
-
 /// Istio's egress TLS origination in real Envoy: a DestinationRule's `tls.mode: MUTUAL`
 /// with certificate files becomes a cluster Envoy accepts without a NACK, and Envoy
 /// reaches the ServiceEntry's HTTPS server with it, presenting the client certificate
@@ -1304,11 +1298,11 @@ fn envoy_originates_the_mutual_tls_a_destination_rule_asks_for() {
     let body = eventually(
         "Envoy routes by Host on the wildcard routes",
         Duration::from_secs(20),
-        || body_of(by_host_port, "http.partner.example"),
+        || body_of(by_host_port, "/", "http.partner.example", ""),
     );
     assert_eq!(body, "by-host");
     let port = probe_port(&bound);
-    let get = || body_of(port, "api.partner.example");
+    let get = || body_of(port, "/", "api.partner.example", "");
     let body = eventually("Envoy reaches the HTTPS server", Duration::from_secs(20), get);
     assert_eq!(body, "mutual");
     let stats = http_get(&admin, "/stats").unwrap();

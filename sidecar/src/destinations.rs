@@ -289,18 +289,22 @@ impl Destinations {
         }
     }
 
-    /// The chains that choose by ClientHello for `original`: its own listener's, else,
-    /// when no listener is its own, the port's wildcard listener's (`0.0.0.0_PORT`, which
-    /// Istio makes for the TLS ports of hosts without an address, by SNI).
+    /// The address whose listener takes a connection to `original`: its own, else, when no
+    /// listener is its own, the port's wildcard one (`0.0.0.0_PORT`, which Istio makes for
+    /// hosts without an address: by SNI on TLS ports, by `Host` on HTTP ones).
+    fn listening_at(&self, original: SocketAddr) -> SocketAddr {
+        let own = self.listeners.contains_key(&original)
+            || self.hello_listeners.contains_key(&original)
+            || self.http_listeners.contains_key(&original);
+        match own {
+            true => original,
+            false => SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), original.port()),
+        }
+    }
+
+    /// The chains that choose by ClientHello for `original`, if its listener has them.
     fn hello_chains(&self, original: SocketAddr) -> Option<&HelloChains> {
-        if let Some(own) = self.hello_listeners.get(&original) {
-            return Some(own);
-        }
-        if self.listeners.contains_key(&original) || self.http_listeners.contains_key(&original) {
-            return None;
-        }
-        let wildcard = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), original.port());
-        self.hello_listeners.get(&wildcard)
+        self.hello_listeners.get(&self.listening_at(original))
     }
 
     /// Whether the listener at `original` chooses its chain by the ClientHello, which the
@@ -309,18 +313,11 @@ impl Destinations {
         self.hello_chains(original).is_some()
     }
 
-    /// The route configuration name of the HTTP listener at `original`, if it is one: its
-    /// own, else, when no listener is its own, the port's wildcard one (Istio's
-    /// `0.0.0.0_PORT` for hosts without an address, routed by `Host`).
+    /// The route configuration name of the HTTP listener at `original`, if it is one.
     pub fn http_listener(&self, original: SocketAddr) -> Option<&str> {
-        if let Some(own) = self.http_listeners.get(&original) {
-            return Some(own);
-        }
-        if self.listeners.contains_key(&original) || self.hello_listeners.contains_key(&original) {
-            return None;
-        }
-        let wildcard = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), original.port());
-        self.http_listeners.get(&wildcard).map(String::as_str)
+        self.http_listeners
+            .get(&self.listening_at(original))
+            .map(String::as_str)
     }
 
     /// How many listeners route anything.

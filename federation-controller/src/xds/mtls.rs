@@ -89,14 +89,7 @@ fn sds_secret(name: &str) -> SdsSecretConfig {
 pub fn upstream_tls(key: &ServiceKey, subset: Option<&str>, identities: &[SpiffeId]) -> UpstreamTlsContext {
     let sans = identities
         .iter()
-        .map(|id| SubjectAltNameMatcher {
-            san_type: subject_alt_name_matcher::SanType::Uri as i32,
-            matcher: Some(StringMatcher {
-                match_pattern: Some(string_matcher::MatchPattern::Exact(id.to_string())),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+        .map(|id| exact_san(subject_alt_name_matcher::SanType::Uri, id.to_string()))
         .collect();
     UpstreamTlsContext {
         sni: format!("outbound_.{}_.{}_.{}", key.port, subset.unwrap_or_default(), key.host),
@@ -113,6 +106,18 @@ pub fn upstream_tls(key: &ServiceKey, subset: Option<&str>, identities: &[Spiffe
                     ..Default::default()
                 },
             )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A SAN matcher: a SAN of `san_type` equal to `value`.
+pub(super) fn exact_san(san_type: subject_alt_name_matcher::SanType, value: String) -> SubjectAltNameMatcher {
+    SubjectAltNameMatcher {
+        san_type: san_type as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(value)),
             ..Default::default()
         }),
         ..Default::default()

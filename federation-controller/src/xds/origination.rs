@@ -14,13 +14,12 @@
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, TransportSocket, data_source, transport_socket};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext,
-    common_tls_context, subject_alt_name_matcher,
+    CertificateValidationContext, CommonTlsContext, TlsCertificate, UpstreamTlsContext, common_tls_context,
+    subject_alt_name_matcher,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 
 use super::any;
-use super::mtls::{TLS_SOCKET, TLS_TYPE};
+use super::mtls::{TLS_SOCKET, TLS_TYPE, exact_san};
 use crate::model::Protocol;
 use crate::networking::destination_rule::{ClientTlsSettings, TlsMode};
 
@@ -52,14 +51,7 @@ pub fn transport_socket(tls: &ClientTlsSettings, host: &str, protocol: Protocol)
             trusted_ca: Some(file(tls.ca_certificates.as_deref().unwrap_or(SYSTEM_ROOTS))),
             match_typed_subject_alt_names: names
                 .iter()
-                .map(|name| SubjectAltNameMatcher {
-                    san_type: subject_alt_name_matcher::SanType::Dns as i32,
-                    matcher: Some(StringMatcher {
-                        match_pattern: Some(string_matcher::MatchPattern::Exact(name.clone())),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
+                .map(|name| exact_san(subject_alt_name_matcher::SanType::Dns, name.clone()))
                 .collect(),
             ..Default::default()
         }

@@ -54,15 +54,7 @@ pub fn is_mesh(ctx: &UpstreamTlsContext) -> bool {
         return false;
     };
     let mesh = |s: &SdsSecretConfig| MESH_SECRETS.contains(&s.name.as_str());
-    let (context, sds) = match &common.validation_context_type {
-        Some(common_tls_context::ValidationContextType::CombinedValidationContext(c)) => (
-            c.default_validation_context.as_ref(),
-            c.validation_context_sds_secret_config.as_ref(),
-        ),
-        Some(common_tls_context::ValidationContextType::ValidationContext(c)) => (Some(c), None),
-        Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(s)) => (None, Some(s)),
-        _ => (None, None),
-    };
+    let (context, sds) = validation_parts(&common.validation_context_type).unwrap_or_default();
     if common.tls_certificate_sds_secret_configs.iter().any(mesh) || sds.is_some_and(mesh) {
         return true;
     }
@@ -136,16 +128,7 @@ impl Origination {
 /// What to verify the server against: the trusted CA's source and the DNS names the
 /// leaf must carry one of (none: the SNI, as rustls checks it). None: nothing.
 fn validation(v: &Option<common_tls_context::ValidationContextType>) -> Result<Option<(Source, Vec<String>)>, String> {
-    let (context, sds): (Option<&CertificateValidationContext>, Option<&SdsSecretConfig>) = match v {
-        None => return Ok(None),
-        Some(common_tls_context::ValidationContextType::ValidationContext(c)) => (Some(c), None),
-        Some(common_tls_context::ValidationContextType::CombinedValidationContext(c)) => (
-            c.default_validation_context.as_ref(),
-            c.validation_context_sds_secret_config.as_ref(),
-        ),
-        Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(s)) => (None, Some(s)),
-        Some(other) => return Err(format!("validation context {other:?} is not supported")),
-    };
+    let (context, sds) = validation_parts(v)?;
     let roots = match (context.and_then(|c| c.trusted_ca.as_ref()), sds) {
         (Some(ca), _) => Source::Data(ca.clone()),
         // istio-agent's name for a CA file on the proxy's machine.
@@ -169,6 +152,24 @@ fn validation(v: &Option<common_tls_context::ValidationContextType>) -> Result<O
         }
     }
     Ok(Some((roots, names)))
+}
+
+/// A validation context's inline part and its SDS secret, either of which may be absent.
+type ValidationParts<'a> = (Option<&'a CertificateValidationContext>, Option<&'a SdsSecretConfig>);
+
+/// The parts of a validation context of a kind this sidecar reads.
+fn validation_parts(v: &Option<common_tls_context::ValidationContextType>) -> Result<ValidationParts<'_>, String> {
+    use common_tls_context::ValidationContextType as V;
+    Ok(match v {
+        None => (None, None),
+        Some(V::ValidationContext(c)) => (Some(c), None),
+        Some(V::CombinedValidationContext(c)) => (
+            c.default_validation_context.as_ref(),
+            c.validation_context_sds_secret_config.as_ref(),
+        ),
+        Some(V::ValidationContextSdsSecretConfig(s)) => (None, Some(s)),
+        Some(other) => return Err(format!("validation context {other:?} is not supported")),
+    })
 }
 
 /// The client certificate and key, if the context presents one.
