@@ -379,8 +379,12 @@ impl Inbound {
         if let Some(v) = xfcc {
             headers.insert("x-forwarded-client-cert", v);
         }
-        let span = crate::trace::hop(headers);
-        let span = self.otlp.as_ref().map(|o| o.start(span, Kind::Server, &req));
+        let span = crate::trace::hop(headers, self.otlp.is_some());
+        let span = self
+            .otlp
+            .as_ref()
+            .zip(span)
+            .map(|(o, span)| o.start(span, Kind::Server, &req));
         let verdict = self.request_verdict(&req, peer);
         let mut log = self.access_log.as_ref().map(|l| l.start(&req));
         if !verdict.logged.is_empty() {

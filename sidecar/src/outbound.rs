@@ -586,8 +586,12 @@ impl HttpHop {
         mut req: Request<Incoming>,
         l4: &OnceLock<TcpCounters>,
     ) -> Response<ReplyBody> {
-        let span = crate::trace::hop(req.headers_mut());
-        let span = self.otlp.as_ref().map(|o| o.start(span, Kind::Client, &req));
+        let span = crate::trace::hop(req.headers_mut(), self.otlp.is_some());
+        let span = self
+            .otlp
+            .as_ref()
+            .zip(span)
+            .map(|(o, span)| o.start(span, Kind::Client, &req));
         let protocol = http::request_protocol(req.headers());
         let size = RequestSize::of(&req);
         let log = self.access_log.as_ref().map(|l| l.start(&req));

@@ -1,10 +1,14 @@
 //! Request identity and trace context across a hop, as Envoy's HTTP connection manager
-//! does for Istio: an `x-request-id` (UUID v4) for every request that has none, and a new
-//! span per hop, a child of the caller's, in every trace format the request carries —
-//! W3C `traceparent` (with `tracestate` untouched) and Zipkin's B3, multi-header
-//! (`x-b3-traceid`, `x-b3-spanid`, `x-b3-parentspanid`, `x-b3-sampled`) or single (`b3`).
-//! A request with no trace context starts a trace in both W3C and B3 form, so the
-//! application finds whichever its library reads.
+//! does for Istio: an `x-request-id` (UUID v4) for every request that has none and, when a
+//! tracer is configured (`--otlp`), a new span per hop, a child of the caller's, in every
+//! trace format the request carries — W3C `traceparent` (with `tracestate` untouched) and
+//! Zipkin's B3, multi-header (`x-b3-traceid`, `x-b3-spanid`, `x-b3-parentspanid`,
+//! `x-b3-sampled`) or single (`b3`). A traced request with no trace context starts a trace
+//! in both W3C and B3 form, so the application finds whichever its library reads.
+//!
+//! Without a tracer the trace headers pass untouched, as through an Envoy with no tracer
+//! set: a hop that reports no span must not become anyone's parent, or an application that
+//! traces itself finds its server spans hanging from a span no collector ever received.
 
 use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
@@ -78,11 +82,12 @@ fn header_value(s: String) -> HeaderValue {
     unique(HeaderValue::try_from(s).expect("hex and dashes are header text"))
 }
 
-/// What a sidecar does to a request's headers as it passes: an id if it has none, and
-/// this hop's span, which it returns.
-pub fn hop(headers: &mut HeaderMap) -> Span {
+/// What a sidecar does to a request's headers as it passes: an id if it has none and, when
+/// it is `traced`, this hop's span, which it returns; untraced, the trace headers are left
+/// as they came.
+pub fn hop(headers: &mut HeaderMap, traced: bool) -> Option<Span> {
     ensure_request_id(headers);
-    child_span(headers)
+    traced.then(|| child_span(headers))
 }
 
 /// Gives the request an `x-request-id` if it has none.
@@ -239,6 +244,26 @@ mod tests {
         h.insert(REQUEST_ID, HeaderValue::from_static("given"));
         ensure_request_id(&mut h);
         assert_eq!(get(&h, "x-request-id"), "given");
+    }
+
+    #[test]
+    fn an_untraced_hop_adds_a_request_id_and_leaves_the_trace_as_it_came() {
+        let mut h = HeaderMap::new();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert(TRACEPARENT, HeaderValue::from_static(tp));
+        h.insert(B3_SPAN_ID, HeaderValue::from_static("e457b5a2e4d86bd1"));
+        assert_eq!(hop(&mut h, false), None);
+        assert_eq!(
+            (get(&h, "traceparent"), get(&h, "x-b3-spanid")),
+            (tp, "e457b5a2e4d86bd1")
+        );
+        assert!(!h.contains_key(B3_PARENT_SPAN_ID) && h.contains_key(REQUEST_ID));
+        let mut none = HeaderMap::new();
+        assert_eq!(hop(&mut none, false), None);
+        assert_eq!(none.len(), 1, "no trace is started: {none:?}");
+        // Traced, the same request becomes a child of the caller's span.
+        let span = hop(&mut h, true).expect("a span when traced");
+        assert_eq!(span.parent_id.as_deref(), Some("00f067aa0ba902b7"));
     }
 
     #[test]

@@ -141,26 +141,53 @@ fn seen(body: &str) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
+/// The trace headers the application received for `head`, sent to `addr`.
+async fn seen_through(addr: SocketAddr, head: &str) -> std::collections::HashMap<String, String> {
+    seen(&exchange(addr, head).await.unwrap().body)
+}
+
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_tracer_the_trace_reaches_the_application_as_the_caller_sent_it() {
+    let pair = Pair::start("untraced", trace_echo().await, "", "").await;
+    let b3 = format!("x-b3-traceid: {TRACE}\r\nx-b3-spanid: {CALLER_SPAN}\r\nx-b3-sampled: 1");
+    let got = seen_through(
+        pair.client.bound.outbound.unwrap(),
+        &format!("GET / HTTP/1.1\r\nhost: reviews\r\ntraceparent: 00-{TRACE}-{CALLER_SPAN}-01\r\n{b3}"),
+    )
+    .await;
+    // Neither sidecar reports a span, so neither may stand between the caller's span and
+    // the application's.
+    assert_eq!(got["traceparent"], format!("00-{TRACE}-{CALLER_SPAN}-01"), "{got:?}");
+    assert_eq!(got["x-b3-spanid"], CALLER_SPAN, "{got:?}");
+    assert!(!got.contains_key("x-b3-parentspanid"), "{got:?}");
+    let id: Vec<usize> = got["x-request-id"].split('-').map(str::len).collect();
+    assert_eq!(id, [8, 4, 4, 4, 12], "a UUID v4 request id all the same: {got:?}");
+    // Nor does a request without context get one made up.
+    let got = seen_through(pair.client.bound.outbound.unwrap(), "GET / HTTP/1.1\r\nhost: reviews").await;
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["x-request-id"], "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_context_reaches_the_application_as_a_child_span_with_a_request_id() {
-    let pair = Pair::start("trace", trace_echo().await, "--mtls PERMISSIVE", "").await;
+    let (otlp, _) = collector().await;
+    let traced = format!("--otlp http://{otlp}");
+    let pair = Pair::start(
+        "trace",
+        trace_echo().await,
+        &format!("--mtls PERMISSIVE {traced}"),
+        &traced,
+    )
+    .await;
     let outbound = pair.client.bound.outbound.unwrap();
 
     // W3C: same trace and flags, a new parent id per hop, tracestate untouched.
-    let got = seen(
-        &exchange(
-            outbound,
+    let got = seen_through(outbound,
             &format!(
                 "GET / HTTP/1.1\r\nhost: reviews\r\ntraceparent: 00-{TRACE}-{CALLER_SPAN}-01\r\ntracestate: congo=t61rcWkgMzE"
-            ),
-        )
-        .await
-        .unwrap()
-        .body,
-    );
+            )).await;
     let tp: Vec<&str> = got["traceparent"].split('-').collect();
     assert_eq!((tp[0], tp[1], tp[3]), ("00", TRACE, "01"), "{got:?}");
     assert_ne!(tp[2], CALLER_SPAN, "each sidecar is a span of its own");
@@ -172,12 +199,7 @@ async fn trace_context_reaches_the_application_as_a_child_span_with_a_request_id
     // whose parent was the caller's.
     let b3 =
         format!("x-b3-traceid: {TRACE}\r\nx-b3-spanid: {CALLER_SPAN}\r\nx-b3-sampled: 1\r\nx-request-id: given-id");
-    let got = seen(
-        &exchange(outbound, &format!("GET / HTTP/1.1\r\nhost: reviews\r\n{b3}"))
-            .await
-            .unwrap()
-            .body,
-    );
+    let got = seen_through(outbound, &format!("GET / HTTP/1.1\r\nhost: reviews\r\n{b3}")).await;
     assert_eq!(
         (got["x-b3-traceid"].as_str(), got["x-b3-sampled"].as_str()),
         (TRACE, "1")
@@ -190,15 +212,11 @@ async fn trace_context_reaches_the_application_as_a_child_span_with_a_request_id
     );
     // One hop only (a plaintext caller straight to the inbound side): the parent is the
     // caller's own span.
-    let got = seen(
-        &exchange(
-            pair.server.bound.inbound.unwrap(),
-            &format!("GET / HTTP/1.1\r\nhost: reviews\r\n{b3}"),
-        )
-        .await
-        .unwrap()
-        .body,
-    );
+    let got = seen_through(
+        pair.server.bound.inbound.unwrap(),
+        &format!("GET / HTTP/1.1\r\nhost: reviews\r\n{b3}"),
+    )
+    .await;
     assert_eq!(got["x-b3-parentspanid"], CALLER_SPAN, "{got:?}");
     assert!(!got.contains_key("traceparent"), "a B3 trace is not given W3C headers");
 }
@@ -300,15 +318,11 @@ async fn each_hop_exports_a_span_whose_parent_is_the_hop_before() {
     let (otlp, bodies) = collector().await;
     let flag = format!("--otlp http://{otlp}");
     let pair = Pair::start("otlp", trace_echo().await, &flag, &flag).await;
-    let got = seen(
-        &exchange(
-            pair.client.bound.outbound.unwrap(),
-            &format!("GET /r HTTP/1.1\r\nhost: reviews\r\ntraceparent: 00-{TRACE}-{CALLER_SPAN}-01"),
-        )
-        .await
-        .unwrap()
-        .body,
-    );
+    let got = seen_through(
+        pair.client.bound.outbound.unwrap(),
+        &format!("GET /r HTTP/1.1\r\nhost: reviews\r\ntraceparent: 00-{TRACE}-{CALLER_SPAN}-01"),
+    )
+    .await;
     let app_parent = got["traceparent"].split('-').nth(2).unwrap().to_owned();
     let span = regex::Regex::new(&format!(
         r#""traceId":"{TRACE}","spanId":"([0-9a-f]{{16}})","parentSpanId":"([0-9a-f]*)","name":"[^"]*","kind":(\d)"#
