@@ -291,17 +291,12 @@ pub fn host_from_uri(parts: &mut hyper::http::request::Parts) {
     }
 }
 
-/// A request as HTTP/1.1 to `addr` (which the pool connects by), keeping its `host`.
-pub fn to_http1<B>(req: Request<B>, addr: SocketAddr) -> Request<B> {
+/// A request as HTTP/1.1 in origin form, keeping its `host` (the caller's `:authority`),
+/// without the hop-by-hop headers of the hop it came on.
+pub fn to_http1<B>(req: Request<B>) -> Request<B> {
     let (mut parts, body) = req.into_parts();
-    host_from_uri(&mut parts);
     strip_hop_by_hop(&mut parts.headers);
-    parts.uri = absolute(
-        &parts.uri,
-        Authority::try_from(addr.to_string()).expect("an address is an authority"),
-    );
-    parts.version = Version::HTTP_11;
-    Request::from_parts(parts, body)
+    to_origin_form(Request::from_parts(parts, body))
 }
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
@@ -458,10 +453,9 @@ mod tests {
             .uri("http://reviews:9080/a?b=c")
             .body(())
             .unwrap();
-        let app: SocketAddr = "127.0.0.1:9080".parse().unwrap();
-        let h1 = to_http1(req, app);
+        let h1 = to_http1(req);
         assert_eq!(h1.version(), Version::HTTP_11);
-        assert_eq!(h1.uri().to_string(), "http://127.0.0.1:9080/a?b=c");
+        assert_eq!(h1.uri().to_string(), "/a?b=c");
         assert_eq!(h1.headers()[header::HOST], "reviews:9080");
     }
 

@@ -54,7 +54,7 @@ use crate::filter_chain::Seen;
 use crate::http::{self, CONNECT_FAILURE, CONNECTION_TERMINATION, Leased, ReplyBody};
 use crate::metered::Metered;
 use crate::otlp::{Exporter, Kind, Started};
-use crate::pool::{self, ConnectionLimit, H1Pool, H2Pool, Key, MarkedConnector, SendError, Sent};
+use crate::pool::{self, ConnectionLimit, H1Pool, H2Pool, Key, SendError, Sent};
 use crate::rewind::Rewind;
 use crate::telemetry::{ConnectionLabels, Exchange, RequestLabels, RequestSize, TcpCounters, Telemetry};
 use crate::tls::{self, Alpn, ExpectedPeer, SvidSlot, TrustBundles};
@@ -509,16 +509,12 @@ impl HttpHop {
         telemetry: Telemetry,
         drain: drain::Watch,
     ) -> Self {
-        let connector = MarkedConnector {
-            mark: settings.mark,
-            timeout: settings.connect_timeout,
-        };
         Self {
             h1: H1Pool::new(settings, Some(svid.clone()), telemetry.pooled_upstreams.clone()),
             h2: H2Pool::new(settings, Some(svid), telemetry.pooled_upstreams.clone()),
             h2_upgrade: true,
             next_lane: AtomicU32::new(0),
-            plain: pool::Plaintext::new(connector, settings.idle_timeout),
+            plain: pool::Plaintext::new(settings),
             self_id,
             telemetry,
             drain,

@@ -22,7 +22,7 @@ use crate::http_endpoint::{self, Reply};
 use crate::inbound::{self, Inbound, Protocol};
 use crate::outbound::{self, Captured, HttpHop, Outbound};
 use crate::peer_authentication::{MtlsMode, Policy, parse_port_override};
-use crate::pool::{self, Key, MarkedConnector};
+use crate::pool::{self, Key};
 use crate::socket::{listen, raise_fd_limit};
 use crate::telemetry::Telemetry;
 use crate::tls::bundle::Bundle;
@@ -509,13 +509,13 @@ impl Sidecar {
                 drain: watch.clone(),
                 access_log: access_log.clone(),
                 otlp: otlp.clone(),
-                app_pool: pool::Plaintext::new(
-                    MarkedConnector {
-                        mark: None,
-                        timeout: args.connect_timeout,
-                    },
-                    args.idle_timeout,
-                ),
+                app_pool: pool::Plaintext::new(pool::Settings {
+                    connect_timeout: args.connect_timeout,
+                    handshake_timeout: args.connect_timeout,
+                    idle_timeout: args.idle_timeout,
+                    // To the application: never captured, so never marked.
+                    mark: None,
+                }),
             });
             let listener = listen(hop.listen)?;
             bound.inbound = Some(listener.local_addr()?);

@@ -22,7 +22,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 
-use super::{Busy, ConnectError, Key, Lease, SendError, Sent, Settings, dial, run_pooled};
+use super::{Busy, ConnectError, Key, Lease, SendError, Sent, Settings, connect_tcp, dial, run_pooled};
 use crate::body::Outgoing;
 use crate::cluster::{Breaker, PooledSlot};
 use crate::tls::{Svid, SvidSlot};
@@ -62,15 +62,6 @@ struct Conn {
     /// Given its last request (`max_requests`): closed once that is over, not kept.
     spent: bool,
 }
-
-/// What [`H1Pool::handshake`] makes: the request side, the connection to drive, the
-/// server's proven identity and our SVID at the time.
-type Handshaken = (
-    http1::SendRequest<Outgoing>,
-    http1::Connection<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, Outgoing>,
-    Arc<str>,
-    Option<Arc<Svid>>,
-);
 
 /// The cluster's bound on connections (`max_connections`), and whom to tell when a
 /// request finds it reached.
@@ -139,6 +130,26 @@ impl H1Pool {
         &self,
         key: &Key,
         tls: &Arc<ClientConfig>,
+        req: Request<Outgoing>,
+        max_requests: Option<u64>,
+        pending: P,
+        limit: Option<ConnectionLimit<'_>>,
+    ) -> Result<Sent, SendError> {
+        self.send_on(key, Some(tls), req, max_requests, pending, limit).await
+    }
+
+    /// Sends `req` (in the pooled form) to `addr` as cleartext HTTP/1.1 on a kept-alive
+    /// connection: the application behind the inbound side, servers outside the mesh
+    /// (see [`super::Plaintext`]).
+    pub async fn send_cleartext(&self, addr: std::net::SocketAddr, req: Request<Outgoing>) -> Result<Sent, SendError> {
+        self.send_on(&Key::cleartext(addr), None, req, None, (), None).await
+    }
+
+    /// [`Self::send`], in mutual TLS with `tls`, or in cleartext without.
+    async fn send_on<P>(
+        &self,
+        key: &Key,
+        tls: Option<&Arc<ClientConfig>>,
         req: Request<Outgoing>,
         max_requests: Option<u64>,
         pending: P,
@@ -271,7 +282,7 @@ impl H1Pool {
     async fn connect(
         &self,
         key: &Key,
-        tls: &Arc<ClientConfig>,
+        tls: Option<&Arc<ClientConfig>>,
         stack: &Arc<Stack>,
         slot: Option<PooledSlot>,
     ) -> Result<Conn, ConnectError> {
@@ -284,30 +295,36 @@ impl H1Pool {
             .expect("pool poisoned")
             .entry(key.clone())
             .or_insert_with(|| stack.clone());
-        let made = self.handshake(key, tls).await;
-        let (sender, connection, peer, svid) = match made {
+        // Taken before the handshake, which presents this SVID or a newer one.
+        let svid = self.svid.as_ref().map(|slot| slot.current());
+        let busy = Busy::new();
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let (pool, key_owned, stack_owned) = (self.me.clone(), key.clone(), stack.clone());
+        let gone = move || {
+            if let Some(pool) = pool.upgrade() {
+                pool.forget(&key_owned, &stack_owned, id);
+            }
+        };
+        let made = match tls {
+            Some(tls) => match dial(&self.settings, key, tls).await {
+                Ok((stream, peer)) => self.establish(key, stream, &busy, gone).await.map(|s| (s, peer)),
+                Err(e) => Err(e),
+            },
+            None => match connect_tcp(&self.settings, key.addr).await {
+                Ok(tcp) => self
+                    .establish(key, tcp, &busy, gone)
+                    .await
+                    .map(|s| (s, Arc::from("unknown"))),
+                Err(e) => Err(e),
+            },
+        };
+        let (sender, peer) = match made {
             Ok(made) => made,
             Err(e) => {
                 self.release(key, stack);
                 return Err(e);
             }
         };
-        let busy = Busy::new();
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let (pool, key_owned, stack_owned) = (self.me.clone(), key.clone(), stack.clone());
-        run_pooled(
-            // A WebSocket's `101` hands the connection over to the request (never pooled again).
-            connection.with_upgrades(),
-            key.addr,
-            &busy,
-            self.settings.idle_timeout,
-            &self.open,
-            move || {
-                if let Some(pool) = pool.upgrade() {
-                    pool.forget(&key_owned, &stack_owned, id);
-                }
-            },
-        );
         Ok(Conn {
             id,
             slot,
@@ -320,17 +337,34 @@ impl H1Pool {
         })
     }
 
-    /// TCP, TLS and HTTP/1.1 handshakes with `key`, and the SVID current before them.
-    async fn handshake(&self, key: &Key, tls: &Arc<ClientConfig>) -> Result<Handshaken, ConnectError> {
-        let svid = self.svid.as_ref().map(|slot| slot.current());
-        let (stream, peer) = dial(&self.settings, key, tls).await?;
+    /// Speaks HTTP/1.1 on `stream`, made to `key`, and drives the connection until it
+    /// closes or idles out; `gone` is told when it has.
+    async fn establish<S>(
+        &self,
+        key: &Key,
+        stream: S,
+        busy: &Arc<Busy>,
+        gone: impl FnOnce() + Send + 'static,
+    ) -> Result<http1::SendRequest<Outgoing>, ConnectError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         // The server speaks only when asked, so a server that refuses our SVID after the
         // handshake (TLS 1.3) is heard of on the first request, as a reset.
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ConnectError::Connect(key.addr, e.to_string()))?;
-        Ok((sender, connection, peer, svid))
+        run_pooled(
+            // A WebSocket's `101` hands the connection over to the request (never pooled again).
+            connection.with_upgrades(),
+            key.addr,
+            busy,
+            self.settings.idle_timeout,
+            &self.open,
+            gone,
+        );
+        Ok(sender)
     }
 
     /// Drops connection `id` from its stack and, with the stack's last connection gone,
