@@ -3,9 +3,13 @@
 //! client span on the outbound side, a server span on the inbound side, each the child of
 //! the caller's (see [`crate::trace`]).
 //!
-//! Spans are queued to the control thread and sent in batches of whatever is queued; a
-//! full queue drops spans rather than slow requests down, and a collector that is away
-//! loses the batch (counted in the logs), never the traffic.
+//! Spans are queued to the control thread, which sends what is queued every
+//! [`FLUSH_INTERVAL`] or as soon as a batch's worth is waiting, as OpenTelemetry's batch
+//! span processor does. The sender sleeps on its timer, not on the queue: a span queued
+//! wakes no one, where waking the control thread for each span (and posting the one or two
+//! it found) cost the mesh-hop benchmark's pair about 70 µs of CPU per request. A full queue
+//! drops spans rather than slow requests down, and a collector that is away loses the batch
+//! (counted in the logs), never the traffic.
 
 use std::fmt::Write;
 use std::time::SystemTime;
@@ -14,15 +18,18 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Uri;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::trace::Span;
 
 /// Spans waiting to be sent; beyond this they are dropped.
 const QUEUE: usize = 4096;
-/// Spans per request to the collector.
+/// Spans per request to the collector; this many waiting sends them at once.
 const BATCH: usize = 512;
+/// The longest a span waits to be sent.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// OTLP's `SpanKind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +55,15 @@ struct Finished {
 #[derive(Clone)]
 pub struct Exporter {
     tx: mpsc::Sender<Finished>,
+    /// Tells the sender a batch is waiting.
+    full: std::sync::Arc<Notify>,
     service: std::sync::Arc<str>,
 }
 
 /// The sender side's task: runs until every [`Exporter`] is gone.
 pub struct Sending {
     rx: mpsc::Receiver<Finished>,
+    full: std::sync::Arc<Notify>,
     url: Uri,
     service: std::sync::Arc<str>,
 }
@@ -77,12 +87,14 @@ impl Exporter {
         let url: Uri = format!("{}/v1/traces", endpoint.trim_end_matches('/')).parse()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let service: std::sync::Arc<str> = service.into();
+        let full = std::sync::Arc::new(Notify::new());
         Ok((
             Self {
                 tx,
+                full: full.clone(),
                 service: service.clone(),
             },
-            Sending { rx, url, service },
+            Sending { rx, full, url, service },
         ))
     }
 
@@ -120,8 +132,11 @@ impl Started {
             path: self.path,
             code: self.code,
         };
-        if self.exporter.tx.try_send(finished).is_err() {
+        let tx = &self.exporter.tx;
+        if tx.try_send(finished).is_err() {
             tracing::debug!("span queue full or exporter gone; span dropped");
+        } else if tx.max_capacity() - tx.capacity() >= BATCH {
+            self.exporter.full.notify_one();
         }
     }
 }
@@ -175,19 +190,42 @@ impl Sending {
     pub async fn run(mut self) {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let mut batch = Vec::with_capacity(BATCH);
-        while self.rx.recv_many(&mut batch, BATCH).await > 0 {
-            let req = hyper::Request::post(self.url.clone())
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body(&self.service, &batch))))
-                .expect("a POST with a valid URI");
-            match client.request(req).await {
-                Ok(resp) if resp.status().is_success() => {}
-                Ok(resp) => {
-                    tracing::warn!(status = %resp.status(), spans = batch.len(), "OTLP collector refused spans")
-                }
-                Err(e) => tracing::warn!(error = %e, spans = batch.len(), "OTLP collector unreachable; spans lost"),
+        let mut open = true;
+        while open {
+            tokio::select! {
+                () = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                () = self.full.notified() => {}
             }
-            batch.clear();
+            loop {
+                match self.rx.try_recv() {
+                    Ok(span) => {
+                        batch.push(span);
+                        if batch.len() < BATCH {
+                            continue;
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                self.post(&client, &batch).await;
+                batch.clear();
+            }
+        }
+    }
+
+    /// Sends `batch` in one request; a refusal or an unreachable collector loses it.
+    async fn post(&self, client: &Client<HttpConnector, Full<Bytes>>, batch: &[Finished]) {
+        let req = hyper::Request::post(self.url.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body(&self.service, batch))))
+            .expect("a POST with a valid URI");
+        match client.request(req).await {
+            Ok(resp) if resp.status().is_success() => {}
+            Ok(resp) => tracing::warn!(status = %resp.status(), spans = batch.len(), "OTLP collector refused spans"),
+            Err(e) => tracing::warn!(error = %e, spans = batch.len(), "OTLP collector unreachable; spans lost"),
         }
     }
 }
