@@ -400,6 +400,16 @@ pub mod mesh {
         ns.run(move || super::http_get(addr, "/", Duration::from_secs(3)))
     }
 
+    /// GETs `addr` from `ns` until its sidecar has a route for it, and returns the answer.
+    /// An empty 404 is the sidecar's own "no route" (Envoy's `NR`): the routes it has may
+    /// be of services the controller merged before the one asked for.
+    pub fn get_routed(ns: &Netns, addr: &str) -> (u16, String) {
+        super::eventually(Duration::from_secs(20), || match get_from(ns, addr)? {
+            (404, body) if body.is_empty() => Err(format!("{}'s sidecar has no route to {addr} yet", ns.name)),
+            answer => Ok(answer),
+        })
+    }
+
     /// Waits until the sidecar in `ns` has at least one route from xDS.
     pub fn wait_for_routes(ns: &Netns) {
         super::eventually(Duration::from_secs(20), || {

@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use isthmus_e2e::mesh::{self, Sidecar, get_from, stats, wait_for_routes, xfcc};
+use isthmus_e2e::mesh::{self, Sidecar, get_from, get_routed, stats, wait_for_routes, xfcc};
 use isthmus_e2e::{Netns, eventually, http_server, link, metric, prefix, require_root, scratch, sh};
 
 const CONTROLLER: &str = "10.241.0.10";
@@ -108,7 +108,7 @@ fn strict_mtls_across_two_clusters_through_captured_sidecars() {
     wait_for_routes(&pp);
 
     // productpage calls the ClusterIP in plaintext; its sidecar carries it in mTLS.
-    let (status, body) = get_from(&pp, REVIEWS_VIP).unwrap();
+    let (status, body) = get_routed(&pp, REVIEWS_VIP);
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("URI=spiffe://cluster.local/ns/default/sa/productpage"),
