@@ -17,10 +17,9 @@
 //! other.
 
 use std::path::Path;
-use std::time::Duration;
 
-use isthmus_e2e::mesh::{self, Sidecar, get_from, stats, wait_for_routes, xfcc};
-use isthmus_e2e::{Netns, Process, binary, eventually, http_server, link, metric, prefix, require_root, scratch, sh};
+use isthmus_e2e::mesh::{self, Sidecar, get_from, get_routed, stats, wait_for_routes, xfcc};
+use isthmus_e2e::{Netns, Process, binary, http_server, link, metric, prefix, require_root, scratch, sh};
 
 const REVIEWS_VIP: &str = "10.242.255.10:9080";
 const REVIEWS_POD: &str = "10.242.1.2:9080";
@@ -216,7 +215,7 @@ fn cross_network_calls_go_through_the_east_west_gateways_and_nowhere_else() {
 
     // Through the gateways, with reviews seeing productpage's identity (the gateway never
     // terminated the TLS: the identity is the one productpage's sidecar proved).
-    let (status, body) = eventually(Duration::from_secs(20), || get_from(&pp, REVIEWS_VIP));
+    let (status, body) = get_routed(&pp, REVIEWS_VIP);
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("URI=spiffe://cluster.local/ns/default/sa/productpage"),
