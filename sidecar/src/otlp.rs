@@ -42,11 +42,10 @@ pub enum Kind {
 #[derive(Debug, Clone)]
 struct Finished {
     span: Span,
-    name: String,
     kind: Kind,
     start: SystemTime,
     end: SystemTime,
-    method: String,
+    method: hyper::Method,
     path: String,
     code: u16,
 }
@@ -57,7 +56,6 @@ pub struct Exporter {
     tx: mpsc::Sender<Finished>,
     /// Tells the sender a batch is waiting.
     full: std::sync::Arc<Notify>,
-    service: std::sync::Arc<str>,
 }
 
 /// The sender side's task: runs until every [`Exporter`] is gone.
@@ -75,7 +73,7 @@ pub struct Started {
     span: Span,
     kind: Kind,
     start: SystemTime,
-    method: String,
+    method: hyper::Method,
     path: String,
     code: u16,
 }
@@ -88,14 +86,7 @@ impl Exporter {
         let (tx, rx) = mpsc::channel(QUEUE);
         let service: std::sync::Arc<str> = service.into();
         let full = std::sync::Arc::new(Notify::new());
-        Ok((
-            Self {
-                tx,
-                full: full.clone(),
-                service: service.clone(),
-            },
-            Sending { rx, full, url, service },
-        ))
+        Ok((Self { tx, full: full.clone() }, Sending { rx, full, url, service }))
     }
 
     /// Begins the span of a request now.
@@ -105,7 +96,7 @@ impl Exporter {
             span,
             kind,
             start: SystemTime::now(),
-            method: req.method().to_string(),
+            method: req.method().clone(),
             path: req.uri().path().to_owned(),
             code: 0,
         }
@@ -119,12 +110,10 @@ impl Started {
         self
     }
 
-    /// Ends the span now and queues it.
+    /// Ends the span now and queues it; what is left to format waits for the sender.
     pub fn end(self) {
-        let name = format!("{}:{}", self.exporter.service, self.path);
         let finished = Finished {
             span: self.span,
-            name,
             kind: self.kind,
             start: self.start,
             end: SystemTime::now(),
@@ -141,8 +130,10 @@ impl Started {
     }
 }
 
-fn nanos(t: SystemTime) -> u128 {
-    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos()
+/// Nanoseconds since the epoch; 64 bits last until 2554.
+fn nanos(t: SystemTime) -> u64 {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// OTLP/JSON `ExportTraceServiceRequest` for `spans` of `service`.
@@ -151,6 +142,7 @@ fn body(service: &str, spans: &[Finished]) -> String {
         String::from(r#"{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"#);
     crate::json::string(&mut out, Some(service));
     out.push_str(r#"}}]},"scopeSpans":[{"scope":{"name":"isthmus-sidecar"},"spans":["#);
+    let mut name = String::new();
     for (i, f) in spans.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -160,9 +152,14 @@ fn body(service: &str, spans: &[Finished]) -> String {
             r#"{{"traceId":"{}","spanId":"{}","parentSpanId":"{}","name":"#,
             f.span.trace_id,
             f.span.span_id,
-            f.span.parent_id.as_deref().unwrap_or_default()
+            f.span.parent_id.as_ref().map_or("", crate::trace::Hex::as_str)
         );
-        crate::json::string(&mut out, Some(&f.name));
+        // `service:path`, as Envoy names a span after the service and operation.
+        name.clear();
+        name.push_str(service);
+        name.push(':');
+        name.push_str(&f.path);
+        crate::json::string(&mut out, Some(&name));
         let _ = write!(
             out,
             r#","kind":{},"startTimeUnixNano":"{}","endTimeUnixNano":"{}","attributes":[{{"key":"http.method","value":{{"stringValue":"#,
@@ -170,7 +167,7 @@ fn body(service: &str, spans: &[Finished]) -> String {
             nanos(f.start),
             nanos(f.end)
         );
-        crate::json::string(&mut out, Some(&f.method));
+        crate::json::string(&mut out, Some(f.method.as_str()));
         out.push_str(r#"}},{"key":"http.url","value":{"stringValue":"#);
         crate::json::string(&mut out, Some(&f.path));
         // OTLP's status: 2 (error) for a 5xx, as OpenTelemetry's HTTP conventions say.
@@ -233,20 +230,20 @@ impl Sending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::Hex;
 
     #[test]
     fn the_body_is_otlp_json() {
         let f = Finished {
             span: Span {
-                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
-                span_id: "00f067aa0ba902b7".into(),
+                trace_id: Hex::parse(b"4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                span_id: Hex::parse(b"00f067aa0ba902b7").unwrap(),
                 parent_id: None,
             },
-            name: "reviews:/r".into(),
             kind: Kind::Server,
             start: SystemTime::UNIX_EPOCH,
             end: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(3),
-            method: "GET".into(),
+            method: hyper::Method::GET,
             path: "/r".into(),
             code: 503,
         };
@@ -264,6 +261,7 @@ mod tests {
             b.contains(r#"{"key":"http.status_code","value":{"intValue":"503"}}],"status":{"code":2}}"#),
             "{b}"
         );
+        assert!(b.contains(r#""name":"reviews:/r","kind":2"#), "{b}");
         assert!(b.ends_with("}]}]}]}"), "{b}");
         assert_eq!(b.matches("\"traceId\"").count(), 2);
     }

@@ -37,13 +37,6 @@ fn ascii(buf: &[u8]) -> &str {
     std::str::from_utf8(buf).expect("hex digits and dashes are ASCII")
 }
 
-fn hex(bytes: &[u8]) -> String {
-    let mut buf = [0u8; 64];
-    let out = &mut buf[..bytes.len() * 2];
-    hex_into(bytes, out);
-    ascii(out).to_owned()
-}
-
 /// A random UUID in version 4 form (RFC 9562 §5.4), as Envoy makes request ids.
 fn uuid_v4() -> HeaderValue {
     let mut b: [u8; 16] = rand::random();
@@ -58,17 +51,6 @@ fn uuid_v4() -> HeaderValue {
     unique(HeaderValue::from_bytes(&out).expect("hex and dashes are header text"))
 }
 
-/// A new span id: 8 random bytes, never all zero (which both formats forbid).
-fn span_id() -> String {
-    hex(&rand::random::<u64>().max(1).to_be_bytes())
-}
-
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        && s.bytes().any(|b| b != b'0')
-}
-
 /// A header value that is new on every request (an id): HPACK sends it as a literal that is
 /// never indexed, as it would never be found in the table again; indexed, every request's
 /// ids evicted the entries that do repeat and cost both sides' tables an insert and an
@@ -78,8 +60,84 @@ fn unique(mut v: HeaderValue) -> HeaderValue {
     v
 }
 
-fn header_value(s: String) -> HeaderValue {
-    unique(HeaderValue::try_from(s).expect("hex and dashes are header text"))
+/// A trace or span id: `N` lowercase hex digits, never all zero (which both W3C and B3
+/// forbid). Read and made on every traced request, so it lives on the stack.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Hex<const N: usize>([u8; N]);
+
+impl<const N: usize> Hex<N> {
+    /// `s` if it is an id of this length.
+    pub(crate) fn parse(s: &[u8]) -> Option<Self> {
+        let digits: [u8; N] = s.try_into().ok()?;
+        // Without early exits, so the compiler checks the digits side by side.
+        let (hex, nonzero) = digits.iter().fold((true, false), |(hex, nonzero), &b| {
+            let digit = b.wrapping_sub(b'0') < 10 || b.wrapping_sub(b'a') < 6;
+            (hex & digit, nonzero | (b != b'0'))
+        });
+        (hex && nonzero).then_some(Self(digits))
+    }
+
+    /// A new random id.
+    fn random() -> Self {
+        let mut bytes: [u8; 32] = rand::random();
+        let bytes = &mut bytes[..N / 2];
+        if bytes.iter().all(|&b| b == 0) {
+            bytes[0] = 1;
+        }
+        let mut out = [0u8; N];
+        hex_into(bytes, &mut out);
+        Self(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        ascii(&self.0)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl<const N: usize> std::fmt::Display for Hex<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for Hex<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl<const N: usize> PartialEq<&str> for Hex<N> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// A trace id of either B3 width, as 128 bits: a 64-bit id is padded on the left with
+/// zeros, as Zipkin does.
+fn trace_id_128(t: &[u8]) -> Option<Hex<32>> {
+    match t.len() {
+        16 => Hex::<16>::parse(t).map(|short| {
+            let mut wide = [b'0'; 32];
+            wide[16..].copy_from_slice(short.as_bytes());
+            Hex(wide)
+        }),
+        _ => Hex::parse(t),
+    }
+}
+
+/// A header value of `parts` end to end (at most 128 bytes: the longest is single-header B3).
+fn value(parts: &[&[u8]]) -> HeaderValue {
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    for part in parts {
+        buf[len..len + part.len()].copy_from_slice(part);
+        len += part.len();
+    }
+    unique(HeaderValue::from_bytes(&buf[..len]).expect("hex and dashes are header text"))
 }
 
 /// What a sidecar does to a request's headers as it passes: an id if it has none and, when
@@ -97,72 +155,76 @@ fn ensure_request_id(headers: &mut HeaderMap) {
     }
 }
 
-/// `traceparent` with a new parent id, or None when the header is not valid W3C (version
-/// 00's layout; a later version's extra fields are dropped, as the spec allows).
-fn w3c_child(traceparent: &str, span: &str) -> Option<String> {
-    let mut parts = traceparent.trim().split('-');
+/// The trace, parent span and flags of a valid W3C `traceparent` (version 00's layout; a
+/// later version's extra fields are dropped, as the spec allows).
+fn w3c_parent(traceparent: &[u8]) -> Option<(Hex<32>, Hex<16>, [u8; 2])> {
+    let mut parts = traceparent.trim_ascii().split(|&b| b == b'-');
     let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let valid = version.len() == 2
-        && version.bytes().all(|b| b.is_ascii_hexdigit())
-        && version != "ff"
-        && (version != "00" || parts.next().is_none())
-        && is_hex(trace, 32)
-        && is_hex(parent, 16)
-        && flags.len() == 2
-        && flags.bytes().all(|b| b.is_ascii_hexdigit());
-    valid.then(|| ["00-", trace, "-", span, "-", flags].concat())
+        && version.iter().all(u8::is_ascii_hexdigit)
+        && version != b"ff"
+        && (version != b"00" || parts.next().is_none())
+        && flags.iter().all(u8::is_ascii_hexdigit);
+    let flags: [u8; 2] = flags.try_into().ok()?;
+    valid.then_some((Hex::parse(trace)?, Hex::parse(parent)?, flags))
 }
 
-/// Single-header B3 with a new span id (the old one becomes the parent); a sampling-only
-/// value (`0`, `1`, `d`) is kept as it is.
-fn b3_child(b3: &str, span: &str) -> Option<String> {
-    let mut parts = b3.trim().split('-');
+/// `traceparent` with `span` for its parent id.
+fn w3c_child(trace: Hex<32>, span: Hex<16>, flags: [u8; 2]) -> HeaderValue {
+    value(&[b"00-", trace.as_bytes(), b"-", span.as_bytes(), b"-", &flags])
+}
+
+/// What a single-header `b3` says.
+enum B3Single {
+    /// Only a sampling decision (`0`, `1`, `d`): passed on as it is.
+    Sampling,
+    /// A context: its trace (as 128 bits) and span, and the header that makes `span` this
+    /// hop's span with the caller's as its parent.
+    Context(Hex<32>, Hex<16>, HeaderValue),
+}
+
+/// Reads single-header B3 (`{trace}-{span}[-{sampling}[-{parent}]]`) and makes this hop's
+/// `span` the child of its span; None for a value that is not B3.
+fn b3_child(b3: &[u8], span: Hex<16>) -> Option<B3Single> {
+    let mut parts = b3.trim_ascii().split(|&b| b == b'-');
     let trace = parts.next()?;
     let Some(parent) = parts.next() else {
-        return matches!(trace, "0" | "1" | "d").then(|| trace.to_owned());
+        return matches!(trace, b"0" | b"1" | b"d").then_some(B3Single::Sampling);
     };
-    if !(is_hex(trace, 32) || is_hex(trace, 16)) || !is_hex(parent, 16) {
-        return None;
-    }
-    Some(match parts.next() {
-        Some(sampled) => [trace, "-", span, "-", sampled, "-", parent].concat(),
-        None => [trace, "-", span, "-", parent].concat(),
-    })
+    let (wide, parent) = (trace_id_128(trace)?, Hex::<16>::parse(parent)?);
+    let header = match parts.next() {
+        Some(sampling @ (b"0" | b"1" | b"d")) => {
+            value(&[trace, b"-", span.as_bytes(), b"-", sampling, b"-", parent.as_bytes()])
+        }
+        Some(_) => return None,
+        None => value(&[trace, b"-", span.as_bytes(), b"-", parent.as_bytes()]),
+    };
+    Some(B3Single::Context(wide, parent, header))
 }
 
 /// This hop's span: what a tracer is told of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
-    /// 32 hex digits (a 64-bit B3 trace id is padded on the left, as Zipkin does).
-    pub trace_id: String,
-    /// 16 hex digits.
-    pub span_id: String,
+    /// A 64-bit B3 trace id is padded on the left, as Zipkin does.
+    pub trace_id: Hex<32>,
+    pub span_id: Hex<16>,
     /// The caller's span, None for a trace started here.
-    pub parent_id: Option<String>,
-}
-
-fn trace_id_128(t: &str) -> String {
-    if t.len() >= 32 {
-        return t.to_owned();
-    }
-    ["0".repeat(32 - t.len()).as_str(), t].concat()
+    pub parent_id: Option<Hex<16>>,
 }
 
 /// Makes this hop's span a child of the caller's in every format the request carries, or
 /// starts a trace when it carries none; returns the span. Where formats disagree, W3C's
-/// context names the parent, then B3's.
+/// context names the parent, then B3's. Ids are read from and written into the header bytes
+/// in place: no header is copied into a string.
 fn child_span(headers: &mut HeaderMap) -> Span {
-    let span = span_id();
-    let text = |h: &HeaderMap, n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let span = Hex::<16>::random();
     // (trace, parent) of the first format that carried a context.
-    let mut context: Option<(String, Option<String>)> = None;
-    if let Some(tp) = text(headers, &TRACEPARENT) {
-        match w3c_child(&tp, &span) {
-            Some(child) => {
-                let mut parts = tp.trim().split('-').skip(1);
-                let (trace, parent) = (parts.next().unwrap_or_default(), parts.next().map(str::to_owned));
-                context = Some((trace.to_owned(), parent));
-                headers.insert(TRACEPARENT, header_value(child));
+    let mut context: Option<(Hex<32>, Option<Hex<16>>)> = None;
+    if let Some(tp) = headers.get(TRACEPARENT) {
+        match w3c_parent(tp.as_bytes()) {
+            Some((trace, parent, flags)) => {
+                context = Some((trace, Some(parent)));
+                headers.insert(TRACEPARENT, w3c_child(trace, span, flags));
             }
             // An invalid traceparent makes its tracestate meaningless too (W3C §4.3).
             None => {
@@ -171,48 +233,40 @@ fn child_span(headers: &mut HeaderMap) -> Span {
             }
         }
     }
-    if let Some(trace) = text(headers, &B3_TRACE_ID).filter(|t| is_hex(t, 32) || is_hex(t, 16)) {
-        let parent = text(headers, &B3_SPAN_ID).filter(|s| is_hex(s, 16));
-        match &parent {
-            Some(parent) => headers.insert(B3_PARENT_SPAN_ID, header_value(parent.clone())),
+    if let Some(trace) = headers.get(B3_TRACE_ID).and_then(|t| trace_id_128(t.as_bytes())) {
+        let parent = headers.get(B3_SPAN_ID).and_then(|s| Hex::<16>::parse(s.as_bytes()));
+        match parent {
+            Some(parent) => headers.insert(B3_PARENT_SPAN_ID, value(&[parent.as_bytes()])),
             None => headers.remove(B3_PARENT_SPAN_ID),
         };
-        headers.insert(B3_SPAN_ID, header_value(span.clone()));
-        if context.is_none() {
-            context = Some((trace_id_128(&trace), parent));
-        }
+        headers.insert(B3_SPAN_ID, value(&[span.as_bytes()]));
+        context.get_or_insert((trace, parent));
     }
-    if let Some(b3) = text(headers, &B3) {
-        match b3_child(&b3, &span) {
-            Some(child) => {
-                if child.contains('-') && context.is_none() {
-                    let mut parts = b3.trim().split('-');
-                    let trace = trace_id_128(parts.next().unwrap_or_default());
-                    context = Some((trace, parts.next().map(str::to_owned)));
-                }
-                headers.insert(B3, header_value(child));
+    if let Some(b3) = headers.get(B3) {
+        match b3_child(b3.as_bytes(), span) {
+            Some(B3Single::Sampling) => {}
+            Some(B3Single::Context(trace, parent, child)) => {
+                context.get_or_insert((trace, Some(parent)));
+                headers.insert(B3, child);
             }
             None => {
                 headers.remove(B3);
             }
         }
     }
-    let (trace_id, parent_id) = match context {
-        Some(c) => c,
-        None => {
-            let trace = hex(&rand::random::<u128>().max(1).to_be_bytes());
-            // Sampling was decided upstream if anywhere; a new trace is sampled, as Envoy's
-            // default of 100% (Istio lowers it in its mesh config, which we do not read).
-            headers.insert(TRACEPARENT, header_value(["00-", &trace, "-", &span, "-01"].concat()));
-            headers.insert(B3_TRACE_ID, header_value(trace.clone()));
-            headers.insert(B3_SPAN_ID, header_value(span.clone()));
-            headers.remove(B3_PARENT_SPAN_ID);
-            if !headers.contains_key(B3_SAMPLED) {
-                headers.insert(B3_SAMPLED, HeaderValue::from_static("1"));
-            }
-            (trace, None)
+    let (trace_id, parent_id) = context.unwrap_or_else(|| {
+        let trace = Hex::<32>::random();
+        // Sampling was decided upstream if anywhere; a new trace is sampled, as Envoy's
+        // default of 100% (Istio lowers it in its mesh config, which we do not read).
+        headers.insert(TRACEPARENT, w3c_child(trace, span, *b"01"));
+        headers.insert(B3_TRACE_ID, value(&[trace.as_bytes()]));
+        headers.insert(B3_SPAN_ID, value(&[span.as_bytes()]));
+        headers.remove(B3_PARENT_SPAN_ID);
+        if !headers.contains_key(B3_SAMPLED) {
+            headers.insert(B3_SAMPLED, HeaderValue::from_static("1"));
         }
-    };
+        (trace, None)
+    });
     Span {
         trace_id,
         span_id: span,
@@ -263,7 +317,7 @@ mod tests {
         assert_eq!(none.len(), 1, "no trace is started: {none:?}");
         // Traced, the same request becomes a child of the caller's span.
         let span = hop(&mut h, true).expect("a span when traced");
-        assert_eq!(span.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(span.parent_id.as_ref().map(Hex::as_str), Some("00f067aa0ba902b7"));
     }
 
     #[test]
@@ -275,12 +329,12 @@ mod tests {
         );
         h.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
         let span = child_span(&mut h);
-        assert_eq!(span.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(span.parent_id.as_ref().map(Hex::as_str), Some("00f067aa0ba902b7"));
         assert_eq!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         let tp: Vec<&str> = get(&h, "traceparent").split('-').collect();
-        assert_eq!(tp[2], span.span_id);
+        assert_eq!(tp[2], span.span_id.as_str());
         assert_eq!((tp[0], tp[1], tp[3]), ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01"));
-        assert!(is_hex(tp[2], 16) && tp[2] != "00f067aa0ba902b7");
+        assert!(Hex::<16>::parse(tp[2].as_bytes()).is_some() && tp[2] != "00f067aa0ba902b7");
         assert_eq!(get(&h, "tracestate"), "congo=t61rcWkgMzE");
         assert!(!h.contains_key(B3_TRACE_ID), "a W3C trace is not given B3 headers");
     }
@@ -301,8 +355,8 @@ mod tests {
         );
         let returned = child_span(&mut h);
         let span = get(&h, "x-b3-spanid").to_owned();
-        assert_eq!(returned.span_id, span);
-        assert_eq!(returned.parent_id.as_deref(), Some("e457b5a2e4d86bd1"));
+        assert_eq!(returned.span_id.as_str(), span);
+        assert_eq!(returned.parent_id.as_ref().map(Hex::as_str), Some("e457b5a2e4d86bd1"));
         assert_eq!(get(&h, "x-b3-parentspanid"), "e457b5a2e4d86bd1");
         assert_eq!(get(&h, "x-b3-traceid"), "80f198ee56343ba864fe8b2a57d3eff7");
         assert_eq!(get(&h, "x-b3-sampled"), "1");
@@ -339,18 +393,39 @@ mod tests {
         h.insert(B3, HeaderValue::from_static("a3ce929d0e0e4736-00f067aa0ba902b7-1"));
         let span = child_span(&mut h);
         assert_eq!(span.trace_id, "0000000000000000a3ce929d0e0e4736");
-        assert_eq!(span.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(span.parent_id.as_ref().map(Hex::as_str), Some("00f067aa0ba902b7"));
         assert_eq!(
             get(&h, "b3"),
             format!("a3ce929d0e0e4736-{}-1-00f067aa0ba902b7", span.span_id)
         );
     }
 
+    #[test]
+    fn a_b3_header_that_is_not_b3_is_dropped_and_the_hop_starts_a_trace() {
+        for bad in [
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-yes",
+            "80f198ee56343ba864fe8b2a57d3eff7-E457B5A2E4D86BD1-1",
+            "80f198ee56343ba8-0000000000000000",
+            "80f198ee56343ba864fe8b2a57d3eff-e457b5a2e4d86bd1",
+            "2",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(B3, HeaderValue::from_static(bad));
+            let span = child_span(&mut h);
+            assert_eq!(span.parent_id, None, "{bad}");
+            assert!(!h.contains_key(B3), "{bad}: {h:?}");
+            assert_eq!(get(&h, "x-b3-traceid"), span.trace_id.as_str(), "{bad}");
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn any_valid_traceparent_keeps_its_trace_and_flags(trace in "[0-9a-f]{31}[1-9a-f]", parent in "[0-9a-f]{15}[1-9a-f]", flags in "[0-9a-f]{2}") {
-            let child = w3c_child(&format!("00-{trace}-{parent}-{flags}"), "0123456789abcdef").unwrap();
-            proptest::prop_assert_eq!(child, format!("00-{trace}-0123456789abcdef-{flags}"));
+            let (t, p, f) = w3c_parent(format!("00-{trace}-{parent}-{flags}").as_bytes()).unwrap();
+            proptest::prop_assert_eq!((t.as_str(), p.as_str()), (trace.as_str(), parent.as_str()));
+            let span = Hex::parse(b"0123456789abcdef").unwrap();
+            let child = w3c_child(t, span, f);
+            proptest::prop_assert_eq!(child.to_str().unwrap(), format!("00-{trace}-0123456789abcdef-{flags}"));
         }
     }
 }
