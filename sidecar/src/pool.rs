@@ -328,10 +328,13 @@ impl H2Pool {
         *req.version_mut() = hyper::Version::HTTP_2;
         let checked_out = self.checkout(key, tls, None, max_requests).await;
         drop(pending);
-        let conn = match checked_out {
+        let (conn, nth) = match checked_out {
             Ok(conn) => conn,
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
+        if nth == 0 {
+            crate::trace::index_id_names(req.headers_mut());
+        }
         let lease = Lease::on(&conn.busy);
         match conn.sender.clone().try_send_request(req).await {
             Ok(response) => Ok(Sent {
@@ -345,7 +348,7 @@ impl H2Pool {
                 };
                 drop(lease);
                 tracing::debug!(upstream = %key.addr, error = %e.error(), "pooled connection closed under an unsent request; resending once");
-                let conn = match self.checkout(key, tls, Some(conn.id), max_requests).await {
+                let (conn, _) = match self.checkout(key, tls, Some(conn.id), max_requests).await {
                     Ok(conn) => conn,
                     Err(e) => return Err(SendError::Connect(e, Box::new(req))),
                 };
@@ -367,15 +370,16 @@ impl H2Pool {
         slots.get(key).is_some_and(|s| s.ready.load(Ordering::Acquire))
     }
 
-    /// The live connection for `key` (not the one numbered `stale`), made if there is none.
-    /// Requests for one key wait for a single connection attempt rather than racing their own.
+    /// The live connection for `key` (not the one numbered `stale`), made if there is none,
+    /// and how many requests it was given before this one. Requests for one key wait for a
+    /// single connection attempt rather than racing their own.
     async fn checkout(
         &self,
         key: &Key,
         tls: Option<&Arc<ClientConfig>>,
         stale: Option<u64>,
         max_requests: Option<u64>,
-    ) -> Result<Conn, ConnectError> {
+    ) -> Result<(Conn, u64), ConnectError> {
         let slot = {
             let mut slots = self.slots.lock().expect("pool poisoned");
             match slots.get(key) {
@@ -389,8 +393,8 @@ impl H2Pool {
             let rotated = rotated(self.svid.as_deref(), conn.svid.as_ref());
             let spent = max_requests.is_some_and(|max| conn.sent.load(Ordering::Acquire) >= max);
             if !conn.sender.is_closed() && Some(conn.id) != stale && !rotated && !spent {
-                conn.sent.fetch_add(1, Ordering::AcqRel);
-                return Ok(conn.clone());
+                let nth = conn.sent.fetch_add(1, Ordering::AcqRel);
+                return Ok((conn.clone(), nth));
             }
             // Retired, not closed: requests in flight on it finish; it ends once they have.
             state.conn = None;
@@ -405,10 +409,10 @@ impl H2Pool {
         match self.connect(key, tls, &slot).await {
             Ok(conn) => {
                 state.failed = None;
-                conn.sent.fetch_add(1, Ordering::AcqRel);
+                let nth = conn.sent.fetch_add(1, Ordering::AcqRel);
                 state.conn = Some(conn.clone());
                 slot.ready.store(true, Ordering::Release);
-                Ok(conn)
+                Ok((conn, nth))
             }
             Err(e) => {
                 state.failed = Some(e.clone());

@@ -60,6 +60,23 @@ fn unique(mut v: HeaderValue) -> HeaderValue {
     v
 }
 
+/// Lets this request's ids (request id, trace context) be indexed by HPACK after all.
+///
+/// A never-indexed value's name goes as a literal too, unless the name is already in the
+/// table (RFC 7541 §6.2.3 allows an indexed name), and h2 puts a name in the table only
+/// with a value. So an HTTP/2 pool sends a connection's first request this way: its ids
+/// enter the table, and the requests after it name their ids by index — on a traced hop
+/// four names a request that the server no longer Huffman-decodes, validates and allocates.
+/// Only the first: h2 chains every value of a name it holds and compares a new value with
+/// each, so ids indexed again and again would cost the sender more than the names save.
+pub fn index_id_names(headers: &mut HeaderMap) {
+    for name in [REQUEST_ID, TRACEPARENT, B3_TRACE_ID, B3_SPAN_ID, B3_PARENT_SPAN_ID, B3] {
+        if let Some(v) = headers.get_mut(name) {
+            v.set_sensitive(false);
+        }
+    }
+}
+
 /// A trace or span id: `N` lowercase hex digits, never all zero (which both W3C and B3
 /// forbid). Read and made on every traced request, so it lives on the stack.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -280,6 +297,18 @@ mod tests {
 
     fn get<'a>(h: &'a HeaderMap, n: &str) -> &'a str {
         h.get(n).map_or("", |v| v.to_str().unwrap())
+    }
+
+    #[test]
+    fn ids_made_here_are_never_indexed_unless_a_pool_asks() {
+        let mut h = HeaderMap::new();
+        h.insert("x-app", HeaderValue::from_static("v"));
+        hop(&mut h, true);
+        let ids = ["x-request-id", "traceparent", "x-b3-traceid", "x-b3-spanid"];
+        assert!(ids.iter().all(|n| h[*n].is_sensitive()), "{h:?}");
+        index_id_names(&mut h);
+        assert!(ids.iter().all(|n| !h[*n].is_sensitive()), "{h:?}");
+        assert_eq!(h["x-app"], "v");
     }
 
     #[test]
