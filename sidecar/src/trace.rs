@@ -167,8 +167,13 @@ pub fn hop(headers: &mut HeaderMap, traced: bool) -> Option<Span> {
 
 /// Gives the request an `x-request-id` if it has none.
 fn ensure_request_id(headers: &mut HeaderMap) {
-    if !headers.contains_key(REQUEST_ID) {
-        headers.insert(REQUEST_ID, uuid_v4());
+    match headers.get_mut(REQUEST_ID) {
+        // One the caller made is as new on every request as ours: never indexed either, or
+        // each would take a place in the HPACK tables of the hop and evict what repeats.
+        Some(given) => given.set_sensitive(true),
+        None => {
+            headers.insert(REQUEST_ID, uuid_v4());
+        }
     }
 }
 
@@ -327,6 +332,7 @@ mod tests {
         h.insert(REQUEST_ID, HeaderValue::from_static("given"));
         ensure_request_id(&mut h);
         assert_eq!(get(&h, "x-request-id"), "given");
+        assert!(h[REQUEST_ID].is_sensitive(), "a given id is not indexed either");
     }
 
     #[test]
