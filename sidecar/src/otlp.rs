@@ -63,7 +63,7 @@ pub struct Sending {
     rx: mpsc::Receiver<Finished>,
     full: std::sync::Arc<Notify>,
     url: Uri,
-    service: std::sync::Arc<str>,
+    service: String,
 }
 
 /// A span begun for one request, ended when its response ends.
@@ -84,9 +84,16 @@ impl Exporter {
     pub fn new(endpoint: &str, service: &str) -> Result<(Self, Sending), hyper::http::uri::InvalidUri> {
         let url: Uri = format!("{}/v1/traces", endpoint.trim_end_matches('/')).parse()?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let service: std::sync::Arc<str> = service.into();
         let full = std::sync::Arc::new(Notify::new());
-        Ok((Self { tx, full: full.clone() }, Sending { rx, full, url, service }))
+        Ok((
+            Self { tx, full: full.clone() },
+            Sending {
+                rx,
+                full,
+                url,
+                service: service.to_owned(),
+            },
+        ))
     }
 
     /// Begins the span of a request now.

@@ -266,6 +266,14 @@ impl Drop for Lease {
     }
 }
 
+/// A connection's first request (its `nth`, counted from 0) carries its ids indexed, so the
+/// requests after it name them from the HPACK table: see [`crate::trace::index_id_names`].
+fn first_indexes_ids(req: &mut Request<Outgoing>, nth: u64) {
+    if nth == 0 {
+        crate::trace::index_id_names(req.headers_mut());
+    }
+}
+
 /// Pings on an HTTP/2 connection with requests in flight, so a peer that vanished without
 /// a FIN (a partition, a dead host) is noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -332,9 +340,7 @@ impl H2Pool {
             Ok(conn) => conn,
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
-        if nth == 0 {
-            crate::trace::index_id_names(req.headers_mut());
-        }
+        first_indexes_ids(&mut req, nth);
         let lease = Lease::on(&conn.busy);
         match conn.sender.clone().try_send_request(req).await {
             Ok(response) => Ok(Sent {
@@ -343,15 +349,16 @@ impl H2Pool {
                 lease,
             }),
             Err(mut e) => {
-                let Some(req) = e.take_message() else {
+                let Some(mut req) = e.take_message() else {
                     return Err(SendError::Reset(e.into_error()));
                 };
                 drop(lease);
                 tracing::debug!(upstream = %key.addr, error = %e.error(), "pooled connection closed under an unsent request; resending once");
-                let (conn, _) = match self.checkout(key, tls, Some(conn.id), max_requests).await {
+                let (conn, nth) = match self.checkout(key, tls, Some(conn.id), max_requests).await {
                     Ok(conn) => conn,
                     Err(e) => return Err(SendError::Connect(e, Box::new(req))),
                 };
+                first_indexes_ids(&mut req, nth);
                 let lease = Lease::on(&conn.busy);
                 let response = conn.sender.clone().send_request(req).await.map_err(SendError::Reset)?;
                 Ok(Sent {

@@ -48,7 +48,7 @@ fn uuid_v4() -> HeaderValue {
     for (from, to, len) in [(0, 0, 8), (8, 9, 4), (12, 14, 4), (16, 19, 4), (20, 24, 12)] {
         out[to..to + len].copy_from_slice(&h[from..from + len]);
     }
-    unique(HeaderValue::from_bytes(&out).expect("hex and dashes are header text"))
+    value(&[&out])
 }
 
 /// A header value that is new on every request (an id): HPACK sends it as a literal that is
@@ -79,7 +79,7 @@ pub fn index_id_names(headers: &mut HeaderMap) {
 
 /// A trace or span id: `N` lowercase hex digits, never all zero (which both W3C and B3
 /// forbid). Read and made on every traced request, so it lives on the stack.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Hex<const N: usize>([u8; N]);
 
 impl<const N: usize> Hex<N> {
